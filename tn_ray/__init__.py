@@ -1,0 +1,1 @@
+from tn_ray._version import __version__

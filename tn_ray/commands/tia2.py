@@ -1,0 +1,52 @@
+"""``tn-ray tia2 stats|eval``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("tia2", help="TIA2 benchmark: statistics and evaluation")
+    s = p.add_subparsers(dest="tia2_command", required=True)
+
+    st = s.add_parser("stats", help="prompts, images, %% good / bad per set and subcategory")
+    st.add_argument("--tia2-dir", help="local copy of the TIA2 labels (default: $TN_RAY_TIA2_DIR or download)")
+    st.add_argument("--out", default="results/tia2/stats.md", help="Markdown file to write")
+    st.set_defaults(func=stats)
+
+    ev = s.add_parser("eval", help="score the benchmark images, apply TextNorm, compute metrics")
+    ev.add_argument("config", nargs="?", help="YAML config (Tia2EvalConfig); flags override it")
+    ev.add_argument("--images", help="folder with one sub-folder per set")
+    ev.add_argument("--models", nargs="+", help="reward model specs, e.g. clip pickscore:tiny")
+    ev.add_argument("--sets", nargs="+", help="TIA2 sets")
+    ev.add_argument("--tia2-dir", help="local copy of the TIA2 labels")
+    ev.add_argument("--out", help="output folder")
+    ev.add_argument("--max-prompts", type=int, help="first N prompts per set only")
+    ev.add_argument("--contrast", help="'released' or a JSON file of contrastive sets ({set} expands)")
+    ev.set_defaults(func=evaluate)
+
+
+def stats(args) -> int:
+    from ..tia2 import resolve_dir, stats_markdown
+
+    text = stats_markdown(resolve_dir(args.tia2_dir))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    print(f"written: {out}")
+    return 0
+
+
+def evaluate(args) -> int:
+    from ..config import load_config, validate
+    from ..tia2_eval import Tia2EvalConfig, run
+
+    overrides = {k: v for k, v in {"images": args.images, "models": args.models, "sets": args.sets,
+                                   "tia2_dir": args.tia2_dir, "out": args.out, "max_prompts": args.max_prompts,
+                                   "contrast": args.contrast}.items() if v is not None}
+    cfg = load_config(args.config, Tia2EvalConfig, overrides) if args.config else validate(Tia2EvalConfig, overrides, "command line")
+    paths = run(cfg)
+    print(Path(paths["per_set_md"]).read_text())
+    for k, v in paths.items():
+        print(f"{k:>12}: {v}")
+    return 0

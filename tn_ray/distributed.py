@@ -1,0 +1,149 @@
+"""Ray wiring: start/join Ray, reward workers for Ray Data, long-lived reward actors.
+
+A :class:`RewardWorker` holds one reward model. Ray Data uses it as the callable class of
+``map_batches`` (one actor per GPU, or CPU actors without GPUs); :func:`reward_actors`
+starts the same class as long-lived actors that training loops call with batches of
+(images, prompts). Metrics are never computed here.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .config import RayConfig, ScoringConfig
+
+log = logging.getLogger(__name__)
+
+# environment a worker needs to behave like the driver (offline hub, caches, data dirs)
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_OFFLINE", "TN_RAY_TIA2_DIR",
+                 "TN_RAY_CACHE_DIR", "OMP_NUM_THREADS")
+
+
+def init_ray(cfg: RayConfig | None = None) -> None:
+    """Start a local Ray in-process, or join ``cfg.address``; a no-op when already up."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    cfg = cfg or RayConfig()
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    kwargs: dict[str, Any] = dict(address=cfg.address, runtime_env={"env_vars": env} if env else None,
+                                  log_to_driver=True, include_dashboard=False if cfg.address is None else None)
+    if cfg.address is None:
+        kwargs.update(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+    ray.init(**{k: v for k, v in kwargs.items() if v is not None})
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_operator_progress_bars = False  # one overall bar is enough
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def actor_resources(cfg: ScoringConfig) -> tuple[int, dict[str, float]]:
+    """(number of actors, resources per actor): one per GPU (or fraction), else CPU actors."""
+    gpus = cluster_gpus()
+    if gpus > 0:
+        n = cfg.num_actors or max(1, int(gpus / cfg.gpus_per_actor))
+        return n, {"num_gpus": cfg.gpus_per_actor, "num_cpus": cfg.cpus_per_actor}
+    return cfg.num_actors or 1, {"num_gpus": 0, "num_cpus": cfg.cpus_per_actor}
+
+
+class RewardWorker:
+    """One reward model in one process; text features cached for the worker's lifetime."""
+
+    def __init__(self, spec: str, text_batch_size: int = 64, device: str | None = None):
+        from .rewards import build
+
+        self.model = build(spec, device=device, text_batch_size=text_batch_size)
+
+    # Ray Data: a pandas batch with image_key, image, texts -> one row per (image, text)
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        texts = [list(t) for t in batch["texts"]]
+        scores = self.model.score_rows(list(batch["image"]), texts)
+        keys = np.repeat(batch["image_key"].to_numpy(dtype=object), [len(t) for t in texts])
+        return pd.DataFrame({"image_key": keys, "text": [x for t in texts for x in t],
+                             "score": np.concatenate(scores).astype(np.float64) if scores else []})
+
+    # long-lived actor API
+    def score(self, images: Sequence[Any], texts_per_image: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        return self.model.score_rows(images, texts_per_image)
+
+    def stats(self) -> dict[str, int]:
+        return {"images_encoded": self.model.images_encoded, "texts_encoded": self.model.texts_encoded}
+
+
+def score_into_cache(requests: pd.DataFrame, spec: str, cache, cfg: ScoringConfig | None = None,
+                     desc: str = "scoring") -> int:
+    """Compute the rewards of ``requests`` (image_key, image, texts) missing from ``cache``.
+
+    Runs a Ray Data pipeline with an actor pool of :class:`RewardWorker` and writes each
+    finished batch to the cache as it arrives. Returns the number of rewards computed.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+    from tqdm.auto import tqdm
+
+    cfg = cfg or ScoringConfig()
+    todo = cache.missing(list(requests["image_key"]), [list(t) for t in requests["texts"]])
+    requests = requests.assign(texts=todo)
+    requests = requests[requests["texts"].map(len) > 0]
+    if requests.empty:
+        log.info("%s: every reward of %s is cached", desc, spec)
+        return 0
+    init_ray()
+    n_actors, res = actor_resources(cfg)
+    n_actors = min(n_actors, max(1, -(-len(requests) // cfg.batch_size)))
+    ds = ray.data.from_pandas(requests[["image_key", "image", "texts"]].reset_index(drop=True))
+    ds = ds.map_batches(RewardWorker, fn_constructor_kwargs={"spec": spec, "text_batch_size": cfg.text_batch_size},
+                        batch_size=cfg.batch_size, batch_format="pandas",
+                        compute=ActorPoolStrategy(size=n_actors), **res)
+    computed = 0
+    with tqdm(total=int(requests["texts"].map(len).sum()), desc=f"{desc} {spec}", unit="pair") as bar:
+        for out in ds.iter_batches(batch_format="pandas", batch_size=None):
+            cache.append(out)
+            computed += len(out)
+            bar.update(len(out))
+    return computed
+
+
+def reward_actors(spec: str, cfg: ScoringConfig | None = None) -> list:
+    """Long-lived :class:`RewardWorker` actors, one per GPU (CPU actors without GPUs).
+
+    Call ``actor.score.remote(images, texts_per_image)``; :class:`RewardPool` spreads
+    batches over them. The model loads once per actor and stays loaded.
+    """
+    import ray
+
+    cfg = cfg or ScoringConfig()
+    init_ray()
+    n, res = actor_resources(cfg)
+    remote = ray.remote(RewardWorker).options(max_restarts=-1, max_task_retries=3, **res)
+    return [remote.remote(spec, cfg.text_batch_size) for _ in range(n)]
+
+
+class RewardPool:
+    """Round-robin batches of (images, prompts) over long-lived reward actors."""
+
+    def __init__(self, spec: str, cfg: ScoringConfig | None = None):
+        self.actors = reward_actors(spec, cfg)
+
+    def score(self, images: Sequence[Any], texts_per_image: Sequence[Sequence[str]], chunk: int = 32) -> list[np.ndarray]:
+        import ray
+
+        refs = [self.actors[(i // chunk) % len(self.actors)].score.remote(images[i : i + chunk], texts_per_image[i : i + chunk])
+                for i in range(0, len(images), chunk)]
+        return [row for part in ray.get(refs) for row in part]
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)

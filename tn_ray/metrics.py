@@ -1,0 +1,72 @@
+"""Per-prompt ranking metrics of a reward against human labels (sklearn / scipy).
+
+For one prompt with images i = 1..N, reward s_i, binary label b_i (good = 1) and
+fine-grained human score h_i:
+
+- ``auroc``: ``sklearn.metrics.roc_auc_score(b, s)``.
+- ``auprc``: ``sklearn.metrics.average_precision_score(b, s)``, the step-wise area under the
+  precision-recall curve.
+- ``ap@k``: average precision of the top k images ranked by s (descending, ties broken by
+  image order): ``AP@k = (1 / min(k, P)) * sum_{j<=k} precision@j * b_(j)``, P = number of
+  good images; the IR convention, so a ranking that puts good images first scores 1.
+- ``spearman`` / ``kendall``: ``scipy.stats.spearmanr`` / ``kendalltau`` (tau-b) of s vs h.
+
+A prompt whose binary labels are all equal has no ranking to judge and is excluded from the
+averages, as in the benchmark.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+AP_KS = (5, 10, 25)
+METRICS = ("auroc", "auprc", "ap@5", "ap@10", "ap@25", "spearman", "kendall")
+
+
+def ap_at_k(labels: np.ndarray, scores: np.ndarray, k: int) -> float:
+    labels = np.asarray(labels, dtype=float)
+    positives = labels.sum()
+    if positives == 0:
+        return float("nan")
+    order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")[:k]
+    rel = labels[order]
+    precision = np.cumsum(rel) / np.arange(1, len(rel) + 1)
+    return float((precision * rel).sum() / min(k, positives))
+
+
+def prompt_metrics(scores: np.ndarray, binary: np.ndarray, fine: np.ndarray) -> dict[str, float]:
+    scores = np.asarray(scores, dtype=float)
+    binary = np.asarray(binary, dtype=int)
+    out = {"auroc": float(roc_auc_score(binary, scores)), "auprc": float(average_precision_score(binary, scores))}
+    for k in AP_KS:
+        out[f"ap@{k}"] = ap_at_k(binary, scores, k)
+    constant = np.ptp(scores) == 0 or np.ptp(fine) == 0
+    out["spearman"] = float("nan") if constant else float(stats.spearmanr(scores, fine).statistic)
+    out["kendall"] = float("nan") if constant else float(stats.kendalltau(scores, fine).statistic)
+    return out
+
+
+def per_prompt(frame: pd.DataFrame, reward_columns: list[str]) -> pd.DataFrame:
+    """``frame``: one row per image with set, prompt, binary, fine and one column per reward.
+
+    Returns one row per (set, prompt, reward) with every metric; prompts whose binary labels
+    are all equal are left out.
+    """
+    rows = []
+    for (set_name, prompt), g in frame.groupby(["set", "prompt"], sort=False):
+        b = g["binary"].to_numpy()
+        if b.min() == b.max():
+            continue
+        for reward in reward_columns:
+            rows.append({"set": set_name, "prompt": prompt, "reward": reward, "n_images": len(g),
+                         **prompt_metrics(g[reward].to_numpy(), b, g["fine"].to_numpy())})
+    return pd.DataFrame(rows, columns=["set", "prompt", "reward", "n_images", *METRICS])
+
+
+def per_set(prompt_table: pd.DataFrame) -> pd.DataFrame:
+    """Mean of every metric over the (non-excluded) prompts of each set, per reward."""
+    agg = prompt_table.groupby(["set", "reward"], sort=False)[list(METRICS)].mean()
+    agg["n_prompts"] = prompt_table.groupby(["set", "reward"], sort=False).size()
+    return agg.reset_index()

@@ -1,0 +1,47 @@
+"""Reward models by name (as ddpo-pytorch's ``rewards.py``): ``name[:source]``.
+
+``source`` is ``tiny`` (same class, small config, random weights), a model id, or a local
+path; none means the paper's default weights. Other issues add models with ``@register``.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from .base import RewardModel, RewardSpec
+
+# name -> "module:Class"; imported lazily so listing names costs no torch import
+_REGISTRY: dict[str, str] = {
+    "clip": "tn_ray.rewards.clip:ClipReward",
+    "pickscore": "tn_ray.rewards.pickscore:PickScoreReward",
+}
+_FACTORIES: dict[str, Callable[..., RewardModel]] = {}
+
+
+def register(name: str, target: str | Callable[..., RewardModel]) -> None:
+    """Add a reward model: ``target`` is a class/factory or a ``"module:Class"`` string."""
+    if isinstance(target, str):
+        _REGISTRY[name] = target
+    else:
+        _FACTORIES[name] = target
+
+
+def available() -> list[str]:
+    return sorted(set(_REGISTRY) | set(_FACTORIES))
+
+
+def parse(spec: str | RewardSpec) -> RewardSpec:
+    """Parse and check that the name is registered (no model is loaded)."""
+    s = spec if isinstance(spec, RewardSpec) else RewardSpec.parse(spec)
+    if s.name not in available():
+        raise KeyError(f"unknown reward model '{s.name}' (from '{spec}'); available: {', '.join(available())}")
+    return s
+
+
+def build(spec: str | RewardSpec, device: str | None = None, **kwargs) -> RewardModel:
+    """Load the reward model named by ``spec`` (e.g. ``clip:tiny``)."""
+    s = parse(spec)
+    if s.name in _FACTORIES:
+        return _FACTORIES[s.name](s, device=device, **kwargs)
+    module, _, cls = _REGISTRY[s.name].partition(":")
+    return getattr(importlib.import_module(module), cls)(s, device=device, **kwargs)

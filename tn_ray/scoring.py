@@ -1,0 +1,51 @@
+"""From images and prompts to score matrices: cache lookup, Ray scoring of what is missing.
+
+``score_matrices(items, models)`` is what every experiment calls: ``items`` has one row per
+image with its keys (set, prompt, image_id), ``image_key`` (unique id of the image),
+``image`` (a path, bytes or an HWC uint8 array) and ``texts`` = [x0, x1, ..., xm].
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from .config import ScoringConfig
+from .rewards import parse
+from .scores import KEY_COLUMNS, RewardCache, ScoreMatrix, model_slug
+
+log = logging.getLogger(__name__)
+
+
+def score_matrices(items: pd.DataFrame, models: Sequence[str], cache_dir: str | Path,
+                   cfg: ScoringConfig | None = None, out_dir: str | Path | None = None) -> dict[str, ScoreMatrix]:
+    """One :class:`ScoreMatrix` per model; only rewards missing from the cache are computed.
+
+    Returns ``{model_id: matrix}``; with ``out_dir`` each matrix is also written there as
+    ``<model>.parquet``. ``items`` columns: the key columns, image_key, image, texts.
+    """
+    missing_cols = {"image_key", "image", "texts", *KEY_COLUMNS} - set(items.columns)
+    if missing_cols:
+        raise ValueError(f"score_matrices: items lack columns {sorted(missing_cols)}")
+    if items["image_key"].duplicated().any():
+        dup = items.loc[items["image_key"].duplicated(), "image_key"].iloc[0]
+        raise ValueError(f"image_key must be unique per image; '{dup}' repeats")
+    specs = [str(parse(m)) for m in models]  # unknown names fail before any work
+    from .distributed import score_into_cache
+
+    out: dict[str, ScoreMatrix] = {}
+    keys = items.drop(columns=["image", "texts", "image_key"])
+    for spec in specs:
+        cache = RewardCache(cache_dir, spec)
+        computed = score_into_cache(items[["image_key", "image", "texts"]], spec, cache, cfg)
+        log.info("%s: %d rewards computed, %d from cache", spec, computed,
+                 int(items["texts"].map(len).sum()) - computed)
+        cache.compact()
+        values = cache.lookup(list(items["image_key"]), [list(t) for t in items["texts"]])
+        matrix = ScoreMatrix.from_rows(spec, keys, [list(t) for t in items["texts"]], values)
+        if out_dir is not None:
+            matrix.save(Path(out_dir) / f"{model_slug(spec)}.parquet")
+        out[spec] = matrix
+    return out

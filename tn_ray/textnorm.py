@@ -1,0 +1,63 @@
+"""TextNorm and reward ensembles: pure array functions over score matrices.
+
+A score matrix ``S`` has one row per image and columns ``[x0, x1, ..., xm]``: ``S[i, 0]``
+is the reward of image i for its own prompt, ``S[i, 1:]`` the rewards for the contrastive
+prompts. Rows of prompts with fewer contrastive prompts are padded with NaN, which counts
+as "no prompt" (probability zero).
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import logsumexp
+
+ENSEMBLE_KINDS = ("mean", "uncertainty")
+
+
+def textnorm(scores: np.ndarray, tau: float | np.ndarray = 1.0) -> np.ndarray:
+    """Eq. 1 of the paper: softmax probability of column 0 at temperature ``tau``.
+
+    ``r_X(x0, y) = exp(r(x0,y)/tau) / sum_{x in {x0} u X} exp(r(x,y)/tau)``, computed as
+    ``exp(s0 - logsumexp(s))`` so any reward scale is stable. ``scores``: (n, m+1) or
+    (..., n, m+1); ``tau`` > 0, a scalar or broadcastable to the leading dimensions.
+    Returns an array of shape ``scores.shape[:-1]`` with values in (0, 1].
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim < 1 or s.shape[-1] < 1:
+        raise ValueError(f"score matrix needs at least one column (x0); got shape {s.shape}")
+    tau = np.asarray(tau, dtype=np.float64)
+    if np.any(~(tau > 0)):
+        raise ValueError(f"tau must be > 0, got {tau}")
+    if np.isnan(s[..., 0]).any():
+        raise ValueError("column 0 (the reward of x0) contains NaN")
+    z = s / tau[..., None] if tau.ndim else s / tau
+    z = np.where(np.isnan(z), -np.inf, z)
+    return np.exp(z[..., 0] - logsumexp(z, axis=-1))
+
+
+def ensemble(normalized: np.ndarray, kind: str = "mean", lam: float = 0.0) -> np.ndarray:
+    """Ensemble of k models' rewards, ``normalized`` of shape (k, n).
+
+    ``mean`` (eq. 2): the mean over models. ``uncertainty`` (eq. 3): the mean minus
+    ``lam`` times the variance across models (population variance, ddof=0).
+    """
+    r = np.asarray(normalized, dtype=np.float64)
+    if r.ndim != 2:
+        raise ValueError(f"ensemble expects (models, images), got shape {r.shape}")
+    if kind not in ENSEMBLE_KINDS:
+        raise ValueError(f"unknown ensemble kind {kind!r}; expected one of {ENSEMBLE_KINDS}")
+    mean = r.mean(axis=0)
+    if kind == "mean":
+        return mean
+    if lam < 0:
+        raise ValueError(f"lambda must be >= 0, got {lam}")
+    return mean - lam * r.var(axis=0)
+
+
+def textnorm_ensemble(
+    matrices: list[np.ndarray], tau: float | list[float] = 1.0, kind: str = "mean", lam: float = 0.0
+) -> np.ndarray:
+    """TextNorm per model (its own tau), then the ensemble over models."""
+    taus = tau if isinstance(tau, (list, tuple)) else [tau] * len(matrices)
+    if len(taus) != len(matrices):
+        raise ValueError(f"{len(matrices)} score matrices but {len(taus)} temperatures")
+    return ensemble(np.stack([textnorm(s, t) for s, t in zip(matrices, taus)]), kind, lam)
