@@ -1,0 +1,35 @@
+"""Shared fixtures: offline hub, the TIA2 copy in ../shared, one local Ray per session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TIA2 = Path(os.environ.get("TN_RAY_TIA2_DIR", REPO.parent / "shared" / "tia2"))
+
+
+@pytest.fixture(scope="session")
+def tia2_dir() -> Path:
+    """The read-only TIA2 labels and prompt sets (../shared/tia2, or $TN_RAY_TIA2_DIR)."""
+    assert (SHARED_TIA2 / "human_annotations").is_dir(), f"TIA2 reference data not found at {SHARED_TIA2}"
+    os.environ["TN_RAY_TIA2_DIR"] = str(SHARED_TIA2)
+    return SHARED_TIA2
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (ray.init costs ~5 s)."""
+    import ray
+
+    from tn_ray.config import RayConfig
+    from tn_ray.distributed import init_ray
+
+    init_ray(RayConfig(num_cpus=2))
+    yield ray
+    ray.shutdown()
