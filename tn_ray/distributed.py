@@ -38,7 +38,11 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     ray.init(**{k: v for k, v in kwargs.items() if v is not None})
     from ray.data import DataContext
 
-    DataContext.get_current().enable_operator_progress_bars = False  # one overall bar is enough
+    ctx = DataContext.get_current()
+    ctx.enable_operator_progress_bars = False  # our own progress bar counts scored pairs
+    ctx.enable_progress_bars = False
+    if not log.isEnabledFor(logging.DEBUG):
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def cluster_gpus() -> float:

@@ -20,11 +20,13 @@ log = logging.getLogger(__name__)
 
 
 def score_matrices(items: pd.DataFrame, models: Sequence[str], cache_dir: str | Path,
-                   cfg: ScoringConfig | None = None, out_dir: str | Path | None = None) -> dict[str, ScoreMatrix]:
+                   cfg: ScoringConfig | None = None, out_dir: str | Path | None = None,
+                   stats: dict | None = None) -> dict[str, ScoreMatrix]:
     """One :class:`ScoreMatrix` per model; only rewards missing from the cache are computed.
 
     Returns ``{model_id: matrix}``; with ``out_dir`` each matrix is also written there as
     ``<model>.parquet``. ``items`` columns: the key columns, image_key, image, texts.
+    ``stats``, if given, receives ``{model_id: {"computed": n, "cached": n}}``.
     """
     missing_cols = {"image_key", "image", "texts", *KEY_COLUMNS} - set(items.columns)
     if missing_cols:
@@ -40,8 +42,10 @@ def score_matrices(items: pd.DataFrame, models: Sequence[str], cache_dir: str | 
     for spec in specs:
         cache = RewardCache(cache_dir, spec)
         computed = score_into_cache(items[["image_key", "image", "texts"]], spec, cache, cfg)
-        log.info("%s: %d rewards computed, %d from cache", spec, computed,
-                 int(items["texts"].map(len).sum()) - computed)
+        cached = int(items["texts"].map(len).sum()) - computed
+        log.info("%s: %d rewards computed, %d from cache", spec, computed, cached)
+        if stats is not None:
+            stats[spec] = {"computed": computed, "cached": cached}
         cache.compact()
         values = cache.lookup(list(items["image_key"]), [list(t) for t in items["texts"]])
         matrix = ScoreMatrix.from_rows(spec, keys, [list(t) for t in items["texts"]], values)

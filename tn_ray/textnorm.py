@@ -13,14 +13,9 @@ from scipy.special import logsumexp
 ENSEMBLE_KINDS = ("mean", "uncertainty")
 
 
-def textnorm(scores: np.ndarray, tau: float | np.ndarray = 1.0) -> np.ndarray:
-    """Eq. 1 of the paper: softmax probability of column 0 at temperature ``tau``.
-
-    ``r_X(x0, y) = exp(r(x0,y)/tau) / sum_{x in {x0} u X} exp(r(x,y)/tau)``, computed as
-    ``exp(s0 - logsumexp(s))`` so any reward scale is stable. ``scores``: (n, m+1) or
-    (..., n, m+1); ``tau`` > 0, a scalar or broadcastable to the leading dimensions.
-    Returns an array of shape ``scores.shape[:-1]`` with values in (0, 1].
-    """
+def log_textnorm(scores: np.ndarray, tau: float | np.ndarray = 1.0) -> np.ndarray:
+    """``log r_X(x0, y)``: finite for any input, so it also ranks images whose probability
+    underflows float64 (an x0 reward more than ~745 * tau below the best contrastive one)."""
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim < 1 or s.shape[-1] < 1:
         raise ValueError(f"score matrix needs at least one column (x0); got shape {s.shape}")
@@ -31,7 +26,18 @@ def textnorm(scores: np.ndarray, tau: float | np.ndarray = 1.0) -> np.ndarray:
         raise ValueError("column 0 (the reward of x0) contains NaN")
     z = s / tau[..., None] if tau.ndim else s / tau
     z = np.where(np.isnan(z), -np.inf, z)
-    return np.exp(z[..., 0] - logsumexp(z, axis=-1))
+    return z[..., 0] - logsumexp(z, axis=-1)
+
+
+def textnorm(scores: np.ndarray, tau: float | np.ndarray = 1.0) -> np.ndarray:
+    """Eq. 1 of the paper: softmax probability of column 0 at temperature ``tau``.
+
+    ``r_X(x0, y) = exp(r(x0,y)/tau) / sum_{x in {x0} u X} exp(r(x,y)/tau)``, computed as
+    ``exp(s0 - logsumexp(s))`` so any reward scale is stable. ``scores``: (n, m+1) or
+    (..., n, m+1); ``tau`` > 0, a scalar or broadcastable to the leading dimensions.
+    Returns an array of shape ``scores.shape[:-1]`` with values in (0, 1].
+    """
+    return np.exp(log_textnorm(scores, tau))
 
 
 def ensemble(normalized: np.ndarray, kind: str = "mean", lam: float = 0.0) -> np.ndarray:

@@ -186,14 +186,18 @@ def run(cfg: Tia2EvalConfig) -> dict[str, Path]:
     dump_config(cfg, out / "config.yaml")
     log.info("TIA2 eval: %d images, %d prompts, sets %s, models %s", len(items), items["prompt"].nunique(), cfg.sets, cfg.models)
     init_ray(cfg.ray)
-    matrices = score_matrices(items, cfg.models, cfg.cache_dir or out / "cache", cfg.scoring, out_dir=out / "scores")
+    counts: dict[str, dict[str, int]] = {}
+    matrices = score_matrices(items, cfg.models, cfg.cache_dir or out / "cache", cfg.scoring,
+                              out_dir=out / "scores", stats=counts)
+    (out / "scoring_summary.json").write_text(json.dumps(counts, indent=1))
     rewards = reward_columns(items, matrices, cfg)
     names = [c for c in rewards.columns if c not in ("set", "prompt", "image_id", "binary", "fine")]
     rewards.to_parquet(out / "rewards.parquet", index=False)
     prompt_table = metrics.per_prompt(rewards, names)
     set_table = metrics.per_set(prompt_table)
     paths = {"per_prompt": out / "per_prompt.parquet", "per_set_csv": out / "per_set.csv",
-             "per_set_md": out / "per_set.md", "plot": out / "per_set.png", "scores": out / "scores"}
+             "per_set_md": out / "per_set.md", "plot": out / "per_set.png", "scores": out / "scores",
+             "rewards": out / "rewards.parquet", "scoring_summary": out / "scoring_summary.json"}
     prompt_table.to_parquet(paths["per_prompt"], index=False)
     prompt_table.to_csv(out / "per_prompt.csv", index=False)
     set_table.to_csv(paths["per_set_csv"], index=False)

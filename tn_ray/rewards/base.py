@@ -45,6 +45,20 @@ class RewardSpec:
         return f"{self.name}:{self.source}" if self.source else self.name
 
 
+def seeded_init(seed: int = 0):
+    """Context for building a tiny model: the same random weights in every process (every
+    Ray actor must score identically), without touching the caller's global RNG."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+
+    return ctx()
+
+
 def pick_device(device: str | None = None) -> torch.device:
     """The GPU Ray assigned to this process if any, else CPU (``device`` overrides)."""
     if device:
@@ -72,6 +86,12 @@ def load_image(item: Any) -> Image.Image:
     """A PIL RGB image from a path, bytes, a PIL image or an HWC uint8 array."""
     if isinstance(item, Image.Image):
         return item.convert("RGB")
+    if isinstance(item, str) and "://" in item:  # a URI (s3://, gs://, file://): read through pyarrow
+        from pyarrow import fs
+
+        filesystem, path = fs.FileSystem.from_uri(item)
+        with filesystem.open_input_stream(path) as f:
+            item = f.read()
     if isinstance(item, (str, os.PathLike)):
         with Image.open(item) as im:
             return im.convert("RGB")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .base import ModelLoadError, RewardModel, RewardSpec
+from .base import ModelLoadError, RewardModel, RewardSpec, seeded_init
 
 DEFAULT_ARCH, DEFAULT_PRETRAINED = "ViT-B-32", "openai"
 TINY_ARCH = "tn-tiny-clip"  # tn_ray/rewards/configs/tn-tiny-clip.json, random weights
@@ -25,7 +25,8 @@ def resolve(source: str | None) -> tuple[str, str | None]:
     """(open_clip architecture, pretrained tag/path/hf-hub id) for a spec's source.
 
     ``None`` -> ViT-B-32/openai; ``tiny`` -> random small config; ``ARCH/TAG`` (e.g.
-    ``ViT-L-14/openai``); ``hf-hub:org/repo``; a local checkpoint file (ViT-B-32 shape) or
+    ``ViT-L-14/openai``; ``ARCH/random`` = that architecture with seeded random weights, for
+    benchmarks); ``hf-hub:org/repo``; a local checkpoint file (ViT-B-32 shape) or
     ``ARCH=/path/to/checkpoint``.
     """
     if source is None:
@@ -41,7 +42,7 @@ def resolve(source: str | None) -> tuple[str, str | None]:
         return DEFAULT_ARCH, source
     if "/" in source:
         arch, tag = source.split("/", 1)
-        return arch, tag
+        return arch, (None if tag == "random" else tag)
     return source, None
 
 
@@ -55,17 +56,18 @@ class ClipReward(RewardModel):
         _register_tiny_config()
         arch, pretrained = resolve(spec.source)
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                arch, pretrained=pretrained, device=self.device
-            )
+            with seeded_init():
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    arch, pretrained=pretrained, device=self.device
+                )
         except Exception as err:  # network, missing file, unknown arch
             raise ModelLoadError(
                 f"could not load CLIP '{spec}' (open_clip arch={arch!r}, pretrained={pretrained!r}): "
                 f"{type(err).__name__}: {err}. Offline, pass a local checkpoint: "
                 "--models clip:ViT-B-32=/path/to/open_clip_pytorch_model.bin"
             ) from err
-        if pretrained is None and not spec.is_tiny and not arch.startswith("hf-hub:"):
-            raise ModelLoadError(f"CLIP '{spec}': no pretrained weights named; use ARCH/TAG or 'tiny'")
+        if pretrained is None and not spec.is_tiny and not (spec.source or "").endswith("/random") and not arch.startswith("hf-hub:"):
+            raise ModelLoadError(f"CLIP '{spec}': no pretrained weights named; use ARCH/TAG, ARCH/random or 'tiny'")
         self.model = model.eval().to(self.dtype)
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(arch)

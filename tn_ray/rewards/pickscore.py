@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .base import ModelLoadError, RewardModel, RewardSpec, check_tokenizer
+from .base import ModelLoadError, RewardModel, RewardSpec, check_tokenizer, seeded_init
 
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -29,7 +29,6 @@ def tiny_clip_model_and_processor():
 
     from .bpe import clip_vocab_and_merges
 
-    torch.manual_seed(0)
     config = CLIPConfig(
         text_config=dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406,
@@ -38,7 +37,8 @@ def tiny_clip_model_and_processor():
                            num_hidden_layers=2, num_attention_heads=2),
         projection_dim=32,
     )
-    model = CLIPModel(config)
+    with seeded_init():
+        model = CLIPModel(config)
     vocab, merges = clip_vocab_and_merges()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})

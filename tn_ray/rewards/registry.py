@@ -14,6 +14,9 @@ from .base import RewardModel, RewardSpec
 _REGISTRY: dict[str, str] = {
     "clip": "tn_ray.rewards.clip:ClipReward",
     "pickscore": "tn_ray.rewards.pickscore:PickScoreReward",
+    "imagereward": "tn_ray.rewards.imagereward:ImageRewardReward",
+    "blip2": "tn_ray.rewards.blip2:Blip2Reward",  # Q-Former image-text contrastive similarity
+    "blip2-itm": "tn_ray.rewards.blip2:Blip2ItmReward",  # the same model's image-text matching head
 }
 _FACTORIES: dict[str, Callable[..., RewardModel]] = {}
 

@@ -1,0 +1,112 @@
+"""Scoring cost, measured side by side in one run on this machine's CPU.
+
+1. plain scoring (each image against x0 only) vs TextNorm at m = 32 (x0 + 32 contrastive
+   prompts), on the TIA2 shape (50 images per prompt), with a realistically shaped dual
+   encoder (open_clip ViT-B/32, seeded random weights): goal <= 1.1x.
+   Images are read from JPEG files, as every real run does.
+2. the project's path (each image encoded once, each prompt's text once) vs naive per-pair
+   scoring that re-encodes the image for each of the 33 prompts: goal >= 10x.
+
+Prints a table, then one JSON line with ``textnorm_over_plain`` and ``naive_over_cached_dual``.
+Run: ``HF_HUB_OFFLINE=1 python benchmarks/bench_scoring.py [--images-per-prompt 50]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+NUMBERS = ["one", "two", "three", "four", "five", "six"]
+OBJECTS = ["dog", "cat", "horse", "truck", "bird", "ship"]
+
+
+def contrastive_set(x0_count: int, x0_obj: str, m: int = 32) -> tuple[str, list[str]]:
+    """x0 and m syntactically close prompts (other counts and objects), TIA2-like."""
+    plural = lambda n, o: o if n == 1 else o + "s"  # noqa: E731
+    x0 = f"a realistic photo of {NUMBERS[x0_count - 1]} {plural(x0_count, x0_obj)}"
+    others = [f"a realistic photo of {NUMBERS[n - 1]} {plural(n, o)}" for o in OBJECTS for n in range(1, 7)]
+    return x0, [p for p in others if p != x0][:m]
+
+
+def images(n: int, folder: str, size: int = 512, seed: int = 0) -> list[str]:
+    """JPEG files like TIA2's (512 px, Stable Diffusion v2.1 size): scoring reads files."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        # smooth random images compress like photos (pure noise would make huge JPEGs)
+        small = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+        path = os.path.join(folder, f"image_{i}.jpg")
+        Image.fromarray(small).resize((size, size), Image.BICUBIC).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def timed(fn, repeats: int = 2) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bench_dual(spec: str, n_prompts: int, per_prompt: int, naive_images: int) -> dict:
+    from tn_ray.rewards import build
+    from tn_ray.rewards.base import load_image
+
+    model = build(spec)
+    sets = [contrastive_set(1 + p % 6, OBJECTS[p % len(OBJECTS)]) for p in range(n_prompts)]
+    ims = images(n_prompts * per_prompt, tempfile.mkdtemp(prefix="bench_scoring_"))
+    plain_texts = [[sets[i // per_prompt][0]] for i in range(len(ims))]
+    tn_texts = [[sets[i // per_prompt][0], *sets[i // per_prompt][1]] for i in range(len(ims))]
+    model.score_rows(ims[:2], [["warm up"]] * 2)
+
+    def fresh(texts):  # a new run: the text cache starts empty, as in a new actor
+        model._text_cache.clear()
+        model.score_rows(ims, texts)
+
+    t_plain = timed(lambda: fresh(plain_texts))
+    t_tn = timed(lambda: fresh(tn_texts))
+
+    def naive():
+        for i in range(naive_images):
+            for text in tn_texts[i]:
+                with torch.inference_mode():
+                    model.score(model.encode_images([load_image(ims[i])]), model.encode_texts([text]))
+
+    t_naive = timed(naive, repeats=1) / naive_images
+    per_image_cached = t_tn / len(ims)
+    return {"plain_s": t_plain, "textnorm_s": t_tn, "images": len(ims), "m": len(tn_texts[0]) - 1,
+            "textnorm_over_plain": t_tn / t_plain, "naive_per_image_s": t_naive,
+            "cached_per_image_s": per_image_cached, "naive_over_cached_dual": t_naive / per_image_cached}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="clip:ViT-B-32/random", help="dual encoder spec")
+    ap.add_argument("--prompts", type=int, default=2)
+    ap.add_argument("--images-per-prompt", type=int, default=50)
+    ap.add_argument("--naive-images", type=int, default=3)
+    args = ap.parse_args()
+    print(f"torch threads: {torch.get_num_threads()}, model: {args.model}")
+    dual = bench_dual(args.model, args.prompts, args.images_per_prompt, args.naive_images)
+    print(f"dual encoder ({args.model}), {dual['images']} images, m = {dual['m']}:")
+    print(f"  plain scoring (x0 only)       {dual['plain_s']:8.2f} s")
+    print(f"  TextNorm scoring (x0 + {dual['m']})    {dual['textnorm_s']:8.2f} s   ratio {dual['textnorm_over_plain']:.3f} (goal <= 1.1)")
+    print(f"  naive per-pair, per image     {dual['naive_per_image_s']:8.3f} s")
+    print(f"  cached path, per image        {dual['cached_per_image_s']:8.3f} s   speedup {dual['naive_over_cached_dual']:.1f}x (goal >= 10)")
+    result = {"textnorm_over_plain": round(dual["textnorm_over_plain"], 4),
+              "naive_over_cached_dual": round(dual["naive_over_cached_dual"], 2)}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

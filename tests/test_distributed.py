@@ -1,0 +1,59 @@
+"""Ray wiring: long-lived reward actors, actor sizing, and the Data pipeline's API use."""
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tn_ray import distributed
+from tn_ray.config import ScoringConfig
+from tn_ray.rewards import build
+from tn_ray.scores import RewardCache
+
+
+def arrays(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_actor_sizing_follows_the_gpus(monkeypatch):
+    monkeypatch.setattr(distributed, "cluster_gpus", lambda: 4.0)
+    assert distributed.actor_resources(ScoringConfig()) == (4, {"num_gpus": 1.0, "num_cpus": 1.0})
+    assert distributed.actor_resources(ScoringConfig(gpus_per_actor=0.5))[0] == 8
+    monkeypatch.setattr(distributed, "cluster_gpus", lambda: 0.0)
+    assert distributed.actor_resources(ScoringConfig()) == (1, {"num_gpus": 0, "num_cpus": 1.0})
+
+
+def test_long_lived_actors_score_like_the_local_model(ray_session):
+    pool = distributed.RewardPool("clip:tiny", ScoringConfig(num_actors=1))
+    ims = arrays(5)
+    texts = [["a dog", "two dogs"]] * 3 + [["a cat"]] * 2
+    try:
+        first = pool.score(ims, texts, chunk=2)
+        again = pool.score(ims, texts, chunk=2)
+        stats = ray_session.get(pool.actors[0].stats.remote())
+    finally:
+        pool.shutdown()
+    local = build("clip:tiny").score_rows([Image.fromarray(a) for a in ims], texts)
+    for a, b, c in zip(first, again, local):
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(a, b)
+    assert stats == {"images_encoded": 10, "texts_encoded": 3}  # model loaded once, texts cached
+
+
+def test_pipeline_scores_arrays_and_warns_nothing_of_ours(ray_session, tmp_path):
+    ims = arrays(6, seed=3)
+    req = pd.DataFrame({"image_key": [f"k{i}" for i in range(6)], "image": ims,
+                        "texts": [["a photo of one cat", "two cats", "three cats"]] * 6})
+    cache = RewardCache(tmp_path, "clip:tiny")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        n = distributed.score_into_cache(req, "clip:tiny", cache, ScoringConfig(batch_size=4))
+    assert n == 18
+    ours = [w for w in caught if issubclass(w.category, DeprecationWarning) and "ray/data/context.py" not in w.filename]
+    assert not ours, [str(w.message) for w in ours]
+    got = np.stack(cache.lookup(list(req["image_key"]), list(req["texts"])))
+    ref = np.stack(build("clip:tiny").score_rows([Image.fromarray(a) for a in ims], list(req["texts"])))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert distributed.score_into_cache(req, "clip:tiny", cache) == 0

@@ -1,0 +1,92 @@
+"""TextNorm and ensembles: properties of eq. 1-3 and agreement with an independent computation."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from tn_ray.textnorm import ensemble, log_textnorm, textnorm, textnorm_ensemble
+
+rewards = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False)
+matrices = st.integers(1, 6).flatmap(
+    lambda n: st.integers(1, 9).flatmap(lambda m: arrays(np.float64, (n, m), elements=rewards)))
+taus = st.floats(1e-2, 1e2)
+
+
+def reference(row: list[float], tau: float) -> float:
+    """Eq. 1 written out with Python floats (shifted by the max to stay finite)."""
+    z = [x / tau for x in row]
+    top = max(z)
+    return math.exp(z[0] - top) / sum(math.exp(x - top) for x in z)
+
+
+@given(matrices, taus)
+def test_in_unit_interval_and_matches_reference(s, tau):
+    out = textnorm(s, tau)
+    assert out.shape == (s.shape[0],)
+    assert np.all(out <= 1) and np.all(out >= 0)
+    representable = (s.max(axis=1) - s[:, 0]) / tau < 700  # exp(-745) underflows float64
+    assert np.all(out[representable] > 0)
+    np.testing.assert_allclose(np.exp(log_textnorm(s, tau)), out, rtol=1e-9, atol=1e-300)
+    assert np.all(np.isfinite(log_textnorm(s, tau)))
+    np.testing.assert_allclose(out, [reference(list(r), tau) for r in s], rtol=1e-9, atol=1e-300)
+
+
+@given(matrices, taus, st.floats(-1e4, 1e4))
+def test_adding_a_constant_to_a_row_changes_nothing(s, tau, c):
+    np.testing.assert_allclose(textnorm(s + c, tau), textnorm(s, tau), rtol=1e-6, atol=1e-12)
+
+
+@given(matrices)
+def test_infinite_temperature_gives_uniform(s):
+    np.testing.assert_allclose(textnorm(s, 1e12), 1.0 / s.shape[1], rtol=1e-6)
+
+
+@given(arrays(np.float64, (5, 1), elements=rewards), taus)
+def test_no_contrastive_prompt_gives_one(s, tau):
+    np.testing.assert_array_equal(textnorm(s, tau), 1.0)
+
+
+@given(matrices, taus)
+def test_nan_padding_equals_the_shorter_row(s, tau):
+    padded = np.concatenate([s, np.full((s.shape[0], 3), np.nan)], axis=1)
+    np.testing.assert_allclose(textnorm(padded, tau), textnorm(s, tau), rtol=1e-12)
+
+
+def test_stable_for_huge_rewards():
+    s = np.array([[1e6, 1e6 - 1.0, 1e6 - 2.0], [-1e6, -1e6, -1e6]])
+    out = textnorm(s, 1.0)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out[1], 1 / 3)
+    np.testing.assert_allclose(out[0], 1 / (1 + math.exp(-1) + math.exp(-2)))
+
+
+@given(st.integers(2, 5).flatmap(lambda k: arrays(np.float64, (k, 7), elements=st.floats(0, 1))))
+@settings(max_examples=50)
+def test_ensembles(r):
+    np.testing.assert_allclose(ensemble(r, "uncertainty", 0.0), ensemble(r, "mean"))
+    np.testing.assert_allclose(ensemble(r, "mean"), r.mean(axis=0))
+    var = ((r - r.mean(axis=0)) ** 2).mean(axis=0)
+    np.testing.assert_allclose(ensemble(r, "uncertainty", 2.5), r.mean(axis=0) - 2.5 * var)
+    assert np.all(ensemble(r, "uncertainty", 1.0) <= ensemble(r, "mean") + 1e-12)
+
+
+def test_textnorm_ensemble_uses_each_models_tau():
+    a, b = np.array([[2.0, 1.0]]), np.array([[0.0, 3.0]])
+    got = textnorm_ensemble([a, b], tau=[1.0, 2.0], kind="mean")
+    np.testing.assert_allclose(got, [(reference([2, 1], 1.0) + reference([0, 3], 2.0)) / 2])
+
+
+@pytest.mark.parametrize("tau", [0.0, -1.0, float("nan")])
+def test_bad_tau_is_named(tau):
+    with pytest.raises(ValueError, match="tau"):
+        textnorm(np.zeros((2, 3)), tau)
+
+
+def test_bad_ensemble_kind_and_lambda():
+    with pytest.raises(ValueError, match="unknown ensemble kind 'median'"):
+        ensemble(np.zeros((2, 3)), "median")
+    with pytest.raises(ValueError, match="lambda"):
+        ensemble(np.zeros((2, 3)), "uncertainty", -1)

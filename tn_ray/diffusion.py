@@ -1,0 +1,115 @@
+"""Text-to-image pipelines (diffusers): the paper's Stable Diffusion v2.1, a local copy, or ``tiny``.
+
+``tiny`` is a real :class:`diffusers.StableDiffusionPipeline` whose UNet, VAE, CLIP text
+encoder and scheduler are built from small configs with random weights (seeded, so every
+process builds the same one), with the real CLIP BPE tokenizer built offline. It runs the
+whole denoising loop in milliseconds per 32 px image on a CPU; its images are noise, but
+every code path (classifier-free guidance, per-row generators, VAE decoding) is the real one.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_PIPELINE = "stabilityai/stable-diffusion-2-1"  # the paper's generator (-base for fine-tuning)
+TINY = "tiny"
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
+class PipelineLoadError(ValueError):
+    """A text-to-image pipeline (or its scheduler) cannot be loaded; the message says why and what to do."""
+
+
+def resolve_dtype(name: str, device):
+    """``auto``: float16 on GPU (as in the paper), float32 on CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def check_scheduler(name: str | None) -> None:
+    if name is None:
+        return
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not name.endswith("Scheduler"):
+        known = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and not n.startswith("_"))
+        raise PipelineLoadError(f"unknown diffusers scheduler {name!r}; e.g. {', '.join(known[:8])}, ...")
+
+
+def check_source(source: str) -> None:
+    """Fail fast (before any actor starts) when the weights cannot be found offline."""
+    if source == TINY:
+        return
+    local = Path(source)
+    if local.exists():
+        if not (local / "model_index.json").is_file():
+            raise PipelineLoadError(f"pipeline folder {local} has no model_index.json (a diffusers pipeline folder is expected)")
+        return
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(source, "model_index.json"), str):
+            raise PipelineLoadError(
+                f"pipeline '{source}' is not in the Hugging Face cache and HF_HUB_OFFLINE=1: download it once "
+                f"with network access (huggingface-cli download {source}) or set generation.pipeline to a local "
+                "diffusers folder; 'tiny' runs without weights")
+
+
+def tiny_pipeline():
+    """A StableDiffusionPipeline from small configs (random weights, seed 0); 32 x 32 px by default."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from .rewards.bpe import clip_vocab_and_merges
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+        vae = AutoencoderKL(
+            sample_size=32, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    vocab, merges = clip_vocab_and_merges()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def load_pipeline(source: str = DEFAULT_PIPELINE, scheduler: str | None = None, dtype: str = "auto",
+                  device: str | None = None):
+    """The pipeline on its device (the GPU Ray assigned, else CPU), eval mode, no progress bars."""
+    import diffusers
+
+    from .rewards.base import pick_device
+
+    dev = pick_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if source == TINY:
+        pipe = tiny_pipeline()
+    else:
+        check_source(source)
+        try:
+            pipe = diffusers.AutoPipelineForText2Image.from_pretrained(source, torch_dtype=torch_dtype)
+        except Exception as err:
+            raise PipelineLoadError(f"could not load text-to-image pipeline '{source}': {type(err).__name__}: {err}") from err
+    if scheduler is not None:
+        check_scheduler(scheduler)
+        pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    if pipe.dtype != torch_dtype:  # only `tiny`: hub/local weights load in torch_dtype
+        pipe = pipe.to(dev, torch_dtype)
+    else:
+        pipe = pipe.to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,347 @@
+"""Seeded, sharded, streaming, resumable text-to-image generation on Ray Data.
+
+Rows ``(prompt_id, prompt, sample, seed)`` go through ``map_batches`` with an actor pool of
+:class:`GenerationWorker` (one diffusers pipeline per GPU; CPU actors without GPUs). Each
+actor writes its images to the output store as it makes them and returns manifest rows,
+which the driver appends as Parquet parts, one per finished batch. Nothing holds the images
+in memory beyond the batch being made.
+
+Layout of ``out`` (a local folder or a cloud URI, see :mod:`tn_ray.storage`)::
+
+    generation.json                    the parameters that fix an image (a rerun must match)
+    prompts.json                       prompt_id -> prompt
+    images/<prompt_id>/<sample>.png    one file per (prompt, sample), written atomically
+    manifest/part-*.parquet            prompt_id, prompt, sample, seed, image_id, path, sha256, bytes
+
+Determinism. The seed of an image is a hash of (base seed, prompt text, sample index), and
+its initial noise (and any scheduler noise) comes from its own ``torch.Generator``. The
+diffusers call itself always covers the same fixed *group* of samples of one prompt
+(samples ``[g*B, (g+1)*B)``, ``B = pipeline_batch_size``), whichever Ray batch, actor or
+resumed run a sample is computed in, so floating-point kernels see identical inputs and
+an image is bit-identical whatever ``batch_size``, the number of actors or the resume
+point. (``B`` itself is part of the fingerprint: batched GPU/CPU kernels round differently
+for different batch shapes.)
+
+Resume. A rerun with the same parameters skips every (prompt, sample) in the manifest,
+adopts complete image files a killed driver wrote but never recorded (a file exists only
+once fully written), deletes stale temporaries, and generates only the rest.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from pydantic import Field
+
+from .config import RayConfig, StrictModel
+from .diffusion import DEFAULT_PIPELINE, DTYPES, check_scheduler, check_source
+from .storage import Store
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SCHEMA = pa.schema([
+    ("prompt_id", pa.int64()), ("prompt", pa.string()), ("sample", pa.int64()), ("seed", pa.int64()),
+    ("image_id", pa.string()), ("path", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64()),
+])
+# parameters that fix an image's pixels: a rerun into the same folder must not change them
+FINGERPRINT_FIELDS = ("pipeline", "scheduler", "num_inference_steps", "guidance_scale", "height", "width",
+                      "negative_prompt", "dtype", "seed", "pipeline_batch_size")
+_IMAGE_RE = re.compile(r"^images/(\d+)/(\d+)\.png$")
+
+
+class GenerationMismatch(ValueError):
+    """A rerun into an existing output folder changed a parameter that fixes its images."""
+
+
+class FaultInjection(StrictModel):
+    marker: str = Field(..., description="local file recording that the fault fired: the first batch that finds it absent creates it and fails")
+    kind: Literal["crash", "error"] = Field("crash", description="crash: the actor process dies (Ray restarts it and retries the batch); error: the batch raises (retried as an application error)")
+
+
+class GenerationConfig(StrictModel):
+    out: str | None = Field(None, description="output folder or cloud URI (s3://, gs://, file://) for images and manifest; None = <run>/generation")
+    pipeline: str = Field(DEFAULT_PIPELINE, description="diffusers text-to-image pipeline: hub id, local folder, or 'tiny' (random small config)")
+    scheduler: str | None = Field(None, description="diffusers scheduler class name (e.g. DDIMScheduler); None = the pipeline's own")
+    num_inference_steps: int = Field(50, ge=1, description="denoising steps per image (count)")
+    guidance_scale: float = Field(7.5, ge=0, description="classifier-free guidance scale (unitless; <= 1 disables guidance)")
+    height: int | None = Field(None, ge=8, multiple_of=8, description="image height (pixels); None = the pipeline's default")
+    width: int | None = Field(None, ge=8, multiple_of=8, description="image width (pixels); None = the pipeline's default")
+    negative_prompt: str | None = Field(None, description="negative prompt for every image; None = none")
+    dtype: Literal[DTYPES] = Field("auto", description="weights/activations dtype: auto = float16 on GPU (as in the paper), float32 on CPU")
+    seed: int = Field(0, ge=0, description="base seed; an image's seed is a hash of (seed, prompt, sample index)")
+    samples_per_prompt: int = Field(256, ge=1, description="images per prompt: samples 0..n-1 (count)")
+    pipeline_batch_size: int = Field(8, ge=1, description="images per diffusers call: a fixed group of consecutive samples of one prompt (images)")
+    batch_size: int = Field(32, ge=1, description="images per Ray task and per manifest part, rounded to whole pipeline groups (images)")
+    num_actors: int | None = Field(None, ge=1, description="generation actors (count); None = one per GPU, or one per cpus_per_actor CPUs without GPUs")
+    gpus_per_actor: float = Field(1.0, gt=0, le=1, description="GPU share per generation actor when GPUs exist (fraction of one GPU)")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per generation actor (count)")
+    max_restarts: int = Field(-1, ge=-1, description="times Ray restarts a dead generation actor (-1 = unlimited)")
+    max_task_retries: int = Field(3, ge=0, description="times a failed batch is retried (after an actor death or an error) before the run fails")
+    inject_fault: FaultInjection | None = Field(None, description="testing only: make one batch fail to exercise retries")
+
+    def fingerprint(self) -> dict:
+        return {k: getattr(self, k) for k in FINGERPRINT_FIELDS}
+
+
+def sample_seed(base_seed: int, prompt: str, sample: int) -> int:
+    """The seed of (prompt, sample): a stable hash, independent of order, sharding and batch."""
+    digest = hashlib.sha256(f"{base_seed}\x1f{prompt}\x1f{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def image_path(prompt_id: int, sample: int) -> str:
+    return f"images/{prompt_id:05d}/{sample:05d}.png"
+
+
+def image_id(prompt_id: int, sample: int) -> str:
+    return f"{prompt_id:05d}-{sample:05d}"
+
+
+def group_samples(sample: int, group_size: int) -> range:
+    """The fixed group of samples computed in one diffusers call with ``sample``."""
+    start = (sample // group_size) * group_size
+    return range(start, start + group_size)
+
+
+def encode_png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def generate_group(pipe, cfg: GenerationConfig, prompt: str, samples: Sequence[int]) -> list:
+    """PIL images of ``samples`` of ``prompt``: one diffusers call, one CPU generator per row."""
+    import torch
+
+    generators = [torch.Generator("cpu").manual_seed(sample_seed(cfg.seed, prompt, s)) for s in samples]
+    n = len(samples)
+    kwargs = dict(num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                  height=cfg.height, width=cfg.width, generator=generators, output_type="pil")
+    if cfg.negative_prompt is not None:
+        kwargs["negative_prompt"] = [cfg.negative_prompt] * n
+    with torch.inference_mode():
+        return pipe(prompt=[prompt] * n, **kwargs).images
+
+
+class GenerationWorker:
+    """One text-to-image pipeline in one process (Ray Data callable class).
+
+    A batch (pandas: prompt_id, prompt, sample, seed) -> its images written to the store,
+    and one manifest row per image returned.
+    """
+
+    def __init__(self, cfg: dict, out: str, device: str | None = None):
+        from .diffusion import load_pipeline
+
+        self.cfg = GenerationConfig.model_validate(cfg)
+        self.store = Store(out)
+        self.pipe = load_pipeline(self.cfg.pipeline, self.cfg.scheduler, self.cfg.dtype, device)
+        self.images_made = 0
+
+    def _maybe_fail(self) -> None:
+        fault = self.cfg.inject_fault
+        if fault is None:
+            return
+        try:
+            with open(fault.marker, "x") as f:  # exclusive create: exactly one batch of the run fails
+                f.write(f"pid {os.getpid()}\n")
+        except FileExistsError:
+            return
+        if fault.kind == "crash":
+            log.warning("injected fault: actor %d exits", os.getpid())
+            os._exit(1)
+        raise RuntimeError("injected fault: this batch fails once")
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        self._maybe_fail()
+        rows = []
+        groups = batch["sample"] // self.cfg.pipeline_batch_size
+        for (pid, _), sub in batch.groupby([batch["prompt_id"], groups], sort=True):
+            prompt = str(sub["prompt"].iloc[0])
+            samples = group_samples(int(sub["sample"].iloc[0]), self.cfg.pipeline_batch_size)
+            wanted = set(int(s) for s in sub["sample"])
+            images = generate_group(self.pipe, self.cfg, prompt, samples)
+            self.images_made += len(images)
+            for s, im in zip(samples, images):
+                if s not in wanted:
+                    continue  # beyond samples_per_prompt, or already written
+                data = encode_png(im)
+                rel = image_path(int(pid), s)
+                self.store.write_bytes(rel, data)
+                rows.append((int(pid), prompt, s, sample_seed(self.cfg.seed, prompt, s), image_id(int(pid), s), rel,
+                             hashlib.sha256(data).hexdigest(), len(data)))
+        return pd.DataFrame(rows, columns=MANIFEST_SCHEMA.names)
+
+
+# --------------------------------------------------------------------------------------
+# driver side: output folder, manifest, resume
+# --------------------------------------------------------------------------------------
+
+
+def check_output(store: Store, cfg: GenerationConfig, prompts: Sequence[str]) -> None:
+    """Refuse a rerun whose image-fixing parameters or prompt ids differ; record them otherwise."""
+    params = cfg.fingerprint()
+    if store.exists("generation.json"):
+        old = json.loads(store.read_text("generation.json"))
+        diff = [f"generation.{k}: {old.get(k)!r} in {store.uri('generation.json')}, {v!r} now"
+                for k, v in params.items() if old.get(k) != v]
+        if diff:
+            raise GenerationMismatch("the output folder holds images made with other parameters:\n  " + "\n  ".join(diff)
+                                     + "\nuse a new generation.out folder, or restore these values")
+    else:
+        store.write_text("generation.json", json.dumps(params, indent=1))
+    known: list[str] = json.loads(store.read_text("prompts.json")) if store.exists("prompts.json") else []
+    clash = [(i, a, b) for i, (a, b) in enumerate(zip(known, prompts)) if a != b]
+    if clash:
+        i, a, b = clash[0]
+        raise GenerationMismatch(f"prompt_id {i} is {a!r} in {store.uri('prompts.json')} but {b!r} now "
+                                 f"({len(clash)} prompt ids differ); keep the prompt order or use a new generation.out folder")
+    if len(prompts) > len(known):
+        store.write_text("prompts.json", json.dumps(list(prompts) + known[len(prompts):], indent=1))
+
+
+def read_manifest(store: Store) -> pd.DataFrame:
+    """Every recorded image, one row per (prompt_id, sample)."""
+    parts = store.list_files("manifest", ".parquet")
+    if not parts:
+        return MANIFEST_SCHEMA.empty_table().to_pandas()
+    df = pa.concat_tables([store.read_table(p, MANIFEST_SCHEMA) for p in parts]).to_pandas()
+    return df.drop_duplicates(["prompt_id", "sample"], keep="last").sort_values(["prompt_id", "sample"]).reset_index(drop=True)
+
+
+def append_manifest(store: Store, rows: pd.DataFrame) -> None:
+    if len(rows):
+        table = pa.Table.from_pandas(rows[MANIFEST_SCHEMA.names], schema=MANIFEST_SCHEMA, preserve_index=False)
+        store.write_table(f"manifest/part-{uuid.uuid4().hex}.parquet", table)
+
+
+def compact_manifest(store: Store) -> None:
+    """Merge the parts into one (write the merged part first: safe to interrupt)."""
+    parts = store.list_files("manifest", ".parquet")
+    if len(parts) > 1:
+        append_manifest(store, read_manifest(store))
+        for p in parts:
+            store.delete(p)
+
+
+def adopt_orphans(store: Store, cfg: GenerationConfig, prompts: Sequence[str], manifest: pd.DataFrame) -> pd.DataFrame:
+    """Manifest rows for complete image files that a killed driver never recorded."""
+    have = set(zip(manifest["prompt_id"].tolist(), manifest["sample"].tolist()))
+    rows = []
+    for rel in store.list_files("images", ".png"):
+        m = _IMAGE_RE.match(rel)
+        if not m:
+            continue
+        pid, s = int(m.group(1)), int(m.group(2))
+        if (pid, s) in have or pid >= len(prompts) or s >= cfg.samples_per_prompt:
+            continue
+        data = store.read_bytes(rel)
+        rows.append((pid, prompts[pid], s, sample_seed(cfg.seed, prompts[pid], s), image_id(pid, s), rel,
+                     hashlib.sha256(data).hexdigest(), len(data)))
+    return pd.DataFrame(rows, columns=MANIFEST_SCHEMA.names)
+
+
+def work_units(todo: pd.DataFrame, group_size: int, batch_size: int) -> list[pd.DataFrame]:
+    """Split the rows to make into Ray blocks of whole pipeline groups, about ``batch_size`` rows each."""
+    units, current, size = [], [], 0
+    keys = todo["sample"] // group_size
+    for _, g in todo.groupby([todo["prompt_id"], keys], sort=True):
+        if current and size + len(g) > batch_size:
+            units.append(pd.concat(current, ignore_index=True))
+            current, size = [], 0
+        current.append(g)
+        size += len(g)
+    if current:
+        units.append(pd.concat(current, ignore_index=True))
+    return units
+
+
+def _n_actors(cfg: GenerationConfig, n_units: int) -> tuple[int, dict]:
+    import ray
+
+    res = ray.cluster_resources()
+    gpus = float(res.get("GPU", 0))
+    if gpus > 0:
+        n = cfg.num_actors or max(1, int(gpus / cfg.gpus_per_actor))
+        resources = {"num_gpus": cfg.gpus_per_actor, "num_cpus": cfg.cpus_per_actor}
+    else:
+        n = cfg.num_actors or max(1, int(float(res.get("CPU", 1)) // cfg.cpus_per_actor))
+        resources = {"num_gpus": 0, "num_cpus": cfg.cpus_per_actor}
+    return max(1, min(n, n_units)), resources
+
+
+def generate(prompts: Sequence[str], cfg: GenerationConfig, ray_cfg: RayConfig | None = None) -> pd.DataFrame:
+    """Make every missing (prompt, sample < samples_per_prompt) image; return the manifest of all.
+
+    The returned frame (sorted by prompt_id, sample) adds ``image``: a path or URI that any
+    worker can open.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+    from tqdm.auto import tqdm
+
+    from .distributed import init_ray
+
+    if cfg.out is None:
+        raise ValueError("generation.out is not set: where should the images go?")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts to generate images for")
+    dup = pd.Series(prompts)[pd.Series(prompts).duplicated()]
+    if len(dup):
+        raise ValueError(f"prompt {dup.iloc[0]!r} is listed twice; prompts must be unique")
+    check_source(cfg.pipeline)
+    check_scheduler(cfg.scheduler)
+    store = Store(cfg.out)
+    check_output(store, cfg, prompts)
+    stale = store.remove_temporaries("images") + store.remove_temporaries("manifest")
+    if stale:
+        log.info("removed %d temporaries left by an interrupted run", stale)
+    manifest = read_manifest(store)
+    orphans = adopt_orphans(store, cfg, prompts, manifest)
+    if len(orphans):
+        log.info("adopted %d complete images written but not recorded by an interrupted run", len(orphans))
+        append_manifest(store, orphans)
+        manifest = read_manifest(store)
+
+    wanted = pd.DataFrame([(i, p, s) for i, p in enumerate(prompts) for s in range(cfg.samples_per_prompt)],
+                          columns=["prompt_id", "prompt", "sample"])
+    done = manifest[["prompt_id", "sample"]].assign(_done=True)
+    todo = wanted.merge(done, on=["prompt_id", "sample"], how="left")
+    todo = todo[todo["_done"].isna()].drop(columns="_done").reset_index(drop=True)
+    todo["seed"] = [sample_seed(cfg.seed, p, s) for p, s in zip(todo["prompt"], todo["sample"])]
+    log.info("generation: %d prompts x %d samples; %d images on disk, %d to make", len(prompts),
+             cfg.samples_per_prompt, len(wanted) - len(todo), len(todo))
+    if len(todo):
+        init_ray(ray_cfg)
+        units = work_units(todo, cfg.pipeline_batch_size, cfg.batch_size)
+        n_actors, resources = _n_actors(cfg, len(units))
+        worker_cfg = cfg.model_dump(mode="json")
+        ds = ray.data.from_pandas(units).map_batches(GenerationWorker, fn_constructor_kwargs={"cfg": worker_cfg, "out": cfg.out},
+                            batch_size=None, batch_format="pandas",
+                            compute=ActorPoolStrategy(size=n_actors), max_restarts=cfg.max_restarts,
+                            max_task_retries=cfg.max_task_retries, **resources)
+        # an error in a batch (say a transient CUDA fault) is retried like an actor death, at most
+        # max_task_retries times, so a deterministic bug still fails the run
+        ds.context.actor_task_retry_on_errors = cfg.max_task_retries > 0
+        with tqdm(total=len(todo), desc=f"generating ({n_actors} actors)", unit="img") as bar:
+            for rows in ds.iter_batches(batch_format="pandas", batch_size=None):
+                append_manifest(store, rows)
+                bar.update(len(rows))
+        compact_manifest(store)
+        manifest = read_manifest(store)
+    out = wanted[["prompt_id", "sample"]].merge(manifest, on=["prompt_id", "sample"], how="left")
+    if out["path"].isna().any():
+        raise RuntimeError(f"{int(out['path'].isna().sum())} images are still missing from {store.uri('manifest')}")
+    out["image"] = [store.uri(p) for p in out["path"]]
+    return out

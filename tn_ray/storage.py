@@ -1,0 +1,126 @@
+"""One output root (a local folder or a cloud URI) with atomic writes, through pyarrow filesystems.
+
+``Store("results/run")``, ``Store("/abs/path")``, ``Store("file:///abs/path")`` and
+``Store("s3://bucket/prefix")`` (or ``gs://``, ``hdfs://``: whatever
+``pyarrow.fs.FileSystem.from_uri`` knows) behave the same. A write goes to a hidden
+temporary name beside the target and is renamed into place once complete, so a reader (or
+a resumed run) never sees a half-written file; on object stores, where pyarrow's ``move``
+is a copy, the object is written directly instead, since an object store only makes an
+object visible once its upload has completed (the same guarantee without the extra copy).
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyarrow import fs as pafs
+
+TMP_SUFFIX = ".tmp"
+
+
+def _is_uri(root: str) -> bool:
+    return "://" in root
+
+
+class Store:
+    """Files under one root; paths passed to methods are relative, '/'-separated."""
+
+    def __init__(self, root: str | os.PathLike):
+        root = str(root)
+        if _is_uri(root):
+            self.fs, base = pafs.FileSystem.from_uri(root)
+        else:
+            self.fs, base = pafs.LocalFileSystem(), str(Path(root).resolve())
+        self.base = base.rstrip("/") or "/"
+        self.root = root
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def __repr__(self) -> str:
+        return f"Store({self.root!r})"
+
+    def path(self, rel: str) -> str:
+        """Path of ``rel`` inside the filesystem (what pyarrow calls take)."""
+        return posixpath.join(self.base, rel) if rel else self.base
+
+    def uri(self, rel: str) -> str:
+        """A string another process can open: a local absolute path, or a full URI."""
+        if self.local:
+            return self.path(rel)
+        scheme = self.root.split("://", 1)[0]
+        return f"{scheme}://{self.path(rel).lstrip('/')}"
+
+    def makedirs(self, rel: str) -> None:
+        self.fs.create_dir(self.path(rel), recursive=True)
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def _tmp(self, rel: str) -> str:
+        head, name = posixpath.split(self.path(rel))
+        return posixpath.join(head, f".{name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Atomically create or replace ``rel`` with ``data``."""
+        self.fs.create_dir(posixpath.dirname(self.path(rel)), recursive=True)
+        if not self.local:
+            with self.fs.open_output_stream(self.path(rel)) as f:
+                f.write(data)
+            return
+        tmp = self._tmp(rel)
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, self.path(rel))  # rename(2): atomic on one filesystem
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return f.read()
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode("utf-8"))
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode("utf-8")
+
+    def write_table(self, rel: str, table: pa.Table) -> None:
+        """Atomically write a Parquet file."""
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        self.write_bytes(rel, sink.getvalue().to_pybytes())
+
+    def read_table(self, rel: str, schema: pa.Schema | None = None) -> pa.Table:
+        return pq.read_table(self.path(rel), filesystem=self.fs, schema=schema)
+
+    def list_files(self, rel: str, suffix: str = "") -> list[str]:
+        """Relative paths of the completed files under ``rel`` (recursive; temporaries left out)."""
+        if not self.exists(rel):
+            return []
+        sel = pafs.FileSelector(self.path(rel), recursive=True)
+        base = self.base.rstrip("/") + "/"
+        out = []
+        for info in self.fs.get_file_info(sel):
+            if info.type != pafs.FileType.File or info.base_name.endswith(TMP_SUFFIX):
+                continue
+            if info.path.endswith(suffix):
+                out.append(info.path[len(base):] if info.path.startswith(base) else info.path)
+        return sorted(out)
+
+    def remove_temporaries(self, rel: str) -> int:
+        """Delete the temporaries a crashed writer left under ``rel``; returns how many."""
+        if not self.exists(rel):
+            return 0
+        n = 0
+        for info in self.fs.get_file_info(pafs.FileSelector(self.path(rel), recursive=True)):
+            if info.type == pafs.FileType.File and info.base_name.startswith(".") and info.base_name.endswith(TMP_SUFFIX):
+                try:
+                    self.fs.delete_file(info.path)
+                    n += 1
+                except FileNotFoundError:  # a dying writer renamed it meanwhile
+                    pass
+        return n
+
+    def delete(self, rel: str) -> None:
+        self.fs.delete_file(self.path(rel))
