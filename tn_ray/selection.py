@@ -62,7 +62,7 @@ def summary(rewards: pd.DataFrame, selections: pd.DataFrame, reward_names: Seque
     """
     top1 = selections[(selections["k"] == 1) & (selections["rank"] == 0)][["prompt_id", "reward", "n", "sample"]]
     base = rewards.loc[rewards["sample"] == 0, ["prompt_id", "sample"]].assign(reward=BASELINE, n=1)
-    chosen = pd.concat([base, top1.rename(columns={})], ignore_index=True).rename(columns={"reward": "selector"})
+    chosen = pd.concat([base, top1], ignore_index=True).rename(columns={"reward": "selector"})
     judged = chosen.merge(rewards[["prompt_id", "sample", *reward_names]], on=["prompt_id", "sample"], how="left")
     long = judged.melt(id_vars=["selector", "n", "prompt_id"], value_vars=list(reward_names), var_name="judge", value_name="v")
     g = long.groupby(["selector", "n", "judge"], sort=False)["v"]

@@ -124,3 +124,13 @@ class Store:
 
     def delete(self, rel: str) -> None:
         self.fs.delete_file(self.path(rel))
+
+
+def read_any(path_or_uri: str | os.PathLike) -> bytes:
+    """The bytes of a local path or of a URI any pyarrow filesystem knows."""
+    text = str(path_or_uri)
+    if _is_uri(text):
+        filesystem, path = pafs.FileSystem.from_uri(text)
+        with filesystem.open_input_stream(path) as f:
+            return f.read()
+    return Path(text).read_bytes()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,6 +30,7 @@ from PIL import Image
 from torch import nn
 
 from .base import ModelLoadError, RewardModel, RewardSpec, check_tokenizer
+from .cross import TokenBatch, pad_tokens, score_pairs
 
 log = logging.getLogger(__name__)
 
@@ -262,17 +262,6 @@ def _tokenizer_for(folder: Path | None):
 
 
 # ------------------------------------------------------------------ the reward model
-@dataclass
-class TokenBatch:
-    """Tokenized prompts padded to the longest: (n, L) ids and mask."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-
 def tiny_parts(seed: int = 0) -> tuple[ImageRewardNet, Any]:
     """The same classes with a small config and random weights (32 px, 2+2 layers of 64)."""
     from .wordpiece import bert_tokenizer
@@ -362,25 +351,12 @@ class ImageRewardReward(RewardModel):
         return [torch.tensor(x, dtype=torch.long) for x in ids]
 
     def join_text_features(self, items: list[torch.Tensor]) -> TokenBatch:
-        length = max(len(x) for x in items)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(items), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(items), length), dtype=torch.long)
-        for i, x in enumerate(items):
-            ids[i, : len(x)] = x
-            mask[i, : len(x)] = 1
-        return TokenBatch(ids, mask)
+        return pad_tokens(items, self.tokenizer.pad_token_id)
 
     def score(self, image_features: torch.Tensor, text_features: TokenBatch) -> torch.Tensor:
-        n_img, n_txt = image_features.shape[0], len(text_features)
-        out = torch.empty(n_img * n_txt, dtype=torch.float32)
-        pairs = torch.arange(n_img * n_txt)
-        for start in range(0, len(pairs), self.pair_batch_size):
-            chunk = pairs[start : start + self.pair_batch_size]
-            img, txt = chunk // n_txt, chunk % n_txt
-            mask = text_features.attention_mask[txt]
-            length = int(mask.sum(dim=1).max())
-            ids = text_features.input_ids[txt, :length].to(self.device)
-            out[chunk] = self.net.rewards(ids, mask[:, :length].to(self.device), image_features[img.to(image_features.device)]).cpu()
-        self.pairs_scored += len(pairs)
-        return out.view(n_img, n_txt)
+        def pair_rewards(image_rows, input_ids, mask):
+            return self.net.rewards(input_ids, mask, image_rows)
+
+        out = score_pairs(pair_rewards, image_features, text_features, self.pair_batch_size, self.device)
+        self.pairs_scored += out.numel()
+        return out

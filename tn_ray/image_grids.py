@@ -1,0 +1,54 @@
+"""Per-prompt best-of-n grids (as the paper's Figure 4): rows = rewards, columns = n, PNG."""
+from __future__ import annotations
+
+import io
+import textwrap
+from pathlib import Path
+from typing import Callable, Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+
+PAD = 4
+LINE = 12  # pixels per text line of PIL's default bitmap font
+
+
+def _text_width(draw: ImageDraw.ImageDraw, text: str, font) -> int:
+    return int(draw.textlength(text, font=font))
+
+
+def prompt_grid(prompt: str, rows: Sequence[str], pools: Sequence[int], image_of: Callable[[str, int], bytes],
+                cell: int = 128) -> Image.Image:
+    """A labelled grid: cell (reward r, pool n) is the top-1 image of r among the first n samples.
+
+    ``image_of(reward, n)`` returns the selected image's encoded bytes.
+    """
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max(_text_width(probe, r, font) for r in rows) + 2 * PAD
+    width = label_w + len(pools) * (cell + PAD) + PAD
+    title = textwrap.wrap(prompt, max(20, (width - 2 * PAD) // 6)) or [""]
+    top = PAD + LINE * len(title) + PAD + LINE + PAD
+    height = top + len(rows) * (cell + PAD)
+    grid = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, line in enumerate(title):
+        draw.text((PAD, PAD + i * LINE), line, fill="black", font=font)
+    for j, n in enumerate(pools):
+        x = label_w + j * (cell + PAD)
+        draw.text((x + cell // 2 - _text_width(draw, f"n={n}", font) // 2, top - LINE - PAD), f"n={n}", fill="black", font=font)
+    for i, reward in enumerate(rows):
+        y = top + i * (cell + PAD)
+        draw.text((PAD, y + cell // 2 - LINE // 2), reward, fill="black", font=font)
+        for j, n in enumerate(pools):
+            with Image.open(io.BytesIO(image_of(reward, n))) as im:
+                tile = im.convert("RGB").resize((cell, cell), Image.NEAREST if im.width < cell else Image.BICUBIC)
+            grid.paste(tile, (label_w + j * (cell + PAD), y))
+    return grid
+
+
+def save_grid(grid: Image.Image, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    grid.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,104 @@
+"""The sweep's ledger: every evaluated configuration and its result, written by the trial.
+
+Tune snapshots its experiment state every few seconds; a driver killed between two snapshots
+forgets trials that finished in between and would run them again after ``--resume``. The
+ledger closes that gap: an evaluation trial writes its result here (one small JSON file per
+configuration, keyed by a hash of the configuration and the data fingerprint) *before* it
+reports to Tune, and looks here first, so a configuration is evaluated at most once whatever
+happens to the driver. It lives next to the Tune experiment (a local folder or a cloud URI,
+through pyarrow's filesystems) so trials on any node can reach it.
+
+``evaluations/`` keeps one record per actual evaluation (append-only): the evidence that
+nothing ran twice.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pyarrow import fs as pafs
+
+
+def config_key(config: dict[str, Any], fingerprint: str = "") -> str:
+    """Stable hash of a trial configuration (plus the data it was evaluated on)."""
+    text = json.dumps(config, sort_keys=True, default=str) + "|" + fingerprint
+    return hashlib.sha1(text.encode()).hexdigest()[:20]
+
+
+def resolve_uri(path_or_uri: str) -> str:
+    """An absolute local path or a URI (pyarrow needs one or the other)."""
+    return path_or_uri if "://" in path_or_uri else str(Path(path_or_uri).resolve())
+
+
+class TrialLedger:
+    def __init__(self, root: str):
+        self.root = resolve_uri(root).rstrip("/")
+        self._fs: pafs.FileSystem | None = None
+        self._base = ""
+
+    def __getstate__(self):
+        return {"root": self.root}
+
+    def __setstate__(self, state):
+        self.__init__(state["root"])
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        if self._fs is None:
+            if "://" in self.root:
+                self._fs, self._base = pafs.FileSystem.from_uri(self.root)
+            else:
+                self._fs, self._base = pafs.LocalFileSystem(), self.root
+            self._fs.create_dir(f"{self._base}/results", recursive=True)
+            self._fs.create_dir(f"{self._base}/evaluations", recursive=True)
+        return self._fs
+
+    def _path(self, rel: str) -> str:
+        return f"{self.fs and self._base}/{rel}"  # self.fs opens the filesystem and sets _base
+
+    def _write(self, rel: str, record: dict[str, Any]) -> None:
+        data = json.dumps(record, sort_keys=True, default=str).encode()
+        target = self._path(rel)
+        if isinstance(self.fs, pafs.LocalFileSystem):  # atomic: write aside, then rename
+            tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            self.fs.move(tmp, target)
+        else:  # an object becomes visible only once its upload completes
+            with self.fs.open_output_stream(target) as f:
+                f.write(data)
+
+    def _read(self, path: str) -> dict[str, Any] | None:
+        try:
+            with self.fs.open_input_stream(path) as f:
+                return json.loads(f.readall())
+        except (FileNotFoundError, OSError, json.JSONDecodeError):
+            return None
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The stored record of configuration ``key``, or None."""
+        return self._read(self._path(f"results/{key}.json"))
+
+    def put(self, key: str, config: dict[str, Any], metrics: dict[str, Any], trial_id: str, seconds: float) -> None:
+        record = {"key": key, "config": config, "metrics": metrics, "trial_id": trial_id,
+                  "seconds": seconds, "time": time.time()}
+        self._write(f"evaluations/{key}.{uuid.uuid4().hex[:8]}.json", record)
+        self._write(f"results/{key}.json", record)
+
+    def _list(self, sub: str) -> list[dict[str, Any]]:
+        sel = pafs.FileSelector(self._path(sub), allow_not_found=True)
+        files = [i.path for i in self.fs.get_file_info(sel) if i.path.endswith(".json")]
+        records = [r for r in (self._read(p) for p in files) if r is not None]
+        return sorted(records, key=lambda r: r["time"])
+
+    def results(self) -> list[dict[str, Any]]:
+        """One record per evaluated configuration, oldest first."""
+        return self._list("results")
+
+    def evaluations(self) -> list[dict[str, Any]]:
+        """One record per evaluation actually run (a configuration twice = run twice)."""
+        return self._list("evaluations")
