@@ -19,7 +19,7 @@ def arrays(n, seed=0):
 
 def test_actor_sizing_follows_the_gpus(monkeypatch):
     monkeypatch.setattr(distributed, "cluster_gpus", lambda: 4.0)
-    assert distributed.actor_resources(ScoringConfig()) == (4, {"num_gpus": 1.0, "num_cpus": 1.0})
+    assert distributed.actor_resources(ScoringConfig()) == (4, {"num_gpus": 1.0})
     assert distributed.actor_resources(ScoringConfig(gpus_per_actor=0.5))[0] == 8
     monkeypatch.setattr(distributed, "cluster_gpus", lambda: 0.0)
     assert distributed.actor_resources(ScoringConfig()) == (1, {"num_gpus": 0, "num_cpus": 1.0})

@@ -74,7 +74,7 @@ class BestOfNConfig(StrictModel):
     def _consistent(self) -> "BestOfNConfig":
         gen = self.generation
         if "samples_per_prompt" not in gen.model_fields_set:
-            object.__setattr__(gen, "samples_per_prompt", max(self.pools))
+            gen.samples_per_prompt = max(self.pools)
         elif gen.samples_per_prompt < max(self.pools):
             raise ValueError(f"generation.samples_per_prompt ({gen.samples_per_prompt}) is smaller than the largest pool {max(self.pools)}")
         if max(self.top_k) > min(self.pools):
@@ -84,7 +84,7 @@ class BestOfNConfig(StrictModel):
             unknown = [m for m in members if m not in self.models]
             if unknown:
                 raise ValueError(f"ensemble '{ens.name}': members {unknown} are not among models {self.models}")
-            object.__setattr__(ens, "members", members)
+            ens.members = members
         if self.human_eval is not None:
             he = self.human_eval
             if he.k not in self.top_k:

@@ -14,6 +14,8 @@ import sys
 COMMAND_MODULES = [
     "tn_ray.commands.quickstart",
     "tn_ray.commands.tia2",
+    "tn_ray.commands.sweep",
+    "tn_ray.commands.bestofn",
     "tn_ray.commands.score",
     "tn_ray.commands.prompts",
 ]

@@ -31,7 +31,9 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         return
     cfg = cfg or RayConfig()
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    kwargs: dict[str, Any] = dict(address=cfg.address, runtime_env={"env_vars": env} if env else None,
+    # address None -> "local": a new local Ray even when another one runs on this machine
+    # (plain None makes ray.init join the latest cluster listed in /tmp/ray)
+    kwargs: dict[str, Any] = dict(address=cfg.address or "local", runtime_env={"env_vars": env} if env else None,
                                   log_to_driver=True, include_dashboard=False if cfg.address is None else None)
     if cfg.address is None:
         kwargs.update(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
@@ -56,7 +58,9 @@ def actor_resources(cfg: ScoringConfig) -> tuple[int, dict[str, float]]:
     gpus = cluster_gpus()
     if gpus > 0:
         n = cfg.num_actors or max(1, int(gpus / cfg.gpus_per_actor))
-        return n, {"num_gpus": cfg.gpus_per_actor, "num_cpus": cfg.cpus_per_actor}
+        # GPU actors ask for the GPU only: Ray Data calls mixing CPUs and GPUs on map actors
+        # experimental, and the GPU is what limits them
+        return n, {"num_gpus": cfg.gpus_per_actor}
     return cfg.num_actors or 1, {"num_gpus": 0, "num_cpus": cfg.cpus_per_actor}
 
 
@@ -105,7 +109,10 @@ def score_into_cache(requests: pd.DataFrame, spec: str, cache, cfg: ScoringConfi
     init_ray()
     n_actors, res = actor_resources(cfg)
     n_actors = min(n_actors, max(1, -(-len(requests) // cfg.batch_size)))
-    ds = ray.data.from_pandas(requests[["image_key", "image", "texts"]].reset_index(drop=True))
+    frame = requests[["image_key", "image", "texts"]].reset_index(drop=True)
+    # one block per batch: blocks are the unit Ray Data hands to actors, so a single block
+    # would keep every actor but one idle
+    ds = ray.data.from_pandas([frame.iloc[i : i + cfg.batch_size] for i in range(0, len(frame), cfg.batch_size)])
     ds = ds.map_batches(RewardWorker, fn_constructor_kwargs={"spec": spec, "text_batch_size": cfg.text_batch_size},
                         batch_size=cfg.batch_size, batch_format="pandas",
                         compute=ActorPoolStrategy(size=n_actors), **res)

@@ -273,7 +273,7 @@ def _n_actors(cfg: GenerationConfig, n_units: int) -> tuple[int, dict]:
     gpus = float(res.get("GPU", 0))
     if gpus > 0:
         n = cfg.num_actors or max(1, int(gpus / cfg.gpus_per_actor))
-        resources = {"num_gpus": cfg.gpus_per_actor, "num_cpus": cfg.cpus_per_actor}
+        resources = {"num_gpus": cfg.gpus_per_actor}  # as the reward actors: the GPU is the limit
     else:
         n = cfg.num_actors or max(1, int(float(res.get("CPU", 1)) // cfg.cpus_per_actor))
         resources = {"num_gpus": 0, "num_cpus": cfg.cpus_per_actor}

@@ -83,6 +83,7 @@ def export(selections: pd.DataFrame, images: pd.DataFrame, pairs: list[tuple[str
     sample, image_id, image (path or URI, opened with ``read``). Returns the key table.
     """
     sel = selections[(selections["n"] == n) & (selections["k"] == k)]
+    sel = sel.drop(columns=[c for c in ("prompt", "image_id", "image") if c in sel.columns])
     sel = sel.merge(images[["prompt_id", "sample", "prompt", "image_id", "image"]], on=["prompt_id", "sample"], how="left")
     prompt_ids = sorted(sel["prompt_id"].unique())[: max_prompts or None]
     rng = np.random.default_rng(seed)

@@ -12,8 +12,6 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-BASELINE = "none (sample 0)"  # the selector of the summary's n = 1 column: an unselected image
-
 
 def check_table(rewards: pd.DataFrame, reward_names: Sequence[str], pools: Sequence[int]) -> None:
     missing = [c for c in ["prompt_id", "sample", *reward_names] if c not in rewards.columns]
@@ -55,19 +53,20 @@ def select(rewards: pd.DataFrame, reward_names: Sequence[str], pools: Sequence[i
 def summary(rewards: pd.DataFrame, selections: pd.DataFrame, reward_names: Sequence[str]) -> pd.DataFrame:
     """Mean (over prompts) of every judge reward of the top-1 image chosen by every selector.
 
-    One row per (selector, n, judge): ``mean`` and its standard error ``sem``. The baseline
-    selector ``none (sample 0)`` at n = 1 is an unselected image. Selecting with one reward and
-    judging with another shows over-optimization: the selector's own reward keeps rising with
-    n while the others may not.
+    One row per (selector, n, judge): ``mean``, its standard error ``sem`` and ``n_prompts``.
+    n = 1 (the pool {sample 0}: an unselected image, the same for every selector) is the
+    baseline. Selecting with one reward and judging with another shows over-optimization:
+    the selector's own reward rises with n by construction, the others may not.
     """
     top1 = selections[(selections["k"] == 1) & (selections["rank"] == 0)][["prompt_id", "reward", "n", "sample"]]
-    base = rewards.loc[rewards["sample"] == 0, ["prompt_id", "sample"]].assign(reward=BASELINE, n=1)
+    first = rewards.loc[rewards["sample"] == 0, ["prompt_id", "sample"]]
+    base = pd.concat([first.assign(reward=r, n=1) for r in reward_names], ignore_index=True)
     chosen = pd.concat([base, top1], ignore_index=True).rename(columns={"reward": "selector"})
     judged = chosen.merge(rewards[["prompt_id", "sample", *reward_names]], on=["prompt_id", "sample"], how="left")
     long = judged.melt(id_vars=["selector", "n", "prompt_id"], value_vars=list(reward_names), var_name="judge", value_name="v")
     g = long.groupby(["selector", "n", "judge"], sort=False)["v"]
     table = g.mean().rename("mean").to_frame().join(g.sem(ddof=1).rename("sem")).join(g.size().rename("n_prompts")).reset_index()
-    order = {r: i for i, r in enumerate([BASELINE, *reward_names])}
+    order = {r: i for i, r in enumerate(reward_names)}
     return table.sort_values(["judge", "selector", "n"], key=lambda c: c.map(order) if c.name in ("judge", "selector") else c,
                              kind="mergesort").reset_index(drop=True)
 
@@ -75,7 +74,7 @@ def summary(rewards: pd.DataFrame, selections: pd.DataFrame, reward_names: Seque
 def summary_markdown(table: pd.DataFrame) -> str:
     """One table per judge: rows = selector, columns = n (mean selected reward)."""
     lines = ["# Best-of-n: mean reward of the selected image (top-1), per judge", "",
-             "Rows select, the table's judge scores; n = 1 is an unselected image (sample 0). "
+             "Rows select, the table's judge scores; n = 1 is an unselected image (sample 0), the same for every row. "
              "A selector's own reward rises with n by construction; the other judges show whether "
              "the gain transfers or the selector over-optimizes.", ""]
     for judge, g in table.groupby("judge", sort=False):

@@ -37,6 +37,24 @@ def step_tia2(out: Path) -> dict:
 STEPS = [("TIA2-style evaluation (score -> TextNorm -> metrics)", step_tia2)]
 
 
+def step_prompts(out: Path) -> dict:
+    from ..prompts.quickstart import step
+
+    return step(out)
+
+
+STEPS.append(("contrastive sets by rules on Ray Data (+ overlap with the benchmark's sets)", step_prompts))
+
+
+def step_sweep(out: Path) -> dict:
+    from ..sweep.quickstart import step
+
+    return step(out)
+
+
+STEPS.append(("tau sweep on the stored score matrices (Ray Tune + Optuna)", step_sweep))
+
+
 def run(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tiny models never touch the hub
     out = Path(args.out)

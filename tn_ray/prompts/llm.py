@@ -37,7 +37,7 @@ class MissingApiKeyError(ConfigError):
     """The llm source is needed but its API key variable is unset or empty."""
 
 
-class LlmError(RuntimeError):
+class LlmError(ConfigError):
     """The LLM server refuses every request (bad key, unknown model): retrying cannot help."""
 
 

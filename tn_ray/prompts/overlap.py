@@ -52,6 +52,25 @@ def per_set(table: pd.DataFrame) -> pd.DataFrame:
     }).reset_index()
 
 
+def category_agreement(root: Path) -> pd.DataFrame:
+    """Per TIA2 subcategory: prompts, share whose categories include it, share where it comes first."""
+    from ..tia2 import load_subcategories
+    from .categories import categorize
+
+    rows = [{"subcategory": c, "found": c in categorize(p), "first": categorize(p)[0] == c,
+             "n_categories": len(categorize(p))}
+            for p, c in load_subcategories(Path(root)).items() if c != "reddit"]
+    if not rows:
+        return pd.DataFrame(columns=["subcategory", "prompts", "found", "first", "n_categories"])
+    df = pd.DataFrame(rows)
+    g = df.groupby("subcategory")
+    table = pd.DataFrame({"prompts": g.size(), "found": g["found"].mean(), "first": g["first"].mean(),
+                          "n_categories": g["n_categories"].mean()}).reset_index()
+    total = pd.DataFrame([{"subcategory": "all", "prompts": len(df), "found": df["found"].mean(),
+                           "first": df["first"].mean(), "n_categories": df["n_categories"].mean()}])
+    return pd.concat([table, total], ignore_index=True)
+
+
 def compare(root: Path, out_dir: Path, cfg: RulesConfig | None = None) -> dict[str, Path]:
     """Write overlap.md (per set, plus the rules restricted to quantity changes) and the per-prompt CSV."""
     cfg = cfg or RulesConfig()
@@ -75,5 +94,9 @@ def compare(root: Path, out_dir: Path, cfg: RulesConfig | None = None) -> dict[s
           "Released sets quantify up to 8 around x0 (counting) and add 'X-like Y', cartoon and unrelated "
           "LLM-written prompts (composition); three of their eight quantity pairs are written without 'and' "
           "('two airplanes two apples'), so an exact-string rule cannot match them.", ""]
+    md += ["## Failure categories of the comprehensive prompts (few-shot allocation of the llm source)", "",
+           "Rule-based categories (`tn_ray/prompts/categories.py`) against TIA2's subcategories "
+           "(reddit has no counterpart). The cue lists were written with these prompts in view.", "",
+           category_agreement(root).to_markdown(index=False, floatfmt=".2f"), ""]
     paths["overlap_md"].write_text("\n".join(md))
     return paths

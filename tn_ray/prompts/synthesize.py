@@ -22,6 +22,7 @@ from pydantic import Field, SecretStr, field_validator
 
 from ..config import RayConfig, StrictModel
 from . import SOURCES, build
+from .base import ContrastSet
 from .settings import SourcesConfig
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,17 @@ class SynthesisWorker:
         self.source = build(source, cfg, **extra)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        sets = self.source.generate([str(x) for x in batch["x0"]])
+        from .llm import LlmError
+
+        sets, fatal = [], ""
+        for x0 in (str(x) for x in batch["x0"]):
+            if not fatal:
+                try:
+                    sets.append(self.source.generate([x0])[0])
+                    continue
+                except LlmError as err:  # reported as data: Ray would flatten the exception to text
+                    fatal = str(err)
+            sets.append(ContrastSet(x0, [], self.source.name, error=fatal))
         return pd.DataFrame({
             "index": batch["index"].to_numpy(),
             "x0": [s.x0 for s in sets],
@@ -101,6 +112,7 @@ class SynthesisWorker:
             "note": [s.note or "" for s in sets],
             "api_calls": [s.api_calls for s in sets],
             "cached": [s.cached for s in sets],
+            "fatal": fatal,
         })
 
 
@@ -126,16 +138,13 @@ def _run_ray(cfg: SynthesisConfig, x0s: list[str], kwargs: dict) -> pd.DataFrame
     ds = ds.map_batches(SynthesisWorker, fn_constructor_kwargs=kwargs, batch_size=cfg.batch_size,
                         batch_format="pandas", compute=ActorPoolStrategy(size=workers), num_cpus=cfg.cpus_per_worker)
     parts = []
-    try:
-        with tqdm(total=len(x0s), desc=f"prompts ({cfg.source})", unit="prompt") as bar:
-            for part in ds.iter_batches(batch_format="pandas", batch_size=None):
-                parts.append(part)
-                bar.update(len(part))
-    except Exception as err:  # a fatal LLM error inside an actor: one clear line, cache kept
-        cause = err if isinstance(err, LlmError) else getattr(err, "cause", None)
-        if isinstance(cause, LlmError):
-            raise LlmError(str(cause.args[0]) + " (answers received so far are cached)") from None
-        raise
+    with tqdm(total=len(x0s), desc=f"prompts ({cfg.source})", unit="prompt") as bar:
+        for part in ds.iter_batches(batch_format="pandas", batch_size=None):
+            fatal = part.loc[part["fatal"] != "", "fatal"]
+            if len(fatal):  # a refused key or unknown model: stop, keeping the answers cached so far
+                raise LlmError(f"{fatal.iloc[0]} (answers received so far are cached)")
+            parts.append(part.drop(columns=["fatal"]))
+            bar.update(len(part))
     return pd.concat(parts, ignore_index=True).sort_values("index", ignore_index=True)
 
 

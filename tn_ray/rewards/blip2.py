@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .base import ModelLoadError, RewardModel, RewardSpec, check_tokenizer
+from .base import ModelLoadError, RewardModel, RewardSpec, check_tokenizer, seeded_init
 from .cross import TokenBatch, pad_tokens, score_pairs
 
 DEFAULT_MODEL = "Salesforce/blip2-itm-vit-g"
@@ -50,8 +50,8 @@ def tiny_parts(seed: int = 0) -> tuple[Any, Any, Any]:
                             max_position_embeddings=64, use_qformer_text_input=True),
         num_query_tokens=4, image_text_hidden_size=32,
     )
-    torch.manual_seed(seed)
-    model = Blip2ForImageTextRetrieval(config)
+    with seeded_init(seed):
+        model = Blip2ForImageTextRetrieval(config)
     processor = BlipImageProcessor(size={"height": 32, "width": 32})
     return model.eval(), processor, tokenizer
 
@@ -156,8 +156,8 @@ class Blip2ItmReward(Blip2Reward):
         return m.itm_head(out[:, : query_tokens.shape[1], :]).mean(dim=1).float()
 
     def score(self, image_features: torch.Tensor, text_features: TokenBatch) -> torch.Tensor:
-        def pair_rewards(image_rows, input_ids, mask):
-            logits = self._pair_logits(image_rows, input_ids, mask)
+        def pair_rewards(image_rows, image_index, input_ids, mask):
+            logits = self._pair_logits(image_rows[image_index], input_ids, mask)
             return logits[:, 1] - logits[:, 0]
 
         out = score_pairs(pair_rewards, image_features, text_features, self.pair_batch_size, self.device)

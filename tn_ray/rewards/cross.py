@@ -3,13 +3,13 @@
 
 Per-text features are 1-D token-id tensors (cached one per text by the base class through
 ``split_text_features``); ``join`` pads them into a :class:`TokenBatch`; :func:`score_pairs`
-runs a pair function on batches of (image row, text row) pairs, each batch cut to its own
-longest prompt (padding is masked, so the cut changes nothing but the cost).
+runs per-image work once per image and a pair function on batches of (image, text) pairs,
+each batch cut to its own longest prompt (padding is masked: the cut changes only the cost).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -35,22 +35,29 @@ def pad_tokens(items: list[torch.Tensor], pad_id: int) -> TokenBatch:
     return TokenBatch(ids, mask)
 
 
-PairFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+def score_pairs(pair_fn: Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                image_features: torch.Tensor, tokens: TokenBatch, batch_size: int, device: torch.device,
+                prepare: Callable[[torch.Tensor], Any] | None = None) -> torch.Tensor:
+    """(n_images, n_texts) float32 CPU rewards of every (image, text) pair.
 
-
-def score_pairs(pair_fn: PairFn, image_features: torch.Tensor, tokens: TokenBatch, batch_size: int,
-                device: torch.device) -> torch.Tensor:
-    """(n_images, n_texts) float32 CPU rewards; ``pair_fn(image_rows, input_ids, mask) -> (b,)``
-    is called on at most ``batch_size`` pairs at a time (pairs in row-major order)."""
+    Images are taken in blocks of about ``batch_size / n_texts``; ``prepare(image_rows)``
+    runs once per block (per-image work such as cross-attention keys/values; default: the
+    rows themselves) and ``pair_fn(state, image_index, input_ids, mask) -> (b,)`` runs on at
+    most ``batch_size`` pairs of the block at a time (``image_index`` indexes the block).
+    """
     n_img, n_txt = image_features.shape[0], len(tokens)
-    out = torch.empty(n_img * n_txt, dtype=torch.float32)
-    pairs = torch.arange(n_img * n_txt)
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        img, txt = chunk // n_txt, chunk % n_txt
-        mask = tokens.attention_mask[txt]
-        length = int(mask.sum(dim=1).max())
-        rewards = pair_fn(image_features[img.to(image_features.device)], tokens.input_ids[txt, :length].to(device),
-                          mask[:, :length].to(device))
-        out[chunk] = rewards.float().cpu()
-    return out.view(n_img, n_txt)
+    out = torch.empty(n_img, n_txt, dtype=torch.float32)
+    per_block = max(1, batch_size // max(n_txt, 1))
+    for b0 in range(0, n_img, per_block):
+        rows = image_features[b0 : b0 + per_block]
+        state = prepare(rows) if prepare is not None else rows
+        pairs = torch.arange(rows.shape[0] * n_txt)
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            img, txt = chunk // n_txt, chunk % n_txt
+            mask = tokens.attention_mask[txt]
+            length = int(mask.sum(dim=1).max())
+            rewards = pair_fn(state, img.to(rows.device), tokens.input_ids[txt, :length].to(device),
+                              mask[:, :length].to(device))
+            out[b0 + img, txt] = rewards.float().cpu()
+    return out

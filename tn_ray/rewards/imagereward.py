@@ -9,13 +9,15 @@ normalization ``(r - 0.16717) / 1.03334``. Prompts are tokenized by bert-base-un
 Here the image tower is ``BlipVisionModel`` and the text side ``BlipTextModel`` (both
 ports of BLIP's code), loaded from the published ``ImageReward.pt`` through
 :func:`convert_official_state_dict`. ``encode_images`` runs the image tower once per image;
-``encode_texts`` only tokenizes; ``score`` runs the cross-attending text side once per
-(text, image) pair, in batches of ``pair_batch_size`` pairs padded to their longest prompt.
+``encode_texts`` only tokenizes; ``score`` projects each image's tokens into the
+cross-attention keys/values of every text layer once per image, then runs the text side once
+per (text, image) pair, in batches of ``pair_batch_size`` pairs cut to their longest prompt.
 
 Sources (``imagereward[:SOURCE]``): none = ``THUDM/ImageReward`` from the hub cache; a
 directory holding ``ImageReward.pt`` (optionally ``med_config.json`` and a BERT
 ``vocab.txt``); a path to the ``.pt`` file; another hub repo id; ``tiny`` = the same classes
-with a small config and random weights (head re-initialised so scores depend on the image).
+with a small config and random weights (head re-initialised so scores depend on the image);
+``random`` = the real shapes with seeded random weights (benchmarks).
 """
 from __future__ import annotations
 
@@ -27,9 +29,10 @@ from typing import Any, Sequence
 
 import torch
 from PIL import Image
+import torch.nn.functional as F
 from torch import nn
 
-from .base import ModelLoadError, RewardModel, RewardSpec, check_tokenizer
+from .base import ModelLoadError, RewardModel, RewardSpec, check_tokenizer, seeded_init
 from .cross import TokenBatch, pad_tokens, score_pairs
 
 log = logging.getLogger(__name__)
@@ -94,10 +97,41 @@ class ImageRewardNet(nn.Module):
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         out = self.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
                         encoder_attention_mask=image_atts)
-        cls = out.last_hidden_state[:, 0, :].float()
-        head_dtype = self.mlp.layers[0].weight.dtype
-        r = self.mlp(cls.to(head_dtype)).float().squeeze(-1)
+        return self._head(out.last_hidden_state[:, 0, :])
+
+    def _head(self, cls: torch.Tensor) -> torch.Tensor:
+        r = self.mlp(cls.to(self.mlp.layers[0].weight.dtype)).float().squeeze(-1)
         return (r - self.mean) / self.std
+
+    # --- the same computation with the image side of cross-attention done once per image ---
+    def cross_kv(self, image_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per text layer, the cross-attention keys and values of the image tokens, each
+        (n_images, heads, tokens, head size). They depend on the image only, and projecting
+        197 image tokens in 12 layers costs more than the whole text side of one pair."""
+        n, length = image_embeds.shape[:2]
+        kv = []
+        for layer in self.text.encoder.layer:
+            att = layer.crossattention.self
+            shape = (n, length, att.num_attention_heads, att.attention_head_size)
+            kv.append((att.key(image_embeds).view(shape).transpose(1, 2), att.value(image_embeds).view(shape).transpose(1, 2)))
+        return kv
+
+    def rewards_from_kv(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        kv: list[tuple[torch.Tensor, torch.Tensor]], image_index: torch.Tensor) -> torch.Tensor:
+        """:meth:`rewards` of pairs (text i, image ``image_index[i]``) from :meth:`cross_kv`:
+        BlipTextModel's layers run module by module, except that cross-attention takes the
+        precomputed keys/values (no mask: every image token is attended, as upstream)."""
+        hidden = self.text.embeddings(input_ids=input_ids)
+        mask = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        b, length = input_ids.shape
+        for layer, (keys, values) in zip(self.text.encoder.layer, kv):
+            attended = layer.attention(hidden, attention_mask=mask)[0]
+            att = layer.crossattention.self
+            q = att.query(attended).view(b, length, att.num_attention_heads, att.attention_head_size).transpose(1, 2)
+            ctx = F.scaled_dot_product_attention(q, keys[image_index], values[image_index])
+            attended = layer.crossattention.output(ctx.transpose(1, 2).reshape(b, length, -1), attended)
+            hidden = layer.feed_forward_chunk(attended)
+        return self._head(hidden[:, 0, :])
 
 
 # ------------------------------------------------------------------ configs
@@ -252,37 +286,38 @@ def _tokenizer_for(folder: Path | None):
         return blip_tokenizer(bert_tokenizer(folder / "vocab.txt"))
     try:
         tok = BertTokenizer.from_pretrained("bert-base-uncased")
+        check_tokenizer(tok, "bert-base-uncased")  # offline, transformers may return a 5-entry stub
     except Exception as err:
         raise ModelLoadError(
-            f"could not load the bert-base-uncased tokenizer ImageReward uses: {type(err).__name__}: {err}. "
+            f"could not load the bert-base-uncased tokenizer ImageReward uses ({type(err).__name__}: {err}). "
             "Offline, put its vocab.txt next to ImageReward.pt and pass that folder: --models imagereward:/path/to/dir"
         ) from err
-    check_tokenizer(tok, "bert-base-uncased")
     return blip_tokenizer(tok)
 
 
 # ------------------------------------------------------------------ the reward model
 def tiny_parts(seed: int = 0) -> tuple[ImageRewardNet, Any]:
-    """The same classes with a small config and random weights (32 px, 2+2 layers of 64)."""
+    """The same classes with a small config and seeded random weights: ViT of 2 layers of
+    width 128 (2 heads of 64, as the real one's head size) on 32 px, BERT of 2 layers of 64."""
     from .wordpiece import bert_tokenizer
 
     tokenizer = blip_tokenizer(bert_tokenizer())
     med = {**published_med_config(), "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
            "num_hidden_layers": 2, "num_attention_heads": 2}
-    torch.manual_seed(seed)
-    net = ImageRewardNet(vision_config(width=64, depth=2, image_size=32, patch_size=8, heads=2), text_config(med, 64))
+    with seeded_init(seed):
+        net = ImageRewardNet(vision_config(width=128, depth=2, image_size=32, patch_size=8), text_config(med, 128))
     net.mlp.reinit(torch.Generator().manual_seed(seed))
     return net.eval(), tokenizer
 
 
 def random_full_size_parts(seed: int = 0) -> tuple[ImageRewardNet, Any]:
     """ImageReward's real shapes (ViT-L/16 at 224, BERT-base with cross-attention) with
-    random weights, for benchmarks (never for scoring)."""
+    seeded random weights (``imagereward:random``), for benchmarks."""
     from .wordpiece import bert_tokenizer
 
     tokenizer = blip_tokenizer(bert_tokenizer())
-    torch.manual_seed(seed)
-    net = ImageRewardNet(vision_config(), text_config(published_med_config(), 1024))
+    with seeded_init(seed):
+        net = ImageRewardNet(vision_config(), text_config(published_med_config(), 1024))
     net.mlp.reinit(torch.Generator().manual_seed(seed))
     return net.eval(), tokenizer
 
@@ -319,14 +354,14 @@ class ImageRewardReward(RewardModel):
     name = "imagereward"
 
     def __init__(self, spec: RewardSpec, device: str | None = None, text_batch_size: int = 64,
-                 pair_batch_size: int = 64, parts: tuple[ImageRewardNet, Any] | None = None):
+                 pair_batch_size: int = 64):
         super().__init__(spec, device, text_batch_size)
         from torchvision import transforms
 
-        if parts is not None:
-            net, tokenizer = parts
-        elif spec.is_tiny:
+        if spec.is_tiny:
             net, tokenizer = tiny_parts()
+        elif spec.source == "random":
+            net, tokenizer = random_full_size_parts()
         else:
             ckpt, med, folder = resolve_source(spec.source)
             tokenizer = _tokenizer_for(folder)
@@ -354,9 +389,10 @@ class ImageRewardReward(RewardModel):
         return pad_tokens(items, self.tokenizer.pad_token_id)
 
     def score(self, image_features: torch.Tensor, text_features: TokenBatch) -> torch.Tensor:
-        def pair_rewards(image_rows, input_ids, mask):
-            return self.net.rewards(input_ids, mask, image_rows)
+        def pair_rewards(kv, image_index, input_ids, mask):
+            return self.net.rewards_from_kv(input_ids, mask, kv, image_index)
 
-        out = score_pairs(pair_rewards, image_features, text_features, self.pair_batch_size, self.device)
+        out = score_pairs(pair_rewards, image_features, text_features, self.pair_batch_size, self.device,
+                          prepare=self.net.cross_kv)
         self.pairs_scored += out.numel()
         return out

@@ -2,10 +2,10 @@
 
 BLIP-family models (ImageReward, BLIP-2) tokenize with bert-base-uncased, a hub download.
 Tiny variants and the ImageReward equivalence test need a tokenizer without network: this
-module builds one with bert-base-uncased's layout (30,522 entries; [PAD]=0, [unused*],
-[UNK]=100, [CLS]=101, [SEP]=102, [MASK]=103, then single characters, ``##`` continuations
-and whole words) from English words taken from the CLIP BPE file that open_clip ships. The
-ids of real words differ from bert-base-uncased's, so it is only for random-weight models.
+module builds one of bert-base-uncased's size (30,522 entries) with its special tokens at
+the same ids ([PAD]=0, [UNK]=100, [CLS]=101, [SEP]=102, [MASK]=103), then single characters,
+``##`` continuations and whole English words taken from the CLIP BPE file that open_clip
+ships. Real words get other ids than in bert-base-uncased: for random-weight models only.
 """
 from __future__ import annotations
 
@@ -20,8 +20,6 @@ SPECIALS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103}
 @functools.lru_cache(maxsize=4)
 def bert_style_vocab(size: int = BERT_VOCAB_SIZE) -> tuple[str, ...]:
     """``size`` tokens in bert-base-uncased's layout (deterministic)."""
-    from .bpe import clip_vocab_and_merges
-
     if size < 1000:
         raise ValueError(f"a BERT-style vocabulary needs at least 1000 entries, got {size}")
     tokens = [f"[unused{i}]" for i in range(104)]
@@ -35,9 +33,8 @@ def bert_style_vocab(size: int = BERT_VOCAB_SIZE) -> tuple[str, ...]:
     chars = list(string.ascii_lowercase + string.digits + string.punctuation)
     tokens += chars + ["##" + c for c in string.ascii_lowercase + string.digits]
     seen = set(tokens)
-    vocab, _ = clip_vocab_and_merges()
     words, pieces = [], []
-    for tok in vocab:  # merge order: frequent first
+    for tok in _clip_bpe_tokens():  # merge order: frequent first
         if tok.endswith("</w>"):
             w = tok[:-4]
             if len(w) > 1 and w.isascii() and w.isalpha():
@@ -54,6 +51,18 @@ def bert_style_vocab(size: int = BERT_VOCAB_SIZE) -> tuple[str, ...]:
         tokens.append(f"[unused{k}]")
         k += 1
     return tuple(tokens[:size])
+
+
+def _clip_bpe_tokens() -> list[str]:
+    """The merged tokens of the CLIP BPE file open_clip ships, in merge order (read without
+    importing open_clip, which costs seconds)."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    return ["".join(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
 
 
 def write_vocab(path: str | Path, size: int = BERT_VOCAB_SIZE) -> Path:

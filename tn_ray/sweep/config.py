@@ -107,11 +107,16 @@ class SweepConfig(StrictModel):
     storage_path: str | None = Field(None, description="where Tune keeps the sweep: a local folder or a cloud URI (s3://, gs://); None = <out>/tune")
     out: str | None = Field(None, description="local folder for the summary (CSV, best config, plots); None = results/sweeps/<name>")
     heldout: HeldOutConfig | None = Field(None, description="also run the k-fold held-out protocol over prompts (evaluation trainables only)")
+    keep_checkpoints: int | None = Field(2, ge=1, description="checkpoints kept per training trial, newest first (count); None = all")
     experiment_checkpoint_s: float = Field(2.0, gt=0, description="how often Tune snapshots the sweep state for --resume (seconds)")
+    verbose: int = Field(1, ge=0, le=2, description="Tune's console output: 0 silent, 1 status table, 2 every result")
     ray: RayConfig = Field(default_factory=RayConfig, description="where Ray runs")
 
     @model_validator(mode="after")
     def _space(self) -> "SweepConfig":
+        slashed = [k for k in [*self.space, *self.fixed] if "/" in k]
+        if slashed:
+            raise ValueError(f"parameter names cannot contain '/' (Tune nests on it): {slashed}")
         clash = sorted(set(self.space) & set(self.fixed))
         if clash:
             raise ValueError(f"parameters {clash} are both in `space` and `fixed`")

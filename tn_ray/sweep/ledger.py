@@ -46,8 +46,7 @@ class TrialLedger:
     def __setstate__(self, state):
         self.__init__(state["root"])
 
-    @property
-    def fs(self) -> pafs.FileSystem:
+    def _open(self) -> tuple[pafs.FileSystem, str]:
         if self._fs is None:
             if "://" in self.root:
                 self._fs, self._base = pafs.FileSystem.from_uri(self.root)
@@ -55,10 +54,14 @@ class TrialLedger:
                 self._fs, self._base = pafs.LocalFileSystem(), self.root
             self._fs.create_dir(f"{self._base}/results", recursive=True)
             self._fs.create_dir(f"{self._base}/evaluations", recursive=True)
-        return self._fs
+        return self._fs, self._base
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        return self._open()[0]
 
     def _path(self, rel: str) -> str:
-        return f"{self.fs and self._base}/{rel}"  # self.fs opens the filesystem and sets _base
+        return f"{self._open()[1]}/{rel}"
 
     def _write(self, rel: str, record: dict[str, Any]) -> None:
         data = json.dumps(record, sort_keys=True, default=str).encode()

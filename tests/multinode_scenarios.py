@@ -1,0 +1,88 @@
+"""Multi-node scenarios on one machine (run as a subprocess by tests/test_multinode.py).
+
+Ray's own test-cluster utility starts a head and worker nodes that each declare one GPU;
+the reward code then runs on the CPU of this machine. Prints one JSON line with findings.
+Usage: python tests/multinode_scenarios.py placement|node_loss OUT_DIR
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def items(n: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    prompts = ["a photo of one dog", "a photo of two cats", "a photo of three birds"]
+    return pd.DataFrame({
+        "set": "s", "prompt": [prompts[i % 3] for i in range(n)], "image_id": [f"{i}.png" for i in range(n)],
+        "image_key": [f"s/{i}.png" for i in range(n)],
+        "image": [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(n)],
+        "texts": [[prompts[i % 3], *[p for p in prompts if p != prompts[i % 3]], "a photo of a truck"] for i in range(n)],
+    })
+
+
+def reference(df: pd.DataFrame) -> np.ndarray:
+    from PIL import Image
+
+    from tn_ray.rewards import build
+
+    model = build("clip:tiny")
+    return np.stack(model.score_rows([Image.fromarray(a) for a in df["image"]], list(df["texts"])))
+
+
+def main(scenario: str, out: str) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from tn_ray.config import ScoringConfig
+    from tn_ray.scores import RewardCache
+    from tn_ray.scoring import score_matrices
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    workers = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(3)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    report: dict = {"nodes": len(ray.nodes()), "cluster_gpus": ray.cluster_resources().get("GPU", 0)}
+    df = items(60 if scenario == "placement" else 240)
+    cfg = ScoringConfig(batch_size=4)
+    if scenario == "node_loss":
+        victim = workers[1]  # lost without replacement: the run must finish on the other two
+
+        def kill_when_started():
+            cache_dir = os.path.join(out, "cache")
+            while not any(f.startswith("part-") for _, _, fs in os.walk(cache_dir) for f in fs):
+                time.sleep(0.2)
+            report["removed_node"] = victim.node_id
+            cluster.remove_node(victim, allow_graceful=False)
+            report["removed_node_after_parts"] = sum(f.startswith("part-") for _, _, fs in os.walk(cache_dir) for f in fs)
+
+        threading.Thread(target=kill_when_started, daemon=True).start()
+    matrices = score_matrices(df, ["clip:tiny"], os.path.join(out, "cache"), cfg)
+    m = matrices["clip:tiny"]
+    # the GCS actor table (the state API would need the dashboard, which ray[data,tune] lacks)
+    actors = [a for a in ray._private.state.actors().values() if "RewardWorker" in a["ActorClassName"]]
+    report["actor_nodes"] = sorted({a["Address"]["NodeID"] for a in actors})
+    report["actors"] = len(actors)
+    report["gpu_nodes"] = sorted(w.node_id for w in workers)
+    cache = RewardCache(os.path.join(out, "cache"), "clip:tiny")
+    frame = pd.concat([pd.read_parquet(p) for p in cache.parts()])
+    report["rows_expected"] = int(df["texts"].map(len).sum())
+    report["rows_stored_unique"] = int(len(frame.drop_duplicates(["image_key", "text"])))
+    report["rows_stored"] = int(len(frame))
+    ref = reference(df)
+    report["max_abs_diff_vs_single_process"] = float(np.nanmax(np.abs(m.values - ref)))
+    print("RESULT " + json.dumps(report), flush=True)
+    ray.shutdown()
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

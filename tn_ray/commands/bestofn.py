@@ -1,0 +1,27 @@
+"""``tn-ray bestofn CONFIG``: best-of-n generation, scoring, selection and reports."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bestofn", help="generate n images per prompt, score with every reward and TextNorm, keep the best")
+    p.add_argument("config", help="YAML config (BestOfNConfig), e.g. sweeps/bestofn_tiny.yaml")
+    p.add_argument("--out", help="run folder (overrides `out`)")
+    p.add_argument("--max-prompts", type=int, help="first N prompts only (overrides `max_prompts`)")
+    p.add_argument("--generate-only", action="store_true", help="stop after generation (images + manifest)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..bestofn import BestOfNConfig, run as bestofn_run
+    from ..config import load_config
+
+    overrides = {k: v for k, v in {"out": args.out, "max_prompts": args.max_prompts}.items() if v is not None}
+    cfg = load_config(args.config, BestOfNConfig, overrides)
+    paths = bestofn_run(cfg, generate_only=args.generate_only)
+    if "summary_md" in paths:
+        print(Path(paths["summary_md"]).read_text())
+    for k, v in paths.items():
+        print(f"{k:>14}: {v}")
+    return 0
