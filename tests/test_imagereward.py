@@ -85,11 +85,13 @@ def test_scores_equal_the_official_package_on_the_same_random_weights(tmp_path):
 
 
 # ------------------------------------------------------------------ cross-encoder invariants
-def test_image_tower_runs_once_per_image_and_text_side_once_per_pair(tiny):
-    calls = []
-    hook = tiny.net.vision.register_forward_hook(lambda mod, args, kwargs_or_out: calls.append(1))
-    text_calls = []
-    hook2 = tiny.net.text.register_forward_hook(lambda mod, args, out: text_calls.append(out.last_hidden_state.shape[0]))
+def test_image_side_runs_once_per_image_and_text_side_once_per_pair(tiny):
+    net = tiny.net
+    tower, keys, text = [], [], []
+    hooks = [net.vision.register_forward_hook(lambda mod, args, out: tower.append(out.last_hidden_state.shape[0])),
+             # cross-attention keys of the image tokens (layer 0): once per image, not per pair
+             net.text.encoder.layer[0].crossattention.self.key.register_forward_hook(lambda mod, args, out: keys.append(out.shape[0])),
+             net.text.embeddings.register_forward_hook(lambda mod, args, out: text.append(out.shape[0]))]
     try:
         rng = np.random.default_rng(1)
         imgs = [rng.integers(0, 256, (48, 48, 3), dtype=np.uint8) for _ in range(4)]
@@ -97,16 +99,17 @@ def test_image_tower_runs_once_per_image_and_text_side_once_per_pair(tiny):
         tiny._text_cache.clear()
         before = (tiny.images_encoded, tiny.texts_encoded, tiny.pairs_scored)
         out = tiny.score_rows(imgs, [texts] * 4)
-        assert len(calls) == 1  # one image-tower pass for the 4 images
+        assert tower == [4]  # one image-tower pass for the 4 images
+        assert sum(keys) == 4
         assert (tiny.images_encoded - before[0], tiny.texts_encoded - before[1]) == (4, 33)
-        assert tiny.pairs_scored - before[2] == sum(text_calls) == 4 * 33
-        assert all(n <= tiny.pair_batch_size for n in text_calls)
+        assert tiny.pairs_scored - before[2] == sum(text) == 4 * 33
+        assert max(text) <= tiny.pair_batch_size
         tiny.score_rows(imgs[:1], [texts])
         assert tiny.texts_encoded - before[1] == 33  # tokenization cached per text
         assert np.stack(out).shape == (4, 33)
     finally:
-        hook.remove()
-        hook2.remove()
+        for h in hooks:
+            h.remove()
 
 
 def official_style_score(model, image, prompt) -> float:

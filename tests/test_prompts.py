@@ -380,6 +380,16 @@ def test_example_config_loads_and_cli_errors_name_the_key(tmp_path, capsys):
     assert "unknown source 'magic'" in capsys.readouterr().err
 
 
+def test_requests_per_minute_is_shared_by_the_workers(llm_server, tmp_path):
+    waits = []
+    src = LlmSource(fast_llm(llm_server.url, tmp_path, requests_per_minute=120), workers=4)
+    src.sleep = waits.append  # record the pauses instead of sleeping
+    assert src.min_interval_s == pytest.approx(60 * 4 / 120)
+    src.generate(["a photo of two cats", "a photo of three cats", "a photo of four cats"])
+    assert llm_server.count() == 3 and len(waits) == 2  # no pause before the first request
+    assert all(0 < w <= src.min_interval_s for w in waits)
+
+
 def test_openai_base_url_variable_is_honoured(llm_server, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_BASE_URL", llm_server.url)
     s = LlmSource(LlmConfig(cache_dir=str(tmp_path), max_retries=0)).one("a photo of two cats")

@@ -136,7 +136,9 @@ def reward_actors(spec: str, cfg: ScoringConfig | None = None) -> list:
     cfg = cfg or ScoringConfig()
     init_ray()
     n, res = actor_resources(cfg)
-    remote = ray.remote(RewardWorker).options(max_restarts=-1, max_task_retries=3, **res)
+    # restart without limit and retry calls on the restarted actor: a preempted spot node
+    # must not exhaust a restart budget (a call that fails on its own still raises)
+    remote = ray.remote(RewardWorker).options(max_restarts=-1, max_task_retries=-1, **res)
     return [remote.remote(spec, cfg.text_batch_size) for _ in range(n)]
 
 

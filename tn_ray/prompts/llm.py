@@ -84,6 +84,7 @@ class LlmSource:
     """``generate(x0s)``: cached answers first; the client is built on the first cache miss."""
 
     name = "llm"
+    sleep = staticmethod(time.sleep)  # the pauses of the rate limit and of the attempts
 
     def __init__(self, cfg: LlmConfig | None = None, api_key: SecretStr | None = None,
                  rules: RulesConfig | None = None, base_url: str | None = None, workers: int = 1):
@@ -118,7 +119,7 @@ class LlmSource:
     def _ask(self, x0: str) -> str:
         wait = self._last_request + self.min_interval_s - time.monotonic()
         if wait > 0:
-            time.sleep(wait)
+            self.sleep(wait)
         self._last_request = time.monotonic()
         resp = self.client.chat.completions.create(
             model=self.cfg.model, messages=messages(x0, self.cfg.n_prompts, self.cfg.max_examples),
@@ -152,7 +153,7 @@ class LlmSource:
         calls, problems, answers = 0, [], []
         for attempt in range(self.cfg.attempts):
             if attempt:
-                time.sleep(self.cfg.retry_backoff_s * 2 ** (attempt - 1))
+                self.sleep(self.cfg.retry_backoff_s * 2 ** (attempt - 1))
             calls += 1
             try:
                 text = self._ask(x0)

@@ -20,7 +20,7 @@ import json
 import math
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..config import RayConfig, StrictModel
 
@@ -112,26 +112,33 @@ class SweepConfig(StrictModel):
     verbose: int = Field(1, ge=0, le=2, description="Tune's console output: 0 silent, 1 status table, 2 every result")
     ray: RayConfig = Field(default_factory=RayConfig, description="where Ray runs")
 
-    @model_validator(mode="after")
-    def _space(self) -> "SweepConfig":
-        slashed = [k for k in [*self.space, *self.fixed] if "/" in k]
+    @field_validator("space")
+    @classmethod
+    def _space_kinds(cls, space: dict[str, ParamSpec]) -> dict[str, ParamSpec]:
+        slashed = [k for k in space if "/" in k]
         if slashed:
             raise ValueError(f"parameter names cannot contain '/' (Tune nests on it): {slashed}")
-        clash = sorted(set(self.space) & set(self.fixed))
-        if clash:
-            raise ValueError(f"parameters {clash} are both in `space` and `fixed`")
-        kinds = {name: p.kind for name, p in self.space.items()}
-        grid = [n for n, k in kinds.items() if k == "grid"]
-        if grid and len(grid) != len(kinds):
-            other = sorted(set(kinds) - set(grid))
+        grid = [n for n, p in space.items() if p.kind == "grid"]
+        if grid and len(grid) != len(space):
+            other = sorted(set(space) - set(grid))
             raise ValueError(f"grid parameters {grid} cannot be mixed with sampled ones {other}: "
                              "use `choice` for a searched discrete parameter, or make them all grids")
-        if grid and self.num_samples is not None and self.num_samples > self.grid_size:
-            raise ValueError(f"num_samples={self.num_samples} exceeds the grid's {self.grid_size} points "
+        return space
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SweepConfig":
+        slashed = [k for k in self.fixed if "/" in k]
+        if slashed:
+            raise ValueError(f"fixed: parameter names cannot contain '/' (Tune nests on it): {slashed}")
+        clash = sorted(set(self.space) & set(self.fixed))
+        if clash:
+            raise ValueError(f"fixed: parameters {clash} are also in `space`")
+        if self.is_grid and self.num_samples is not None and self.num_samples > self.grid_size:
+            raise ValueError(f"num_samples: {self.num_samples} exceeds the grid's {self.grid_size} points "
                              "(a grid point would run twice)")
         for i, point in enumerate(self.points_to_evaluate):
             if set(point) != set(self.space):
-                raise ValueError(f"points_to_evaluate[{i}] must assign exactly {sorted(self.space)}, got {sorted(point)}")
+                raise ValueError(f"points_to_evaluate[{i}]: must assign exactly {sorted(self.space)}, got {sorted(point)}")
         return self
 
     @property

@@ -56,9 +56,10 @@ def check(cfg: SweepConfig, source: str = "<config>") -> tuple[registry.SweepTra
             msg = "unknown key (typo?)" if e.get("type") == "extra_forbidden" else f"{e['msg']} (got {e.get('input')!r})"
             lines.append(f"  key '{key}': {msg}")
         raise ConfigError("\n".join(lines)) from None
-    reserved = [k for k in [*cfg.space, *cfg.fixed] if k in registry.RESERVED]
-    if reserved:
-        raise _fail(source, f"space.{reserved[0]}", f"'{reserved[0]}' is reserved for the held-out protocol (`heldout:`)")
+    for section, names in (("space", cfg.space), ("fixed", cfg.fixed)):
+        reserved = [k for k in names if k in registry.RESERVED]
+        if reserved:
+            raise _fail(source, f"{section}.{reserved[0]}", f"'{reserved[0]}' is reserved for the held-out protocol (`heldout:`)")
     if cfg.heldout and not entry.supports_folds:
         raise _fail(source, "heldout", f"trainable '{entry.name}' does not support the held-out protocol")
     if entry.kind == "train" and cfg.scheduler is None:
@@ -219,18 +220,22 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, source: str = "<config>") 
     """Run (or resume) the sweep ``cfg``; returns the paths of its outputs."""
     from ..distributed import init_ray
 
+    from ray.tune import Tuner
+
     entry, options = check(cfg, source)
     out = Path(cfg.out_dir())
+    storage = resolve_uri(cfg.storage_path or str(out / "tune"))
+    main = Experiment(cfg.name, storage, dict(cfg.fixed))
+    if not resume and Tuner.can_restore(main.path):
+        raise ConfigError(f"sweep '{cfg.name}' already exists at {main.path}: add --resume to continue it, "
+                          "or change `name` / `out`")
     _check_resumable(cfg, out, resume)
     out.mkdir(parents=True, exist_ok=True)
-    storage = resolve_uri(cfg.storage_path or str(out / "tune"))
     log.info("sweep %s: trainable %s, %d trials, storage %s", cfg.name, entry.name, cfg.trials, storage)
     data = entry.prepare(options, cfg) if entry.prepare is not None else options
     dump_config(cfg, out / "sweep.yaml")
     init_ray(cfg.ray)
     encoded = encoded_params(cfg)
-
-    main = Experiment(cfg.name, storage, dict(cfg.fixed))
     grid = run_experiment(cfg, entry, data, main, resume)
     table = outputs.trials_table(grid, cfg, encoded)
     best = outputs.best_record(table, grid, cfg, encoded)

@@ -1,0 +1,199 @@
+"""Seeded, sharded, resumable generation with the tiny diffusers pipeline (2 steps, 32 px)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tn_ray.diffusion import PipelineLoadError, check_scheduler, check_source
+from tn_ray.generation import (GenerationConfig, GenerationMismatch, GenerationWorker, generate, image_path,
+                               read_manifest, sample_seed, work_units)
+from tn_ray.storage import Store
+
+PROMPTS = ["a red cat", "two dogs on a beach", "a watercolor lighthouse"]
+SAMPLES = 6
+
+
+def config(out, **kw) -> GenerationConfig:
+    base = dict(out=str(out), pipeline="tiny", num_inference_steps=2, height=32, width=32, samples_per_prompt=SAMPLES,
+                pipeline_batch_size=2, batch_size=4, num_actors=1)
+    base.update(kw)
+    return GenerationConfig(**base)
+
+
+def file_digests(root: Path) -> dict[tuple[int, int], str]:
+    """(prompt_id, sample) -> sha256 of every image file on disk (no temporaries allowed)."""
+    out = {}
+    for p in sorted((root / "images").rglob("*")):
+        if p.is_file():
+            assert not p.name.endswith(".tmp"), f"temporary left behind: {p}"
+            out[(int(p.parent.name), int(p.stem))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[tuple[int, int], str]:
+    """Digests of a bare, single-process run: one GenerationWorker called on every row, no Ray."""
+    import torch
+
+    out = tmp_path_factory.mktemp("reference")
+    cfg = config(out)
+    rows = pd.DataFrame([(i, p, s, sample_seed(cfg.seed, p, s)) for i, p in enumerate(PROMPTS) for s in range(SAMPLES)],
+                        columns=["prompt_id", "prompt", "sample", "seed"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a Ray actor with one CPU
+    try:
+        manifest = GenerationWorker(cfg.model_dump(mode="json"), str(out))(rows)
+    finally:
+        torch.set_num_threads(threads)
+    digests = file_digests(out)
+    assert len(digests) == len(PROMPTS) * SAMPLES
+    assert dict(zip(zip(manifest["prompt_id"], manifest["sample"]), manifest["sha256"])) == digests
+    assert len(set(digests.values())) == len(digests), "different seeds must give different images"
+    return digests
+
+
+# ---- pure parts -------------------------------------------------------------------------
+
+
+@given(st.integers(0, 2**31), st.text(max_size=30), st.integers(0, 10_000))
+def test_sample_seed_is_a_stable_function_of_prompt_and_sample(base, prompt, sample):
+    s = sample_seed(base, prompt, sample)
+    assert 0 <= s < 2**63 and s == sample_seed(base, prompt, sample)
+    assert s != sample_seed(base, prompt, sample + 1)
+    assert s != sample_seed(base, prompt + "x", sample)
+    assert s != sample_seed(base + 1, prompt, sample)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 40)), min_size=1, max_size=80, unique=True),
+       st.integers(1, 8), st.integers(1, 20))
+def test_work_units_keep_pipeline_groups_whole(rows, group, batch):
+    todo = pd.DataFrame(rows, columns=["prompt_id", "sample"]).assign(prompt="p")
+    units = work_units(todo, group, batch)
+    got = pd.concat(units, ignore_index=True)
+    assert sorted(zip(got["prompt_id"], got["sample"])) == sorted(rows)  # every row exactly once
+    seen = {}
+    for i, u in enumerate(units):
+        keys = set(zip(u["prompt_id"], u["sample"] // group))
+        assert len(u) <= batch or len(keys) == 1  # oversize only when one group alone is bigger
+        for k in keys:
+            assert seen.setdefault(k, i) == i, f"group {k} split over units"
+
+
+def test_store_writes_atomically_and_ignores_temporaries(tmp_path):
+    store = Store(f"file://{tmp_path}")
+    store.write_bytes("a/b.bin", b"one")
+    store.write_bytes("a/b.bin", b"two")
+    (tmp_path / "a" / ".c.bin.123.tmp").write_bytes(b"half")
+    assert store.read_bytes("a/b.bin") == b"two"
+    assert store.list_files("a") == ["a/b.bin"]
+    assert store.remove_temporaries("a") == 1 and sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b.bin"]
+
+
+def test_unknown_scheduler_and_missing_weights_fail_with_a_clear_message(tmp_path, monkeypatch):
+    with pytest.raises(PipelineLoadError, match="unknown diffusers scheduler 'NopeScheduler'.*DDIMScheduler"):
+        check_scheduler("NopeScheduler")
+    check_scheduler("EulerAncestralDiscreteScheduler")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PipelineLoadError, match="not-a-user/not-a-pipeline.*huggingface-cli download"):
+        check_source("not-a-user/not-a-pipeline")
+    (tmp_path / "pipe").mkdir()
+    with pytest.raises(PipelineLoadError, match="no model_index.json"):
+        check_source(str(tmp_path / "pipe"))
+    with pytest.raises(PipelineLoadError, match="NopeScheduler"):
+        generate(PROMPTS, config(tmp_path / "x", scheduler="NopeScheduler"))
+    assert not (tmp_path / "x").exists()  # nothing written before the check
+
+
+# ---- Ray runs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size,num_actors,uri", [(2, 1, False), (6, 2, True)])
+def test_same_images_whatever_batch_size_and_actor_count(ray_session, reference, tmp_path, batch_size, num_actors, uri):
+    out = f"file://{tmp_path}" if uri else str(tmp_path)
+    manifest = generate(PROMPTS, config(out, batch_size=batch_size, num_actors=num_actors))
+    assert file_digests(tmp_path) == reference
+    assert dict(zip(zip(manifest["prompt_id"], manifest["sample"]), manifest["sha256"])) == reference
+    assert all(Path(p).is_file() for p in manifest["image"])
+    assert manifest["seed"].tolist() == [sample_seed(0, PROMPTS[i], s) for i, s in zip(manifest["prompt_id"], manifest["sample"])]
+    # extending the pool keeps the first samples (nested pools) and makes only the new ones
+    more = generate(PROMPTS, config(out, batch_size=batch_size, num_actors=num_actors, samples_per_prompt=SAMPLES + 2))
+    assert len(more) == len(PROMPTS) * (SAMPLES + 2)
+    kept = more[more["sample"] < SAMPLES]
+    assert dict(zip(zip(kept["prompt_id"], kept["sample"]), kept["sha256"])) == reference
+
+
+def test_resume_after_sigkill_of_the_driver(ray_session, reference, tmp_path):
+    out = tmp_path / "run"
+    cfg = config(out, pipeline_batch_size=1, batch_size=1)
+    (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
+    # more images than the reference, each its own Ray task, so the kill lands mid-run
+    prompts = PROMPTS + [f"prompt number {i}" for i in range(3)]
+    address = ray_session.get_runtime_context().gcs_address
+    code = ("import json, sys; from tn_ray.config import RayConfig; "
+            "from tn_ray.generation import GenerationConfig, generate; "
+            f"generate({prompts!r}, GenerationConfig.model_validate_json(open(sys.argv[1]).read()), RayConfig(address={address!r}))")
+    driver = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "cfg.json")], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env={**os.environ, "TQDM_DISABLE": "1"})
+    deadline = time.time() + 240
+    while time.time() < deadline and driver.poll() is None:
+        if len(list((out / "images").rglob("*.png"))) >= 3:
+            break
+        time.sleep(0.05)
+    assert driver.poll() is None, "the driver ended before any image was written"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    written = len(list((out / "images").rglob("*.png")))
+    assert 3 <= written < len(prompts) * SAMPLES, f"kill should land mid-run ({written} images)"
+
+    time.sleep(2)  # the killed job's actors are being torn down; a late rename is harmless (same bytes)
+    before = read_manifest(Store(out))
+    manifest = generate(prompts, cfg)
+    digests = file_digests(out)
+    assert len(digests) == len(prompts) * SAMPLES
+    assert not manifest.duplicated(["prompt_id", "sample"]).any() and len(manifest) == len(digests)
+    assert {k: v for k, v in digests.items() if k[0] < len(PROMPTS)} == reference
+    assert dict(zip(zip(manifest["prompt_id"], manifest["sample"]), manifest["sha256"])) == digests
+    assert len(before) < len(manifest)
+    # a third run finds everything and starts no actor
+    again = generate(prompts, cfg)
+    assert again["sha256"].tolist() == manifest["sha256"].tolist()
+    assert len(list((out / "manifest").glob("*.parquet"))) == 1
+
+
+@pytest.mark.parametrize("kind", ["crash", "error"])
+def test_a_failing_batch_is_retried_and_the_run_completes(ray_session, reference, tmp_path, kind):
+    marker = tmp_path / "fault-fired"
+    cfg = config(tmp_path / "run", inject_fault={"marker": str(marker), "kind": kind})
+    manifest = generate(PROMPTS, cfg)
+    assert marker.is_file(), "the injected fault never fired"
+    assert file_digests(tmp_path / "run") == reference
+    assert len(manifest) == len(PROMPTS) * SAMPLES
+
+
+def test_without_retries_the_injected_error_fails_the_run(ray_session, tmp_path):
+    cfg = config(tmp_path / "run", max_task_retries=0, inject_fault={"marker": str(tmp_path / "m"), "kind": "error"})
+    with pytest.raises(Exception, match="injected fault"):
+        generate(PROMPTS, cfg)
+
+
+def test_a_rerun_with_other_image_parameters_is_refused(ray_session, reference, tmp_path):
+    generate(PROMPTS[:1], config(tmp_path, samples_per_prompt=2))
+    with pytest.raises(GenerationMismatch, match=r"generation.num_inference_steps: 2 in .*generation.json, 3 now"):
+        generate(PROMPTS[:1], config(tmp_path, samples_per_prompt=2, num_inference_steps=3))
+    with pytest.raises(GenerationMismatch, match="prompt_id 0 is 'a red cat'.*'two dogs on a beach' now"):
+        generate(PROMPTS[1:], config(tmp_path, samples_per_prompt=2))
+    assert json.loads((tmp_path / "generation.json").read_text())["num_inference_steps"] == 2
+    assert file_digests(tmp_path) == {k: v for k, v in reference.items() if k[0] == 0 and k[1] < 2}
+    assert image_path(0, 1) == "images/00000/00001.png"
