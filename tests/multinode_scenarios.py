@@ -73,7 +73,7 @@ def main(scenario: str, out: str) -> None:
     report["actors"] = len(actors)
     report["gpu_nodes"] = sorted(w.node_id for w in workers)
     cache = RewardCache(os.path.join(out, "cache"), "clip:tiny")
-    frame = pd.concat([pd.read_parquet(p) for p in cache.parts()])
+    frame = pd.concat([cache.store.read_table(p).to_pandas() for p in cache.parts()])
     report["rows_expected"] = int(df["texts"].map(len).sum())
     report["rows_stored_unique"] = int(len(frame.drop_duplicates(["image_key", "text"])))
     report["rows_stored"] = int(len(frame))

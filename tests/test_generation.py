@@ -136,7 +136,7 @@ def test_same_images_whatever_batch_size_and_actor_count(ray_session, reference,
 
 def test_resume_after_sigkill_of_the_driver(ray_session, reference, tmp_path):
     out = tmp_path / "run"
-    cfg = config(out, pipeline_batch_size=1, batch_size=1)
+    cfg = config(out, batch_size=2)  # one pipeline group per Ray task
     (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
     # more images than the reference, each its own Ray task, so the kill lands mid-run
     prompts = PROMPTS + [f"prompt number {i}" for i in range(3)]

@@ -51,7 +51,7 @@ def test_cache_missing_lookup_and_persistence(tmp_path):
 def test_cache_is_per_model_and_ignores_half_written_files(tmp_path):
     a, b = RewardCache(tmp_path, "clip:tiny"), RewardCache(tmp_path, "pickscore:tiny")
     a.append(pd.DataFrame({"image_key": ["i"], "text": ["t"], "score": [1.0]}))
-    (a.dir / ".part-x.parquet.123.tmp").write_bytes(b"garbage from a crash")
+    (tmp_path / a.slug / ".part-x.parquet.123.tmp").write_bytes(b"garbage from a crash")
     assert b.missing(["i"], [["t"]]) == [["t"]]
     assert a.missing(["i"], [["t"]]) == [[]]
     assert model_slug("clip:tiny") != model_slug("clip_tiny")

@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import uuid
+import warnings
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -327,10 +328,13 @@ def generate(prompts: Sequence[str], cfg: GenerationConfig, ray_cfg: RayConfig |
         units = work_units(todo, cfg.pipeline_batch_size, cfg.batch_size)
         n_actors, resources = _n_actors(cfg, len(units))
         worker_cfg = cfg.model_dump(mode="json")
-        ds = ray.data.from_pandas(units).map_batches(GenerationWorker, fn_constructor_kwargs={"cfg": worker_cfg, "out": cfg.out},
-                            batch_size=None, batch_format="pandas",
-                            compute=ActorPoolStrategy(size=n_actors), max_restarts=cfg.max_restarts,
-                            max_task_retries=cfg.max_task_retries, **resources)
+        with warnings.catch_warnings():
+            # Ray 2.60 has no named parameter for the actor pool's fault tolerance yet
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            ds = ray.data.from_pandas(units).map_batches(
+                GenerationWorker, fn_constructor_kwargs={"cfg": worker_cfg, "out": cfg.out}, batch_size=None,
+                batch_format="pandas", compute=ActorPoolStrategy(size=n_actors), max_restarts=cfg.max_restarts,
+                max_task_retries=cfg.max_task_retries, **resources)
         # an error in a batch (say a transient CUDA fault) is retried like an actor death, at most
         # max_task_retries times, so a deterministic bug still fails the run
         ds.context.actor_task_retry_on_errors = cfg.max_task_retries > 0

@@ -25,7 +25,16 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .storage import Store
+
 KEY_COLUMNS = ["set", "prompt", "image_id"]
+
+
+def _split(path: str | os.PathLike) -> tuple[str, str]:
+    """(parent folder or URI, file name) of a local path or a URI."""
+    text = str(path)
+    head, _, name = text.rstrip("/").rpartition("/")
+    return (head or "."), name
 
 
 @dataclass
@@ -63,15 +72,16 @@ class ScoreMatrix:
         df["scores"] = [row[: len(t)].tolist() for row, t in zip(self.values, self.texts)]
         return df
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_table(pa.Table.from_pandas(self.to_frame(), preserve_index=False), path)
+    def save(self, path: str | os.PathLike) -> str | Path:
+        """Write atomically to a local path or a URI (``s3://bucket/run/scores/clip.parquet``)."""
+        parent, name = _split(path)
+        Store(parent).write_table(name, pa.Table.from_pandas(self.to_frame(), preserve_index=False))
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "ScoreMatrix":
-        df = pq.read_table(path).to_pandas()
+    def load(cls, path: str | os.PathLike) -> "ScoreMatrix":
+        parent, name = _split(path)
+        df = Store(parent).read_table(name).to_pandas()
         models = df["model"].unique()
         if len(models) != 1:
             raise ValueError(f"{path}: a score matrix file holds one model, found {list(models)}")
@@ -94,33 +104,40 @@ def model_slug(model_id: str) -> str:
     return f"{readable}-{hashlib.sha1(model_id.encode()).hexdigest()[:8]}"
 
 
-def atomic_write_table(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
 
 
 class RewardCache:
-    """Every computed reward of one model: (image_key, text) -> score, as Parquet parts."""
+    """Every computed reward of one model: (image_key, text) -> score, as Parquet parts.
+
+    ``root`` is a local folder or a cloud URI (``s3://bucket/cache``, ``gs://...``: any
+    pyarrow filesystem), so every node of a cluster reads and writes the same cache.
+    """
 
     SCHEMA = pa.schema([("image_key", pa.string()), ("text", pa.string()), ("score", pa.float64())])
 
-    def __init__(self, root: str | Path, model_id: str):
+    def __init__(self, root: str | os.PathLike, model_id: str):
         self.model_id = model_id
-        self.dir = Path(root) / model_slug(model_id)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "MODEL").write_text(model_id + "\n")
+        self.store = Store(root)
+        self.slug = model_slug(model_id)
+        self.store.makedirs(self.slug)
+        if not self.store.exists(f"{self.slug}/MODEL"):
+            self.store.write_text(f"{self.slug}/MODEL", model_id + "\n")
         self._frame: pd.DataFrame | None = None
 
-    def parts(self) -> list[Path]:
-        return sorted(self.dir.glob("part-*.parquet"))
+    @property
+    def location(self) -> str:
+        return self.store.uri(self.slug)
+
+    def parts(self) -> list[str]:
+        """Relative paths of the finished part files (temporaries of a crash left out)."""
+        return [p for p in self.store.list_files(self.slug, ".parquet") if p.rsplit("/", 1)[-1].startswith("part-")]
 
     def frame(self) -> pd.DataFrame:
         """All cached rewards, deduplicated by (image_key, text)."""
         if self._frame is None:
             parts = self.parts()
             if parts:
-                df = pa.concat_tables([pq.read_table(p, schema=self.SCHEMA) for p in parts]).to_pandas()
+                df = pa.concat_tables([self.store.read_table(p, schema=self.SCHEMA) for p in parts]).to_pandas()
                 df = df.drop_duplicates(["image_key", "text"], keep="last")
             else:
                 df = self.SCHEMA.empty_table().to_pandas()
@@ -131,18 +148,19 @@ class RewardCache:
         """Persist one batch of rewards atomically."""
         if len(df):
             table = pa.Table.from_pandas(df[["image_key", "text", "score"]], schema=self.SCHEMA, preserve_index=False)
-            atomic_write_table(table, self.dir / f"part-{uuid.uuid4().hex}.parquet")
+            self.store.write_table(f"{self.slug}/part-{uuid.uuid4().hex}.parquet", table)
             self._frame = None
 
     def compact(self) -> None:
-        """Merge the part files into one (atomic; safe to interrupt)."""
+        """Merge the part files into one (the merged file is written before any part is
+        deleted, so an interruption at any point loses nothing)."""
         parts = self.parts()
         if len(parts) > 1:
             df = self.frame()
-            atomic_write_table(pa.Table.from_pandas(df, schema=self.SCHEMA, preserve_index=False),
-                               self.dir / f"part-{uuid.uuid4().hex}.parquet")
+            self.store.write_table(f"{self.slug}/part-{uuid.uuid4().hex}.parquet",
+                                   pa.Table.from_pandas(df, schema=self.SCHEMA, preserve_index=False))
             for p in parts:
-                p.unlink()
+                self.store.delete(p)
             self._frame = None
 
     def missing(self, image_keys: Sequence[str], texts: Sequence[Sequence[str]]) -> list[list[str]]:
@@ -165,5 +183,5 @@ class RewardCache:
                             "text": [x for t in texts for x in t]})
         got = req.merge(self.frame(), on=["image_key", "text"], how="left")["score"].to_numpy()
         if np.isnan(got).any():
-            raise KeyError(f"{int(np.isnan(got).sum())} rewards of {self.model_id} are not in the cache {self.dir}")
+            raise KeyError(f"{int(np.isnan(got).sum())} rewards of {self.model_id} are not in the cache {self.location}")
         return np.split(got, np.cumsum(lens)[:-1])
