@@ -9,6 +9,11 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+# S3 tests talk to a moto server on 127.0.0.1 only; dummy credentials, no instance metadata
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                  AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+os.environ.pop("AWS_SESSION_TOKEN", None)
+os.environ.pop("AWS_PROFILE", None)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TIA2 = Path(os.environ.get("TN_RAY_TIA2_DIR", REPO.parent / "shared" / "tia2"))

@@ -224,3 +224,41 @@ def run(cfg: BestOfNConfig, generate_only: bool = False) -> dict[str, Path]:
                out / "human_eval_key.csv", read_any, he.max_prompts)
         paths.update({"human_eval": out / "human_eval" / "index.html", "human_eval_key": out / "human_eval_key.csv"})
     return paths
+
+
+QUICKSTART_CONTRAST = {
+    "a photo of three red circles": ["a photo of one red circle", "a photo of two red circles",
+                                     "a photo of four red circles", "a photo of three blue circles"],
+    "a photo of a blue square and a green circle": ["a photo of a green square and a blue circle", "a photo of a blue square",
+                                                    "a photo of a green circle", "a photo of two blue squares and a green circle"],
+    "a watercolor painting of a lighthouse at dusk": ["an oil painting of a lighthouse at dusk",
+                                                      "a watercolor painting of a lighthouse at noon", "a photo of a lighthouse at dusk"],
+}
+
+
+def quickstart_step(out: Path, models: list[str]) -> dict[str, Path]:
+    """The quickstart's best-of-n: tiny pipeline, 3 prompts, n = 16 (pools 4 and 16), 32 px."""
+    from .tia2_eval import EnsembleSpec
+
+    root = out / "bestofn"
+    root.mkdir(parents=True, exist_ok=True)
+    contrast = root / "contrast.json"
+    contrast.write_text(json.dumps(QUICKSTART_CONTRAST, indent=1))
+    cfg = BestOfNConfig(
+        out=str(root), contrast=str(contrast), pools=[4, 16], top_k=[1, 4], models=models,
+        textnorm=SetParams(tau=1.0, lam=1.0),
+        ensembles=[EnsembleSpec(name="ensemble-mean", members=models, kind="mean"),
+                   EnsembleSpec(name="ensemble-uncertainty", members=models, kind="uncertainty")],
+        generation=GenerationConfig(pipeline="tiny", num_inference_steps=3, height=32, width=32,
+                                    pipeline_batch_size=8, batch_size=16),
+        scoring=ScoringConfig(batch_size=32), grid_cell=64,
+        human_eval=HumanEvalConfig(pairs=[("ensemble-uncertainty", models[0])], k=4),
+    )
+    paths = run(cfg)
+    table = pd.read_csv(paths["summary_csv"])
+    judge = "ensemble-uncertainty"
+    wide = table[table["judge"] == judge].pivot_table(index="selector", columns="n", values="mean", sort=False)
+    wide.columns = [f"n={c}" for c in wide.columns]
+    print(f"best-of-n, top-1 image judged by {judge} (random tiny models: the numbers only show the flow):")
+    print(wide.reset_index().to_markdown(index=False, floatfmt=".4f"))
+    return paths

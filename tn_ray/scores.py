@@ -32,9 +32,9 @@ KEY_COLUMNS = ["set", "prompt", "image_id"]
 
 def _split(path: str | os.PathLike) -> tuple[str, str]:
     """(parent folder or URI, file name) of a local path or a URI."""
-    text = str(path)
+    text, sep, query = str(path).partition("?")  # URI options (endpoint_override=...) stay on the folder
     head, _, name = text.rstrip("/").rpartition("/")
-    return (head or "."), name
+    return (head or ".") + sep + query, name
 
 
 @dataclass

@@ -51,7 +51,8 @@ class Store:
         if self.local:
             return self.path(rel)
         scheme = self.root.split("://", 1)[0]
-        return f"{scheme}://{self.path(rel).lstrip('/')}"
+        query = self.root.split("?", 1)[1] if "?" in self.root else ""  # e.g. endpoint_override
+        return f"{scheme}://{self.path(rel).lstrip('/')}" + (f"?{query}" if query else "")
 
     def makedirs(self, rel: str) -> None:
         self.fs.create_dir(self.path(rel), recursive=True)

@@ -21,6 +21,7 @@ from . import metrics, tia2
 from .config import RayConfig, ScoringConfig, StrictModel, dump_config
 from .rewards import parse
 from .scores import ScoreMatrix
+from .storage import Store
 from .textnorm import ensemble, textnorm
 
 log = logging.getLogger(__name__)
@@ -79,15 +80,19 @@ def _contrast_sets(cfg: Tia2EvalConfig, set_name: str, root: Path) -> dict[str, 
     return json.loads(path.read_text())
 
 
-def _unreadable(path: Path) -> str | None:
+def _unreadable(path: str) -> str | None:
+    import io
+
     from PIL import Image
 
+    from .storage import read_any
+
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(read_any(path))) as im:
             im.verify()
         return None
     except Exception as err:  # any decoder error means the file cannot be scored
-        return f"{path.name}: {type(err).__name__}"
+        return f"{path.rsplit('/', 1)[-1]}: {type(err).__name__}"
 
 
 def collect_items(cfg: Tia2EvalConfig) -> pd.DataFrame:
@@ -95,7 +100,7 @@ def collect_items(cfg: Tia2EvalConfig) -> pd.DataFrame:
     if not cfg.images:
         raise InputError("no image folder given (--images DIR, or `images:` in the config)")
     root = tia2.resolve_dir(cfg.tia2_dir)
-    images = Path(cfg.images)
+    images = Store(cfg.images)  # a local folder or a cloud URI
     frames = []
     for set_name in cfg.sets:
         labels = tia2.load_labels(set_name, root)
@@ -108,22 +113,23 @@ def collect_items(cfg: Tia2EvalConfig) -> pd.DataFrame:
             raise InputError(f"{len(no_set)} prompts of set '{set_name}' have no contrastive set in "
                              f"{cfg.contrast}, e.g. {no_set[:3]}")
         df = labels.assign(
-            image=[str(images / set_name / n) for n in labels["image_id"]],
+            image=[images.uri(f"{set_name}/{n}") for n in labels["image_id"]],
             image_key=[f"{set_name}/{n}" for n in labels["image_id"]],
             texts=[[p, *[x for x in dict.fromkeys(sets[p]) if x != p]] for p in labels["prompt"]],
         )
         frames.append(df)
     items = pd.concat(frames, ignore_index=True)
-    paths = [Path(p) for p in items["image"]]
-    missing = [p for p in paths if not p.is_file()]
+    paths = list(items["image"])
+    present = {f for s in cfg.sets for f in images.list_files(s)}
+    missing = [uri for uri, key in zip(paths, items["image_key"]) if key not in present]
     if missing:
-        by_set = pd.Series([p.parent.name for p in missing]).value_counts().to_dict()
-        raise InputError(f"{len(missing)} of {len(paths)} images are missing under {images} "
-                         f"(per set: {by_set}), e.g. {[str(p) for p in missing[:3]]}")
+        by_set = pd.Series([k.split("/")[0] for k in items["image_key"] if k not in present]).value_counts().to_dict()
+        raise InputError(f"{len(missing)} of {len(paths)} images are missing under {cfg.images} "
+                         f"(per set: {by_set}), e.g. {missing[:3]}")
     with ThreadPoolExecutor(8) as pool:
         bad = [b for b in pool.map(_unreadable, paths) if b]
     if bad:
-        raise InputError(f"{len(bad)} of {len(paths)} images under {images} cannot be read, e.g. {bad[:3]}")
+        raise InputError(f"{len(bad)} of {len(paths)} images under {cfg.images} cannot be read, e.g. {bad[:3]}")
     return items
 
 

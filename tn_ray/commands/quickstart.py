@@ -55,6 +55,15 @@ def step_sweep(out: Path) -> dict:
 STEPS.append(("tau sweep on the stored score matrices (Ray Tune + Optuna)", step_sweep))
 
 
+def step_bestofn(out: Path) -> dict:
+    from ..bestofn import quickstart_step
+
+    return quickstart_step(out, TINY_MODELS)
+
+
+STEPS.append(("best-of-n: tiny diffusion pipeline, 3 prompts, n = 16 (generate -> score -> select)", step_bestofn))
+
+
 def run(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tiny models never touch the hub
     out = Path(args.out)

@@ -83,7 +83,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_image(item: Any) -> Image.Image:
-    """A PIL RGB image from a path, bytes, a PIL image or an HWC uint8 array."""
+    """A PIL RGB image from a path or URI, bytes, a PIL image or an HWC uint8 array."""
     if isinstance(item, Image.Image):
         return item.convert("RGB")
     if isinstance(item, str) and "://" in item:  # a URI (s3://, gs://, file://): read through pyarrow
@@ -92,7 +92,11 @@ def load_image(item: Any) -> Image.Image:
         filesystem, path = fs.FileSystem.from_uri(item)
         with filesystem.open_input_stream(path) as f:
             item = f.read()
-    if isinstance(item, (str, os.PathLike)):
+    if isinstance(item, str) and "://" in item:  # a cloud URI (s3://, gs://, ...)
+        from ..storage import read_any
+
+        item = read_any(item)
+    elif isinstance(item, (str, os.PathLike)):
         with Image.open(item) as im:
             return im.convert("RGB")
     if isinstance(item, (bytes, bytearray)):

@@ -261,14 +261,14 @@ def run_heldout(cfg: SweepConfig, entry: registry.SweepTrainable, data: Any, sto
         best = outputs.best_record(table, grid, cfg, encoded)
         outputs.write(table, best, cfg, out / "folds", stem=f"fold{k}_")
         test = entry.fn({**best["params"], **cfg.fixed, "fold": k, "split": "test"}, data)
-        rows.append({"fold": k, "params": json.dumps(best["params"], sort_keys=True),
+        rows.append({"fold": str(k), "params": json.dumps(best["params"], sort_keys=True),
                      "train_prompts": int(best["metrics"].get("n_prompts", 0)),
                      "test_prompts": int(test.get("n_prompts", 0)),
                      "in_sample": best["value"], "held_out": float(test[cfg.metric])})
+    rows.append({"fold": "all", "params": json.dumps(full_best["params"], sort_keys=True),
+                 "train_prompts": int(full_best["metrics"].get("n_prompts", 0)), "test_prompts": 0,
+                 "in_sample": full_best["value"], "held_out": float("nan")})
     table = pd.DataFrame(rows)
-    table.loc[len(table)] = {"fold": "all", "params": json.dumps(full_best["params"], sort_keys=True),
-                             "train_prompts": int(full_best["metrics"].get("n_prompts", 0)), "test_prompts": 0,
-                             "in_sample": full_best["value"], "held_out": float("nan")}
     folds = table[table["fold"] != "all"]
     summary = {"folds": cfg.heldout.folds, "metric": cfg.metric,
                "in_sample_mean": float(folds["in_sample"].mean()), "held_out_mean": float(folds["held_out"].mean()),

@@ -1,0 +1,61 @@
+"""Cloud storage: images, reward cache and score matrices on an S3 API (moto on 127.0.0.1)."""
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tn_ray import tia2
+from tn_ray.scores import RewardCache, ScoreMatrix
+from tn_ray.tia2_eval import InputError, Tia2EvalConfig, run
+
+
+@pytest.fixture(scope="module")
+def s3():
+    from moto.server import ThreadedMotoServer
+    from pyarrow import fs
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    query = f"endpoint_override={host}:{port}&scheme=http"
+    s3fs, _ = fs.FileSystem.from_uri(f"s3://bucket?{query}&allow_bucket_creation=true")
+    s3fs.create_dir("bucket")
+    yield s3fs, (lambda path: f"s3://bucket/{path}?{query}")
+    server.stop()
+
+
+def test_score_matrix_and_cache_roundtrip_on_s3(s3):
+    _, uri = s3
+    keys = pd.DataFrame({"set": ["a"], "prompt": ["p"], "image_id": ["1.jpg"]})
+    m = ScoreMatrix.from_rows("clip:tiny", keys, [["p", "q"]], [[1.0, 2.0]])
+    m.save(uri("run/scores/clip.parquet"))
+    np.testing.assert_array_equal(ScoreMatrix.load(uri("run/scores/clip.parquet")).values, m.values)
+    cache = RewardCache(uri("run/cache"), "clip:tiny")
+    cache.append(pd.DataFrame({"image_key": ["k"], "text": ["t"], "score": [3.0]}))
+    assert RewardCache(uri("run/cache"), "clip:tiny").missing(["k", "k2"], [["t"], ["t"]]) == [[], ["t"]]
+
+
+def test_tia2_eval_reads_images_and_keeps_its_cache_on_s3(s3, tia2_dir, ray_session, tmp_path):
+    s3fs, uri = s3
+    labels = tia2.load_labels("counting", tia2_dir)
+    labels = labels[labels["prompt"] == labels["prompt"].iloc[0]]
+    rng = np.random.default_rng(0)
+    for name in labels["image_id"]:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, format="JPEG")
+        with s3fs.open_output_stream(f"bucket/tia2/counting/{name}") as f:
+            f.write(buf.getvalue())
+    cfg = dict(images=uri("tia2"), cache_dir=uri("cache"), sets=["counting"], max_prompts=1, models=["clip:tiny"])
+    paths = run(Tia2EvalConfig(out=str(tmp_path / "a"), **cfg))
+    assert json.loads(paths["scoring_summary"].read_text())["clip:tiny"]["computed"] > 0
+    table = pd.read_parquet(paths["per_prompt"])
+    assert len(table) == 2 and table["auroc"].between(0, 1).all()
+    # another driver (another out folder) finds every reward in the shared cache
+    paths = run(Tia2EvalConfig(out=str(tmp_path / "b"), **cfg))
+    assert json.loads(paths["scoring_summary"].read_text())["clip:tiny"]["computed"] == 0
+    s3fs.delete_file(f"bucket/tia2/counting/{labels['image_id'].iloc[0]}")
+    with pytest.raises(InputError, match="1 of 50 images are missing"):
+        run(Tia2EvalConfig(out=str(tmp_path / "c"), **cfg))
