@@ -41,8 +41,13 @@ PINS = [
 ]
 
 
+def _project_site() -> list[str]:
+    return sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+
+
 def env_dir() -> Path:
-    key = hashlib.sha256(("\n".join(PINS) + sys.version).encode()).hexdigest()[:10]
+    """One venv per pin list, Python and project environment (its .pth points there)."""
+    key = hashlib.sha256("\n".join([*PINS, sys.version, *_project_site()]).encode()).hexdigest()[:10]
     root = Path(os.environ.get("TN_RAY_CACHE", Path.home() / ".cache" / "tn_ray"))
     return root / f"imagereward-official-{key}"
 
@@ -57,14 +62,17 @@ def official_python(log=print) -> Path:
     tmp = final.with_name(final.name + f".build-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     start = time.time()
-    log(f"building the official ImageReward environment in {final} (once; ~1 min)")
+    log(f"building the official ImageReward environment in {final} (once; ~15 s)")
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", str(tmp)], check=True)
-    subprocess.run([str(tmp / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps", *PINS], check=True)
+    pip = subprocess.run([str(tmp / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps", *PINS],
+                         capture_output=True, text=True)
+    if pip.returncode != 0:
+        raise RuntimeError(f"could not install {PINS} from PyPI into {tmp} (this test needs PyPI access once):\n"
+                           f"{pip.stderr[-3000:]}")
     site = subprocess.run([str(tmp / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
-    ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    Path(site, "zz_tn_ray_project_site.pth").write_text("\n".join(sorted(ours)) + "\n")
+    Path(site, "zz_tn_ray_project_site.pth").write_text("\n".join(_project_site()) + "\n")
     (tmp / "READY").write_text("\n".join(PINS) + f"\nbuilt in {time.time() - start:.0f} s\n")
     try:
         tmp.rename(final)

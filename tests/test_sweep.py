@@ -220,6 +220,7 @@ def test_sigkill_mid_sweep_then_resume_runs_n_distinct_trials_none_twice(tiny_ru
     ({"space": {"lam": {"uniform": [-1.0, 1.0]}}}, "space.lam"),
     ({"space": {"members": {"choice": [["clip:tiny", "hps"]]}}}, "space.members"),
     ({"options": {"run_dri": "x"}}, "options.run_dri"),
+    ({"options": {"run_dir": "/no/such/run"}}, "options"),
     ({"options": {"run_dir": "DIR", "objective": ["ap@7"]}}, "options.objective"),
     ({"mode": "maximize"}, "mode"),
     ({"max_concurrent_trials": 0}, "max_concurrent_trials"),
@@ -227,6 +228,9 @@ def test_sigkill_mid_sweep_then_resume_runs_n_distinct_trials_none_twice(tiny_ru
     ({"scheduler": {"max_t": 2, "grace_period": 5}}, "scheduler"),
     ({"space": {"tau": {"grid": [0.1, 1.0]}, "lam": {"uniform": [0, 1]}}}, "space"),
     ({"fixed": {"fold": 1}}, "fixed.fold"),
+    ({"fixed": {"lam": -2.0}}, "fixed.lam"),
+    ({"points_to_evaluate": [{"tau": 50.0}]}, "points_to_evaluate"),
+    ({"space": {"tau": {"grid": [0.1, 1.0]}}, "num_samples": 3}, "num_samples"),
 ])
 def test_bad_yaml_is_rejected_naming_the_key(tiny_run, tmp_path, change, key):
     data = tau_sweep(tiny_run, tmp_path / "never")

@@ -86,12 +86,6 @@ def load_image(item: Any) -> Image.Image:
     """A PIL RGB image from a path or URI, bytes, a PIL image or an HWC uint8 array."""
     if isinstance(item, Image.Image):
         return item.convert("RGB")
-    if isinstance(item, str) and "://" in item:  # a URI (s3://, gs://, file://): read through pyarrow
-        from pyarrow import fs
-
-        filesystem, path = fs.FileSystem.from_uri(item)
-        with filesystem.open_input_stream(path) as f:
-            item = f.read()
     if isinstance(item, str) and "://" in item:  # a cloud URI (s3://, gs://, ...)
         from ..storage import read_any
 

@@ -20,7 +20,7 @@ import json
 import math
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ..config import RayConfig, StrictModel
 
@@ -61,6 +61,12 @@ class ParamSpec(StrictModel):
     def values(self) -> list[Any] | None:
         """The discrete values (choice / grid), None for a range."""
         return self.choice if self.choice is not None else self.grid
+
+    def contains(self, value: Any) -> bool:
+        if self.values is not None:
+            return json.dumps(value, sort_keys=True) in {json.dumps(v, sort_keys=True) for v in self.values}
+        low, high = getattr(self, self.kind)
+        return isinstance(value, (int, float)) and low <= value <= high
 
     def candidates(self) -> list[Any]:
         """Values to check against the trainable: every discrete value, or both bounds."""
@@ -125,21 +131,38 @@ class SweepConfig(StrictModel):
                              "use `choice` for a searched discrete parameter, or make them all grids")
         return space
 
-    @model_validator(mode="after")
-    def _consistent(self) -> "SweepConfig":
-        slashed = [k for k in self.fixed if "/" in k]
+    @field_validator("fixed")
+    @classmethod
+    def _fixed(cls, fixed: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        slashed = [k for k in fixed if "/" in k]
         if slashed:
-            raise ValueError(f"fixed: parameter names cannot contain '/' (Tune nests on it): {slashed}")
-        clash = sorted(set(self.space) & set(self.fixed))
+            raise ValueError(f"parameter names cannot contain '/' (Tune nests on it): {slashed}")
+        clash = sorted(set(info.data.get("space") or {}) & set(fixed))
         if clash:
-            raise ValueError(f"fixed: parameters {clash} are also in `space`")
-        if self.is_grid and self.num_samples is not None and self.num_samples > self.grid_size:
-            raise ValueError(f"num_samples: {self.num_samples} exceeds the grid's {self.grid_size} points "
-                             "(a grid point would run twice)")
-        for i, point in enumerate(self.points_to_evaluate):
-            if set(point) != set(self.space):
-                raise ValueError(f"points_to_evaluate[{i}]: must assign exactly {sorted(self.space)}, got {sorted(point)}")
-        return self
+            raise ValueError(f"parameters {clash} are also in `space`")
+        return fixed
+
+    @field_validator("num_samples")
+    @classmethod
+    def _num_samples(cls, n: int | None, info: ValidationInfo) -> int | None:
+        space = info.data.get("space") or {}
+        if n is not None and space and all(p.kind == "grid" for p in space.values()):
+            size = math.prod(len(p.grid) for p in space.values())
+            if n > size:
+                raise ValueError(f"{n} exceeds the grid's {size} points (a grid point would run twice)")
+        return n
+
+    @field_validator("points_to_evaluate")
+    @classmethod
+    def _points(cls, points: list[dict[str, Any]], info: ValidationInfo) -> list[dict[str, Any]]:
+        space = info.data.get("space") or {}
+        for i, point in enumerate(points):
+            if space and set(point) != set(space):
+                raise ValueError(f"[{i}] must assign exactly {sorted(space)}, got {sorted(point)}")
+            outside = [k for k, v in point.items() if k in space and not space[k].contains(v)]
+            if outside:
+                raise ValueError(f"[{i}]: {outside[0]}={point[outside[0]]!r} is outside space.{outside[0]}")
+        return points
 
     @property
     def is_grid(self) -> bool:
@@ -160,6 +183,8 @@ class SweepConfig(StrictModel):
         return self.out or f"results/sweeps/{self.name}"
 
     def search_fingerprint(self) -> dict[str, Any]:
-        """The settings a resumed sweep must share with the interrupted one."""
+        """The settings a resumed sweep must share with the interrupted one (Tune restores the
+        search, the trial count and the concurrency as they were; a change would be ignored)."""
         return self.model_dump(mode="json", include={"trainable", "options", "space", "fixed", "metric", "mode",
-                                                     "seed", "points_to_evaluate", "scheduler", "heldout"})
+                                                     "seed", "points_to_evaluate", "scheduler", "heldout",
+                                                     "num_samples", "max_concurrent_trials", "resources"})

@@ -44,7 +44,7 @@ def trials_table(grid, cfg: SweepConfig, encoded: list[str]) -> pd.DataFrame:
 def best_record(table: pd.DataFrame, grid, cfg: SweepConfig, encoded: list[str]) -> dict[str, Any]:
     ok = table[(table["status"] == "ok") & table[cfg.metric].notna()] if cfg.metric in table else table.iloc[:0]
     if ok.empty:
-        raise RuntimeError(f"sweep '{cfg.name}': no trial reported '{cfg.metric}' (see the trial errors above)")
+        raise ValueError(f"sweep '{cfg.name}': no trial reported '{cfg.metric}' (see the trial errors above)")
     best_id = ok.iloc[0]["trial_id"]
     result = next(r for r in grid if (r.metrics or {}).get("trial_id") == best_id)
     params = {k: v for k, v in decode(result.config, encoded).items() if k in cfg.space}

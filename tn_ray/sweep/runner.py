@@ -21,6 +21,7 @@ from typing import Any
 
 import pandas as pd
 import yaml
+from pydantic import ValidationError
 
 from ..config import ConfigError, dump_config, load_config
 from . import outputs, registry
@@ -48,12 +49,11 @@ def check(cfg: SweepConfig, source: str = "<config>") -> tuple[registry.SweepTra
         raise _fail(source, "trainable", err.args[0]) from None
     try:
         options = entry.options.model_validate(cfg.options)
-    except Exception as err:  # pydantic ValidationError: name the nested key
-        errors = getattr(err, "errors", lambda: [{"loc": (), "msg": str(err), "input": None}])()
+    except ValidationError as err:  # name the nested key, as load_config does for the rest
         lines = [f"invalid configuration in {source}:"]
-        for e in errors:
+        for e in err.errors():
             key = ".".join(["options", *map(str, e["loc"])])
-            msg = "unknown key (typo?)" if e.get("type") == "extra_forbidden" else f"{e['msg']} (got {e.get('input')!r})"
+            msg = "unknown key (typo?)" if e["type"] == "extra_forbidden" else f"{e['msg']} (got {e.get('input')!r})"
             lines.append(f"  key '{key}': {msg}")
         raise ConfigError("\n".join(lines)) from None
     for section, names in (("space", cfg.space), ("fixed", cfg.fixed)):
@@ -65,20 +65,16 @@ def check(cfg: SweepConfig, source: str = "<config>") -> tuple[registry.SweepTra
     if entry.kind == "train" and cfg.scheduler is None:
         log.info("no scheduler: every trial of '%s' runs to the end (add `scheduler:` for ASHA)", entry.name)
     if entry.check_param is not None:
-        try:
-            for name, spec in cfg.space.items():
-                for value in spec.candidates():
-                    problem = entry.check_param(options, name, value)
-                    if problem:
-                        raise _fail(source, f"space.{name}", problem)
-            for name, value in cfg.fixed.items():
+        values = [(f"space.{n}", n, v) for n, spec in cfg.space.items() for v in spec.candidates()]
+        values += [(f"fixed.{n}", n, v) for n, v in cfg.fixed.items()]
+        values += [(f"points_to_evaluate[{i}].{n}", n, v) for i, p in enumerate(cfg.points_to_evaluate) for n, v in p.items()]
+        for key, name, value in values:
+            try:
                 problem = entry.check_param(options, name, value)
-                if problem:
-                    raise _fail(source, f"fixed.{name}", problem)
-        except (FileNotFoundError, ValueError) as err:
-            if isinstance(err, ConfigError):
-                raise
-            raise _fail(source, "options", str(err)) from None
+            except (FileNotFoundError, ValueError) as err:  # the options point at missing / bad data
+                raise _fail(source, "options", str(err)) from None
+            if problem:
+                raise _fail(source, key, problem)
     return entry, options
 
 
@@ -204,6 +200,16 @@ def _check_resumable(cfg: SweepConfig, out: Path, resume: bool) -> None:
                           f"(saved config: {saved}); resume with the same settings or use a new `name`")
 
 
+def _warn_resources(cfg: SweepConfig) -> None:
+    import ray
+
+    have = ray.cluster_resources()
+    for name, want in (("CPU", cfg.resources.cpu), ("GPU", cfg.resources.gpu)):
+        if want > have.get(name, 0):
+            log.warning("each trial asks for %s %s but the cluster has %s now: trials wait until an autoscaler "
+                        "adds nodes (set resources.%s lower to run here)", want, name, have.get(name, 0), name.lower())
+
+
 def _upload(paths: dict[str, Path], target: str) -> None:
     """Copy the summary files into the sweep's (local or cloud) experiment folder."""
     from pyarrow import fs as pafs
@@ -235,6 +241,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, source: str = "<config>") 
     data = entry.prepare(options, cfg) if entry.prepare is not None else options
     dump_config(cfg, out / "sweep.yaml")
     init_ray(cfg.ray)
+    _warn_resources(cfg)
     encoded = encoded_params(cfg)
     grid = run_experiment(cfg, entry, data, main, resume)
     table = outputs.trials_table(grid, cfg, encoded)

@@ -1,0 +1,200 @@
+"""Best-of-n throughput and memory: the Ray pipeline vs a bare single-process loop.
+
+1. Throughput: the same workload (tiny diffusers pipeline at 64 px, 4 steps, groups of 8;
+   every image written as PNG and scored by clip:tiny against x0 and 4 contrastive prompts)
+   run (a) as a bare loop in this process (pipeline and reward model loaded here; once with
+   torch's default threads, once with one thread; the faster is the baseline) and (b) through the Ray pipeline (`tn_ray.generation.generate` on an actor
+   pool, then `tn_ray.scoring.score_matrices` on reward actors). The workload is sized so the
+   bare loop takes at least a minute. Ray's cluster start is excluded (a long-lived cluster);
+   actor start and model loading count on both sides.
+2. Memory: `tn-ray bestofn` on the tiny models at n = 16 and n = 256 (pools 16/64/256), each in
+   a fresh process with its own local Ray and the same actor counts (2 generation actors, 1
+   reward actor per model); the peak of the summed resident memory of the
+   whole process tree (driver, Ray daemons, actors) is sampled every 0.2 s.
+
+Last line: {"ray_over_bare_throughput": x, "peak_mem_n256_over_n16": x}.
+Usage: HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_bestofn.py [--min-bare-seconds 60]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]
+SHAPES = ["circle", "square", "triangle", "star", "cube", "ball", "cone", "ring"]
+SAMPLES = 32  # per prompt in the throughput workload
+GEN = dict(pipeline="tiny", num_inference_steps=4, height=64, width=64, pipeline_batch_size=8)
+
+
+def prompts_and_contrast(n: int) -> tuple[list[str], dict[str, list[str]]]:
+    prompts, contrast = [], {}
+    for i in range(n):
+        c, s = COLORS[i % len(COLORS)], SHAPES[(i // len(COLORS)) % len(SHAPES)]
+        k = 2 + i // (len(COLORS) * len(SHAPES))
+        p = f"a photo of {k} {c} {s}s"
+        prompts.append(p)
+        contrast[p] = [f"a photo of {k + 1} {c} {s}s", f"a photo of {k} {COLORS[(i + 1) % 8]} {s}s",
+                       f"a photo of {k} {c} {SHAPES[(i + 1) % 8]}s", f"a drawing of {k} {c} {s}s"]
+    return prompts, contrast
+
+
+def bare_loop(prompts, contrast, out: Path) -> tuple[float, list[float]]:
+    """Generate, write and score every image in this process; returns (seconds, seconds per prompt)."""
+    from tn_ray.diffusion import load_pipeline
+    from tn_ray.generation import GenerationConfig, encode_png, generate_group, image_path
+    from tn_ray.rewards import build
+    from tn_ray.storage import Store
+
+    start = time.perf_counter()
+    cfg = GenerationConfig(out=str(out), samples_per_prompt=SAMPLES, **GEN)
+    pipe = load_pipeline(cfg.pipeline, cfg.scheduler, cfg.dtype)
+    reward = build("clip:tiny")
+    store = Store(out)
+    per_prompt, mark = [], time.perf_counter()
+    for pid, prompt in enumerate(prompts):
+        texts = [prompt, *contrast[prompt]]
+        for g in range(0, SAMPLES, cfg.pipeline_batch_size):
+            samples = range(g, g + cfg.pipeline_batch_size)
+            paths = []
+            for s, im in zip(samples, generate_group(pipe, cfg, prompt, samples)):
+                store.write_bytes(image_path(pid, s), encode_png(im))
+                paths.append(store.uri(image_path(pid, s)))
+            reward.score_rows(paths, [texts] * len(paths))
+        per_prompt.append(time.perf_counter() - mark)
+        mark = time.perf_counter()
+    return time.perf_counter() - start, per_prompt
+
+
+def ray_pipeline(prompts, contrast, out: Path) -> float:
+    from tn_ray.bestofn import score_items
+    from tn_ray.config import ScoringConfig
+    from tn_ray.generation import GenerationConfig, generate
+    from tn_ray.scoring import score_matrices
+
+    start = time.perf_counter()
+    manifest = generate(prompts, GenerationConfig(out=str(out / "generation"), samples_per_prompt=SAMPLES, batch_size=32, **GEN))
+    score_matrices(score_items(manifest, contrast), ["clip:tiny"], out / "cache", ScoringConfig(batch_size=32, num_actors=2))
+    return time.perf_counter() - start
+
+
+def tree_rss(root: int) -> int:
+    """Resident bytes of ``root`` and all its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            for line in open(f"/proc/{pid}/status"):
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        stack.extend(children.get(pid, []))
+    return total
+
+
+def peak_memory_run(n: int, tmp: Path) -> tuple[int, float]:
+    """Peak tree RSS (bytes) and seconds of `tn-ray bestofn` at pool size n in a fresh process."""
+    prompts, contrast = prompts_and_contrast(2)
+    (tmp / "contrast.json").write_text(json.dumps(contrast))
+    pools = [p for p in (16, 64, 256) if p <= n]
+    cfg = {"out": str(tmp / f"run{n}"), "contrast": str(tmp / "contrast.json"), "pools": pools, "top_k": [1, 4],
+           "models": ["clip:tiny"], "generation": {"pipeline": "tiny", "num_inference_steps": 2, "height": 32, "width": 32,
+                                                  "pipeline_batch_size": 8, "batch_size": 32, "num_actors": 2},
+           "scoring": {"batch_size": 32, "num_actors": 1}, "grid_cell": 32, "ray": {"num_cpus": 2}}
+    path = tmp / f"bestofn{n}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "tn_ray.cli", "bestofn", str(path)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak, start = 0, time.perf_counter()
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        peak = max(peak, tree_rss(proc.pid))
+        time.sleep(0.2)
+    reader.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"bestofn n={n} failed:\n{err[0][-3000:]}")
+    return peak, time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--min-bare-seconds", type=float, default=60.0, help="size the workload so the bare loop runs this long")
+    args = ap.parse_args()
+    import torch
+
+    from tn_ray.config import RayConfig
+    from tn_ray.distributed import init_ray
+
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        # The bare loop runs with torch's default intra-op threads (every core) and with one
+        # thread (as a Ray actor has); on a shared machine either can be faster, and the
+        # faster one is the baseline. Calibrate both (seconds per prompt, once warm).
+        cal_prompts, cal_contrast = prompts_and_contrast(3)
+        default_threads = torch.get_num_threads()
+        variants = {}
+        for threads in sorted({default_threads, 1}, reverse=True):
+            torch.set_num_threads(threads)
+            variants[threads] = min(bare_loop(cal_prompts, cal_contrast, tmp / f"calibrate{threads}")[1][1:])
+        per_prompt = min(variants.values())
+        n_prompts = max(4, math.ceil(args.min_bare_seconds * 1.1 / per_prompt))
+        prompts, contrast = prompts_and_contrast(n_prompts)
+        n_images = n_prompts * SAMPLES
+        print(f"workload: {n_prompts} prompts x {SAMPLES} samples = {n_images} images (64 px, 4 steps), "
+              f"scored by clip:tiny against 5 prompts each; {os.cpu_count()} CPUs")
+
+        bare = {}
+        for threads in variants:
+            torch.set_num_threads(threads)
+            bare[threads] = bare_loop(prompts, contrast, tmp / f"bare{threads}")[0]
+            print(f"bare single-process loop, {threads} torch thread(s): {bare[threads]:.1f} s, {n_images / bare[threads]:.2f} images/s")
+        torch.set_num_threads(default_threads)
+        t_bare = min(bare.values())
+        init_ray(RayConfig(num_cpus=os.cpu_count()))
+        t_ray = ray_pipeline(prompts, contrast, tmp / "ray")
+        import ray
+
+        ray.shutdown()
+        print(f"Ray pipeline ({os.cpu_count()} generation actors, then 2 reward actors; actor start and model "
+              f"loading included): {t_ray:.1f} s, {n_images / t_ray:.2f} images/s")
+        ratio = t_bare / t_ray
+        print(f"ray / best bare throughput: {ratio:.3f} (goal >= 0.8)")
+
+        mem16, s16 = peak_memory_run(16, tmp)
+        mem256, s256 = peak_memory_run(256, tmp)
+        print(f"tn-ray bestofn n=16 : peak RSS of the process tree {mem16 / 2**20:.0f} MiB ({s16:.0f} s)")
+        print(f"tn-ray bestofn n=256: peak RSS of the process tree {mem256 / 2**20:.0f} MiB ({s256:.0f} s)")
+        mem_ratio = mem256 / mem16
+        print(f"peak memory n=256 / n=16: {mem_ratio:.3f} (goal <= 1.2)")
+    print(json.dumps({"ray_over_bare_throughput": round(ratio, 3), "peak_mem_n256_over_n16": round(mem_ratio, 3)}))
+
+
+if __name__ == "__main__":
+    main()
