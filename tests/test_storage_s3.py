@@ -59,3 +59,25 @@ def test_tia2_eval_reads_images_and_keeps_its_cache_on_s3(s3, tia2_dir, ray_sess
     s3fs.delete_file(f"bucket/tia2/counting/{labels['image_id'].iloc[0]}")
     with pytest.raises(InputError, match="1 of 50 images are missing"):
         run(Tia2EvalConfig(out=str(tmp_path / "c"), **cfg))
+
+
+def test_sweep_keeps_tune_state_on_s3_and_resumes_from_it(s3, ray_session, tmp_path):
+    """Tune's experiment folder (trials, checkpoints, searcher state, summary) on S3; resume reads it."""
+    from tn_ray.sweep.config import SweepConfig
+    from tn_ray.sweep.runner import run_sweep
+
+    s3fs, uri = s3
+    data = {"name": "toy-s3", "trainable": "toy_regression", "options": {"epochs": 2, "samples": 128, "steps_per_epoch": 5},
+            "space": {"lr": {"loguniform": [1e-4, 0.1]}}, "metric": "val_loss", "mode": "min", "num_samples": 2,
+            "max_concurrent_trials": 1, "seed": 0, "verbose": 0, "out": str(tmp_path / "out"),
+            "storage_path": uri("sweeps")}
+    first = pd.read_csv(run_sweep(SweepConfig.model_validate(data))["trials"])
+    assert len(first) == 2
+    from pyarrow import fs
+
+    stored = [i.path for i in s3fs.get_file_info(fs.FileSelector("bucket/sweeps", recursive=True))]
+    assert any("/toy-s3/trial_" in p and p.endswith("state.pt") for p in stored), stored[:20]  # checkpoints
+    assert any("/toy-s3/searcher-state" in p for p in stored)  # the Optuna searcher's state
+    assert any(p.endswith("/toy-s3/summary/trials.csv") for p in stored)
+    again = pd.read_csv(run_sweep(SweepConfig.model_validate(data), resume=True)["trials"])
+    assert len(again) == 2 and set(again["lr"]) == set(first["lr"])  # nothing run twice

@@ -135,3 +135,10 @@ def read_any(path_or_uri: str | os.PathLike) -> bytes:
         with filesystem.open_input_stream(path) as f:
             return f.read()
     return Path(text).read_bytes()
+
+
+def join_uri(root: str | os.PathLike, *parts: str) -> str:
+    """``root/part/...`` for a local path or a URI, keeping URI options (``?endpoint_override=...``) last."""
+    text, sep, query = str(root).partition("?")
+    joined = "/".join([text.rstrip("/"), *(p.strip("/") for p in parts if p)])
+    return joined + sep + query

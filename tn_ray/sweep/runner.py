@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from ..config import ConfigError, dump_config, load_config
 from . import outputs, registry
 from .config import SweepConfig
+from ..storage import join_uri
 from .ledger import TrialLedger, config_key, resolve_uri
 from .searcher import decode, encoded_params, make_searcher
 
@@ -136,11 +137,11 @@ class Experiment:
 
     @property
     def path(self) -> str:
-        return f"{self.storage}/{self.name}"
+        return join_uri(self.storage, self.name)
 
     @property
     def ledger_root(self) -> str:
-        return f"{self.storage}/{self.name}-ledger"
+        return join_uri(self.storage, f"{self.name}-ledger")
 
 
 def run_experiment(cfg: SweepConfig, entry: registry.SweepTrainable, data: Any, exp: Experiment, resume: bool):
@@ -249,7 +250,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, source: str = "<config>") 
     paths = outputs.write(table, best, cfg, out)
     if cfg.heldout is not None:
         paths.update(run_heldout(cfg, entry, data, storage, resume, best, out))
-    _upload(paths, f"{main.path}/summary")
+    _upload(paths, join_uri(main.path, "summary"))
     paths["experiment"] = main.path
     paths["out"] = out
     return paths
