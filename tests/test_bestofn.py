@@ -248,3 +248,16 @@ def test_select_refuses_short_pools_and_nan():
         select(rewards, ["r"], [2], [1])
     with pytest.raises(ValueError, match=r"reward columns \['r'\] contain NaN"):
         select(rewards.assign(r=[1.0, np.nan, 2.0]), ["r"], [1], [1])
+
+
+def test_answers_become_win_counts_per_pair(run_dir):
+    from tn_ray.human_eval import score_answers
+
+    key = pd.read_csv(run_dir / "human_eval_key.csv")
+    # the annotator always prefers whichever set the ensemble picked, and says "tie" otherwise
+    answers = pd.DataFrame({"question": key["question"],
+                            "answer": np.where(key["set1_reward"] == "ensemble-uncertainty", "set 1",
+                                               np.where(key["set2_reward"] == "ensemble-uncertainty", "set 2", "tie"))})
+    counts = score_answers(key, answers).set_index(["pair", "winner"])["count"].to_dict()
+    assert counts == {("clip:tiny vs ensemble-uncertainty", "ensemble-uncertainty"): len(CONTRAST),
+                      ("pickscore:tiny vs textnorm(pickscore:tiny)", "tie"): len(CONTRAST)}

@@ -41,6 +41,17 @@ def file_digests(root: Path) -> dict[tuple[int, int], str]:
     return out
 
 
+def generation_actor_processes() -> list[int]:
+    pids = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if open(f"/proc/{d}/cmdline").read().startswith("ray::MapWorker(MapBatches(GenerationWorker"):
+                pids.append(int(d))
+        except OSError:
+            pass
+    return pids
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict[tuple[int, int], str]:
     """Digests of a bare, single-process run: one GenerationWorker called on every row, no Ray."""
@@ -127,6 +138,7 @@ def test_same_images_whatever_batch_size_and_actor_count(ray_session, reference,
     assert dict(zip(zip(manifest["prompt_id"], manifest["sample"]), manifest["sha256"])) == reference
     assert all(Path(p).is_file() for p in manifest["image"])
     assert manifest["seed"].tolist() == [sample_seed(0, PROMPTS[i], s) for i, s in zip(manifest["prompt_id"], manifest["sample"])]
+    assert not generation_actor_processes(), "generate() returned before its actors exited"
     # extending the pool keeps the first samples (nested pools) and makes only the new ones
     more = generate(PROMPTS, config(out, batch_size=batch_size, num_actors=num_actors, samples_per_prompt=SAMPLES + 2))
     assert len(more) == len(PROMPTS) * (SAMPLES + 2)
@@ -229,3 +241,16 @@ def test_images_and_manifest_on_an_object_store(ray_session, reference, s3_uri):
     again = generate(PROMPTS, config(out, num_actors=2))
     assert again["sha256"].tolist() == manifest["sha256"].tolist()
     assert len(store.list_files("manifest", ".parquet")) == 1
+
+
+def test_a_configured_scheduler_is_used_and_its_noise_is_seeded(tmp_path, reference):
+    """Euler-ancestral draws fresh noise at every step: from each row's own generator."""
+    cfg = config(tmp_path, scheduler="EulerAncestralDiscreteScheduler", negative_prompt="blurry")
+    rows = pd.DataFrame([(0, PROMPTS[0], s, sample_seed(0, PROMPTS[0], s)) for s in range(2)],
+                        columns=["prompt_id", "prompt", "sample", "seed"])
+    first = GenerationWorker(cfg.model_dump(mode="json"), str(tmp_path / "a"))
+    assert type(first.pipe.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+    a = first(rows)["sha256"].tolist()
+    b = GenerationWorker(cfg.model_dump(mode="json"), str(tmp_path / "b"))(rows)["sha256"].tolist()
+    assert a == b and len(set(a)) == 2
+    assert a != [reference[(0, 0)], reference[(0, 1)]]

@@ -34,12 +34,11 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
 import warnings
-from pathlib import Path
 from typing import Literal, Sequence
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 from pydantic import Field
@@ -58,6 +57,18 @@ MANIFEST_SCHEMA = pa.schema([
 FINGERPRINT_FIELDS = ("pipeline", "scheduler", "num_inference_steps", "guidance_scale", "height", "width",
                       "negative_prompt", "dtype", "seed", "pipeline_batch_size")
 _IMAGE_RE = re.compile(r"^images/(\d+)/(\d+)\.png$")
+
+
+WORKER_COLUMN = "_worker"  # node:pid of the actor that made a row (not stored in the manifest)
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    except Exception:  # outside Ray
+        return "local"
 
 
 class GenerationMismatch(ValueError):
@@ -148,6 +159,7 @@ class GenerationWorker:
         self.store = Store(out)
         self.pipe = load_pipeline(self.cfg.pipeline, self.cfg.scheduler, self.cfg.dtype, device)
         self.images_made = 0
+        self.process = f"{_node_id()}:{os.getpid()}"
 
     def _maybe_fail(self) -> None:
         fault = self.cfg.inject_fault
@@ -181,7 +193,9 @@ class GenerationWorker:
                 self.store.write_bytes(rel, data)
                 rows.append((int(pid), prompt, s, sample_seed(self.cfg.seed, prompt, s), image_id(int(pid), s), rel,
                              hashlib.sha256(data).hexdigest(), len(data)))
-        return pd.DataFrame(rows, columns=MANIFEST_SCHEMA.names)
+        out = pd.DataFrame(rows, columns=MANIFEST_SCHEMA.names)
+        out[WORKER_COLUMN] = self.process  # lets the driver wait for this process to exit
+        return out
 
 
 # --------------------------------------------------------------------------------------
@@ -267,6 +281,29 @@ def work_units(todo: pd.DataFrame, group_size: int, batch_size: int) -> list[pd.
     return units
 
 
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
+def wait_for_exit(workers: set[str], timeout_s: float = 30.0) -> None:
+    """Wait until this node's generation actors have exited (Ray Data releases them when the
+    dataset is done; their processes take a few seconds to free the pipeline's memory). Then the
+    reward actors that follow never share a node's memory, or a GPU, with a dying pipeline."""
+    node = _node_id()
+    pids = [int(w.split(":")[1]) for w in workers if w.split(":")[0] == node]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if _running(p)]
+        if not alive:
+            return
+        time.sleep(0.1)
+    log.info("generation actors %s still exiting after %.0f s; going on", alive, timeout_s)
+
+
 def _n_actors(cfg: GenerationConfig, n_units: int) -> tuple[int, dict]:
     import ray
 
@@ -338,10 +375,14 @@ def generate(prompts: Sequence[str], cfg: GenerationConfig, ray_cfg: RayConfig |
         # an error in a batch (say a transient CUDA fault) is retried like an actor death, at most
         # max_task_retries times, so a deterministic bug still fails the run
         ds.context.actor_task_retry_on_errors = cfg.max_task_retries > 0
+        workers: set[str] = set()
         with tqdm(total=len(todo), desc=f"generating ({n_actors} actors)", unit="img") as bar:
             for rows in ds.iter_batches(batch_format="pandas", batch_size=None):
+                workers.update(rows[WORKER_COLUMN])
                 append_manifest(store, rows)
                 bar.update(len(rows))
+        del ds
+        wait_for_exit(workers)
         compact_manifest(store)
         manifest = read_manifest(store)
     out = wanted[["prompt_id", "sample"]].merge(manifest, on=["prompt_id", "sample"], how="left")
