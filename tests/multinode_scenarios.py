@@ -2,7 +2,7 @@
 
 Ray's own test-cluster utility starts a head and worker nodes that each declare one GPU;
 the reward code then runs on the CPU of this machine. Prints one JSON line with findings.
-Usage: python tests/multinode_scenarios.py placement|node_loss OUT_DIR
+Usage: python tests/multinode_scenarios.py placement|node_loss|bestofn_node_loss OUT_DIR
 """
 from __future__ import annotations
 
@@ -38,6 +38,48 @@ def reference(df: pd.DataFrame) -> np.ndarray:
     return np.stack(model.score_rows([Image.fromarray(a) for a in df["image"]], list(df["texts"])))
 
 
+def bestofn_node_loss(cluster, workers, out: str) -> dict:
+    """Best-of-n (tiny pipeline, 3 prompts x 16 samples) while a GPU node is lost mid-generation."""
+    import pandas as pd
+
+    from tn_ray.bestofn import BestOfNConfig, run
+    from tn_ray.config import RayConfig
+
+    report: dict = {}
+    victim = workers[2]
+
+    def kill_when_started():
+        manifest = os.path.join(out, "run", "generation", "manifest")
+        while not (os.path.isdir(manifest) and any(f.startswith("part-") for f in os.listdir(manifest))):
+            time.sleep(0.2)
+        report["removed_node"] = victim.node_id
+        report["manifest_parts_before_loss"] = sum(f.startswith("part-") for f in os.listdir(manifest))
+        cluster.remove_node(victim, allow_graceful=False)
+
+    threading.Thread(target=kill_when_started, daemon=True).start()
+    prompts = ["a photo of one red circle", "a photo of two blue squares", "a photo of three green circles"]
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "contrast.json"), "w") as f:
+        json.dump({p: [q for q in prompts if q != p] for p in prompts}, f)
+    cfg = BestOfNConfig.model_validate({
+        "out": os.path.join(out, "run"), "prompts": prompts, "contrast": os.path.join(out, "contrast.json"),
+        "pools": [4, 16], "top_k": [1], "models": ["clip:tiny"], "grids": False, "human_eval": None,
+        "generation": {"pipeline": "tiny", "num_inference_steps": 2, "height": 32, "width": 32,
+                       "pipeline_batch_size": 4, "batch_size": 4},
+        "scoring": {"batch_size": 8}, "ray": RayConfig(address="auto").model_dump()})
+    paths = run(cfg)
+    manifest = pd.concat([pd.read_parquet(os.path.join(out, "run", "generation", "manifest", f))
+                          for f in os.listdir(os.path.join(out, "run", "generation", "manifest")) if f.startswith("part-")])
+    pairs = list(zip(manifest["prompt_id"], manifest["sample"]))
+    report["images_expected"] = 3 * 16
+    report["manifest_rows"] = len(pairs)
+    report["manifest_unique"] = len(set(pairs))
+    sel = pd.read_parquet(paths["selections"])
+    report["selection_rows"] = len(sel)
+    report["gpu_nodes"] = sorted(w.node_id for w in workers)
+    return report
+
+
 def main(scenario: str, out: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
@@ -51,6 +93,13 @@ def main(scenario: str, out: str) -> None:
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     report: dict = {"nodes": len(ray.nodes()), "cluster_gpus": ray.cluster_resources().get("GPU", 0)}
+    if scenario == "bestofn_node_loss":
+        os.environ["RAY_ADDRESS"] = cluster.address
+        report.update(bestofn_node_loss(cluster, workers, out))
+        print("RESULT " + json.dumps(report), flush=True)
+        ray.shutdown()
+        cluster.shutdown()
+        return
     df = items(60 if scenario == "placement" else 240)
     cfg = ScoringConfig(batch_size=4)
     if scenario == "node_loss":

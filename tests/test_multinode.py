@@ -1,5 +1,6 @@
 """Several Ray nodes on one machine (ray.cluster_utils.Cluster), nodes declaring one GPU each
-while the code runs on the CPU. Each scenario runs in its own process (a driver can join one
+while the code runs on the CPU (including a generation actor pool that, with GPUs declared,
+must pass an explicit batch size). Each scenario runs in its own process (a driver can join one
 Ray cluster only, and the rest of the suite shares the session's local Ray); about 40-60 s each."""
 import json
 import os
@@ -36,3 +37,10 @@ def test_losing_a_node_mid_run_still_stores_every_row_once(tmp_path):
     assert r["removed_node"] in r["gpu_nodes"]
     assert r["rows_stored"] == r["rows_stored_unique"] == r["rows_expected"]
     assert r["max_abs_diff_vs_single_process"] < 1e-5
+
+
+def test_best_of_n_survives_losing_a_gpu_node_mid_generation(tmp_path):
+    r = scenario("bestofn_node_loss", tmp_path)
+    assert r["removed_node"] in r["gpu_nodes"] and r["manifest_parts_before_loss"] >= 1
+    assert r["manifest_rows"] == r["manifest_unique"] == r["images_expected"] == 48  # every (prompt, sample) once
+    assert r["selection_rows"] == 3 * 2 * 2  # prompts x pools x (raw, textnorm) at k = 1

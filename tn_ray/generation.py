@@ -369,7 +369,9 @@ def generate(prompts: Sequence[str], cfg: GenerationConfig, ray_cfg: RayConfig |
             # Ray 2.60 has no named parameter for the actor pool's fault tolerance yet
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
             ds = ray.data.from_pandas(units).map_batches(
-                GenerationWorker, fn_constructor_kwargs={"cfg": worker_cfg, "out": store.uri("")}, batch_size=None,
+                GenerationWorker, fn_constructor_kwargs={"cfg": worker_cfg, "out": store.uri("")},
+                # one work unit per call (Ray Data needs an explicit batch size for GPU actors)
+                batch_size=max(len(u) for u in units),
                 batch_format="pandas", compute=ActorPoolStrategy(size=n_actors), max_restarts=cfg.max_restarts,
                 max_task_retries=cfg.max_task_retries, **resources)
         # an error in a batch (say a transient CUDA fault) is retried like an actor death, at most
