@@ -195,7 +195,7 @@ def test_a_failing_batch_is_retried_and_the_run_completes(ray_session, reference
 
 
 def test_without_retries_the_injected_error_fails_the_run(ray_session, tmp_path):
-    cfg = config(tmp_path / "run", max_task_retries=0, inject_fault={"marker": str(tmp_path / "m"), "kind": "error"})
+    cfg = config(tmp_path / "run", error_retries=0, inject_fault={"marker": str(tmp_path / "m"), "kind": "error"})
     with pytest.raises(Exception, match="injected fault"):
         generate(PROMPTS, cfg)
 

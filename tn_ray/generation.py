@@ -36,7 +36,6 @@ import os
 import re
 import time
 import uuid
-import warnings
 from typing import Literal, Sequence
 
 import pandas as pd
@@ -97,8 +96,7 @@ class GenerationConfig(StrictModel):
     num_actors: int | None = Field(None, ge=1, description="generation actors (count); None = one per GPU, or one per cpus_per_actor CPUs without GPUs")
     gpus_per_actor: float = Field(1.0, gt=0, le=1, description="GPU share per generation actor when GPUs exist (fraction of one GPU)")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per generation actor (count)")
-    max_restarts: int = Field(-1, ge=-1, description="times Ray restarts a dead generation actor (-1 = unlimited)")
-    max_task_retries: int = Field(3, ge=0, description="times a failed batch is retried (after an actor death or an error) before the run fails")
+    error_retries: int = Field(2, ge=0, description="times a batch that raised an error is retried in its actor before the run fails (a dead actor's batches are always retried: preemptions never exhaust a budget)")
     inject_fault: FaultInjection | None = Field(None, description="testing only: make one batch fail to exercise retries")
 
     def fingerprint(self) -> dict:
@@ -176,6 +174,22 @@ class GenerationWorker:
         raise RuntimeError("injected fault: this batch fails once")
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        """Make one work unit; an error (say a transient CUDA fault) is retried here up to
+        ``error_retries`` times, so a deterministic bug still fails the run. A dead actor
+        (crash, preempted or lost node) is Ray Data's to handle: it restarts the actor and
+        retries the unit without limit (its defaults), so spot preemptions never exhaust a
+        restart budget."""
+        for attempt in range(self.cfg.error_retries + 1):
+            try:
+                return self._make(batch)
+            except Exception:
+                if attempt == self.cfg.error_retries:
+                    raise
+                log.warning("generation batch failed (attempt %d of %d); retrying", attempt + 1,
+                            self.cfg.error_retries + 1, exc_info=True)
+        raise AssertionError("unreachable")
+
+    def _make(self, batch: pd.DataFrame) -> pd.DataFrame:
         self._maybe_fail()
         rows = []
         groups = batch["sample"] // self.cfg.pipeline_batch_size
@@ -365,18 +379,11 @@ def generate(prompts: Sequence[str], cfg: GenerationConfig, ray_cfg: RayConfig |
         units = work_units(todo, cfg.pipeline_batch_size, cfg.batch_size)
         n_actors, resources = _n_actors(cfg, len(units))
         worker_cfg = cfg.model_dump(mode="json")
-        with warnings.catch_warnings():
-            # Ray 2.60 has no named parameter for the actor pool's fault tolerance yet
-            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-            ds = ray.data.from_pandas(units).map_batches(
-                GenerationWorker, fn_constructor_kwargs={"cfg": worker_cfg, "out": store.uri("")},
-                # one work unit per call (Ray Data needs an explicit batch size for GPU actors)
-                batch_size=max(len(u) for u in units),
-                batch_format="pandas", compute=ActorPoolStrategy(size=n_actors), max_restarts=cfg.max_restarts,
-                max_task_retries=cfg.max_task_retries, **resources)
-        # an error in a batch (say a transient CUDA fault) is retried like an actor death, at most
-        # max_task_retries times, so a deterministic bug still fails the run
-        ds.context.actor_task_retry_on_errors = cfg.max_task_retries > 0
+        ds = ray.data.from_pandas(units).map_batches(
+            GenerationWorker, fn_constructor_kwargs={"cfg": worker_cfg, "out": store.uri("")},
+            # one work unit per call (Ray Data needs an explicit batch size for GPU actors)
+            batch_size=max(len(u) for u in units),
+            batch_format="pandas", compute=ActorPoolStrategy(size=n_actors), **resources)
         workers: set[str] = set()
         with tqdm(total=len(todo), desc=f"generating ({n_actors} actors)", unit="img") as bar:
             for rows in ds.iter_batches(batch_format="pandas", batch_size=None):
