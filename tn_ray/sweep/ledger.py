@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pyarrow import fs as pafs
+from ..storage import Store
 
 
 def config_key(config: dict[str, Any], fingerprint: str = "") -> str:
@@ -37,8 +37,7 @@ def resolve_uri(path_or_uri: str) -> str:
 class TrialLedger:
     def __init__(self, root: str):
         self.root = resolve_uri(root).rstrip("/")
-        self._fs: pafs.FileSystem | None = None
-        self._base = ""
+        self._store: Store | None = None
 
     def __getstate__(self):
         return {"root": self.root}
@@ -46,45 +45,25 @@ class TrialLedger:
     def __setstate__(self, state):
         self.__init__(state["root"])
 
-    def _open(self) -> tuple[pafs.FileSystem, str]:
-        if self._fs is None:
-            if "://" in self.root:
-                self._fs, self._base = pafs.FileSystem.from_uri(self.root)
-            else:
-                self._fs, self._base = pafs.LocalFileSystem(), self.root
-            self._fs.create_dir(f"{self._base}/results", recursive=True)
-            self._fs.create_dir(f"{self._base}/evaluations", recursive=True)
-        return self._fs, self._base
-
     @property
-    def fs(self) -> pafs.FileSystem:
-        return self._open()[0]
-
-    def _path(self, rel: str) -> str:
-        return f"{self._open()[1]}/{rel}"
+    def store(self) -> Store:
+        """The ledger's folder (local or cloud; atomic writes), opened on first use."""
+        if self._store is None:
+            self._store = Store(self.root)
+        return self._store
 
     def _write(self, rel: str, record: dict[str, Any]) -> None:
-        data = json.dumps(record, sort_keys=True, default=str).encode()
-        target = self._path(rel)
-        if isinstance(self.fs, pafs.LocalFileSystem):  # atomic: write aside, then rename
-            tmp = f"{target}.{uuid.uuid4().hex}.tmp"
-            with self.fs.open_output_stream(tmp) as f:
-                f.write(data)
-            self.fs.move(tmp, target)
-        else:  # an object becomes visible only once its upload completes
-            with self.fs.open_output_stream(target) as f:
-                f.write(data)
+        self.store.write_text(rel, json.dumps(record, sort_keys=True, default=str))
 
-    def _read(self, path: str) -> dict[str, Any] | None:
+    def _read(self, rel: str) -> dict[str, Any] | None:
         try:
-            with self.fs.open_input_stream(path) as f:
-                return json.loads(f.readall())
+            return json.loads(self.store.read_bytes(rel))
         except (FileNotFoundError, OSError, json.JSONDecodeError):
             return None
 
     def get(self, key: str) -> dict[str, Any] | None:
         """The stored record of configuration ``key``, or None."""
-        return self._read(self._path(f"results/{key}.json"))
+        return self._read(f"results/{key}.json")
 
     def put(self, key: str, config: dict[str, Any], metrics: dict[str, Any], trial_id: str, seconds: float) -> None:
         record = {"key": key, "config": config, "metrics": metrics, "trial_id": trial_id,
@@ -93,9 +72,7 @@ class TrialLedger:
         self._write(f"results/{key}.json", record)
 
     def _list(self, sub: str) -> list[dict[str, Any]]:
-        sel = pafs.FileSelector(self._path(sub), allow_not_found=True)
-        files = [i.path for i in self.fs.get_file_info(sel) if i.path.endswith(".json")]
-        records = [r for r in (self._read(p) for p in files) if r is not None]
+        records = [r for r in (self._read(p) for p in self.store.list_files(sub, ".json")) if r is not None]
         return sorted(records, key=lambda r: r["time"])
 
     def results(self) -> list[dict[str, Any]]:
