@@ -38,3 +38,20 @@ def ray_session():
     init_ray(RayConfig(num_cpus=2))
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """An S3 API served by moto on 127.0.0.1 with one bucket: yields (pyarrow S3 filesystem,
+    uri(path) -> 's3://bucket/<path>?endpoint_override=...'). Nothing leaves this machine."""
+    from moto.server import ThreadedMotoServer
+    from pyarrow import fs
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    query = f"endpoint_override={host}:{port}&scheme=http"
+    s3fs, _ = fs.FileSystem.from_uri(f"s3://bucket?{query}&allow_bucket_creation=true")
+    s3fs.create_dir("bucket")
+    yield s3fs, (lambda path: f"s3://bucket/{path}?{query}")
+    server.stop()

@@ -3,7 +3,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-import pytest
 from PIL import Image
 
 from tn_ray import distributed

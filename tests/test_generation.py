@@ -212,18 +212,9 @@ def test_a_rerun_with_other_image_parameters_is_refused(ray_session, reference, 
 
 
 @pytest.fixture(scope="module")
-def s3_uri():
-    """An S3 API on 127.0.0.1 (moto); returns uri(path) for a fresh bucket."""
-    from moto.server import ThreadedMotoServer
-    from pyarrow import fs
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    query = f"endpoint_override={host}:{port}&scheme=http"
-    fs.FileSystem.from_uri(f"s3://gen?{query}&allow_bucket_creation=true")[0].create_dir("gen")
-    yield lambda path: f"s3://gen/{path}?{query}"
-    server.stop()
+def s3_uri(s3):
+    """uri(path) on the session's moto S3 server, under a prefix of this module's own."""
+    return lambda path: s3[1](f"gen/{path}")
 
 
 def test_images_and_manifest_on_an_object_store(ray_session, reference, s3_uri):
@@ -234,7 +225,7 @@ def test_images_and_manifest_on_an_object_store(ray_session, reference, s3_uri):
     digests = {(p, s): hashlib.sha256(read_any(u)).hexdigest()
                for p, s, u in zip(manifest["prompt_id"], manifest["sample"], manifest["image"])}
     assert digests == reference
-    assert all(u.startswith("s3://gen/run/images/") for u in manifest["image"])
+    assert all(u.startswith("s3://bucket/gen/run/images/") for u in manifest["image"])
     store = Store(out)
     assert len(store.list_files("images", ".png")) == len(reference)
     # a rerun reads the manifest back from the store and makes nothing

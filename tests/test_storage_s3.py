@@ -12,21 +12,6 @@ from tn_ray.scores import RewardCache, ScoreMatrix
 from tn_ray.tia2_eval import InputError, Tia2EvalConfig, run
 
 
-@pytest.fixture(scope="module")
-def s3():
-    from moto.server import ThreadedMotoServer
-    from pyarrow import fs
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    query = f"endpoint_override={host}:{port}&scheme=http"
-    s3fs, _ = fs.FileSystem.from_uri(f"s3://bucket?{query}&allow_bucket_creation=true")
-    s3fs.create_dir("bucket")
-    yield s3fs, (lambda path: f"s3://bucket/{path}?{query}")
-    server.stop()
-
-
 def test_score_matrix_and_cache_roundtrip_on_s3(s3):
     _, uri = s3
     keys = pd.DataFrame({"set": ["a"], "prompt": ["p"], "image_id": ["1.jpg"]})

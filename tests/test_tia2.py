@@ -1,7 +1,6 @@
 """TIA2: label conventions, statistics, and `tia2 eval` end to end under Ray on tiny models."""
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

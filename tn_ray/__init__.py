@@ -1,1 +1,1 @@
-from tn_ray._version import __version__
+from tn_ray._version import __version__  # noqa: F401  (re-exported)
