@@ -1,0 +1,133 @@
+"""Tasks the server can serve, read and validated before it starts.
+
+``label``: a manifest CSV of (image, prompt) rows (the ``tn-ray score`` manifest: image paths
+relative to the CSV); one item per row, keyed by the image as written. ``compare``: the blinded
+best-of-n human-evaluation export (``human_eval/`` + ``human_eval_key.csv``); one item per
+question. The key (which reward is which set) stays in :attr:`Task.key`, which no browser-facing
+method returns. Every problem is an :class:`~tn_ray.errors.InputError` naming the file and line.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tn_ray.errors import InputError
+from tn_ray.labeling.security import UnsafePath, check_name
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
+LABELS = {"good": 1, "bad": 0, "skip": -1}  # TIA2's values: 1 good, 0 bad, -1 inconclusive
+CHOICES = ("set1", "tie", "set2")
+CRITERIA = ("alignment", "quality")
+KEY_COLUMNS = ("question", "prompt", "set1_reward", "set2_reward", "set1_files", "set2_files")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One thing to answer: a labelling pair (one image) or a comparison question (two sets)."""
+
+    item_id: str
+    prompt: str
+    sets: tuple[tuple[str, ...], ...]  # public image names: ((image,),) or (set1, set2)
+
+
+@dataclass
+class Task:
+    kind: str  # "label" or "compare"
+    source: Path
+    items: list[Item]
+    files: dict[str, Path]  # public image name -> file on disk (the only files ever served)
+    key: dict[str, tuple[str, str]] = field(default_factory=dict)  # question -> (set1 reward, set2 reward)
+
+    def fingerprint(self) -> str:
+        """Identifies the task an answer database belongs to (kind + item ids, in order)."""
+        return hashlib.sha256(json.dumps([self.kind, [i.item_id for i in self.items]]).encode()).hexdigest()[:16]
+
+    def public(self, index: int) -> dict:
+        """What the browser may see of item ``index``: prompt and image URLs, never the key."""
+        item = self.items[index]
+        return {"index": index, "prompt": item.prompt,
+                "sets": [[f"/api/image/{name}" for name in s] for s in item.sets]}
+
+
+def _rows(path: Path, required: tuple[str, ...]):
+    """(line number, row dict) of a CSV, refusing missing files, missing columns and ragged rows."""
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames
+        if not header:
+            raise InputError(f"{path}:1: empty file; expected a header with columns {', '.join(required)}")
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise InputError(f"{path}:1: missing column(s) {missing}; the header is {header}")
+        line = reader.line_num
+        for row in reader:
+            start, line = line + 1, reader.line_num
+            if None in row or any(v is None for v in row.values()):
+                raise InputError(f"{path}:{start}: expected {len(header)} fields like the header, got a different number")
+            yield start, row
+
+
+def load_manifest(path: str | Path) -> Task:
+    """A labelling task from a manifest CSV (columns image, prompt; image relative to the CSV)."""
+    path = Path(path)
+    items, files, seen = [], {}, {}
+    for line, row in _rows(path, ("image", "prompt")):
+        image, prompt = row["image"].strip(), row["prompt"].strip()
+        if not image or not prompt:
+            raise InputError(f"{path}:{line}: empty {'image' if not image else 'prompt'}")
+        if image in seen:
+            raise InputError(f"{path}:{line}: image {image!r} already listed on line {seen[image]} (one prompt per image)")
+        seen[image] = line
+        file = (path.parent / image).resolve()
+        if file.suffix.lower() not in IMAGE_SUFFIXES:
+            raise InputError(f"{path}:{line}: {image!r} is not an image file ({', '.join(IMAGE_SUFFIXES)})")
+        if not file.is_file():
+            raise InputError(f"{path}:{line}: image {image!r} not found (looked at {file})")
+        public = f"i{len(items):05d}{file.suffix.lower()}"
+        files[public] = file
+        items.append(Item(image, prompt, ((public,),)))
+    if not items:
+        raise InputError(f"{path}: no rows after the header")
+    return Task("label", path, items, files)
+
+
+def load_comparison(export_dir: str | Path, key_path: str | Path | None = None) -> Task:
+    """A comparison task from a human-evaluation export (``export_dir``) and its key CSV
+    (default: ``human_eval_key.csv`` next to the export folder, as ``tn-ray bestofn`` writes it)."""
+    root = Path(export_dir)
+    key_path = Path(key_path) if key_path else root.parent / "human_eval_key.csv"
+    if not root.is_dir():
+        raise InputError(f"{root}: export folder not found")
+    items, files, key = [], {}, {}
+    for line, row in _rows(key_path, KEY_COLUMNS):
+        qid = row["question"].strip()
+        if not qid or qid in key:
+            raise InputError(f"{key_path}:{line}: question {qid!r} is empty or repeated")
+        sets = []
+        for side in ("set1", "set2"):
+            try:
+                names = json.loads(row[f"{side}_files"])
+                if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+                    raise ValueError("not a non-empty list of file names")
+                for name in names:
+                    check_name(name)
+            except (ValueError, UnsafePath) as err:
+                raise InputError(f"{key_path}:{line}: {side}_files {row[f'{side}_files']!r}: {err}") from None
+            for name in names:
+                file = (root / name).resolve()
+                if not file.is_file():
+                    raise InputError(f"{key_path}:{line}: image {name!r} not found under {root}")
+                files[name] = file
+            sets.append(tuple(names))
+        if not row["set1_reward"] or row["set1_reward"] == row["set2_reward"]:
+            raise InputError(f"{key_path}:{line}: set1_reward / set2_reward must name two different rewards")
+        key[qid] = (row["set1_reward"], row["set2_reward"])
+        items.append(Item(qid, row["prompt"], tuple(sets)))
+    if not items:
+        raise InputError(f"{key_path}: no questions after the header")
+    return Task("compare", key_path, items, files, key)
