@@ -22,7 +22,7 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from tn_ray import __version__
 
     parser = argparse.ArgumentParser(prog="tn-ray", description="TextNorm reward experiments on Ray")
     parser.add_argument("--version", action="version", version=f"tn-ray {__version__}")
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from .config import ConfigError
+    from tn_ray.config import ConfigError
 
     try:
         return int(args.func(args) or 0)

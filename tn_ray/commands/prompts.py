@@ -33,8 +33,8 @@ def add_parser(sub) -> None:
 
 
 def synthesize(args) -> int:
-    from ..config import load_config, validate
-    from ..prompts.synthesize import SynthesisConfig, synthesize as run
+    from tn_ray.config import load_config, validate
+    from tn_ray.prompts.synthesize import SynthesisConfig, synthesize as run
 
     flags = {"input": args.input, "source": args.source, "out": args.out, "report": args.report,
              "workers": args.workers, "batch_size": args.batch_size, "sources.llm.model": args.model,
@@ -68,8 +68,8 @@ def synthesize(args) -> int:
 
 
 def compare(args) -> int:
-    from ..prompts.overlap import compare as run
-    from ..tia2 import resolve_dir
+    from tn_ray.prompts.overlap import compare as run
+    from tn_ray.data.tia2 import resolve_dir
 
     paths = run(resolve_dir(args.tia2_dir), Path(args.out))
     print(Path(paths["overlap_md"]).read_text())

@@ -19,9 +19,9 @@ def add_parser(sub) -> None:
 
 
 def step_tia2(out: Path) -> dict:
-    from ..config import RayConfig, ScoringConfig
-    from ..quickstart_data import make
-    from ..tia2_eval import EnsembleSpec, SetParams, Tia2EvalConfig, run as eval_run
+    from tn_ray.config import RayConfig, ScoringConfig
+    from tn_ray.data.shapes import make
+    from tn_ray.experiments.tia2_eval import EnsembleSpec, SetParams, Tia2EvalConfig, run as eval_run
 
     tia2_dir, images = make(out / "data")
     cfg = Tia2EvalConfig(
@@ -38,7 +38,7 @@ STEPS = [("TIA2-style evaluation (score -> TextNorm -> metrics)", step_tia2)]
 
 
 def step_prompts(out: Path) -> dict:
-    from ..prompts.quickstart import step
+    from tn_ray.prompts.quickstart import step
 
     return step(out)
 
@@ -47,7 +47,7 @@ STEPS.append(("contrastive sets by rules on Ray Data (+ overlap with the benchma
 
 
 def step_sweep(out: Path) -> dict:
-    from ..sweep.quickstart import step
+    from tn_ray.sweep.quickstart import step
 
     return step(out)
 
@@ -56,7 +56,7 @@ STEPS.append(("tau sweep on the stored score matrices (Ray Tune + Optuna)", step
 
 
 def step_bestofn(out: Path) -> dict:
-    from ..bestofn import quickstart_step
+    from tn_ray.experiments.bestofn import quickstart_step
 
     return quickstart_step(out, TINY_MODELS)
 

@@ -19,11 +19,11 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import pandas as pd
 
-    from ..config import ScoringConfig
-    from ..distributed import init_ray
-    from ..scores import model_slug
-    from ..scoring import score_matrices
-    from ..textnorm import textnorm
+    from tn_ray.config import ScoringConfig
+    from tn_ray.scoring.workers import init_ray
+    from tn_ray.scoring.matrix import model_slug
+    from tn_ray.scoring.pipeline import score_matrices
+    from tn_ray.textnorm.equations import textnorm
 
     manifest = Path(args.manifest)
     if not manifest.is_file():

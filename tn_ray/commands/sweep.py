@@ -18,8 +18,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..sweep import registry
-    from ..sweep.runner import load_and_run
+    from tn_ray.sweep import registry
+    from tn_ray.sweep.runner import load_and_run
 
     if args.list or not args.config:
         if not args.list:
@@ -30,7 +30,7 @@ def run(args) -> int:
         return 0 if args.list else 2
     import yaml
 
-    from ..config import ConfigError
+    from tn_ray.config import ConfigError
 
     overrides = {k: v for k, v in {"num_samples": args.num_samples, "storage_path": args.storage_path,
                                    "out": args.out}.items() if v is not None}

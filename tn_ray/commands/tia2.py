@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
 
 
 def stats(args) -> int:
-    from ..tia2 import resolve_dir, stats_markdown
+    from tn_ray.data.tia2 import resolve_dir, stats_markdown
 
     text = stats_markdown(resolve_dir(args.tia2_dir))
     out = Path(args.out)
@@ -38,8 +38,8 @@ def stats(args) -> int:
 
 
 def evaluate(args) -> int:
-    from ..config import load_config, validate
-    from ..tia2_eval import Tia2EvalConfig, run
+    from tn_ray.config import load_config, validate
+    from tn_ray.experiments.tia2_eval import Tia2EvalConfig, run
 
     overrides = {k: v for k, v in {"images": args.images, "models": args.models, "sets": args.sets,
                                    "tia2_dir": args.tia2_dir, "out": args.out, "max_prompts": args.max_prompts,

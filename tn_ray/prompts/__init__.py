@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import importlib
 
-from .base import ContrastSet, ContrastSource, clean, normalize
-from .settings import LlmConfig, ReleasedConfig, RulesConfig, SourcesConfig
+from tn_ray.prompts.base import ContrastSet, ContrastSource, clean, normalize
+from tn_ray.prompts.settings import LlmConfig, ReleasedConfig, RulesConfig, SourcesConfig
 
 # name -> ("module:Class", settings block of SourcesConfig or None)
 SOURCES: dict[str, tuple[str, str | None]] = {

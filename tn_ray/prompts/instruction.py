@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from .categories import categorize
+from tn_ray.prompts.categories import categorize
 
 SYSTEM = """You write contrastive prompts for testing whether an image matches a text prompt.
 Given a prompt x0, write {n} prompts that stay syntactically close to x0 (same structure, mostly the

@@ -22,13 +22,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import SecretStr
 
-from ..config import ConfigError
-from .base import ContrastSet
-from .cache import AnswerCache, cache_key
-from .instruction import INSTRUCTION_VERSION, messages
-from .parsing import parse_answer
-from .rules import NOT_PARSED, RulesSource
-from .settings import LlmConfig, RulesConfig
+from tn_ray.config import ConfigError
+from tn_ray.prompts.base import ContrastSet
+from tn_ray.prompts.cache import AnswerCache, cache_key
+from tn_ray.prompts.instruction import INSTRUCTION_VERSION, messages
+from tn_ray.prompts.parsing import parse_answer
+from tn_ray.prompts.rules import NOT_PARSED, RulesSource
+from tn_ray.prompts.settings import LlmConfig, RulesConfig
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .base import normalize
-from .grammar import parse
-from .rules import contrast
-from .settings import RulesConfig
+from tn_ray.prompts.base import normalize
+from tn_ray.prompts.grammar import parse
+from tn_ray.prompts.rules import contrast
+from tn_ray.prompts.settings import RulesConfig
 
 SETS = ("counting", "composition")
 
@@ -26,7 +26,7 @@ def jaccard(a, b) -> float:
 
 
 def per_prompt(root: Path, sets=SETS, cfg: RulesConfig | None = None) -> pd.DataFrame:
-    from ..tia2 import load_prompt_sets
+    from tn_ray.data.tia2 import load_prompt_sets
 
     rows = []
     for set_name in sets:
@@ -54,8 +54,8 @@ def per_set(table: pd.DataFrame) -> pd.DataFrame:
 
 def category_agreement(root: Path) -> pd.DataFrame:
     """Per TIA2 subcategory: prompts, share whose categories include it, share where it comes first."""
-    from ..tia2 import load_subcategories
-    from .categories import categorize
+    from tn_ray.data.tia2 import load_subcategories
+    from tn_ray.prompts.categories import categorize
 
     rows = [{"subcategory": c, "found": c in categorize(p), "first": categorize(p)[0] == c,
              "n_categories": len(categorize(p))}

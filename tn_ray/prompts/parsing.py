@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 
-from .base import clean
+from tn_ray.prompts.base import clean
 
 _MARKER = re.compile(r"^\s*(?:\(?\d{1,3}[.):\]]|\d{1,3}\s*-\s|[-*\u2022\u00b7\u2013\u2014+>]|#\d{1,3}[.):]?)\s*")
 _QUOTES = "\"'`\u201c\u201d\u2018\u2019\u00ab\u00bb"

@@ -1,17 +1,17 @@
-"""The contrastive sets released with TIA2 (``tn_ray.tia2.load_prompt_sets``), looked up by x0."""
+"""The contrastive sets released with TIA2 (``tn_ray.data.tia2.load_prompt_sets``), looked up by x0."""
 from __future__ import annotations
 
 from typing import Sequence
 
-from .base import ContrastSet, clean
-from .settings import ReleasedConfig
+from tn_ray.prompts.base import ContrastSet, clean
+from tn_ray.prompts.settings import ReleasedConfig
 
 
 class ReleasedSource:
     name = "released"
 
     def __init__(self, cfg: ReleasedConfig | None = None):
-        from .. import tia2
+        from tn_ray.data import tia2
 
         self.cfg = cfg or ReleasedConfig()
         root = tia2.resolve_dir(self.cfg.tia2_dir)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .base import ContrastSet, clean
-from .grammar import QuantityPrompt, Slot, parse
-from .settings import RulesConfig
+from tn_ray.prompts.base import ContrastSet, clean
+from tn_ray.prompts.grammar import QuantityPrompt, Slot, parse
+from tn_ray.prompts.settings import RulesConfig
 
 NOT_PARSED = ("rules: no '<quantity> <object>' phrase found (the rules handle counting prompts like "
               "'a photo of three deer' and composition prompts like 'a photo of a deer and a truck')")

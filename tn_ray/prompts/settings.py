@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ..config import StrictModel
-from .vocabulary import VOCABULARY
+from tn_ray.config import StrictModel
+from tn_ray.prompts.vocabulary import VOCABULARY
 
 
 class RulesConfig(StrictModel):

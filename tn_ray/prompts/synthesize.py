@@ -20,10 +20,10 @@ from typing import Any
 import pandas as pd
 from pydantic import Field, SecretStr, field_validator
 
-from ..config import RayConfig, StrictModel
-from . import SOURCES, build
-from .base import ContrastSet
-from .settings import SourcesConfig
+from tn_ray.config import RayConfig, StrictModel
+from tn_ray.prompts import SOURCES, build
+from tn_ray.prompts.base import ContrastSet
+from tn_ray.prompts.settings import SourcesConfig
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class SynthesisWorker:
         self.source = build(source, cfg, **extra)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from .llm import LlmError
+        from tn_ray.prompts.llm import LlmError
 
         sets, fatal = [], ""
         for x0 in (str(x) for x in batch["x0"]):
@@ -128,8 +128,8 @@ def _run_ray(cfg: SynthesisConfig, x0s: list[str], kwargs: dict) -> pd.DataFrame
     from ray.data import ActorPoolStrategy
     from tqdm.auto import tqdm
 
-    from ..distributed import init_ray
-    from .llm import LlmError
+    from tn_ray.scoring.workers import init_ray
+    from tn_ray.prompts.llm import LlmError
 
     init_ray(cfg.ray)
     workers = min(cfg.workers, -(-len(x0s) // cfg.batch_size))
@@ -155,9 +155,9 @@ def synthesize(cfg: SynthesisConfig) -> dict[str, Path]:
     kwargs: dict[str, Any] = {"source": cfg.source, "sources": cfg.sources.model_dump(mode="json")}
     extra: dict[str, Any] = {}
     if cfg.source == "llm":
-        from .cache import AnswerCache
-        from .instruction import INSTRUCTION_VERSION
-        from .llm import LlmSource, api_key_from_env, public_url, resolve_base_url
+        from tn_ray.prompts.cache import AnswerCache
+        from tn_ray.prompts.instruction import INSTRUCTION_VERSION
+        from tn_ray.prompts.llm import LlmSource, api_key_from_env, public_url, resolve_base_url
 
         llm = cfg.sources.llm
         probe = LlmSource(llm, base_url=resolve_base_url(llm))

@@ -1,5 +1,5 @@
 """Reward models: one registry by name, one three-step interface (see ``base``)."""
-from .base import ModelLoadError, RewardModel, RewardSpec
-from .registry import available, build, parse, register
+from tn_ray.rewards.base import ModelLoadError, RewardModel, RewardSpec
+from tn_ray.rewards.registry import available, build, parse, register
 
 __all__ = ["ModelLoadError", "RewardModel", "RewardSpec", "available", "build", "parse", "register"]

@@ -87,7 +87,7 @@ def load_image(item: Any) -> Image.Image:
     if isinstance(item, Image.Image):
         return item.convert("RGB")
     if isinstance(item, str) and "://" in item:  # a cloud URI (s3://, gs://, ...)
-        from ..storage import read_any
+        from tn_ray.storage import read_any
 
         item = read_any(item)
     elif isinstance(item, (str, os.PathLike)):

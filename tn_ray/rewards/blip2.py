@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .base import ModelLoadError, RewardModel, RewardSpec, check_tokenizer, seeded_init
-from .cross import TokenBatch, pad_tokens, score_pairs
+from tn_ray.rewards.base import ModelLoadError, RewardModel, RewardSpec, check_tokenizer, seeded_init
+from tn_ray.rewards.cross import TokenBatch, pad_tokens, score_pairs
 
 DEFAULT_MODEL = "Salesforce/blip2-itm-vit-g"
 MAX_TEXT_TOKENS = 32
@@ -38,7 +38,7 @@ def tiny_parts(seed: int = 0) -> tuple[Any, Any, Any]:
     random weights, BERT-style tokenizer built offline."""
     from transformers import Blip2Config, Blip2ForImageTextRetrieval, BlipImageProcessor
 
-    from .wordpiece import bert_tokenizer
+    from tn_ray.rewards.wordpiece import bert_tokenizer
 
     tokenizer = bert_tokenizer()
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})  # as the released BLIP-2 tokenizer

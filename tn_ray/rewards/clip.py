@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .base import ModelLoadError, RewardModel, RewardSpec, seeded_init
+from tn_ray.rewards.base import ModelLoadError, RewardModel, RewardSpec, seeded_init
 
 DEFAULT_ARCH, DEFAULT_PRETRAINED = "ViT-B-32", "openai"
 TINY_ARCH = "tn-tiny-clip"  # tn_ray/rewards/configs/tn-tiny-clip.json, random weights

@@ -32,8 +32,8 @@ from PIL import Image
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ModelLoadError, RewardModel, RewardSpec, check_tokenizer, seeded_init
-from .cross import TokenBatch, pad_tokens, score_pairs
+from tn_ray.rewards.base import ModelLoadError, RewardModel, RewardSpec, check_tokenizer, seeded_init
+from tn_ray.rewards.cross import TokenBatch, pad_tokens, score_pairs
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def blip_tokenizer(base):
 def _tokenizer_for(folder: Path | None):
     from transformers import BertTokenizer
 
-    from .wordpiece import bert_tokenizer
+    from tn_ray.rewards.wordpiece import bert_tokenizer
 
     if folder is not None and (folder / "vocab.txt").is_file():
         return blip_tokenizer(bert_tokenizer(folder / "vocab.txt"))
@@ -299,7 +299,7 @@ def _tokenizer_for(folder: Path | None):
 def tiny_parts(seed: int = 0) -> tuple[ImageRewardNet, Any]:
     """The same classes with a small config and seeded random weights: ViT of 2 layers of
     width 128 (2 heads of 64, as the real one's head size) on 32 px, BERT of 2 layers of 64."""
-    from .wordpiece import bert_tokenizer
+    from tn_ray.rewards.wordpiece import bert_tokenizer
 
     tokenizer = blip_tokenizer(bert_tokenizer())
     med = {**published_med_config(), "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
@@ -313,7 +313,7 @@ def tiny_parts(seed: int = 0) -> tuple[ImageRewardNet, Any]:
 def random_full_size_parts(seed: int = 0) -> tuple[ImageRewardNet, Any]:
     """ImageReward's real shapes (ViT-L/16 at 224, BERT-base with cross-attention) with
     seeded random weights (``imagereward:random``), for benchmarks."""
-    from .wordpiece import bert_tokenizer
+    from tn_ray.rewards.wordpiece import bert_tokenizer
 
     tokenizer = blip_tokenizer(bert_tokenizer())
     with seeded_init(seed):

@@ -6,9 +6,10 @@ path; none means the paper's default weights. Other issues add models with ``@re
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
-from .base import RewardModel, RewardSpec
+from tn_ray.errors import UnknownName
+from tn_ray.rewards.base import RewardModel, RewardSpec
 
 # name -> "module:Class"; imported lazily so listing names costs no torch import
 _REGISTRY: dict[str, str] = {
@@ -17,6 +18,7 @@ _REGISTRY: dict[str, str] = {
     "imagereward": "tn_ray.rewards.imagereward:ImageRewardReward",
     "blip2": "tn_ray.rewards.blip2:Blip2Reward",  # Q-Former image-text contrastive similarity
     "blip2-itm": "tn_ray.rewards.blip2:Blip2ItmReward",  # the same model's image-text matching head
+    "brightness": "tn_ray.training.toy_reward:BrightnessReward",  # mean pixel value: a cheap learnable reward (tests)
 }
 _FACTORIES: dict[str, Callable[..., RewardModel]] = {}
 
@@ -37,7 +39,7 @@ def parse(spec: str | RewardSpec) -> RewardSpec:
     """Parse and check that the name is registered (no model is loaded)."""
     s = spec if isinstance(spec, RewardSpec) else RewardSpec.parse(spec)
     if s.name not in available():
-        raise KeyError(f"unknown reward model '{s.name}' (from '{spec}'); available: {', '.join(available())}")
+        raise UnknownName(f"unknown reward model '{s.name}' (from '{spec}'); available: {', '.join(available())}")
     return s
 
 

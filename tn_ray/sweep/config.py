@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from ..config import RayConfig, StrictModel
+from tn_ray.config import RayConfig, StrictModel
 
 SAMPLERS = ("loguniform", "uniform", "choice", "grid")
 

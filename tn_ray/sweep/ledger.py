@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ..storage import Store
+from tn_ray.storage import Store
 
 
 def config_key(config: dict[str, Any], fingerprint: str = "") -> str:

@@ -11,8 +11,8 @@ import pandas as pd
 import yaml
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from .config import SweepConfig
-from .searcher import decode
+from tn_ray.sweep.config import SweepConfig
+from tn_ray.sweep.searcher import decode
 
 # Tune's own bookkeeping in every result; everything else is the trainable's metrics
 _TUNE_KEYS = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint", "checkpoint_dir_name"}

@@ -22,7 +22,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
-from ..config import StrictModel
+from tn_ray.config import StrictModel
 
 RESERVED = ("fold", "split")
 

@@ -23,12 +23,12 @@ import pandas as pd
 import yaml
 from pydantic import ValidationError
 
-from ..config import ConfigError, dump_config, load_config
-from . import outputs, registry
-from .config import SweepConfig
-from ..storage import join_uri
-from .ledger import TrialLedger, config_key, resolve_uri
-from .searcher import decode, encoded_params, make_searcher
+from tn_ray.config import ConfigError, dump_config, load_config
+from tn_ray.sweep import outputs, registry
+from tn_ray.sweep.config import SweepConfig
+from tn_ray.storage import join_uri
+from tn_ray.sweep.ledger import TrialLedger, config_key, resolve_uri
+from tn_ray.sweep.searcher import decode, encoded_params, make_searcher
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def _upload(paths: dict[str, Path], target: str) -> None:
 
 def run_sweep(cfg: SweepConfig, resume: bool = False, source: str = "<config>") -> dict[str, Path | str]:
     """Run (or resume) the sweep ``cfg``; returns the paths of its outputs."""
-    from ..distributed import init_ray
+    from tn_ray.scoring.workers import init_ray
 
     from ray.tune import Tuner
 

@@ -24,8 +24,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 from sklearn.model_selection import KFold, StratifiedKFold
 
-from ..scores import KEY_COLUMNS, ScoreMatrix
-from .fast_metrics import gather, group_index
+from tn_ray.scoring.matrix import KEY_COLUMNS, ScoreMatrix
+from tn_ray.sweep.fast_metrics import gather, group_index
 
 log = logging.getLogger(__name__)
 

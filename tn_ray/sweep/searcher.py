@@ -23,8 +23,8 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 from ray.tune.search.optuna import OptunaSearch
 
-from .config import SweepConfig
-from .ledger import TrialLedger
+from tn_ray.sweep.config import SweepConfig
+from tn_ray.sweep.ledger import TrialLedger
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from ..config import StrictModel
-from .registry import SweepTrainable
+from tn_ray.config import StrictModel
+from tn_ray.sweep.registry import SweepTrainable
 
 PARAMS = {"lr": 1e-2, "kl": 0.0, "hidden": 16}
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from .config import StrictModel
+from tn_ray.config import StrictModel
 
 ANSWERS = ("set 1", "set 2", "tie")
 
@@ -79,7 +79,7 @@ def export(selections: pd.DataFrame, images: pd.DataFrame, pairs: list[tuple[str
            out_dir: Path, key_path: Path, read: Callable[[str], bytes], max_prompts: int | None = None) -> pd.DataFrame:
     """Write the pages and images under ``out_dir`` and the answer key to ``key_path``.
 
-    ``selections``: rows of :func:`tn_ray.selection.select`; ``images``: prompt_id, prompt,
+    ``selections``: rows of :func:`tn_ray.experiments.selection.select`; ``images``: prompt_id, prompt,
     sample, image_id, image (path or URI, opened with ``read``). Returns the key table.
     """
     sel = selections[(selections["n"] == n) & (selections["k"] == k)]

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .storage import Store
+from tn_ray.storage import Store
 
 KEY_COLUMNS = ["set", "prompt", "image_id"]
 

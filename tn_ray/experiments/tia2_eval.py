@@ -17,12 +17,14 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
-from . import metrics, tia2
-from .config import RayConfig, ScoringConfig, StrictModel, dump_config
-from .rewards import parse
-from .scores import ScoreMatrix
-from .storage import Store
-from .textnorm import ensemble, textnorm
+from tn_ray.experiments import metrics
+
+from tn_ray.data import tia2
+from tn_ray.config import RayConfig, ScoringConfig, StrictModel, dump_config
+from tn_ray.rewards import parse
+from tn_ray.scoring.matrix import ScoreMatrix
+from tn_ray.storage import Store
+from tn_ray.textnorm.equations import ensemble, textnorm
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,7 @@ def _unreadable(path: str) -> str | None:
 
     from PIL import Image
 
-    from .storage import read_any
+    from tn_ray.storage import read_any
 
     try:
         with Image.open(io.BytesIO(read_any(path))) as im:
@@ -178,8 +180,8 @@ def plot(per_set: pd.DataFrame, path: Path, metric_names=("auroc", "auprc", "ap@
 
 
 def run(cfg: Tia2EvalConfig) -> dict[str, Path]:
-    from .distributed import init_ray
-    from .scoring import score_matrices
+    from tn_ray.scoring.workers import init_ray
+    from tn_ray.scoring.pipeline import score_matrices
 
     for ens in cfg.ensembles:
         unknown = [m for m in (str(parse(x)) for x in ens.members) if m not in cfg.models]

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .config import RayConfig, ScoringConfig
+from tn_ray.config import RayConfig, ScoringConfig
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class RewardWorker:
     """One reward model in one process; text features cached for the worker's lifetime."""
 
     def __init__(self, spec: str, text_batch_size: int = 64, device: str | None = None):
-        from .rewards import build
+        from tn_ray.rewards import build
 
         self.model = build(spec, device=device, text_batch_size=text_batch_size)
 

@@ -1,10 +1,10 @@
 """``tn-ray bestofn CONFIG``: generate n images per prompt, score, normalize, keep the best.
 
 Flow: prompts and contrastive sets checked before any model loads -> seeded, sharded,
-resumable generation (:mod:`tn_ray.generation`) -> score matrices per reward model on the
-reward actors (:func:`tn_ray.scoring.score_matrices`, cached) -> reward columns: each raw
+resumable generation (:mod:`tn_ray.diffusion.generation`) -> score matrices per reward model on the
+reward actors (:func:`tn_ray.scoring.pipeline.score_matrices`, cached) -> reward columns: each raw
 model, its TextNorm, each ensemble -> top-k per prompt, reward and nested pool n
-(:mod:`tn_ray.selection`) -> selections Parquet, overoptimization summary, per-prompt grids,
+(:mod:`tn_ray.experiments.selection`) -> selections Parquet, overoptimization summary, per-prompt grids,
 blinded human-evaluation pages.
 
 Outputs under ``out``::
@@ -25,14 +25,14 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
-from . import tia2
-from .config import RayConfig, ScoringConfig, StrictModel, dump_config
-from .generation import GenerationConfig, generate
-from .human_eval import HumanEvalConfig
-from .rewards import parse
-from .scores import ScoreMatrix
-from .textnorm import ensemble, textnorm
-from .tia2_eval import EnsembleSpec, SetParams
+from tn_ray.data import tia2
+from tn_ray.config import RayConfig, ScoringConfig, StrictModel, dump_config
+from tn_ray.diffusion.generation import GenerationConfig, generate
+from tn_ray.experiments.human_eval import HumanEvalConfig
+from tn_ray.rewards import parse
+from tn_ray.scoring.matrix import ScoreMatrix
+from tn_ray.textnorm.equations import ensemble, textnorm
+from tn_ray.experiments.tia2_eval import EnsembleSpec, SetParams
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +175,12 @@ def reward_columns(items: pd.DataFrame, matrices: dict[str, ScoreMatrix], cfg: B
 
 
 def run(cfg: BestOfNConfig, generate_only: bool = False) -> dict[str, Path]:
-    from .distributed import init_ray
-    from .human_eval import export
-    from .image_grids import prompt_grid, save_grid
-    from .scoring import score_matrices
-    from .selection import select, summary, summary_markdown
-    from .storage import read_any
+    from tn_ray.scoring.workers import init_ray
+    from tn_ray.experiments.human_eval import export
+    from tn_ray.experiments.image_grids import prompt_grid, save_grid
+    from tn_ray.scoring.pipeline import score_matrices
+    from tn_ray.experiments.selection import select, summary, summary_markdown
+    from tn_ray.storage import read_any
 
     contrast = load_contrast(cfg)
     prompts = resolve_prompts(cfg, contrast)
@@ -238,7 +238,7 @@ QUICKSTART_CONTRAST = {
 
 def quickstart_step(out: Path, models: list[str]) -> dict[str, Path]:
     """The quickstart's best-of-n: tiny pipeline, 3 prompts, n = 16 (pools 4 and 16), 32 px."""
-    from .tia2_eval import EnsembleSpec
+    from tn_ray.experiments.tia2_eval import EnsembleSpec
 
     root = out / "bestofn"
     root.mkdir(parents=True, exist_ok=True)

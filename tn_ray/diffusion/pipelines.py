@@ -65,7 +65,7 @@ def tiny_pipeline():
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from .rewards.bpe import clip_vocab_and_merges
+    from tn_ray.rewards.bpe import clip_vocab_and_merges
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -92,7 +92,7 @@ def load_pipeline(source: str = DEFAULT_PIPELINE, scheduler: str | None = None, 
     """The pipeline on its device (the GPU Ray assigned, else CPU), eval mode, no progress bars."""
     import diffusers
 
-    from .rewards.base import pick_device
+    from tn_ray.rewards.base import pick_device
 
     dev = pick_device(device)
     torch_dtype = resolve_dtype(dtype, dev)

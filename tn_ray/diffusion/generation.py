@@ -42,9 +42,9 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import Field
 
-from .config import RayConfig, StrictModel
-from .diffusion import DEFAULT_PIPELINE, DTYPES, check_scheduler, check_source
-from .storage import Store
+from tn_ray.config import RayConfig, StrictModel
+from tn_ray.diffusion.pipelines import DEFAULT_PIPELINE, DTYPES, check_scheduler, check_source
+from tn_ray.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class GenerationWorker:
     """
 
     def __init__(self, cfg: dict, out: str, device: str | None = None):
-        from .diffusion import load_pipeline
+        from tn_ray.diffusion.pipelines import load_pipeline
 
         self.cfg = GenerationConfig.model_validate(cfg)
         self.store = Store(out)
@@ -342,7 +342,7 @@ def generate(prompts: Sequence[str], cfg: GenerationConfig, ray_cfg: RayConfig |
     from ray.data import ActorPoolStrategy
     from tqdm.auto import tqdm
 
-    from .distributed import init_ray
+    from tn_ray.scoring.workers import init_ray
 
     if cfg.out is None:
         raise ValueError("generation.out is not set: where should the images go?")

@@ -12,9 +12,9 @@ from typing import Sequence
 
 import pandas as pd
 
-from .config import ScoringConfig
-from .rewards import parse
-from .scores import KEY_COLUMNS, RewardCache, ScoreMatrix, model_slug
+from tn_ray.config import ScoringConfig
+from tn_ray.rewards import parse
+from tn_ray.scoring.matrix import KEY_COLUMNS, RewardCache, ScoreMatrix, model_slug
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def score_matrices(items: pd.DataFrame, models: Sequence[str], cache_dir: str | 
         dup = items.loc[items["image_key"].duplicated(), "image_key"].iloc[0]
         raise ValueError(f"image_key must be unique per image; '{dup}' repeats")
     specs = [str(parse(m)) for m in models]  # unknown names fail before any work
-    from .distributed import score_into_cache
+    from tn_ray.scoring.workers import score_into_cache
 
     out: dict[str, ScoreMatrix] = {}
     keys = items.drop(columns=["image", "texts", "image_key"])

@@ -1,0 +1,198 @@
+"""Periodic evaluation of a fine-tuning run: fixed prompts and seeds, training reward and judges.
+
+The base model's images (the policy with adapters disabled) are generated once, with the
+same per-image seeds as every checkpoint's, and cached in the run's storage. Images are
+scored by long-lived reward actors (:class:`tn_ray.scoring.workers.RewardPool`, one pool
+per reward model, shared by the training reward and the judges) against ``[x0, x1..xm]``
+(contrastive prompts from the reward's source, :func:`tn_ray.prompts.contrast.texts_for`),
+and each reward column comes from :meth:`tn_ray.textnorm.columns.RewardConfig.column`: the
+one implementation of TextNorm and ensembles.
+
+Storage under ``out``::
+
+    eval/base/<prompt_id>-<seed>.png, eval/base.parquet     the base model's images and scores
+    eval/step-000100/<prompt_id>-<seed>.png                 a checkpoint's images
+    eval/scores/step-000100.parquet                          step, prompt_id, seed, prompt, reward, value
+    eval/prompts.json                                        the evaluation prompts (prompt_id order)
+    monitor_flags.json                                       overoptimization flags, if any
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from tn_ray.errors import InputError
+from tn_ray.storage import Store
+from tn_ray.textnorm.columns import RewardConfig
+from tn_ray.training.config import FineTuneConfig
+from tn_ray.training.selection import win_counts
+
+log = logging.getLogger(__name__)
+
+
+def eval_prompts(cfg: FineTuneConfig, train_prompts: Sequence[str]) -> list[str]:
+    prompts = list(cfg.eval.prompts) if cfg.eval.prompts else list(train_prompts)[: cfg.eval.max_prompts]
+    if not prompts:
+        raise InputError("eval.prompts: no evaluation prompts (set eval.prompts, or give training prompts)")
+    return prompts
+
+
+def reward_texts(reward: RewardConfig, prompts: Sequence[str]) -> list[list[str]]:
+    """``[x0, x1..xm]`` per prompt when the used column needs contrastive prompts, else ``[x0]``."""
+    if not reward.needs_contrast:
+        return [[p] for p in prompts]
+    from tn_ray.prompts.contrast import load_contrast, texts_for
+
+    return texts_for(prompts, load_contrast(reward.contrast), reward.contrast)
+
+
+def pad_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """Score rows of unequal length as one NaN-padded (images, 1 + m) array (score-matrix values)."""
+    width = max(len(r) for r in rows)
+    out = np.full((len(rows), width), np.nan)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def generate_images(policy, prompts: Sequence[str], seeds: Sequence[int], block, reference: bool = False) -> list[bytes]:
+    """PNG bytes of every (prompt, seed), prompt-major; one CPU generator per image, fixed batches."""
+    import contextlib
+
+    import torch
+
+    out: list[bytes] = []
+    ctx = policy.reference() if reference else contextlib.nullcontext()
+    pairs = [(p, s) for p in prompts for s in seeds]
+    with ctx, torch.no_grad():
+        for i in range(0, len(pairs), block.batch_size):
+            chunk = pairs[i : i + block.batch_size]
+            images = policy.pipe(prompt=[p for p, _ in chunk], generator=[torch.Generator("cpu").manual_seed(s) for _, s in chunk],
+                                 num_inference_steps=block.num_inference_steps, guidance_scale=block.guidance_scale,
+                                 height=block.height, width=block.width, output_type="pil").images
+            for im in images:
+                buf = io.BytesIO()
+                im.save(buf, format="PNG")
+                out.append(buf.getvalue())
+    return out
+
+
+class Evaluator:
+    """Generates and scores evaluation images; rank 0 of a run owns one."""
+
+    def __init__(self, cfg: FineTuneConfig, train_prompts: Sequence[str]):
+        self.cfg = cfg
+        self.prompts = eval_prompts(cfg, train_prompts)
+        self.seeds = list(cfg.eval.seeds)
+        self.store = Store(cfg.out)
+        self.rewards: dict[str, RewardConfig] = {cfg.reward.use: cfg.reward, **{j.use: j for j in cfg.eval.judges}}
+        self.texts = {name: reward_texts(rc, self.prompts) for name, rc in self.rewards.items()}
+        self._pools: dict[str, object] = {}
+        if self.store.exists("eval/prompts.json"):
+            old = json.loads(self.store.read_text("eval/prompts.json"))
+            if old != self.prompts:
+                raise InputError(f"{self.store.uri('eval/prompts.json')}: this run was evaluated on other prompts; "
+                                 "keep eval.prompts or use a new `out`")
+        else:
+            self.store.write_text("eval/prompts.json", json.dumps(self.prompts, indent=1))
+
+    # --- scoring ------------------------------------------------------------------------
+    def _pool(self, model: str):
+        from tn_ray.scoring.workers import RewardPool
+
+        if model not in self._pools:
+            self._pools[model] = RewardPool(model, self.cfg.scoring)
+        return self._pools[model]
+
+    def score(self, images: Sequence[bytes]) -> pd.DataFrame:
+        """Rows prompt_id, seed, prompt, reward, value for images in (prompt, seed) order."""
+        n_seeds = len(self.seeds)
+        frame = []
+        scored: dict[tuple[str, str], np.ndarray] = {}
+        for name, rc in self.rewards.items():
+            texts = [self.texts[name][i // n_seeds] for i in range(len(images))]
+            values = {}
+            for model in rc.models:
+                key = (model, json.dumps(self.texts[name]))
+                if key not in scored:
+                    scored[key] = pad_rows(self._pool(model).score(list(images), texts, chunk=self.cfg.scoring.batch_size))
+                values[model] = scored[key]
+            column = rc.column(values)
+            for i, v in enumerate(column):
+                frame.append((i // n_seeds, self.seeds[i % n_seeds], self.prompts[i // n_seeds], name, float(v)))
+        return pd.DataFrame(frame, columns=["prompt_id", "seed", "prompt", "reward", "value"])
+
+    # --- base model, cached -------------------------------------------------------------
+    def _save_images(self, folder: str, images: Sequence[bytes]) -> None:
+        for i, data in enumerate(images):
+            pid, seed = i // len(self.seeds), self.seeds[i % len(self.seeds)]
+            self.store.write_bytes(f"{folder}/{pid:05d}-{seed}.png", data)
+
+    def image_rel(self, step: int | None, prompt_id: int, seed: int) -> str:
+        from tn_ray.training.checkpoint import step_name
+
+        folder = "eval/base" if step is None else f"eval/{step_name(step)}"
+        return f"{folder}/{prompt_id:05d}-{seed}.png"
+
+    def base_scores(self) -> pd.DataFrame:
+        return self.store.read_table("eval/base.parquet").to_pandas()
+
+    def base(self, policy) -> dict[str, float]:
+        """Mean of each reward column over the base model's images (generated and scored once)."""
+        if not self.store.exists("eval/base.parquet"):
+            images = generate_images(policy, self.prompts, self.seeds, self.cfg.eval, reference=True)
+            self._save_images("eval/base", images)
+            self.store.write_table("eval/base.parquet", pa.Table.from_pandas(self.score(images), preserve_index=False))
+        base = self.base_scores()
+        return {k: float(v) for k, v in base.groupby("reward")["value"].mean().items()}
+
+    # --- checkpoints --------------------------------------------------------------------
+    def evaluate(self, step: int, policy) -> dict[str, float]:
+        """Generate, score and count wins over the base model at ``step``. Metrics: each reward
+        column's mean (key = its name) and ``<name>/wins``; ``eval_reward`` (training reward
+        mean), ``eval_judge`` and ``eval_wins`` (the selection judge's mean and win count)."""
+        from tn_ray.training.checkpoint import step_name
+
+        images = generate_images(policy, self.prompts, self.seeds, self.cfg.eval)
+        self._save_images(f"eval/{step_name(step)}", images)
+        scores = self.score(images).assign(step=int(step))
+        self.store.write_table(f"eval/scores/{step_name(step)}.parquet", pa.Table.from_pandas(scores, preserve_index=False))
+        counts = win_counts(scores, self.base_scores())
+        out: dict[str, float] = {}
+        for row in counts.itertuples():
+            out[row.reward] = float(row.mean)
+            out[f"{row.reward}/wins"] = float(row.wins)
+        judge = self.cfg.selection_judge
+        out.update(eval_reward=out[self.cfg.reward.use], eval_judge=out[judge], eval_wins=out[f"{judge}/wins"])
+        return out
+
+    def evaluated_steps(self) -> list[int]:
+        return [int(rel.rsplit("-", 1)[1].split(".")[0]) for rel in self.store.list_files("eval/scores", ".parquet")]
+
+    def record_flag(self, flag, train_name: str) -> None:
+        flags = json.loads(self.store.read_text("monitor_flags.json")) if self.store.exists("monitor_flags.json") else []
+        flags = [f for f in flags if f["step"] != flag.step]
+        flags.append({"step": flag.step, "window_start": flag.window_start, "train_reward": train_name,
+                      "train_change": flag.train_change, "judge_changes": flag.judge_changes,
+                      "message": flag.message(train_name)})
+        self.store.write_text("monitor_flags.json", json.dumps(flags, indent=1))
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.shutdown()
+        self._pools.clear()
+
+
+def read_scores(out: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(every checkpoint's per-image scores, the base model's) of a run."""
+    store = Store(out)
+    parts = [store.read_table(rel).to_pandas() for rel in store.list_files("eval/scores", ".parquet")]
+    scores = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["step", "prompt_id", "seed", "prompt", "reward", "value"])
+    base = store.read_table("eval/base.parquet").to_pandas() if store.exists("eval/base.parquet") else None
+    return scores, base
