@@ -14,18 +14,33 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
 PAIR = ("clip:tiny", "textnorm(clip:tiny)")
 
 
+def _shapes(count: int, color, rng: np.random.Generator, circle: bool) -> Image.Image:
+    """A 32 px picture of ``count`` small shapes on a light table, so screenshots show something to judge."""
+    img = Image.new("RGB", (32, 32), (236, 228, 212))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((0, 24, 31, 31), fill=(170, 130, 90))
+    for j in range(count):
+        if circle:  # balls anywhere (they may touch), cubes in a row on the table
+            x, y = rng.integers(1, 24), rng.integers(2, 17)
+            draw.ellipse((x, y, x + 6, y + 6), fill=color)
+        else:
+            draw.rectangle((1 + 5 * j, 19, 4 + 5 * j, 23), fill=color)
+    return img
+
+
 def make_manifest(root: Path, n: int = 5) -> Path:
     """n distinct 32 px images under root/img and a manifest root/manifest.csv (paths relative to it)."""
     (root / "img").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
     rows = []
     for i in range(n):
-        Image.new("RGB", (32, 32), (50 * i % 256, 120, 255 - 40 * i % 256)).save(root / "img" / f"s{i}.png")
+        _shapes(i + 1 if i % 2 == 0 else i + 2, (200, 30, 30), rng, circle=False).save(root / "img" / f"s{i}.png")
         rows.append((f"img/s{i}.png", f"{i + 1} red cube{'s' if i else ''} on a table"))
     path = root / "manifest.csv"
     with path.open("w", newline="") as f:
@@ -44,8 +59,9 @@ def make_comparison(root: Path, prompts: int = 3, samples: int = 6, k: int = 4) 
     for pid in range(prompts):
         for s in range(samples):
             p = src / f"p{pid}_s{s}.png"
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(p)
-            images.append({"prompt_id": pid, "sample": s, "prompt": f"prompt {pid}: two dogs", "image_id": p.name, "image": str(p)})
+            _shapes(1 + (s + pid) % 4, (40, 80, 210), rng, circle=True).save(p)
+            images.append({"prompt_id": pid, "sample": s, "prompt": f"{pid + 2} blue balls on a table",
+                           "image_id": p.name, "image": str(p)})
         for reward, order in zip(PAIR, (range(samples), reversed(range(samples)))):
             for rank, s in enumerate(list(order)[:k]):
                 sel.append({"n": samples, "k": k, "reward": reward, "prompt_id": pid, "rank": rank, "sample": s})

@@ -234,6 +234,13 @@ def test_annotator_sees_only_own_progress(label_server):
     assert server.request("GET", "/api/answers")[0] == 404 and server.request("GET", "/docs")[0] == 404
 
 
+def test_loopback_server_refuses_foreign_host_header(label_server):
+    """On loopback there is no token, so a page elsewhere must not reach it by DNS rebinding."""
+    server = label_server[0]
+    assert server.request("GET", "/api/info", headers={"Host": "attacker.example"})[0] == 400
+    assert server.request("GET", "/api/info", headers={"Host": f"localhost:{server.port}"})[0] == 200
+
+
 def test_comparison_key_never_served(tmp_path):
     out, key = make_comparison(tmp_path, prompts=2)
     server = Server("--export", str(out))

@@ -14,9 +14,13 @@ function render(s) {
   const p = s.progress;
   document.getElementById("progress-text").textContent = p.done + " / " + p.total + " done";
   Object.assign(document.getElementById("progress"), {value: p.done, max: Math.max(p.total, 1)});
-  document.getElementById("main").hidden = s.finished;
+  document.getElementById("main").hidden = s.finished && s.length === 0;
+  document.getElementById("item").hidden = s.finished;
+  document.getElementById("submit").hidden = s.finished;
+  document.getElementById("back").disabled = s.pos === 0;
   if (s.finished) {
-    TN.show("msg", "All done: you answered " + p.done + " questions. Thank you!");
+    TN.show("msg", "All done: you answered " + p.done + " questions. Thank you! (back goes back to change an answer.)");
+    document.getElementById("where").textContent = "";
     return;
   }
   TN.show("msg", "");
@@ -24,8 +28,7 @@ function render(s) {
   ["set1", "set2"].forEach((id, i) => document.getElementById(id).replaceChildren(...s.item.sets[i].map(TN.img)));
   form.reset();
   if (s.answer) for (const [k, v] of Object.entries(s.answer)) form.querySelector('input[name="' + k + '"][value="' + v + '"]').checked = true;
-  document.getElementById("back").disabled = s.pos === 0;
-  document.getElementById("where").textContent = "question " + (s.pos + 1) + " of your " + s.length;
+  document.getElementById("where").textContent = "your question no. " + (s.pos + 1);
   update();
 }
 

@@ -9,13 +9,10 @@ function render(s) {
   const p = s.progress;
   document.getElementById("progress-text").textContent = p.done + " / " + p.total + " done";
   Object.assign(document.getElementById("progress"), {value: p.done, max: Math.max(p.total, 1)});
-  document.getElementById("main").hidden = s.finished;
+  document.getElementById("main").hidden = s.finished && s.length === 0;
+  document.getElementById("item").hidden = s.finished;
   if (s.finished) {
     TN.show("msg", "All done: you labelled " + p.done + " images. Thank you! (\u2190 goes back to relabel.)");
-    document.getElementById("back").hidden = false;
-    document.getElementById("main").hidden = s.length === 0;
-    document.getElementById("prompt").textContent = "";
-    document.getElementById("image").replaceChildren();
   } else {
     TN.show("msg", "");
     document.getElementById("prompt").textContent = s.item.prompt;
@@ -25,7 +22,7 @@ function render(s) {
     b.classList.toggle("chosen", b.dataset.label === s.answer); b.disabled = s.finished; });
   document.getElementById("back").disabled = s.pos === 0;
   document.getElementById("forward").disabled = s.finished;
-  document.getElementById("where").textContent = s.finished ? "" : "item " + (s.pos + 1) + " of your " + s.length;
+  document.getElementById("where").textContent = s.finished ? "" : "your image no. " + (s.pos + 1);
 }
 
 async function step(promise) {
