@@ -6,6 +6,7 @@ import socket
 import threading
 
 import numpy as np
+import pandas as pd
 import pytest
 from labeling_helpers import PAIR, Annotator, Server, make_comparison, make_manifest
 from scipy.stats import beta
@@ -17,7 +18,7 @@ from tn_ray.labeling.export import tia2_labels, write_json
 from tn_ray.labeling.security import UnsafePath, check_name, needs_token
 from tn_ray.labeling.store import AnswerStore, Forbidden
 from tn_ray.labeling.tally import tally
-from tn_ray.labeling.tasks import load_comparison, load_manifest
+from tn_ray.labeling.tasks import load_comparison, load_folder, load_manifest, load_run
 
 # ---------------------------------------------------------------------------------------- inputs
 
@@ -27,7 +28,7 @@ from tn_ray.labeling.tasks import load_comparison, load_manifest
     ("image,prompt\nimg/s0.png,a\nimg/s1.png,b,extra\n", 3, "fields"),
     ("image,prompt\nimg/s0.png,a\nimg/nope.png,b\n", 3, "not found"),
     ("image,prompt\nimg/s0.png,a\nimg/s1.png,\n", 3, "empty prompt"),
-    ("image,prompt\nimg/s0.png,a\n\"img/s1.png\",\"multi\nline\"\nimg/s0.png,c\n", 5, "already listed on line 2"),
+    ("image,prompt\nimg/s0.png,a\n\"img/s1.png\",\"multi\nline\"\nimg/s0.png,c\n", 5, r"already listed at .*bad\.csv:2 "),
     ("image,prompt\nmanifest.csv,a\n", 2, "not an image"),
     ("", 1, "empty file"),
 ])
@@ -56,6 +57,26 @@ def test_malformed_comparison_key_names_line(tmp_path):
     key.write_text("\n".join(lines) + "\n")
     with pytest.raises(InputError, match=r"human_eval_key\.csv:3: set1_files .*refused image name"):
         load_comparison(out, key)
+
+
+def test_folder_with_captions_and_bestofn_run(tmp_path):
+    make_manifest(tmp_path, n=3)
+    for i in range(3):
+        (tmp_path / "img" / f"s{i}.txt").write_text(f"  {i} red\ncubes \n")
+    task = load_folder(tmp_path / "img")
+    assert [(i.item_id, i.prompt) for i in task.items] == [(f"s{i}.png", f"{i} red cubes") for i in range(3)]
+    (tmp_path / "img" / "s1.txt").unlink()
+    with pytest.raises(InputError, match=r"s1\.png: no caption file s1\.txt"):
+        load_folder(tmp_path / "img")
+    run = tmp_path / "run"  # the columns tn-ray bestofn writes to rewards.parquet
+    table = pd.DataFrame({"prompt_id": [0, 0], "sample": [0, 1], "prompt": ["a", "a"], "image_id": ["00000_000", "00000_001"],
+                          "image": [str(tmp_path / "img" / "s0.png"), str(tmp_path / "img" / "s2.png")], "clip:tiny": [0.1, 0.2]})
+    run.mkdir()
+    table.to_parquet(run / "rewards.parquet")
+    assert [i.item_id for i in load_run(run).items] == ["00000_000", "00000_001"]
+    table.assign(image=["s3://bucket/a.png", "x.png"]).to_parquet(run / "rewards.parquet")
+    with pytest.raises(InputError, match=r"rewards\.parquet: row 0: image s3://bucket/a\.png is not a local file"):
+        load_run(run)
 
 
 @pytest.mark.parametrize("name", ["../etc/passwd", "img/../../x.png", "/etc/passwd", "..", "a\\..\\b", "C:/x", "~/x", "a/\x00"])
@@ -91,6 +112,16 @@ def test_queues_each_item_to_n_annotators_never_twice(tmp_path):
     assert store.assign_next("ann") is None
     with pytest.raises(Forbidden):  # an item someone else holds cannot be answered
         store.answer("cat", next(i for i in counts if i not in seen["cat"]), 0)
+
+
+def test_abandoned_assignment_frees_its_slot_after_the_lease(tmp_path):
+    task = load_manifest(make_manifest(tmp_path, n=1))
+    held = AnswerStore(tmp_path / "a.sqlite", task, per_item=1, lease_s=3600)
+    assert held.assign_next("ann") == "img/s0.png" and held.assign_next("ben") is None
+    expired = AnswerStore(tmp_path / "a.sqlite", task, per_item=1, lease_s=0)
+    assert expired.assign_next("ben") == "img/s0.png"
+    expired.answer("ben", "img/s0.png", 1)
+    assert expired.assign_next("cat") is None  # answered slots never expire
 
 
 def test_concurrent_annotators_never_collide(tmp_path):
@@ -232,6 +263,31 @@ def test_annotator_sees_only_own_progress(label_server):
     state = mallory.state()
     assert state["answer"] is None and state["progress"]["done"] == 0
     assert server.request("GET", "/api/answers")[0] == 404 and server.request("GET", "/docs")[0] == 404
+
+
+def test_concurrent_http_annotators(tmp_path):
+    """Six annotators answer through one server at once: each image ends with exactly three answers."""
+    server = Server("--manifest", str(make_manifest(tmp_path, n=5)))
+    got, errors = {}, []
+
+    def work(name):
+        try:
+            ann = Annotator(server, name)
+            state, seen = ann.state(), []
+            while not state["finished"]:
+                seen.append(state["item"]["index"])
+                state = ann.answer(state["pos"], label="skip")
+            got[name] = seen
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(f"http{i}",)) for i in range(6)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    server.stop()
+    assert not errors and all(len(s) == len(set(s)) for s in got.values())
+    counts = np.bincount([i for s in got.values() for i in s], minlength=5)
+    assert list(counts) == [3] * 5
 
 
 def test_loopback_server_refuses_foreign_host_header(label_server):

@@ -7,6 +7,8 @@ from pathlib import Path
 def _task_args(p) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--manifest", help="labelling task: CSV with columns image (path relative to the CSV) and prompt")
+    src.add_argument("--folder", help="labelling task: a folder of images, each with a same-name .txt caption")
+    src.add_argument("--run", help="labelling task: every image of a tn-ray bestofn output folder (rewards.parquet)")
     src.add_argument("--export", help="comparison task: a best-of-n human_eval/ export folder")
     p.add_argument("--key", help="comparison key CSV (default: human_eval_key.csv next to the export folder); never served")
     p.add_argument("--db", help="answer database (SQLite); default: <manifest>.answers.sqlite or human_eval_answers.sqlite next to the export")
@@ -35,11 +37,17 @@ def add_parser(sub) -> None:
 
 
 def _load(args):
-    from tn_ray.labeling.tasks import load_comparison, load_manifest
+    from tn_ray.labeling.tasks import load_comparison, load_folder, load_manifest, load_run
 
     if args.manifest:
         task = load_manifest(args.manifest)
         db = args.db or Path(args.manifest).with_suffix(".answers.sqlite")
+    elif args.folder:
+        task = load_folder(args.folder)
+        db = args.db or Path(args.folder) / "labels.answers.sqlite"
+    elif args.run:
+        task = load_run(args.run)
+        db = args.db or Path(args.run) / "labels.answers.sqlite"
     else:
         task = load_comparison(args.export, args.key)
         db = args.db or Path(args.export).resolve().parent / "human_eval_answers.sqlite"
@@ -69,7 +77,7 @@ def export(args) -> int:
 
     task, db = _load(args)
     if task.kind != "label":
-        raise InputError("label export writes TIA2 labels of a labelling task (--manifest); for a comparison use label tally")
+        raise InputError("label export writes TIA2 labels of a labelling task (--manifest, --folder or --run); for a comparison use label tally")
     answers = open_answers(db, task)
     labels, short = tia2_labels(task, answers)
     write_json(labels, args.out)

@@ -1,7 +1,8 @@
 """Tasks the server can serve, read and validated before it starts.
 
-``label``: a manifest CSV of (image, prompt) rows (the ``tn-ray score`` manifest: image paths
-relative to the CSV); one item per row, keyed by the image as written. ``compare``: the blinded
+``label``: (image, prompt) pairs from a manifest CSV (the ``tn-ray score`` manifest: image paths
+relative to the CSV), a folder of images with ``.txt`` captions, or a ``tn-ray bestofn`` run; one
+item per image, keyed by the image as written (manifest), its file name (folder) or its image_id (run). ``compare``: the blinded
 best-of-n human-evaluation export (``human_eval/`` + ``human_eval_key.csv``); one item per
 question. The key (which reward is which set) stays in :attr:`Task.key`, which no browser-facing
 method returns. Every problem is an :class:`~tn_ray.errors.InputError` naming the file and line.
@@ -72,28 +73,70 @@ def _rows(path: Path, required: tuple[str, ...]):
             yield start, row
 
 
+def _pairs_task(source: Path, rows) -> Task:
+    """A labelling task from (where, item id, image file, prompt) rows; ``where`` names file and line."""
+    items, files, seen = [], {}, {}
+    for where, item_id, file, prompt in rows:
+        if not item_id or not prompt:
+            raise InputError(f"{where}: empty {'image' if not item_id else 'prompt'}")
+        if item_id in seen:
+            raise InputError(f"{where}: image {item_id!r} already listed at {seen[item_id]} (one prompt per image)")
+        seen[item_id] = where
+        if file.suffix.lower() not in IMAGE_SUFFIXES:
+            raise InputError(f"{where}: {item_id!r} is not an image file ({', '.join(IMAGE_SUFFIXES)})")
+        if not file.is_file():
+            raise InputError(f"{where}: image {item_id!r} not found (looked at {file})")
+        public = f"i{len(items):05d}{file.suffix.lower()}"
+        files[public] = file
+        items.append(Item(item_id, prompt, ((public,),)))
+    if not items:
+        raise InputError(f"{source}: no images to label")
+    return Task("label", source, items, files)
+
+
 def load_manifest(path: str | Path) -> Task:
     """A labelling task from a manifest CSV (columns image, prompt; image relative to the CSV)."""
     path = Path(path)
-    items, files, seen = [], {}, {}
-    for line, row in _rows(path, ("image", "prompt")):
-        image, prompt = row["image"].strip(), row["prompt"].strip()
-        if not image or not prompt:
-            raise InputError(f"{path}:{line}: empty {'image' if not image else 'prompt'}")
-        if image in seen:
-            raise InputError(f"{path}:{line}: image {image!r} already listed on line {seen[image]} (one prompt per image)")
-        seen[image] = line
-        file = (path.parent / image).resolve()
-        if file.suffix.lower() not in IMAGE_SUFFIXES:
-            raise InputError(f"{path}:{line}: {image!r} is not an image file ({', '.join(IMAGE_SUFFIXES)})")
-        if not file.is_file():
-            raise InputError(f"{path}:{line}: image {image!r} not found (looked at {file})")
-        public = f"i{len(items):05d}{file.suffix.lower()}"
-        files[public] = file
-        items.append(Item(image, prompt, ((public,),)))
-    if not items:
-        raise InputError(f"{path}: no rows after the header")
-    return Task("label", path, items, files)
+    return _pairs_task(path, ((f"{path}:{line}", row["image"].strip(), (path.parent / row["image"].strip()).resolve(),
+                               row["prompt"].strip()) for line, row in _rows(path, ("image", "prompt"))))
+
+
+def load_folder(folder: str | Path) -> Task:
+    """A labelling task from a folder of images with same-name ``.txt`` captions (``a.png`` + ``a.txt``),
+    the layout of most diffusion fine-tuning datasets; sorted by file name."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise InputError(f"{root}: folder not found")
+    images = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+    def rows():
+        for image in images:
+            caption = image.with_suffix(".txt")
+            if not caption.is_file():
+                raise InputError(f"{image}: no caption file {caption.name} next to it")
+            lines = caption.read_text(encoding="utf-8").strip()
+            yield f"{caption}:1", image.name, image.resolve(), " ".join(lines.split())
+
+    return _pairs_task(root, rows())
+
+
+def load_run(run_dir: str | Path) -> Task:
+    """A labelling task from a ``tn-ray bestofn`` output folder: every generated image with its prompt
+    (``rewards.parquet``: prompt_id, sample, prompt, image_id, image); images must be local files."""
+    import pandas as pd
+
+    table = Path(run_dir) / "rewards.parquet"
+    if not table.is_file():
+        raise InputError(f"{table}: not found; --run takes a tn-ray bestofn output folder")
+    df = pd.read_parquet(table, columns=["prompt", "image_id", "image"])
+
+    def rows():
+        for i, (prompt, image_id, image) in enumerate(zip(df["prompt"], df["image_id"], df["image"])):
+            if "://" in str(image):
+                raise InputError(f"{table}: row {i}: image {image} is not a local file; copy the run's images locally first")
+            yield f"{table}: row {i}", str(image_id), Path(image).resolve(), str(prompt)
+
+    return _pairs_task(table, rows())
 
 
 def load_comparison(export_dir: str | Path, key_path: str | Path | None = None) -> Task:
