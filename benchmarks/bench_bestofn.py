@@ -3,8 +3,8 @@
 1. Throughput: the same workload (tiny diffusers pipeline at 64 px, 4 steps, groups of 8;
    every image written as PNG and scored by clip:tiny against x0 and 4 contrastive prompts)
    run (a) as a bare loop in this process (pipeline and reward model loaded here; with
-   torch's default threads or one thread, whichever calibrates faster) and (b) through the Ray pipeline (`tn_ray.generation.generate` on an actor
-   pool, then `tn_ray.scoring.score_matrices` on reward actors). The workload is sized so the
+   torch's default threads or one thread, whichever calibrates faster) and (b) through the Ray pipeline (`tn_ray.diffusion.generation.generate` on an actor
+   pool, then `tn_ray.scoring.pipeline.score_matrices` on reward actors). The workload is sized so the
    bare loop takes at least a minute. Ray's cluster start is excluded (a long-lived cluster);
    actor start and model loading count on both sides.
 2. Memory: `tn-ray bestofn` on the tiny models at n = 16 and n = 256 (pools 16/64/256), each in
@@ -57,8 +57,8 @@ def prompts_and_contrast(n: int) -> tuple[list[str], dict[str, list[str]]]:
 
 def bare_loop(prompts, contrast, out: Path) -> tuple[float, list[float]]:
     """Generate, write and score every image in this process; returns (seconds, seconds per prompt)."""
-    from tn_ray.diffusion import load_pipeline
-    from tn_ray.generation import GenerationConfig, encode_png, generate_group, image_path
+    from tn_ray.diffusion.generation import GenerationConfig, encode_png, generate_group, image_path
+    from tn_ray.diffusion.pipelines import load_pipeline
     from tn_ray.rewards import build
     from tn_ray.storage import Store
 
@@ -84,15 +84,15 @@ def bare_loop(prompts, contrast, out: Path) -> tuple[float, list[float]]:
 
 def ray_pipeline(prompts, contrast, out: Path) -> tuple[float, float]:
     """Generation on the actor pool, then scoring on reward actors; returns (total s, generation s)."""
-    from tn_ray.bestofn import score_items
     from tn_ray.config import ScoringConfig
-    from tn_ray.generation import GenerationConfig, generate
-    from tn_ray.scoring import score_matrices
+    from tn_ray.diffusion.generation import GenerationConfig, generate
+    from tn_ray.experiments.bestofn import score_items
+    from tn_ray.scoring.pipeline import score_matrices
 
     start = time.perf_counter()
     manifest = generate(prompts, GenerationConfig(out=str(out / "generation"), samples_per_prompt=SAMPLES, batch_size=32, **GEN))
     t_gen = time.perf_counter() - start
-    score_matrices(score_items(manifest, contrast), ["clip:tiny"], out / "cache", ScoringConfig(batch_size=32, num_actors=2))
+    score_matrices(score_items(manifest, contrast, "benchmark"), ["clip:tiny"], out / "cache", ScoringConfig(batch_size=32, num_actors=2))
     return time.perf_counter() - start, t_gen
 
 
@@ -151,8 +151,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    from tn_ray.cluster import init_ray
     from tn_ray.config import RayConfig
-    from tn_ray.distributed import init_ray
 
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)

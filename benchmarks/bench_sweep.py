@@ -3,7 +3,7 @@ per image (x0 + 32 contrastive), 2 reward models, synthetic score matrices.
 
 Prints, side by side in one run: one TextNorm evaluation (mean-ensemble of both models,
 objective = mean AP@5/10/25) through the sweep's vectorised path and through the per-prompt
-reference path (tn_ray.textnorm + tn_ray.metrics.per_prompt, pandas/sklearn), their ratio and
+reference path (tn_ray.textnorm.equations + tn_ray.experiments.metrics.per_prompt, pandas/sklearn), their ratio and
 agreement; then the wall time of a 100-trial Ray Tune + Optuna sweep over tau, lambda and
 the ensemble kind on the same matrices. Last line: one JSON object.
 
@@ -28,7 +28,7 @@ PROMPTS, IMAGES, COLUMNS, MODELS = 300, 50, 33, ("synth-a", "synth-b")
 
 def make_run(root: Path, seed: int = 0) -> Path:
     """A `tn-ray tia2 eval`-shaped folder: scores/<model>.parquet + rewards.parquet."""
-    from tn_ray.scores import ScoreMatrix, model_slug
+    from tn_ray.scoring.matrix import ScoreMatrix, model_slug
 
     rng = np.random.default_rng(seed)
     n = PROMPTS * IMAGES
@@ -47,14 +47,14 @@ def make_run(root: Path, seed: int = 0) -> Path:
 
 
 def reference_eval(run: Path, params: dict) -> float:
-    """The same objective through the per-prompt path of tn_ray.metrics (pandas/sklearn)."""
-    from tn_ray import metrics
-    from tn_ray.scores import ScoreMatrix, model_slug
-    from tn_ray.textnorm import textnorm_ensemble
+    """The same objective through the per-prompt path of tn_ray.experiments.metrics (pandas/sklearn)."""
+    from tn_ray.experiments import metrics
+    from tn_ray.scoring.matrix import ScoreMatrix, model_slug
+    from tn_ray.textnorm.columns import combine
 
     frame = pd.read_parquet(run / "rewards.parquet")
     mats = [ScoreMatrix.load(run / "scores" / f"{model_slug(m)}.parquet").align(frame).values for m in MODELS]
-    frame["reward"] = textnorm_ensemble(mats, params["tau"], params["kind"], params["lam"])
+    frame["reward"] = combine(dict(zip(MODELS, mats)), MODELS, [params["tau"]] * len(MODELS), params["kind"], params["lam"])
     table = metrics.per_set(metrics.per_prompt(frame, ["reward"]))
     return float(table[["ap@5", "ap@10", "ap@25"]].mean(axis=1).iloc[0])
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 
+from tn_ray.data.tia2 import resolve_dir
 from tn_ray.prompts.overlap import per_prompt, per_set
 from tn_ray.prompts.settings import RulesConfig
-from tn_ray.tia2 import resolve_dir
 
 
 def main() -> dict:

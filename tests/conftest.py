@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                   AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
 os.environ.pop("AWS_SESSION_TOKEN", None)
 os.environ.pop("AWS_PROFILE", None)
+# testing-only fault hooks (tn_ray.testing): set before Ray starts so every worker sees it
+os.environ["TN_RAY_TESTING_FAULTS"] = tempfile.mkdtemp(prefix="tn_ray_faults_")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TIA2 = Path(os.environ.get("TN_RAY_TIA2_DIR", REPO.parent / "shared" / "tia2"))
@@ -32,8 +35,8 @@ def ray_session():
     """One local Ray for the whole test session (ray.init costs ~5 s)."""
     import ray
 
+    from tn_ray.cluster import init_ray
     from tn_ray.config import RayConfig
-    from tn_ray.distributed import init_ray
 
     init_ray(RayConfig(num_cpus=2))
     yield ray

@@ -42,8 +42,8 @@ def bestofn_node_loss(cluster, workers, out: str) -> dict:
     """Best-of-n (tiny pipeline, 3 prompts x 16 samples) while a GPU node is lost mid-generation."""
     import pandas as pd
 
-    from tn_ray.bestofn import BestOfNConfig, run
     from tn_ray.config import RayConfig
+    from tn_ray.experiments.bestofn import BestOfNConfig, run
 
     report: dict = {}
     victim = workers[2]
@@ -85,8 +85,8 @@ def main(scenario: str, out: str) -> None:
     from ray.cluster_utils import Cluster
 
     from tn_ray.config import ScoringConfig
-    from tn_ray.scores import RewardCache
-    from tn_ray.scoring import score_matrices
+    from tn_ray.scoring.cache import RewardCache
+    from tn_ray.scoring.pipeline import score_matrices
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
     workers = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(3)]

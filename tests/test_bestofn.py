@@ -13,10 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from tn_ray.bestofn import BestOfNConfig, InputError, load_contrast, resolve_prompts
 from tn_ray.config import ConfigError, load_config
-from tn_ray.scores import ScoreMatrix, model_slug
-from tn_ray.selection import select, summary
+from tn_ray.errors import InputError
+from tn_ray.experiments.bestofn import BestOfNConfig, resolve_prompts
+from tn_ray.experiments.selection import select, summary
+from tn_ray.prompts.contrast import load_contrast
+from tn_ray.scoring.matrix import ScoreMatrix, model_slug
 
 MODELS = ["clip:tiny", "pickscore:tiny"]
 CONTRAST = {
@@ -55,7 +57,7 @@ def run_dir(ray_session, tmp_path_factory) -> Path:
 
 
 def own_textnorm(values: np.ndarray, tau: float) -> np.ndarray:
-    """Softmax probability of column 0, written independently of tn_ray.textnorm."""
+    """Softmax probability of column 0, written independently of tn_ray.textnorm.equations."""
     z = np.where(np.isnan(values), -np.inf, values / tau)
     e = np.exp(z - z.max(axis=1, keepdims=True))
     return e[:, 0] / e.sum(axis=1)
@@ -177,7 +179,7 @@ def test_human_eval_export_is_blinded_and_matches_the_selections(run_dir):
 
 
 def test_a_rerun_recomputes_nothing(run_dir, ray_session, tmp_path):
-    from tn_ray.bestofn import run
+    from tn_ray.experiments.bestofn import run
 
     cfg = load_config(run_dir.parent / "bestofn.yaml", BestOfNConfig)
     parts = sorted(p.name for p in (run_dir / "generation" / "manifest").iterdir())
@@ -211,14 +213,14 @@ def test_samples_per_prompt_follows_the_largest_pool(tmp_path):
 
 def test_prompts_without_contrastive_sets_and_bad_files_are_refused(tmp_path, tia2_dir):
     cfg = load_config(write_config(tmp_path, prompts=["a photo of three red circles", "an unknown prompt"]), BestOfNConfig)
-    with pytest.raises(InputError, match=r"1 prompts have no contrastive set .*'an unknown prompt'"):
-        resolve_prompts(cfg, load_contrast(cfg))
+    with pytest.raises(InputError, match=r"1 prompt\(s\) have no contrastive set .*'an unknown prompt'"):
+        resolve_prompts(cfg, load_contrast(cfg.contrast))
     (tmp_path / "bad.json").write_text('{"x": "not a list"}')
-    with pytest.raises(InputError, match="bad.json must map each prompt to a list"):
-        load_contrast(cfg.model_copy(update={"contrast": str(tmp_path / "bad.json")}))
+    with pytest.raises(InputError, match="bad.json: the set of prompt 'x' must be a list of prompts"):
+        load_contrast(str(tmp_path / "bad.json"))
     released = cfg.model_copy(update={"contrast": "released:counting", "prompts": None, "max_prompts": 3})
-    prompts = resolve_prompts(released, load_contrast(released))
-    assert len(prompts) == 3 and all(load_contrast(released)[p] for p in prompts)
+    prompts = resolve_prompts(released, load_contrast(released.contrast))
+    assert len(prompts) == 3 and all(load_contrast(released.contrast)[p] for p in prompts)
 
 
 # ---- selection as a pure function -----------------------------------------------------------
@@ -251,7 +253,7 @@ def test_select_refuses_short_pools_and_nan():
 
 
 def test_answers_become_win_counts_per_pair(run_dir):
-    from tn_ray.human_eval import score_answers
+    from tn_ray.experiments.human_eval import score_answers
 
     key = pd.read_csv(run_dir / "human_eval_key.csv")
     # the annotator always prefers whichever set the ensemble picked, and says "tie" otherwise

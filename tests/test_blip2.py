@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from tn_ray import tia2
 from tn_ray.cli import main
+from tn_ray.data import tia2
 from tn_ray.rewards import ModelLoadError, build
 from tn_ray.rewards.blip2 import MAX_TEXT_TOKENS
-from tn_ray.scores import ScoreMatrix, model_slug
+from tn_ray.scoring.matrix import ScoreMatrix, model_slug
 
 TEXTS = ["a photo of a cat", "two red circles and a blue square", "a lighthouse in a storm " * 8]
 
@@ -73,7 +73,7 @@ def test_each_image_and_text_is_encoded_once(itc, itm, images):
     texts = [f"a photo of {n} dogs" for n in range(33)]
     for model in (itc, itm):
         calls = []
-        hook = model.model.vision_model.register_forward_hook(lambda mod, args, out: calls.append(1))
+        hook = model.model.vision_model.register_forward_hook(lambda mod, args, out: calls.append(1))  # noqa: B023 (called in this iteration)
         try:
             model._text_cache.clear()
             e0, t0 = model.images_encoded, model.texts_encoded

@@ -5,10 +5,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from tn_ray import distributed
+from tn_ray import cluster
 from tn_ray.config import ScoringConfig
 from tn_ray.rewards import build
-from tn_ray.scores import RewardCache
+from tn_ray.scoring import workers as distributed
+from tn_ray.scoring.cache import RewardCache
 
 
 def arrays(n, seed=0):
@@ -16,12 +17,16 @@ def arrays(n, seed=0):
     return [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(n)]
 
 
-def test_actor_sizing_follows_the_gpus(monkeypatch):
-    monkeypatch.setattr(distributed, "cluster_gpus", lambda: 4.0)
-    assert distributed.actor_resources(ScoringConfig()) == (4, {"num_gpus": 1.0})
-    assert distributed.actor_resources(ScoringConfig(gpus_per_actor=0.5))[0] == 8
-    monkeypatch.setattr(distributed, "cluster_gpus", lambda: 0.0)
-    assert distributed.actor_resources(ScoringConfig()) == (1, {"num_gpus": 0, "num_cpus": 1.0})
+def test_actor_sizing_follows_the_gpus(monkeypatch, ray_session):
+    """One sizing rule for every actor pool (tn_ray.cluster.actor_pool): reward models and generators."""
+    monkeypatch.setattr(cluster, "cluster_gpus", lambda: 4.0)
+    assert distributed.reward_pool_size(ScoringConfig()) == (4, {"num_gpus": 1.0})
+    assert distributed.reward_pool_size(ScoringConfig(gpus_per_actor=0.5))[0] == 8
+    assert distributed.reward_pool_size(ScoringConfig(), max_actors=3)[0] == 3  # never more actors than work units
+    monkeypatch.setattr(cluster, "cluster_gpus", lambda: 0.0)
+    assert distributed.reward_pool_size(ScoringConfig()) == (1, {"num_gpus": 0, "num_cpus": 1.0})
+    # generators fill the CPUs of a CPU-only cluster (2 in the test session), one per cpus_per_actor
+    assert cluster.actor_pool(None, 1.0, 1.0, fill_cpus=True) == (2, {"num_gpus": 0, "num_cpus": 1.0})
 
 
 def test_long_lived_actors_score_like_the_local_model(ray_session):

@@ -15,9 +15,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tn_ray.diffusion import PipelineLoadError, check_scheduler, check_source
-from tn_ray.generation import (GenerationConfig, GenerationMismatch, GenerationWorker, generate, image_path,
-                               read_manifest, sample_seed, work_units)
+from tn_ray import testing
+from tn_ray.diffusion.generation import (
+    GenerationConfig,
+    GenerationMismatch,
+    GenerationWorker,
+    generate,
+    image_path,
+    read_manifest,
+    sample_seed,
+    work_units,
+)
+from tn_ray.diffusion.pipelines import PipelineLoadError, check_scheduler, check_source
 from tn_ray.storage import Store
 
 PROMPTS = ["a red cat", "two dogs on a beach", "a watercolor lighthouse"]
@@ -154,7 +163,7 @@ def test_resume_after_sigkill_of_the_driver(ray_session, reference, tmp_path):
     prompts = PROMPTS + [f"prompt number {i}" for i in range(3)]
     address = ray_session.get_runtime_context().gcs_address
     code = ("import json, sys; from tn_ray.config import RayConfig; "
-            "from tn_ray.generation import GenerationConfig, generate; "
+            "from tn_ray.diffusion.generation import GenerationConfig, generate; "
             f"generate({prompts!r}, GenerationConfig.model_validate_json(open(sys.argv[1]).read()), RayConfig(address={address!r}))")
     driver = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "cfg.json")], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, env={**os.environ, "TQDM_DISABLE": "1"})
@@ -184,18 +193,33 @@ def test_resume_after_sigkill_of_the_driver(ray_session, reference, tmp_path):
     assert len(list((out / "manifest").glob("*.parquet"))) == 1
 
 
+@pytest.fixture
+def fault():
+    """Arm the testing-only fault hook of generation batches (tn_ray.testing); disarmed after."""
+    armed = []
+
+    def arm(kind, marker):
+        armed.append(testing.arm("generation", kind, marker))
+
+    yield arm
+    for f in armed:
+        f.unlink(missing_ok=True)
+
+
 @pytest.mark.parametrize("kind", ["crash", "error"])
-def test_a_failing_batch_is_retried_and_the_run_completes(ray_session, reference, tmp_path, kind):
+def test_a_failing_batch_is_retried_and_the_run_completes(ray_session, reference, tmp_path, kind, fault):
     marker = tmp_path / "fault-fired"
-    cfg = config(tmp_path / "run", inject_fault={"marker": str(marker), "kind": kind})
+    fault(kind, marker)
+    cfg = config(tmp_path / "run")
     manifest = generate(PROMPTS, cfg)
     assert marker.is_file(), "the injected fault never fired"
     assert file_digests(tmp_path / "run") == reference
     assert len(manifest) == len(PROMPTS) * SAMPLES
 
 
-def test_without_retries_the_injected_error_fails_the_run(ray_session, tmp_path):
-    cfg = config(tmp_path / "run", error_retries=0, inject_fault={"marker": str(tmp_path / "m"), "kind": "error"})
+def test_without_retries_the_injected_error_fails_the_run(ray_session, tmp_path, fault):
+    fault("error", tmp_path / "m")
+    cfg = config(tmp_path / "run", error_retries=0)
     with pytest.raises(Exception, match="injected fault"):
         generate(PROMPTS, cfg)
 

@@ -16,12 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tn_ray import tia2
 from tn_ray.cli import main
+from tn_ray.data import tia2
 from tn_ray.rewards import ModelLoadError, build
 from tn_ray.rewards.imagereward import MAX_TEXT_TOKENS, convert_official_state_dict
 from tn_ray.rewards.wordpiece import write_vocab
-from tn_ray.scores import ScoreMatrix, model_slug
+from tn_ray.scoring.matrix import ScoreMatrix, model_slug
 
 MED_CONFIG = Path(__file__).resolve().parents[1] / "tn_ray/rewards/configs/imagereward-med-config.json"
 PROMPTS = [

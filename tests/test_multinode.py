@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 SCRIPT = Path(__file__).with_name("multinode_scenarios.py")
 
 
@@ -16,7 +15,7 @@ def scenario(name: str, tmp_path: Path) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "1"}
     proc = subprocess.run([sys.executable, str(SCRIPT), name, str(tmp_path)], capture_output=True, text=True,
                           timeout=600, env=env)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, f"scenario {name} printed no result (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
     return json.loads(lines[-1][len("RESULT "):])
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydantic import SecretStr
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from pydantic import SecretStr
 
 from tn_ray.prompts import build, clean, normalize
 from tn_ray.prompts.base import ContrastSet
@@ -63,7 +63,7 @@ def test_counting_rules_plurals_and_articles(x0, expected):
 
 def test_counting_rules_contain_every_released_quantity_up_to_six(tia2_dir):
     """The released counting sets spell plurals/articles the benchmark's way; the rules must match."""
-    from tn_ray.tia2 import load_prompt_sets
+    from tn_ray.data.tia2 import load_prompt_sets
 
     released = load_prompt_sets("counting", tia2_dir)
     for x0, rel in released.items():
@@ -76,7 +76,7 @@ def test_counting_rules_contain_every_released_quantity_up_to_six(tia2_dir):
 
 
 def test_composition_rules_on_tia2(tia2_dir):
-    from tn_ray.tia2 import load_prompt_sets
+    from tn_ray.data.tia2 import load_prompt_sets
 
     released = load_prompt_sets("composition", tia2_dir)
     for x0 in list(released)[::7]:
@@ -158,7 +158,7 @@ def test_categories(x0, cat):
 
 
 def test_categories_agree_with_tia2_subcategories(tia2_dir):
-    from tn_ray.tia2 import load_subcategories
+    from tn_ray.data.tia2 import load_subcategories
 
     truth = {p: c for p, c in load_subcategories(tia2_dir).items() if c != "reddit"}
     hits = [truth[p] in categorize(p) for p in truth]
@@ -447,7 +447,7 @@ def test_read_prompts_formats_and_errors(tmp_path, tia2_dir):
 
 def test_synthesize_rules_and_released_through_the_cli(tmp_path, tia2_dir, ray_session, capsys):
     from tn_ray.cli import main
-    from tn_ray.tia2 import load_prompt_sets
+    from tn_ray.data.tia2 import load_prompt_sets
 
     counting = list(load_prompt_sets("counting", tia2_dir))[::30]
     prompts = counting + ["a realistic photo of a deer and a truck", "dogs chasing horses"]
@@ -538,9 +538,9 @@ def test_tia2_eval_with_rule_built_sets(tmp_path, tia2_dir, ray_session):
     from PIL import Image
 
     from tn_ray.config import ScoringConfig
-    from tn_ray.scores import ScoreMatrix
-    from tn_ray.tia2 import load_labels
-    from tn_ray.tia2_eval import Tia2EvalConfig, run
+    from tn_ray.data.tia2 import load_labels
+    from tn_ray.experiments.tia2_eval import Tia2EvalConfig, run
+    from tn_ray.scoring.matrix import ScoreMatrix
 
     rng = np.random.default_rng(0)
     for set_name in ("counting", "composition"):

@@ -3,7 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tn_ray.scores import RewardCache, ScoreMatrix, model_slug
+from tn_ray.scoring.cache import RewardCache
+from tn_ray.scoring.matrix import ScoreMatrix, model_slug
 
 
 def small_matrix():

@@ -7,9 +7,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tn_ray import tia2
-from tn_ray.scores import RewardCache, ScoreMatrix
-from tn_ray.tia2_eval import InputError, Tia2EvalConfig, run
+from tn_ray.data import tia2
+from tn_ray.errors import InputError
+from tn_ray.experiments.tia2_eval import Tia2EvalConfig, run
+from tn_ray.scoring.cache import RewardCache
+from tn_ray.scoring.matrix import ScoreMatrix
 
 
 def test_score_matrix_and_cache_roundtrip_on_s3(s3):

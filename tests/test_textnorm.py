@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from tn_ray.textnorm import ensemble, log_textnorm, textnorm, textnorm_ensemble
+from tn_ray.textnorm.columns import EnsembleSpec, SetParams, combine, reward_columns
+from tn_ray.textnorm.equations import ensemble, log_textnorm, textnorm
 
 rewards = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False)
 matrices = st.integers(1, 6).flatmap(
@@ -75,8 +76,29 @@ def test_ensembles(r):
 
 def test_textnorm_ensemble_uses_each_models_tau():
     a, b = np.array([[2.0, 1.0]]), np.array([[0.0, 3.0]])
-    got = textnorm_ensemble([a, b], tau=[1.0, 2.0], kind="mean")
+    got = combine({"a": a, "b": b}, ["a", "b"], [1.0, 2.0], kind="mean")
     np.testing.assert_allclose(got, [(reference([2, 1], 1.0) + reference([0, 3], 2.0)) / 2])
+
+
+def test_reward_columns_equal_an_independent_computation():
+    """Every column of the one reward-columns function, per group, against hand formulas."""
+    a = np.array([[2.0, 1.0, np.nan], [0.5, 0.0, 3.0], [1.0, 1.0, 1.0]])
+    b = np.array([[0.0, 3.0, 1.0], [1.0, 1.0, np.nan], [2.0, 0.0, 0.0]])
+    params = {"g1": SetParams(tau=1.0, tau_per_model={"b": 2.0}, lam=0.5), "default": SetParams(tau=0.5, lam=2.0)}
+    ens = [EnsembleSpec(name="m", members=["a", "b"]), EnsembleSpec(name="u", members=["a", "b"], kind="uncertainty"),
+           EnsembleSpec(name="r", members=["a", "b"], textnorm=False)]
+    groups = np.array(["g1", "g2", "g1"])
+    got = reward_columns({"a": a, "b": b}, params, ens, groups=groups)
+    assert list(got) == ["a", "b", "textnorm(a)", "textnorm(b)", "m", "u", "r"]
+    for i, g in enumerate(groups):
+        p = params.get(g, params["default"])
+        ta = reference([x for x in a[i] if not np.isnan(x)], p.tau_for("a"))
+        tb = reference([x for x in b[i] if not np.isnan(x)], p.tau_for("b"))
+        assert got["a"][i] == a[i, 0] and got["b"][i] == b[i, 0]
+        np.testing.assert_allclose([got["textnorm(a)"][i], got["textnorm(b)"][i]], [ta, tb], rtol=1e-12)
+        np.testing.assert_allclose(got["m"][i], (ta + tb) / 2, rtol=1e-12)
+        np.testing.assert_allclose(got["u"][i], (ta + tb) / 2 - p.lam * ((ta - tb) / 2) ** 2, rtol=1e-12)
+        np.testing.assert_allclose(got["r"][i], (a[i, 0] + b[i, 0]) / 2, rtol=1e-12)
 
 
 @pytest.mark.parametrize("tau", [0.0, -1.0, float("nan")])

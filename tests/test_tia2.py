@@ -6,13 +6,16 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 from scipy import stats as sps
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from tn_ray import tia2
 from tn_ray.cli import main
-from tn_ray.scores import ScoreMatrix, model_slug
-from tn_ray.tia2_eval import EnsembleSpec, InputError, SetParams, Tia2EvalConfig, run
+from tn_ray.data import tia2
+from tn_ray.errors import InputError
+from tn_ray.experiments.tia2_eval import Tia2EvalConfig, run
+from tn_ray.scoring.matrix import ScoreMatrix, model_slug
+from tn_ray.textnorm.columns import EnsembleSpec, SetParams
 
 MODELS = ["clip:tiny", "pickscore:tiny"]
 
@@ -62,10 +65,10 @@ def config(bench, out, **kw):
 
 
 def independent_ap_at_k(labels, scores, k):
-    ranked = [l for _, l in sorted(zip(-scores, labels), key=lambda t: t[0])][:k]  # stable on ties
+    ranked = [lab for _, lab in sorted(zip(-scores, labels), key=lambda t: t[0])][:k]  # stable on ties
     hits, total = 0, 0.0
-    for i, l in enumerate(ranked, 1):
-        if l:
+    for i, lab in enumerate(ranked, 1):
+        if lab:
             hits += 1
             total += hits / i
     return total / min(k, sum(labels))
@@ -140,9 +143,9 @@ def test_rerun_computes_nothing_and_new_prompts_only_what_is_missing(first_run, 
 
 
 def test_bad_input_is_named_before_any_scoring(bench, tmp_path, monkeypatch, tia2_dir):
-    import tn_ray.scoring
+    import tn_ray.scoring.pipeline
 
-    monkeypatch.setattr(tn_ray.scoring, "score_matrices", lambda *a, **k: pytest.fail("scored despite bad input"))
+    monkeypatch.setattr(tn_ray.scoring.pipeline, "score_matrices", lambda *a, **k: pytest.fail("scored despite bad input"))
     broken = tmp_path / "imgs"
     shutil.copytree(bench, broken)
     victims = sorted((broken / "counting").iterdir())[:3]
@@ -154,7 +157,7 @@ def test_bad_input_is_named_before_any_scoring(bench, tmp_path, monkeypatch, tia
         v.write_bytes(b"not a jpeg")
     with pytest.raises(InputError, match="3 of 300 images .* cannot be read"):
         run(config(broken, tmp_path / "o"))
-    with pytest.raises(InputError, match="members \\['clip'\\] are not among models"):
+    with pytest.raises(ValidationError, match="members \\['clip'\\] are not among models"):  # fails as the config loads
         run(config(bench, tmp_path / "o", ensembles=[EnsembleSpec(name="e", members=["clip", "pickscore:tiny"])]))
 
 

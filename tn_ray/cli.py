@@ -2,6 +2,11 @@
 
 Each command module exposes ``add_parser(subparsers)`` that registers its sub-command and
 sets ``func`` (a function of the parsed args). Adding a command = adding its module here.
+
+Errors: a :class:`tn_ray.errors.TnRayError` (bad config, input, name, output location) or an
+OS error about a named file is the user's to fix and prints as one line; an error raised in a
+Ray task or actor is unwrapped to the original one first. Anything else is a bug and keeps its
+traceback.
 """
 from __future__ import annotations
 
@@ -18,7 +23,11 @@ COMMAND_MODULES = [
     "tn_ray.commands.bestofn",
     "tn_ray.commands.score",
     "tn_ray.commands.prompts",
+    "tn_ray.commands.label",
 ]
+
+# OS errors that name a file the user gave (missing, not writable, a file where a folder goes)
+USER_OS_ERRORS = (FileNotFoundError, PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,19 +42,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_error(err: BaseException) -> BaseException | None:
+    """The user error behind ``err`` (unwrapping Ray's task/actor errors), or None for a bug."""
+    from tn_ray.errors import TnRayError
+
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, (TnRayError, *USER_OS_ERRORS)):
+            return err
+        cause = getattr(err, "cause", None)  # ray.exceptions.RayTaskError / RayActorError
+        err = cause if isinstance(cause, BaseException) else err.__cause__
+        seen += 1
+    return None
+
+
+def one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename and err.strerror:  # builtin OS errors: what, and which file
+        return f"{err.strerror}: {err.filename}"
+    return str(err) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from tn_ray.config import ConfigError
-
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ValueError, KeyError, FileNotFoundError) as err:
-        # user errors: one clear line, no traceback (everything computed so far is on disk)
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"tn-ray: error: {msg}", file=sys.stderr)
+    except Exception as err:
+        found = user_error(err)
+        if found is None:
+            raise  # a bug: keep the traceback
+        # user errors: one clear line (everything computed so far is on disk)
+        print(f"tn-ray: error: {one_line(found)}", file=sys.stderr)
         return 2
 
 

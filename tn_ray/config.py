@@ -12,10 +12,12 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tn_ray.errors import TnRayError
+
 T = TypeVar("T", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(TnRayError, ValueError):
     """A configuration file or value is invalid; the message names file, key and value."""
 
 
@@ -25,41 +27,95 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def _format(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str, prefix: tuple[str, ...] = ()) -> str:
+    """pydantic's errors as lines naming the dotted key (under ``prefix``) and the bad value.
+
+    A cross-field check (a model validator) has no key of its own: its line names the block
+    it belongs to (or the file) and its message names the fields; the block's content is
+    never dumped.
+    """
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = [*prefix, *(str(p) for p in e["loc"])]
+        key = ".".join(loc)
+        msg = e["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
         if e["type"] == "extra_forbidden":
             lines.append(f"  key '{key}': unknown key (typo?)")
+        elif e["type"] in ("value_error", "assertion_error") and isinstance(e.get("input"), dict):
+            lines.append(f"  {'in ' + repr(key) + ': ' if key else ''}{msg}")  # cross-field: no dump
         else:
-            lines.append(f"  key '{key}': {e['msg']} (got {e.get('input')!r})")
+            got = e.get("input")
+            shown = repr(got) if not isinstance(got, (dict, list)) or len(repr(got)) < 80 else f"{repr(got)[:77]}..."
+            lines.append(f"  key '{key or '<top level>'}': {msg} (got {shown})")
     return "\n".join(lines)
 
 
-def validate(model: type[T], data: dict[str, Any], source: str = "<config>") -> T:
+def validate(model: type[T], data: dict[str, Any], source: str = "<config>", prefix: tuple[str, ...] = ()) -> T:
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, prefix)) from None
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` arguments as dotted overrides (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key}: value {value!r} is not valid YAML ({err.problem})") from None
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None, source: str = "command line") -> dict[str, Any]:
+    """``data`` with dotted keys (``scoring.batch_size``) set; a key that goes through a
+    value that is not a mapping is a :class:`ConfigError` naming it."""
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for i, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parents[: i + 1])
+                raise ConfigError(f"{source}: cannot set '{dotted}': '{where}' is {child!r}, not a mapping of keys")
+            node = child
+        node[leaf] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from ``path``; :class:`ConfigError` naming the file for a missing file,
+    bytes that are not UTF-8, invalid YAML (with line), an empty file or a non-mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" if not path.exists() else f"config path {path} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty; write the keys you want (an empty file would silently mean "
+                          "'all defaults')")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(data).__name__}")
+    return data
 
 
 def load_config(path: str | Path, model: type[T], overrides: dict[str, Any] | None = None) -> T:
     """Load ``path`` (YAML) into ``model``; ``overrides`` (dotted keys) win over the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+    data = apply_overrides(read_yaml(path), overrides, f"{path} (with overrides)")
     return validate(model, data, str(path))
 
 

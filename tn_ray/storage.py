@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -142,3 +143,62 @@ def join_uri(root: str | os.PathLike, *parts: str) -> str:
     text, sep, query = str(root).partition("?")
     joined = "/".join([text.rstrip("/"), *(p.strip("/") for p in parts if p)])
     return joined + sep + query
+
+
+class PartTable:
+    """A Parquet table kept as part files under one folder of a :class:`Store`: each batch is
+    appended as its own atomically written part (a crash loses at most the batch in flight),
+    reads concatenate the parts and keep the last row per ``keys``, and :meth:`compact`
+    merges the parts (the merged part is written before any is deleted, so an interruption
+    at any point loses nothing). The reward cache and the generation manifest are both one."""
+
+    def __init__(self, store: Store, folder: str, schema: pa.Schema, keys: Sequence[str]):
+        self.store, self.folder, self.schema, self.keys = store, folder.strip("/"), schema, list(keys)
+
+    def parts(self) -> list[str]:
+        """Relative paths of the finished part files (temporaries of a crash left out)."""
+        return [p for p in self.store.list_files(self.folder, ".parquet") if p.rsplit("/", 1)[-1].startswith("part-")]
+
+    def read(self):
+        """Every row, deduplicated by ``keys`` (the last written wins), as pandas."""
+        parts = self.parts()
+        if not parts:
+            return self.schema.empty_table().to_pandas()
+        df = pa.concat_tables([self.store.read_table(p, schema=self.schema) for p in parts]).to_pandas()
+        return df.drop_duplicates(self.keys, keep="last").reset_index(drop=True)
+
+    def append(self, df) -> None:
+        """Persist one batch (a pandas frame holding the schema's columns) atomically."""
+        if len(df):
+            table = pa.Table.from_pandas(df[self.schema.names], schema=self.schema, preserve_index=False)
+            self.store.write_table(f"{self.folder}/part-{uuid.uuid4().hex}.parquet", table)
+
+    def compact(self) -> None:
+        parts = self.parts()
+        if len(parts) > 1:
+            self.append(self.read())
+            for p in parts:
+                self.store.delete(p)
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """A local output folder that exists (created if needed) and is writable, checked before any
+    work starts; :class:`tn_ray.errors.OutputError` naming it otherwise (a file in its place, a
+    parent that is a file, no write permission)."""
+    from tn_ray.errors import OutputError
+
+    p = Path(path)
+    for parent in [p, *p.parents]:
+        if parent.exists() and not parent.is_dir():
+            what = "the output folder" if parent == p else f"the output folder {p}: its parent"
+            raise OutputError(f"{what} {parent} is an existing file, not a folder")
+        if parent.exists():
+            break
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OutputError(f"cannot write to the output folder {p}: {err.strerror or err}") from None
+    return p

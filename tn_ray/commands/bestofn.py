@@ -14,8 +14,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from tn_ray.experiments.bestofn import BestOfNConfig, run as bestofn_run
     from tn_ray.config import load_config
+    from tn_ray.experiments.bestofn import BestOfNConfig
+    from tn_ray.experiments.bestofn import run as bestofn_run
 
     overrides = {k: v for k, v in {"out": args.out, "max_prompts": args.max_prompts}.items() if v is not None}
     cfg = load_config(args.config, BestOfNConfig, overrides)

@@ -33,8 +33,9 @@ def add_parser(sub) -> None:
 
 
 def synthesize(args) -> int:
-    from tn_ray.config import load_config, validate
-    from tn_ray.prompts.synthesize import SynthesisConfig, synthesize as run
+    from tn_ray.config import apply_overrides, load_config, validate
+    from tn_ray.prompts.synthesize import SynthesisConfig
+    from tn_ray.prompts.synthesize import synthesize as run
 
     flags = {"input": args.input, "source": args.source, "out": args.out, "report": args.report,
              "workers": args.workers, "batch_size": args.batch_size, "sources.llm.model": args.model,
@@ -46,14 +47,7 @@ def synthesize(args) -> int:
     if args.config:
         cfg = load_config(args.config, SynthesisConfig, overrides)
     else:
-        data: dict = {}
-        for dotted, value in overrides.items():
-            node = data
-            *parents, leaf = dotted.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
-        cfg = validate(SynthesisConfig, data, "command line")
+        cfg = validate(SynthesisConfig, apply_overrides({}, overrides), "command line")
     paths = run(cfg)
     report = json.loads(Path(paths["report"]).read_text())
     by_source = ", ".join(f"{k}: {v}" for k, v in report["counts_by_source"].items()) or "none"
@@ -68,8 +62,8 @@ def synthesize(args) -> int:
 
 
 def compare(args) -> int:
-    from tn_ray.prompts.overlap import compare as run
     from tn_ray.data.tia2 import resolve_dir
+    from tn_ray.prompts.overlap import compare as run
 
     paths = run(resolve_dir(args.tia2_dir), Path(args.out))
     print(Path(paths["overlap_md"]).read_text())

@@ -28,17 +28,11 @@ def run(args) -> int:
             entry = registry.get(name)
             print(f"  {name:<20} [{entry.kind}] {entry.description}")
         return 0 if args.list else 2
-    import yaml
-
-    from tn_ray.config import ConfigError
+    from tn_ray.config import parse_set
 
     overrides = {k: v for k, v in {"num_samples": args.num_samples, "storage_path": args.storage_path,
                                    "out": args.out}.items() if v is not None}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
+    overrides.update(parse_set(args.set))
     paths = load_and_run(args.config, resume=args.resume, overrides=overrides)
     best = Path(paths["best"]).read_text()
     print(f"\nbest configuration ({paths['best']}):\n{best}")

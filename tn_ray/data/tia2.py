@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tn_ray.errors import TnRayError
+
 log = logging.getLogger(__name__)
 
 SETS = ("comprehensive", "counting", "composition")
@@ -26,7 +28,7 @@ RAW_URL = "https://raw.githubusercontent.com/kykim0/TextNorm/{commit}/{path}"
 FILES = [f"human_annotations/human_labels_{s}.json" for s in SETS] + [f"prompts/prompt_set_{s}.json" for s in SETS]
 
 
-class Tia2Error(ValueError):
+class Tia2Error(TnRayError, ValueError):
     """TIA2 data is missing or malformed; the message names the file and the problem."""
 
 

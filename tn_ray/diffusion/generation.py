@@ -35,16 +35,18 @@ import logging
 import os
 import re
 import time
-import uuid
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import pandas as pd
 import pyarrow as pa
 from pydantic import Field
 
+from tn_ray import testing
 from tn_ray.config import RayConfig, StrictModel
 from tn_ray.diffusion.pipelines import DEFAULT_PIPELINE, DTYPES, check_scheduler, check_source
-from tn_ray.storage import Store
+from tn_ray.errors import InputError, TnRayError
+from tn_ray.storage import PartTable, Store
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +72,8 @@ def _node_id() -> str:
         return "local"
 
 
-class GenerationMismatch(ValueError):
+class GenerationMismatch(TnRayError, ValueError):
     """A rerun into an existing output folder changed a parameter that fixes its images."""
-
-
-class FaultInjection(StrictModel):
-    marker: str = Field(..., description="local file recording that the fault fired: the first batch that finds it absent creates it and fails")
-    kind: Literal["crash", "error"] = Field("crash", description="crash: the actor process dies (Ray restarts it and retries the batch); error: the batch raises (retried as an application error)")
 
 
 class GenerationConfig(StrictModel):
@@ -97,7 +94,6 @@ class GenerationConfig(StrictModel):
     gpus_per_actor: float = Field(1.0, gt=0, le=1, description="GPU share per generation actor when GPUs exist (fraction of one GPU)")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per generation actor (count)")
     error_retries: int = Field(2, ge=0, description="times a batch that raised an error is retried in its actor before the run fails (a dead actor's batches are always retried: preemptions never exhaust a budget)")
-    inject_fault: FaultInjection | None = Field(None, description="testing only: make one batch fail to exercise retries")
 
     def fingerprint(self) -> dict:
         return {k: getattr(self, k) for k in FINGERPRINT_FIELDS}
@@ -159,20 +155,6 @@ class GenerationWorker:
         self.images_made = 0
         self.process = f"{_node_id()}:{os.getpid()}"
 
-    def _maybe_fail(self) -> None:
-        fault = self.cfg.inject_fault
-        if fault is None:
-            return
-        try:
-            with open(fault.marker, "x") as f:  # exclusive create: exactly one batch of the run fails
-                f.write(f"pid {os.getpid()}\n")
-        except FileExistsError:
-            return
-        if fault.kind == "crash":
-            log.warning("injected fault: actor %d exits", os.getpid())
-            os._exit(1)
-        raise RuntimeError("injected fault: this batch fails once")
-
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         """Make one work unit; an error (say a transient CUDA fault) is retried here up to
         ``error_retries`` times, so a deterministic bug still fails the run. A dead actor
@@ -190,7 +172,7 @@ class GenerationWorker:
         raise AssertionError("unreachable")
 
     def _make(self, batch: pd.DataFrame) -> pd.DataFrame:
-        self._maybe_fail()
+        testing.maybe_fail("generation")  # a no-op outside the test suite
         rows = []
         groups = batch["sample"] // self.cfg.pipeline_batch_size
         for (pid, _), sub in batch.groupby([batch["prompt_id"], groups], sort=True):
@@ -239,28 +221,13 @@ def check_output(store: Store, cfg: GenerationConfig, prompts: Sequence[str]) ->
         store.write_text("prompts.json", json.dumps(list(prompts) + known[len(prompts):], indent=1))
 
 
+def manifest_table(store: Store) -> PartTable:
+    return PartTable(store, "manifest", MANIFEST_SCHEMA, ["prompt_id", "sample"])
+
+
 def read_manifest(store: Store) -> pd.DataFrame:
     """Every recorded image, one row per (prompt_id, sample)."""
-    parts = store.list_files("manifest", ".parquet")
-    if not parts:
-        return MANIFEST_SCHEMA.empty_table().to_pandas()
-    df = pa.concat_tables([store.read_table(p, MANIFEST_SCHEMA) for p in parts]).to_pandas()
-    return df.drop_duplicates(["prompt_id", "sample"], keep="last").sort_values(["prompt_id", "sample"]).reset_index(drop=True)
-
-
-def append_manifest(store: Store, rows: pd.DataFrame) -> None:
-    if len(rows):
-        table = pa.Table.from_pandas(rows[MANIFEST_SCHEMA.names], schema=MANIFEST_SCHEMA, preserve_index=False)
-        store.write_table(f"manifest/part-{uuid.uuid4().hex}.parquet", table)
-
-
-def compact_manifest(store: Store) -> None:
-    """Merge the parts into one (write the merged part first: safe to interrupt)."""
-    parts = store.list_files("manifest", ".parquet")
-    if len(parts) > 1:
-        append_manifest(store, read_manifest(store))
-        for p in parts:
-            store.delete(p)
+    return manifest_table(store).read().sort_values(["prompt_id", "sample"]).reset_index(drop=True)
 
 
 def adopt_orphans(store: Store, cfg: GenerationConfig, prompts: Sequence[str], manifest: pd.DataFrame) -> pd.DataFrame:
@@ -318,20 +285,6 @@ def wait_for_exit(workers: set[str], timeout_s: float = 30.0) -> None:
     log.info("generation actors %s still exiting after %.0f s; going on", alive, timeout_s)
 
 
-def _n_actors(cfg: GenerationConfig, n_units: int) -> tuple[int, dict]:
-    import ray
-
-    res = ray.cluster_resources()
-    gpus = float(res.get("GPU", 0))
-    if gpus > 0:
-        n = cfg.num_actors or max(1, int(gpus / cfg.gpus_per_actor))
-        resources = {"num_gpus": cfg.gpus_per_actor}  # as the reward actors: the GPU is the limit
-    else:
-        n = cfg.num_actors or max(1, int(float(res.get("CPU", 1)) // cfg.cpus_per_actor))
-        resources = {"num_gpus": 0, "num_cpus": cfg.cpus_per_actor}
-    return max(1, min(n, n_units)), resources
-
-
 def generate(prompts: Sequence[str], cfg: GenerationConfig, ray_cfg: RayConfig | None = None) -> pd.DataFrame:
     """Make every missing (prompt, sample < samples_per_prompt) image; return the manifest of all.
 
@@ -342,16 +295,16 @@ def generate(prompts: Sequence[str], cfg: GenerationConfig, ray_cfg: RayConfig |
     from ray.data import ActorPoolStrategy
     from tqdm.auto import tqdm
 
-    from tn_ray.scoring.workers import init_ray
+    from tn_ray.cluster import actor_pool, init_ray
 
     if cfg.out is None:
-        raise ValueError("generation.out is not set: where should the images go?")
+        raise InputError("generation.out is not set: where should the images go?")
     prompts = list(prompts)
     if not prompts:
-        raise ValueError("no prompts to generate images for")
+        raise InputError("no prompts to generate images for")
     dup = pd.Series(prompts)[pd.Series(prompts).duplicated()]
     if len(dup):
-        raise ValueError(f"prompt {dup.iloc[0]!r} is listed twice; prompts must be unique")
+        raise InputError(f"prompt {dup.iloc[0]!r} is listed twice; prompts must be unique")
     check_source(cfg.pipeline)
     check_scheduler(cfg.scheduler)
     store = Store(cfg.out)
@@ -363,7 +316,7 @@ def generate(prompts: Sequence[str], cfg: GenerationConfig, ray_cfg: RayConfig |
     orphans = adopt_orphans(store, cfg, prompts, manifest)
     if len(orphans):
         log.info("adopted %d complete images written but not recorded by an interrupted run", len(orphans))
-        append_manifest(store, orphans)
+        manifest_table(store).append(orphans)
         manifest = read_manifest(store)
 
     wanted = pd.DataFrame([(i, p, s) for i, p in enumerate(prompts) for s in range(cfg.samples_per_prompt)],
@@ -377,7 +330,8 @@ def generate(prompts: Sequence[str], cfg: GenerationConfig, ray_cfg: RayConfig |
     if len(todo):
         init_ray(ray_cfg)
         units = work_units(todo, cfg.pipeline_batch_size, cfg.batch_size)
-        n_actors, resources = _n_actors(cfg, len(units))
+        n_actors, resources = actor_pool(cfg.num_actors, cfg.gpus_per_actor, cfg.cpus_per_actor, fill_cpus=True,
+                                         max_actors=len(units))
         worker_cfg = cfg.model_dump(mode="json")
         ds = ray.data.from_pandas(units).map_batches(
             GenerationWorker, fn_constructor_kwargs={"cfg": worker_cfg, "out": store.uri("")},
@@ -388,11 +342,11 @@ def generate(prompts: Sequence[str], cfg: GenerationConfig, ray_cfg: RayConfig |
         with tqdm(total=len(todo), desc=f"generating ({n_actors} actors)", unit="img") as bar:
             for rows in ds.iter_batches(batch_format="pandas", batch_size=None):
                 workers.update(rows[WORKER_COLUMN])
-                append_manifest(store, rows)
+                manifest_table(store).append(rows)
                 bar.update(len(rows))
         del ds
         wait_for_exit(workers)
-        compact_manifest(store)
+        manifest_table(store).compact()
         manifest = read_manifest(store)
     out = wanted[["prompt_id", "sample"]].merge(manifest, on=["prompt_id", "sample"], how="left")
     if out["path"].isna().any():

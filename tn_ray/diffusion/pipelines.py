@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tn_ray.errors import TnRayError
+
 DEFAULT_PIPELINE = "stabilityai/stable-diffusion-2-1"  # the paper's generator (-base for fine-tuning)
 TINY = "tiny"
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
-class PipelineLoadError(ValueError):
+class PipelineLoadError(TnRayError, ValueError):
     """A text-to-image pipeline (or its scheduler) cannot be loaded; the message says why and what to do."""
 
 

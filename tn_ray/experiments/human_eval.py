@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import io
 import textwrap
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -17,10 +17,11 @@ def _text_width(draw: ImageDraw.ImageDraw, text: str, font) -> int:
 
 
 def prompt_grid(prompt: str, rows: Sequence[str], pools: Sequence[int], image_of: Callable[[str, int], bytes],
-                cell: int = 128) -> Image.Image:
+                cell: int = 128, column_label: Callable[[int], str] = lambda n: f"n={n}") -> Image.Image:
     """A labelled grid: cell (reward r, pool n) is the top-1 image of r among the first n samples.
 
-    ``image_of(reward, n)`` returns the selected image's encoded bytes.
+    ``image_of(reward, n)`` returns the selected image's encoded bytes; ``column_label(n)`` the
+    column's heading (fine-tuning grids: checkpoint steps).
     """
     font = ImageFont.load_default()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -35,7 +36,8 @@ def prompt_grid(prompt: str, rows: Sequence[str], pools: Sequence[int], image_of
         draw.text((PAD, PAD + i * LINE), line, fill="black", font=font)
     for j, n in enumerate(pools):
         x = label_w + j * (cell + PAD)
-        draw.text((x + cell // 2 - _text_width(draw, f"n={n}", font) // 2, top - LINE - PAD), f"n={n}", fill="black", font=font)
+        label = column_label(n)
+        draw.text((x + cell // 2 - _text_width(draw, label, font) // 2, top - LINE - PAD), label, fill="black", font=font)
     for i, reward in enumerate(rows):
         y = top + i * (cell + PAD)
         draw.text((PAD, y + cell // 2 - LINE // 2), reward, fill="black", font=font)

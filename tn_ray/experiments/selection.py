@@ -7,7 +7,7 @@ serves every n. Ties are broken by the lower sample index, so a selection is rep
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd

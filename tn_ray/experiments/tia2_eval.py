@@ -9,41 +9,24 @@ from __future__ import annotations
 
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import pandas as pd
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from tn_ray.experiments import metrics
-
-from tn_ray.data import tia2
 from tn_ray.config import RayConfig, ScoringConfig, StrictModel, dump_config
+from tn_ray.data import tia2
+from tn_ray.errors import InputError
+from tn_ray.experiments import metrics
+from tn_ray.prompts.contrast import load_contrast, texts_for
 from tn_ray.rewards import parse
+from tn_ray.scoring.images import check_images
 from tn_ray.scoring.matrix import ScoreMatrix
 from tn_ray.storage import Store
-from tn_ray.textnorm.equations import ensemble, textnorm
+from tn_ray.textnorm.columns import EnsembleSpec, SetParams, check_ensembles, reward_columns
 
 log = logging.getLogger(__name__)
-
-
-class SetParams(StrictModel):
-    tau: float = Field(1.0, gt=0, description="TextNorm temperature for every model on this set (reward units)")
-    tau_per_model: dict[str, float] = Field(default_factory=dict, description="temperature overrides by model spec, e.g. {'clip': 0.5} (reward units)")
-    lam: float = Field(0.0, ge=0, description="lambda of the uncertainty-regularized ensembles on this set (1/reward^2)")
-
-    def tau_for(self, model: str) -> float:
-        name = model.split(":")[0]
-        return self.tau_per_model.get(model, self.tau_per_model.get(name, self.tau))
-
-
-class EnsembleSpec(StrictModel):
-    name: str = Field(..., description="column name of this ensemble in the tables")
-    members: list[str] = Field(..., min_length=2, description="model specs averaged (each must be in `models`)")
-    kind: Literal["mean", "uncertainty"] = Field("mean", description="mean (eq. 2) or mean - lambda * variance (eq. 3)")
-    textnorm: bool = Field(True, description="ensemble TextNorm-normalized rewards (True) or raw rewards (False)")
 
 
 class Tia2EvalConfig(StrictModel):
@@ -65,36 +48,13 @@ class Tia2EvalConfig(StrictModel):
     def _known_models(cls, v: list[str]) -> list[str]:
         return [str(parse(m)) for m in v]
 
+    @model_validator(mode="after")
+    def _ensembles(self) -> Tia2EvalConfig:
+        object.__setattr__(self, "ensembles", check_ensembles(self.ensembles, self.models))
+        return self
+
     def params(self, set_name: str) -> SetParams:
         return self.textnorm.get(set_name, self.textnorm.get("default", SetParams()))
-
-
-class InputError(ValueError):
-    """Bad benchmark input (missing images, unknown members...), found before scoring."""
-
-
-def _contrast_sets(cfg: Tia2EvalConfig, set_name: str, root: Path) -> dict[str, list[str]]:
-    if cfg.contrast == "released":
-        return tia2.load_prompt_sets(set_name, root)
-    path = Path(cfg.contrast.format(set=set_name))
-    if not path.is_file():
-        raise InputError(f"contrastive set file for set '{set_name}' not found: {path}")
-    return json.loads(path.read_text())
-
-
-def _unreadable(path: str) -> str | None:
-    import io
-
-    from PIL import Image
-
-    from tn_ray.storage import read_any
-
-    try:
-        with Image.open(io.BytesIO(read_any(path))) as im:
-            im.verify()
-        return None
-    except Exception as err:  # any decoder error means the file cannot be scored
-        return f"{path.rsplit('/', 1)[-1]}: {type(err).__name__}"
 
 
 def collect_items(cfg: Tia2EvalConfig) -> pd.DataFrame:
@@ -109,15 +69,12 @@ def collect_items(cfg: Tia2EvalConfig) -> pd.DataFrame:
         if cfg.max_prompts:
             keep = labels["prompt"].drop_duplicates().iloc[: cfg.max_prompts]
             labels = labels[labels["prompt"].isin(keep)]
-        sets = _contrast_sets(cfg, set_name, root)
-        no_set = sorted(set(labels["prompt"]) - set(sets))
-        if no_set:
-            raise InputError(f"{len(no_set)} prompts of set '{set_name}' have no contrastive set in "
-                             f"{cfg.contrast}, e.g. {no_set[:3]}")
+        sets = load_contrast(cfg.contrast, tia2_dir=root, set_name=set_name)
+        origin = "TIA2's released sets" if cfg.contrast == "released" else cfg.contrast.format(set=set_name)
         df = labels.assign(
             image=[images.uri(f"{set_name}/{n}") for n in labels["image_id"]],
             image_key=[f"{set_name}/{n}" for n in labels["image_id"]],
-            texts=[[p, *[x for x in dict.fromkeys(sets[p]) if x != p]] for p in labels["prompt"]],
+            texts=texts_for(list(labels["prompt"]), sets, origin),
         )
         frames.append(df)
     items = pd.concat(frames, ignore_index=True)
@@ -128,32 +85,17 @@ def collect_items(cfg: Tia2EvalConfig) -> pd.DataFrame:
         by_set = pd.Series([k.split("/")[0] for k in items["image_key"] if k not in present]).value_counts().to_dict()
         raise InputError(f"{len(missing)} of {len(paths)} images are missing under {cfg.images} "
                          f"(per set: {by_set}), e.g. {missing[:3]}")
-    with ThreadPoolExecutor(8) as pool:
-        bad = [b for b in pool.map(_unreadable, paths) if b]
-    if bad:
-        raise InputError(f"{len(bad)} of {len(paths)} images under {cfg.images} cannot be read, e.g. {bad[:3]}")
+    check_images(paths, str(cfg.images))
     return items
 
 
-def reward_columns(items: pd.DataFrame, matrices: dict[str, ScoreMatrix], cfg: Tia2EvalConfig) -> pd.DataFrame:
-    """Per image: each model's raw reward, its TextNorm, and each ensemble (per-set params)."""
+def reward_table(items: pd.DataFrame, matrices: dict[str, ScoreMatrix], cfg: Tia2EvalConfig) -> pd.DataFrame:
+    """Per image: keys, labels and every reward column (per-set TextNorm parameters)."""
     out = items[["set", "prompt", "image_id", "binary", "fine"]].copy()
-    normalized: dict[str, np.ndarray] = {}
-    for model, m in matrices.items():
-        out[model] = m.raw
-        tn = np.empty(len(m))
-        for set_name in out["set"].unique():
-            rows = (out["set"] == set_name).to_numpy()
-            tn[rows] = textnorm(m.values[rows], cfg.params(set_name).tau_for(model))
-        normalized[model] = tn
-        out[f"textnorm({model})"] = tn
-    for ens in cfg.ensembles:
-        stack = np.stack([normalized[m] if ens.textnorm else matrices[m].raw for m in ens.members])
-        col = np.empty(len(out))
-        for set_name in out["set"].unique():
-            rows = (out["set"] == set_name).to_numpy()
-            col[rows] = ensemble(stack[:, rows], ens.kind, cfg.params(set_name).lam)
-        out[ens.name] = col
+    values = {model: m.values for model, m in matrices.items()}
+    params = {s: cfg.params(s) for s in out["set"].unique()}
+    for name, col in reward_columns(values, params, cfg.ensembles, groups=out["set"].to_numpy()).items():
+        out[name] = col
     return out
 
 
@@ -180,14 +122,9 @@ def plot(per_set: pd.DataFrame, path: Path, metric_names=("auroc", "auprc", "ap@
 
 
 def run(cfg: Tia2EvalConfig) -> dict[str, Path]:
-    from tn_ray.scoring.workers import init_ray
+    from tn_ray.cluster import init_ray
     from tn_ray.scoring.pipeline import score_matrices
 
-    for ens in cfg.ensembles:
-        unknown = [m for m in (str(parse(x)) for x in ens.members) if m not in cfg.models]
-        if unknown:
-            raise InputError(f"ensemble '{ens.name}': members {unknown} are not among models {cfg.models}")
-        ens.members = [str(parse(x)) for x in ens.members]
     items = collect_items(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +135,7 @@ def run(cfg: Tia2EvalConfig) -> dict[str, Path]:
     matrices = score_matrices(items, cfg.models, cfg.cache_dir or out / "cache", cfg.scoring,
                               out_dir=out / "scores", stats=counts)
     (out / "scoring_summary.json").write_text(json.dumps(counts, indent=1))
-    rewards = reward_columns(items, matrices, cfg)
+    rewards = reward_table(items, matrices, cfg)
     names = [c for c in rewards.columns if c not in ("set", "prompt", "image_id", "binary", "fine")]
     rewards.to_parquet(out / "rewards.parquet", index=False)
     prompt_table = metrics.per_prompt(rewards, names)

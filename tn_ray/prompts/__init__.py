@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 
+from tn_ray.errors import UnknownName
 from tn_ray.prompts.base import ContrastSet, ContrastSource, clean, normalize
 from tn_ray.prompts.settings import LlmConfig, ReleasedConfig, RulesConfig, SourcesConfig
 
@@ -31,7 +32,7 @@ def register(name: str, target: str, config_key: str | None = None) -> None:
 
 def source_class(name: str):
     if name not in SOURCES:
-        raise KeyError(f"unknown prompt source '{name}'; known: {sorted(SOURCES)}")
+        raise UnknownName(f"unknown prompt source '{name}'; known: {sorted(SOURCES)}")
     module, cls = SOURCES[name][0].split(":")
     return getattr(importlib.import_module(module), cls)
 

@@ -1,8 +1,9 @@
 """What every source of contrastive prompts returns, and the interface it implements."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 
 @dataclass

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Sequence
+from collections.abc import Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import SecretStr

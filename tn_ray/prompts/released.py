@@ -1,7 +1,7 @@
 """The contrastive sets released with TIA2 (``tn_ray.data.tia2.load_prompt_sets``), looked up by x0."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from tn_ray.prompts.base import ContrastSet, clean
 from tn_ray.prompts.settings import ReleasedConfig

@@ -11,7 +11,7 @@ the order is a pure function of x0 and the settings.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from tn_ray.prompts.base import ContrastSet, clean
 from tn_ray.prompts.grammar import QuantityPrompt, Slot, parse

@@ -128,7 +128,7 @@ def _run_ray(cfg: SynthesisConfig, x0s: list[str], kwargs: dict) -> pd.DataFrame
     from ray.data import ActorPoolStrategy
     from tqdm.auto import tqdm
 
-    from tn_ray.scoring.workers import init_ray
+    from tn_ray.cluster import init_ray
     from tn_ray.prompts.llm import LlmError
 
     init_ray(cfg.ray)

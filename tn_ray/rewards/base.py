@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import abc
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from tn_ray.errors import TnRayError
 
-class ModelLoadError(RuntimeError):
+
+class ModelLoadError(TnRayError, RuntimeError):
     """A reward model could not be loaded; it must never score."""
 
 
@@ -31,7 +34,7 @@ class RewardSpec:
     source: str | None = None  # None = the paper's default weights; "tiny" = random small config
 
     @classmethod
-    def parse(cls, text: str) -> "RewardSpec":
+    def parse(cls, text: str) -> RewardSpec:
         name, _, source = text.strip().partition(":")
         if not name:
             raise ValueError(f"empty reward model name in {text!r}")

@@ -1,8 +1,8 @@
 """OpenAI CLIP through open_clip: reward = logit_scale * cosine(image, text) (100 x cos)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

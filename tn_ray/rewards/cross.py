@@ -8,8 +8,9 @@ each batch cut to its own longest prompt (padding is masked: the cut changes onl
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -4,8 +4,8 @@ Reward = logit_scale * cosine(image, text), exactly as the PickScore authors com
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -15,10 +15,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -78,7 +77,7 @@ class ScoreMatrix:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ScoreMatrix":
+    def load(cls, path: str | os.PathLike) -> ScoreMatrix:
         parent, name = _split(path)
         df = Store(parent).read_table(name).to_pandas()
         models = df["model"].unique()
@@ -87,7 +86,7 @@ class ScoreMatrix:
         keys = df.drop(columns=["model", "texts", "scores"])
         return cls.from_rows(str(models[0]), keys, [list(t) for t in df["texts"]], [list(s) for s in df["scores"]])
 
-    def align(self, keys: pd.DataFrame) -> "ScoreMatrix":
+    def align(self, keys: pd.DataFrame) -> ScoreMatrix:
         """This matrix with its rows in the order of ``keys`` (same key columns)."""
         cols = [c for c in KEY_COLUMNS if c in keys.columns]
         idx = self.keys[cols].reset_index().merge(keys[cols], on=cols, how="right")["index"]
@@ -101,86 +100,3 @@ def model_slug(model_id: str) -> str:
     """A file-system-safe, collision-free name for a model id."""
     readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_id).strip("_")[:60]
     return f"{readable}-{hashlib.sha1(model_id.encode()).hexdigest()[:8]}"
-
-
-
-
-class RewardCache:
-    """Every computed reward of one model: (image_key, text) -> score, as Parquet parts.
-
-    ``root`` is a local folder or a cloud URI (``s3://bucket/cache``, ``gs://...``: any
-    pyarrow filesystem), so every node of a cluster reads and writes the same cache.
-    """
-
-    SCHEMA = pa.schema([("image_key", pa.string()), ("text", pa.string()), ("score", pa.float64())])
-
-    def __init__(self, root: str | os.PathLike, model_id: str):
-        self.model_id = model_id
-        self.store = Store(root)
-        self.slug = model_slug(model_id)
-        self.store.makedirs(self.slug)
-        if not self.store.exists(f"{self.slug}/MODEL"):
-            self.store.write_text(f"{self.slug}/MODEL", model_id + "\n")
-        self._frame: pd.DataFrame | None = None
-
-    @property
-    def location(self) -> str:
-        return self.store.uri(self.slug)
-
-    def parts(self) -> list[str]:
-        """Relative paths of the finished part files (temporaries of a crash left out)."""
-        return [p for p in self.store.list_files(self.slug, ".parquet") if p.rsplit("/", 1)[-1].startswith("part-")]
-
-    def frame(self) -> pd.DataFrame:
-        """All cached rewards, deduplicated by (image_key, text)."""
-        if self._frame is None:
-            parts = self.parts()
-            if parts:
-                df = pa.concat_tables([self.store.read_table(p, schema=self.SCHEMA) for p in parts]).to_pandas()
-                df = df.drop_duplicates(["image_key", "text"], keep="last")
-            else:
-                df = self.SCHEMA.empty_table().to_pandas()
-            self._frame = df
-        return self._frame
-
-    def append(self, df: pd.DataFrame) -> None:
-        """Persist one batch of rewards atomically."""
-        if len(df):
-            table = pa.Table.from_pandas(df[["image_key", "text", "score"]], schema=self.SCHEMA, preserve_index=False)
-            self.store.write_table(f"{self.slug}/part-{uuid.uuid4().hex}.parquet", table)
-            self._frame = None
-
-    def compact(self) -> None:
-        """Merge the part files into one (the merged file is written before any part is
-        deleted, so an interruption at any point loses nothing)."""
-        parts = self.parts()
-        if len(parts) > 1:
-            df = self.frame()
-            self.store.write_table(f"{self.slug}/part-{uuid.uuid4().hex}.parquet",
-                                   pa.Table.from_pandas(df, schema=self.SCHEMA, preserve_index=False))
-            for p in parts:
-                self.store.delete(p)
-            self._frame = None
-
-    def missing(self, image_keys: Sequence[str], texts: Sequence[Sequence[str]]) -> list[list[str]]:
-        """For each image, the texts whose reward is not cached yet (order kept)."""
-        req = pd.DataFrame({"row": np.repeat(np.arange(len(image_keys)), [len(t) for t in texts]),
-                            "image_key": np.repeat(np.asarray(image_keys, dtype=object), [len(t) for t in texts]),
-                            "text": [x for t in texts for x in t]})
-        have = self.frame()[["image_key", "text"]].assign(_have=True)
-        req = req.merge(have, on=["image_key", "text"], how="left")
-        req = req[req["_have"].isna()]
-        out: list[list[str]] = [[] for _ in image_keys]
-        for row, text in zip(req["row"].to_numpy(), req["text"].to_numpy()):
-            out[row].append(text)
-        return out
-
-    def lookup(self, image_keys: Sequence[str], texts: Sequence[Sequence[str]]) -> list[np.ndarray]:
-        """Cached rewards for each image's texts; raises if any is missing."""
-        lens = [len(t) for t in texts]
-        req = pd.DataFrame({"image_key": np.repeat(np.asarray(image_keys, dtype=object), lens),
-                            "text": [x for t in texts for x in t]})
-        got = req.merge(self.frame(), on=["image_key", "text"], how="left")["score"].to_numpy()
-        if np.isnan(got).any():
-            raise KeyError(f"{int(np.isnan(got).sum())} rewards of {self.model_id} are not in the cache {self.location}")
-        return np.split(got, np.cumsum(lens)[:-1])

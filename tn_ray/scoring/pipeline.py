@@ -7,14 +7,15 @@ image with its keys (set, prompt, image_id), ``image_key`` (unique id of the ima
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 
 from tn_ray.config import ScoringConfig
 from tn_ray.rewards import parse
-from tn_ray.scoring.matrix import KEY_COLUMNS, RewardCache, ScoreMatrix, model_slug
+from tn_ray.scoring.cache import RewardCache
+from tn_ray.scoring.matrix import KEY_COLUMNS, ScoreMatrix, model_slug
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Ray wiring: start/join Ray, reward workers for Ray Data, long-lived reward actors.
+"""Reward models on Ray: workers for Ray Data, long-lived reward actors.
 
 A :class:`RewardWorker` holds one reward model. Ray Data uses it as the callable class of
 ``map_batches`` (one actor per GPU, or CPU actors without GPUs); :func:`reward_actors`
@@ -8,60 +8,21 @@ starts the same class as long-lived actors that training loops call with batches
 from __future__ import annotations
 
 import logging
-import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from tn_ray.config import RayConfig, ScoringConfig
+from tn_ray.cluster import actor_pool, init_ray
+from tn_ray.config import ScoringConfig
 
 log = logging.getLogger(__name__)
 
-# environment a worker needs to behave like the driver (offline hub, caches, data dirs)
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_OFFLINE", "TN_RAY_TIA2_DIR",
-                 "TN_RAY_CACHE_DIR", "OMP_NUM_THREADS")
 
-
-def init_ray(cfg: RayConfig | None = None) -> None:
-    """Start a local Ray in-process, or join ``cfg.address``; a no-op when already up."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    cfg = cfg or RayConfig()
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    # address None -> "local": a new local Ray even when another one runs on this machine
-    # (plain None makes ray.init join the latest cluster listed in /tmp/ray)
-    kwargs: dict[str, Any] = dict(address=cfg.address or "local", runtime_env={"env_vars": env} if env else None,
-                                  log_to_driver=True, include_dashboard=False if cfg.address is None else None)
-    if cfg.address is None:
-        kwargs.update(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
-    ray.init(**{k: v for k, v in kwargs.items() if v is not None})
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_operator_progress_bars = False  # our own progress bar counts scored pairs
-    ctx.enable_progress_bars = False
-    if not log.isEnabledFor(logging.DEBUG):
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
-def cluster_gpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("GPU", 0))
-
-
-def actor_resources(cfg: ScoringConfig) -> tuple[int, dict[str, float]]:
-    """(number of actors, resources per actor): one per GPU (or fraction), else CPU actors."""
-    gpus = cluster_gpus()
-    if gpus > 0:
-        n = cfg.num_actors or max(1, int(gpus / cfg.gpus_per_actor))
-        # GPU actors ask for the GPU only: Ray Data calls mixing CPUs and GPUs on map actors
-        # experimental, and the GPU is what limits them
-        return n, {"num_gpus": cfg.gpus_per_actor}
-    return cfg.num_actors or 1, {"num_gpus": 0, "num_cpus": cfg.cpus_per_actor}
+def reward_pool_size(cfg: ScoringConfig, max_actors: int | None = None) -> tuple[int, dict[str, float]]:
+    """(actors, resources per actor) of a reward model's pool (one per GPU, else one CPU actor)."""
+    return actor_pool(cfg.num_actors, cfg.gpus_per_actor, cfg.cpus_per_actor, max_actors=max_actors)
 
 
 class RewardWorker:
@@ -107,8 +68,7 @@ def score_into_cache(requests: pd.DataFrame, spec: str, cache, cfg: ScoringConfi
         log.info("%s: every reward of %s is cached", desc, spec)
         return 0
     init_ray()
-    n_actors, res = actor_resources(cfg)
-    n_actors = min(n_actors, max(1, -(-len(requests) // cfg.batch_size)))
+    n_actors, res = reward_pool_size(cfg, max_actors=-(-len(requests) // cfg.batch_size))
     frame = requests[["image_key", "image", "texts"]].reset_index(drop=True)
     # one block per batch: blocks are the unit Ray Data hands to actors, so a single block
     # would keep every actor but one idle
@@ -135,7 +95,7 @@ def reward_actors(spec: str, cfg: ScoringConfig | None = None) -> list:
 
     cfg = cfg or ScoringConfig()
     init_ray()
-    n, res = actor_resources(cfg)
+    n, res = reward_pool_size(cfg)
     # restart without limit and retry calls on the restarted actor: a preempted spot node
     # must not exhaust a restart budget (a call that fails on its own still raises)
     remote = ray.remote(RewardWorker).options(max_restarts=-1, max_task_retries=-1, **res)

@@ -36,7 +36,7 @@ class ParamSpec(StrictModel):
     grid: list[Any] | None = Field(None, min_length=1, description="values all run once each (every parameter of the space must then be a grid)")
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "ParamSpec":
+    def _one_kind(self) -> ParamSpec:
         given = [k for k in SAMPLERS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of {list(SAMPLERS)}, got {given or 'none'}")
@@ -85,7 +85,7 @@ class AshaConfig(StrictModel):
     time_attr: str = Field("training_iteration", description="result key that counts progress (default: number of reports)")
 
     @model_validator(mode="after")
-    def _grace(self) -> "AshaConfig":
+    def _grace(self) -> AshaConfig:
         if self.grace_period > self.max_t:
             raise ValueError(f"grace_period ({self.grace_period}) must be <= max_t ({self.max_t})")
         return self

@@ -26,11 +26,20 @@ from pydantic import Field, field_validator
 
 from tn_ray.config import StrictModel
 from tn_ray.experiments.metrics import METRICS
-from tn_ray.textnorm.equations import ENSEMBLE_KINDS, ensemble, textnorm
 from tn_ray.sweep import fast_metrics
 from tn_ray.sweep.registry import SweepTrainable
-from tn_ray.sweep.score_data import (BestOfNScores, LabelledScores, find_matrices, gather, load_bestofn, load_labelled,
-                         pick_models, split_mask)
+from tn_ray.sweep.score_data import (
+    BestOfNScores,
+    LabelledScores,
+    find_matrices,
+    gather,
+    load_bestofn,
+    load_labelled,
+    pick_models,
+    split_mask,
+)
+from tn_ray.textnorm.columns import combine
+from tn_ray.textnorm.equations import ENSEMBLE_KINDS
 
 REWARD_PARAMS = ("tau", "tau[<model>]", "members", "kind", "lam", "normalize")
 _TAU_OF = re.compile(r"^tau\[(.+)\]$")
@@ -56,11 +65,8 @@ def reward_setting(params: dict[str, Any], models: list[str]) -> RewardSetting:
 
 def compute_reward(values: np.ndarray, models: list[str], setting: RewardSetting) -> np.ndarray:
     """(images,) reward of ``setting`` from the stacked matrices ``values`` (models, images, cols)."""
-    rows = []
-    for member, tau in zip(setting.members, setting.taus):
-        v = values[models.index(member)]
-        rows.append(textnorm(v, tau) if setting.normalize == "textnorm" else v[:, 0])
-    return ensemble(np.stack(rows), setting.kind, setting.lam)
+    return combine({m: values[models.index(m)] for m in setting.members}, setting.members, setting.taus,
+                   setting.kind, setting.lam, normalize=setting.normalize == "textnorm")
 
 
 def check_reward_param(models: list[str], name: str, value: Any) -> str | None:

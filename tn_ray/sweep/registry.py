@@ -19,10 +19,12 @@ store (``tune.with_parameters``). Later issues add their trainables (RWR, DDPO) 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from tn_ray.config import StrictModel
+from tn_ray.errors import UnknownName
 
 RESERVED = ("fold", "split")
 
@@ -61,9 +63,9 @@ def _import(target: str) -> SweepTrainable:
     try:
         obj = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as err:
-        raise KeyError(f"trainable '{target}' cannot be imported: {err}") from None
+        raise UnknownName(f"trainable '{target}' cannot be imported: {err}") from None
     if not isinstance(obj, SweepTrainable):
-        raise KeyError(f"'{target}' is a {type(obj).__name__}, not a tn_ray.sweep.registry.SweepTrainable")
+        raise UnknownName(f"'{target}' is a {type(obj).__name__}, not a tn_ray.sweep.registry.SweepTrainable")
     return obj
 
 
@@ -74,5 +76,5 @@ def get(name: str) -> SweepTrainable:
         return target if isinstance(target, SweepTrainable) else _import(target)
     if ":" in name:
         return _import(name)
-    raise KeyError(f"unknown trainable '{name}'; registered: {', '.join(available())} "
+    raise UnknownName(f"unknown trainable '{name}'; registered: {', '.join(available())} "
                    "(or give 'package.module:attribute')")

@@ -21,12 +21,11 @@ from typing import Any
 
 import pandas as pd
 import yaml
-from pydantic import ValidationError
 
-from tn_ray.config import ConfigError, dump_config, load_config
+from tn_ray.config import ConfigError, dump_config, load_config, validate
+from tn_ray.storage import join_uri
 from tn_ray.sweep import outputs, registry
 from tn_ray.sweep.config import SweepConfig
-from tn_ray.storage import join_uri
 from tn_ray.sweep.ledger import TrialLedger, config_key, resolve_uri
 from tn_ray.sweep.searcher import decode, encoded_params, make_searcher
 
@@ -48,15 +47,7 @@ def check(cfg: SweepConfig, source: str = "<config>") -> tuple[registry.SweepTra
         entry = registry.get(cfg.trainable)
     except KeyError as err:
         raise _fail(source, "trainable", err.args[0]) from None
-    try:
-        options = entry.options.model_validate(cfg.options)
-    except ValidationError as err:  # name the nested key, as load_config does for the rest
-        lines = [f"invalid configuration in {source}:"]
-        for e in err.errors():
-            key = ".".join(["options", *map(str, e["loc"])])
-            msg = "unknown key (typo?)" if e["type"] == "extra_forbidden" else f"{e['msg']} (got {e.get('input')!r})"
-            lines.append(f"  key '{key}': {msg}")
-        raise ConfigError("\n".join(lines)) from None
+    options = validate(entry.options, cfg.options, source, prefix=("options",))
     for section, names in (("space", cfg.space), ("fixed", cfg.fixed)):
         reserved = [k for k in names if k in registry.RESERVED]
         if reserved:
@@ -225,9 +216,9 @@ def _upload(paths: dict[str, Path], target: str) -> None:
 
 def run_sweep(cfg: SweepConfig, resume: bool = False, source: str = "<config>") -> dict[str, Path | str]:
     """Run (or resume) the sweep ``cfg``; returns the paths of its outputs."""
-    from tn_ray.scoring.workers import init_ray
-
     from ray.tune import Tuner
+
+    from tn_ray.cluster import init_ray
 
     entry, options = check(cfg, source)
     out = Path(cfg.out_dir())
@@ -236,6 +227,9 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, source: str = "<config>") 
     if not resume and Tuner.can_restore(main.path):
         raise ConfigError(f"sweep '{cfg.name}' already exists at {main.path}: add --resume to continue it, "
                           "or change `name` / `out`")
+    if resume and not Tuner.can_restore(main.path):
+        raise ConfigError(f"--resume: sweep '{cfg.name}' has nothing to resume at {main.path} (it never started "
+                          "there); run it without --resume, or check `name` / `out` / `storage_path`")
     _check_resumable(cfg, out, resume)
     out.mkdir(parents=True, exist_ok=True)
     log.info("sweep %s: trainable %s, %d trials, storage %s", cfg.name, entry.name, cfg.trials, storage)

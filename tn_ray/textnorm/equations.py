@@ -57,13 +57,3 @@ def ensemble(normalized: np.ndarray, kind: str = "mean", lam: float = 0.0) -> np
     if lam < 0:
         raise ValueError(f"lambda must be >= 0, got {lam}")
     return mean - lam * r.var(axis=0)
-
-
-def textnorm_ensemble(
-    matrices: list[np.ndarray], tau: float | list[float] = 1.0, kind: str = "mean", lam: float = 0.0
-) -> np.ndarray:
-    """TextNorm per model (its own tau), then the ensemble over models."""
-    taus = tau if isinstance(tau, (list, tuple)) else [tau] * len(matrices)
-    if len(taus) != len(matrices):
-        raise ValueError(f"{len(matrices)} score matrices but {len(taus)} temperatures")
-    return ensemble(np.stack([textnorm(s, t) for s, t in zip(matrices, taus)]), kind, lam)

@@ -1,0 +1,86 @@
+"""The one loader and validator of contrastive-set files, and the one builder of ``[x0, *X]``.
+
+A contrastive-set source is ``released`` (TIA2's sets, all three merged), ``released:<set>``,
+or a JSON file ``{x0: [x1, ..., xm]}`` (``{set}`` in the path expands to a TIA2 set name).
+Every file is checked to be ``{str: [str, ...]}``, naming the file and the first offending
+prompt; every command (``score``, ``tia2 eval``, best-of-n, fine-tuning, sweeps) reads sets
+through :func:`load_contrast` and builds text lists through :func:`texts_for`, so a prompt
+without a set is an error naming it, never a silent TextNorm of 1.0.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from tn_ray.errors import InputError
+
+
+def validate_sets(data: object, origin: str) -> dict[str, list[str]]:
+    """``data`` as ``{x0: [x1..xm]}``; :class:`InputError` naming ``origin`` and the bad entry."""
+    if not isinstance(data, dict):
+        raise InputError(f"{origin}: contrastive sets must be a JSON object {{prompt: [contrastive prompts]}}, "
+                         f"got a {type(data).__name__}")
+    for x0, xs in data.items():
+        if not isinstance(xs, list):
+            raise InputError(f"{origin}: the set of prompt {x0!r} must be a list of prompts, got a {type(xs).__name__} "
+                             f"({json.dumps(xs)[:60]})")
+        bad = [x for x in xs if not isinstance(x, str) or not x.strip()]
+        if bad:
+            raise InputError(f"{origin}: the set of prompt {x0!r} holds {bad[0]!r}; every contrastive prompt must be a non-empty string")
+    return data
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> object:
+    """A JSON file's content; :class:`InputError` naming the file for a missing file, bytes that
+    are not UTF-8 and invalid JSON (with line and column)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{what} not found: {p}" if not p.exists() else f"{what} {p} is not a file")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise InputError(f"{p}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except json.JSONDecodeError as err:
+        raise InputError(f"{p}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+
+
+def load_contrast(source: str, *, tia2_dir: str | os.PathLike | None = None, set_name: str | None = None) -> dict[str, list[str]]:
+    """``{x0: [x1..xm]}`` from ``released``, ``released:<set>`` or a JSON file (validated)."""
+    from tn_ray.data import tia2
+
+    if source == "released" or source.startswith("released:"):
+        name = source.partition(":")[2] or set_name
+        sets = [name] if name else list(tia2.SETS)
+        tia2.check_sets(sets)
+        root = tia2.resolve_dir(tia2_dir)
+        merged: dict[str, list[str]] = {}
+        for s in sets:
+            for x0, xs in tia2.load_prompt_sets(s, root).items():
+                merged.setdefault(x0, xs)
+        return merged
+    path = Path(source.format(set=set_name) if set_name and "{set}" in source else source)
+    return validate_sets(read_json(path, "contrastive-set file"), str(path))
+
+
+def texts_for(prompts: Sequence[str], sets: Mapping[str, Sequence[str]], origin: str) -> list[list[str]]:
+    """``[x0, x1..xm]`` per prompt (contrastive prompts deduplicated, x0 itself left out).
+
+    A prompt with no set, or an empty one, is an :class:`InputError` naming the prompt and
+    ``origin``: its TextNorm would be 1.0 whatever the image.
+    """
+    out = []
+    cache: dict[str, list[str]] = {}
+    for p in prompts:
+        if p not in cache:
+            if p not in sets:
+                missing = sorted({q for q in prompts if q not in sets})
+                raise InputError(f"{len(missing)} prompt(s) have no contrastive set in {origin}, e.g. {missing[:3]}")
+            xs = [x for x in dict.fromkeys(sets[p]) if x != p]
+            if not xs:
+                raise InputError(f"prompt {p!r} has an empty contrastive set in {origin} (TextNorm needs at least one "
+                                 "contrastive prompt; its TextNorm would be 1.0 for every image)")
+            cache[p] = [p, *xs]
+        out.append(cache[p])
+    return out

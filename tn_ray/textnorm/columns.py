@@ -1,0 +1,146 @@
+"""The one place score matrices become reward columns: each model raw, its TextNorm, each ensemble.
+
+Every experiment (TIA2 evaluation, ``tn-ray score``, best-of-n, fine-tuning rewards, sweeps)
+turns score-matrix values into rewards here, so a temperature or an ensemble means the same
+thing everywhere. Inputs are plain arrays: ``values[model]`` is a model's (images, 1 + m)
+score-matrix values (column 0 = x0, NaN-padded contrastive columns).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from tn_ray.config import StrictModel
+from tn_ray.textnorm.equations import ensemble, textnorm
+
+
+class SetParams(StrictModel):
+    tau: float = Field(1.0, gt=0, description="TextNorm temperature for every model (reward units: a reward difference of tau is a factor e in probability)")
+    tau_per_model: dict[str, float] = Field(default_factory=dict, description="temperature overrides by model spec or name, e.g. {'clip': 0.5} (reward units)")
+    lam: float = Field(0.0, ge=0, description="lambda of the uncertainty-regularized ensembles (1 / reward^2: it multiplies a variance of rewards)")
+
+    def tau_for(self, model: str) -> float:
+        name = model.split(":")[0]
+        return self.tau_per_model.get(model, self.tau_per_model.get(name, self.tau))
+
+
+class EnsembleSpec(StrictModel):
+    name: str = Field(..., description="column name of this ensemble in tables and as a reward name")
+    members: list[str] = Field(..., min_length=2, description="model specs averaged (each must be among the run's models)")
+    kind: Literal["mean", "uncertainty"] = Field("mean", description="mean (eq. 2) or mean - lambda * variance across models (eq. 3)")
+    textnorm: bool = Field(True, description="ensemble TextNorm-normalized rewards (True) or raw rewards (False)")
+
+
+def check_ensembles(ensembles: Sequence[EnsembleSpec], models: Sequence[str]) -> list[EnsembleSpec]:
+    """Ensembles with their members in canonical spec form; ``ValueError`` naming the ensemble
+    whose members are not among ``models`` (for pydantic validators: the config fails to load)."""
+    from tn_ray.rewards import parse
+
+    out = []
+    for ens in ensembles:
+        members = [str(parse(m)) for m in ens.members]
+        unknown = [m for m in members if m not in models]
+        if unknown:
+            raise ValueError(f"ensemble '{ens.name}': members {unknown} are not among models {list(models)}")
+        out.append(ens.model_copy(update={"members": members}))
+    clash = [e.name for e in out if e.name in models or e.name.startswith("textnorm(")]
+    if clash:
+        raise ValueError(f"ensemble name '{clash[0]}' clashes with a model's reward column")
+    return out
+
+
+def reward_names(models: Sequence[str], ensembles: Sequence[EnsembleSpec] = ()) -> list[str]:
+    """Column names, in order: each raw model, each ``textnorm(model)``, each ensemble."""
+    return [*models, *(f"textnorm({m})" for m in models), *(e.name for e in ensembles)]
+
+
+def combine(values: Mapping[str, np.ndarray], members: Sequence[str], taus: Sequence[float], kind: str = "mean",
+            lam: float = 0.0, normalize: bool = True) -> np.ndarray:
+    """One reward per image from ``members``: TextNorm (each its own tau) or raw, then the
+    ensemble ``kind`` (a single member is its own mean, and has zero variance)."""
+    if len(taus) != len(members):
+        raise ValueError(f"{len(members)} members but {len(taus)} temperatures")
+    rows = [textnorm(values[m], t) if normalize else np.asarray(values[m], dtype=np.float64)[:, 0]
+            for m, t in zip(members, taus)]
+    return ensemble(np.stack(rows), kind, lam)
+
+
+def _columns(values: Mapping[str, np.ndarray], params: SetParams, ensembles: Sequence[EnsembleSpec]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for m, v in values.items():
+        out[m] = np.asarray(v, dtype=np.float64)[:, 0]
+    for m, v in values.items():
+        out[f"textnorm({m})"] = textnorm(v, params.tau_for(m))
+    for ens in ensembles:
+        out[ens.name] = combine(values, ens.members, [params.tau_for(m) for m in ens.members], ens.kind, params.lam,
+                                ens.textnorm)
+    return out
+
+
+def reward_columns(values: Mapping[str, np.ndarray], params: SetParams | Mapping[str, SetParams],
+                   ensembles: Sequence[EnsembleSpec] = (), groups: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Every reward column (:func:`reward_names` order) for the images of ``values``.
+
+    ``params`` is one :class:`SetParams`, or a mapping group -> params (key ``default`` for
+    the rest) with ``groups`` naming each row's group (TIA2's sets have their own tau).
+    """
+    if isinstance(params, SetParams):
+        return _columns(values, params, ensembles)
+    if groups is None:
+        raise ValueError("per-group parameters need `groups` (one group name per row)")
+    groups = np.asarray(groups, dtype=object)
+    n = len(groups)
+    out: dict[str, np.ndarray] = {}
+    for g in dict.fromkeys(groups.tolist()):
+        rows = groups == g
+        part = _columns({m: np.asarray(v)[rows] for m, v in values.items()},
+                        params.get(g, params.get("default", SetParams())), ensembles)
+        for name, col in part.items():
+            out.setdefault(name, np.full(n, np.nan))[rows] = col
+    return out
+
+
+class RewardConfig(StrictModel):
+    """A reward to optimize or select with: reward models, their TextNorm, ensembles, and which column."""
+
+    models: list[str] = Field(..., min_length=1, description="reward model specs scored on every image, e.g. clip:tiny, pickscore")
+    use: str = Field(..., description="the reward column used: a model (raw), 'textnorm(<model>)' or an ensemble's name")
+    textnorm: SetParams = Field(default_factory=SetParams, description="TextNorm temperatures and the ensembles' lambda")
+    ensembles: list[EnsembleSpec] = Field(default_factory=list, description="ensembles over the models (see `use`)")
+    contrast: str = Field("rules", description="contrastive sets for TextNorm: a prompt source ('rules', 'llm', 'released', 'released:<TIA2 set>') or a JSON file {x0: [x1..xm]}")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RewardConfig:
+        from tn_ray.rewards import parse
+
+        models = [str(parse(m)) for m in self.models]
+        object.__setattr__(self, "models", models)
+        object.__setattr__(self, "ensembles", check_ensembles(self.ensembles, models))
+        use = self.use
+        if use in self.models or use.startswith("textnorm("):  # canonical spelling of the model inside
+            inner = use[len("textnorm("):-1] if use.startswith("textnorm(") else use
+            try:
+                canon = str(parse(inner))
+            except KeyError as err:
+                raise ValueError(f"use: {err}") from None
+            use = f"textnorm({canon})" if self.use.startswith("textnorm(") else canon
+        names = reward_names(models, self.ensembles)
+        if use not in names:
+            raise ValueError(f"use: '{self.use}' is not a reward column of this config; expected one of {names}")
+        object.__setattr__(self, "use", use)
+        return self
+
+    @property
+    def needs_contrast(self) -> bool:
+        """Whether the used column needs contrastive prompts (a raw model or raw ensemble does not)."""
+        if self.use.startswith("textnorm("):
+            return True
+        ens = next((e for e in self.ensembles if e.name == self.use), None)
+        return bool(ens and ens.textnorm)
+
+    def column(self, values: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The used reward of each image from the models' score-matrix values."""
+        return reward_columns(values, self.textnorm, self.ensembles)[self.use]
