@@ -52,12 +52,18 @@ def wait_ready(driver, pos=None, timeout=15):
     WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,)).until(ready)
 
 
-def shot(driver, name):
-    """Screenshot once every image on the page has loaded."""
+def wait_images(driver):
+    """Until every image on the page has loaded (served and decoded)."""
     from selenium.webdriver.support.ui import WebDriverWait
 
     WebDriverWait(driver, 15).until(lambda d: d.execute_script(
-        "return [...document.images].every(i => i.complete && i.naturalWidth > 0)"))
+        "return document.images.length > 0 && [...document.images].every(i => i.complete && i.naturalWidth > 0)"))
+
+
+def shot(driver, name):
+    """Screenshot once every image on the page has loaded."""
+    if driver.find_elements("css selector", "img"):
+        wait_images(driver)
     driver.save_screenshot(str(SHOTS / name))
 
 
@@ -201,3 +207,22 @@ def test_comparison_tally_equals_clicks(browser, tmp_path):
         assert table.loc[crit, "n"] == 3 and (table.loc[crit, "reward_a"], table.loc[crit, "reward_b"]) == PAIR
     assert "| A " in (report / "tally.md").read_text()
     shutil.copy(report / "tally.png", SHOTS / "labeling_tally.png")
+
+
+def test_token_link_works_in_the_browser(browser, tmp_path):
+    """Off loopback (127.0.0.2): the printed link sets the cookie, then pages, API and images work;
+    without it the browser gets 401 only."""
+    server = Server("--manifest", str(make_manifest(tmp_path, n=2)), "--host", "127.0.0.2", env={"TN_RAY_LABEL_TOKEN": ""})
+    try:
+        browser.delete_all_cookies()
+        browser.get(server.url + "task?annotator=eve")
+        assert "token required" in browser.page_source
+        browser.get(server.url + server.query)
+        assert browser.current_url == server.url  # the token left the address bar
+        start(browser, server, "eve")
+        wait_ready(browser, 0)
+        wait_images(browser)
+        assert text(browser, "progress-text") == "0 / 2 done"
+        press(browser, "1", 1)
+    finally:
+        server.stop()
