@@ -1,4 +1,4 @@
-"""Score matrices, the central data structure, and the reward cache they are built from.
+"""Score matrices, the central data structure: one model, rows = images, columns = [x0, x1..xm].
 
 A :class:`ScoreMatrix` belongs to one reward model: row i is an image ``y_i`` generated for
 prompt ``x0_i``; its columns are ``[r(x0,y), r(x1,y), ..., r(xm,y)]`` for the contrastive
@@ -6,9 +6,8 @@ set ``X_i = [x1..xm]``. Sets differ in size, so the value array is NaN-padded to
 ``m``. On disk (Parquet) a row keeps its keys (set, prompt, image_id, model), its texts and
 its scores, so matrices join with labels and with each other.
 
-Rewards are computed once: :class:`RewardCache` stores every (image, text) reward of a model
-as Parquet part files, one per finished batch (atomic writes, so a crash loses at most the
-batch in flight); a rerun asks it what is missing and computes only that.
+Matrices are assembled from the reward cache (:mod:`tn_ray.scoring.cache`), where every
+(image, text) reward is computed once.
 """
 from __future__ import annotations
 

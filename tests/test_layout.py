@@ -1,0 +1,45 @@
+"""The package layout shows the spine, and README's module table is the tree, exactly."""
+import ast
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TOP_LEVEL = {"__init__.py", "_version.py", "cli.py", "config.py", "storage.py", "cluster.py", "errors.py", "testing.py"}
+
+
+def modules() -> set[str]:
+    out = set()
+    for p in REPO.glob("tn_ray/**/*.py"):
+        if p.name == "_version.py" or (p.name == "__init__.py" and not ast.get_docstring(ast.parse(p.read_text()))):
+            continue
+        out.add(str(p.relative_to(REPO)))
+    return out
+
+
+def test_top_level_holds_only_the_shared_foundation():
+    assert {p.name for p in (REPO / "tn_ray").glob("*.py")} <= TOP_LEVEL
+
+
+def test_readme_module_table_is_the_tree():
+    readme = (REPO / "README.md").read_text()
+    listed = set(re.findall(r"^\| `(tn_ray/[^`]+\.py)` \|", readme, flags=re.M))
+    assert listed == modules(), (f"in the tree, not in README: {sorted(modules() - listed)}; "
+                                 f"in README, not in the tree: {sorted(listed - modules())}")
+    named = set(re.findall(r"tn_ray/[A-Za-z0-9_/]+\.py", readme + "".join(p.read_text() for p in (REPO / "docs").glob("*.md"))))
+    assert not [n for n in named if not (REPO / n).is_file()]
+
+
+def test_every_user_error_class_derives_from_the_one_base():
+    """Classes named *Error in tn_ray are TnRayError subclasses (user errors) or documented bugs."""
+    import importlib
+
+    from tn_ray.errors import TnRayError
+
+    for path in modules():
+        tree = ast.parse((REPO / path).read_text())
+        names = [n.name for n in tree.body if isinstance(n, ast.ClassDef) and n.name.endswith(("Error", "Mismatch"))]
+        if not names:
+            continue
+        mod = importlib.import_module(path[:-3].replace("/", "."))
+        for name in names:
+            assert issubclass(getattr(mod, name), TnRayError), f"{path}: {name} is not a TnRayError"
