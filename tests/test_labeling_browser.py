@@ -165,6 +165,8 @@ def test_two_annotators_at_once_never_share_a_pair(browser, tmp_path):
             assert "All done" in text(browser, "msg")
             browser.close()
         browser.switch_to.window(browser.window_handles[0])
+        start(browser, server, "cat")  # a third annotator: every image already has its one annotator
+        assert "Nothing is left for you" in text(browser, "msg")
     finally:
         server.stop()
     assert not set(shown["ann"]) & set(shown["ben"]) and len(set(shown["ann"] + shown["ben"])) == 6

@@ -9,10 +9,10 @@ listed, so a half-done session never yields short label lists.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from tn_ray.labeling.tasks import Task
+from tn_ray.storage import Store
 
 TIA2_LABELS = 3
 
@@ -34,10 +34,7 @@ def tia2_labels(task: Task, answers: list[dict]) -> tuple[dict, list[str]]:
 
 
 def write_json(data: dict, path: str | Path) -> Path:
-    """Atomic write (temporary file + rename) of a JSON document."""
+    """Atomic write (temporary file + rename, through :class:`tn_ray.storage.Store`) of a JSON document."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    Store(path.parent).write_text(path.name, json.dumps(data, indent=1))
     return path

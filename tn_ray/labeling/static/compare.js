@@ -19,7 +19,8 @@ function render(s) {
   document.getElementById("submit").hidden = s.finished;
   document.getElementById("back").disabled = s.pos === 0;
   if (s.finished) {
-    TN.show("msg", "All done: you answered " + p.done + " questions. Thank you! (back goes back to change an answer.)");
+    TN.show("msg", p.done ? "All done: you answered " + p.done + " questions. Thank you! (back goes back to change an answer.)"
+                          : "Nothing is left for you: every question already has its annotators.");
     document.getElementById("where").textContent = "";
     return;
   }
@@ -27,6 +28,7 @@ function render(s) {
   document.getElementById("prompt").textContent = s.item.prompt;
   ["set1", "set2"].forEach((id, i) => document.getElementById(id).replaceChildren(...s.item.sets[i].map(TN.img)));
   form.reset();
+  window.scrollTo(0, 0);
   if (s.answer) for (const [k, v] of Object.entries(s.answer)) form.querySelector('input[name="' + k + '"][value="' + v + '"]').checked = true;
   document.getElementById("where").textContent = "your question no. " + (s.pos + 1);
   update();

@@ -12,11 +12,13 @@ function render(s) {
   document.getElementById("main").hidden = s.finished && s.length === 0;
   document.getElementById("item").hidden = s.finished;
   if (s.finished) {
-    TN.show("msg", "All done: you labelled " + p.done + " images. Thank you! (\u2190 goes back to relabel.)");
+    TN.show("msg", p.done ? "All done: you labelled " + p.done + " images. Thank you! (\u2190 goes back to relabel.)"
+                          : "Nothing is left for you: every image already has its annotators.");
   } else {
     TN.show("msg", "");
     document.getElementById("prompt").textContent = s.item.prompt;
     document.getElementById("image").replaceChildren(TN.img(s.item.sets[0][0]));
+    window.scrollTo(0, 0);
   }
   document.querySelectorAll("button[data-label]").forEach(b => {
     b.classList.toggle("chosen", b.dataset.label === s.answer); b.disabled = s.finished; });
