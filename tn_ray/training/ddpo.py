@@ -1,0 +1,391 @@
+"""DDPO (Black et al. 2023; the paper's eq. 5) with LoRA, a KL regularizer toward the base model,
+and rewards scored asynchronously by long-lived Ray reward actors.
+
+One DDPO epoch per core step (:class:`tn_ray.training.loop.Method`), in every Ray Train worker:
+
+1. **sample** ``sample.num_batches_per_epoch`` batches of ``sample.batch_size`` images with the
+   current policy, recording each chain (:func:`tn_ray.diffusion.sampling.sample_chains`); each
+   batch's decoded images go to the reward actors at once (Ray ObjectRefs), and the next batch
+   samples while they score;
+2. **rewards**: the refs are collected (the wait is logged as ``reward_wait_s``) and turned into
+   the configured column (raw, TextNorm or an ensemble) by ``RewardConfig.column``;
+3. **advantages** per prompt from every worker's rewards (:mod:`tn_ray.training.advantages`);
+4. **train** ``train.num_inner_epochs`` passes: samples shuffled, each chain's timesteps shuffled
+   and the first ``timestep_fraction`` kept, minibatches of ``train.batch_size``; one backward
+   per (minibatch, timestep) of :func:`tn_ray.training.ddpo_loss.ddpo_loss`, gradients
+   accumulated over timesteps and minibatches into ``train.updates_per_inner_epoch`` optimizer
+   steps (Table 4: one), clipped to ``optimizer.max_grad_norm``.
+
+Evaluation, checkpoint selection, the overoptimization monitor, checkpoints, resume and
+logging are the core's (:mod:`tn_ray.training.loop`). Randomness comes from generators seeded
+by (seed, epoch, rank, ...), so a resumed run repeats an uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+
+from tn_ray.config import StrictModel
+from tn_ray.errors import InputError
+from tn_ray.training.config import EvalBlock, FineTuneConfig, OptimizerBlock, PolicyBlock
+from tn_ray.training.loop import Method
+
+log = logging.getLogger(__name__)
+
+DDPO_PIPELINE = "stabilityai/stable-diffusion-2-1-base"  # Table 4 (DDPO)
+
+
+class SampleBlock(StrictModel):
+    num_steps: int = Field(50, ge=1, description="denoising steps T of every sampled chain (count); trained timesteps = T x train.timestep_fraction")
+    guidance_scale: float = Field(5.0, ge=0, description="classifier-free guidance when sampling, applied identically when log-probs are recomputed (unitless; <= 1: none)")
+    eta: float = Field(1.0, gt=0, le=1, description="DDIM eta: the step's noise std is eta x the DDPM posterior std (unitless; > 0 so steps have a log-probability)")
+    batch_size: int = Field(8, ge=1, description="images per sampling call, per worker (images); its decoded images go to the reward actors as one request")
+    num_batches_per_epoch: int = Field(32, ge=1, description="sampling calls per epoch per worker; samples per epoch = batch_size x num_batches_per_epoch x scaling.num_workers (Table 4: 256)")
+
+
+class TrainBlock(StrictModel):
+    batch_size: int = Field(64, ge=1, description="samples per training minibatch, per worker (Table 4: 64); must divide sample.batch_size x sample.num_batches_per_epoch; one backward per (minibatch, trained timestep)")
+    updates_per_inner_epoch: int = Field(1, ge=1, description="optimizer steps per pass over the epoch's samples (Table 4: one per iteration); gradients accumulate over (minibatches / updates) x trained timesteps backward passes")
+    num_inner_epochs: int = Field(1, ge=1, description="passes over each epoch's samples (count); optimizer steps per epoch = num_inner_epochs x updates_per_inner_epoch")
+    timestep_fraction: float = Field(1.0, gt=0, le=1, description="share of each chain's timesteps trained on, a fresh random subset per sample and pass (ddpo-pytorch's timestep_fraction)")
+    clip_range: float = Field(1e-4, gt=0, description="PPO clip range eps: the ratio is clipped to [1 - eps, 1 + eps] (unitless)")
+    adv_clip_max: float = Field(5.0, gt=0, description="advantages are clipped to [-adv_clip_max, adv_clip_max] (standard deviations)")
+    kl_coef: float = Field(0.0, ge=0, description="eq. 5's lambda: weight of mean ||eps_theta - eps_base||^2 (guided noise predictions, adapters off for the base) added to the loss")
+    kl_warmup_epochs: int = Field(0, ge=0, description="kl_coef ramps linearly from 0 over this many epochs (0: full weight from the first epoch)")
+    per_prompt_stat_tracking: bool = Field(True, description="standardize rewards per prompt over a buffer of its recent rewards (else by the whole epoch's batch)")
+    stat_buffer_size: int = Field(16, ge=1, description="rewards kept per prompt for its mean / std (count, across all workers)")
+    stat_min_count: int = Field(16, ge=1, description="a prompt's buffer is used once it holds this many rewards; before, the epoch's batch mean / std (count)")
+
+
+class DDPOConfig(FineTuneConfig):
+    """``tn-ray ddpo CONFIG.yaml``: every key of the fine-tuning core plus prompts, sample and train."""
+
+    out: str = Field("results/ddpo", description="run folder or cloud URI: config, checkpoints, eval.csv, curves, grids, selection")
+    max_steps: int = Field(500, ge=1, description="DDPO epochs (count; Table 4: up to 500): each samples, scores and trains once; eval.every and checkpoint.every count epochs too")
+    policy: PolicyBlock = Field(default_factory=lambda: PolicyBlock(pipeline=DDPO_PIPELINE), description="base pipeline (Table 4: SD 2.1 base), precision and LoRA adapter")
+    optimizer: OptimizerBlock = Field(default_factory=lambda: OptimizerBlock(lr=3e-4, weight_decay=1e-4), description="AdamW (Table 4 DDPO: lr 3e-4, weight decay 1e-4, betas (0.9, 0.999), eps 1e-8, max grad norm 1)")
+    eval: EvalBlock = Field(default_factory=lambda: EvalBlock(guidance_scale=5.0), description="periodic evaluation on fixed prompts and seeds (every `every` epochs), judges, checkpoint selection")
+    prompts: list[str] | None = Field(None, description="training prompts; each sampled image draws one uniformly; None (and no prompts_file) = every prompt of reward.contrast's sets")
+    prompts_file: str | None = Field(None, description="text file of training prompts, one per line (blank lines skipped); appended to `prompts`")
+    sample: SampleBlock = Field(default_factory=SampleBlock, description="sampling: steps, guidance, eta, batch sizes (ddpo-pytorch's config.sample)")
+    train: TrainBlock = Field(default_factory=TrainBlock, description="policy-gradient training: minibatches, inner epochs, clipping, KL regularizer, advantages (ddpo-pytorch's config.train)")
+
+    @model_validator(mode="after")
+    def _ddpo(self) -> DDPOConfig:
+        per_worker = self.sample.batch_size * self.sample.num_batches_per_epoch
+        if per_worker % self.train.batch_size:
+            raise ValueError(f"train.batch_size: {self.train.batch_size} does not divide the {per_worker} samples per worker "
+                             f"(sample.batch_size x sample.num_batches_per_epoch)")
+        minibatches = per_worker // self.train.batch_size
+        if minibatches % self.train.updates_per_inner_epoch:
+            raise ValueError(f"train.updates_per_inner_epoch: {self.train.updates_per_inner_epoch} does not divide the "
+                             f"{minibatches} minibatches of an inner epoch")
+        if self.optimizer_steps_per_epoch > 1 and (self.optimizer.schedule != "constant" or self.optimizer.warmup_steps):
+            raise ValueError("optimizer.schedule: learning-rate schedules count epochs; with more than one optimizer step "
+                             "per epoch (train.num_inner_epochs x train.updates_per_inner_epoch) use schedule 'constant'")
+        if int(self.sample.num_steps * self.train.timestep_fraction) < 1:
+            raise ValueError("train.timestep_fraction: trains on no timestep (sample.num_steps x timestep_fraction < 1)")
+        return self
+
+    @property
+    def optimizer_steps_per_epoch(self) -> int:
+        return self.train.num_inner_epochs * self.train.updates_per_inner_epoch
+
+    @property
+    def train_timesteps(self) -> int:
+        return int(self.sample.num_steps * self.train.timestep_fraction)
+
+    def load_prompts(self) -> list[str]:
+        prompts = list(self.prompts or [])
+        if self.prompts_file:
+            path = Path(self.prompts_file)
+            if not path.is_file():
+                raise InputError(f"prompts_file: {path} not found")
+            prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not self.prompts and not self.prompts_file:
+            from tn_ray.prompts.contrast import load_contrast
+
+            prompts = list(load_contrast(self.reward.contrast))
+        if not prompts:
+            raise InputError("prompts: no training prompts (set `prompts` or `prompts_file`, or a non-empty reward.contrast source)")
+        return prompts
+
+
+@dataclass
+class DDPOData:
+    """What every worker gets: prompts, the texts each prompt is scored against, the reward actors."""
+
+    prompts: list[str]
+    texts: list[list[str]]  # per prompt: [x0] or [x0, x1..xm] (contrastive prompts for TextNorm)
+    actors: dict[str, list] = field(default_factory=dict)  # reward model -> its long-lived RewardWorker actors
+
+
+def row_seeds(*key: int, n: int) -> list[int]:
+    """``n`` independent 63-bit seeds from a key (seed, epoch, rank, ...)."""
+    return [int(s) >> 1 for s in np.random.SeedSequence([int(k) for k in key]).generate_state(n, dtype=np.uint64)]
+
+
+class AsyncRewards:
+    """Requests to the reward actors as Ray ObjectRefs; ``collect`` blocks only for the ones not done."""
+
+    def __init__(self, actors: dict[str, list], texts: list[list[str]]):
+        self.actors = actors
+        self.texts = texts
+        self.refs: dict[str, list] = {m: [] for m in actors}
+        self.calls = 0
+
+    def submit(self, images: np.ndarray, prompt_ids: list[int]) -> None:
+        texts = [self.texts[i] for i in prompt_ids]
+        for model, actors in self.actors.items():
+            self.refs[model].append(actors[self.calls % len(actors)].score.remote(list(images), texts))
+        self.calls += 1
+
+    def collect(self) -> dict[str, np.ndarray]:
+        import ray
+
+        from tn_ray.training.evaluation import pad_rows
+
+        return {m: pad_rows([row for part in ray.get(refs) for row in part]) for m, refs in self.refs.items()}
+
+
+class DDPO(Method):
+    name = "ddpo"
+
+    def __init__(self, cfg: DDPOConfig, policy, optim, ctx, data: DDPOData):
+        from tn_ray.diffusion.sampling import use_ddim
+        from tn_ray.training.advantages import PerPromptStatTracker
+
+        super().__init__(cfg, policy, optim, ctx, data)
+        use_ddim(policy.pipe)
+        policy.pipe.set_progress_bar_config(disable=True)
+        tr = cfg.train
+        self.tracker = PerPromptStatTracker(tr.stat_buffer_size, tr.stat_min_count) if tr.per_prompt_stat_tracking else None
+
+    def train_prompts(self) -> list[str]:
+        return list(self.data.prompts)
+
+    def state_dict(self) -> dict:
+        return {"tracker": self.tracker.state_dict() if self.tracker is not None else {}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.tracker is not None and state.get("tracker"):
+            self.tracker.load_state_dict(state["tracker"])
+
+    # --- 1-2: sampling while the actors score ------------------------------------------
+    def sample_epoch(self, step: int):
+        """(chains, prompt ids, reward column, seconds sampling, seconds waiting for rewards)."""
+        from tn_ray.diffusion.sampling import Chains, decode_images, sample_chains
+
+        cfg, s = self.cfg, self.cfg.sample
+        pipe = self.policy.pipe
+        rewards = AsyncRewards(self.data.actors, self.data.texts)
+        parts = []
+        pipe.unet.eval()
+        t0 = time.perf_counter()
+        for b in range(s.num_batches_per_epoch):
+            rng = np.random.default_rng(row_seeds(cfg.seed, step, self.ctx.rank, b, 0, n=1)[0])
+            ids = rng.integers(len(self.data.prompts), size=s.batch_size).tolist()
+            gens = [torch.Generator("cpu").manual_seed(x) for x in row_seeds(cfg.seed, step, self.ctx.rank, b, 1, n=s.batch_size)]
+            chains = sample_chains(pipe, [self.data.prompts[i] for i in ids], ids, num_steps=s.num_steps,
+                                   guidance=s.guidance_scale, eta=s.eta, generator=gens, autocast=self.policy.autocast())
+            rewards.submit(decode_images(pipe, chains.latents[:, -1]), ids)
+            parts.append(chains)
+        t1 = time.perf_counter()
+        values = rewards.collect()
+        wait = time.perf_counter() - t1
+        chains = Chains.cat(parts)
+        column = np.asarray(cfg.reward.column(values), dtype=np.float64)
+        if not np.isfinite(column).all():
+            raise InputError(f"reward '{cfg.reward.use}' is not finite for {int((~np.isfinite(column)).sum())} sampled images")
+        return chains, chains.prompt_ids.cpu().numpy(), column, t1 - t0, wait
+
+    # --- 4: the policy-gradient passes ------------------------------------------------
+    def base_eps(self, latents, timesteps, embeds, negative):
+        from tn_ray.diffusion.sampling import guided_noise
+
+        with torch.no_grad(), self.policy.reference(), self.policy.autocast():
+            return guided_noise(self.policy.unet, latents, timesteps, embeds, negative, self.cfg.sample.guidance_scale)
+
+    def train_epoch(self, step: int, chains, advantages: torch.Tensor) -> dict[str, float]:
+        from tn_ray.diffusion.sampling import step_log_prob
+        from tn_ray.training.ddpo_loss import ddpo_loss, kl_weight
+
+        cfg, tr = self.cfg, self.cfg.train
+        policy, unet = self.policy, self.policy.train_unet
+        sched = policy.pipe.scheduler
+        n, T = chains.log_probs.shape
+        k = cfg.train_timesteps
+        kl_coef = kl_weight(tr.kl_coef, step - 1, tr.kl_warmup_epochs)
+        minibatches = n // tr.batch_size
+        per_update = minibatches // tr.updates_per_inner_epoch
+        accum = per_update * k  # backward passes per optimizer step
+        logs: dict[str, list[float]] = {"loss": [], "policy_loss": [], "kl": [], "approx_kl": [], "clip_frac": []}
+        updates: list[dict[str, float]] = []
+        first_kl = None
+        policy.unet.train()
+        for inner in range(tr.num_inner_epochs):
+            g = torch.Generator().manual_seed(row_seeds(cfg.seed, step, self.ctx.rank, 2, inner, n=1)[0])
+            order = torch.randperm(n, generator=g)
+            time_perm = torch.stack([torch.randperm(T, generator=g) for _ in range(n)])[:, :k]
+            for mb in range(minibatches):
+                rows = order[mb * tr.batch_size : (mb + 1) * tr.batch_size]
+                part = chains.select(rows)
+                adv = advantages[rows.to(advantages.device)]
+                for j in range(k):
+                    cols = time_perm[rows, j].to(part.latents.device)
+                    idx = torch.arange(len(rows), device=part.latents.device)
+                    x_t, x_prev = part.states[idx, cols], part.next_latents[idx, cols]
+                    t, old = part.timesteps[idx, cols], part.log_probs[idx, cols]
+                    last = (mb % per_update == per_update - 1) and j == k - 1
+                    sync = unet.no_sync() if (hasattr(unet, "no_sync") and not last) else _nullcontext()
+                    with sync:
+                        with policy.autocast():
+                            log_prob, eps = step_log_prob(unet, sched, x_t, t, x_prev, part.prompt_embeds,
+                                                          part.negative_embeds, cfg.sample.guidance_scale, cfg.sample.eta)
+                        base = self.base_eps(x_t, t, part.prompt_embeds, part.negative_embeds) if kl_coef > 0 else None
+                        out = ddpo_loss(log_prob, old, adv, tr.clip_range, tr.adv_clip_max, kl_coef,
+                                        eps if base is not None else None, base)
+                        self.optim.backward(out["loss"] / accum)
+                    for key in logs:
+                        logs[key].append(float(out[key].detach()))
+                    if first_kl is None:
+                        first_kl = float(out["approx_kl"])
+                    if last:
+                        updates.append(self.optim.step())
+        metrics = {key: float(np.mean(v)) for key, v in logs.items()}
+        metrics.update(kl_coef=kl_coef, lr=updates[-1]["lr"], grad_norm=float(np.mean([u["grad_norm"] for u in updates])),
+                       first_approx_kl=first_kl, optimizer_steps=len(updates))
+        return metrics
+
+    # --- one epoch ------------------------------------------------------------------------
+    def step(self, step: int) -> dict[str, float]:
+        from tn_ray.training.advantages import gather_rows, shared_advantages
+
+        t0 = time.perf_counter()
+        chains, prompt_ids, rewards, sample_s, wait_s = self.sample_epoch(step)
+        adv = shared_advantages(prompt_ids, rewards, self.tracker, self.cfg.train.adv_clip_max)
+        self.record_samples(step, prompt_ids, rewards, adv)
+        advantages = torch.as_tensor(adv, dtype=torch.float32, device=chains.latents.device)
+        t1 = time.perf_counter()
+        metrics = self.train_epoch(step, chains, advantages)
+        all_rewards, _ = gather_rows(torch.as_tensor(rewards, dtype=torch.float64))
+        epoch_s = time.perf_counter() - t0
+        metrics.update(reward_mean=float(all_rewards.mean()), reward_std=float(all_rewards.std(unbiased=False)),
+                       sample_s=sample_s, reward_wait_s=wait_s, train_s=time.perf_counter() - t1, epoch_s=epoch_s,
+                       reward_idle_fraction=wait_s / epoch_s, epoch=step)
+        return metrics
+
+    def record_samples(self, step: int, prompt_ids: np.ndarray, rewards: np.ndarray, advantages: np.ndarray) -> None:
+        """``samples/epoch-<step>-rank-<rank>.parquet``: prompt id, prompt, reward, advantage of every sample."""
+        import pandas as pd
+        import pyarrow as pa
+
+        from tn_ray.storage import Store
+
+        frame = pd.DataFrame({"epoch": step, "rank": self.ctx.rank, "prompt_id": prompt_ids,
+                              "prompt": [self.data.prompts[i] for i in prompt_ids], "reward": rewards,
+                              "advantage": advantages})
+        Store(self.cfg.out).write_table(f"samples/epoch-{step:06d}-rank-{self.ctx.rank}.parquet",
+                                        pa.Table.from_pandas(frame, preserve_index=False))
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def prepare(cfg: DDPOConfig) -> DDPOData:
+    """Driver side, before Ray Train starts: prompts, scoring texts (contrastive sets checked) and
+    one long-lived actor pool per reward model (:func:`tn_ray.scoring.workers.reward_actors`)."""
+    from tn_ray.cluster import init_ray
+    from tn_ray.diffusion.pipelines import check_source
+    from tn_ray.scoring.workers import reward_actors
+    from tn_ray.training.evaluation import reward_texts
+
+    prompts = cfg.load_prompts()
+    check_source(cfg.policy.pipeline)
+    texts = reward_texts(cfg.reward, prompts)
+    init_ray(cfg.ray)
+    return DDPOData(prompts, texts, {m: reward_actors(m, cfg.scoring) for m in cfg.reward.models})
+
+
+def release(data: DDPOData) -> None:
+    import ray
+
+    for actors in data.actors.values():
+        for a in actors:
+            ray.kill(a)
+
+
+def run(cfg: DDPOConfig) -> dict[str, Any]:
+    """The whole DDPO run: reward actors up, Ray Train fit (resuming from ``cfg.out``), reports; returns
+    the output paths (see :func:`tn_ray.training.outputs.write_outputs`)."""
+    import yaml
+
+    from tn_ray.storage import Store
+    from tn_ray.training.loop import fit
+    from tn_ray.training.outputs import write_outputs
+
+    store = Store(cfg.out)
+    data = prepare(cfg)
+    store.write_text("config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    try:
+        result = fit(cfg, "tn_ray.training.ddpo:DDPO", data)
+    finally:
+        release(data)
+    paths = write_outputs(cfg, data.prompts) if cfg.eval.enabled else {"out": store.uri(""), "checkpoints": store.uri("checkpoints")}
+    paths["samples"] = store.uri("samples")
+    paths["ray_result"] = result["ray_path"]
+    return paths
+
+
+def epoch_rewards(out: str) -> Any:
+    """Per epoch: mean and std of the sampled images' training reward over all workers (from ``samples/``)."""
+    import pandas as pd
+
+    from tn_ray.storage import Store
+
+    store = Store(out)
+    frame = pd.concat([store.read_table(rel).to_pandas() for rel in store.list_files("samples", ".parquet")], ignore_index=True)
+    return frame.groupby("epoch")["reward"].agg(reward_mean="mean", reward_std="std", samples="size").reset_index()
+
+
+def quickstart_config(out: Path) -> DDPOConfig:
+    """A tiny DDPO run: tiny pipeline at 32 px, 2 prompts, brightness reward, 3 epochs of 8 samples x 4 steps."""
+    from tn_ray.config import RayConfig, ScoringConfig
+
+    return DDPOConfig(
+        out=str(out), prompts=["a photo of a lighthouse", "a watercolor of a red circle"], max_steps=3, seed=0,
+        policy={"pipeline": "tiny", "lora": {"rank": 4}}, optimizer={"lr": 2e-2},
+        reward={"models": ["brightness"], "use": "brightness"},
+        sample={"num_steps": 4, "batch_size": 8, "num_batches_per_epoch": 1},
+        train={"batch_size": 8, "stat_buffer_size": 16, "stat_min_count": 4, "clip_range": 0.2},
+        eval={"every": 1, "seeds": [0, 1], "num_inference_steps": 4, "batch_size": 4,
+              "judges": [{"models": ["clip:tiny"], "use": "clip:tiny"}]},
+        checkpoint={"every": 1}, logging={"progress_bar": False},
+        scoring=ScoringConfig(batch_size=16, cpus_per_actor=0.25), scaling={"cpus_per_worker": 1.0},
+        ray=RayConfig(num_cpus=2),
+    )
+
+
+def quickstart_step(out: Path) -> dict[str, Path]:
+    """The quickstart's tiny DDPO run; prints where the curves and the selected checkpoint are."""
+    import json
+
+    cfg = quickstart_config(Path(out) / "ddpo")
+    paths = run(cfg)
+    selection = json.loads(Path(paths["selection"]).read_text())
+    curve = epoch_rewards(cfg.out)
+    print(f"DDPO (tiny, brightness reward, clip:tiny judge): training reward per epoch "
+          f"{', '.join(f'{v:.4f}' for v in curve['reward_mean'])}; selected checkpoint epoch {selection['step']} "
+          f"({selection['wins']} of {selection['images']} evaluation images beat the base model under {selection['judge']})")
+    print(f"  curves: {paths['curves']}\n  selected checkpoint: {paths['selected_checkpoint']}\n  eval table: {paths['eval_csv']}")
+    return {k: Path(v) for k, v in paths.items() if isinstance(v, str)}
