@@ -38,7 +38,9 @@ def test_stats(tia2_dir, tmp_path):
     assert per_set.set_index("set")["prompts"].to_dict() == {"comprehensive": 100, "counting": 150, "composition": 300, "all": 550}
     assert sub["images"].sum() == 5000
     assert main(["tia2", "stats", "--tia2-dir", str(tia2_dir), "--out", str(tmp_path / "s.md")]) == 0
-    assert "| counting      |       150 |     7500 |" in (tmp_path / "s.md").read_text()
+    text = (tmp_path / "s.md").read_text()
+    assert "| counting      |       150 |     7500 |    43.27 |   56.73 |" in text  # the paper's two decimals
+    assert "| comprehensive |       100 |     5000 |    47.22 |   52.78 |" in text and "| 39.00 |" not in text
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +67,11 @@ def config(bench, out, **kw):
 
 
 def independent_ap_at_k(labels, scores, k):
-    ranked = [lab for _, lab in sorted(zip(-scores, labels), key=lambda t: t[0])][:k]  # stable on ties
-    hits, total = 0, 0.0
-    for i, lab in enumerate(ranked, 1):
-        if lab:
-            hits += 1
-            total += hits / i
-    return total / min(k, sum(labels))
+    """The benchmark's AP@k: sklearn's average precision on the k highest scores (ties at the cut
+    by image order); 0 when they hold no good image."""
+    top = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
+    rel = [labels[i] for i in top]
+    return average_precision_score(rel, [scores[i] for i in top]) if any(rel) else 0.0
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +114,32 @@ def test_metrics_equal_sklearn_and_scipy_on_the_stored_matrices(first_run, tia2_
     summary = pd.read_csv(paths["per_set_csv"])
     assert set(summary["reward"]) == {*MODELS, *(f"textnorm({m})" for m in MODELS), "ens-mean", "ens-unc"}
     assert paths["plot"].stat().st_size > 1000 and "## counting" in paths["per_set_md"].read_text()
+
+
+def test_paper_rows_and_differences_over_the_evaluated_prompts(first_run, tia2_dir):
+    out, paths = first_run
+    table = pd.read_parquet(paths["per_prompt"])
+    evaluated = {s: set(g["prompt"]) for s, g in table.groupby("set")}
+    reference = pd.read_csv(paths["paper_per_set"])
+    assert set(reference["reward"]) == {"paper: clip", "paper: blip2", "paper: imagereward", "paper: pickscore",
+                                        "paper: textnorm"}
+    for (s, reward), row in reference.set_index(["set", "reward"]).iterrows():
+        released = tia2.load_alignment_scores(s, tia2_dir)
+        name = {"paper: textnorm": "textnorm_mean" if s == "composition" else "textnorm_ur"}.get(reward, reward[7:])
+        assert row["n_prompts"] == len(evaluated[s])
+        assert row["ap@10"] == pytest.approx(np.mean([released[p][name]["ap10"] for p in evaluated[s]]), rel=1e-12)
+    md = paths["per_set_md"].read_text()
+    assert "| paper: pickscore " in md and "| paper: textnorm " in md
+    diff = pd.read_csv(paths["paper_diff"])
+    # clip:tiny and pickscore:tiny are compared with the paper's clip and pickscore, every metric, every prompt
+    assert set(zip(diff["reward"], diff["paper_reward"])) == {("clip:tiny", "paper: clip"), ("pickscore:tiny", "paper: pickscore")}
+    assert len(diff) == 2 * len(table[table["reward"] == "clip:tiny"]) * 7
+    r = diff.iloc[0]
+    ours = table[(table["set"] == r["set"]) & (table["prompt"] == r["prompt"]) & (table["reward"] == r["reward"])]
+    assert r["ours"] == pytest.approx(ours[r["metric"]].iloc[0])
+    key = r["metric"].replace("@", "")
+    assert r["paper"] == tia2.load_alignment_scores(r["set"], tia2_dir)[r["prompt"]]["clip"][key]
+    assert r["diff"] == pytest.approx(r["ours"] - r["paper"])
 
 
 def test_rows_are_complete_score_matrices(first_run, tia2_dir):

@@ -1,4 +1,4 @@
-"""``tn-ray tia2 stats|eval``."""
+"""``tn-ray tia2 stats|paper|eval``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,6 +12,12 @@ def add_parser(sub) -> None:
     st.add_argument("--tia2-dir", help="local copy of the TIA2 labels (default: $TN_RAY_TIA2_DIR or download)")
     st.add_argument("--out", default="results/tia2/stats.md", help="Markdown file to write")
     st.set_defaults(func=stats)
+
+    pa = s.add_parser("paper", help="the benchmark authors' released metrics, averaged per set (reference rows)")
+    pa.add_argument("--tia2-dir", help="local copy of the TIA2 files (default: $TN_RAY_TIA2_DIR or download)")
+    pa.add_argument("--sets", nargs="+", default=None, help="TIA2 sets (default: all)")
+    pa.add_argument("--out", default="results/tia2/paper.md", help="Markdown file to write")
+    pa.set_defaults(func=paper_table)
 
     ev = s.add_parser("eval", help="score the benchmark images, apply TextNorm, compute metrics")
     ev.add_argument("config", nargs="?", help="YAML config (Tia2EvalConfig); flags override it")
@@ -29,6 +35,21 @@ def stats(args) -> int:
     from tn_ray.data.tia2 import resolve_dir, stats_markdown
 
     text = stats_markdown(resolve_dir(args.tia2_dir))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    print(f"written: {out}")
+    return 0
+
+
+def paper_table(args) -> int:
+    from tn_ray.data.tia2 import SETS, resolve_dir
+    from tn_ray.experiments import paper
+
+    table = paper.per_set(resolve_dir(args.tia2_dir), args.sets or SETS)
+    text = paper.markdown(table, "TIA2: the paper's released per-prompt metrics, mean per set "
+                                 "(prompts with unanimous labels excluded)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 SETS = ("comprehensive", "counting", "composition")
 REPO_COMMIT = "5ed52025b1c4a62f31765165a14dff41d304b4a9"
 RAW_URL = "https://raw.githubusercontent.com/kykim0/TextNorm/{commit}/{path}"
-FILES = [f"human_annotations/human_labels_{s}.json" for s in SETS] + [f"prompts/prompt_set_{s}.json" for s in SETS]
+FILES = ([f"human_annotations/human_labels_{s}.json" for s in SETS] + [f"prompts/prompt_set_{s}.json" for s in SETS]
+         + [f"alignment_scores/alignment_scores_{s}.json" for s in SETS])
 
 
 class Tia2Error(TnRayError, ValueError):
@@ -59,7 +60,8 @@ def download(dest: Path) -> Path:
         except OSError as err:
             raise Tia2Error(
                 f"could not download TIA2 file {rel} from {url}: {err}. Offline, point "
-                "TN_RAY_TIA2_DIR (or --tia2-dir) at a copy of the repository's human_annotations/ and prompts/"
+                "TN_RAY_TIA2_DIR (or --tia2-dir) at a copy of the repository's human_annotations/, prompts/ "
+                "and alignment_scores/"
             ) from err
         json.loads(data)  # refuse to cache a truncated or HTML answer
         tmp = target.with_suffix(".tmp")
@@ -80,12 +82,11 @@ def resolve_dir(explicit: str | os.PathLike | None = None) -> Path:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise Tia2Error(f"TIA2 file not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise Tia2Error(f"{path}: not valid JSON ({err})") from None
+    """A TIA2 file's content; missing file, bytes that are not UTF-8 and invalid JSON are errors
+    naming the file (the one JSON reader, :func:`tn_ray.prompts.contrast.read_json`)."""
+    from tn_ray.prompts.contrast import read_json
+
+    return read_json(path, "TIA2 file")
 
 
 @lru_cache(maxsize=16)
@@ -93,7 +94,14 @@ def load_labels(set_name: str, root: Path) -> pd.DataFrame:
     """One row per image: set, image_id, prompt, labels (3 ints), binary, fine; file order."""
     check_sets([set_name])
     path = root / "human_annotations" / f"human_labels_{set_name}.json"
-    raw = _read_json(path)
+    return labels_frame(_read_json(path), set_name, path)
+
+
+def labels_frame(raw: dict, set_name: str, path: Path | str) -> pd.DataFrame:
+    """A label file's content ``{image: {image, caption, human_labels}}`` as :func:`load_labels`'s
+    rows, for any set name (reward learning reads label files of its own sets)."""
+    if not isinstance(raw, dict):
+        raise Tia2Error(f"{path}: a label file must be a JSON object {{image: {{image, caption, human_labels}}}}")
     rows = []
     for name, rec in raw.items():
         try:
@@ -113,8 +121,19 @@ def load_labels(set_name: str, root: Path) -> pd.DataFrame:
 
 @lru_cache(maxsize=16)
 def load_prompt_sets(set_name: str, root: Path) -> dict[str, list[str]]:
+    from tn_ray.prompts.contrast import validate_sets
+
     check_sets([set_name])
-    return _read_json(root / "prompts" / f"prompt_set_{set_name}.json")
+    path = root / "prompts" / f"prompt_set_{set_name}.json"
+    return validate_sets(_read_json(path), str(path))
+
+
+@lru_cache(maxsize=16)
+def load_alignment_scores(set_name: str, root: Path) -> dict[str, dict]:
+    """The authors' released per-prompt metrics: ``{prompt: {"human": fraction good,
+    "<reward>": {"auroc", "auprc", "ap5", "ap10", "ap25", "spearman", "kendall"}}}``."""
+    check_sets([set_name])
+    return _read_json(root / "alignment_scores" / f"alignment_scores_{set_name}.json")
 
 
 def load_subcategories(root: Path) -> dict[str, str]:
@@ -125,8 +144,8 @@ def load_subcategories(root: Path) -> dict[str, str]:
 def _summary(df: pd.DataFrame) -> dict:
     n = len(df)
     return {"prompts": df["prompt"].nunique(), "images": n,
-            "% good": round(100 * df["binary"].mean(), 1) if n else float("nan"),
-            "% bad": round(100 * (1 - df["binary"].mean()), 1) if n else float("nan")}
+            "% good": round(100 * df["binary"].mean(), 2) if n else float("nan"),
+            "% bad": round(100 * (1 - df["binary"].mean()), 2) if n else float("nan")}
 
 
 def stats(root: Path, sets=SETS) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -145,7 +164,7 @@ def stats(root: Path, sets=SETS) -> tuple[pd.DataFrame, pd.DataFrame]:
 def stats_markdown(root: Path, sets=SETS) -> str:
     per_set, sub = stats(root, sets)
     text = ["# TIA2 statistics", "", "Binary label: good if at least two of three annotators said aligned.", "",
-            per_set.to_markdown(index=False)]
+            per_set.to_markdown(index=False, floatfmt=".2f")]
     if len(sub):
-        text += ["", "## Comprehensive set by subcategory", "", sub.to_markdown(index=False)]
+        text += ["", "## Comprehensive set by subcategory", "", sub.to_markdown(index=False, floatfmt=".2f")]
     return "\n".join(text) + "\n"

@@ -6,9 +6,13 @@ fine-grained human score h_i:
 - ``auroc``: ``sklearn.metrics.roc_auc_score(b, s)``.
 - ``auprc``: ``sklearn.metrics.average_precision_score(b, s)``, the step-wise area under the
   precision-recall curve.
-- ``ap@k``: average precision of the top k images ranked by s (descending, ties broken by
-  image order): ``AP@k = (1 / min(k, P)) * sum_{j<=k} precision@j * b_(j)``, P = number of
-  good images; the IR convention, so a ranking that puts good images first scores 1.
+- ``ap@k``: average precision over the k highest-scored images only, as the benchmark's
+  released per-prompt metrics compute it: ``sklearn.metrics.average_precision_score`` applied
+  to the top k (images ranked by s descending, ties at the k-th place broken by image order;
+  inside the top k, tied scores are one threshold, as sklearn groups them). Without ties
+  ``AP@k = sum_{j<=k} precision@j * b_(j) / P_k`` with P_k = good images among the top k;
+  0 when the top k hold no good image. (The information-retrieval convention, dividing by
+  ``min(k, P)`` with P = all good images of the prompt, gives other numbers and is not used.)
 - ``spearman`` / ``kendall``: ``scipy.stats.spearmanr`` / ``kendalltau`` (tau-b) of s vs h.
 
 A prompt whose binary labels are all equal has no ranking to judge and is excluded from the
@@ -25,15 +29,18 @@ AP_KS = (5, 10, 25)
 METRICS = ("auroc", "auprc", "ap@5", "ap@10", "ap@25", "spearman", "kendall")
 
 
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k highest scores, descending, ties by index (stable)."""
+    return np.argsort(-np.asarray(scores, dtype=float), kind="stable")[:k]
+
+
 def ap_at_k(labels: np.ndarray, scores: np.ndarray, k: int) -> float:
-    labels = np.asarray(labels, dtype=float)
-    positives = labels.sum()
-    if positives == 0:
-        return float("nan")
-    order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")[:k]
-    rel = labels[order]
-    precision = np.cumsum(rel) / np.arange(1, len(rel) + 1)
-    return float((precision * rel).sum() / min(k, positives))
+    """The benchmark's AP@k: sklearn's average precision on the top k images; 0 if none is good."""
+    top = top_k(scores, k)
+    rel = np.asarray(labels, dtype=int)[top]
+    if rel.sum() == 0:
+        return 0.0
+    return float(average_precision_score(rel, np.asarray(scores, dtype=float)[top]))
 
 
 def prompt_metrics(scores: np.ndarray, binary: np.ndarray, fine: np.ndarray) -> dict[str, float]:

@@ -3,7 +3,9 @@
 Flow: validate everything (sets, models, labels, contrastive sets, every image file) before
 any model loads -> score matrices per model (cached; only missing rewards are computed) ->
 reward columns (raw, TextNorm, ensembles; pure array functions) -> per-prompt and per-set
-metrics -> tables and a bar plot.
+metrics -> tables and a bar plot, with the authors' released metrics over the same prompts as
+reference rows (``paper: clip``, ...; :mod:`tn_ray.experiments.paper`) and per-prompt
+differences from them.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pydantic import Field, field_validator, model_validator
 from tn_ray.config import RayConfig, ScoringConfig, StrictModel, dump_config
 from tn_ray.data import tia2
 from tn_ray.errors import InputError
-from tn_ray.experiments import metrics
+from tn_ray.experiments import metrics, paper
 from tn_ray.prompts.contrast import load_contrast, texts_for
 from tn_ray.rewards import parse
 from tn_ray.scoring.images import check_images
@@ -100,6 +102,7 @@ def reward_table(items: pd.DataFrame, matrices: dict[str, ScoreMatrix], cfg: Tia
 
 
 def plot(per_set: pd.DataFrame, path: Path, metric_names=("auroc", "auprc", "ap@10", "spearman")) -> None:
+    """Horizontal bars per set and metric; reference rows (``paper: ...``) in grey."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,9 +112,10 @@ def plot(per_set: pd.DataFrame, path: Path, metric_names=("auroc", "auprc", "ap@
     fig, axes = plt.subplots(len(sets), len(metric_names), figsize=(4 * len(metric_names), 0.4 * per_set["reward"].nunique() * len(sets) + 2), squeeze=False)
     for i, s in enumerate(sets):
         sub = per_set[per_set["set"] == s]
+        colors = ["tab:gray" if r.startswith(paper.PREFIX) else "tab:blue" for r in sub["reward"]]
         for j, metric in enumerate(metric_names):
             ax = axes[i][j]
-            ax.barh(sub["reward"], sub[metric], color="tab:blue")
+            ax.barh(sub["reward"], sub[metric], color=colors)
             ax.set_title(f"{s}: {metric}", fontsize=9)
             ax.tick_params(labelsize=7)
             if j:
@@ -121,13 +125,28 @@ def plot(per_set: pd.DataFrame, path: Path, metric_names=("auroc", "auprc", "ap@
     plt.close(fig)
 
 
+def reference(items: pd.DataFrame, cfg: Tia2EvalConfig) -> pd.DataFrame:
+    """The released per-prompt metrics of exactly the evaluated prompts (those with mixed labels,
+    as :func:`metrics.per_prompt` keeps), empty (with a warning) when the TIA2 copy has no
+    ``alignment_scores/``; read before any model loads, so a malformed file fails first."""
+    root = tia2.resolve_dir(cfg.tia2_dir)
+    if not (root / "alignment_scores").is_dir():
+        log.warning("%s has no alignment_scores/: no paper reference rows", root)
+        return paper.prompt_table(root, [])
+    evaluated = {s: set(g["prompt"]) for s, g in items.groupby("set", sort=False)}
+    return paper.prompt_table(root, list(evaluated), evaluated)
+
+
 def run(cfg: Tia2EvalConfig) -> dict[str, Path]:
     from tn_ray.cluster import init_ray
+    from tn_ray.rewards.weights import check_weights
     from tn_ray.scoring.pipeline import score_matrices
+    from tn_ray.storage import check_output_dir
 
     items = collect_items(cfg)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    paper_prompts = reference(items, cfg)
+    check_weights(cfg.models)
+    out = check_output_dir(cfg.out)  # a file in its place or no write permission: named before Ray starts
     dump_config(cfg, out / "config.yaml")
     log.info("TIA2 eval: %d images, %d prompts, sets %s, models %s", len(items), items["prompt"].nunique(), cfg.sets, cfg.models)
     init_ray(cfg.ray)
@@ -140,16 +159,23 @@ def run(cfg: Tia2EvalConfig) -> dict[str, Path]:
     rewards.to_parquet(out / "rewards.parquet", index=False)
     prompt_table = metrics.per_prompt(rewards, names)
     set_table = metrics.per_set(prompt_table)
+    paper_table = metrics.per_set(paper_prompts)
     paths = {"per_prompt": out / "per_prompt.parquet", "per_set_csv": out / "per_set.csv",
              "per_set_md": out / "per_set.md", "plot": out / "per_set.png", "scores": out / "scores",
-             "rewards": out / "rewards.parquet", "scoring_summary": out / "scoring_summary.json"}
+             "rewards": out / "rewards.parquet", "scoring_summary": out / "scoring_summary.json",
+             "paper_per_set": out / "paper_per_set.csv", "paper_diff": out / "paper_diff.csv"}
     prompt_table.to_parquet(paths["per_prompt"], index=False)
     prompt_table.to_csv(out / "per_prompt.csv", index=False)
     set_table.to_csv(paths["per_set_csv"], index=False)
-    md = ["# TIA2 evaluation", "", f"models: {', '.join(cfg.models)}; contrastive sets: {cfg.contrast}", ""]
-    for s, g in set_table.groupby("set", sort=False):
+    paper_table.to_csv(paths["paper_per_set"], index=False)
+    paper.differences(prompt_table, paper_prompts, cfg.models).to_csv(paths["paper_diff"], index=False)
+    both = pd.concat([set_table, *([paper_table] if len(paper_table) else [])], ignore_index=True)
+    both = both.iloc[both["set"].map({s: i for i, s in enumerate(cfg.sets)}).argsort(kind="stable")]
+    md = ["# TIA2 evaluation", "", f"models: {', '.join(cfg.models)}; contrastive sets: {cfg.contrast}",
+          "", "`paper: ...` rows: the benchmark authors' released per-prompt metrics over the same prompts.", ""]
+    for s, g in both.groupby("set", sort=False):
         md += [f"## {s} ({int(g['n_prompts'].iloc[0])} prompts)", "",
                g.drop(columns=["set"]).to_markdown(index=False, floatfmt=".3f"), ""]
     paths["per_set_md"].write_text("\n".join(md))
-    plot(set_table, paths["plot"])
+    plot(both, paths["plot"])
     return paths

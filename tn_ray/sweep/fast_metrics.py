@@ -48,18 +48,6 @@ def _descending(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.argsort(key, axis=1, kind="stable")
 
 
-def ap_at_k(scores: np.ndarray, labels: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
-    """AP@k per prompt (IR convention, normalised by min(k, positives)); NaN without positives."""
-    labels = np.where(mask, labels, 0).astype(np.float64)
-    order = _descending(scores, mask)[:, :k]
-    rel = np.take_along_axis(labels, order, axis=1)
-    precision = np.cumsum(rel, axis=1) / np.arange(1, rel.shape[1] + 1)
-    positives = labels.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ap = (precision * rel).sum(axis=1) / np.minimum(k, positives)
-    return np.where(positives > 0, ap, np.nan)
-
-
 def _average_ranks(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Ascending ranks 1..n_p of the valid entries of each row, ties averaged (padding ranks
     above every valid entry, so it never shifts them)."""
@@ -76,26 +64,45 @@ def auroc(scores: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> np.ndarra
         return ((ranks * labels).sum(axis=1) - pos * (pos + 1) / 2) / (pos * neg)
 
 
-def auprc(scores: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Average precision per prompt, sklearn's step-wise sum over distinct score thresholds."""
-    labels = np.where(mask, labels, 0).astype(np.float64)
-    order = _descending(scores, mask)
-    s = np.take_along_axis(np.where(mask, scores, -np.inf), order, axis=1)
-    rel = np.take_along_axis(labels, order, axis=1)
-    valid = np.take_along_axis(mask, order, axis=1)
+def _step_ap(s: np.ndarray, rel: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """sklearn's step-wise average precision per row of rows already sorted by score descending
+    (``s``), ``rel`` 0/1 labels, ``valid`` False at padding (which sorts last); NaN without positives.
+
+    A threshold ends where the next score differs (or the valid entries end); each threshold adds
+    (recall gained) * (precision at it), so tied scores count as one threshold, as in sklearn.
+    """
     tp = np.cumsum(rel, axis=1)
     seen = np.arange(1, s.shape[1] + 1)[None, :]
-    # a threshold ends where the next score differs (or the valid entries end)
     end = np.ones_like(valid)
     end[:, :-1] = (s[:, 1:] != s[:, :-1]) | ~valid[:, 1:]
     end &= valid
     # true positives at the previous threshold (tp never decreases along the row)
     reached = np.maximum.accumulate(np.where(end, tp, 0.0), axis=1)
     prev = np.concatenate([np.zeros((len(tp), 1)), reached[:, :-1]], axis=1)
-    pos = labels.sum(axis=1, keepdims=True)
+    pos = rel.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         terms = np.where(end, (tp - prev) / pos * (tp / seen), 0.0)
     return np.where(pos[:, 0] > 0, terms.sum(axis=1), np.nan)
+
+
+def _sorted(scores: np.ndarray, labels: np.ndarray, mask: np.ndarray, k: int | None = None):
+    """(scores, labels, valid) per row in descending score order (ties by column), first k columns."""
+    labels = np.where(mask, labels, 0).astype(np.float64)
+    order = _descending(scores, mask)[:, :k]
+    s = np.take_along_axis(np.where(mask, scores, -np.inf), order, axis=1)
+    return s, np.take_along_axis(labels, order, axis=1), np.take_along_axis(mask, order, axis=1)
+
+
+def auprc(scores: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Average precision per prompt, sklearn's step-wise sum over distinct score thresholds."""
+    return _step_ap(*_sorted(scores, labels, mask))
+
+
+def ap_at_k(scores: np.ndarray, labels: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
+    """The benchmark's AP@k per prompt: sklearn's average precision on the k highest-scored images
+    (ties at the k-th place by column); 0 when they hold no good image."""
+    ap = _step_ap(*_sorted(scores, labels, mask, k))
+    return np.where(np.isnan(ap), 0.0, ap)
 
 
 def _constant(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
