@@ -112,3 +112,163 @@ def test_kl_regularizer_and_warmup():
     assert [kl_weight(2.0, e, 4) for e in (0, 2, 4, 9)] == [0.0, 1.0, 2.0, 2.0] and kl_weight(2.0, 0, 0) == 2.0
     with pytest.raises(ValueError, match="kl_coef > 0"):
         ddpo_loss(lp, lp, torch.ones(3), 1e-4, 5.0, kl_coef=0.1)
+
+
+# --------------------------------------------------------------------------------------
+# the loop (tiny pipeline, brightness reward on long-lived reward actors)
+# --------------------------------------------------------------------------------------
+
+PROMPTS = ["a red cube", "a blue ball"]
+
+
+def tiny_config(out, **overrides):
+    from tn_ray.training.ddpo import DDPOConfig
+
+    base = dict(out=str(out), prompts=PROMPTS, seed=0, max_steps=3, policy={"pipeline": "tiny", "lora": {"rank": 4}},
+                optimizer={"lr": 2e-2}, reward={"models": ["brightness"], "use": "brightness"},
+                sample={"num_steps": 4, "batch_size": 8, "num_batches_per_epoch": 1},
+                train={"batch_size": 8, "clip_range": 0.2, "stat_min_count": 4},
+                eval={"enabled": False}, checkpoint={"every": 1}, logging={"progress_bar": False, "tensorboard": False},
+                scoring={"cpus_per_actor": 0.25, "num_actors": 1})
+    for key, value in overrides.items():
+        base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return DDPOConfig.model_validate(base)
+
+
+@pytest.fixture(scope="module")
+def actors(ray_session):
+    from tn_ray.config import ScoringConfig
+    from tn_ray.scoring.workers import reward_actors
+
+    pool = reward_actors("brightness", ScoringConfig(cpus_per_actor=0.25, num_actors=2))
+    yield {"brightness": pool}
+    for a in pool:
+        ray_session.kill(a)
+
+
+def make_method(cfg, actors):
+    from tn_ray.training.ddpo import DDPO, DDPOData
+    from tn_ray.training.loop import WorkerContext
+    from tn_ray.training.optim import Optimization
+    from tn_ray.training.policy import Policy
+
+    torch.manual_seed(cfg.seed)
+    policy = Policy.load(cfg.policy, "cpu", seed=cfg.seed)
+    optim = Optimization(policy.trainable_parameters(), cfg.optimizer, cfg.max_steps, torch.device("cpu"), policy.amp_dtype)
+    data = DDPOData(list(PROMPTS), [[p] for p in PROMPTS], actors)
+    return DDPO(cfg, policy, optim, WorkerContext(0, 1, torch.device("cpu"), cfg.out), data)
+
+
+def eps_gap(method) -> float:
+    """mean ||eps_policy - eps_base||^2 of the guided noise predictions on fixed latents, every timestep."""
+    from tn_ray.diffusion.sampling import encode_prompts, guided_noise
+
+    pipe = method.policy.pipe
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(4, 4, 16, 16, generator=g)
+    embeds, negative = encode_prompts(pipe, PROMPTS * 2)
+    gaps = []
+    with torch.no_grad():
+        for t in pipe.scheduler.timesteps:
+            tt = t.repeat(4)
+            pol = guided_noise(pipe.unet, x, tt, embeds, negative, GUIDANCE)
+            base = method.base_eps(x, tt, embeds, negative)
+            gaps.append(float(((pol - base) ** 2).mean()))
+    return float(np.mean(gaps))
+
+
+def test_large_kl_coef_stays_closer_to_base_and_only_lora_changes(tmp_path, actors):
+    """Same seeds and epochs: kl_coef = 100 ends with noise predictions closer to the base model's than 0;
+    the first minibatch after sampling has ratio 1 (approx-KL exactly 0); only LoRA weights change."""
+    gaps, firsts = {}, []
+    for coef in (0.0, 100.0):
+        method = make_method(tiny_config(tmp_path / f"kl{coef}", train={"kl_coef": coef, "num_inner_epochs": 2}), actors)
+        frozen = {n: p.detach().clone() for n, p in method.policy.unet.named_parameters() if not p.requires_grad}
+        lora = {n: p.detach().clone() for n, p in method.policy.unet.named_parameters() if p.requires_grad}
+        assert lora and all("lora_" in n for n in lora)
+        for step in (1, 2, 3):
+            metrics = method.step(step)
+            firsts.append(metrics["first_approx_kl"])
+        params = dict(method.policy.unet.named_parameters())
+        assert all(torch.equal(params[n], v) for n, v in frozen.items())
+        assert any(not torch.equal(params[n], v) for n, v in lora.items())
+        gaps[coef] = eps_gap(method)
+        assert metrics["optimizer_steps"] == 2 and (coef == 0 or metrics["kl"] > 0)
+    assert firsts == [0.0] * len(firsts)
+    assert gaps[100.0] < 0.5 * gaps[0.0], gaps
+
+
+def test_resume_equals_uninterrupted(tmp_path, actors, monkeypatch):
+    """The core's loop in-process: a run stopped after epoch 1 and rerun ends with the same LoRA weights,
+    optimizer state and per-prompt buffers as a run that never stopped (exactly: tolerance 0)."""
+    from tn_ray.training import ddpo as ddpo_module
+    from tn_ray.training.checkpoint import Checkpoints
+    from tn_ray.training.ddpo import DDPO, DDPOData
+    from tn_ray.training.loop import Trainer, WorkerContext
+
+    data = DDPOData(list(PROMPTS), [[p] for p in PROMPTS], actors)
+    finals = {}
+    for name, stops in (("straight", [None]), ("resumed", [1, None])):
+        for stop in stops:
+            cfg = tiny_config(tmp_path / name, max_steps=2, stop_after_steps=stop)
+            Trainer(cfg, DDPO, data, WorkerContext(0, 1, torch.device("cpu"), cfg.out)).run()
+        ckpt = Checkpoints(cfg.out)
+        assert ckpt.steps() == [1, 2]
+        finals[name] = ckpt.load(2)
+    a, b = finals["straight"], finals["resumed"]
+    assert a["lora"].keys() == b["lora"].keys()
+    assert all(torch.equal(a["lora"][k], b["lora"][k]) for k in a["lora"])
+    assert any(float(v.abs().max()) > 0 for k, v in a["lora"].items() if "lora_B" in k)  # trained, not the base
+    assert a["method"] == b["method"] and a["method"]["tracker"]["stats"]
+    assert ddpo_module.epoch_rewards(str(tmp_path / "straight"))["reward_mean"].tolist() == \
+        ddpo_module.epoch_rewards(str(tmp_path / "resumed"))["reward_mean"].tolist()
+
+
+def fresh_brightness(method, n: int = 16) -> float:
+    """Mean brightness (the reward) of fresh samples on fixed seeds, computed here, not by the actors."""
+    from tn_ray.diffusion.sampling import decode_images, sample_chains
+
+    gens = [torch.Generator().manual_seed(1000 + i) for i in range(n)]
+    chains = sample_chains(method.policy.pipe, PROMPTS * (n // 2), [0, 1] * (n // 2), num_steps=method.cfg.sample.num_steps,
+                           guidance=GUIDANCE, eta=1.0, generator=gens)
+    return float(decode_images(method.policy.pipe, chains.latents[:, -1]).astype(np.float64).mean() / 255)
+
+
+def test_learning_brightness_rises(tmp_path, actors):
+    """DDPO optimizes: 8 epochs of 16 samples (5 steps, lr 2e-2, one update per epoch) raise the mean
+    brightness of 16 fresh samples on fixed seeds by more than 0.01 (the images' spread is ~0.005;
+    measured: 0.5075 -> 0.527)."""
+    cfg = tiny_config(tmp_path / "learn", max_steps=8, sample={"num_steps": 5, "num_batches_per_epoch": 2})
+    method = make_method(cfg, actors)
+    before = fresh_brightness(method)
+    curve = [method.step(step) for step in range(1, 9)]
+    after = fresh_brightness(method)
+    print("reward_mean", [round(m["reward_mean"], 4) for m in curve], "approx_kl", [m["approx_kl"] for m in curve],
+          "fresh", before, after)
+    assert after > before + 0.01, (before, after)
+    assert np.mean([m["reward_mean"] for m in curve[-2:]]) > np.mean([m["reward_mean"] for m in curve[:2]])
+
+
+def test_two_workers_share_advantage_statistics(tmp_path, ray_session):
+    """Ray Train with 2 CPU workers: each samples its share; every worker's advantages equal those of one
+    tracker fed all samples in rank order (as a single worker would be), over 2 epochs; training proceeds."""
+    import pandas as pd
+
+    from tn_ray.storage import Store
+    from tn_ray.training.checkpoint import Checkpoints
+    from tn_ray.training.ddpo import run
+
+    cfg = tiny_config(tmp_path / "two", max_steps=2, sample={"batch_size": 4}, train={"batch_size": 4, "stat_min_count": 3},
+                      scaling={"num_workers": 2, "cpus_per_worker": 0.5}, scoring={"num_actors": 2}, ray={"num_cpus": 2})
+    paths = run(cfg)
+    store = Store(cfg.out)
+    frame = pd.concat([store.read_table(r).to_pandas() for r in store.list_files("samples", ".parquet")])
+    assert sorted(frame["rank"].unique()) == [0, 1] and sorted(frame["epoch"].unique()) == [1, 2]
+    single = PerPromptStatTracker(cfg.train.stat_buffer_size, cfg.train.stat_min_count)
+    for epoch in (1, 2):
+        rows = frame[frame["epoch"] == epoch].sort_values("rank", kind="stable")
+        expected = np.clip(single.update(rows["prompt_id"].to_numpy(), rows["reward"].to_numpy()), -5, 5)
+        np.testing.assert_allclose(rows["advantage"].to_numpy(), expected, rtol=0, atol=1e-12)
+    lora = Checkpoints(cfg.out).load(2)["lora"]
+    assert any(float(v.abs().max()) > 0 for k, v in lora.items() if "lora_B" in k)
+    assert paths["checkpoints"]
