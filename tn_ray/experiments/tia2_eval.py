@@ -109,6 +109,9 @@ def plot(per_set: pd.DataFrame, path: Path, metric_names=("auroc", "auprc", "ap@
     import matplotlib.pyplot as plt
 
     sets = list(per_set["set"].unique())
+    if not sets:  # every prompt had unanimous labels: no metric to draw (the tables say so)
+        log.warning("no prompt with mixed labels: %s not drawn", path)
+        return
     fig, axes = plt.subplots(len(sets), len(metric_names), figsize=(4 * len(metric_names), 0.4 * per_set["reward"].nunique() * len(sets) + 2), squeeze=False)
     for i, s in enumerate(sets):
         sub = per_set[per_set["set"] == s]
