@@ -24,6 +24,9 @@ COMMAND_MODULES = [
     "tn_ray.commands.score",
     "tn_ray.commands.prompts",
     "tn_ray.commands.label",
+    "tn_ray.commands.world",
+    "tn_ray.commands.reward",
+    "tn_ray.commands.rwr",
 ]
 
 # OS errors that name a file the user gave (missing, not writable, a file where a folder goes)
@@ -48,12 +51,39 @@ def user_error(err: BaseException) -> BaseException | None:
 
     seen = 0
     while err is not None and seen < 8:
+        cause = getattr(err, "cause", None)  # ray.exceptions.RayTaskError (and its dual-class instances)
+        if isinstance(cause, BaseException) and type(err).__module__.startswith("ray."):
+            err = cause  # the original error, not Ray's wrapper whose text is the remote traceback
         if isinstance(err, (TnRayError, *USER_OS_ERRORS)):
             return err
-        cause = getattr(err, "cause", None)  # ray.exceptions.RayTaskError / RayActorError
+        remote = _remote_user_error(err)
+        if remote is not None:
+            return remote
         err = cause if isinstance(cause, BaseException) else err.__cause__
         seen += 1
     return None
+
+
+def _remote_user_error(err: BaseException) -> BaseException | None:
+    """A user error named in the text of a Ray error that lost the exception object: an actor
+    whose constructor raised becomes ``ActorDiedError`` holding only the remote traceback as
+    text. Its last ``module.Class: message`` line naming a :class:`TnRayError` is rebuilt."""
+    import re
+
+    from tn_ray.errors import TnRayError
+
+    if not type(err).__module__.startswith("ray."):
+        return None
+    found = None
+    for m in re.finditer(r"^(tn_ray(?:\.\w+)*)\.(\w+): (.+)$", str(err), flags=re.M):
+        module, name, message = m.groups()
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:  # not a tn_ray module
+            cls = None
+        if isinstance(cls, type) and issubclass(cls, TnRayError):
+            found = TnRayError(message)
+    return found
 
 
 def one_line(err: BaseException) -> str:

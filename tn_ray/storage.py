@@ -173,6 +173,14 @@ class PartTable:
             table = pa.Table.from_pandas(df[self.schema.names], schema=self.schema, preserve_index=False)
             self.store.write_table(f"{self.folder}/part-{uuid.uuid4().hex}.parquet", table)
 
+    def rewrite(self, df) -> None:
+        """Replace the table by ``df``: written as one part before the old parts are deleted, so
+        an interruption leaves the old rows (or both, deduplicated on read), never none."""
+        parts = self.parts()
+        self.append(df)
+        for p in parts:
+            self.store.delete(p)
+
     def compact(self) -> None:
         parts = self.parts()
         if len(parts) > 1:
@@ -184,9 +192,12 @@ class PartTable:
 def check_output_dir(path: str | os.PathLike) -> Path:
     """A local output folder that exists (created if needed) and is writable, checked before any
     work starts; :class:`tn_ray.errors.OutputError` naming it otherwise (a file in its place, a
-    parent that is a file, no write permission)."""
+    parent that is a file, no write permission). A cloud URI is checked by
+    :func:`check_output_uri` and returned as given."""
     from tn_ray.errors import OutputError
 
+    if _is_uri(str(path)):
+        return check_output_uri(str(path))  # type: ignore[return-value]
     p = Path(path)
     for parent in [p, *p.parents]:
         if parent.exists() and not parent.is_dir():
@@ -201,4 +212,36 @@ def check_output_dir(path: str | os.PathLike) -> Path:
         probe.unlink()
     except OSError as err:
         raise OutputError(f"cannot write to the output folder {p}: {err.strerror or err}") from None
+    return p
+
+
+def check_output_uri(uri: str) -> str:
+    """A cloud output folder that can be written (a probe object is written and deleted);
+    :class:`tn_ray.errors.OutputError` naming it otherwise (an object in its place, a bucket
+    that does not exist or refuses the credentials)."""
+    from tn_ray.errors import OutputError
+
+    try:
+        store = Store(uri)
+        if store.fs.get_file_info(store.base).type == pafs.FileType.File:
+            raise OutputError(f"the output location {uri} is an existing file, not a folder")
+        probe = f".write-test-{uuid.uuid4().hex}"
+        store.write_bytes(probe, b"")
+        store.delete(probe)
+    except OutputError:
+        raise
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise OutputError(f"cannot write to the output location {uri}: {str(err).splitlines()[0]}") from None
+    return uri
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """An output file that can be written: its folder is checked as :func:`check_output_dir`
+    does, and the file itself must not be a folder."""
+    from tn_ray.errors import OutputError
+
+    p = Path(path)
+    if p.is_dir():
+        raise OutputError(f"the output file {p} is an existing folder")
+    check_output_dir(p.parent if str(p.parent) else ".")
     return p

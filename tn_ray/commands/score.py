@@ -50,12 +50,13 @@ def run(args) -> int:
     from tn_ray.errors import InputError
     from tn_ray.prompts.contrast import load_contrast, texts_for
     from tn_ray.rewards import parse
+    from tn_ray.rewards.weights import check_weights
     from tn_ray.scoring.images import check_images
     from tn_ray.storage import check_output_dir
     from tn_ray.textnorm.columns import SetParams, reward_columns
 
     # everything a user can get wrong is checked before Ray starts or a model loads
-    params = validate(SetParams, {"tau": args.tau}, "command line", prefix=("--tau",))
+    params = validate(SetParams, {"tau": args.tau}, "--tau")
     scoring = validate(ScoringConfig, {"batch_size": args.batch_size}, "command line")
     models = [str(parse(m)) for m in args.models]
     manifest = Path(args.manifest)
@@ -66,6 +67,7 @@ def run(args) -> int:
     if absent:
         raise InputError(f"{len(absent)} of {len(df)} images in {manifest} do not exist, e.g. {absent[:3]}")
     check_images(list(df["image"]), str(manifest))
+    check_weights(models)
     out = check_output_dir(args.out)
 
     from tn_ray.cluster import init_ray

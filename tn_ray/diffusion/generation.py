@@ -22,9 +22,11 @@ an image is bit-identical whatever ``batch_size``, the number of actors or the r
 point. (``B`` itself is part of the fingerprint: batched GPU/CPU kernels round differently
 for different batch shapes.)
 
-Resume. A rerun with the same parameters skips every (prompt, sample) in the manifest,
-adopts complete image files a killed driver wrote but never recorded (a file exists only
-once fully written), deletes stale temporaries, and generates only the rest.
+Resume. A rerun with the same parameters skips every (prompt, sample) in the manifest whose
+file still has the recorded size and sha256 (a damaged or missing one is named in the log and
+made again), adopts complete image files a killed driver wrote but never recorded (a file
+exists only once fully written; one that does not decode is made again), deletes stale
+temporaries, and generates only the rest.
 """
 from __future__ import annotations
 
@@ -199,11 +201,23 @@ class GenerationWorker:
 # --------------------------------------------------------------------------------------
 
 
+def read_json(store: Store, rel: str):
+    """A JSON file of the output folder; :class:`InputError` naming it when it is not UTF-8 JSON."""
+    try:
+        return json.loads(store.read_text(rel))
+    except UnicodeDecodeError as err:
+        raise InputError(f"{store.uri(rel)}: not UTF-8 text (byte {err.start}); restore it or use a new "
+                         "generation.out folder") from None
+    except json.JSONDecodeError as err:
+        raise InputError(f"{store.uri(rel)}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
+                         "restore it or use a new generation.out folder") from None
+
+
 def check_output(store: Store, cfg: GenerationConfig, prompts: Sequence[str]) -> None:
     """Refuse a rerun whose image-fixing parameters or prompt ids differ; record them otherwise."""
     params = cfg.fingerprint()
     if store.exists("generation.json"):
-        old = json.loads(store.read_text("generation.json"))
+        old = read_json(store, "generation.json")
         diff = [f"generation.{k}: {old.get(k)!r} in {store.uri('generation.json')}, {v!r} now"
                 for k, v in params.items() if old.get(k) != v]
         if diff:
@@ -211,7 +225,10 @@ def check_output(store: Store, cfg: GenerationConfig, prompts: Sequence[str]) ->
                                      + "\nuse a new generation.out folder, or restore these values")
     else:
         store.write_text("generation.json", json.dumps(params, indent=1))
-    known: list[str] = json.loads(store.read_text("prompts.json")) if store.exists("prompts.json") else []
+    known: list[str] = read_json(store, "prompts.json") if store.exists("prompts.json") else []
+    if not isinstance(known, list) or not all(isinstance(p, str) for p in known):
+        raise InputError(f"{store.uri('prompts.json')}: expected a JSON list of prompts; restore it or use a new "
+                         "generation.out folder")
     clash = [(i, a, b) for i, (a, b) in enumerate(zip(known, prompts)) if a != b]
     if clash:
         i, a, b = clash[0]
@@ -230,9 +247,48 @@ def read_manifest(store: Store) -> pd.DataFrame:
     return manifest_table(store).read().sort_values(["prompt_id", "sample"]).reset_index(drop=True)
 
 
-def adopt_orphans(store: Store, cfg: GenerationConfig, prompts: Sequence[str], manifest: pd.DataFrame) -> pd.DataFrame:
-    """Manifest rows for complete image files that a killed driver never recorded."""
-    have = set(zip(manifest["prompt_id"].tolist(), manifest["sample"].tolist()))
+def image_damage(store: Store, row) -> str | None:
+    """Why the recorded image ``row`` (a manifest row) cannot be reused, or None: the file is
+    missing, or its size or sha256 differs from what the manifest recorded when it was made."""
+    try:
+        data = store.read_bytes(row.path)
+    except FileNotFoundError:
+        return "missing"
+    if len(data) != int(row.bytes):
+        return f"{len(data)} bytes, the manifest recorded {int(row.bytes)}"
+    if hashlib.sha256(data).hexdigest() != row.sha256:
+        return "sha256 differs from the manifest's"
+    return None
+
+
+def drop_damaged(store: Store, manifest: pd.DataFrame, threads: int = 8) -> tuple[pd.DataFrame, set[tuple[int, int]]]:
+    """(``manifest`` without the images that fail :func:`image_damage`, their (prompt_id, sample)):
+    their rows are removed from the stored manifest too, so they are made again; each is named
+    in the log."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if manifest.empty:
+        return manifest, set()
+    with ThreadPoolExecutor(threads) as pool:
+        problems = list(pool.map(lambda r: image_damage(store, r), manifest.itertuples(index=False)))
+    bad = [i for i, why in enumerate(problems) if why]
+    if not bad:
+        return manifest, set()
+    shown = "; ".join(f"{store.uri(manifest['path'].iloc[i])}: {problems[i]}" for i in bad[:5])
+    log.warning("%d of %d recorded images are damaged and will be generated again: %s%s", len(bad), len(manifest),
+                shown, " ..." if len(bad) > 5 else "")
+    kept = manifest.drop(index=manifest.index[bad]).reset_index(drop=True)
+    manifest_table(store).rewrite(kept)
+    return kept, {(int(manifest["prompt_id"].iloc[i]), int(manifest["sample"].iloc[i])) for i in bad}
+
+
+def adopt_orphans(store: Store, cfg: GenerationConfig, prompts: Sequence[str], manifest: pd.DataFrame,
+                  damaged: set[tuple[int, int]] = frozenset()) -> pd.DataFrame:
+    """Manifest rows for complete image files that a killed driver never recorded (a file that
+    does not decode, or one found damaged, is left out, and so made again)."""
+    from tn_ray.scoring.images import image_problem
+
+    have = set(zip(manifest["prompt_id"].tolist(), manifest["sample"].tolist())) | set(damaged)
     rows = []
     for rel in store.list_files("images", ".png"):
         m = _IMAGE_RE.match(rel)
@@ -240,6 +296,10 @@ def adopt_orphans(store: Store, cfg: GenerationConfig, prompts: Sequence[str], m
             continue
         pid, s = int(m.group(1)), int(m.group(2))
         if (pid, s) in have or pid >= len(prompts) or s >= cfg.samples_per_prompt:
+            continue
+        why = image_problem(store.uri(rel))
+        if why:
+            log.warning("unrecorded image %s does not decode (%s); it will be generated again", store.uri(rel), why)
             continue
         data = store.read_bytes(rel)
         rows.append((pid, prompts[pid], s, sample_seed(cfg.seed, prompts[pid], s), image_id(pid, s), rel,
@@ -312,8 +372,8 @@ def generate(prompts: Sequence[str], cfg: GenerationConfig, ray_cfg: RayConfig |
     stale = store.remove_temporaries("images") + store.remove_temporaries("manifest")
     if stale:
         log.info("removed %d temporaries left by an interrupted run", stale)
-    manifest = read_manifest(store)
-    orphans = adopt_orphans(store, cfg, prompts, manifest)
+    manifest, damaged = drop_damaged(store, read_manifest(store))  # what is reused is verified (size, sha256)
+    orphans = adopt_orphans(store, cfg, prompts, manifest, damaged)
     if len(orphans):
         log.info("adopted %d complete images written but not recorded by an interrupted run", len(orphans))
         manifest_table(store).append(orphans)

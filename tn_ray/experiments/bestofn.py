@@ -127,17 +127,26 @@ def reward_table(items: pd.DataFrame, matrices: dict[str, ScoreMatrix], cfg: Bes
 
 def run(cfg: BestOfNConfig, generate_only: bool = False) -> dict[str, Path]:
     from tn_ray.cluster import init_ray
+    from tn_ray.diffusion.pipelines import check_scheduler, check_source
     from tn_ray.experiments.human_eval import export
     from tn_ray.experiments.image_grids import prompt_grid, save_grid
     from tn_ray.experiments.selection import select, summary, summary_markdown
+    from tn_ray.rewards.weights import check_weights
     from tn_ray.scoring.pipeline import score_matrices
-    from tn_ray.storage import read_any
+    from tn_ray.storage import check_output_dir, read_any
 
+    # everything a user can get wrong is checked before Ray starts or a model loads
     contrast = load_contrast(cfg.contrast, tia2_dir=cfg.tia2_dir)
     prompts = resolve_prompts(cfg, contrast)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_source(cfg.generation.pipeline)
+    check_scheduler(cfg.generation.scheduler)
+    if not generate_only:
+        check_weights(cfg.models)
+    out = check_output_dir(cfg.out)
     gen = cfg.generation.model_copy(update={"out": cfg.generation.out or str(out / "generation")})
+    check_output_dir(gen.out)
+    if cfg.cache_dir:
+        check_output_dir(cfg.cache_dir)
     dump_config(cfg.model_copy(update={"generation": gen}), out / "config.yaml")
     n_max = max(cfg.pools)
     log.info("best-of-n: %d prompts, pools %s, models %s", len(prompts), cfg.pools, cfg.models)

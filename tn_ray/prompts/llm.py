@@ -164,7 +164,10 @@ class LlmSource:
                 raise LlmError(f"the LLM server at {public_url(self.base_url)} does not serve model "
                                f"'{self.cfg.model}' or the chat-completions route ({_describe(err)})") from None
             except openai.APIError as err:
-                problems.append(_describe(err) + (f" after {self.cfg.max_retries} client retries" if self.cfg.max_retries else ""))
+                # a transport failure names the server it tried (the URL, without credentials)
+                where = f" to {public_url(self.base_url)}" if isinstance(err, openai.APIConnectionError) else ""
+                problems.append(_describe(err) + where
+                                + (f" after {self.cfg.max_retries} client retries" if self.cfg.max_retries else ""))
                 log.warning("llm: request for %r failed: %s", x0[:60], problems[-1])
                 continue
             prompts = parse_answer(text, x0, self.cfg.n_prompts)

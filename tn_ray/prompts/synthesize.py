@@ -52,16 +52,15 @@ class SynthesisConfig(StrictModel):
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
-    """Unique prompts of ``path`` in file order (see ``SynthesisConfig.input``)."""
+    """Unique prompts of ``path`` in file order (see ``SynthesisConfig.input``); errors name the file."""
+    from tn_ray.errors import InputError
+    from tn_ray.prompts.contrast import read_json
+
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+        raise FileNotFoundError(f"prompt file not found: {path}" if not path.exists() else f"prompt file {path} is not a file")
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        data = read_json(path, "prompt file")
         if isinstance(data, dict):
             records = list(data.values())
             if records and all(isinstance(r, dict) and "caption" in r for r in records):
@@ -69,16 +68,20 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
             else:
                 data = list(data)
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of prompts or an object {{prompt: ...}}, got {type(data).__name__}")
+            raise InputError(f"{path}: expected a JSON list of prompts or an object {{prompt: ...}}, got {type(data).__name__}")
         bad = [(i, type(x).__name__) for i, x in enumerate(data) if not isinstance(x, str)]
         if bad:
-            raise ValueError(f"{path}: item {bad[0][0]} is a {bad[0][1]}, expected a prompt string ({len(bad)} such items)")
+            raise InputError(f"{path}: item {bad[0][0]} is a {bad[0][1]}, expected a prompt string ({len(bad)} such items)")
         prompts = [" ".join(x.split()) for x in data]
     else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise InputError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
         prompts = [" ".join(line.split()) for line in text.splitlines()]
     prompts = list(dict.fromkeys(p for p in prompts if p))
     if not prompts:
-        raise ValueError(f"{path}: no prompts found")
+        raise InputError(f"{path}: no prompts found")
     return prompts
 
 
@@ -150,8 +153,12 @@ def _run_ray(cfg: SynthesisConfig, x0s: list[str], kwargs: dict) -> pd.DataFrame
 
 def synthesize(cfg: SynthesisConfig) -> dict[str, Path]:
     """Write the sets and the report of ``cfg.input``; returns {"sets": path, "report": path}."""
+    from tn_ray.storage import check_output_file
+
     start = time.time()
     x0s = read_prompts(cfg.input)
+    check_output_file(cfg.out)  # both outputs can be written: checked before Ray starts
+    check_output_file(cfg.report_path())
     kwargs: dict[str, Any] = {"source": cfg.source, "sources": cfg.sources.model_dump(mode="json")}
     extra: dict[str, Any] = {}
     if cfg.source == "llm":

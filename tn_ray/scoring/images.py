@@ -24,6 +24,8 @@ def image_problem(path: str) -> str | None:
         return None
     except FileNotFoundError:
         return "missing"
+    except Image.UnidentifiedImageError:
+        return "not an image file (no known image format)"
     except Exception as err:  # any decoder error means the file cannot be scored
         return f"{type(err).__name__}: {str(err)[:80]}" if str(err) else type(err).__name__
 

@@ -23,7 +23,7 @@ import pandas as pd
 import yaml
 
 from tn_ray.config import ConfigError, dump_config, load_config, validate
-from tn_ray.storage import join_uri
+from tn_ray.storage import check_output_dir, join_uri
 from tn_ray.sweep import outputs, registry
 from tn_ray.sweep.config import SweepConfig
 from tn_ray.sweep.ledger import TrialLedger, config_key, resolve_uri
@@ -231,7 +231,8 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, source: str = "<config>") 
         raise ConfigError(f"--resume: sweep '{cfg.name}' has nothing to resume at {main.path} (it never started "
                           "there); run it without --resume, or check `name` / `out` / `storage_path`")
     _check_resumable(cfg, out, resume)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out)  # the summary folder and Tune's storage, named before any work
+    check_output_dir(storage)
     log.info("sweep %s: trainable %s, %d trials, storage %s", cfg.name, entry.name, cfg.trials, storage)
     data = entry.prepare(options, cfg) if entry.prepare is not None else options
     dump_config(cfg, out / "sweep.yaml")
