@@ -59,6 +59,7 @@ class JudgeBlock(RewardConfig):
 
 
 class EvalBlock(StrictModel):
+    enabled: bool = Field(True, description="evaluate at all; False = no evaluation images, no selection or monitor (benchmarks, smoke tests)")
     every: int = Field(100, ge=1, description="evaluate (and checkpoint) every N training steps; the last step is always evaluated")
     prompts: list[str] | None = Field(None, description="evaluation prompts; None = the first `max_prompts` training prompts")
     max_prompts: int = Field(8, ge=1, description="evaluation prompts taken from the training prompts when `prompts` is None (count)")

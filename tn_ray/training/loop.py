@@ -132,7 +132,7 @@ class Trainer:
         start = self._resume(policy, optim, method, monitor, checkpoints)
         end = min(cfg.max_steps, cfg.stop_after_steps or cfg.max_steps)
         evaluator = None
-        if ctx.rank == 0:
+        if ctx.rank == 0 and cfg.eval.enabled:
             from tn_ray.training.evaluation import Evaluator
 
             evaluator = Evaluator(cfg, method.train_prompts())
@@ -140,7 +140,7 @@ class Trainer:
             if not monitor.history:
                 monitor.update(0, base[cfg.reward.use], {j: base[j] for j in cfg.judge_names()})
         tracker = Tracker(cfg.logging, cfg.out, cfg.max_steps, start, ctx.rank, cfg.model_dump(mode="json"), method.name)
-        eval_at = set(evaluation_steps(cfg))
+        eval_at = set(evaluation_steps(cfg)) if cfg.eval.enabled else set()
         evaluated: set[int] = set(evaluator.evaluated_steps()) if evaluator else set()
         summary: dict[str, Any] = {"start_step": start, "end_step": start, "stopped_by_monitor": False}
         try:

@@ -8,12 +8,15 @@ W&B goes through Ray's integration (``ray.air.integrations.wandb.setup_wandb``, 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 from tn_ray.storage import Store
 from tn_ray.training.config import LoggingBlock
+
+_TAG = re.compile(r"[^A-Za-z0-9_./-]")
 
 
 class Tracker:
@@ -47,7 +50,8 @@ class Tracker:
     def log(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> None:
         if self.rank != 0:
             return
-        scalars = {f"{prefix}/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        # TensorBoard tags allow [A-Za-z0-9_./-]: 'textnorm(clip:tiny)' -> 'textnorm_clip_tiny_'
+        scalars = {f"{prefix}/{_TAG.sub('_', k)}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         if self.writer is not None:
             for k, v in scalars.items():
                 self.writer.add_scalar(k, v, step)

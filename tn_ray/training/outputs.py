@@ -1,0 +1,150 @@
+"""A fine-tuning run's reports, from what its evaluations stored (any method, rerunnable).
+
+Written under ``out`` (through :class:`tn_ray.storage.Store`: local folder or cloud URI)::
+
+    eval.csv                 step, reward, mean, wins, images, base_mean (step 0 = the base model)
+    selection.json           the paper's rule: judge, selected step, its wins, the checkpoint, counts per step
+    selected/pytorch_lora_weights.safetensors   the selected checkpoint's LoRA (load_lora_weights)
+    curves.png               each reward column's mean over steps (training reward vs judges), wins
+    grids/<prompt_id>.png    an evaluation prompt's images (rows = seeds) across checkpoints
+    human_eval/index.html    blinded side-by-side pages: the selected checkpoint vs the base model
+    human_eval_key.csv       the answer key (outside the exported folder)
+"""
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from tn_ray.storage import Store
+from tn_ray.training.checkpoint import Checkpoints, step_name
+from tn_ray.training.config import FineTuneConfig
+from tn_ray.training.evaluation import read_scores
+from tn_ray.training.policy import LORA_FILE
+from tn_ray.training.selection import select_checkpoint, win_counts
+
+
+def eval_table(scores: pd.DataFrame, base: pd.DataFrame) -> pd.DataFrame:
+    counts = win_counts(scores, base) if len(scores) else pd.DataFrame(columns=["step", "reward", "wins", "images", "mean", "base_mean"])
+    base_rows = base.groupby("reward")["value"].agg(["mean", "size"]).reset_index()
+    zero = pd.DataFrame({"step": 0, "reward": base_rows["reward"], "wins": 0, "images": base_rows["size"],
+                         "mean": base_rows["mean"], "base_mean": base_rows["mean"]})
+    table = pd.concat([zero, counts], ignore_index=True)[["step", "reward", "mean", "wins", "images", "base_mean"]]
+    return table.sort_values(["step", "reward"]).reset_index(drop=True)
+
+
+def plot_curves(table: pd.DataFrame, train_reward: str, judge: str, flags: list[dict], selected: int | None) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rewards = [train_reward, *[r for r in dict.fromkeys(table["reward"]) if r != train_reward]]
+    fig, axes = plt.subplots(1, len(rewards) + 1, figsize=(4 * (len(rewards) + 1), 3.2))
+    for ax, reward in zip(axes, rewards):
+        rows = table[table["reward"] == reward]
+        ax.plot(rows["step"], rows["mean"], marker="o", color="tab:red" if reward == train_reward else "tab:blue")
+        ax.set_title(("training reward: " if reward == train_reward else "judge: ") + reward, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("mean over evaluation images")
+        for f in flags:
+            ax.axvline(f["step"], color="orange", linestyle="--", linewidth=1)
+    ax = axes[-1]
+    rows = table[(table["reward"] == judge) & (table["step"] > 0)]
+    ax.bar(rows["step"].astype(str), rows["wins"], color="tab:green")
+    ax.set_title(f"images beating the base model ({judge})", fontsize=9)
+    ax.set_xlabel("step")
+    if selected is not None:
+        ax.set_xlabel(f"step (selected: {selected})")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_grids(store: Store, prompts: Sequence[str], seeds: Sequence[int], steps: Sequence[int], cell: int = 96) -> list[str]:
+    from tn_ray.experiments.image_grids import prompt_grid
+
+    rels = []
+    for pid, prompt in enumerate(prompts):
+        def image_of(row: str, step: int, pid: int = pid) -> bytes:
+            folder = "eval/base" if step == 0 else f"eval/{step_name(step)}"
+            return store.read_bytes(f"{folder}/{pid:05d}-{row.split()[-1]}.png")
+
+        grid = prompt_grid(prompt, [f"seed {s}" for s in seeds], [0, *steps], image_of, cell,
+                           column_label=lambda s: "base" if s == 0 else f"step {s}")
+        buf = io.BytesIO()
+        grid.save(buf, format="PNG")
+        rel = f"grids/{pid:05d}.png"
+        store.write_bytes(rel, buf.getvalue())
+        rels.append(rel)
+    return rels
+
+
+def write_human_eval(store: Store, prompts: Sequence[str], seeds: Sequence[int], selected: int, seed: int = 0) -> tuple[str, str]:
+    """Blinded pages comparing, per prompt, the selected checkpoint's evaluation images with the base model's."""
+    from tn_ray.experiments.human_eval import export
+
+    k = len(seeds)
+    chosen, base = f"step {selected}", "base"
+    sel_rows, image_rows = [], []
+    for pid, prompt in enumerate(prompts):
+        for i, s in enumerate(seeds):
+            for reward, sample, folder in ((base, i, "eval/base"), (chosen, k + i, f"eval/{step_name(selected)}")):
+                sel_rows.append({"n": k, "k": k, "reward": reward, "prompt_id": pid, "rank": i, "sample": sample})
+                image_rows.append({"prompt_id": pid, "sample": sample, "prompt": prompt,
+                                   "image_id": f"{folder.split('/')[-1]}-{pid:05d}-{s}", "image": f"{folder}/{pid:05d}-{s}.png"})
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir, key = Path(tmp) / "human_eval", Path(tmp) / "human_eval_key.csv"
+        export(pd.DataFrame(sel_rows), pd.DataFrame(image_rows), [(chosen, base)], k, k, seed, out_dir, key, store.read_bytes)
+        for f in out_dir.rglob("*"):
+            if f.is_file():
+                store.write_bytes(f"human_eval/{f.relative_to(out_dir).as_posix()}", f.read_bytes())
+        store.write_bytes("human_eval_key.csv", key.read_bytes())
+    return store.uri("human_eval/index.html"), store.uri("human_eval_key.csv")
+
+
+def write_outputs(cfg: FineTuneConfig, train_prompts: Sequence[str]) -> dict[str, Any]:
+    """Every report of the run at ``cfg.out``; returns name -> path/URI."""
+    from tn_ray.training.evaluation import eval_prompts
+
+    store = Store(cfg.out)
+    scores, base = read_scores(cfg.out)
+    if base is None:
+        raise FileNotFoundError(f"{store.uri('eval/base.parquet')}: the run has no evaluation yet")
+    table = eval_table(scores, base)
+    store.write_text("eval.csv", table.to_csv(index=False))
+    paths: dict[str, Any] = {"out": store.uri(""), "config": store.uri("config.yaml"), "eval_csv": store.uri("eval.csv"),
+                             "checkpoints": store.uri("checkpoints"), "tensorboard": store.uri("tensorboard")}
+    flags = json.loads(store.read_text("monitor_flags.json")) if store.exists("monitor_flags.json") else []
+    judge = cfg.selection_judge
+    steps = sorted(scores["step"].unique().tolist()) if len(scores) else []
+    selected = None
+    if steps:
+        counts = table[table["step"] > 0]
+        selected = select_checkpoint(counts, judge)
+        row = counts[(counts["reward"] == judge) & (counts["step"] == selected)].iloc[0]
+        ckpts = Checkpoints(cfg.out)
+        selection = {"judge": judge, "step": selected, "wins": int(row["wins"]), "images": int(row["images"]),
+                     "checkpoint": ckpts.uri(selected), "rule": "earliest checkpoint with the most evaluation images beating the base model's image of the same (prompt, seed)",
+                     "counts": {int(s): int(w) for s, w in counts[counts["reward"] == judge][["step", "wins"]].itertuples(index=False)},
+                     "overoptimization_flags": flags}
+        store.write_text("selection.json", json.dumps(selection, indent=1))
+        store.write_bytes(f"selected/{LORA_FILE}", ckpts.lora_bytes(selected))
+        paths.update(selection=store.uri("selection.json"), selected_checkpoint=store.uri("selected"))
+    store.write_bytes("curves.png", plot_curves(table, cfg.reward.use, judge, flags, selected))
+    paths["curves"] = store.uri("curves.png")
+    prompts = eval_prompts(cfg, train_prompts)
+    if steps:
+        write_grids(store, prompts, cfg.eval.seeds, steps)
+        paths["grids"] = store.uri("grids")
+        paths["human_eval"], paths["human_eval_key"] = write_human_eval(store, prompts, cfg.eval.seeds, selected, cfg.seed)
+    if flags:
+        paths["monitor_flags"] = store.uri("monitor_flags.json")
+    return paths

@@ -1,0 +1,332 @@
+"""``tn-ray rwr CONFIG``: reward-weighted regression with LoRA (the paper's eq. 4; Lee et al. 2023).
+
+Flow (driver): prompts -> images from the base model (seeded, sharded, resumable generation,
+default 100 per prompt) -> score matrices on the reward actors, scored once (cached) -> the
+configured reward column ``D_model`` (raw, TextNorm or an ensemble, via ``RewardConfig``) ->
+the top-k images per prompt and their weights -> Ray Train fine-tuning (:class:`RwrMethod`
+on the shared core: policy, checkpoints, evaluation, monitor) -> reports (eval.csv, selected
+checkpoint, curves, grid, human-evaluation export).
+
+Each step (one optimizer step, per worker): a batch of kept images' VAE latents ``x0``,
+noise ``eps`` and timesteps ``t`` drawn from generators seeded by (seed, step, rank), noisy
+latents ``x_t = add_noise(x0, eps, t)``, and
+
+    loss = (1/B) sum_i w_i ||eps_i - eps_theta(x_t,i, t_i, c_i)||^2
+         + beta * (1/B) sum_i ||eps_theta(x_t,i, t_i, c_i) - eps_theta0(x_t,i, t_i, c_i)||^2
+         [+ gamma * (1/B') sum_j ||eps_j - eps_theta(x_t,j, t_j, c_j)||^2   on real images (pretrain)]
+
+with ``eps_theta0`` the same UNet with adapters disabled (computed only when beta > 0). For
+v-prediction models (SD 2.1 at 768 px) the target is the velocity and both terms are on the
+UNet's v output.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field, model_validator
+
+from tn_ray.config import StrictModel
+from tn_ray.diffusion.generation import GenerationConfig
+from tn_ray.errors import InputError
+from tn_ray.training.config import FineTuneConfig, OptimizerBlock
+from tn_ray.training.loop import Method, WorkerContext
+from tn_ray.training.weights import Weighting
+
+log = logging.getLogger(__name__)
+SET_NAME = "rwr"
+
+
+class PretrainBlock(StrictModel):
+    folder: str = Field(..., description="folder of real images with captions.json {file name: caption} (Lee et al.'s pre-training data)")
+    weight: float = Field(1.0, ge=0, description="gamma: weight of the plain denoising loss on these images, added to eq. 4's loss")
+    batch_size: int = Field(4, ge=1, description="real images per step and worker (images)")
+
+
+class RwrConfig(FineTuneConfig):
+    out: str = Field("results/rwr", description="run folder or cloud URI: config, generation, cache, data, checkpoints, eval, reports")
+    prompts: list[str] | None = Field(None, description="training prompts; None = every prompt of reward.contrast's sets")
+    max_prompts: int | None = Field(None, ge=1, description="first N training prompts only (count); None = all")
+    generation: GenerationConfig = Field(default_factory=lambda: GenerationConfig(samples_per_prompt=100),
+                                         description="the base model's images to learn from (paper: 100 per prompt, 50 steps, guidance 7.5); pipeline defaults to policy.pipeline")
+    top_k: int = Field(10, ge=1, description="images kept per prompt, the best by the training reward (images; paper: 10 of 100)")
+    weighting: Weighting = Field("value", description="w_i of eq. 4: value (the reward), minmax (per prompt), softmax (over kept images, mean 1)")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of weighting: softmax (reward units)")
+    beta: float = Field(0.5, ge=0, description="KL coefficient: weight of ||eps_theta - eps_theta0||^2 (paper's grid: 0, .25, .5, .75, 1)")
+    batch_size: int = Field(32, ge=1, description="images per optimizer step over all workers (Table 4: 32); split evenly across workers")
+    pretrain: PretrainBlock | None = Field(None, description="optional pre-training term on real images (Lee et al.); None = off")
+    optimizer: OptimizerBlock = Field(default_factory=OptimizerBlock, description="AdamW (Table 4, RWR: lr 1e-5, weight decay 1e-2, betas (0.9, 0.999), eps 1e-8, max grad norm 1.0)")
+
+    @model_validator(mode="after")
+    def _rwr(self) -> RwrConfig:
+        if "pipeline" not in self.generation.model_fields_set:
+            self.generation.pipeline = self.policy.pipeline
+        if self.generation.pipeline != self.policy.pipeline:
+            raise ValueError(f"generation.pipeline '{self.generation.pipeline}' differs from policy.pipeline "
+                             f"'{self.policy.pipeline}': RWR learns from the base model's own images")
+        if self.top_k > self.generation.samples_per_prompt:
+            raise ValueError(f"top_k ({self.top_k}) exceeds generation.samples_per_prompt ({self.generation.samples_per_prompt})")
+        if self.batch_size % self.scaling.num_workers:
+            raise ValueError(f"batch_size ({self.batch_size}) must split evenly over scaling.num_workers ({self.scaling.num_workers})")
+        return self
+
+
+# --------------------------------------------------------------------------------------
+# driver: data
+# --------------------------------------------------------------------------------------
+
+
+def resolve_prompts(cfg: RwrConfig) -> list[str]:
+    if cfg.prompts:
+        prompts = list(cfg.prompts)
+    else:
+        from tn_ray.prompts.contrast import load_contrast
+
+        prompts = list(load_contrast(cfg.reward.contrast))
+    prompts = prompts[: cfg.max_prompts or None]
+    if not prompts:
+        raise InputError("prompts: no training prompts (set `prompts`, or a non-empty reward.contrast source)")
+    return prompts
+
+
+def score_items(manifest: pd.DataFrame, texts: dict[str, list[str]]) -> pd.DataFrame:
+    """Rows for ``score_matrices``: content-addressed image keys, ``[x0, x1..xm]`` per image."""
+    return pd.DataFrame({
+        "set": SET_NAME, "prompt": manifest["prompt"].astype(str).to_numpy(), "image_id": manifest["image_id"].to_numpy(),
+        "prompt_id": manifest["prompt_id"].astype("int64").to_numpy(), "sample": manifest["sample"].astype("int64").to_numpy(),
+        "image_key": [f"{SET_NAME}/{i}/{h}" for i, h in zip(manifest["image_id"], manifest["sha256"])],
+        "image": manifest["image"].to_numpy(),
+        "texts": [texts[p] for p in manifest["prompt"]],
+    })
+
+
+def prepare_data(cfg: RwrConfig, prompts: list[str]) -> pd.DataFrame:
+    """Generate, score once, keep the top-k per prompt, weight: the training table
+    (prompt_id, prompt, sample, image, reward, weight), also written to ``<out>/data.parquet``."""
+    from tn_ray.diffusion.generation import generate
+    from tn_ray.scoring.pipeline import score_matrices
+    from tn_ray.storage import Store, join_uri
+    from tn_ray.training.evaluation import reward_texts
+    from tn_ray.training.weights import reward_weights, top_k_per_group
+
+    store = Store(cfg.out)
+    texts = dict(zip(prompts, reward_texts(cfg.reward, prompts)))  # contrastive sets checked before generating
+    gen = cfg.generation.model_copy(update={"out": cfg.generation.out or join_uri(cfg.out, "generation")})
+    manifest = generate(prompts, gen, cfg.ray)
+    items = score_items(manifest, texts)
+    matrices = score_matrices(items, cfg.reward.models, join_uri(cfg.out, "cache"), cfg.scoring)
+    keys = items[["set", "prompt", "image_id"]]
+    reward = cfg.reward.column({m: matrices[m].align(keys).values for m in cfg.reward.models})
+    keep = top_k_per_group(reward, items["prompt_id"].to_numpy(), cfg.top_k)
+    data = items.iloc[keep][["prompt_id", "prompt", "sample", "image_id", "image"]].reset_index(drop=True)
+    data["reward"] = reward[keep]
+    data["weight"] = reward_weights(data["reward"].to_numpy(), data["prompt_id"].to_numpy(), cfg.weighting, cfg.temperature)
+    all_rewards = pd.DataFrame({"prompt_id": items["prompt_id"], "sample": items["sample"], "reward": reward})
+    import pyarrow as pa
+
+    store.write_table("data.parquet", pa.Table.from_pandas(data, preserve_index=False))
+    store.write_table("rewards.parquet", pa.Table.from_pandas(all_rewards, preserve_index=False))
+    log.info("RWR data: %d prompts, %d images kept of %d (top %d), mean reward kept %.4g vs all %.4g", len(prompts),
+             len(data), len(items), cfg.top_k, data["reward"].mean(), np.mean(reward))
+    return data
+
+
+def load_pretrain(block: PretrainBlock) -> pd.DataFrame:
+    folder = Path(block.folder)
+    captions = folder / "captions.json"
+    if not captions.is_file():
+        raise InputError(f"pretrain.folder: {captions} not found (a JSON object {{image file name: caption}})")
+    try:
+        mapping = json.loads(captions.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{captions}: not valid JSON ({err})") from None
+    if not isinstance(mapping, dict) or not mapping:
+        raise InputError(f"{captions}: expected a non-empty object {{image file name: caption}}")
+    missing = [f for f in mapping if not (folder / f).is_file()]
+    if missing:
+        raise InputError(f"{captions}: images not found in {folder}: {missing[:3]}")
+    return pd.DataFrame({"image": [str(folder / f) for f in mapping], "prompt": [str(c) for c in mapping.values()]})
+
+
+# --------------------------------------------------------------------------------------
+# worker: the method
+# --------------------------------------------------------------------------------------
+
+
+def _seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+class _Examples:
+    """Images as VAE latents (encoded once, seeded) plus their prompts' text embeddings."""
+
+    def __init__(self, policy, images: list, prompts: list[str], seed: int, batch: int = 16):
+        from tn_ray.rewards.base import load_image
+        from tn_ray.storage import read_any
+
+        vae = policy.pipe.vae
+        processor = policy.pipe.image_processor
+        gen = torch.Generator("cpu").manual_seed(seed)
+        latents = []
+        with torch.no_grad():
+            for i in range(0, len(images), batch):
+                pil = [load_image(read_any(p) if isinstance(p, str) else p) for p in images[i : i + batch]]
+                pixels = processor.preprocess(pil).to(policy.device, vae.dtype)
+                dist = vae.encode(pixels).latent_dist
+                noise = torch.randn(dist.mean.shape, generator=gen).to(dist.mean)
+                latents.append((dist.mean + dist.std * noise) * vae.config.scaling_factor)
+        self.latents = torch.cat(latents).float()
+        unique = list(dict.fromkeys(prompts))
+        embeds = policy.encode_prompts(unique)
+        index = {p: i for i, p in enumerate(unique)}
+        self.prompt_index = torch.tensor([index[p] for p in prompts])
+        self.embeds = embeds
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.from_numpy(rows)
+        return self.latents[idx], self.embeds[self.prompt_index[idx]]
+
+
+def global_rows(n: int, batch: int, step: int, seed: int) -> np.ndarray:
+    """Rows of step ``step``'s global batch: consecutive slices of per-epoch permutations seeded by
+    (seed, epoch), so the data position is a function of the step (exact resume)."""
+    start = (step - 1) * batch
+    out = []
+    while len(out) < batch:
+        epoch, offset = divmod(start + len(out), n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        out.extend(perm[offset : offset + batch - len(out)].tolist())
+    return np.asarray(out, dtype=np.int64)
+
+
+class RwrMethod(Method):
+    name = "rwr"
+
+    def __init__(self, cfg: RwrConfig, policy, optim, ctx: WorkerContext, data: dict):
+        from diffusers import DDPMScheduler
+
+        super().__init__(cfg, policy, optim, ctx, data)
+        frame: pd.DataFrame = data["examples"]
+        self.prompts = list(dict.fromkeys(frame["prompt"]))
+        self.examples = _Examples(policy, list(frame["image"]), list(frame["prompt"]), _seed(cfg.seed, "vae"))
+        self.weights = torch.tensor(frame["weight"].to_numpy(), dtype=torch.float32)
+        self.pretrain = None
+        if data.get("pretrain") is not None:
+            pre = data["pretrain"]
+            self.pretrain = _Examples(policy, list(pre["image"]), list(pre["prompt"]), _seed(cfg.seed, "vae-pretrain"))
+        self.scheduler = DDPMScheduler.from_config(policy.pipe.scheduler.config)
+        self.per_worker = cfg.batch_size // ctx.world_size
+
+    def train_prompts(self) -> list[str]:
+        return self.prompts
+
+    def _noisy(self, x0: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen)
+        dev = self.policy.device
+        x0, noise, t = x0.to(dev), noise.to(dev), t.to(dev)
+        noisy = self.scheduler.add_noise(x0, noise, t)
+        target = noise if self.scheduler.config.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
+        return noisy, t, target
+
+    def step(self, step: int) -> dict[str, float]:
+        from tn_ray.training.losses import rwr_loss, weighted_denoising
+
+        cfg: RwrConfig = self.cfg
+        rows = global_rows(len(self.examples), cfg.batch_size, step, cfg.seed)
+        rows = rows[self.ctx.rank * self.per_worker : (self.ctx.rank + 1) * self.per_worker]
+        gen = torch.Generator("cpu").manual_seed(_seed(cfg.seed, step, self.ctx.rank))
+        x0, embeds = self.examples.batch(rows)
+        noisy, t, target = self._noisy(x0, gen)
+        pred = self.policy.noise_pred(noisy, t, embeds.to(self.policy.device))
+        ref = self.policy.reference_pred(noisy, t, embeds.to(self.policy.device)) if cfg.beta > 0 else None
+        terms = rwr_loss(pred, target, self.weights[rows].to(self.policy.device), cfg.beta, ref)
+        loss = terms["loss"]
+        metrics = {"denoise": terms["denoise"].item(), "kl": terms["kl"].item(), "weight_mean": float(self.weights[rows].mean())}
+        if self.pretrain is not None and cfg.pretrain is not None:
+            pre_rows = global_rows(len(self.pretrain), cfg.pretrain.batch_size * self.ctx.world_size, step, _seed(cfg.seed, "pretrain"))
+            pre_rows = pre_rows[self.ctx.rank * cfg.pretrain.batch_size : (self.ctx.rank + 1) * cfg.pretrain.batch_size]
+            px0, pemb = self.pretrain.batch(pre_rows)
+            pnoisy, pt, ptarget = self._noisy(px0, gen)
+            pre = weighted_denoising(self.policy.noise_pred(pnoisy, pt, pemb.to(self.policy.device)), ptarget,
+                                     torch.ones(len(pre_rows), device=self.policy.device))
+            loss = loss + cfg.pretrain.weight * pre
+            metrics["pretrain"] = pre.item()
+        self.optim.backward(loss)
+        metrics.update(self.optim.step())
+        metrics["loss"] = loss.item()
+        return metrics
+
+    def state_dict(self) -> dict:
+        # the data position is a function of the step (global_rows); recorded to check a resume
+        return {"examples": len(self.examples), "batch_size": self.cfg.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state and (state.get("examples"), state.get("batch_size")) != (len(self.examples), self.cfg.batch_size):
+            raise InputError(f"checkpoint was trained on {state.get('examples')} images with batch {state.get('batch_size')}, "
+                             f"this run has {len(self.examples)} with batch {self.cfg.batch_size}: the data position "
+                             "would not continue; use a new `out`")
+
+
+# --------------------------------------------------------------------------------------
+# driver: the run
+# --------------------------------------------------------------------------------------
+
+
+def run(cfg: RwrConfig) -> dict[str, Any]:
+    """The whole RWR run; returns the output paths (see :func:`tn_ray.training.outputs.write_outputs`)."""
+    import yaml
+
+    from tn_ray.cluster import init_ray
+    from tn_ray.storage import Store
+    from tn_ray.training.loop import fit
+    from tn_ray.training.outputs import write_outputs
+
+    prompts = resolve_prompts(cfg)
+    pretrain = load_pretrain(cfg.pretrain) if cfg.pretrain is not None else None
+    store = Store(cfg.out)
+    store.write_text("config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    init_ray(cfg.ray)
+    data = prepare_data(cfg, prompts)
+    result = fit(cfg, "tn_ray.training.rwr:RwrMethod", {"examples": data, "pretrain": pretrain})
+    paths = write_outputs(cfg, prompts) if cfg.eval.enabled else {"out": store.uri(""), "checkpoints": store.uri("checkpoints")}
+    paths["ray_result"] = result["ray_path"]
+    return paths
+
+
+def quickstart_config(out: Path) -> RwrConfig:
+    """A tiny RWR run: tiny pipeline, 2 prompts x 8 images at 32 px, brightness reward, 6 steps."""
+    from tn_ray.config import RayConfig, ScoringConfig
+
+    return RwrConfig(
+        out=str(out), prompts=["a photo of a lighthouse", "a watercolor of a red circle"], max_steps=6, seed=0,
+        policy={"pipeline": "tiny", "lora": {"rank": 4}}, optimizer={"lr": 3e-3},
+        reward={"models": ["brightness"], "use": "brightness"},
+        generation=GenerationConfig(pipeline="tiny", samples_per_prompt=8, num_inference_steps=3, height=32, width=32,
+                                    pipeline_batch_size=8, batch_size=16),
+        top_k=4, weighting="minmax", beta=0.5, batch_size=4,
+        eval={"every": 3, "seeds": [0, 1], "num_inference_steps": 3, "height": 32, "width": 32,
+              "judges": [{"models": ["clip:tiny"], "use": "clip:tiny"}]},
+        checkpoint={"every": 3}, logging={"progress_bar": False},
+        scoring=ScoringConfig(batch_size=16, cpus_per_actor=0.25), scaling={"cpus_per_worker": 1.0},
+        ray=RayConfig(num_cpus=2),
+    )
+
+
+def quickstart_step(out: Path) -> dict[str, Path]:
+    """The quickstart's tiny RWR run; prints where the curves and the selected checkpoint are."""
+    paths = run(quickstart_config(Path(out) / "rwr"))
+    selection = json.loads(Path(paths["selection"]).read_text())
+    print(f"RWR (tiny, brightness reward, clip:tiny judge): selected checkpoint step {selection['step']} "
+          f"({selection['wins']} of {selection['images']} evaluation images beat the base model under {selection['judge']})")
+    print(f"  curves: {paths['curves']}\n  selected checkpoint: {paths['selected_checkpoint']}\n  eval table: {paths['eval_csv']}")
+    return paths

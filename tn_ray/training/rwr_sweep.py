@@ -1,0 +1,118 @@
+"""``rwr``: RWR as a sweep training trainable (``trainable: rwr`` in a sweep YAML).
+
+``options: {config: <an RWR YAML>, overrides: {...}}`` fixes everything but the swept
+parameters. ``prepare`` runs once per sweep in the driver: it generates and scores the base
+model's images and keeps the top-k (shared by every trial: the swept parameters do not
+change the data). Each trial then runs a Ray Train ``TorchTrainer`` inside its Tune function
+(Ray Train V2) whose reports reach Tune through ``TuneReportCallback``: one per evaluation,
+with the training reward, each judge, the selection counts (``eval_wins``) and the URI of
+the checkpoint written at that step. ASHA may stop a trial between evaluations. A trial's
+run folder is ``<base out>/trials/<parameters>``, fixed by its parameters, so a killed sweep
+resumed with ``--resume`` continues each trial from its newest checkpoint.
+
+Swept parameters: ``beta`` (KL coefficient), ``lr``, ``weighting``, ``temperature``,
+``lora_rank``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import Field
+
+from tn_ray.config import StrictModel
+from tn_ray.sweep.registry import SweepTrainable
+
+PARAMS = ("beta", "lr", "weighting", "temperature", "lora_rank")
+
+
+class RwrSweepOptions(StrictModel):
+    config: str = Field(..., description="the RWR YAML every trial starts from (RwrConfig)")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys overriding the YAML for every trial, e.g. {max_steps: 200}")
+
+
+@dataclass
+class RwrSweepData:
+    cfg: dict
+    prompts: list[str]
+    examples: Any  # pandas frame of kept images
+    fingerprint: str = ""
+
+
+def base_config(options: RwrSweepOptions):
+    from tn_ray.config import load_config
+    from tn_ray.training.rwr import RwrConfig
+
+    cfg = load_config(options.config, RwrConfig, options.overrides)
+    # every report carries the evaluation metrics Tune and ASHA compare
+    return cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"every": cfg.eval.every})})
+
+
+def prepare(options: RwrSweepOptions, sweep=None) -> RwrSweepData:
+    from tn_ray.cluster import init_ray
+    from tn_ray.training.rwr import prepare_data, resolve_prompts
+
+    cfg = base_config(options)
+    init_ray(sweep.ray if sweep is not None else cfg.ray)
+    prompts = resolve_prompts(cfg)
+    data = prepare_data(cfg, prompts)
+    return RwrSweepData(cfg.model_dump(mode="json"), prompts, data, fingerprint=f"rwr-{cfg.model_dump_json()}")
+
+
+def trial_config(params: dict[str, Any], data: RwrSweepData):
+    from tn_ray.storage import join_uri
+    from tn_ray.training.rwr import RwrConfig
+
+    raw = dict(data.cfg)
+    slug = ",".join(f"{k}={params[k]}" for k in sorted(params) if k in PARAMS)
+    update: dict[str, Any] = {"out": join_uri(raw["out"], "trials", slug or "default")}
+    if "beta" in params:
+        update["beta"] = float(params["beta"])
+    if "weighting" in params:
+        update["weighting"] = params["weighting"]
+    if "temperature" in params:
+        update["temperature"] = float(params["temperature"])
+    if "lr" in params:
+        update["optimizer"] = {**raw["optimizer"], "lr": float(params["lr"])}
+    if "lora_rank" in params:
+        update["policy"] = {**raw["policy"], "lora": {**raw["policy"]["lora"], "rank": int(params["lora_rank"])}}
+    update["logging"] = {**raw["logging"], "progress_bar": False}
+    return RwrConfig.model_validate({**raw, **update})
+
+
+def train(config: dict[str, Any], data: RwrSweepData) -> None:
+    """The Tune function: a TorchTrainer whose reports reach Tune; reports written when done."""
+    from tn_ray.training.loop import fit
+    from tn_ray.training.outputs import write_outputs
+    from tn_ray.training.weights import reward_weights
+
+    cfg = trial_config(config, data)
+    examples = data.examples.copy()
+    examples["weight"] = reward_weights(examples["reward"].to_numpy(), examples["prompt_id"].to_numpy(), cfg.weighting,
+                                        cfg.temperature)
+    fit(cfg, "tn_ray.training.rwr:RwrMethod", {"examples": examples, "pretrain": None})
+    write_outputs(cfg, data.prompts)
+
+
+def check_param(options: RwrSweepOptions, name: str, value: Any) -> str | None:
+    if name not in PARAMS:
+        return f"unknown parameter '{name}'; expected one of {list(PARAMS)}"
+    if name == "weighting":
+        from tn_ray.training.weights import WEIGHTINGS
+
+        return None if value in WEIGHTINGS else f"weighting must be one of {list(WEIGHTINGS)}, got {value!r}"
+    if name == "lora_rank":
+        return None if isinstance(value, int) and value >= 1 else f"lora_rank must be an integer >= 1, got {value!r}"
+    if not isinstance(value, (int, float)):
+        return f"{name} must be a number, got {value!r}"
+    if name == "beta" and value < 0:
+        return f"beta (KL coefficient) must be >= 0, got {value!r}"
+    if name in ("lr", "temperature") and value <= 0:
+        return f"{name} must be > 0, got {value!r}"
+    return None
+
+
+RWR = SweepTrainable(
+    name="rwr", kind="train", fn=train, options=RwrSweepOptions, prepare=prepare, check_param=check_param,
+    description="RWR fine-tuning with LoRA (beta, lr, weighting, temperature, lora_rank); a report + checkpoint per evaluation",
+)
