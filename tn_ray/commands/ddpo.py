@@ -1,0 +1,23 @@
+"""``tn-ray ddpo CONFIG``: DDPO policy-gradient fine-tuning with LoRA and a KL regularizer (resumes a killed run)."""
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("ddpo", help="fine-tune a diffusion model with DDPO (policy gradient, eq. 5), LoRA and a KL to the base model")
+    p.add_argument("config", help="YAML config (DDPOConfig), e.g. sweeps/ddpo_tiny.yaml; keys in docs/ddpo.md")
+    p.add_argument("--out", help="run folder or cloud URI (overrides `out`); rerunning the same command resumes")
+    p.add_argument("--max-steps", type=int, help="DDPO epochs (overrides `max_steps`)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from tn_ray.config import load_config
+    from tn_ray.training.ddpo import DDPOConfig
+    from tn_ray.training.ddpo import run as ddpo_run
+
+    overrides = {k: v for k, v in {"out": args.out, "max_steps": args.max_steps}.items() if v is not None}
+    cfg = load_config(args.config, DDPOConfig, overrides)
+    paths = ddpo_run(cfg)
+    for k, v in paths.items():
+        print(f"{k:>20}: {v}")
+    return 0
