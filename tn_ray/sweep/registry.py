@@ -47,6 +47,7 @@ _REGISTRY: dict[str, str | SweepTrainable] = {
     "bestofn_selection": "tn_ray.sweep.evaluators:BESTOFN_SELECTION",
     "toy_regression": "tn_ray.sweep.toy:TOY_REGRESSION",
     "rwr": "tn_ray.training.rwr_sweep:RWR",
+    "ddpo": "tn_ray.training.ddpo_sweep:DDPO",
 }
 
 
