@@ -1,0 +1,73 @@
+"""Best-of-n accuracy against exact truth (the Goodhart curve): pure functions.
+
+For a pool of N scored images of one prompt, each right or wrong, best-of-n draws n of them
+uniformly without replacement and keeps the highest-scored one (ties broken uniformly at
+random). :func:`expected_accuracy` is the exact probability that the kept image is right, an
+average over every n-subset of the pool (a U-statistic: far less variance than one draw).
+With the images sorted by score and a tie group at sorted positions a..b (1-based), the kept
+image lies in the group with probability ``(C(N-a+1, n) - C(N-b, n)) / C(N, n)``, and is then
+any member of the group alike.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+from scipy.special import gammaln
+
+
+def _ratio(m: np.ndarray, n: int, total: int) -> np.ndarray:
+    """C(m, n) / C(total, n), 0 where m < n."""
+    m = np.asarray(m, dtype=float)
+    ok = m >= n
+    logr = gammaln(np.where(ok, m, n) + 1) - gammaln(np.where(ok, m, n) - n + 1) - gammaln(total + 1) + gammaln(total - n + 1)
+    return np.where(ok, np.exp(logr), 0.0)
+
+
+def expected_accuracy(scores: Sequence[float], correct: Sequence[bool], n: int) -> float:
+    """P(the best of n images drawn from the pool is correct); see the module doc."""
+    s = np.asarray(scores, dtype=float)
+    c = np.asarray(correct, dtype=float)
+    total = len(s)
+    if not 1 <= n <= total:
+        raise ValueError(f"n must be in 1..{total} (the pool), got {n}")
+    if not np.isfinite(s).all():
+        raise ValueError("scores contain NaN or infinite values")
+    order = np.argsort(-s, kind="stable")
+    s, c = s[order], c[order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # 0-based first index of each tie group
+    ends = np.r_[starts[1:], total]  # exclusive
+    p = _ratio(total - starts, n, total) - _ratio(total - ends, n, total)
+    means = np.add.reduceat(c, starts) / (ends - starts)
+    return float(np.dot(p, means))
+
+
+def curves(table: pd.DataFrame, selectors: Sequence[str], ns: Sequence[int]) -> pd.DataFrame:
+    """Per (prompt, selector, n) the expected accuracy. ``table``: one row per image with
+    ``prompt``, ``correct`` and a score column per selector."""
+    rows = []
+    for prompt, g in table.groupby("prompt", sort=False):
+        for sel in selectors:
+            for n in ns:
+                rows.append({"prompt": prompt, "selector": sel, "n": n,
+                             "accuracy": expected_accuracy(g[sel].to_numpy(), g["correct"].to_numpy(), n)})
+    return pd.DataFrame(rows)
+
+
+def bootstrap_summary(per_prompt: pd.DataFrame, confidence: float = 0.95, resamples: int = 2000,
+                      seed: int = 0) -> pd.DataFrame:
+    """Mean accuracy over prompts per (selector, n) with a percentile bootstrap CI over prompts."""
+    rows = []
+    for (sel, n), g in per_prompt.groupby(["selector", "n"], sort=False):
+        x = g["accuracy"].to_numpy()
+        if len(x) > 1 and np.ptp(x) > 0:
+            ci = stats.bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=resamples, method="percentile",
+                                 rng=np.random.default_rng(seed)).confidence_interval
+            lo, hi = float(ci.low), float(ci.high)
+        else:
+            lo = hi = float(x.mean())
+        rows.append({"selector": sel, "n": int(n), "accuracy": float(x.mean()), "ci_low": lo, "ci_high": hi,
+                     "n_prompts": len(x)})
+    return pd.DataFrame(rows)
