@@ -9,9 +9,25 @@ searched as JSON text and decoded before the trial sees it (:func:`decode`).
 Resume (ray issue 30861 reported ``Tuner.restore`` dropping the searcher's state; Ray now
 restores it from the experiment snapshot, which this runner checks in its resume test). The
 remaining gap is the snapshot interval: trials that finished after the last snapshot are
-unknown to the restored searcher. :class:`LedgerOptunaSearch` closes it: on restore it looks
-up the sweep's ledger and enqueues those configurations first, so the resumed sweep runs the
-same N configurations, and each of them is answered from the ledger instead of re-evaluated.
+unknown to the restored searcher. Every configuration's result is in the sweep's ledger, and a
+trial whose configuration is there is answered from it, never evaluated again. What a resumed
+sweep draws then depends on the concurrency:
+
+* ``max_concurrent_trials: 1``: the restored sampler (its RNG state and the same finished
+  trials as when it first drew) draws again exactly what it drew after the snapshot; those
+  configurations are answered from the ledger. The resumed sweep runs exactly the N
+  configurations an uninterrupted one runs, in the same order.
+* ``max_concurrent_trials > 1``: what TPE draws after its random start-up trials depends on
+  which trials had finished when it drew, i.e. on timing: two uninterrupted runs with the same
+  seed already differ. On restore :class:`LedgerOptunaSearch` enqueues the ledger's
+  configurations the snapshot lost, so each is part of the resumed sweep (no evaluation is
+  wasted) and ``suggest`` redraws any repeat. What holds for every kill moment: N trials, N
+  distinct configurations, each evaluated exactly once, every configuration evaluated before
+  the kill among them. While every draw is independent of results (TPE's start-up trials:
+  ``num_samples`` <= 10; a grid) the N configurations are also those an uninterrupted run draws.
+
+``tests/test_sweep_resume.py`` drives the searcher as Tune does and checks each statement for
+every kill moment and many completion orders.
 """
 from __future__ import annotations
 
@@ -64,8 +80,9 @@ class LedgerOptunaSearch(OptunaSearch):
 
     MAX_REDRAWS = 50
 
-    def __init__(self, *args, ledger_root: str, **kwargs):
+    def __init__(self, *args, ledger_root: str, replay: bool = True, **kwargs):
         self._ledger_root = ledger_root
+        self._replay = replay  # enqueue the ledger's configurations on restore (see the module docstring)
         self.replayed: list[dict[str, Any]] = []
         self._taken: set[str] = set()  # configurations already handed to a trial
         self._replays: set[str] = set()  # enqueued ledger configurations not handed out yet
@@ -100,6 +117,10 @@ class LedgerOptunaSearch(OptunaSearch):
         self._taken = {self._params_key(t.params) for t in self._ot_trials.values()}
         self._replays = set()
         self.replayed = []
+        if not self._replay:
+            log.info("searcher restored: %d trials known to Optuna; the rest is drawn again as it was",
+                     len(self._ot_trials))
+            return
         for record in TrialLedger(self._ledger_root).results():
             params = {k: record["config"][k] for k in self._space if k in record["config"]}
             key = self._params_key(params)
@@ -125,4 +146,4 @@ def make_searcher(cfg: SweepConfig, ledger_root: str, metric: str, mode: str) ->
     points = [{k: (encode_value(v) if k in enc else v) for k, v in p.items()} for p in cfg.points_to_evaluate]
     return LedgerOptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler,
                               seed=None if sampler else cfg.seed, points_to_evaluate=points or None,
-                              ledger_root=ledger_root)
+                              ledger_root=ledger_root, replay=cfg.max_concurrent_trials > 1)
