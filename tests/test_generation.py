@@ -29,6 +29,14 @@ from tn_ray.diffusion.generation import (
 from tn_ray.diffusion.pipelines import PipelineLoadError, check_scheduler, check_source
 from tn_ray.storage import Store
 
+
+def ray_actors() -> dict:
+    """The GCS's actor table (Ray's state API needs the dashboard, which the tests do not start)."""
+    from ray._private.state import actors
+
+    return actors()
+
+
 PROMPTS = ["a red cat", "two dogs on a beach", "a watercolor lighthouse"]
 SAMPLES = 6
 
@@ -178,7 +186,13 @@ def test_resume_after_sigkill_of_the_driver(ray_session, reference, tmp_path):
     written = len(list((out / "images").rglob("*.png")))
     assert 3 <= written < len(prompts) * SAMPLES, f"kill should land mid-run ({written} images)"
 
-    time.sleep(2)  # the killed job's actors are being torn down; a late rename is harmless (same bytes)
+    # Ray ends the dead driver's actors; wait for that (observable state, generous deadline on a
+    # loaded machine) so the resumed run never races a late writer of the killed one
+    mine = ray_session.get_runtime_context().get_job_id()
+    deadline = time.time() + 300
+    while any(a["JobID"] != mine and a["State"] != "DEAD" for a in ray_actors().values()):
+        assert time.time() < deadline, "the killed driver's generation actors did not end"
+        time.sleep(0.2)
     before = read_manifest(Store(out))
     manifest = generate(prompts, cfg)
     digests = file_digests(out)

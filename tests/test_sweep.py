@@ -224,7 +224,7 @@ def _other_jobs_actors_alive(ray) -> bool:
     from ray._private.state import actors  # the GCS's actor table (the state API needs the dashboard)
 
     mine = ray.get_runtime_context().get_job_id()
-    return any(a["JobID"] != mine and a["State"] == "ALIVE" for a in actors().values())
+    return any(a["JobID"] != mine and a["State"] != "DEAD" for a in actors().values())
 
 
 def _wait_until(ready, what: str, timeout: float = 300) -> None:
@@ -345,6 +345,7 @@ def test_training_trial_resumes_from_its_checkpoint_after_sigkill(ray_session, t
         return any(re.search(r"checkpoint_00000[1-9]", Path(f).read_text(errors="ignore")) for f in states)
 
     _kill_when(proc, snapshot_knows_a_checkpoint)
+    _wait_until(lambda: not _other_jobs_actors_alive(ray_session), "the killed driver's trials to end")
     paths = load_and_run(cfg, resume=True)
     rows = [json.loads(line) for f in glob.glob(str(experiment / "trial_*" / "result.json"))
             for line in Path(f).read_text().splitlines()]

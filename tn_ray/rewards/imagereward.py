@@ -244,7 +244,9 @@ def load_official_checkpoint(path: str | Path, med_config: str | Path | dict | N
     """An :class:`ImageRewardNet` holding the weights of an official ``ImageReward.pt``
     (every parameter must be present: nothing is left at random init)."""
     path = Path(path)
-    med = med_config if isinstance(med_config, dict) else json.loads(Path(med_config or MED_CONFIG).read_text())
+    from tn_ray.prompts.contrast import read_json  # a user's med_config.json: errors name the file
+
+    med = med_config if isinstance(med_config, dict) else read_json(Path(med_config or MED_CONFIG), "ImageReward med_config")
     state = _read_state(path)
     vcfg = vision_config_from_state(state)
     converted, dropped = convert_official_state_dict(state)
