@@ -195,6 +195,7 @@ def test_large_kl_coef_stays_closer_to_base_and_only_lora_changes(tmp_path, acto
         gaps[coef] = eps_gap(method)
         assert metrics["optimizer_steps"] == 2 and (coef == 0 or metrics["kl"] > 0)
     assert firsts == [0.0] * len(firsts)
+    print("eps_gap_to_base by kl_coef", gaps)
     assert gaps[100.0] < 0.5 * gaps[0.0], gaps
 
 
@@ -241,10 +242,13 @@ def test_learning_brightness_rises(tmp_path, actors):
     cfg = tiny_config(tmp_path / "learn", max_steps=8, sample={"num_steps": 5, "num_batches_per_epoch": 2})
     method = make_method(cfg, actors)
     before = fresh_brightness(method)
-    curve = [method.step(step) for step in range(1, 9)]
+    curve, gaps = [], []
+    for step in range(1, 9):
+        curve.append(method.step(step))
+        gaps.append(eps_gap(method))
     after = fresh_brightness(method)
     print("reward_mean", [round(m["reward_mean"], 4) for m in curve], "approx_kl", [m["approx_kl"] for m in curve],
-          "fresh", before, after)
+          "eps_gap_to_base", [f"{g:.3g}" for g in gaps], "fresh", before, after)
     assert after > before + 0.01, (before, after)
     assert np.mean([m["reward_mean"] for m in curve[-2:]]) > np.mean([m["reward_mean"] for m in curve[:2]])
 
