@@ -1,0 +1,77 @@
+"""``tn-ray world run|labels|train``: the synthetic world with exact truth (docs/world.md)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("world", help="synthetic world with exact truth: benchmark, proxy rewards, best-of-n vs the oracle")
+    s = p.add_subparsers(dest="world_command", required=True)
+
+    r = s.add_parser("run", help="benchmark metrics and best-of-n curves of raw / TextNorm / ensemble proxies vs the oracle")
+    r.add_argument("config", nargs="?", help="YAML config (WorldConfig); flags override it")
+    r.add_argument("--out", help="output folder (overrides `out`)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. bestofn.pool=64")
+    r.set_defaults(func=run)
+
+    lab = s.add_parser("labels", help="write the world's labelled benchmark in TIA2's layout (for `tia2 stats|eval`)")
+    lab.add_argument("--out", default="results/world/data", help="folder: <out>/tia2 (labels, sets) and <out>/images")
+    lab.add_argument("--per-kind", type=int, default=8, help="prompts per kind (counting, colours, composition, spatial)")
+    lab.add_argument("--images-per-prompt", type=int, default=24, help="images per prompt")
+    lab.add_argument("--size", type=int, default=64, help="image side (32..128 px)")
+    lab.add_argument("--p-match", type=float, default=0.5, help="share of images that match their prompt")
+    lab.add_argument("--label-noise", type=float, default=0.0, help="probability that each of the three labels is flipped")
+    lab.add_argument("--seed", type=int, default=0, help="seed")
+    lab.set_defaults(func=write_labels)
+
+    t = s.add_parser("train", help="train (or find in the cache) world proxy rewards, e.g. worldclip worldclip:seed=1")
+    t.add_argument("models", nargs="*", default=["worldclip"], help="worldclip specs")
+    t.set_defaults(func=train)
+
+
+def run(args) -> int:
+    from tn_ray.config import apply_overrides, load_config, parse_set, validate
+    from tn_ray.experiments.world import WorldConfig
+    from tn_ray.experiments.world import run as run_world
+
+    overrides = parse_set(args.set)
+    if args.out:
+        overrides["out"] = args.out
+    cfg = load_config(args.config, WorldConfig, overrides) if args.config else \
+        validate(WorldConfig, apply_overrides({}, overrides), "command line")
+    paths = run_world(cfg)
+    print(Path(paths["summary_md"]).read_text())
+    for k, v in paths.items():
+        print(f"{k:>16}: {v}")
+    return 0
+
+
+def write_labels(args) -> int:
+    from tn_ray.data.world.labels import make
+    from tn_ray.errors import InputError
+
+    if not 32 <= args.size <= 128:
+        raise InputError(f"--size {args.size}: the world renders 32..128 px")
+    if not 0 < args.p_match < 1 or not 0 <= args.label_noise <= 1:
+        raise InputError(f"--p-match must be in (0, 1) and --label-noise in [0, 1]; got {args.p_match}, {args.label_noise}")
+    tia2_dir, images = make(Path(args.out), args.per_kind, args.images_per_prompt, args.size, args.seed, args.p_match,
+                            args.label_noise)
+    print(f"labels and contrastive sets: {tia2_dir}\nimages: {images}\n"
+          f"evaluate: tn-ray tia2 eval --tia2-dir {tia2_dir} --images {images} --models worldclip")
+    return 0
+
+
+def train(args) -> int:
+    import json
+
+    from tn_ray.errors import InputError
+    from tn_ray.rewards import parse
+    from tn_ray.rewards.worldclip import ensure, parse_source
+
+    for m in args.models:
+        spec = parse(m)
+        if spec.name != "worldclip":
+            raise InputError(f"'{m}' is not a world proxy (worldclip[:source])")
+        path = ensure(parse_source(spec.source))
+        print(f"{spec}: {path}\n  {json.dumps(json.loads(path.with_suffix('.json').read_text()))}")
+    return 0
