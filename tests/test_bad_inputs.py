@@ -613,7 +613,7 @@ def write_table(path: Path) -> None:
             line = next((x for x in err.getvalue().splitlines() if x.startswith("tn-ray: error:")), err.getvalue())
             if "invalid configuration" in line:  # a validation error: its lines, joined
                 line = " ".join(x.strip() for x in err.getvalue().splitlines())
-            shown = " ".join(a if not a.startswith(str(w.root)) else "$W" + a[len(str(w.root)):] for a in argv)
+            shown = " ".join(argv).replace(str(w.root), "$W")
             line = line.replace(str(w.root), "$W")
             n_lines = len(err.getvalue().rstrip().splitlines())
             rows.append(f"| {i} | {case.what} | `tn-ray {shown}` | {code} | {n_lines} | `{line.replace('|', '/')}` |")
