@@ -25,7 +25,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -58,6 +58,7 @@ class RwrConfig(FineTuneConfig):
     top_k: int = Field(10, ge=1, description="images kept per prompt, the best by the training reward (images; paper: 10 of 100)")
     weighting: Weighting = Field("value", description="w_i of eq. 4: value (the reward), minmax (per prompt), softmax (over kept images, mean 1)")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of weighting: softmax (reward units)")
+    latents: Literal["encode", "regenerate"] = Field("encode", description="training latents of the kept images: encode = VAE-encode the stored images (Lee et al.; the VAE round trip is near lossless for SD); regenerate = rerun the base model for each kept (prompt, seed) and take the sampler's own latents (exact; about top_k / samples_per_prompt of the generation cost; needed when the VAE is not a faithful autoencoder, as the random tiny pipeline's)")
     beta: float = Field(0.5, ge=0, description="KL coefficient: weight of ||eps_theta - eps_theta0||^2 (paper's grid: 0, .25, .5, .75, 1)")
     batch_size: int = Field(32, ge=1, description="images per optimizer step over all workers (Table 4: 32); split evenly across workers")
     pretrain: PretrainBlock | None = Field(None, description="optional pre-training term on real images (Lee et al.); None = off")
@@ -125,6 +126,7 @@ def prepare_data(cfg: RwrConfig, prompts: list[str]) -> pd.DataFrame:
     reward = cfg.reward.column({m: matrices[m].align(keys).values for m in cfg.reward.models})
     keep = top_k_per_group(reward, items["prompt_id"].to_numpy(), cfg.top_k)
     data = items.iloc[keep][["prompt_id", "prompt", "sample", "image_id", "image"]].reset_index(drop=True)
+    data["seed"] = manifest["seed"].to_numpy()[keep]
     data["reward"] = reward[keep]
     data["weight"] = reward_weights(data["reward"].to_numpy(), data["prompt_id"].to_numpy(), cfg.weighting, cfg.temperature)
     all_rewards = pd.DataFrame({"prompt_id": items["prompt_id"], "sample": items["sample"], "reward": reward})
@@ -164,29 +166,14 @@ def _seed(*parts: Any) -> int:
 
 
 class _Examples:
-    """Images as VAE latents (encoded once, seeded) plus their prompts' text embeddings."""
+    """Training latents (the UNet's space: VAE latents times its scaling factor) and their prompts' text embeddings."""
 
-    def __init__(self, policy, images: list, prompts: list[str], seed: int, batch: int = 16):
-        from tn_ray.rewards.base import load_image
-        from tn_ray.storage import read_any
-
-        vae = policy.pipe.vae
-        processor = policy.pipe.image_processor
-        gen = torch.Generator("cpu").manual_seed(seed)
-        latents = []
-        with torch.no_grad():
-            for i in range(0, len(images), batch):
-                pil = [load_image(read_any(p) if isinstance(p, str) else p) for p in images[i : i + batch]]
-                pixels = processor.preprocess(pil).to(policy.device, vae.dtype)
-                dist = vae.encode(pixels).latent_dist
-                noise = torch.randn(dist.mean.shape, generator=gen).to(dist.mean)
-                latents.append((dist.mean + dist.std * noise) * vae.config.scaling_factor)
-        self.latents = torch.cat(latents).float()
+    def __init__(self, policy, latents: torch.Tensor, prompts: list[str]):
+        self.latents = latents.float().cpu()
         unique = list(dict.fromkeys(prompts))
-        embeds = policy.encode_prompts(unique)
         index = {p: i for i, p in enumerate(unique)}
         self.prompt_index = torch.tensor([index[p] for p in prompts])
-        self.embeds = embeds
+        self.embeds = policy.encode_prompts(unique)
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -194,6 +181,65 @@ class _Examples:
     def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.from_numpy(rows)
         return self.latents[idx], self.embeds[self.prompt_index[idx]]
+
+
+def _pil(images: list) -> list:
+    from tn_ray.rewards.base import load_image
+    from tn_ray.storage import read_any
+
+    return [load_image(read_any(p) if isinstance(p, str) else p) for p in images]
+
+
+def encode_latents(policy, images: list, seed: int, batch: int = 16) -> torch.Tensor:
+    """VAE latents of images (a posterior sample, seeded), as diffusers' training scripts."""
+    vae, processor = policy.pipe.vae, policy.pipe.image_processor
+    gen = torch.Generator("cpu").manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            pixels = processor.preprocess(_pil(images[i : i + batch])).to(policy.device, vae.dtype)
+            dist = vae.encode(pixels).latent_dist
+            noise = torch.randn(dist.mean.shape, generator=gen).to(dist.mean)
+            out.append(((dist.mean + dist.std * noise) * vae.config.scaling_factor).float().cpu())
+    return torch.cat(out)
+
+
+def regenerate_latents(policy, frame: pd.DataFrame, gen: GenerationConfig, check_images: int = 4) -> torch.Tensor:
+    """The latents the base model's sampler produced for each kept image: the generation rerun for
+    its (prompt, seed) with ``output_type='latent'``. The first ``check_images`` are decoded and
+    compared with the stored images, so changed generation parameters fail loudly."""
+    import diffusers
+
+    pipe = policy.pipe
+    own_scheduler = pipe.scheduler
+    if gen.scheduler is not None:
+        pipe.scheduler = getattr(diffusers, gen.scheduler).from_config(own_scheduler.config)
+    out = []
+    try:
+        with torch.no_grad(), policy.reference():
+            rows = list(zip(frame["prompt"], frame["seed"]))
+            for i in range(0, len(rows), gen.pipeline_batch_size):
+                chunk = rows[i : i + gen.pipeline_batch_size]
+                kwargs = {"negative_prompt": [gen.negative_prompt] * len(chunk)} if gen.negative_prompt is not None else {}
+                latents = pipe(prompt=[p for p, _ in chunk], generator=[torch.Generator("cpu").manual_seed(int(s)) for _, s in chunk],
+                               num_inference_steps=gen.num_inference_steps, guidance_scale=gen.guidance_scale,
+                               height=gen.height, width=gen.width, output_type="latent", **kwargs).images
+                out.append(latents.float().cpu())
+            latents = torch.cat(out)
+            n = min(check_images, len(latents))
+            if n:
+                vae = pipe.vae
+                decoded = vae.decode(latents[:n].to(policy.device, vae.dtype) / vae.config.scaling_factor).sample
+                decoded = pipe.image_processor.postprocess(decoded, output_type="pt").float().cpu()
+                stored = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)
+                                      for im in _pil(list(frame["image"][:n]))])
+                err = float((decoded - stored).abs().mean())
+                if err > 0.02:
+                    raise InputError(f"latents: regenerate: the rerun base model does not reproduce the stored images "
+                                     f"(mean pixel error {err:.3f}); were the generation parameters changed? use latents: encode")
+    finally:
+        pipe.scheduler = own_scheduler
+    return latents
 
 
 def global_rows(n: int, batch: int, step: int, seed: int) -> np.ndarray:
@@ -217,12 +263,17 @@ class RwrMethod(Method):
         super().__init__(cfg, policy, optim, ctx, data)
         frame: pd.DataFrame = data["examples"]
         self.prompts = list(dict.fromkeys(frame["prompt"]))
-        self.examples = _Examples(policy, list(frame["image"]), list(frame["prompt"]), _seed(cfg.seed, "vae"))
+        if cfg.latents == "regenerate":
+            latents = regenerate_latents(policy, frame, cfg.generation)
+        else:
+            latents = encode_latents(policy, list(frame["image"]), _seed(cfg.seed, "vae"))
+        self.examples = _Examples(policy, latents, list(frame["prompt"]))
         self.weights = torch.tensor(frame["weight"].to_numpy(), dtype=torch.float32)
         self.pretrain = None
         if data.get("pretrain") is not None:
             pre = data["pretrain"]
-            self.pretrain = _Examples(policy, list(pre["image"]), list(pre["prompt"]), _seed(cfg.seed, "vae-pretrain"))
+            self.pretrain = _Examples(policy, encode_latents(policy, list(pre["image"]), _seed(cfg.seed, "vae-pretrain")),
+                                      list(pre["prompt"]))
         self.scheduler = DDPMScheduler.from_config(policy.pipe.scheduler.config)
         self.per_worker = cfg.batch_size // ctx.world_size
 
