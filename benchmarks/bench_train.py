@@ -1,4 +1,4 @@
-"""Fine-tuning costs, measured side by side in one run (RWR keys; DDPO adds its own).
+"""Fine-tuning costs, measured side by side in one run: RWR and DDPO keys.
 
 RWR, on the tiny pipeline's UNet (CPU here; the same code on GPU), batch 8 of 64 px images:
 
@@ -13,7 +13,15 @@ RWR, on the tiny pipeline's UNet (CPU here; the same code on GPU), batch 8 of 64
   Diffusion 2.1's UNet (built on the meta device from its published config: parameter count
   x 4 bytes, no weights needed).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_train.py [--repeats 5] [--steps 4]
+DDPO (tiny pipeline; see :func:`ddpo_sampling` and :func:`ddpo_epochs`):
+
+- ``ddpo_sampling_logprob_over_plain``: sampling with recorded chains and log-probs over the plain
+  diffusers pipeline call, same steps, batch and generators (aim <= 1.15);
+- ``ddpo_async_reward_idle_fraction``: share of an epoch the trainer waits for rewards with 2
+  reward actors (aim <= 0.1), next to ``ddpo_sync_scoring_fraction`` (waiting for every batch);
+- ``ddpo_epoch_seconds_tiny``: one tiny DDPO epoch of 32 samples.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_train.py [--repeats 5] [--steps 4] [--part all|rwr|ddpo]
 """
 from __future__ import annotations
 
@@ -134,10 +142,96 @@ def lora_sizes(folder: Path) -> dict[str, float]:
             "lora_params_sd21": n}
 
 
+# --------------------------------------------------------------------------------------
+# DDPO
+# --------------------------------------------------------------------------------------
+
+
+def ddpo_sampling(repeats: int, batch: int = 8, steps: int = 20) -> dict[str, float]:
+    """``ddpo_sampling_logprob_over_plain``: our sampler (chain, log-probs, decode) over the plain
+    ``pipe(..., eta=1, output_type='np')`` call, tiny pipeline, same prompts, steps, batch and
+    generators; interleaved repeats after a warm-up round, medians."""
+    import torch
+
+    from tn_ray.diffusion.pipelines import load_pipeline
+    from tn_ray.diffusion.sampling import decode_images, sample_chains
+
+    pipe = load_pipeline("tiny")
+    prompts = [f"a photo of object {i}" for i in range(batch)]
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(batch)]  # noqa: E731
+    ours, plain = [], []
+    for r in range(repeats + 1):
+        t0 = time.perf_counter()
+        chains = sample_chains(pipe, prompts, list(range(batch)), num_steps=steps, guidance=5.0, eta=1.0, generator=gens())
+        decode_images(pipe, chains.latents[:, -1])
+        t1 = time.perf_counter()
+        pipe(prompts, num_inference_steps=steps, guidance_scale=5.0, eta=1.0, generator=gens(), output_type="np")
+        t2 = time.perf_counter()
+        if r:
+            ours.append(t1 - t0)
+            plain.append(t2 - t1)
+    o, p = statistics.median(ours), statistics.median(plain)
+    return {"ddpo_sampling_s": o, "plain_pipeline_s": p, "ddpo_sampling_logprob_over_plain": o / p}
+
+
+def ddpo_epochs(folder: Path, epochs: int = 3, reward: str = "clip:ViT-B-32/random") -> dict[str, float]:
+    """Tiny DDPO epochs (32 samples in 8 batches of 4, 10 steps, half the timesteps trained) with 2
+    reward actors of a ViT-B/32-shaped CLIP (random weights; a realistic scoring cost):
+
+    - ``ddpo_async_reward_idle_fraction``: share of an epoch's wall time the trainer waits for
+      rewards after sampling (medians over epochs after a warm-up epoch that loads the actors);
+    - ``ddpo_sync_scoring_fraction``: for contrast, the share scoring the same number of images
+      batch by batch, waiting for each, would take of (epoch + that scoring);
+    - ``ddpo_epoch_seconds_tiny``: one epoch's wall time (sampling, rewards, advantages, training).
+    """
+    import numpy as np
+    import ray
+    import torch
+
+    from tn_ray.cluster import init_ray
+    from tn_ray.config import RayConfig
+    from tn_ray.diffusion.sampling import decode_images, sample_chains
+    from tn_ray.scoring.workers import reward_actors
+    from tn_ray.training.ddpo import DDPO, DDPOConfig, DDPOData
+    from tn_ray.training.loop import WorkerContext
+    from tn_ray.training.optim import Optimization
+    from tn_ray.training.policy import Policy
+
+    init_ray(RayConfig())
+    prompts = ["a photo of a lighthouse", "a watercolor of a red circle"]
+    cfg = DDPOConfig.model_validate(dict(
+        out=str(folder / "ddpo"), prompts=prompts, max_steps=epochs + 1, policy={"pipeline": "tiny", "lora": {"rank": 4}},
+        reward={"models": [reward], "use": reward}, optimizer={"lr": 2e-2},
+        sample={"num_steps": 10, "batch_size": 4, "num_batches_per_epoch": 8},
+        train={"batch_size": 16, "clip_range": 0.2, "stat_min_count": 4, "timestep_fraction": 0.5},
+        eval={"enabled": False}, scoring={"cpus_per_actor": 0.25, "num_actors": 2}))
+    actors = reward_actors(reward, cfg.scoring)
+    policy = Policy.load(cfg.policy, seed=0)
+    optim = Optimization(policy.trainable_parameters(), cfg.optimizer, cfg.max_steps, policy.device, policy.amp_dtype)
+    method = DDPO(cfg, policy, optim, WorkerContext(0, 1, policy.device, cfg.out),
+                  DDPOData(prompts, [[p] for p in prompts], {reward: actors}))
+    rows = [method.step(s) for s in range(1, epochs + 2)][1:]
+    b = cfg.sample.batch_size
+    chains = sample_chains(policy.pipe, prompts * (b // 2), [0, 1] * (b // 2), num_steps=2, guidance=5.0, eta=1.0,
+                           generator=[torch.Generator().manual_seed(i) for i in range(b)])
+    images = list(decode_images(policy.pipe, chains.latents[:, -1]))
+    start = time.perf_counter()
+    for _ in range(cfg.sample.num_batches_per_epoch):
+        ray.get(actors[0].score.remote(images, [[p] for p in prompts * (b // 2)]))
+    sync = time.perf_counter() - start
+    for a in actors:
+        ray.kill(a)
+    epoch = statistics.median(r["epoch_s"] for r in rows)
+    return {"ddpo_async_reward_idle_fraction": float(np.median([r["reward_idle_fraction"] for r in rows])),
+            "ddpo_reward_wait_s": float(np.median([r["reward_wait_s"] for r in rows])),
+            "ddpo_sync_scoring_fraction": sync / (epoch + sync), "ddpo_epoch_seconds_tiny": epoch}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--part", choices=["all", "rwr", "ddpo"], default="all", help="which method's keys to measure")
     parser.add_argument("--child-beta", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -151,9 +245,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         result = {"device": "cuda" if torch.cuda.is_available() else "cpu"}
-        result.update(timing(args.repeats, args.steps, folder))
-        result.update(peak_memory(args.steps, folder))
-        result.update(lora_sizes(folder))
+        if args.part in ("all", "rwr"):
+            result.update(timing(args.repeats, args.steps, folder))
+            result.update(peak_memory(args.steps, folder))
+            result.update(lora_sizes(folder))
+        if args.part in ("all", "ddpo"):
+            result.update(ddpo_sampling(args.repeats))
+            result.update(ddpo_epochs(folder))
     for k, v in result.items():
         print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
