@@ -188,3 +188,19 @@ def test_checkpoint_loads_into_plain_pipeline_and_resumes_the_trained_adapter(tm
     ckpts.save(4, policy, {"rng": rng_state()})
     ckpts.save(6, policy, {"rng": rng_state()})
     assert ckpts.prune(keep_last=1, protect={2}) == [4] and ckpts.steps() == [2, 6]
+
+
+def test_tracker_writes_tensorboard_and_offline_wandb(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from tn_ray.training.config import LoggingBlock
+    from tn_ray.training.tracking import Tracker
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tracker = Tracker(LoggingBlock(wandb_project="tn-ray-test", wandb_mode="offline", progress_bar=False), str(tmp_path), 4,
+                      run_config={"beta": 0.5})
+    tracker.log(1, {"loss": 0.5, "kl": 0.01})
+    tracker.log(1, {"textnorm(clip:tiny)": 0.3}, prefix="eval")
+    tracker.close()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    runs = list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

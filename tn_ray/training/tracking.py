@@ -41,11 +41,18 @@ class Tracker:
 
             os.environ["WANDB_MODE"] = block.wandb_mode
             self.wandb = setup_wandb(config=run_config or {}, project=block.wandb_project, name=run_name,
-                                     mode=block.wandb_mode, dir=tempfile.mkdtemp(prefix="tn_ray_wandb_"), resume="allow")
+                                     mode=block.wandb_mode, dir=self._wandb_dir(), resume="allow")
         if block.progress_bar:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc=run_name, unit="step")
+
+    def _wandb_dir(self) -> str:
+        """``<out>/wandb`` for a local run (``wandb sync <out>/wandb/offline-run-*`` later), else a temporary folder."""
+        if self.store.local:
+            self.store.makedirs("wandb")
+            return self.store.path("wandb")
+        return tempfile.mkdtemp(prefix="tn_ray_wandb_")
 
     def log(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> None:
         if self.rank != 0:
