@@ -276,3 +276,25 @@ def test_two_workers_share_advantage_statistics(tmp_path, ray_session):
     lora = Checkpoints(cfg.out).load(2)["lora"]
     assert any(float(v.abs().max()) > 0 for k, v in lora.items() if "lora_B" in k)
     assert paths["checkpoints"]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"train": {"batch_size": 3}}, "train.batch_size: 3 does not divide the 8 samples"),
+    ({"train": {"updates_per_inner_epoch": 3}}, "updates_per_inner_epoch"),
+    ({"train": {"num_inner_epochs": 2}, "optimizer": {"schedule": "cosine"}}, "schedule 'constant'"),
+    ({"sample": {"eta": 0.0}}, "sample.eta"),
+])
+def test_bad_configs_fail_naming_file_and_key_before_ray(tmp_path, capsys, bad, message):
+    import yaml
+
+    from tn_ray.cli import main
+
+    cfg = {"prompts": PROMPTS, "policy": {"pipeline": "tiny"}, "reward": {"models": ["brightness"], "use": "brightness"},
+           "sample": {"batch_size": 8, "num_batches_per_epoch": 1}, "train": {"batch_size": 8}}
+    for key, value in bad.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if key in ("sample", "train") else value
+    path = tmp_path / "ddpo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["ddpo", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err

@@ -95,7 +95,8 @@ def ddim_step(scheduler, model_output: torch.Tensor, timestep: torch.Tensor | in
     mean = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
     if prev_sample is None:
         noise = randn_tensor(model_output.shape, generator=generator, device=device, dtype=model_output.dtype)
-        prev = mean + std * noise.to(torch.float32)
+        # rounded to the sample's dtype first: the log-prob is that of the latent the chain records
+        prev = (mean + std * noise.to(torch.float32)).to(sample.dtype).to(torch.float32)
     else:
         prev = prev_sample.to(torch.float32)
     prev = prev.detach()

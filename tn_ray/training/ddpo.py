@@ -142,9 +142,14 @@ class AsyncRewards:
         self.calls = 0
 
     def submit(self, images: np.ndarray, prompt_ids: list[int]) -> None:
+        """Score one sampling batch: split over the model's actors (the last batch's latency, the
+        only one the trainer waits for, shrinks with more actors), in order."""
         texts = [self.texts[i] for i in prompt_ids]
         for model, actors in self.actors.items():
-            self.refs[model].append(actors[self.calls % len(actors)].score.remote(list(images), texts))
+            size = -(-len(images) // len(actors))
+            for k, start in enumerate(range(0, len(images), size)):
+                actor = actors[(self.calls + k) % len(actors)]
+                self.refs[model].append(actor.score.remote(list(images[start : start + size]), texts[start : start + size]))
         self.calls += 1
 
     def collect(self) -> dict[str, np.ndarray]:
