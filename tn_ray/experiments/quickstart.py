@@ -2,8 +2,11 @@
 
 Steps, in the order they run (each returns the paths of its outputs):
 
-1. :func:`tia2_step` -- a small labelled benchmark in TIA2's layout (``tn_ray.data.shapes``),
-   scored by clip:tiny and pickscore:tiny on Ray actors -> TextNorm and ensembles -> metrics.
+1. :func:`tia2_step` -- a small labelled benchmark in TIA2's layout (the synthetic world,
+   ``tn_ray.data.world``, exact labels), scored by the world-trained proxy ``worldclip`` and
+   clip:tiny on Ray actors -> TextNorm and ensembles -> metrics.
+1b. :func:`world_step` -- the world's experiment (docs/world.md): proxy AUROC vs the oracle, raw
+   and with TextNorm, and best-of-n oracle-accuracy curves.
 2. :func:`prompts_step` -- contrastive sets built by the ``rules`` source on Ray Data, and their
    overlap with the benchmark's own sets.
 3. :func:`sweep_step` -- a tau sweep (Ray Tune + Optuna) on the score matrices of step 1.
@@ -24,6 +27,8 @@ from pathlib import Path
 import pandas as pd
 
 TINY_MODELS = ["clip:tiny", "pickscore:tiny"]
+WORLD_MODELS = ["worldclip", "clip:tiny"]  # worldclip: trained on the world on first use (cached)
+WORLD_DATA = {"per_kind": 4, "images_per_prompt": 16}
 
 BESTOFN_CONTRAST = {
     "a photo of three red circles": ["a photo of one red circle", "a photo of two red circles",
@@ -35,19 +40,27 @@ BESTOFN_CONTRAST = {
 }
 
 
+def world_step(out: Path) -> dict[str, Path]:
+    from tn_ray.experiments.world import quickstart_step
+
+    return quickstart_step(out)
+
+
 def tia2_step(out: Path) -> dict[str, Path]:
-    """Score the quickstart's labelled shapes with the tiny models; TextNorm, ensembles, metrics."""
+    """Score the world's labelled benchmark with worldclip and clip:tiny; TextNorm, ensembles, metrics."""
     from tn_ray.config import RayConfig, ScoringConfig
-    from tn_ray.data.shapes import make
+    from tn_ray.data.world.labels import make
     from tn_ray.experiments.tia2_eval import Tia2EvalConfig, run
+    from tn_ray.experiments.world import ensure_models
     from tn_ray.textnorm.columns import EnsembleSpec, SetParams
 
-    tia2_dir, images = make(out / "data")
+    tia2_dir, images = make(out / "data", **WORLD_DATA)
+    ensure_models(WORLD_MODELS)  # trains worldclip here once, not in each reward actor
     cfg = Tia2EvalConfig(
-        images=str(images), tia2_dir=str(tia2_dir), out=str(out / "tia2_eval"), models=TINY_MODELS,
-        sets=["counting", "composition"], textnorm={"default": SetParams(tau=1.0, lam=1.0)},
-        ensembles=[EnsembleSpec(name="ensemble-mean", members=TINY_MODELS, kind="mean"),
-                   EnsembleSpec(name="ensemble-uncertainty", members=TINY_MODELS, kind="uncertainty")],
+        images=str(images), tia2_dir=str(tia2_dir), out=str(out / "tia2_eval"), models=WORLD_MODELS,
+        sets=["counting", "composition", "comprehensive"], textnorm={"default": SetParams(tau=1.0, lam=1.0)},
+        ensembles=[EnsembleSpec(name="ensemble-mean", members=WORLD_MODELS, kind="mean"),
+                   EnsembleSpec(name="ensemble-uncertainty", members=WORLD_MODELS, kind="uncertainty")],
         scoring=ScoringConfig(batch_size=16), ray=RayConfig(num_cpus=os.cpu_count()),
     )
     return run(cfg)
@@ -57,19 +70,20 @@ def prompts_step(out: Path) -> dict[str, Path]:
     """Rule-built contrastive sets for the benchmark's prompts on Ray Data (the substitution
     vocabulary is its own coloured shapes), and their overlap with the benchmark's sets."""
     from tn_ray.config import RayConfig
-    from tn_ray.data.shapes import COLORS, SHAPES, make
     from tn_ray.data.tia2 import load_prompt_sets
+    from tn_ray.data.world.labels import make
+    from tn_ray.data.world.scenes import COLORS, SHAPES
     from tn_ray.prompts.overlap import per_prompt, per_set
     from tn_ray.prompts.settings import RulesConfig, SourcesConfig
     from tn_ray.prompts.synthesize import SynthesisConfig, synthesize
 
     tia2_dir = out / "data" / "tia2"
     if not (tia2_dir / "prompts").is_dir():
-        make(out / "data")
+        make(out / "data", **WORLD_DATA)
     folder = out / "prompts"
     folder.mkdir(parents=True, exist_ok=True)
     rules = RulesConfig(max_count=4, vocabulary=[f"{c} {s}" for c in COLORS for s in SHAPES])
-    prompts = [x0 for s in ("counting", "composition") for x0 in load_prompt_sets(s, tia2_dir)]
+    prompts = [x0 for s in ("counting", "composition", "comprehensive") for x0 in load_prompt_sets(s, tia2_dir)]
     (folder / "prompts.json").write_text(json.dumps(prompts, indent=1))
     cfg = SynthesisConfig(input=str(folder / "prompts.json"), out=str(folder / "rules.json"), source="rules", workers=2,
                           batch_size=4, sources=SourcesConfig(rules=rules), ray=RayConfig(num_cpus=os.cpu_count()))
@@ -82,7 +96,7 @@ def prompts_step(out: Path) -> dict[str, Path]:
 
 
 def sweep_step(out: Path) -> dict[str, Path]:
-    """Tune TextNorm's tau of clip:tiny on the score matrices of the TIA2 step."""
+    """Tune TextNorm's tau of worldclip on the score matrices of the TIA2 step."""
     import yaml
 
     from tn_ray.sweep.config import SweepConfig
@@ -92,13 +106,13 @@ def sweep_step(out: Path) -> dict[str, Path]:
     sweep_dir = out / "sweep"
     shutil.rmtree(sweep_dir, ignore_errors=True)  # the demo starts fresh on every run
     cfg = SweepConfig(name="quickstart-tau", trainable="tia2_textnorm",
-                      options={"run_dir": str(out / "tia2_eval"), "models": ["clip:tiny"]},
+                      options={"run_dir": str(out / "tia2_eval"), "models": ["worldclip"]},
                       space={"tau": {"loguniform": [0.01, 10.0]}}, num_samples=12, max_concurrent_trials=2,
                       out=str(sweep_dir), verbose=0)
     paths = run_sweep(cfg)
     best = yaml.safe_load(Path(paths["best"]).read_text())
     baseline = evaluate_tia2({"tau": 1.0}, prepare_tia2(Tia2SweepOptions(**cfg.options), cfg))["objective"]
-    print(f"tau sweep of textnorm(clip:tiny), objective = mean AP@5/10/25 per set ({best['trials']} trials): "
+    print(f"tau sweep of textnorm(worldclip), objective = mean AP@5/10/25 per set ({best['trials']} trials): "
           f"best tau {best['params']['tau']:.4g} -> {best['value']:.4f}; tau = 1 (the evaluation above) -> {baseline:.4f}")
     return {k: Path(v) for k, v in paths.items()}
 
@@ -137,6 +151,7 @@ def bestofn_step(out: Path) -> dict[str, Path]:
 
 STEPS: list[tuple[str, Callable[[Path], dict]]] = [
     ("TIA2-style evaluation (score -> TextNorm -> metrics)", tia2_step),
+    ("the world: proxy rewards vs exact truth, best-of-n oracle accuracy (docs/world.md)", world_step),
     ("contrastive sets by rules on Ray Data (+ overlap with the benchmark's sets)", prompts_step),
     ("tau sweep on the stored score matrices (Ray Tune + Optuna)", sweep_step),
     ("best-of-n: tiny diffusion pipeline, 3 prompts, n = 16 (generate -> score -> select)", bestofn_step),

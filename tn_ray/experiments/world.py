@@ -224,26 +224,36 @@ def selector_scores(items: pd.DataFrame, cfg: WorldConfig, cache: Path) -> tuple
     return table, [*names, "oracle", "random"]
 
 
-def plot_curves(summary: pd.DataFrame, selectors: list[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+def _draw(ax, summary: pd.DataFrame, selectors: list[str], title: str) -> None:
     for sel in selectors:
         g = summary[summary["selector"] == sel].sort_values("n")
         style = {"oracle": dict(color="black", ls=":"), "random": dict(color="gray", ls="--")}.get(sel, {})
         ax.plot(g["n"], g["accuracy"], marker="o", ms=3, label=sel, **style)
-        ax.fill_between(g["n"], g["ci_low"], g["ci_high"], alpha=0.15, color=ax.lines[-1].get_color())
+        ax.fill_between(g["n"], g["ci_low"], g["ci_high"], alpha=0.12, color=ax.lines[-1].get_color())
     ax.set_xscale("log", base=2)
     ax.set_xlabel("n (best-of-n pool size)")
     ax.set_ylabel("oracle accuracy of the selected image")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+
+
+def plot_curves(summary: pd.DataFrame, by_kind: pd.DataFrame, selectors: list[str], path: Path, title: str) -> None:
+    """All prompts (left, with the legend) and one panel per prompt kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(by_kind["kind"]))
+    fig = plt.figure(figsize=(14, 6.5))
+    grid = fig.add_gridspec(2, 1 + (len(kinds) + 1) // 2, width_ratios=[2] + [1] * ((len(kinds) + 1) // 2))
+    _draw(fig.add_subplot(grid[:, 0]), summary, selectors, "all prompts")
+    fig.axes[0].legend(fontsize=7, loc="lower right")
+    for i, kind in enumerate(kinds):
+        _draw(fig.add_subplot(grid[i % 2, 1 + i // 2]), by_kind[by_kind["kind"] == kind], selectors, kind)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -279,8 +289,11 @@ def bestofn(cfg: WorldConfig, out: Path, items: pd.DataFrame, cache: Path) -> di
     selectors = plot_selectors(cfg, names)
     title = (f"best-of-n in the world: {items['prompt'].nunique()} prompts, pools of {b.pool}, "
              f"p_match={b.sampler.p_match}, seed={b.seed}; bands: {int(b.confidence * 100)}% bootstrap CI over prompts")
-    plot_curves(summary, selectors, folder / "goodhart.png", title)
+    plot_curves(summary, by_kind, selectors, folder / "goodhart.png", title)
+    drops = goodhart.overoptimization(summary, per_prompt, cfg.models[0], b.confidence, b.resamples, seed=b.seed)
+    drops.to_csv(folder / "overoptimization.csv", index=False)
     return {"bestofn_summary": folder / "summary.csv", "bestofn_by_kind": folder / "summary_by_kind.csv",
+            "overoptimization": folder / "overoptimization.csv", "_drops": drops,
             "bestofn_plot": folder / "goodhart.png", "bestofn_scores": folder / "scores.parquet",
             "_summary": summary, "_selectors": selectors, "_names": names}
 
@@ -303,7 +316,7 @@ def run(cfg: WorldConfig) -> dict[str, Path]:
     per_prompt.to_csv(out / "benchmark_per_prompt.csv", index=False)
     auroc, auprc = metric_table(per_prompt, "auroc"), metric_table(per_prompt, "auprc")
     bon = bestofn(cfg, out, bon_items, cache)
-    summary = bon.pop("_summary")
+    summary, drops = bon.pop("_summary"), bon.pop("_drops")
     bon.pop("_selectors")
     bon.pop("_names")
     curves = curve_table(summary, list(dict.fromkeys(summary["selector"])))
@@ -316,7 +329,9 @@ def run(cfg: WorldConfig) -> dict[str, Path]:
           "## AUPRC against the oracle (mean over prompts)", "", auprc.to_markdown(index=False, floatfmt=".3f"), "",
           f"## Best-of-n: oracle accuracy of the selected image ({b.per_kind} prompts per kind, pools of {b.pool}, "
           f"p_match={b.sampler.p_match}, seed {b.seed}; [{int(b.confidence * 100)}% bootstrap CI over prompts])", "",
-          curves.to_markdown(index=False), ""]
+          curves.to_markdown(index=False), "",
+          f"## Over-optimization: peak, last, drop, and the paired difference from {cfg.models[0]} (raw) at the largest n", "",
+          drops.to_markdown(index=False, floatfmt=".3f"), ""]
     paths = {"summary_md": out / "summary.md", "auroc_csv": out / "auroc.csv", "curves_md": out / "bestofn" / "curves.md",
              "per_prompt": out / "benchmark_per_prompt.csv", **bon}
     (out / "summary.md").write_text("\n".join(md))
@@ -327,8 +342,9 @@ def run(cfg: WorldConfig) -> dict[str, Path]:
 
 # --- the quickstart's step -----------------------------------------------------------------
 def quickstart_config(out: Path) -> WorldConfig:
-    """The world at quickstart size: 4 prompts per kind, pools of 64, two proxies (seeds 0, 1)."""
-    return WorldConfig(out=str(out / "world"), models=["worldclip", "worldclip:seed=1"], per_kind=4, images_per_prompt=16,
+    """The world at quickstart size: 4 prompts per kind, pools of 64, one proxy (``worldclip``,
+    shared with the quickstart's TIA2 step, so it trains once); no ensembles (``world run`` has them)."""
+    return WorldConfig(out=str(out / "world"), models=["worldclip"], per_kind=4, images_per_prompt=16,
                        bestofn=BestOfNWorldConfig(per_kind=4, pool=64, ns=[1, 2, 4, 8, 16, 32, 64], resamples=1000),
                        ray=RayConfig(num_cpus=os.cpu_count()))
 
