@@ -57,7 +57,7 @@ def score_embeddings(model, image_features: np.ndarray, text_features: np.ndarra
 
     dev = model.device
     with torch.inference_mode():
-        s = model.score(torch.from_numpy(image_features).to(dev), torch.from_numpy(text_features).to(dev))
+        s = model.score(torch.tensor(image_features, device=dev), torch.tensor(text_features, device=dev))  # copies: Ray hands read-only arrays
     return s.detach().float().cpu().numpy()
 
 

@@ -240,7 +240,7 @@ def worker_loop(config: dict) -> None:
     try:
         epochs(params, arrays, report, ray.train.get_checkpoint(), rank, world,
                model_wrapper=ray.train.torch.prepare_model if world > 1 else None,
-               log_fn=lambda epoch, m: tracker.log(epoch, m))
+               log_fn=lambda epoch, m: (tracker.log(epoch, m), tracker.advance({"loss": m["train_loss"]})))
     finally:
         tracker.close()
 
