@@ -102,8 +102,7 @@ def load(data: DataBlock) -> pd.DataFrame:
         raise InputError(f"image {frame.loc[dup, 'image_key'].iloc[0]} is labelled twice")
     frame = attach_texts(frame, data)
     frame["part"] = split_by_prompt(frame, data.split).to_numpy()
-    for part in ("train",):
-        if not (frame["part"] == part).any():
-            raise InputError(f"no prompt falls in the {part} part (too few prompts for the split {data.split.model_dump()})")
+    if not (frame["part"] == "train").any():
+        raise InputError(f"no prompt falls in the train part (too few prompts for the split {data.split.model_dump()})")
     check_images(list(frame["image"]), ", ".join(s.images for s in data.sets.values()))
     return frame
