@@ -22,6 +22,7 @@ by (seed, epoch, rank, ...), so a resumed run repeats an uninterrupted one exact
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -249,7 +250,7 @@ class DDPO(Method):
                     x_t, x_prev = part.states[idx, cols], part.next_latents[idx, cols]
                     t, old = part.timesteps[idx, cols], part.log_probs[idx, cols]
                     last = (mb % per_update == per_update - 1) and j == k - 1
-                    sync = unet.no_sync() if (hasattr(unet, "no_sync") and not last) else _nullcontext()
+                    sync = unet.no_sync() if (hasattr(unet, "no_sync") and not last) else contextlib.nullcontext()
                     with sync:
                         with policy.autocast():
                             log_prob, eps = step_log_prob(unet, sched, x_t, t, x_prev, part.prompt_embeds,
@@ -299,12 +300,6 @@ class DDPO(Method):
                               "advantage": advantages})
         Store(self.cfg.out).write_table(f"samples/epoch-{step:06d}-rank-{self.ctx.rank}.parquet",
                                         pa.Table.from_pandas(frame, preserve_index=False))
-
-
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def prepare(cfg: DDPOConfig) -> DDPOData:
