@@ -205,7 +205,7 @@ def selector_scores(items: pd.DataFrame, cfg: WorldConfig, cache: Path) -> tuple
 
     table = items[["prompt", "kind", "correct", "errors"]].copy()
     x0s = list(dict.fromkeys(items["prompt"]))
-    names: list[str] = []
+    names: list[str] = list(cfg.models)
     for contrast in cfg.contrasts:
         sets = contrast_sets(x0s, contrast)
         texts = [[p, *sets[p]] for p in items["prompt"]]
@@ -213,12 +213,10 @@ def selector_scores(items: pd.DataFrame, cfg: WorldConfig, cache: Path) -> tuple
         values = {m: mat.values for m, mat in matrices.items()}
         for name, col in reward_columns(values, cfg.textnorm, cfg.ensembles).items():
             if name in cfg.models:
-                if name not in table:
-                    table[name] = col
-                    names.insert(len([n for n in names if n in cfg.models]), name)
-                continue
-            table[f"{name} [{contrast}]"] = col
-            names.append(f"{name} [{contrast}]")
+                table[name] = col  # a raw reward: the same whatever the contrastive sets
+            else:
+                table[f"{name} [{contrast}]"] = col
+                names.append(f"{name} [{contrast}]")
     table["oracle"] = table["correct"].astype(float)
     table["random"] = 0.0
     return table, [*names, "oracle", "random"]
