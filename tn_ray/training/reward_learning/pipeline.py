@@ -110,6 +110,6 @@ def summary_markdown(summary: dict[str, Any], out: Path) -> str:
                       "| reward | prompts | AUROC | AUPRC | AP@10 | Spearman | ECE |", "|---|---|---|---|---|---|---|"]
             for name, m in summary[part].items():
                 cells = [m.get(k) for k in ("auroc", "auprc", "ap@10", "spearman", "ece")]
-                lines.append(f"| {name} | {m.get('n_prompts')} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
+                lines.append(f"| {name} | {int(m['n_prompts']) if m.get('n_prompts') is not None else '-'} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
     lines += ["", f"per set: {out}/per_set_test.csv; calibration: {out}/reliability_test.png", ""]
     return "\n".join(lines)
