@@ -52,6 +52,8 @@ def write_labels(args) -> int:
 
     if not 32 <= args.size <= 128:
         raise InputError(f"--size {args.size}: the world renders 32..128 px")
+    if args.per_kind < 1 or args.images_per_prompt < 2:
+        raise InputError(f"--per-kind must be >= 1 and --images-per-prompt >= 2; got {args.per_kind}, {args.images_per_prompt}")
     if not 0 < args.p_match < 1 or not 0 <= args.label_noise <= 1:
         raise InputError(f"--p-match must be in (0, 1) and --label-noise in [0, 1]; got {args.p_match}, {args.label_noise}")
     tia2_dir, images = make(Path(args.out), args.per_kind, args.images_per_prompt, args.size, args.seed, args.p_match,
