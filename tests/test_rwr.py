@@ -211,3 +211,72 @@ def test_rwr_sweep_runs_two_trials_with_evaluations_and_checkpoints(ray_session,
         assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-000002", "step-000004"]
         assert set(pd.read_csv(run / "eval.csv")["step"]) == {0, 2, 4}
         assert (run / "selection.json").is_file()
+
+
+_KILL_SCRIPT = """
+import json, sys
+import pandas as pd, torch
+from tn_ray.training.loop import Trainer, WorkerContext
+from tn_ray.training.rwr import RwrConfig, RwrMethod
+torch.set_num_threads(1)
+cfg = RwrConfig.model_validate(json.loads(sys.argv[1]))
+examples = pd.read_json(sys.argv[2])
+Trainer(cfg, RwrMethod, {"examples": examples}, WorkerContext(0, 1, torch.device("cpu"), cfg.out)).run()
+"""
+
+
+def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path, examples):
+    """The same command killed with SIGKILL after its step-2 checkpoint, then rerun: the final LoRA
+    equals an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tn_ray.training.checkpoint import Checkpoints
+
+    steps = 10
+    _run(_cfg(tmp_path / "straight", max_steps=steps), examples)
+    cfg = _cfg(tmp_path / "killed", max_steps=steps)
+    script = tmp_path / "train.py"
+    script.write_text(_KILL_SCRIPT)
+    frame = tmp_path / "examples.json"
+    examples.to_json(frame)
+    cmd = [sys.executable, str(script), cfg.model_dump_json(), str(frame)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env)
+    ckpts = Checkpoints(cfg.out)
+    deadline = time.monotonic() + 300
+    while not ckpts.steps() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = ckpts.latest()
+    assert killed_at is not None and killed_at < steps, f"the run was not killed mid-run (latest checkpoint {killed_at})"
+    subprocess.run(cmd, env=env, check=True, timeout=600)
+    assert ckpts.latest() == steps
+    a, b = _final_lora(tmp_path / "straight"), _final_lora(tmp_path / "killed")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-7)
+
+
+def test_pretrain_term_adds_a_plain_denoising_loss_on_real_images(tmp_path, examples):
+    from tn_ray.errors import InputError
+    from tn_ray.training.rwr import PretrainBlock, load_pretrain
+
+    folder = tmp_path / "real"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((32, 32, 3), 40 * i, dtype=np.uint8)).save(folder / f"r{i}.png")
+    with pytest.raises(InputError, match="captions.json"):
+        load_pretrain(PretrainBlock(folder=str(folder)))
+    (folder / "captions.json").write_text(json.dumps({f"r{i}.png": f"a gray square {i}" for i in range(3)}))
+    block = {"folder": str(folder), "weight": 0.5, "batch_size": 2}
+    cfg = _cfg(tmp_path / "pre", max_steps=2, beta=0.25, pretrain=block)
+    reports = []
+    Trainer(cfg, RwrMethod, {"examples": examples, "pretrain": load_pretrain(PretrainBlock(**block))},
+            WorkerContext(0, 1, torch.device("cpu"), cfg.out), reports.append).run()
+    last = reports[-1]
+    assert last["pretrain"] > 0
+    assert last["loss"] == pytest.approx(last["denoise"] + 0.25 * last["kl"] + 0.5 * last["pretrain"], rel=1e-5)

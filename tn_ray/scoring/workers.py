@@ -107,9 +107,14 @@ def reward_actors(spec: str, cfg: ScoringConfig | None = None) -> list:
     cfg = cfg or ScoringConfig()
     init_ray()
     n, res = reward_pool_size(cfg)
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     # restart without limit and retry calls on the restarted actor: a preempted spot node
-    # must not exhaust a restart budget (a call that fails on its own still raises)
-    remote = ray.remote(RewardWorker).options(max_restarts=-1, max_task_retries=-1, **res)
+    # must not exhaust a restart budget (a call that fails on its own still raises). The actors
+    # are a shared service, never part of the caller's placement group: created from a Ray Train
+    # worker inside a Tune trial they would otherwise wait forever for room in the trial's bundles
+    remote = ray.remote(RewardWorker).options(max_restarts=-1, max_task_retries=-1, **res,
+                                              scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     return [remote.remote(spec, cfg.text_batch_size) for _ in range(n)]
 
 
