@@ -236,7 +236,7 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path, examples):
 
     from tn_ray.training.checkpoint import Checkpoints
 
-    steps = 10
+    steps = 6
     _run(_cfg(tmp_path / "straight", max_steps=steps), examples)
     cfg = _cfg(tmp_path / "killed", max_steps=steps)
     script = tmp_path / "train.py"

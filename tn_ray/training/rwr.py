@@ -380,4 +380,4 @@ def quickstart_step(out: Path) -> dict[str, Path]:
     print(f"RWR (tiny, brightness reward, clip:tiny judge): selected checkpoint step {selection['step']} "
           f"({selection['wins']} of {selection['images']} evaluation images beat the base model under {selection['judge']})")
     print(f"  curves: {paths['curves']}\n  selected checkpoint: {paths['selected_checkpoint']}\n  eval table: {paths['eval_csv']}")
-    return paths
+    return {k: Path(v) for k, v in paths.items()}  # a local run: every output is a local path
