@@ -165,7 +165,8 @@ def _driver(yaml_path: Path, ray_session, log: Path, *args: str) -> subprocess.P
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def _kill_when(proc: subprocess.Popen, ready, timeout: float = 180) -> None:
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 1800) -> None:
+    """SIGKILL ``proc`` once ``ready()`` (polled state; the deadline is generous for a loaded machine)."""
     deadline = time.time() + timeout
     while not ready():
         assert proc.poll() is None, "the driver finished (or failed) before it could be killed"
@@ -227,7 +228,7 @@ def _other_jobs_actors_alive(ray) -> bool:
     return any(a["JobID"] != mine and a["State"] != "DEAD" for a in actors().values())
 
 
-def _wait_until(ready, what: str, timeout: float = 300) -> None:
+def _wait_until(ready, what: str, timeout: float = 900) -> None:
     """Poll observable state until ``ready()``, with a deadline generous for a loaded machine."""
     deadline = time.time() + timeout
     while not ready():
