@@ -37,7 +37,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import pandas as pd
@@ -345,18 +345,9 @@ def wait_for_exit(workers: set[str], timeout_s: float = 30.0) -> None:
     log.info("generation actors %s still exiting after %.0f s; going on", alive, timeout_s)
 
 
-def generate(prompts: Sequence[str], cfg: GenerationConfig, ray_cfg: RayConfig | None = None) -> pd.DataFrame:
-    """Make every missing (prompt, sample < samples_per_prompt) image; return the manifest of all.
-
-    The returned frame (sorted by prompt_id, sample) adds ``image``: a path or URI that any
-    worker can open.
-    """
-    import ray
-    from ray.data import ActorPoolStrategy
-    from tqdm.auto import tqdm
-
-    from tn_ray.cluster import actor_pool, init_ray
-
+def prepare(prompts: Sequence[str], cfg: GenerationConfig) -> tuple[Store, pd.DataFrame, pd.DataFrame]:
+    """Check the request and the output folder, resume what is there; returns (store, wanted,
+    todo): every (prompt_id, prompt, sample) asked for, and those still to make (with seed)."""
     if cfg.out is None:
         raise InputError("generation.out is not set: where should the images go?")
     prompts = list(prompts)
@@ -387,29 +378,76 @@ def generate(prompts: Sequence[str], cfg: GenerationConfig, ray_cfg: RayConfig |
     todo["seed"] = [sample_seed(cfg.seed, p, s) for p, s in zip(todo["prompt"], todo["sample"])]
     log.info("generation: %d prompts x %d samples; %d images on disk, %d to make", len(prompts),
              cfg.samples_per_prompt, len(wanted) - len(todo), len(todo))
-    if len(todo):
-        init_ray(ray_cfg)
-        units = work_units(todo, cfg.pipeline_batch_size, cfg.batch_size)
-        n_actors, resources = actor_pool(cfg.num_actors, cfg.gpus_per_actor, cfg.cpus_per_actor, fill_cpus=True,
-                                         max_actors=len(units))
-        worker_cfg = cfg.model_dump(mode="json")
-        ds = ray.data.from_pandas(units).map_batches(
-            GenerationWorker, fn_constructor_kwargs={"cfg": worker_cfg, "out": store.uri("")},
-            # one work unit per call (Ray Data needs an explicit batch size for GPU actors)
-            batch_size=max(len(u) for u in units),
-            batch_format="pandas", compute=ActorPoolStrategy(size=n_actors), **resources)
-        workers: set[str] = set()
-        with tqdm(total=len(todo), desc=f"generating ({n_actors} actors)", unit="img") as bar:
-            for rows in ds.iter_batches(batch_format="pandas", batch_size=None):
+    return store, wanted, todo
+
+
+def generation_dataset(todo: pd.DataFrame, cfg: GenerationConfig, store: Store, n_actors: int,
+                       resources: dict[str, float]):
+    """The Ray Data dataset that makes ``todo`` on a pool of ``n_actors`` :class:`GenerationWorker`
+    actors (``resources`` each), one work unit of whole pipeline groups per call; its rows are
+    manifest rows (plus :data:`WORKER_COLUMN`)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    units = work_units(todo, cfg.pipeline_batch_size, cfg.batch_size)
+    return ray.data.from_pandas(units).map_batches(
+        GenerationWorker, fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "out": store.uri("")},
+        # one work unit per call (Ray Data needs an explicit batch size for GPU actors)
+        batch_size=max(len(u) for u in units),
+        batch_format="pandas", compute=ActorPoolStrategy(size=n_actors), **resources)
+
+
+def record(ds, store: Store, total: int, desc: str,
+           before_manifest: Callable[[pd.DataFrame], None] | None = None) -> None:
+    """Consume ``ds`` (rows: manifest rows of finished images) and append each finished batch to
+    the manifest as one part, after ``before_manifest(rows)`` (say, storing their rewards: an
+    interruption between the two leaves images that the next run adopts). Returns once the
+    generation actors of this node have exited."""
+    from tqdm.auto import tqdm
+
+    workers: set[str] = set()
+    batches = ds.iter_batches(batch_format="pandas", batch_size=None)
+    try:
+        with tqdm(total=total, desc=desc, unit="img") as bar:
+            for rows in batches:
                 workers.update(rows[WORKER_COLUMN])
+                if before_manifest is not None:
+                    before_manifest(rows)
                 manifest_table(store).append(rows)
                 bar.update(len(rows))
-        del ds
-        wait_for_exit(workers)
-        manifest_table(store).compact()
-        manifest = read_manifest(store)
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:  # on an error too: stop the execution and release its actors now
+            close()
+    del ds, batches
+    wait_for_exit(workers)
+
+
+def finish(store: Store, wanted: pd.DataFrame) -> pd.DataFrame:
+    """The manifest of every wanted image (compacted), with ``image``: a path or URI any worker can open."""
+    manifest_table(store).compact()
+    manifest = read_manifest(store)
     out = wanted[["prompt_id", "sample"]].merge(manifest, on=["prompt_id", "sample"], how="left")
     if out["path"].isna().any():
         raise RuntimeError(f"{int(out['path'].isna().sum())} images are still missing from {store.uri('manifest')}")
     out["image"] = [store.uri(p) for p in out["path"]]
     return out
+
+
+def generate(prompts: Sequence[str], cfg: GenerationConfig, ray_cfg: RayConfig | None = None) -> pd.DataFrame:
+    """Make every missing (prompt, sample < samples_per_prompt) image; return the manifest of all.
+
+    The returned frame (sorted by prompt_id, sample) adds ``image``: a path or URI that any
+    worker can open.
+    """
+    from tn_ray.cluster import actor_pool, init_ray
+
+    store, wanted, todo = prepare(prompts, cfg)
+    if len(todo):
+        init_ray(ray_cfg)
+        n_units = len(work_units(todo, cfg.pipeline_batch_size, cfg.batch_size))
+        n_actors, resources = actor_pool(cfg.num_actors, cfg.gpus_per_actor, cfg.cpus_per_actor, fill_cpus=True,
+                                         max_actors=n_units)
+        record(generation_dataset(todo, cfg, store, n_actors, resources), store, len(todo),
+               f"generating ({n_actors} actors)")
+    return finish(store, wanted)

@@ -1,8 +1,10 @@
 """``tn-ray bestofn CONFIG``: generate n images per prompt, score, normalize, keep the best.
 
 Flow: prompts and contrastive sets checked before any model loads -> seeded, sharded,
-resumable generation (:mod:`tn_ray.diffusion.generation`) -> score matrices per reward model on the
-reward actors (:func:`tn_ray.scoring.pipeline.score_matrices`, cached) -> reward columns: each raw
+resumable generation (:mod:`tn_ray.diffusion.generation`) streaming into the reward actors, which
+score each image as it is made (:mod:`tn_ray.experiments.bestofn_pipeline`; ``stream: false``:
+generate first, score after) -> score matrices per reward model from the cache
+(:func:`tn_ray.scoring.pipeline.score_matrices`, which computes whatever is missing) -> reward columns: each raw
 model, its TextNorm, each ensemble -> top-k per prompt, reward and nested pool n
 (:mod:`tn_ray.experiments.selection`) -> selections Parquet, overoptimization summary, per-prompt grids,
 blinded human-evaluation pages.
@@ -26,6 +28,7 @@ from pydantic import Field, field_validator, model_validator
 from tn_ray.config import RayConfig, ScoringConfig, StrictModel, dump_config
 from tn_ray.diffusion.generation import GenerationConfig, generate
 from tn_ray.errors import InputError
+from tn_ray.experiments.bestofn_pipeline import generate_and_score, image_key
 from tn_ray.experiments.human_eval import HumanEvalConfig
 from tn_ray.prompts.contrast import load_contrast, texts_for
 from tn_ray.rewards import parse
@@ -54,6 +57,8 @@ class BestOfNConfig(StrictModel):
     grids: bool = Field(True, description="write one PNG grid per prompt (rows = rewards, columns = n)")
     grid_cell: int = Field(128, ge=16, description="grid cell size (pixels)")
     human_eval: HumanEvalConfig | None = Field(default_factory=HumanEvalConfig, description="blinded side-by-side export; None = skip")
+    stream: bool = Field(True, description="generate and score in one streaming pipeline, both actor pools at once (docs/bestofn.md); False = generate everything, then score")
+    reward_share: float = Field(0.25, gt=0, le=1, description="with stream: the share of one GPU (of one CPU without GPUs) each reward actor requests unless scoring.gpus_per_actor / cpus_per_actor is set; generation gets what is left")
     ray: RayConfig = Field(default_factory=RayConfig, description="where Ray runs")
 
     @field_validator("models")
@@ -110,7 +115,7 @@ def score_items(manifest: pd.DataFrame, contrast: dict[str, list[str]], origin: 
     return pd.DataFrame({
         "set": SET_NAME, "prompt": manifest["prompt"].astype(str).to_numpy(), "image_id": manifest["image_id"].to_numpy(),
         "prompt_id": manifest["prompt_id"].astype("int64").to_numpy(), "sample": manifest["sample"].astype("int64").to_numpy(),
-        "image_key": [f"{SET_NAME}/{i}/{h}" for i, h in zip(manifest["image_id"], manifest["sha256"])],
+        "image_key": [image_key(SET_NAME, i, h) for i, h in zip(manifest["image_id"], manifest["sha256"])],
         "image": manifest["image"].to_numpy(),
         "texts": texts_for([str(p) for p in manifest["prompt"]], contrast, origin),
     })
@@ -151,13 +156,20 @@ def run(cfg: BestOfNConfig, generate_only: bool = False) -> dict[str, Path]:
     n_max = max(cfg.pools)
     log.info("best-of-n: %d prompts, pools %s, models %s", len(prompts), cfg.pools, cfg.models)
     init_ray(cfg.ray)
-    manifest = generate(prompts, gen, cfg.ray)
+    cache_dir = cfg.cache_dir or out / "cache"
+    if cfg.stream and not generate_only:  # rewards computed as the images are made
+        texts = dict(zip(prompts, texts_for(prompts, contrast, cfg.contrast)))
+        manifest = generate_and_score(prompts, texts, gen, cfg.models, cache_dir, cfg.scoring, set_name=SET_NAME,
+                                      score_below=n_max, reward_share=cfg.reward_share, ray_cfg=cfg.ray)
+    else:
+        manifest = generate(prompts, gen, cfg.ray)
     paths: dict[str, Path] = {"generation": Path(gen.out) if "://" not in gen.out else gen.out}
     if generate_only:
         return paths
     manifest = manifest[manifest["sample"] < n_max].reset_index(drop=True)
     items = score_items(manifest, contrast, cfg.contrast)
-    matrices = score_matrices(items, cfg.models, cfg.cache_dir or out / "cache", cfg.scoring, out_dir=out / "scores")
+    # after streaming: every reward is cached and nothing is computed; otherwise what is missing
+    matrices = score_matrices(items, cfg.models, cache_dir, cfg.scoring, out_dir=out / "scores")
     rewards = reward_table(items, matrices, cfg)
     names = cfg.reward_names()
     paths.update({"scores": out / "scores", "rewards": out / "rewards.parquet", "selections": out / "selections.parquet",
