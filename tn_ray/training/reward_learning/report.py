@@ -31,7 +31,7 @@ def head_matrix(head, arrays, rows: np.ndarray) -> np.ndarray:
     head.eval()
     with torch.no_grad():
         r, mask = batch_rewards(head, arrays, rows)
-    return np.where(mask.numpy(), r.numpy().astype(np.float64), np.nan)
+    return np.where(mask.cpu().numpy(), r.cpu().numpy().astype(np.float64), np.nan)
 
 
 def padded(rows: list[np.ndarray]) -> np.ndarray:

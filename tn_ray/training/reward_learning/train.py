@@ -69,10 +69,11 @@ def batch_rewards(head, arrays: Arrays, rows: np.ndarray, first_only: bool = Fal
     """(rewards (rows, 1 + m), mask) of the rows' images with their [x0, x1..xm]."""
     import torch
 
+    dev = next(head.parameters()).device
     tidx = arrays.text_idx[rows][:, :1] if first_only else arrays.text_idx[rows]
-    img = torch.from_numpy(arrays.image[rows])  # fancy indexing copies: writable, unlike the shipped arrays
-    txt = torch.from_numpy(arrays.text[np.maximum(tidx, 0)])
-    return head(img[:, None, :].expand_as(txt), txt), torch.from_numpy(tidx >= 0)
+    img = torch.from_numpy(arrays.image[rows]).to(dev)  # fancy indexing copies: writable, unlike the shipped arrays
+    txt = torch.from_numpy(arrays.text[np.maximum(tidx, 0)]).to(dev)
+    return head(img[:, None, :].expand_as(txt), txt), torch.from_numpy(tidx >= 0).to(dev)
 
 
 def predict(head, arrays: Arrays, rows: np.ndarray) -> np.ndarray:
@@ -84,7 +85,7 @@ def predict(head, arrays: Arrays, rows: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         r, _ = batch_rewards(head, arrays, rows, first_only=True)
     head.train(was)
-    return r[:, 0].numpy().astype(np.float64)
+    return r[:, 0].cpu().numpy().astype(np.float64)
 
 
 def mean_auroc(keys: pd.DataFrame, reward: np.ndarray) -> float:
@@ -97,14 +98,14 @@ def mean_auroc(keys: pd.DataFrame, reward: np.ndarray) -> float:
     return float(table["auroc"].mean()) if len(table) else float("nan")
 
 
-def new_state(params: dict[str, Any], dim: int) -> State:
+def new_state(params: dict[str, Any], dim: int, device: str = "cpu") -> State:
     import torch
 
     from tn_ray.training.reward_learning.head import RewardHead
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(params["seed"]))
-        head = RewardHead(dim, int(params["hidden"]), int(params["layers"]), float(params["dropout"]))
+        head = RewardHead(dim, int(params["hidden"]), int(params["layers"]), float(params["dropout"])).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=float(params["lr"]), weight_decay=float(params["weight_decay"]))
     return State(head, opt)
 
@@ -115,7 +116,8 @@ def standardize(head, arrays: Arrays) -> None:
 
     train = arrays.rows("train")
     texts = np.unique(arrays.text_idx[train])
-    head.standardize_with(torch.from_numpy(arrays.image[train]), torch.from_numpy(arrays.text[texts[texts >= 0]]))
+    dev = next(head.parameters()).device
+    head.standardize_with(torch.from_numpy(arrays.image[train]).to(dev), torch.from_numpy(arrays.text[texts[texts >= 0]]).to(dev))
 
 
 def fit_epoch(state: State, params: dict[str, Any], arrays: Arrays, rank: int = 0, world: int = 1,
@@ -141,7 +143,8 @@ def fit_epoch(state: State, params: dict[str, Any], arrays: Arrays, rank: int = 
         if not len(rows):
             continue
         rewards, mask = batch_rewards(model, arrays, rows, first_only=float(params["aux_weight"]) == 0)
-        parts = total_loss(rewards, mask, torch.from_numpy(arrays.target[rows]), torch.from_numpy(binary[rows] == 1),
+        parts = total_loss(rewards, mask, torch.from_numpy(arrays.target[rows]).to(rewards.device),
+                           torch.from_numpy(binary[rows] == 1).to(rewards.device),
                            str(params["kind"]), float(params["aux_weight"]), float(params["temperature"]))
         state.opt.zero_grad()
         parts["loss"].backward()
@@ -176,7 +179,7 @@ def save_state(state: State, folder: str) -> None:
 def load_state(state: State, folder: str) -> None:
     import torch
 
-    saved = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
+    saved = torch.load(os.path.join(folder, "state.pt"), weights_only=True, map_location=next(state.head.parameters()).device)
     state.head.load_state_dict(saved["head"])
     state.opt.load_state_dict(saved["opt"])
     state.epoch, state.best, state.best_epoch = int(saved["epoch"]), float(saved["best"]), int(saved["best_epoch"])
@@ -185,14 +188,14 @@ def load_state(state: State, folder: str) -> None:
 
 def epochs(params: dict[str, Any], arrays: Arrays, report: Callable[[dict, str | None], None], checkpoint=None,
            rank: int = 0, world: int = 1, model_wrapper: Callable | None = None,
-           log_fn: Callable[[int, dict], None] | None = None) -> State:
+           log_fn: Callable[[int, dict], None] | None = None, device: str = "cpu") -> State:
     """Train until ``params['epochs']`` or early stopping; ``report(metrics, folder)`` once per
     epoch, ``folder`` holding a checkpoint (rank 0) after an epoch that improved the validation
     AUROC, every ``checkpoint_every`` epochs and at the end, else None."""
     import torch
 
     torch.set_num_threads(1)
-    state = new_state(params, arrays.image.shape[1])
+    state = new_state(params, arrays.image.shape[1], device)
     standardize(state.head, arrays)
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -240,7 +243,8 @@ def worker_loop(config: dict) -> None:
     try:
         epochs(params, arrays, report, ray.train.get_checkpoint(), rank, world,
                model_wrapper=ray.train.torch.prepare_model if world > 1 else None,
-               log_fn=lambda epoch, m: (tracker.log(epoch, m), tracker.advance({"loss": m["train_loss"]})))
+               log_fn=lambda epoch, m: (tracker.log(epoch, m), tracker.advance({"loss": m["train_loss"]})),
+               device=str(ray.train.torch.get_device()))
     finally:
         tracker.close()
 
