@@ -152,6 +152,8 @@ def test_bad_configs_fail_before_ray(tmp_path):
 
     with pytest.raises(ConfigError, match="backbone"):
         validate(RewardTrainConfig, _config(tmp_path, tmp_path / "o", backbone="nosuchmodel"))
+    with pytest.raises(ConfigError, match="cross-encoder"):
+        validate(RewardTrainConfig, _config(tmp_path, tmp_path / "o", backbone="imagereward:tiny"))
     with pytest.raises(ConfigError, match="leaves no training prompts"):
         validate(RewardTrainConfig, _config(tmp_path, tmp_path / "o", data={"split": {"val": 0.5, "test": 0.5}}))
     entry = registry.get("reward_head")

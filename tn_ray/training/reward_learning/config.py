@@ -24,6 +24,10 @@ from pydantic import Field, field_validator, model_validator
 from tn_ray.config import RayConfig, ScoringConfig, StrictModel
 from tn_ray.training.config import LoggingBlock, ScalingBlock
 
+# registered rewards known to score (image, text) jointly; any other non-dual encoder is refused
+# when its features are first computed (tn_ray.training.reward_learning.features.as_embeddings)
+CROSS_ENCODERS = ("imagereward", "blip2-itm")
+
 
 class SetSource(StrictModel):
     labels: str = Field(..., description="label file in the TIA2 format {image: {image, caption, human_labels}} (local path)")
@@ -101,4 +105,7 @@ class RewardTrainConfig(StrictModel):
         spec = parse(value)
         if spec.name == "learned":
             raise ValueError("a learned reward cannot be the backbone of another head; name its backbone instead")
+        if spec.name in CROSS_ENCODERS:
+            raise ValueError(f"'{spec}' is a cross-encoder (its text features are tokens, not an embedding); "
+                             "use a dual encoder such as clip or pickscore")
         return str(spec)
