@@ -5,13 +5,14 @@ Steps, in the order they run (each returns the paths of its outputs):
 1. :func:`tia2_step` -- a small labelled benchmark in TIA2's layout (the synthetic world,
    ``tn_ray.data.world``, exact labels), scored by the world-trained proxy ``worldclip`` and
    clip:tiny on Ray actors -> TextNorm and ensembles -> metrics.
-1b. :func:`world_step` -- the world's experiment (docs/world.md): proxy AUROC vs the oracle, raw
+2. :func:`world_step` -- the world's experiment (docs/world.md): proxy AUROC vs the oracle, raw
    and with TextNorm, and best-of-n oracle-accuracy curves.
-2. :func:`prompts_step` -- contrastive sets built by the ``rules`` source on Ray Data, and their
+3. :func:`prompts_step` -- contrastive sets built by the ``rules`` source on Ray Data, and their
    overlap with the benchmark's own sets.
-3. :func:`sweep_step` -- a tau sweep (Ray Tune + Optuna) on the score matrices of step 1.
-4. :func:`bestofn_step` -- best-of-n with the tiny diffusion pipeline: generate -> score -> select.
-5. :func:`rwr_step` / :func:`ddpo_step` -- short tiny fine-tuning runs (when built).
+4. :func:`sweep_step` -- a tau sweep (Ray Tune + Optuna) on the score matrices of step 1.
+5. :func:`bestofn_step` -- best-of-n with the tiny diffusion pipeline: generate -> score -> select.
+6. :func:`rwr_step` -- a tiny RWR run (LoRA, Ray Train): curves and the selected checkpoint.
+7. :func:`ddpo_step` -- a tiny DDPO run (LoRA, asynchronous reward actors): the same outputs.
 
 :func:`run` runs them in that order and prints where everything is.
 """
@@ -149,12 +150,28 @@ def bestofn_step(out: Path) -> dict[str, Path]:
     return paths
 
 
+def rwr_step(out: Path) -> dict[str, Path]:
+    """A tiny RWR run (LoRA, brightness reward, clip:tiny judge) on Ray Train: curves, selected checkpoint."""
+    from tn_ray.training.rwr import quickstart_step
+
+    return quickstart_step(out)
+
+
+def ddpo_step(out: Path) -> dict[str, Path]:
+    """A tiny DDPO run (LoRA, rewards on reward actors, KL to base): curves, selected checkpoint."""
+    from tn_ray.training.ddpo import quickstart_step
+
+    return quickstart_step(out)
+
+
 STEPS: list[tuple[str, Callable[[Path], dict]]] = [
     ("TIA2-style evaluation (score -> TextNorm -> metrics)", tia2_step),
     ("the world: proxy rewards vs exact truth, best-of-n oracle accuracy (docs/world.md)", world_step),
     ("contrastive sets by rules on Ray Data (+ overlap with the benchmark's sets)", prompts_step),
     ("tau sweep on the stored score matrices (Ray Tune + Optuna)", sweep_step),
     ("best-of-n: tiny diffusion pipeline, 3 prompts, n = 16 (generate -> score -> select)", bestofn_step),
+    ("RWR fine-tuning with LoRA, tiny (docs/rwr.md)", rwr_step),
+    ("DDPO fine-tuning with LoRA, tiny (docs/ddpo.md)", ddpo_step),
 ]
 
 
