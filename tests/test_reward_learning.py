@@ -160,3 +160,15 @@ def test_bad_configs_fail_before_ray(tmp_path):
     assert entry.check_param(None, "lr", -1.0) and entry.check_param(None, "hidden", 0) and entry.check_param(None, "nope", 1)
     assert entry.check_param(None, "aux_weight", 0.0) is None
     load(Path(__file__).resolve().parents[1] / "sweeps" / "reward_head.yaml")
+
+
+def test_contrastive_prompts_from_a_prompt_source(tmp_path):
+    from tn_ray.training.reward_learning.config import DataBlock
+    from tn_ray.training.reward_learning.data import attach_texts
+
+    frame = pd.DataFrame({"set": ["s", "s", "t"], "prompt": ["a photo of three red circles"] * 2 + ["a photo of a blue square"]})
+    data = DataBlock(sets={"s": {"labels": "l.json", "images": "i"}}, contrast="rules", max_contrast=3)
+    texts = attach_texts(frame, data)["texts"].tolist()
+    assert [t[0] for t in texts] == list(frame["prompt"]) and texts[0] == texts[1]
+    assert all(1 < len(t) <= 4 and len(set(t)) == len(t) for t in texts)
+    assert "a photo of two red circles" in texts[0]
