@@ -163,6 +163,9 @@ def test_same_images_whatever_batch_size_and_actor_count(ray_session, reference,
     assert dict(zip(zip(kept["prompt_id"], kept["sample"]), kept["sha256"])) == reference
 
 
+# a kill/resume across processes: minutes on a loaded 2-core machine (its module fixture counts too);
+# the deadlines inside wait on observable state, this only raises the hang guard
+@pytest.mark.timeout(2400)
 def test_resume_after_sigkill_of_the_driver(ray_session, reference, tmp_path):
     out = tmp_path / "run"
     cfg = config(out, batch_size=2)  # one pipeline group per Ray task

@@ -176,6 +176,9 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 1800) -> None:
     proc.wait()
 
 
+# a kill/resume across processes: minutes on a loaded 2-core machine (its module fixture counts too);
+# the deadlines inside wait on observable state, this only raises the hang guard
+@pytest.mark.timeout(2400)
 def test_sigkill_mid_sweep_then_resume_runs_n_distinct_trials_none_twice(tiny_run, ray_session, tmp_path):
     """Whatever moment the kill lands (trials in flight, concurrency 2): N trials of N distinct
     configurations, each evaluated exactly once, every configuration evaluated before the kill
