@@ -336,6 +336,7 @@ def test_asha_stops_the_bad_trial_and_every_epoch_checkpoints(ray_session, tmp_p
     assert len(checkpoints) >= 3  # newest 2 of the good trial + the stopped one's only epoch
 
 
+@pytest.mark.timeout(2400)  # a kill/resume across processes (see above)
 def test_training_trial_resumes_from_its_checkpoint_after_sigkill(ray_session, tmp_path):
     options = {"epochs": 8, "samples": 512, "steps_per_epoch": 500, "batch_size": 256}
     data = toy_sweep(tmp_path / "toy", num_samples=1, options=options, points_to_evaluate=[{"lr": 0.02}],
