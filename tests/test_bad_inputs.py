@@ -100,6 +100,21 @@ class World:
                 cfg[k] = v
         return cfg
 
+    def finetune(self, method: str, **overrides) -> dict:
+        """A tiny RWR or DDPO config (every key valid) with ``overrides`` merged one level deep."""
+        cfg = {"out": str(self.root / "out"), "prompts": ["a cat", "two dogs"], "max_steps": 2,
+               "policy": {"pipeline": "tiny"}, "reward": {"models": ["clip:tiny"], "use": "clip:tiny"},
+               "eval": {"every": 1, "seeds": [0], "num_inference_steps": 2,
+                        "judges": [{"models": ["clip:tiny"], "use": "textnorm(clip:tiny)", "contrast": str(self.sets)}]}}
+        if method == "rwr":
+            cfg.update(generation={"samples_per_prompt": 2, "num_inference_steps": 2, "height": 32, "width": 32},
+                       top_k=1, batch_size=1)
+        else:
+            cfg.update(sample={"num_steps": 2, "batch_size": 2, "num_batches_per_epoch": 1}, train={"batch_size": 2})
+        for k, v in overrides.items():
+            cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+        return cfg
+
     def sweep(self, **overrides) -> dict:
         cfg = {"name": "toy", "trainable": "toy_regression", "options": {"epochs": 2, "samples": 64, "steps_per_epoch": 2},
                "space": {"lr": {"loguniform": [1e-4, 0.1]}}, "metric": "val_loss", "mode": "min", "num_samples": 2,
@@ -256,6 +271,35 @@ CASES = [
     C("bestofn-reward-weights-offline", "a reward model whose weights are not cached offline",
       lambda w: ["bestofn", w.yaml_path("b.yaml", w.bestofn(models=["imagereward"]))],
       (r"'imagereward' needs hub repo 'THUDM/ImageReward'",)),
+    # ---- tn-ray rwr / ddpo: one preflight (tn_ray.training.preflight) before Ray starts ----
+    C("rwr-out-is-file", "out: an existing file",
+      lambda w: ["rwr", w.yaml_path("r.yaml", w.finetune("rwr", out=str(w.file)))],
+      (r"output folder .*a_file\.txt is an existing file",)),
+    C("rwr-pipeline-offline", "policy.pipeline a hub id not cached offline",
+      lambda w: ["rwr", w.yaml_path("r.yaml", w.finetune("rwr", policy={"pipeline": "org/not-cached"}))],
+      (r"pipeline 'org/not-cached' is not in the Hugging Face cache",)),
+    C("rwr-reward-weights-offline", "a training reward whose weights are not cached offline",
+      lambda w: ["rwr", w.yaml_path("r.yaml", w.finetune("rwr", reward={"models": ["imagereward"], "use": "imagereward"}))],
+      (r"'imagereward' needs hub repo 'THUDM/ImageReward'",)),
+    C("rwr-rules-without-prompts", "no prompts with reward.contrast 'rules' (it lists no prompts of its own)",
+      lambda w: ["rwr", w.yaml_path("r.yaml", w.finetune("rwr", prompts=None))],
+      (r"key 'prompts'|prompts: required when reward\.contrast is 'rules'",)),
+    C("rwr-textnorm-prompt-without-set", "a TextNorm reward and a training prompt with no contrastive set",
+      lambda w: ["rwr", w.yaml_path("r.yaml", w.finetune("rwr", prompts=["a cat", "a bird"], reward={
+          "models": ["clip:tiny"], "use": "textnorm(clip:tiny)", "contrast": str(w.sets)},
+          eval={"judges": [{"models": ["clip:tiny"], "use": "clip:tiny"}]}))],
+      (r"no contrastive set in .*sets\.json", r"'a bird'")),
+    C("ddpo-out-under-file", "out inside an existing file",
+      lambda w: ["ddpo", w.yaml_path("d.yaml", w.finetune("ddpo", out=str(w.file / "run")))],
+      (r"its parent .*a_file\.txt is an existing file",)),
+    C("ddpo-judge-weights-offline", "a held-out judge whose weights are not cached offline",
+      lambda w: ["ddpo", w.yaml_path("d.yaml", w.finetune("ddpo", eval={"judges": [{"models": ["pickscore"], "use": "pickscore"}]}))],
+      (r"'pickscore' needs hub repo 'yuvalkirstain/PickScore_v1'",)),
+    C("ddpo-judge-set-string", "a judge's contrastive-set file holding a string set",
+      lambda w: ["ddpo", w.yaml_path("d.yaml", w.finetune("ddpo", eval={"judges": [{
+          "models": ["clip:tiny"], "use": "textnorm(clip:tiny)",
+          "contrast": str(w.json("js.json", {"a cat": ["two cats"], "two dogs": "three dogs"}))}]}))],
+      (r"js\.json: the set of prompt 'two dogs' must be a list",)),
     # ---- tn-ray sweep ----
     C("sweep-resume-never-ran", "--resume on a sweep that never ran",
       lambda w: ["sweep", w.yaml_path("s.yaml", w.sweep()), "--resume"], (r"--resume: sweep 'toy' has nothing to resume",)),
@@ -343,6 +387,7 @@ def no_work(monkeypatch, tmp_path):
     monkeypatch.setattr("tn_ray.scoring.pipeline.score_matrices", refuse("score_matrices"))
     monkeypatch.setattr("tn_ray.diffusion.generation.generate", refuse("generate"))
     monkeypatch.setattr("tn_ray.experiments.bestofn.generate", refuse("generate"))
+    monkeypatch.setattr("tn_ray.training.loop.fit", refuse("Ray Train fit"))
     empty = tmp_path / "hf_cache"
     empty.mkdir()
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(empty))

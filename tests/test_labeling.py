@@ -295,6 +295,7 @@ def test_loopback_server_refuses_foreign_host_header(label_server):
     server = label_server[0]
     assert server.request("GET", "/api/info", headers={"Host": "attacker.example"})[0] == 400
     assert server.request("GET", "/api/info", headers={"Host": f"localhost:{server.port}"})[0] == 200
+    assert server.request("GET", "/api/info", headers={"Host": f"[::1]:{server.port}"})[0] == 200  # IPv6 loopback
 
 
 def test_comparison_key_never_served(tmp_path):

@@ -78,3 +78,11 @@ def test_a_malformed_release_is_named(tia2_dir, tmp_path):
     tia2.load_alignment_scores.cache_clear()
     with pytest.raises(tia2.Tia2Error, match="1 prompt.* with mixed labels have no released metrics"):
         paper.prompt_table(root, ["counting"])
+    # tia2 eval (strict=False): a set whose evaluated prompts the release does not all cover has no
+    # reference rows (other prompts' means would not be comparable); the other sets keep theirs
+    table = paper.prompt_table(root, ["counting"], strict=False)
+    assert table.empty
+    (root / "alignment_scores/alignment_scores_composition.json").symlink_to(
+        tia2_dir / "alignment_scores/alignment_scores_composition.json")
+    table = paper.prompt_table(root, ["counting", "composition"], strict=False)
+    assert set(table["set"]) == {"composition"} and len(table) == len(paper.prompt_table(tia2_dir, ["composition"]))

@@ -13,6 +13,7 @@ TextNorm ensemble's ``scale`` and ``lambda``) are its parameters, not metrics, a
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import pandas as pd
 from tn_ray.data import tia2
 from tn_ray.experiments import metrics
 from tn_ray.rewards.base import RewardSpec
+
+log = logging.getLogger(__name__)
 
 PREFIX = "paper: "
 RENAMED = {"textnorm_ur": "textnorm", "textnorm_mean": "textnorm"}
@@ -34,10 +37,13 @@ def paper_name(released: str) -> str:
 
 
 def prompt_table(root: Path, sets: Iterable[str] = tia2.SETS,
-                 prompts: Mapping[str, Iterable[str]] | None = None) -> pd.DataFrame:
+                 prompts: Mapping[str, Iterable[str]] | None = None, strict: bool = True) -> pd.DataFrame:
     """The released metrics, one row per (set, prompt, reward) in :func:`metrics.per_prompt`'s
     columns, prompts in label-file order; prompts with unanimous labels are excluded (as the
-    benchmark and :func:`metrics.per_prompt` do). ``prompts``: per set, keep only these."""
+    benchmark and :func:`metrics.per_prompt` do). ``prompts``: per set, keep only these.
+    A prompt with mixed labels but no released metrics is an error, or with ``strict=False``
+    leaves its whole set out (a warning): reference rows over other prompts than the user's
+    would not be comparable."""
     rows = []
     for set_name in tia2.check_sets(sets):
         labels = tia2.load_labels(set_name, root)
@@ -50,6 +56,10 @@ def prompt_table(root: Path, sets: Iterable[str] = tia2.SETS,
         released = tia2.load_alignment_scores(set_name, root)
         source = f"{root}/alignment_scores/alignment_scores_{set_name}.json"
         absent = [p for p in mixed if p not in released]
+        if absent and not strict:
+            log.warning("%s: %d evaluated prompt(s) have no released metrics (e.g. %r): no paper rows for set '%s'",
+                        source, len(absent), absent[0], set_name)
+            continue
         if absent:
             raise tia2.Tia2Error(f"{source}: {len(absent)} prompt(s) with mixed labels have no released metrics, "
                                  f"e.g. {absent[0]!r}")

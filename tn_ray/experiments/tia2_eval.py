@@ -131,13 +131,13 @@ def plot(per_set: pd.DataFrame, path: Path, metric_names=("auroc", "auprc", "ap@
 def reference(items: pd.DataFrame, cfg: Tia2EvalConfig) -> pd.DataFrame:
     """The released per-prompt metrics of exactly the evaluated prompts (those with mixed labels,
     as :func:`metrics.per_prompt` keeps), empty (with a warning) when the TIA2 copy has no
-    ``alignment_scores/``; read before any model loads, so a malformed file fails first."""
+    ``alignment_scores/`` and without a set (a warning) whose evaluated prompts it does not all cover; read before any model loads, so a malformed file fails first."""
     root = tia2.resolve_dir(cfg.tia2_dir)
     if not (root / "alignment_scores").is_dir():
         log.warning("%s has no alignment_scores/: no paper reference rows", root)
         return paper.prompt_table(root, [])
     evaluated = {s: set(g["prompt"]) for s, g in items.groupby("set", sort=False)}
-    return paper.prompt_table(root, list(evaluated), evaluated)
+    return paper.prompt_table(root, list(evaluated), evaluated, strict=False)
 
 
 def run(cfg: Tia2EvalConfig) -> dict[str, Path]:

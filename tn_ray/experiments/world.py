@@ -24,6 +24,7 @@ from tn_ray.config import RayConfig, ScoringConfig, StrictModel, dump_config
 from tn_ray.data.world import grammar, labels, oracle, sampler, scenes
 from tn_ray.data.world.sampler import SamplerConfig
 from tn_ray.experiments import goodhart
+from tn_ray.prompts.contrast import texts_for
 from tn_ray.textnorm.columns import EnsembleSpec, SetParams, check_ensembles, reward_columns
 
 log = logging.getLogger(__name__)
@@ -127,9 +128,9 @@ def prescore(cfg: WorldConfig, frames: list[pd.DataFrame], cache: Path) -> None:
 
     items = pd.concat(frames, ignore_index=True)
     x0s = list(dict.fromkeys(items["prompt"]))
-    sets = [contrast_sets(x0s, c) for c in cfg.contrasts]
-    union = {p: list(dict.fromkeys(x for s in sets for x in s[p])) for p in x0s}
-    items = items.assign(texts=[[p, *union[p]] for p in items["prompt"]])
+    per_source = [dict(zip(x0s, texts_for(x0s, contrast_sets(x0s, c), f"the world's '{c}' sets"))) for c in cfg.contrasts]
+    union = {p: list(dict.fromkeys(x for texts in per_source for x in texts[p])) for p in x0s}  # x0 first
+    items = items.assign(texts=[union[p] for p in items["prompt"]])
     score_matrices(items[["set", "prompt", "image_id", "image_key", "image", "texts"]], cfg.models, cache, cfg.scoring)
 
 
@@ -207,8 +208,7 @@ def selector_scores(items: pd.DataFrame, cfg: WorldConfig, cache: Path) -> tuple
     x0s = list(dict.fromkeys(items["prompt"]))
     names: list[str] = list(cfg.models)
     for contrast in cfg.contrasts:
-        sets = contrast_sets(x0s, contrast)
-        texts = [[p, *sets[p]] for p in items["prompt"]]
+        texts = texts_for(list(items["prompt"]), contrast_sets(x0s, contrast), f"the world's '{contrast}' sets")
         matrices = score_matrices(items.assign(texts=texts), cfg.models, cache, cfg.scoring)
         values = {m: mat.values for m, mat in matrices.items()}
         for name, col in reward_columns(values, cfg.textnorm, cfg.ensembles).items():

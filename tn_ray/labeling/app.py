@@ -70,7 +70,7 @@ def create_app(task: Task, store: AnswerStore, token: str | None = None, loopbac
         return response
 
     if loopback:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost"])
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]"])
 
     def annotator(name: str | None, secret: str | None) -> str:
         try:

@@ -1,7 +1,9 @@
 """The one loader and validator of contrastive-set files, and the one builder of ``[x0, *X]``.
 
 A contrastive-set source is ``released`` (TIA2's sets, all three merged), ``released:<set>``,
-or a JSON file ``{x0: [x1, ..., xm]}`` (``{set}`` in the path expands to a TIA2 set name).
+a JSON file ``{x0: [x1, ..., xm]}`` (``{set}`` in the path expands to a TIA2 set name), or,
+for a given list of prompts (:func:`sets_for`), a prompt source that makes sets (``rules``,
+``llm``: :mod:`tn_ray.prompts`).
 Every file is checked to be ``{str: [str, ...]}``, naming the file and the first offending
 prompt; every command (``score``, ``tia2 eval``, best-of-n, fine-tuning, sweeps) reads sets
 through :func:`load_contrast` and builds text lists through :func:`texts_for`, so a prompt
@@ -62,6 +64,27 @@ def load_contrast(source: str, *, tia2_dir: str | os.PathLike | None = None, set
         return merged
     path = Path(source.format(set=set_name) if set_name and "{set}" in source else source)
     return validate_sets(read_json(path, "contrastive-set file"), str(path))
+
+
+def generates(source: str) -> bool:
+    """Whether ``source`` is a prompt source that makes sets for given prompts (``rules``, ``llm``)
+    rather than a stored set file (``released...``, a JSON file)."""
+    from tn_ray.prompts import SOURCES
+
+    return source in SOURCES and source != "released"
+
+
+def sets_for(source: str, prompts: Sequence[str], *, tia2_dir: str | os.PathLike | None = None,
+             set_name: str | None = None) -> dict[str, list[str]]:
+    """``{x0: [x1..xm]}`` covering ``prompts`` from any source: a prompt source that makes sets
+    (``rules``, ``llm``, through :func:`tn_ray.prompts.build`; a prompt it cannot serve is left
+    out, so :func:`texts_for` names it) or a stored one (:func:`load_contrast`)."""
+    if generates(source):
+        from tn_ray.prompts import build
+
+        made = build(source).generate(list(dict.fromkeys(prompts)))
+        return {c.x0: list(c.prompts) for c in made if c.ok}
+    return load_contrast(source, tia2_dir=tia2_dir, set_name=set_name)
 
 
 def texts_for(prompts: Sequence[str], sets: Mapping[str, Sequence[str]], origin: str) -> list[list[str]]:

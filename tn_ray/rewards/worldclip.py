@@ -220,8 +220,8 @@ def ensure(cfg: WorldClipConfig) -> Path:
         state, info = train(cfg)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save({"state": state, "info": info}, tmp)
+        path.with_suffix(".json").write_text(json.dumps(info, indent=1))  # before the weights: their presence means done
         os.replace(tmp, path)
-        path.with_suffix(".json").write_text(json.dumps(info, indent=1))
     return path
 
 

@@ -18,6 +18,16 @@ from tn_ray.textnorm.columns import RewardConfig
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # UNet attention projections (diffusers' LoRA example)
 
 
+def require_prompts(given: bool, reward: RewardConfig) -> None:
+    """``ValueError`` for a config without training prompts whose ``reward.contrast`` cannot list
+    any: a prompt source (``rules``, ``llm``) makes sets for given prompts only."""
+    from tn_ray.prompts.contrast import generates
+
+    if not given and generates(reward.contrast):
+        raise ValueError(f"prompts: required when reward.contrast is '{reward.contrast}', a source that makes sets for "
+                         "given prompts (only a set file or 'released' lists prompts of its own)")
+
+
 class LoraBlock(StrictModel):
     rank: int = Field(4, ge=1, description="LoRA rank r of every adapted projection (count)")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; the update is scaled by alpha / rank (unitless); None = rank (scale 1)")

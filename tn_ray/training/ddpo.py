@@ -35,7 +35,7 @@ from pydantic import Field, model_validator
 
 from tn_ray.config import StrictModel
 from tn_ray.errors import InputError
-from tn_ray.training.config import EvalBlock, FineTuneConfig, OptimizerBlock, PolicyBlock
+from tn_ray.training.config import EvalBlock, FineTuneConfig, OptimizerBlock, PolicyBlock, require_prompts
 from tn_ray.training.loop import Method
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ class DDPOConfig(FineTuneConfig):
 
     @model_validator(mode="after")
     def _ddpo(self) -> DDPOConfig:
+        require_prompts(bool(self.prompts or self.prompts_file), self.reward)
         per_worker = self.sample.batch_size * self.sample.num_batches_per_epoch
         if per_worker % self.train.batch_size:
             raise ValueError(f"train.batch_size: {self.train.batch_size} does not divide the {per_worker} samples per worker "
@@ -306,13 +307,11 @@ def prepare(cfg: DDPOConfig) -> DDPOData:
     """Driver side, before Ray Train starts: prompts, scoring texts (contrastive sets checked) and
     one long-lived actor pool per reward model (:func:`tn_ray.scoring.workers.reward_actors`)."""
     from tn_ray.cluster import init_ray
-    from tn_ray.diffusion.pipelines import check_source
     from tn_ray.scoring.workers import reward_actors
-    from tn_ray.training.evaluation import reward_texts
+    from tn_ray.training.preflight import check_run
 
     prompts = cfg.load_prompts()
-    check_source(cfg.policy.pipeline)
-    texts = reward_texts(cfg.reward, prompts)
+    texts = check_run(cfg, prompts)  # every user error before Ray starts or a model loads
     init_ray(cfg.ray)
     return DDPOData(prompts, texts, {m: reward_actors(m, cfg.scoring) for m in cfg.reward.models})
 

@@ -47,9 +47,9 @@ def reward_texts(reward: RewardConfig, prompts: Sequence[str]) -> list[list[str]
     """``[x0, x1..xm]`` per prompt when the used column needs contrastive prompts, else ``[x0]``."""
     if not reward.needs_contrast:
         return [[p] for p in prompts]
-    from tn_ray.prompts.contrast import load_contrast, texts_for
+    from tn_ray.prompts.contrast import sets_for, texts_for
 
-    return texts_for(prompts, load_contrast(reward.contrast), reward.contrast)
+    return texts_for(prompts, sets_for(reward.contrast, prompts), f"reward.contrast '{reward.contrast}'")
 
 
 def pad_rows(rows: Sequence[np.ndarray]) -> np.ndarray:

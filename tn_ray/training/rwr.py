@@ -35,7 +35,7 @@ from pydantic import Field, model_validator
 from tn_ray.config import StrictModel
 from tn_ray.diffusion.generation import GenerationConfig
 from tn_ray.errors import InputError
-from tn_ray.training.config import FineTuneConfig, OptimizerBlock
+from tn_ray.training.config import FineTuneConfig, OptimizerBlock, require_prompts
 from tn_ray.training.loop import Method, WorkerContext
 from tn_ray.training.weights import Weighting
 
@@ -73,6 +73,7 @@ class RwrConfig(FineTuneConfig):
                              f"'{self.policy.pipeline}': RWR learns from the base model's own images")
         if self.top_k > self.generation.samples_per_prompt:
             raise ValueError(f"top_k ({self.top_k}) exceeds generation.samples_per_prompt ({self.generation.samples_per_prompt})")
+        require_prompts(bool(self.prompts), self.reward)
         if self.batch_size % self.scaling.num_workers:
             raise ValueError(f"batch_size ({self.batch_size}) must split evenly over scaling.num_workers ({self.scaling.num_workers})")
         return self
@@ -107,7 +108,7 @@ def score_items(manifest: pd.DataFrame, texts: dict[str, list[str]]) -> pd.DataF
     })
 
 
-def prepare_data(cfg: RwrConfig, prompts: list[str]) -> pd.DataFrame:
+def prepare_data(cfg: RwrConfig, prompts: list[str], texts: list[list[str]] | None = None) -> pd.DataFrame:
     """Generate, score once, keep the top-k per prompt, weight: the training table
     (prompt_id, prompt, sample, image, reward, weight), also written to ``<out>/data.parquet``."""
     from tn_ray.diffusion.generation import generate
@@ -117,7 +118,7 @@ def prepare_data(cfg: RwrConfig, prompts: list[str]) -> pd.DataFrame:
     from tn_ray.training.weights import reward_weights, top_k_per_group
 
     store = Store(cfg.out)
-    texts = dict(zip(prompts, reward_texts(cfg.reward, prompts)))  # contrastive sets checked before generating
+    texts = dict(zip(prompts, texts if texts is not None else reward_texts(cfg.reward, prompts)))
     gen = cfg.generation.model_copy(update={"out": cfg.generation.out or join_uri(cfg.out, "generation")})
     manifest = generate(prompts, gen, cfg.ray)
     items = score_items(manifest, texts)
@@ -341,13 +342,15 @@ def run(cfg: RwrConfig) -> dict[str, Any]:
     from tn_ray.storage import Store
     from tn_ray.training.loop import fit
     from tn_ray.training.outputs import write_outputs
+    from tn_ray.training.preflight import check_run
 
     prompts = resolve_prompts(cfg)
+    texts = check_run(cfg, prompts)  # every user error before Ray starts or a model loads
     pretrain = load_pretrain(cfg.pretrain) if cfg.pretrain is not None else None
     store = Store(cfg.out)
     store.write_text("config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     init_ray(cfg.ray)
-    data = prepare_data(cfg, prompts)
+    data = prepare_data(cfg, prompts, texts)
     result = fit(cfg, "tn_ray.training.rwr:RwrMethod", {"examples": data, "pretrain": pretrain})
     paths = write_outputs(cfg, prompts) if cfg.eval.enabled else {"out": store.uri(""), "checkpoints": store.uri("checkpoints")}
     paths["ray_result"] = result["ray_path"]

@@ -37,6 +37,7 @@ class RwrSweepData:
     prompts: list[str]
     examples: Any  # pandas frame of kept images
     fingerprint: str = ""
+    pretrain: Any = None  # the optional pre-training term's images (rwr.load_pretrain), shared by every trial
 
 
 def base_config(options: RwrSweepOptions):
@@ -50,13 +51,17 @@ def base_config(options: RwrSweepOptions):
 
 def prepare(options: RwrSweepOptions, sweep=None) -> RwrSweepData:
     from tn_ray.cluster import init_ray
-    from tn_ray.training.rwr import prepare_data, resolve_prompts
+    from tn_ray.training.preflight import check_run
+    from tn_ray.training.rwr import load_pretrain, prepare_data, resolve_prompts
 
     cfg = base_config(options)
-    init_ray(sweep.ray if sweep is not None else cfg.ray)
     prompts = resolve_prompts(cfg)
+    check_run(cfg, prompts)
+    pretrain = load_pretrain(cfg.pretrain) if cfg.pretrain is not None else None
+    init_ray(sweep.ray if sweep is not None else cfg.ray)
     data = prepare_data(cfg, prompts)
-    return RwrSweepData(cfg.model_dump(mode="json"), prompts, data, fingerprint=f"rwr-{cfg.model_dump_json()}")
+    return RwrSweepData(cfg.model_dump(mode="json"), prompts, data, fingerprint=f"rwr-{cfg.model_dump_json()}",
+                        pretrain=pretrain)
 
 
 def trial_config(params: dict[str, Any], data: RwrSweepData):
@@ -90,7 +95,7 @@ def train(config: dict[str, Any], data: RwrSweepData) -> None:
     examples = data.examples.copy()
     examples["weight"] = reward_weights(examples["reward"].to_numpy(), examples["prompt_id"].to_numpy(), cfg.weighting,
                                         cfg.temperature)
-    fit(cfg, "tn_ray.training.rwr:RwrMethod", {"examples": examples, "pretrain": None})
+    fit(cfg, "tn_ray.training.rwr:RwrMethod", {"examples": examples, "pretrain": data.pretrain})
     write_outputs(cfg, data.prompts)
 
 

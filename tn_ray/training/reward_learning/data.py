@@ -9,8 +9,6 @@ seeded and stratified by set, so no prompt's images are seen in training and jud
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import pandas as pd
 
@@ -37,26 +35,14 @@ def read_labels(data: DataBlock) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def contrast_sets(source: str, prompts: Sequence[str], set_name: str, tia2_dir: str | None = None) -> dict[str, list[str]]:
-    """``{x0: [x1..xm]}`` for ``prompts`` from a prompt source (``rules``, ``llm``, through
-    :func:`tn_ray.prompts.build`) or a released / JSON set file (:func:`load_contrast`)."""
-    from tn_ray.prompts import SOURCES, build
-    from tn_ray.prompts.contrast import load_contrast
-
-    if source in SOURCES and source != "released":
-        made = build(source).generate(list(dict.fromkeys(prompts)))
-        return {c.x0: list(c.prompts) for c in made if c.ok}
-    return load_contrast(source, tia2_dir=tia2_dir, set_name=set_name)
-
-
 def attach_texts(frame: pd.DataFrame, data: DataBlock) -> pd.DataFrame:
     """``frame`` with ``texts`` = [x0, x1..xm] per row (contrastive sets checked, errors name the prompt)."""
-    from tn_ray.prompts.contrast import texts_for
+    from tn_ray.prompts.contrast import sets_for, texts_for
 
     texts: list[list[str]] = [[] for _ in range(len(frame))]
     for set_name, rows in frame.groupby("set", sort=False).groups.items():
         prompts = list(frame.loc[rows, "prompt"])
-        sets = contrast_sets(data.contrast, prompts, set_name, data.tia2_dir)
+        sets = sets_for(data.contrast, prompts, set_name=set_name, tia2_dir=data.tia2_dir)
         origin = data.contrast.replace("{set}", set_name)
         for i, t in zip(rows, texts_for(prompts, sets, origin)):
             texts[frame.index.get_loc(i)] = t if data.max_contrast is None else t[: 1 + data.max_contrast]

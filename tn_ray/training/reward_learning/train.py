@@ -139,9 +139,10 @@ def fit_epoch(state: State, params: dict[str, Any], arrays: Arrays, rank: int = 
     binary = arrays.keys["binary"].to_numpy()
     b = int(params["batch_size"])
     for start in range(0, len(order), b):
-        rows = order[start : start + b][rank::world]
-        if not len(rows):
-            continue
+        batch = order[start : start + b]
+        if len(batch) < world:  # a last batch too small for every rank: skip it on all ranks alike (DDP
+            break  # all-reduces every backward, so a rank that skipped alone would hang the others)
+        rows = batch[rank::world]
         rewards, mask = batch_rewards(model, arrays, rows, first_only=float(params["aux_weight"]) == 0)
         parts = total_loss(rewards, mask, torch.from_numpy(arrays.target[rows]).to(rewards.device),
                            torch.from_numpy(binary[rows] == 1).to(rewards.device),
