@@ -79,6 +79,29 @@ def test_folder_with_captions_and_bestofn_run(tmp_path):
         load_run(run)
 
 
+def test_finetuning_run_evaluation_images(tmp_path):
+    """A tn-ray rwr / ddpo run folder: the base model's and every checkpoint's evaluation images, each
+    with its prompt from eval/prompts.json (the layout tn_ray.training.evaluation writes)."""
+    from tn_ray.training.checkpoint import step_name
+
+    run = tmp_path / "rwr"
+    png = (make_manifest(tmp_path, n=1).parent / "img" / "s0.png").read_bytes()
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "prompts.json").write_text(json.dumps(["a red cube", "two blue cats"]))
+    for folder in ["base", step_name(3), step_name(6)]:
+        (run / "eval" / folder).mkdir()
+        for pid, seed in [(0, 0), (0, 1), (1, 0)]:
+            (run / "eval" / folder / f"{pid:05d}-{seed}.png").write_bytes(png)
+    task = load_run(run)
+    assert len(task.items) == 9 and task.items[0].item_id == "eval/base/00000-0.png"
+    assert [(i.item_id, i.prompt) for i in task.items[-3:]] == [
+        (f"eval/{step_name(6)}/00000-0.png", "a red cube"), (f"eval/{step_name(6)}/00000-1.png", "a red cube"),
+        (f"eval/{step_name(6)}/00001-0.png", "two blue cats")]
+    (run / "eval" / "base" / "00007-0.png").write_bytes(png)  # a prompt id the list does not have
+    with pytest.raises(InputError, match=r"00007-0\.png: not an evaluation image .* of .*prompts\.json"):
+        load_run(run)
+
+
 @pytest.mark.parametrize("name", ["../etc/passwd", "img/../../x.png", "/etc/passwd", "..", "a\\..\\b", "C:/x", "~/x", "a/\x00"])
 def test_unsafe_image_names_refused(name):
     with pytest.raises(UnsafePath):

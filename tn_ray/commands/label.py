@@ -8,7 +8,7 @@ def _task_args(p) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--manifest", help="labelling task: CSV with columns image (path relative to the CSV) and prompt")
     src.add_argument("--folder", help="labelling task: a folder of images, each with a same-name .txt caption")
-    src.add_argument("--run", help="labelling task: every image of a tn-ray bestofn output folder (rewards.parquet)")
+    src.add_argument("--run", help="labelling task: every image of a tn-ray bestofn output folder (rewards.parquet), or every evaluation image of a tn-ray rwr / ddpo run")
     src.add_argument("--export", help="comparison task: a best-of-n human_eval/ export folder")
     p.add_argument("--key", help="comparison key CSV (default: human_eval_key.csv next to the export folder); never served")
     p.add_argument("--db", help="answer database (SQLite); default: <manifest>.answers.sqlite or human_eval_answers.sqlite next to the export")

@@ -120,14 +120,44 @@ def load_folder(folder: str | Path) -> Task:
     return _pairs_task(root, rows())
 
 
+def load_finetune_run(run_dir: str | Path) -> Task:
+    """A labelling task from a ``tn-ray rwr`` / ``tn-ray ddpo`` run folder: every evaluation image, the
+    base model's and each checkpoint's (``eval/<base|step-N>/<prompt id>-<seed>.png``), with its prompt
+    (``eval/prompts.json``); item ids are the images' paths in the run."""
+    from tn_ray.prompts.contrast import read_json
+
+    root = Path(run_dir)
+    prompts_file = root / "eval" / "prompts.json"
+    prompts = read_json(prompts_file, "evaluation prompt list")
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise InputError(f"{prompts_file}: expected a JSON list of prompts")
+    folders = [root / "eval" / "base", *sorted((root / "eval").glob("step-*"))]
+
+    def rows():
+        for folder in folders:
+            for image in sorted(folder.glob("*.png")):
+                where = str(image)
+                try:
+                    prompt_id = int(image.stem.split("-")[0])
+                    prompt = prompts[prompt_id]
+                except (ValueError, IndexError):
+                    raise InputError(f"{where}: not an evaluation image '<prompt id>-<seed>.png' of {prompts_file}") from None
+                yield where, str(image.relative_to(root)), image.resolve(), prompt
+
+    return _pairs_task(root, rows())
+
+
 def load_run(run_dir: str | Path) -> Task:
-    """A labelling task from a ``tn-ray bestofn`` output folder: every generated image with its prompt
-    (``rewards.parquet``: prompt_id, sample, prompt, image_id, image); images must be local files."""
+    """A labelling task from a run folder: a ``tn-ray bestofn`` run (every generated image with its
+    prompt, from ``rewards.parquet``: prompt_id, sample, prompt, image_id, image; images must be
+    local files) or a fine-tuning run (:func:`load_finetune_run`)."""
     import pandas as pd
 
+    if (Path(run_dir) / "eval" / "prompts.json").is_file():
+        return load_finetune_run(run_dir)
     table = Path(run_dir) / "rewards.parquet"
     if not table.is_file():
-        raise InputError(f"{table}: not found; --run takes a tn-ray bestofn output folder")
+        raise InputError(f"{table}: not found; --run takes a tn-ray bestofn output folder or a tn-ray rwr / ddpo run folder")
     df = pd.read_parquet(table, columns=["prompt", "image_id", "image"])
 
     def rows():
