@@ -1,24 +1,29 @@
 """The labelling app in headless Chromium (Debian's chromium + chromedriver; .ci/run installs them).
 
 Each test drives the real pages against a real ``tn-ray label serve`` process and checks what the
-server stored; screenshots of every page go to docs/img/ (the README and docs/labeling.md show them).
+server stored; screenshots of every page go to $TN_RAY_SCREENSHOTS (``docs/img`` refreshes the
+pictures the README and docs/labeling.md show) or a temporary folder.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
+import tempfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from labeling_helpers import PAIR, REPO, Annotator, Server, make_comparison, make_manifest
+from labeling_helpers import PAIR, Annotator, Server, make_comparison, make_manifest
 
 from tn_ray.cli import main
 from tn_ray.data.tia2 import load_labels
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-SHOTS = REPO / "docs" / "img"
+# screenshots of every page: to a temporary folder, or to docs/img (the README's and docs/labeling.md's
+# pictures) with TN_RAY_SCREENSHOTS=docs/img, so a plain test run leaves the work tree as it was
+SHOTS = Path(os.environ.get("TN_RAY_SCREENSHOTS") or tempfile.mkdtemp(prefix="tn_ray_screenshots_"))
 
 
 @pytest.fixture(scope="module")
