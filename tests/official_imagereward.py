@@ -160,4 +160,8 @@ def main(spec_path: str) -> None:
 
 
 if __name__ == "__main__":
+    # the project's environment (appended by the .pth) may hold `kernels`, an optional extra of newer
+    # transformers that the pinned 4.55.4 imports when present and that needs a newer huggingface-hub
+    # than the pinned one: hide it before transformers looks (find_spec returns None for a None module)
+    sys.modules.setdefault("kernels", None)
     main(sys.argv[1])

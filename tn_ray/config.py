@@ -42,7 +42,7 @@ def format_validation_error(err: ValidationError, source: str, prefix: tuple[str
         if e["type"] == "extra_forbidden":
             lines.append(f"  key '{key}': unknown key (typo?)")
         elif e["type"] in ("value_error", "assertion_error") and isinstance(e.get("input"), dict):
-            lines.append(f"  {'in ' + repr(key) + ': ' if key else ''}{msg}")  # cross-field: no dump
+            lines.append(f"  key '{key}': {msg}" if key else f"  {msg}")  # cross-field: the block, never a dump
         else:
             got = e.get("input")
             shown = repr(got) if not isinstance(got, (dict, list)) or len(repr(got)) < 80 else f"{repr(got)[:77]}..."
