@@ -1,4 +1,4 @@
-"""A small labelled benchmark in TIA2's layout that the quickstart makes itself.
+"""A small labelled benchmark in TIA2's layout of counted and composed shapes (tests and the reward-learning benchmark).
 
 Images of coloured shapes drawn with PIL; prompts that count them ("a photo of three red
 circles") or compose them ("a photo of a red circle and a blue square"); three simulated
