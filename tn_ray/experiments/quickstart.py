@@ -183,9 +183,11 @@ def run(out: Path) -> list[tuple[str, dict]]:
     printed = []
     for i, (title, step) in enumerate(STEPS, 1):
         print(f"\n=== quickstart step {i}/{len(STEPS)}: {title}", flush=True)
+        t0 = time.time()
         paths = step(out)
         if "per_set_md" in paths:
             print(Path(paths["per_set_md"]).read_text())
+        print(f"(step {i} took {time.time() - t0:.0f} s)", flush=True)
         printed.append((title, paths))
     print(f"\nquickstart finished in {time.time() - start:.0f} s; outputs:")
     for title, paths in printed:
