@@ -206,9 +206,10 @@ def test_rwr_raises_the_reward_of_fresh_samples_over_a_control(tmp_path):
     assert diff.mean() > 0.001 and diff.mean() > 3 * diff.std(ddof=1) / np.sqrt(n)
 
 
-def test_rwr_command_end_to_end(ray_session, tmp_path):
-    """`tn-ray rwr sweeps/rwr_tiny.yaml`: generation, scoring, Ray Train, evaluation with a held-out
-    judge, selection, reports; the selected LoRA loads into a plain pipeline."""
+def test_rwr_command_end_to_end(ray_session, tmp_path, monkeypatch):
+    """`tn-ray rwr sweeps/rwr_tiny.yaml --out run`: generation, scoring, Ray Train, evaluation with a
+    held-out judge, selection, reports; the selected LoRA loads into a plain pipeline. The relative
+    `--out` is the user's folder, not one inside Ray's worker folders."""
     from tn_ray.cli import main
     from tn_ray.diffusion.pipelines import tiny_pipeline
     from tn_ray.training.checkpoint import Checkpoints
@@ -217,7 +218,8 @@ def test_rwr_command_end_to_end(ray_session, tmp_path):
     from tn_ray.training.selection import select_checkpoint
 
     out = tmp_path / "run"
-    assert main(["rwr", str(REPO / "sweeps" / "rwr_tiny.yaml"), "--out", str(out)]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["rwr", str(REPO / "sweeps" / "rwr_tiny.yaml"), "--out", "run"]) == 0
     table = pd.read_csv(out / "eval.csv")
     assert set(table["step"]) == {0, 3, 6} and set(table["reward"]) == {"brightness", "clip:tiny"}
     assert (table["images"] == 4).all()  # 2 prompts x 2 seeds

@@ -27,6 +27,15 @@ def _is_uri(root: str) -> bool:
     return "://" in root
 
 
+def absolute(path_or_uri: str) -> str:
+    """A cloud URI unchanged; a local path made absolute against the driver's working folder.
+
+    Ray Train workers and Tune trials run in folders of Ray's own, so a relative ``out`` read
+    there would land inside Ray's session folder: every config resolves its outputs here, once.
+    """
+    return path_or_uri if _is_uri(path_or_uri) else os.path.abspath(os.path.expanduser(path_or_uri))
+
+
 class Store:
     """Files under one root; paths passed to methods are relative, '/'-separated."""
 
@@ -126,6 +135,12 @@ class Store:
 
     def delete(self, rel: str) -> None:
         self.fs.delete_file(self.path(rel))
+
+
+def local_cache(*parts: str) -> Path:
+    """A folder of this machine's cache: ``$TN_RAY_CACHE_DIR`` or ``~/.cache/tn_ray``, then ``parts``."""
+    base = os.environ.get("TN_RAY_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tn_ray")
+    return Path(base, *parts)
 
 
 def read_any(path_or_uri: str | os.PathLike) -> bytes:

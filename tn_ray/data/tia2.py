@@ -41,8 +41,9 @@ def check_sets(sets) -> list[str]:
 
 
 def default_cache() -> Path:
-    base = os.environ.get("TN_RAY_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tn_ray")
-    return Path(base) / "tia2" / REPO_COMMIT[:12]
+    from tn_ray.storage import local_cache
+
+    return local_cache("tia2", REPO_COMMIT[:12])
 
 
 def download(dest: Path) -> Path:

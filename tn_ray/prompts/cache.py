@@ -22,8 +22,9 @@ FILE_NAME = "llm_answers.jsonl"
 
 
 def default_dir() -> Path:
-    base = os.environ.get("TN_RAY_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tn_ray")
-    return Path(base) / "prompts"
+    from tn_ray.storage import local_cache
+
+    return local_cache("prompts")
 
 
 def cache_key(model: str, x0: str, params: dict[str, Any], instruction_version: str) -> str:

@@ -196,8 +196,9 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("TN_RAY_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tn_ray")
-    return Path(base) / "world"
+    from tn_ray.storage import local_cache
+
+    return local_cache("world")
 
 
 def cache_path(cfg: WorldClipConfig) -> Path:

@@ -126,6 +126,13 @@ class FineTuneConfig(StrictModel):
     stop_after_steps: int | None = Field(None, ge=1, description="end this invocation after this step (checkpointed) though max_steps is larger; rerunning continues (operations/tests)")
     ray: RayConfig = Field(default_factory=RayConfig, description="where Ray runs")
 
+    @field_validator("out")
+    @classmethod
+    def _absolute_out(cls, v: str) -> str:
+        from tn_ray.storage import absolute
+
+        return absolute(v)
+
     @model_validator(mode="after")
     def _judges(self) -> FineTuneConfig:
         names = self.judge_names()

@@ -97,6 +97,13 @@ class RewardTrainConfig(StrictModel):
     scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="reward actors that compute the frozen features")
     ray: RayConfig = Field(default_factory=RayConfig, description="where Ray runs")
 
+    @field_validator("out")
+    @classmethod
+    def _absolute_out(cls, v: str) -> str:
+        from tn_ray.storage import absolute
+
+        return absolute(v)
+
     @field_validator("backbone")
     @classmethod
     def _backbone(cls, value: str) -> str:
