@@ -20,6 +20,12 @@ FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_OFFL
                  "TN_RAY_CACHE_DIR", "OMP_NUM_THREADS", "TN_RAY_TESTING_FAULTS", "WANDB_MODE", "WANDB_DIR")
 
 
+def _quiet_local_workers() -> None:
+    """Worker setup of a local Ray (no dashboard, so no state API): Ray Train's placement-group
+    cleaner would warn every second that it cannot query the state API."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
 def init_ray(cfg: RayConfig | None = None) -> None:
     """Start a local Ray in-process, or join ``cfg.address``; a no-op when already up."""
     import ray
@@ -30,7 +36,10 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     # address None -> "local": a new local Ray even when another one runs on this machine
     # (plain None makes ray.init join the latest cluster listed in /tmp/ray)
-    kwargs: dict[str, Any] = dict(address=cfg.address or "local", runtime_env={"env_vars": env} if env else None,
+    runtime_env: dict[str, Any] = {"env_vars": env} if env else {}
+    if cfg.address is None:
+        runtime_env["worker_process_setup_hook"] = _quiet_local_workers
+    kwargs: dict[str, Any] = dict(address=cfg.address or "local", runtime_env=runtime_env or None,
                                   log_to_driver=True, include_dashboard=False if cfg.address is None else None)
     if cfg.address is None:
         kwargs.update(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
