@@ -7,18 +7,24 @@ keys, and raises :class:`ConfigError` naming the file, the dotted key and the ba
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from tn_ray.errors import TnRayError
+from tn_ray.storage import absolute
 
 T = TypeVar("T", bound=BaseModel)
 
 
 class ConfigError(TnRayError, ValueError):
     """A configuration file or value is invalid; the message names file, key and value."""
+
+
+# an output folder or cloud URI of a run whose files Ray workers write: resolved in the driver
+# (storage.absolute), since workers run in Ray's own working folders
+OutputLocation = Annotated[str, AfterValidator(absolute)]
 
 
 class StrictModel(BaseModel):

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tn_ray.config import RayConfig, ScoringConfig, StrictModel
+from tn_ray.config import OutputLocation, RayConfig, ScoringConfig, StrictModel
 from tn_ray.diffusion.pipelines import DEFAULT_PIPELINE, DTYPES
 from tn_ray.textnorm.columns import RewardConfig
 
@@ -111,7 +111,7 @@ class ScalingBlock(StrictModel):
 class FineTuneConfig(StrictModel):
     """What every fine-tuning run shares; methods add their own keys."""
 
-    out: str = Field("results/finetune", description="run folder or cloud URI: config, checkpoints, eval.csv, curves, grids, selection")
+    out: OutputLocation = Field("results/finetune", description="run folder or cloud URI: config, checkpoints, eval.csv, curves, grids, selection")
     seed: int = Field(0, ge=0, description="seed of noise, timesteps, data order and LoRA init")
     max_steps: int = Field(1000, ge=1, description="optimizer steps of the run (count); Table 4: up to 1,000 for RWR")
     policy: PolicyBlock = Field(default_factory=PolicyBlock, description="base pipeline, precision and LoRA adapter")
@@ -125,13 +125,6 @@ class FineTuneConfig(StrictModel):
     scoring: ScoringConfig = Field(default_factory=lambda: ScoringConfig(batch_size=16), description="reward actors used to score data and evaluation images")
     stop_after_steps: int | None = Field(None, ge=1, description="end this invocation after this step (checkpointed) though max_steps is larger; rerunning continues (operations/tests)")
     ray: RayConfig = Field(default_factory=RayConfig, description="where Ray runs")
-
-    @field_validator("out")
-    @classmethod
-    def _absolute_out(cls, v: str) -> str:
-        from tn_ray.storage import absolute
-
-        return absolute(v)
 
     @model_validator(mode="after")
     def _judges(self) -> FineTuneConfig:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from tn_ray.config import StrictModel
+from tn_ray.config import OutputLocation, StrictModel
 from tn_ray.errors import InputError
 from tn_ray.training.config import EvalBlock, FineTuneConfig, OptimizerBlock, PolicyBlock, require_prompts
 from tn_ray.training.loop import Method
@@ -68,7 +68,7 @@ class TrainBlock(StrictModel):
 class DDPOConfig(FineTuneConfig):
     """``tn-ray ddpo CONFIG.yaml``: every key of the fine-tuning core plus prompts, sample and train."""
 
-    out: str = Field("results/ddpo", description="run folder or cloud URI: config, checkpoints, eval.csv, curves, grids, selection")
+    out: OutputLocation = Field("results/ddpo", description="run folder or cloud URI: config, checkpoints, eval.csv, curves, grids, selection")
     max_steps: int = Field(500, ge=1, description="DDPO epochs (count; Table 4: up to 500): each samples, scores and trains once; eval.every and checkpoint.every count epochs too")
     policy: PolicyBlock = Field(default_factory=lambda: PolicyBlock(pipeline=DDPO_PIPELINE), description="base pipeline (Table 4: SD 2.1 base), precision and LoRA adapter")
     optimizer: OptimizerBlock = Field(default_factory=lambda: OptimizerBlock(lr=3e-4, weight_decay=1e-4), description="AdamW (Table 4 DDPO: lr 3e-4, weight decay 1e-4, betas (0.9, 0.999), eps 1e-8, max grad norm 1)")

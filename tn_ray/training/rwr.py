@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from pydantic import Field, model_validator
 
-from tn_ray.config import StrictModel
+from tn_ray.config import OutputLocation, StrictModel
 from tn_ray.diffusion.generation import GenerationConfig
 from tn_ray.errors import InputError
 from tn_ray.training.config import FineTuneConfig, OptimizerBlock, require_prompts
@@ -50,7 +50,7 @@ class PretrainBlock(StrictModel):
 
 
 class RwrConfig(FineTuneConfig):
-    out: str = Field("results/rwr", description="run folder or cloud URI: config, generation, cache, data, checkpoints, eval, reports")
+    out: OutputLocation = Field("results/rwr", description="run folder or cloud URI: config, generation, cache, data, checkpoints, eval, reports")
     prompts: list[str] | None = Field(None, description="training prompts; None = every prompt of reward.contrast's sets")
     max_prompts: int | None = Field(None, ge=1, description="first N training prompts only (count); None = all")
     generation: GenerationConfig = Field(default_factory=lambda: GenerationConfig(samples_per_prompt=100),

@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tn_ray.config import RayConfig, ScoringConfig, StrictModel
+from tn_ray.config import OutputLocation, RayConfig, ScoringConfig, StrictModel
 from tn_ray.training.config import LoggingBlock, ScalingBlock
 
 # registered rewards known to score (image, text) jointly; any other non-dual encoder is refused
@@ -84,7 +84,7 @@ class ReportBlock(StrictModel):
 
 
 class RewardTrainConfig(StrictModel):
-    out: str = Field("results/reward", description="run folder (local): model, metrics, plots, Ray Train checkpoints")
+    out: OutputLocation = Field("results/reward", description="run folder (local): model, metrics, plots, Ray Train checkpoints")
     backbone: str = Field("clip", description="frozen dual-encoder reward whose embeddings the head reads, e.g. clip, clip:tiny, pickscore:/path")
     feature_cache: str | None = Field(None, description="feature cache folder or cloud URI, keyed by image and text; None = <out>/features")
     data: DataBlock = Field(..., description="labelled images, contrastive prompts and the split")
@@ -96,13 +96,6 @@ class RewardTrainConfig(StrictModel):
     scaling: ScalingBlock = Field(default_factory=ScalingBlock, description="Ray Train workers and resources")
     scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="reward actors that compute the frozen features")
     ray: RayConfig = Field(default_factory=RayConfig, description="where Ray runs")
-
-    @field_validator("out")
-    @classmethod
-    def _absolute_out(cls, v: str) -> str:
-        from tn_ray.storage import absolute
-
-        return absolute(v)
 
     @field_validator("backbone")
     @classmethod
