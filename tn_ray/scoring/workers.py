@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tn_ray.cluster import actor_pool, init_ray
+from tn_ray import cluster
 from tn_ray.config import ScoringConfig
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def reward_pool_size(cfg: ScoringConfig, max_actors: int | None = None) -> tuple[int, dict[str, float]]:
     """(actors, resources per actor) of a reward model's pool (one per GPU, else one CPU actor)."""
-    return actor_pool(cfg.num_actors, cfg.gpus_per_actor, cfg.cpus_per_actor, max_actors=max_actors)
+    return cluster.actor_pool(cfg.num_actors, cfg.gpus_per_actor, cfg.cpus_per_actor, max_actors=max_actors)
 
 
 class RewardWorker:
@@ -78,7 +78,7 @@ def score_into_cache(requests: pd.DataFrame, spec: str, cache, cfg: ScoringConfi
     if requests.empty:
         log.info("%s: every reward of %s is cached", desc, spec)
         return 0
-    init_ray()
+    cluster.init_ray()
     n_actors, res = reward_pool_size(cfg, max_actors=-(-len(requests) // cfg.batch_size))
     frame = requests[["image_key", "image", "texts"]].reset_index(drop=True)
     # one block per batch: blocks are the unit Ray Data hands to actors, so a single block
@@ -105,7 +105,7 @@ def reward_actors(spec: str, cfg: ScoringConfig | None = None) -> list:
     import ray
 
     cfg = cfg or ScoringConfig()
-    init_ray()
+    cluster.init_ray()
     n, res = reward_pool_size(cfg)
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
