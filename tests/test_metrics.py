@@ -51,3 +51,18 @@ def test_ap_at_k_by_hand():
     assert metrics.ap_at_k(np.array([0, 0, 1]), np.array([3, 2, 1.0]), 2) == 0.0  # no good image in the top 2
     # a tie between the first two (one good, one bad) is one threshold: precision 1/2 there
     assert metrics.ap_at_k(np.array([0, 1, 0]), np.array([1.0, 1.0, 0.0]), 3) == pytest.approx(0.5)
+
+
+def test_per_set_counts_the_prompts_its_rank_correlations_average():
+    import pandas as pd
+
+    from tn_ray.experiments.metrics import per_prompt, per_set
+
+    frame = pd.DataFrame({"set": "s", "prompt": ["a"] * 4 + ["b"] * 4 + ["c"] * 4,
+                          "binary": [0, 1, 0, 1] * 3, "fine": [0.0, 1.0, 0.2, 0.9] * 3,
+                          "r": [1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0, 4.0, 3.0, 2.0, 1.0]})
+    table = per_prompt(frame, ["r"])
+    row = per_set(table).iloc[0]
+    assert row["n_prompts"] == 3 and row["n_corr"] == 2  # prompt b's constant rewards: no Spearman / Kendall
+    assert row["spearman"] == pytest.approx(table["spearman"].dropna().mean())
+    assert row["n_tied"] == 4

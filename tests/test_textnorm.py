@@ -112,3 +112,82 @@ def test_bad_ensemble_kind_and_lambda():
         ensemble(np.zeros((2, 3)), "median")
     with pytest.raises(ValueError, match="lambda"):
         ensemble(np.zeros((2, 3)), "uncertainty", -1)
+
+
+# --- no underflow ties (issue 21.5): rank and compute metrics from the log form ---------------
+
+
+def _separated(n: int = 12) -> np.ndarray:
+    """x0 rewards 0..n-1 (one apart), every contrastive reward 50: at tau = 1e-3 each r_X is
+    exp(-(50 - i) / 1e-3), far below float64's smallest number."""
+    return np.column_stack([np.arange(n, dtype=float), np.full((n, 3), 50.0)])
+
+
+def test_small_tau_underflows_in_reward_units_but_not_in_the_ranking_form():
+    s = _separated()
+    assert np.all(textnorm(s, 1e-3) == 0.0)  # what ranking by the reward itself would tie
+    cols = reward_columns({"clip": s}, SetParams(tau=1e-3), ranking=True)
+    assert len(np.unique(cols["textnorm(clip)"])) == len(s)
+    np.testing.assert_allclose(cols["textnorm(clip)"], (s[:, 0] - 50.0) / 1e-3 - np.log(3.0), rtol=1e-12)
+
+
+def test_metrics_at_tau_1e3_equal_those_at_tau_1_when_the_order_is_the_same():
+    import pandas as pd
+
+    from tn_ray.experiments.metrics import per_prompt
+
+    s = _separated()
+    binary = np.array([0, 1, 0, 0, 1, 0, 1, 1, 0, 1, 1, 1])
+    frame = pd.DataFrame({"set": "counting", "prompt": "p", "binary": binary, "fine": binary * 0.8 + 0.1})
+    tables = {}
+    for tau in (1.0, 1e-3):
+        cols = reward_columns({"clip": s, "pickscore": s + 1.0}, SetParams(tau=tau),
+                              [EnsembleSpec(name="mean", members=["clip", "pickscore"])], ranking=True)
+        tables[tau] = per_prompt(frame.assign(**cols), ["textnorm(clip)", "mean"]).set_index("reward")
+    assert tables[1e-3].loc["textnorm(clip)", "n_tied"] == 0
+    for metric in ("auroc", "auprc", "ap@5", "ap@10", "spearman", "kendall"):
+        assert tables[1e-3].loc["textnorm(clip)", metric] == pytest.approx(tables[1.0].loc["textnorm(clip)", metric])
+        assert tables[1e-3].loc["mean", metric] == pytest.approx(tables[1.0].loc["mean", metric])
+    # the same scores in reward units tie at 0: AUROC 0.5, which is what the log form avoids
+    tied = per_prompt(frame.assign(r=textnorm(s, 1e-3)), ["r"]).iloc[0]
+    assert tied["auroc"] == 0.5 and tied["n_tied"] == len(s)
+
+
+@settings(deadline=None)
+@given(matrices, matrices, taus)
+def test_log_mean_ensemble_is_the_log_of_the_mean_ensemble(a, b, tau):
+    n = min(len(a), len(b))
+    values = {"clip": a[:n], "pickscore": b[:n]}
+    prob = combine(values, ["clip", "pickscore"], [tau, tau], "mean")
+    log = combine(values, ["clip", "pickscore"], [tau, tau], "mean", ranking=True)
+    assert np.all(np.isfinite(log))
+    ok = prob > 1e-300
+    np.testing.assert_allclose(np.exp(log[ok]), prob[ok], rtol=1e-9)
+
+
+def test_an_ensemble_kind_per_group_equals_each_kind_on_its_rows():
+    rng = np.random.default_rng(0)
+    values = {"clip": rng.normal(size=(6, 4)), "pickscore": rng.normal(size=(6, 4))}
+    groups = ["composition", "counting", "composition", "comprehensive", "counting", "composition"]
+    spec = EnsembleSpec(name="paper", members=["clip", "pickscore"], kind={"composition": "mean", "default": "uncertainty"})
+    got = reward_columns(values, SetParams(tau=0.5, lam=2.0), [spec], groups)["paper"]
+    mean = combine(values, ["clip", "pickscore"], [0.5, 0.5], "mean")
+    unc = combine(values, ["clip", "pickscore"], [0.5, 0.5], "uncertainty", 2.0)
+    expected = np.where(np.array(groups) == "composition", mean, unc)
+    np.testing.assert_allclose(got, expected)
+    assert not np.allclose(mean, unc)
+    with pytest.raises(ValueError, match="default"):
+        EnsembleSpec(name="x", members=["clip", "pickscore"], kind={"composition": "mean"})
+
+
+
+
+def test_per_image_temperatures_and_lambdas_equal_rowwise_computation():
+    rng = np.random.default_rng(1)
+    values = {"a": rng.normal(size=(5, 3)) * 3, "b": rng.normal(size=(5, 3)) * 3}
+    taus = np.array([0.1, 1.0, 3.0, 5.0, 10.0])
+    lams = np.array([0.0, 0.05, 0.5, 1.0, 0.1])
+    got = combine(values, ["a", "b"], [taus, taus], "uncertainty", lams)
+    for i in range(5):
+        one = combine({k: v[i:i + 1] for k, v in values.items()}, ["a", "b"], [taus[i]] * 2, "uncertainty", lams[i])
+        assert got[i] == pytest.approx(one[0], rel=1e-12)

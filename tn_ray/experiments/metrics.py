@@ -16,7 +16,11 @@ fine-grained human score h_i:
 - ``spearman`` / ``kendall``: ``scipy.stats.spearmanr`` / ``kendalltau`` (tau-b) of s vs h.
 
 A prompt whose binary labels are all equal has no ranking to judge and is excluded from the
-averages, as in the benchmark.
+averages, as in the benchmark. Spearman and Kendall are undefined (NaN) for a prompt whose
+rewards or human scores are all equal; the set means skip those prompts and ``n_corr`` says how
+many prompts they average (``n_prompts`` counts all). ``n_tied``: images whose reward equals
+another image's of the same prompt (TextNorm columns are ranked in their log form, so only true
+ties and the uncertainty ensemble's can remain; see :func:`tn_ray.textnorm.columns.combine`).
 """
 from __future__ import annotations
 
@@ -67,13 +71,26 @@ def per_prompt(frame: pd.DataFrame, reward_columns: list[str]) -> pd.DataFrame:
         if b.min() == b.max():
             continue
         for reward in reward_columns:
+            scores = g[reward].to_numpy()
             rows.append({"set": set_name, "prompt": prompt, "reward": reward, "n_images": len(g),
-                         **prompt_metrics(g[reward].to_numpy(), b, g["fine"].to_numpy())})
-    return pd.DataFrame(rows, columns=["set", "prompt", "reward", "n_images", *METRICS])
+                         **prompt_metrics(scores, b, g["fine"].to_numpy()), "n_tied": tied(scores)})
+    return pd.DataFrame(rows, columns=["set", "prompt", "reward", "n_images", *METRICS, "n_tied"])
+
+
+def tied(scores: np.ndarray) -> int:
+    """How many of the scores equal another one (each member of a tie counts)."""
+    _, counts = np.unique(np.asarray(scores, dtype=float), return_counts=True)
+    return int(counts[counts > 1].sum())
 
 
 def per_set(prompt_table: pd.DataFrame) -> pd.DataFrame:
-    """Mean of every metric over the (non-excluded) prompts of each set, per reward."""
-    agg = prompt_table.groupby(["set", "reward"], sort=False)[list(METRICS)].mean()
-    agg["n_prompts"] = prompt_table.groupby(["set", "reward"], sort=False).size()
+    """Mean of every metric over the (non-excluded) prompts of each set, per reward; ``n_prompts``
+    prompts, of which ``n_corr`` have a defined Spearman / Kendall (the others are skipped by
+    their means), and ``n_tied`` tied images in all (absent from tables without that column)."""
+    by = prompt_table.groupby(["set", "reward"], sort=False)
+    agg = by[list(METRICS)].mean()
+    agg["n_prompts"] = by.size()
+    agg["n_corr"] = by["spearman"].count()
+    if "n_tied" in prompt_table:
+        agg["n_tied"] = by["n_tied"].sum().astype(int)
     return agg.reset_index()

@@ -91,12 +91,14 @@ def collect_items(cfg: Tia2EvalConfig) -> pd.DataFrame:
     return items
 
 
-def reward_table(items: pd.DataFrame, matrices: dict[str, ScoreMatrix], cfg: Tia2EvalConfig) -> pd.DataFrame:
-    """Per image: keys, labels and every reward column (per-set TextNorm parameters)."""
+def reward_table(items: pd.DataFrame, matrices: dict[str, ScoreMatrix], cfg: Tia2EvalConfig,
+                 ranking: bool = False) -> pd.DataFrame:
+    """Per image: keys, labels and every reward column (per-set TextNorm parameters); with
+    ``ranking``, TextNorm columns in their order-preserving log form (what metrics rank)."""
     out = items[["set", "prompt", "image_id", "binary", "fine"]].copy()
     values = {model: m.values for model, m in matrices.items()}
     params = {s: cfg.params(s) for s in out["set"].unique()}
-    for name, col in reward_columns(values, params, cfg.ensembles, groups=out["set"].to_numpy()).items():
+    for name, col in reward_columns(values, params, cfg.ensembles, groups=out["set"].to_numpy(), ranking=ranking).items():
         out[name] = col
     return out
 
@@ -160,7 +162,7 @@ def run(cfg: Tia2EvalConfig) -> dict[str, Path]:
     rewards = reward_table(items, matrices, cfg)
     names = [c for c in rewards.columns if c not in ("set", "prompt", "image_id", "binary", "fine")]
     rewards.to_parquet(out / "rewards.parquet", index=False)
-    prompt_table = metrics.per_prompt(rewards, names)
+    prompt_table = metrics.per_prompt(reward_table(items, matrices, cfg, ranking=True), names)
     set_table = metrics.per_set(prompt_table)
     paper_table = metrics.per_set(paper_prompts)
     paths = {"per_prompt": out / "per_prompt.parquet", "per_set_csv": out / "per_set.csv",

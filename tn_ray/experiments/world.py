@@ -211,7 +211,7 @@ def selector_scores(items: pd.DataFrame, cfg: WorldConfig, cache: Path) -> tuple
         texts = texts_for(list(items["prompt"]), contrast_sets(x0s, contrast), f"the world's '{contrast}' sets")
         matrices = score_matrices(items.assign(texts=texts), cfg.models, cache, cfg.scoring)
         values = {m: mat.values for m, mat in matrices.items()}
-        for name, col in reward_columns(values, cfg.textnorm, cfg.ensembles).items():
+        for name, col in reward_columns(values, cfg.textnorm, cfg.ensembles, ranking=True).items():  # selection ranks
             if name in cfg.models:
                 table[name] = col  # a raw reward: the same whatever the contrastive sets
             else:

@@ -64,9 +64,11 @@ def reward_setting(params: dict[str, Any], models: list[str]) -> RewardSetting:
 
 
 def compute_reward(values: np.ndarray, models: list[str], setting: RewardSetting) -> np.ndarray:
-    """(images,) reward of ``setting`` from the stacked matrices ``values`` (models, images, cols)."""
+    """(images,) reward of ``setting`` from the stacked matrices ``values`` (models, images, cols),
+    in the order-preserving form of :func:`combine` (both evaluators only rank images: a small
+    tau must not tie them at 0)."""
     return combine({m: values[models.index(m)] for m in setting.members}, setting.members, setting.taus,
-                   setting.kind, setting.lam, normalize=setting.normalize == "textnorm")
+                   setting.kind, setting.lam, normalize=setting.normalize == "textnorm", ranking=True)
 
 
 def check_reward_param(models: list[str], name: str, value: Any) -> str | None:

@@ -11,15 +11,17 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tn_ray.config import StrictModel
-from tn_ray.textnorm.equations import ensemble, textnorm
+from tn_ray.textnorm.equations import ensemble, log_mean_ensemble, log_textnorm, textnorm
 
 
 class SetParams(StrictModel):
-    tau: float = Field(1.0, gt=0, description="TextNorm temperature for every model (reward units: a reward difference of tau is a factor e in probability)")
-    tau_per_model: dict[str, float] = Field(default_factory=dict, description="temperature overrides by model spec or name, e.g. {'clip': 0.5} (reward units)")
+    tau: float = Field(1.0, gt=0, description="TextNorm temperature for every model, in each reward's own units (docs/rewards.md: "
+                       "CLIP and PickScore rewards are 100 x cosine, so tau = 1 here is tau = 0.01 on cosine values; "
+                       "ImageReward's are standardized scores): a reward difference of tau is a factor e in probability")
+    tau_per_model: dict[str, float] = Field(default_factory=dict, description="temperature overrides by model spec or name, e.g. {'clip': 0.5} (each reward's own units, as tau)")
     lam: float = Field(0.0, ge=0, description="lambda of the uncertainty-regularized ensembles (1 / reward^2: it multiplies a variance of rewards)")
 
     def tau_for(self, model: str) -> float:
@@ -27,11 +29,35 @@ class SetParams(StrictModel):
         return self.tau_per_model.get(model, self.tau_per_model.get(name, self.tau))
 
 
+Kind = Literal["mean", "uncertainty"]
+
+
 class EnsembleSpec(StrictModel):
     name: str = Field(..., description="column name of this ensemble in tables and as a reward name")
     members: list[str] = Field(..., min_length=2, description="model specs averaged (each must be among the run's models)")
-    kind: Literal["mean", "uncertainty"] = Field("mean", description="mean (eq. 2) or mean - lambda * variance across models (eq. 3)")
+    kind: Kind | dict[str, Kind] = Field(
+        "mean", description="mean (eq. 2), uncertainty (eq. 3: mean - lambda * variance across models), or one kind per "
+        "prompt group, {<group>: kind, default: kind}; groups are TIA2's set names (a prompt's set in `tia2 eval` and "
+        "for training prompts from the release), e.g. the paper's {composition: mean, default: uncertainty}")
     textnorm: bool = Field(True, description="ensemble TextNorm-normalized rewards (True) or raw rewards (False)")
+
+    @field_validator("kind")
+    @classmethod
+    def _default_kind(cls, v: Kind | dict[str, Kind]) -> Kind | dict[str, Kind]:
+        if isinstance(v, dict) and "default" not in v:
+            raise ValueError(f"a kind per group needs a 'default' kind for the other groups; got {v}")
+        return v
+
+    @property
+    def per_group(self) -> bool:
+        """Whether the kind depends on the prompt's group (callers must pass each row's group)."""
+        return isinstance(self.kind, dict)
+
+    def kind_for(self, group: str | None) -> str:
+        """The ensemble kind of rows of ``group`` (None: rows without a group get the default)."""
+        if isinstance(self.kind, str):
+            return self.kind
+        return self.kind.get(group, self.kind["default"]) if group is not None else self.kind["default"]
 
 
 def check_ensembles(ensembles: Sequence[EnsembleSpec], models: Sequence[str]) -> list[EnsembleSpec]:
@@ -57,47 +83,64 @@ def reward_names(models: Sequence[str], ensembles: Sequence[EnsembleSpec] = ()) 
     return [*models, *(f"textnorm({m})" for m in models), *(e.name for e in ensembles)]
 
 
-def combine(values: Mapping[str, np.ndarray], members: Sequence[str], taus: Sequence[float], kind: str = "mean",
-            lam: float = 0.0, normalize: bool = True) -> np.ndarray:
+def combine(values: Mapping[str, np.ndarray], members: Sequence[str], taus: Sequence[float | np.ndarray],
+            kind: str = "mean", lam: float | np.ndarray = 0.0, normalize: bool = True,
+            ranking: bool = False) -> np.ndarray:
     """One reward per image from ``members``: TextNorm (each its own tau) or raw, then the
-    ensemble ``kind`` (a single member is its own mean, and has zero variance)."""
+    ensemble ``kind`` (a single member is its own mean, and has zero variance). A tau or
+    ``lam`` may be one value per image (per-prompt parameters).
+
+    ``ranking=True`` returns an order-preserving form for ranking and metrics: a TextNorm
+    reward as ``log r_X`` and a mean ensemble of them by log-mean-exp, strictly increasing
+    functions of the reward that never underflow to tied zeros (at tau = 1e-3, rewards 1
+    apart are ``exp(-1000)`` apart). Eq. 3 has no such form: the uncertainty ensemble stays
+    in reward units (its ties are counted by :func:`tn_ray.experiments.metrics.per_prompt`).
+    """
     if len(taus) != len(members):
         raise ValueError(f"{len(members)} members but {len(taus)} temperatures")
-    rows = [textnorm(values[m], t) if normalize else np.asarray(values[m], dtype=np.float64)[:, 0]
-            for m, t in zip(members, taus)]
-    return ensemble(np.stack(rows), kind, lam)
+    if not normalize:
+        return ensemble(np.stack([np.asarray(values[m], dtype=np.float64)[:, 0] for m in members]), kind, lam)
+    if ranking and kind == "mean":
+        return log_mean_ensemble(np.stack([log_textnorm(values[m], t) for m, t in zip(members, taus)]))
+    return ensemble(np.stack([textnorm(values[m], t) for m, t in zip(members, taus)]), kind, lam)
 
 
-def _columns(values: Mapping[str, np.ndarray], params: SetParams, ensembles: Sequence[EnsembleSpec]) -> dict[str, np.ndarray]:
+def _columns(values: Mapping[str, np.ndarray], params: SetParams, ensembles: Sequence[EnsembleSpec],
+             group: str | None = None, ranking: bool = False) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for m, v in values.items():
         out[m] = np.asarray(v, dtype=np.float64)[:, 0]
     for m, v in values.items():
-        out[f"textnorm({m})"] = textnorm(v, params.tau_for(m))
+        tau = params.tau_for(m)
+        out[f"textnorm({m})"] = log_textnorm(v, tau) if ranking else textnorm(v, tau)
     for ens in ensembles:
-        out[ens.name] = combine(values, ens.members, [params.tau_for(m) for m in ens.members], ens.kind, params.lam,
-                                ens.textnorm)
+        out[ens.name] = combine(values, ens.members, [params.tau_for(m) for m in ens.members], ens.kind_for(group),
+                                params.lam, ens.textnorm, ranking)
     return out
 
 
 def reward_columns(values: Mapping[str, np.ndarray], params: SetParams | Mapping[str, SetParams],
-                   ensembles: Sequence[EnsembleSpec] = (), groups: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+                   ensembles: Sequence[EnsembleSpec] = (), groups: Sequence[str] | None = None,
+                   ranking: bool = False) -> dict[str, np.ndarray]:
     """Every reward column (:func:`reward_names` order) for the images of ``values``.
 
     ``params`` is one :class:`SetParams`, or a mapping group -> params (key ``default`` for
-    the rest) with ``groups`` naming each row's group (TIA2's sets have their own tau).
+    the rest) with ``groups`` naming each row's group (TIA2's sets have their own tau); an
+    ensemble with a kind per group (:attr:`EnsembleSpec.kind`) also reads ``groups``.
+    ``ranking``: TextNorm columns and their mean ensembles in the order-preserving log form
+    of :func:`combine` (for ranking and metrics; rewards stay in their own units otherwise).
     """
-    if isinstance(params, SetParams):
-        return _columns(values, params, ensembles)
     if groups is None:
-        raise ValueError("per-group parameters need `groups` (one group name per row)")
+        if not isinstance(params, SetParams):
+            raise ValueError("per-group parameters need `groups` (one group name per row)")
+        return _columns(values, params, ensembles, None, ranking)
     groups = np.asarray(groups, dtype=object)
     n = len(groups)
     out: dict[str, np.ndarray] = {}
     for g in dict.fromkeys(groups.tolist()):
         rows = groups == g
-        part = _columns({m: np.asarray(v)[rows] for m, v in values.items()},
-                        params.get(g, params.get("default", SetParams())), ensembles)
+        group_params = params if isinstance(params, SetParams) else params.get(g, params.get("default", SetParams()))
+        part = _columns({m: np.asarray(v)[rows] for m, v in values.items()}, group_params, ensembles, g, ranking)
         for name, col in part.items():
             out.setdefault(name, np.full(n, np.nan))[rows] = col
     return out
@@ -141,6 +184,15 @@ class RewardConfig(StrictModel):
         ens = next((e for e in self.ensembles if e.name == self.use), None)
         return bool(ens and ens.textnorm)
 
-    def column(self, values: Mapping[str, np.ndarray]) -> np.ndarray:
-        """The used reward of each image from the models' score-matrix values."""
-        return reward_columns(values, self.textnorm, self.ensembles)[self.use]
+    @property
+    def per_group(self) -> bool:
+        """Whether the used column depends on each prompt's group (an ensemble with a kind per set)."""
+        ens = next((e for e in self.ensembles if e.name == self.use), None)
+        return bool(ens and ens.per_group)
+
+    def column(self, values: Mapping[str, np.ndarray], groups: Sequence[str] | None = None) -> np.ndarray:
+        """The used reward of each image from the models' score-matrix values; ``groups``: each
+        row's prompt group (TIA2 set), needed when :attr:`per_group`."""
+        if self.per_group and groups is None:
+            raise ValueError(f"reward '{self.use}' has an ensemble kind per prompt group: pass each row's group")
+        return reward_columns(values, self.textnorm, self.ensembles, groups)[self.use]

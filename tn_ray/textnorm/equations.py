@@ -40,11 +40,22 @@ def textnorm(scores: np.ndarray, tau: float | np.ndarray = 1.0) -> np.ndarray:
     return np.exp(log_textnorm(scores, tau))
 
 
-def ensemble(normalized: np.ndarray, kind: str = "mean", lam: float = 0.0) -> np.ndarray:
+def log_mean_ensemble(log_normalized: np.ndarray) -> np.ndarray:
+    """``log`` of the mean ensemble (eq. 2) of k models from their ``log r_X``, shape (k, n):
+    ``logsumexp(log r) - log k``, finite where every member underflows, so images whose
+    ensemble reward is below float64's range still rank by it (no ties at 0)."""
+    r = np.asarray(log_normalized, dtype=np.float64)
+    if r.ndim != 2:
+        raise ValueError(f"ensemble expects (models, images), got shape {r.shape}")
+    return logsumexp(r, axis=0) - np.log(r.shape[0])
+
+
+def ensemble(normalized: np.ndarray, kind: str = "mean", lam: float | np.ndarray = 0.0) -> np.ndarray:
     """Ensemble of k models' rewards, ``normalized`` of shape (k, n).
 
     ``mean`` (eq. 2): the mean over models. ``uncertainty`` (eq. 3): the mean minus
-    ``lam`` times the variance across models (population variance, ddof=0).
+    ``lam`` times the variance across models (population variance, ddof=0); ``lam`` is a
+    scalar or one value per image (per-prompt lambdas, as the TIA2 release tunes them).
     """
     r = np.asarray(normalized, dtype=np.float64)
     if r.ndim != 2:
@@ -54,6 +65,7 @@ def ensemble(normalized: np.ndarray, kind: str = "mean", lam: float = 0.0) -> np
     mean = r.mean(axis=0)
     if kind == "mean":
         return mean
-    if lam < 0:
+    lam = np.asarray(lam, dtype=np.float64)
+    if np.any(~(lam >= 0)):
         raise ValueError(f"lambda must be >= 0, got {lam}")
     return mean - lam * r.var(axis=0)
