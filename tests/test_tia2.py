@@ -121,18 +121,18 @@ def test_paper_rows_and_differences_over_the_evaluated_prompts(first_run, tia2_d
     table = pd.read_parquet(paths["per_prompt"])
     evaluated = {s: set(g["prompt"]) for s, g in table.groupby("set")}
     reference = pd.read_csv(paths["paper_per_set"])
-    assert set(reference["reward"]) == {"paper: clip", "paper: blip2", "paper: imagereward", "paper: pickscore",
-                                        "paper: textnorm"}
+    assert set(reference["reward"]) == {"release: clip", "release: blip2", "release: imagereward", "release: pickscore",
+                                        "release: textnorm"}
     for (s, reward), row in reference.set_index(["set", "reward"]).iterrows():
         released = tia2.load_alignment_scores(s, tia2_dir)
-        name = {"paper: textnorm": "textnorm_mean" if s == "composition" else "textnorm_ur"}.get(reward, reward[7:])
+        name = {"release: textnorm": "textnorm_mean" if s == "composition" else "textnorm_ur"}.get(reward, reward[len("release: "):])
         assert row["n_prompts"] == len(evaluated[s])
         assert row["ap@10"] == pytest.approx(np.mean([released[p][name]["ap10"] for p in evaluated[s]]), rel=1e-12)
     md = paths["per_set_md"].read_text()
-    assert "| paper: pickscore " in md and "| paper: textnorm " in md
+    assert "| release: pickscore " in md and "| release: textnorm " in md
     diff = pd.read_csv(paths["paper_diff"])
     # clip:tiny and pickscore:tiny are compared with the paper's clip and pickscore, every metric, every prompt
-    assert set(zip(diff["reward"], diff["paper_reward"])) == {("clip:tiny", "paper: clip"), ("pickscore:tiny", "paper: pickscore")}
+    assert set(zip(diff["reward"], diff["paper_reward"])) == {("clip:tiny", "release: clip"), ("pickscore:tiny", "release: pickscore")}
     assert len(diff) == 2 * len(table[table["reward"] == "clip:tiny"]) * 7
     r = diff.iloc[0]
     ours = table[(table["set"] == r["set"]) & (table["prompt"] == r["prompt"]) & (table["reward"] == r["reward"])]
@@ -196,3 +196,31 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     bad.write_text("models: [clip:tiny, blip3]\n")
     assert main(["tia2", "eval", str(bad)]) == 2
     assert "unknown reward model 'blip3'" in capsys.readouterr().err
+
+
+def test_release_params_need_the_papers_members_and_add_one_column_per_reading(bench, tmp_path, tia2_dir):
+    from types import SimpleNamespace
+
+    from tn_ray.config import ConfigError, validate
+    from tn_ray.experiments import metrics, paper
+    from tn_ray.experiments.tia2_eval import collect_items, reward_table
+
+    with pytest.raises(ConfigError, match=r"release_params.*\['imagereward'\] not among models"):
+        validate(Tia2EvalConfig, {"models": ["clip:tiny", "pickscore:tiny"], "release_params": ["temperature"]})
+    cfg = config(bench, tmp_path, models=["imagereward:tiny", "pickscore:tiny"], ensembles=[], tia2_dir=str(tia2_dir),
+                 release_params=["temperature", "multiplier"])
+    items = collect_items(cfg)
+    rng = np.random.default_rng(0)
+    m = max(len(t) for t in items["texts"])
+    matrices = {mod: SimpleNamespace(values=np.where(np.arange(m)[None] < items["texts"].map(len).to_numpy()[:, None],
+                                                     rng.normal(size=(len(items), m)) * 0.05, np.nan))
+                for mod in cfg.models}
+    table = reward_table(items, matrices, cfg)
+    ranks = reward_table(items, matrices, cfg, ranking=True)
+    params = paper.release_params(tia2_dir, cfg.sets)
+    for reading in ("temperature", "multiplier"):
+        name = paper.release_column_name(reading)
+        covered = items.merge(params, on=["set", "prompt"], how="left")["scale"].notna().to_numpy()
+        assert np.isfinite(table[name].to_numpy()[covered]).all() and np.isnan(table[name].to_numpy()[~covered]).all()
+        per_prompt = metrics.per_prompt(ranks, [name])
+        assert set(per_prompt["prompt"]) <= set(params["prompt"]) and len(per_prompt) > 0

@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
     st.add_argument("--out", default="results/tia2/stats.md", help="Markdown file to write")
     st.set_defaults(func=stats)
 
-    pa = s.add_parser("paper", help="the benchmark authors' released metrics, averaged per set (reference rows)")
+    pa = s.add_parser("paper", help="the paper's Table 2 beside the authors' released metrics (means per set), "
+                                    "where they differ, and the release's per-prompt TextNorm parameters")
     pa.add_argument("--tia2-dir", help="local copy of the TIA2 files (default: $TN_RAY_TIA2_DIR or download)")
     pa.add_argument("--sets", nargs="+", default=None, help="TIA2 sets (default: all)")
     pa.add_argument("--out", default="results/tia2/paper.md", help="Markdown file to write")
@@ -28,6 +29,10 @@ def add_parser(sub) -> None:
     ev.add_argument("--out", help="output folder")
     ev.add_argument("--max-prompts", type=int, help="first N prompts per set only")
     ev.add_argument("--contrast", help="'released' or a JSON file of contrastive sets ({set} expands)")
+    ev.add_argument("--release-params", nargs="*", choices=["temperature", "multiplier"], default=None,
+                    metavar="READING", help="also evaluate the paper's TextNorm with the release's per-prompt scale and "
+                    "lambda (needs imagereward and pickscore models); READING: temperature and/or multiplier "
+                    "(default both; docs/tia2.md)")
     ev.set_defaults(func=evaluate)
 
 
@@ -47,9 +52,7 @@ def paper_table(args) -> int:
     from tn_ray.data.tia2 import SETS, resolve_dir
     from tn_ray.experiments import paper
 
-    table = paper.per_set(resolve_dir(args.tia2_dir), args.sets or SETS)
-    text = paper.markdown(table, "TIA2: the paper's released per-prompt metrics, mean per set "
-                                 "(prompts with unanimous labels excluded)")
+    text = paper.report(resolve_dir(args.tia2_dir), args.sets or SETS)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
@@ -64,7 +67,9 @@ def evaluate(args) -> int:
 
     overrides = {k: v for k, v in {"images": args.images, "models": args.models, "sets": args.sets,
                                    "tia2_dir": args.tia2_dir, "out": args.out, "max_prompts": args.max_prompts,
-                                   "contrast": args.contrast}.items() if v is not None}
+                                   "contrast": args.contrast,
+                                   "release_params": (args.release_params or ["temperature", "multiplier"])
+                                   if args.release_params is not None else None}.items() if v is not None}
     cfg = load_config(args.config, Tia2EvalConfig, overrides) if args.config else validate(Tia2EvalConfig, overrides, "command line")
     paths = run(cfg)
     print(Path(paths["per_set_md"]).read_text())

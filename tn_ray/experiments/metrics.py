@@ -72,6 +72,8 @@ def per_prompt(frame: pd.DataFrame, reward_columns: list[str]) -> pd.DataFrame:
             continue
         for reward in reward_columns:
             scores = g[reward].to_numpy()
+            if np.isnan(scores).any():  # a column undefined for this prompt (e.g. no released parameters)
+                continue
             rows.append({"set": set_name, "prompt": prompt, "reward": reward, "n_images": len(g),
                          **prompt_metrics(scores, b, g["fine"].to_numpy()), "n_tied": tied(scores)})
     return pd.DataFrame(rows, columns=["set", "prompt", "reward", "n_images", *METRICS, "n_tied"])

@@ -4,7 +4,7 @@ Flow: validate everything (sets, models, labels, contrastive sets, every image f
 any model loads -> score matrices per model (cached; only missing rewards are computed) ->
 reward columns (raw, TextNorm, ensembles; pure array functions) -> per-prompt and per-set
 metrics -> tables and a bar plot, with the authors' released metrics over the same prompts as
-reference rows (``paper: clip``, ...; :mod:`tn_ray.experiments.paper`) and per-prompt
+reference rows (``release: clip``, ...; :mod:`tn_ray.experiments.paper`) and per-prompt
 differences from them.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ from tn_ray.errors import InputError
 from tn_ray.experiments import metrics, paper
 from tn_ray.prompts.contrast import load_contrast, texts_for
 from tn_ray.rewards import parse
+from tn_ray.rewards.units import Reading
 from tn_ray.scoring.images import check_images
 from tn_ray.scoring.matrix import ScoreMatrix
 from tn_ray.storage import Store
@@ -42,6 +43,11 @@ class Tia2EvalConfig(StrictModel):
     contrast: str = Field("released", description="contrastive sets: 'released' (TIA2's) or a JSON file {prompt: [x1..xm]} per set, with {set} in the path")
     textnorm: dict[str, SetParams] = Field(default_factory=lambda: {"default": SetParams()}, description="TextNorm parameters per set name; 'default' for the rest")
     ensembles: list[EnsembleSpec] = Field(default_factory=list, description="ensembles to evaluate next to the single models")
+    release_params: list[Reading] = Field(
+        default_factory=list, description="also evaluate the paper's TextNorm (ImageReward + PickScore ensembles, mean on "
+        "composition) with the TIA2 release's per-prompt scale and lambda, one column per reading of `scale`: "
+        "'temperature' (tau on the authors' reward values) and/or 'multiplier' (rewards x scale); needs an imagereward "
+        "and a pickscore model (any weights). Which reading is right could not be verified without the images")
     scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="Ray scoring: batch size, actors, resources")
     ray: RayConfig = Field(default_factory=RayConfig, description="where Ray runs")
 
@@ -53,6 +59,11 @@ class Tia2EvalConfig(StrictModel):
     @model_validator(mode="after")
     def _ensembles(self) -> Tia2EvalConfig:
         object.__setattr__(self, "ensembles", check_ensembles(self.ensembles, self.models))
+        names = {m.split(":")[0] for m in self.models}
+        missing = [m for m in paper.RELEASE_MEMBERS if m not in names]
+        if self.release_params and missing:
+            raise ValueError(f"release_params: the paper's TextNorm needs models {list(paper.RELEASE_MEMBERS)}; "
+                             f"{missing} not among models {self.models}")
         return self
 
     def params(self, set_name: str) -> SetParams:
@@ -100,11 +111,15 @@ def reward_table(items: pd.DataFrame, matrices: dict[str, ScoreMatrix], cfg: Tia
     params = {s: cfg.params(s) for s in out["set"].unique()}
     for name, col in reward_columns(values, params, cfg.ensembles, groups=out["set"].to_numpy(), ranking=ranking).items():
         out[name] = col
+    if cfg.release_params:
+        released = paper.release_params(tia2.resolve_dir(cfg.tia2_dir), cfg.sets)
+        for name, col in paper.release_columns(out, values, released, cfg.release_params, ranking).items():
+            out[name] = col
     return out
 
 
 def plot(per_set: pd.DataFrame, path: Path, metric_names=("auroc", "auprc", "ap@10", "spearman")) -> None:
-    """Horizontal bars per set and metric; reference rows (``paper: ...``) in grey."""
+    """Horizontal bars per set and metric; reference rows (``release: ...``) in grey."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,7 +192,8 @@ def run(cfg: Tia2EvalConfig) -> dict[str, Path]:
     both = pd.concat([set_table, *([paper_table] if len(paper_table) else [])], ignore_index=True)
     both = both.iloc[both["set"].map({s: i for i, s in enumerate(cfg.sets)}).argsort(kind="stable")]
     md = ["# TIA2 evaluation", "", f"models: {', '.join(cfg.models)}; contrastive sets: {cfg.contrast}",
-          "", "`paper: ...` rows: the benchmark authors' released per-prompt metrics over the same prompts.", ""]
+          "", "`release: ...` rows: the benchmark authors' released per-prompt metrics over the same prompts "
+          "(`tn-ray tia2 paper` puts them beside the paper's Table 2).", ""]
     for s, g in both.groupby("set", sort=False):
         md += [f"## {s} ({int(g['n_prompts'].iloc[0])} prompts)", "",
                g.drop(columns=["set"]).to_markdown(index=False, floatfmt=".3f"), ""]

@@ -58,7 +58,7 @@ class TrainBlock(StrictModel):
     timestep_fraction: float = Field(1.0, gt=0, le=1, description="share of each chain's timesteps trained on, a fresh random subset per sample and pass (ddpo-pytorch's timestep_fraction)")
     clip_range: float = Field(1e-4, gt=0, description="PPO clip range eps: the ratio is clipped to [1 - eps, 1 + eps] (unitless)")
     adv_clip_max: float = Field(5.0, gt=0, description="advantages are clipped to [-adv_clip_max, adv_clip_max] (standard deviations)")
-    kl_coef: float = Field(0.0, ge=0, description="eq. 5's lambda: weight of mean ||eps_theta - eps_base||^2 (guided noise predictions, adapters off for the base) added to the loss")
+    kl_coef: float = Field(0.0, ge=0, description="eq. 5's lambda: weight of mean_d (eps_theta - eps_base)^2 added to the loss (guided noise predictions in epsilon space for every parameterization, adapters off for the base; unitless). trl's DDPO has no such term (= 0)")
     kl_warmup_epochs: int = Field(0, ge=0, description="kl_coef ramps linearly from 0 over this many epochs (0: full weight from the first epoch)")
     per_prompt_stat_tracking: bool = Field(True, description="standardize rewards per prompt over a buffer of its recent rewards (else by the whole epoch's batch)")
     stat_buffer_size: int = Field(16, ge=1, description="rewards kept per prompt for its mean / std (count, across all workers)")
@@ -215,14 +215,18 @@ class DDPO(Method):
 
     # --- 4: the policy-gradient passes ------------------------------------------------
     def base_eps(self, latents, timesteps, embeds, negative):
+        """The base model's guided noise prediction at x_t (adapters off, no graph), in epsilon space."""
         from tn_ray.diffusion.sampling import guided_noise
+        from tn_ray.training.losses import to_epsilon
 
         with torch.no_grad(), self.policy.reference(), self.policy.autocast():
-            return guided_noise(self.policy.unet, latents, timesteps, embeds, negative, self.cfg.sample.guidance_scale)
+            out = guided_noise(self.policy.unet, latents, timesteps, embeds, negative, self.cfg.sample.guidance_scale)
+        return to_epsilon(self.policy.pipe.scheduler, out, timesteps, latents)
 
     def train_epoch(self, step: int, chains, advantages: torch.Tensor) -> dict[str, float]:
         from tn_ray.diffusion.sampling import step_log_prob
         from tn_ray.training.ddpo_loss import ddpo_loss, kl_weight
+        from tn_ray.training.losses import to_epsilon
 
         cfg, tr = self.cfg, self.cfg.train
         policy, unet = self.policy, self.policy.train_unet
@@ -254,11 +258,12 @@ class DDPO(Method):
                     sync = unet.no_sync() if (hasattr(unet, "no_sync") and not last) else contextlib.nullcontext()
                     with sync:
                         with policy.autocast():
-                            log_prob, eps = step_log_prob(unet, sched, x_t, t, x_prev, part.prompt_embeds,
-                                                          part.negative_embeds, cfg.sample.guidance_scale, cfg.sample.eta)
+                            log_prob, guided = step_log_prob(unet, sched, x_t, t, x_prev, part.prompt_embeds,
+                                                             part.negative_embeds, cfg.sample.guidance_scale, cfg.sample.eta)
+                        # the regularizer compares noise predictions (epsilon space, also for v-prediction models)
                         base = self.base_eps(x_t, t, part.prompt_embeds, part.negative_embeds) if kl_coef > 0 else None
-                        out = ddpo_loss(log_prob, old, adv, tr.clip_range, tr.adv_clip_max, kl_coef,
-                                        eps if base is not None else None, base)
+                        eps = to_epsilon(sched, guided, t, x_t) if base is not None else None
+                        out = ddpo_loss(log_prob, old, adv, tr.clip_range, tr.adv_clip_max, kl_coef, eps, base)
                         self.optim.backward(out["loss"] / accum)
                     for key in logs:
                         logs[key].append(float(out[key].detach()))

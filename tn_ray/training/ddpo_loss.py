@@ -7,15 +7,19 @@ policy's log p_theta(x_{t-1} | x_t, c) and ``old_log_prob`` the one recorded at 
     L_clip  = mean_i max(-A_i ratio_i, -A_i clip(ratio_i, 1 - eps, 1 + eps))     (PPO surrogate)
     approx_kl = 0.5 mean_i (log_prob_i - old_log_prob_i)^2,  clip_frac = mean_i [|ratio_i - 1| > eps]
 
-which is ddpo-pytorch's and trl's ``calculate_loss``. The divergence regularizer of eq. 5
-(lambda, ``kl_coef``) is DPOK's: the KL between the policy's and the base model's Gaussian
-steps of equal variance is, up to a constant factor, the squared difference of their guided
-noise predictions on the sampled x_t::
+which is ddpo-pytorch's and trl's ``calculate_loss``. trl's DDPO has no divergence term; the
+regularizer of eq. 5 (lambda, ``kl_coef``) is DPOK's (Fan et al. 2023, whose code uses the
+squared difference of the guided noise predictions)::
 
     L = L_clip + kl_coef(epoch) * mean_i ||eps_theta(x_t,i) - eps_theta0(x_t,i)||^2
 
-with ``eps_theta0`` the same UNet with its LoRA adapters disabled, and ``kl_coef(epoch)``
-ramped linearly from 0 over ``kl_warmup_epochs``.
+on the sampled x_t, with ``eps_theta0`` the same UNet with its LoRA adapters disabled, both
+guided predictions converted to epsilon space (:func:`tn_ray.training.losses.to_epsilon`, so
+a v-prediction model gives the same term as its epsilon twin), and ``kl_coef(epoch)`` ramped
+linearly from 0 over ``kl_warmup_epochs``. The exact KL between the policy's and the base
+model's DDIM steps (equal variance sigma_t^2) is ``w_t * sum_d (eps_theta - eps_theta0)^2`` with
+the t-dependent ``w_t`` of :func:`tn_ray.training.losses.ddim_kl_weight`; the surrogate drops
+``w_t`` (KL up to a t-dependent factor, not a constant one).
 """
 from __future__ import annotations
 
@@ -56,7 +60,8 @@ def kl_weight(kl_coef: float, epoch: int, warmup_epochs: int = 0) -> float:
 
 
 def kl_to_base(policy_eps: torch.Tensor, base_eps: torch.Tensor) -> torch.Tensor:
-    """``mean_i ||eps_theta - eps_theta0||^2`` (mean over latent dims; the base prediction is a constant)."""
+    """``mean_i ||eps_theta - eps_theta0||^2`` of noise predictions (epsilon space; mean over latent dims;
+    the base prediction is a constant)."""
     return kl_surrogate(policy_eps, base_eps).mean()
 
 

@@ -1,21 +1,106 @@
-"""The loss terms of reward fine-tuning, as pure functions of tensors.
+"""The loss terms of reward fine-tuning, as pure functions of tensors, and the epsilon space they live in.
 
 Shapes: ``pred``, ``target``, ``ref_pred`` are (batch, C, H, W) noise predictions / noise;
 ``weights`` is (batch,). Every squared norm is a mean over the latent dimensions (as the
 diffusers training scripts and DPOK do), so values do not grow with the image size.
 
-RWR (the paper's eq. 4, Lee et al. 2023)::
+**Both terms are in epsilon space, for every parameterization.** A UNet's output is first
+converted to its noise prediction with :func:`to_epsilon` (the scheduler's ``alphas_cumprod``;
+for v-prediction ``eps = sqrt(a_t) v + sqrt(1 - a_t) x_t``), so an epsilon model and its exact
+v-parameterized twin give the same loss and beta means the same for both. (In v space the
+squared difference is ``||eps_1 - eps_2||^2 / a_t``: up to 1 / a_999 = 214x larger at the
+noisiest step of Stable Diffusion's schedule.)
+
+RWR (the paper's eq. 4, Lee et al. 2023), on noisy latents ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``::
 
     L = (1/B) sum_i w_i * ||eps_i - eps_theta(x_t,i, t_i, c_i)||^2          (weighted denoising)
       + beta * (1/B) sum_i ||eps_theta(x_t,i, t_i, c_i) - eps_theta0(x_t,i, t_i, c_i)||^2   (KL surrogate)
 
-The second term is the KL divergence between the policy's and the base model's Gaussian
-denoising steps of equal variance, up to a constant factor (DPOK): both are evaluated on the
-same noisy latents; ``eps_theta0`` is the same UNet with its LoRA adapters disabled.
+The second term is DPOK's (Fan et al. 2023) surrogate of the KL to the base model: between two
+Gaussian denoising steps of the same variance sigma_t^2 the KL is exactly
+``||mu_1 - mu_2||^2 / (2 sigma_t^2)``, and the step's mean is affine in eps with a
+t-dependent slope, so the KL of one step is ``w_t * sum_d (eps_theta - eps_theta0)^2`` with
+the per-timestep weight ``w_t`` of :func:`ddpm_kl_weight` (DDPM steps, RWR's timesteps) or
+:func:`ddim_kl_weight` (DDIM steps, DDPO's). The surrogate drops ``w_t`` (and sums over
+timesteps sampled uniformly), as DPOK's code does: it is the KL up to a *t-dependent* factor,
+not a constant one. Both predictions are evaluated on the same noisy latents;
+``eps_theta0`` is the same UNet with its LoRA adapters disabled.
 """
 from __future__ import annotations
 
 import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def alpha_bar(scheduler, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``alphas_cumprod[t]`` per row, float32, shaped (B, 1, ..., 1) to broadcast against ``like``."""
+    acp = scheduler.alphas_cumprod.to(torch.float32).cpu()
+    t = torch.as_tensor(timesteps).long().cpu().reshape(-1)
+    if t.numel() == 1 and like.shape[0] != 1:
+        t = t.expand(like.shape[0])
+    if t.numel() != like.shape[0]:
+        raise ValueError(f"{t.numel()} timesteps for a batch of {like.shape[0]}")
+    return acp[t].reshape((-1,) + (1,) * (like.ndim - 1)).to(like.device)
+
+
+def to_epsilon(scheduler, model_output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """The noise prediction of a UNet output at noisy latents ``sample`` = x_t (float32, gradients kept).
+
+    ``scheduler.config.prediction_type`` says what the output is, ``scheduler.alphas_cumprod``
+    gives a_t (the same formulas as ``DDIMScheduler.step``): ``epsilon`` as is;
+    ``v_prediction``: ``sqrt(a_t) v + sqrt(1 - a_t) x_t``; ``sample`` (an x0 prediction):
+    ``(x_t - sqrt(a_t) x0) / sqrt(1 - a_t)``. diffusers has no stateless helper for this
+    (``get_velocity`` goes the other way; ``DPMSolverMultistepScheduler.convert_model_output``
+    reads the scheduler's inference step index, not a training timestep).
+    """
+    kind = scheduler.config.prediction_type
+    out = model_output.float()
+    if kind == "epsilon":
+        return out
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"unsupported prediction_type {kind!r} ({', '.join(PREDICTION_TYPES)})")
+    a = alpha_bar(scheduler, timesteps, out)
+    x_t = sample.float()
+    if kind == "v_prediction":
+        return a.sqrt() * out + (1 - a).sqrt() * x_t
+    return (x_t - a.sqrt() * out) / (1 - a).sqrt()
+
+
+def ddpm_kl_weight(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """``w_t`` with KL(p_1(x_{t-1}|x_t) || p_2(x_{t-1}|x_t)) = w_t * sum_d (eps_1 - eps_2)^2 for DDPM steps
+    (``DDPMScheduler.step``) of the same variance: ``w_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - a_t))``
+    (Ho et al. 2020, eq. 12's weight), with sigma_t^2 the scheduler's ``variance_type``:
+    ``fixed_small`` (the posterior variance, Stable Diffusion's) gives ``beta_t / (2 alpha_t (1 - a_{t-1}))``,
+    infinite at t = 0 where the step is deterministic; ``fixed_large`` (sigma_t^2 = beta_t) gives
+    ``beta_t / (2 alpha_t (1 - a_t))``. Float64, shape (B,)."""
+    betas = scheduler.betas.double().cpu()
+    acp = scheduler.alphas_cumprod.double().cpu()
+    t = torch.as_tensor(timesteps).long().cpu().reshape(-1)
+    beta, a_t = betas[t], acp[t]
+    a_prev = torch.where(t > 0, acp[(t - 1).clamp(min=0)], torch.ones_like(a_t))
+    kind = scheduler.config.variance_type
+    if kind == "fixed_small":
+        var = (1 - a_prev) / (1 - a_t) * beta
+    elif kind == "fixed_large":
+        var = beta
+    else:
+        raise ValueError(f"ddpm_kl_weight: variance_type {kind!r} (fixed_small, fixed_large)")
+    return beta**2 / (2 * var * (1 - beta) * (1 - a_t))
+
+
+def ddim_kl_weight(scheduler, timesteps: torch.Tensor, eta: float) -> torch.Tensor:
+    """``w_t`` for the stochastic DDIM step of :mod:`tn_ray.diffusion.ddim` (DDPO's policy, after
+    ``set_timesteps``): the step's mean is ``sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma_t^2) eps`` with
+    ``x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)``, so ``mu_1 - mu_2 = c_t (eps_1 - eps_2)`` with
+    ``c_t = sqrt(1 - a_prev - sigma_t^2) - sqrt(a_prev (1 - a_t) / a_t)`` and
+    ``w_t = c_t^2 / (2 sigma_t^2)`` (no x0 clipping, as every Stable Diffusion config). Float64, shape (B,)."""
+    from tn_ray.diffusion.ddim import alphas_at
+
+    a_t, a_prev = (a.double() for a in alphas_at(scheduler, torch.as_tensor(timesteps).reshape(-1)))
+    var = eta**2 * (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    c = (1 - a_prev - var).sqrt() - (a_prev * (1 - a_t) / a_t).sqrt()
+    return c**2 / (2 * var)
 
 
 def per_sample_sq_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -34,15 +119,16 @@ def weighted_denoising(pred: torch.Tensor, target: torch.Tensor, weights: torch.
 
 
 def kl_surrogate(pred: torch.Tensor, ref_pred: torch.Tensor) -> torch.Tensor:
-    """``||eps_theta - eps_theta0||^2`` per sample: the KL of equal-variance Gaussian steps up to a
-    constant; ``ref_pred`` is treated as a constant (no gradient flows into the base model)."""
+    """``mean_d (eps_theta - eps_theta0)^2`` per sample, both noise predictions (epsilon space): the KL
+    of the two equal-variance Gaussian steps divided by ``D * w_t`` (module docstring); ``ref_pred``
+    is treated as a constant (no gradient flows into the base model)."""
     return per_sample_sq_error(pred, ref_pred.detach())
 
 
 def rwr_loss(pred: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor, beta: float = 0.0,
              ref_pred: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Eq. 4's objective on one batch: ``{"loss", "denoise", "kl"}`` (``kl`` is logged even when beta = 0
-    if ``ref_pred`` is given; beta > 0 requires it)."""
+    """Eq. 4's objective on one batch of *noise predictions* (epsilon space): ``{"loss", "denoise", "kl"}``
+    (``kl`` is logged even when beta = 0 if ``ref_pred`` is given; beta > 0 requires it)."""
     denoise = weighted_denoising(pred, noise, weights)
     if ref_pred is None:
         if beta > 0:
@@ -51,3 +137,13 @@ def rwr_loss(pred: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor, bet
     else:
         kl = kl_surrogate(pred, ref_pred).mean()
     return {"loss": denoise + beta * kl, "denoise": denoise, "kl": kl}
+
+
+def rwr_terms(scheduler, pred: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
+              weights: torch.Tensor, beta: float = 0.0, ref_pred: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """:func:`rwr_loss` on raw UNet outputs (``pred``, ``ref_pred``: noise, v or x0 as the scheduler's
+    ``prediction_type`` says) at noisy latents ``noisy`` = x_t: both converted to epsilon first, the
+    target is the drawn ``noise``. The same value for an epsilon model and its v-parameterized twin."""
+    eps = to_epsilon(scheduler, pred, timesteps, noisy)
+    ref = to_epsilon(scheduler, ref_pred, timesteps, noisy) if ref_pred is not None else None
+    return rwr_loss(eps, noise, weights, beta, ref)

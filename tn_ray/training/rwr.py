@@ -15,9 +15,10 @@ latents ``x_t = add_noise(x0, eps, t)``, and
          + beta * (1/B) sum_i ||eps_theta(x_t,i, t_i, c_i) - eps_theta0(x_t,i, t_i, c_i)||^2
          [+ gamma * (1/B') sum_j ||eps_j - eps_theta(x_t,j, t_j, c_j)||^2   on real images (pretrain)]
 
-with ``eps_theta0`` the same UNet with adapters disabled (computed only when beta > 0). For
-v-prediction models (SD 2.1 at 768 px) the target is the velocity and both terms are on the
-UNet's v output.
+with ``eps_theta0`` the same UNet with adapters disabled (computed only when beta > 0). Every
+term is in epsilon space: for v-prediction models (SD 2.1 at 768 px) the UNet's v output is
+converted to its noise prediction first (:func:`tn_ray.training.losses.to_epsilon`), so beta
+means the same for an epsilon model and a v-prediction one (docs/rwr.md, "Which space").
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ class RwrConfig(FineTuneConfig):
     weighting: Weighting = Field("value", description="w_i of eq. 4: value (the reward), minmax (per prompt), softmax (over kept images, mean 1)")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of weighting: softmax (reward units)")
     latents: Literal["encode", "regenerate"] = Field("encode", description="training latents of the kept images: encode = VAE-encode the stored images (Lee et al.; the VAE round trip is near lossless for SD); regenerate = rerun the base model for each kept (prompt, seed) and take the sampler's own latents (exact; about top_k / samples_per_prompt of the generation cost; needed when the VAE is not a faithful autoencoder, as the random tiny pipeline's)")
-    beta: float = Field(0.5, ge=0, description="KL coefficient: weight of ||eps_theta - eps_theta0||^2 (paper's grid: 0, .25, .5, .75, 1)")
+    beta: float = Field(0.5, ge=0, description="KL coefficient: weight of mean_d (eps_theta - eps_theta0)^2, noise predictions in epsilon space for every parameterization (unitless; the paper's grid: 0, .25, .5, .75, 1; 0.5 is tn_ray's choice, the paper does not say which it selected)")
     batch_size: int = Field(32, ge=1, description="images per optimizer step over all workers (Table 4: 32); split evenly across workers")
     pretrain: PretrainBlock | None = Field(None, description="optional pre-training term on real images (Lee et al.); None = off")
     optimizer: OptimizerBlock = Field(default_factory=OptimizerBlock, description="AdamW (Table 4, RWR: lr 1e-5, weight decay 1e-2, betas (0.9, 0.999), eps 1e-8, max grad norm 1.0)")
@@ -282,37 +283,41 @@ class RwrMethod(Method):
         return self.prompts
 
     def _noisy(self, x0: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, t, eps): noise and timesteps drawn from ``gen``; the target of every term is eps."""
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen)
         dev = self.policy.device
         x0, noise, t = x0.to(dev), noise.to(dev), t.to(dev)
-        noisy = self.scheduler.add_noise(x0, noise, t)
-        target = noise if self.scheduler.config.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
-        return noisy, t, target
+        return self.scheduler.add_noise(x0, noise, t), t, noise
 
-    def step(self, step: int) -> dict[str, float]:
-        from tn_ray.training.losses import rwr_loss, weighted_denoising
+    def terms(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Step ``step``'s loss (with its graph) and metrics, every term in epsilon space."""
+        from tn_ray.training.losses import rwr_terms
 
         cfg: RwrConfig = self.cfg
         rows = global_rows(len(self.examples), cfg.batch_size, step, cfg.seed)
         rows = rows[self.ctx.rank * self.per_worker : (self.ctx.rank + 1) * self.per_worker]
         gen = torch.Generator("cpu").manual_seed(_seed(cfg.seed, step, self.ctx.rank))
         x0, embeds = self.examples.batch(rows)
-        noisy, t, target = self._noisy(x0, gen)
+        noisy, t, noise = self._noisy(x0, gen)
         pred = self.policy.noise_pred(noisy, t, embeds.to(self.policy.device))
         ref = self.policy.reference_pred(noisy, t, embeds.to(self.policy.device)) if cfg.beta > 0 else None
-        terms = rwr_loss(pred, target, self.weights[rows].to(self.policy.device), cfg.beta, ref)
+        terms = rwr_terms(self.scheduler, pred, noisy, t, noise, self.weights[rows].to(self.policy.device), cfg.beta, ref)
         loss = terms["loss"]
         metrics = {"denoise": terms["denoise"].item(), "kl": terms["kl"].item(), "weight_mean": float(self.weights[rows].mean())}
         if self.pretrain is not None and cfg.pretrain is not None:
             pre_rows = global_rows(len(self.pretrain), cfg.pretrain.batch_size * self.ctx.world_size, step, _seed(cfg.seed, "pretrain"))
             pre_rows = pre_rows[self.ctx.rank * cfg.pretrain.batch_size : (self.ctx.rank + 1) * cfg.pretrain.batch_size]
             px0, pemb = self.pretrain.batch(pre_rows)
-            pnoisy, pt, ptarget = self._noisy(px0, gen)
-            pre = weighted_denoising(self.policy.noise_pred(pnoisy, pt, pemb.to(self.policy.device)), ptarget,
-                                     torch.ones(len(pre_rows), device=self.policy.device))
+            pnoisy, pt, pnoise = self._noisy(px0, gen)
+            pre = rwr_terms(self.scheduler, self.policy.noise_pred(pnoisy, pt, pemb.to(self.policy.device)), pnoisy, pt, pnoise,
+                            torch.ones(len(pre_rows), device=self.policy.device))["denoise"]
             loss = loss + cfg.pretrain.weight * pre
             metrics["pretrain"] = pre.item()
+        return loss, metrics
+
+    def step(self, step: int) -> dict[str, float]:
+        loss, metrics = self.terms(step)
         self.optim.backward(loss)
         metrics.update(self.optim.step())
         metrics["loss"] = loss.item()
