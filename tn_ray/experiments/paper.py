@@ -26,9 +26,8 @@ import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-import pandas as pd
-
 import numpy as np
+import pandas as pd
 
 from tn_ray.data import tia2
 from tn_ray.experiments import metrics
