@@ -263,3 +263,32 @@ def test_answers_become_win_counts_per_pair(run_dir):
     counts = score_answers(key, answers).set_index(["pair", "winner"])["count"].to_dict()
     assert counts == {("clip:tiny vs ensemble-uncertainty", "ensemble-uncertainty"): len(CONTRAST),
                       ("pickscore:tiny vs textnorm(pickscore:tiny)", "tie"): len(CONTRAST)}
+
+
+def test_the_papers_prompts_per_set_and_a_textnorm_kind_per_set(tia2_dir, monkeypatch):
+    """30 prompts of each TIA2 set (release order) and TextNorm whose ensemble kind follows the
+    prompt's set (mean on composition, eq. 3 elsewhere), as sweeps/bestofn_sd21.yaml asks."""
+    from types import SimpleNamespace
+
+    from tn_ray.config import validate
+    from tn_ray.data import tia2
+    from tn_ray.experiments.bestofn import reward_table
+    from tn_ray.textnorm.columns import combine
+
+    monkeypatch.setenv("TN_RAY_TIA2_DIR", str(tia2_dir))
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "sweeps/bestofn_sd21.yaml"), BestOfNConfig, {"prompts_per_set": 2})
+    prompts = resolve_prompts(cfg, load_contrast(cfg.contrast))
+    first = {s: list(tia2.load_prompt_sets(s, tia2_dir))[:2] for s in tia2.SETS}
+    assert prompts == [*first["comprehensive"], *first["counting"], *first["composition"]]
+    with pytest.raises(ConfigError, match="prompts_per_set"):
+        validate(BestOfNConfig, {"contrast": "released:counting", "prompts_per_set": 3})
+    rng = np.random.default_rng(0)
+    items = pd.DataFrame({"prompt_id": range(6), "prompt": prompts, "sample": 0, "image_id": range(6), "image": "x",
+                          "set": "bestofn"})
+    values = {m: rng.normal(size=(6, 4)) for m in cfg.models}
+    matrices = {m: SimpleNamespace(align=lambda keys, v=v: SimpleNamespace(values=v)) for m, v in values.items()}
+    got = reward_table(items, matrices, cfg)["textnorm"].to_numpy()
+    members = ["imagereward", "pickscore"]
+    mean = combine(values, members, [1.0, 1.0], "mean")
+    unc = combine(values, members, [1.0, 1.0], "uncertainty", 1.0)
+    np.testing.assert_allclose(got, np.r_[unc[:4], mean[4:]])

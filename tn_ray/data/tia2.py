@@ -129,6 +129,37 @@ def load_prompt_sets(set_name: str, root: Path) -> dict[str, list[str]]:
     return validate_sets(_read_json(path), str(path))
 
 
+def set_of_prompts(root: Path, sets=SETS) -> dict[str, str]:
+    """``{x0: set name}`` over the released prompt sets (the first of ``sets`` holding a prompt)."""
+    out: dict[str, str] = {}
+    for s in check_sets(sets):
+        for x0 in load_prompt_sets(s, root):
+            out.setdefault(x0, s)
+    return out
+
+
+def sets_of(prompts, root: Path) -> list[str]:
+    """The TIA2 set of each prompt (an ensemble whose kind depends on the set needs it); a prompt
+    that is in no released prompt set is an error naming it."""
+    lookup = set_of_prompts(root)
+    missing = [p for p in dict.fromkeys(prompts) if p not in lookup]
+    if missing:
+        raise Tia2Error(f"{len(missing)} prompt(s) are in no TIA2 prompt set, so an ensemble kind per set cannot "
+                        f"apply to them, e.g. {missing[0]!r}")
+    return [lookup[p] for p in prompts]
+
+
+def first_prompts(per_set: int, root: Path, sets=SETS) -> list[str]:
+    """The first ``per_set`` prompts of each set in the release's prompt-set files, set after set.
+
+    The paper fine-tunes on "10 prompts from the 30" of each set it used for best-of-n but does not
+    list them; tn_ray takes them in release order, so the 10 are inside the 30 and reproducible."""
+    out: list[str] = []
+    for s in check_sets(sets):
+        out += [x0 for x0 in list(load_prompt_sets(s, root))[:per_set] if x0 not in out]
+    return out
+
+
 @lru_cache(maxsize=16)
 def load_alignment_scores(set_name: str, root: Path) -> dict[str, dict]:
     """The authors' released per-prompt metrics: ``{prompt: {"human": fraction good,

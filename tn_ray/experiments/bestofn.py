@@ -26,6 +26,7 @@ import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
 from tn_ray.config import RayConfig, ScoringConfig, StrictModel, dump_config
+from tn_ray.data import tia2
 from tn_ray.diffusion.generation import GenerationConfig, generate
 from tn_ray.errors import InputError
 from tn_ray.experiments.bestofn_pipeline import generate_and_score, image_key
@@ -46,6 +47,9 @@ class BestOfNConfig(StrictModel):
     contrast: str = Field("released:comprehensive", description="contrastive sets: 'released' or 'released:<TIA2 set>' (the authors' sets) or a JSON file {x0: [x1..xm]}")
     tia2_dir: str | None = Field(None, description="local copy of the TIA2 prompt sets for contrast='released...'; None = $TN_RAY_TIA2_DIR or download")
     max_prompts: int | None = Field(None, ge=1, description="first N prompts only (count); None = all")
+    prompts_per_set: int | None = Field(None, ge=1, description="with contrast 'released' and no `prompts`: the first N "
+                                        "prompts of each TIA2 set, in release order (the paper: 30 per set; it does not "
+                                        "list them); applied before max_prompts")
     pools: list[int] = Field(default_factory=lambda: [16, 64, 256], min_length=1, description="nested pool sizes n: the first n samples of a prompt (images)")
     top_k: list[int] = Field(default_factory=lambda: [1, 4], min_length=1, description="how many images each selection keeps (images)")
     models: list[str] = Field(default_factory=lambda: ["clip", "pickscore"], min_length=1, description="reward model specs, e.g. clip, pickscore:tiny")
@@ -80,6 +84,10 @@ class BestOfNConfig(StrictModel):
             gen.samples_per_prompt = max(self.pools)
         elif gen.samples_per_prompt < max(self.pools):
             raise ValueError(f"generation.samples_per_prompt ({gen.samples_per_prompt}) is smaller than the largest pool {max(self.pools)}")
+        if self.prompts_per_set and (self.prompts or self.contrast != "released"):
+            raise ValueError("prompts_per_set: takes the first N prompts of each TIA2 set, so it needs contrast "
+                             f"'released' and no `prompts` (got contrast '{self.contrast}'"
+                             f"{', prompts given' if self.prompts else ''})")
         if max(self.top_k) > min(self.pools):
             raise ValueError(f"top_k {self.top_k} exceeds the smallest pool {min(self.pools)}")
         object.__setattr__(self, "ensembles", check_ensembles(self.ensembles, self.models))
@@ -102,7 +110,12 @@ class BestOfNConfig(StrictModel):
 
 
 def resolve_prompts(cfg: BestOfNConfig, contrast: dict[str, list[str]]) -> list[str]:
-    prompts = list(cfg.prompts) if cfg.prompts else list(contrast)
+    if cfg.prompts:
+        prompts = list(cfg.prompts)
+    elif cfg.prompts_per_set:
+        prompts = tia2.first_prompts(cfg.prompts_per_set, tia2.resolve_dir(cfg.tia2_dir))
+    else:
+        prompts = list(contrast)
     prompts = prompts[: cfg.max_prompts or None]
     if not prompts:
         raise InputError("no prompts: set `prompts` or give a non-empty contrastive-set source")
@@ -125,7 +138,9 @@ def reward_table(items: pd.DataFrame, matrices: dict[str, ScoreMatrix], cfg: Bes
     """Per image: its keys and every reward column (each raw model, its TextNorm, each ensemble)."""
     out = items[["prompt_id", "prompt", "sample", "image_id", "image"]].reset_index(drop=True).copy()
     values = {m: matrices[m].align(items[["set", "prompt", "image_id"]]).values for m in cfg.models}
-    for name, col in reward_columns(values, cfg.textnorm, cfg.ensembles).items():
+    groups = (tia2.sets_of(list(out["prompt"]), tia2.resolve_dir(cfg.tia2_dir))
+              if any(e.per_group for e in cfg.ensembles) else None)
+    for name, col in reward_columns(values, cfg.textnorm, cfg.ensembles, groups).items():
         out[name] = col
     return out
 
@@ -143,6 +158,8 @@ def run(cfg: BestOfNConfig, generate_only: bool = False) -> dict[str, Path]:
     # everything a user can get wrong is checked before Ray starts or a model loads
     contrast = load_contrast(cfg.contrast, tia2_dir=cfg.tia2_dir)
     prompts = resolve_prompts(cfg, contrast)
+    if any(e.per_group for e in cfg.ensembles):
+        tia2.sets_of(prompts, tia2.resolve_dir(cfg.tia2_dir))  # a kind per TIA2 set needs each prompt's set
     check_source(cfg.generation.pipeline)
     check_scheduler(cfg.generation.scheduler)
     if not generate_only:
