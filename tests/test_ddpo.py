@@ -177,6 +177,45 @@ def eps_gap(method) -> float:
     return float(np.mean(gaps))
 
 
+def test_kl_regularizer_is_the_same_for_an_epsilon_model_and_its_v_twin(tmp_path):
+    """One DDPO training pass on the same chains and advantages with a tiny epsilon UNet and with its
+    exact v-prediction twin: the same regularizer, policy loss and loss (the KL compares noise
+    predictions, the DDIM step converts v itself). No reward actors: train_epoch only."""
+    from diffusers import DDIMScheduler
+    from v_twin import VTwin
+
+    from tn_ray.training.ddpo import DDPO
+    from tn_ray.training.optim import Optimization
+
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path / "twin", train={"kl_coef": 1.0})
+    method = make_method(cfg, {})
+    policy = method.policy
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the policy differs from the base model
+        for name, p in policy.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    lora = policy.lora_state()
+    gens = [torch.Generator().manual_seed(i) for i in range(8)]
+    with torch.no_grad():
+        chains = sample_chains(policy.pipe, PROMPTS * 4, [0, 1] * 4, num_steps=cfg.sample.num_steps,
+                               guidance=cfg.sample.guidance_scale, eta=cfg.sample.eta, generator=gens)
+    advantages = torch.linspace(-1.0, 1.0, 8)
+    eps_metrics = method.train_epoch(1, chains, advantages)
+
+    policy.load_lora_state(lora)
+    sched = policy.pipe.scheduler
+    policy.unet = policy.train_unet = VTwin(policy.unet, sched.alphas_cumprod)
+    policy.pipe.scheduler = DDIMScheduler.from_config(sched.config, prediction_type="v_prediction")
+    policy.pipe.scheduler.set_timesteps(cfg.sample.num_steps)
+    optim = Optimization(policy.trainable_parameters(), cfg.optimizer, cfg.max_steps, torch.device("cpu"))
+    v_metrics = DDPO(cfg, policy, optim, method.ctx, method.data).train_epoch(1, chains, advantages)
+    assert eps_metrics["kl"] > 1e-6
+    for key in ("kl", "policy_loss", "loss"):
+        assert v_metrics[key] == pytest.approx(eps_metrics[key], rel=1e-4, abs=1e-7), (key, eps_metrics, v_metrics)
+
+
 def test_large_kl_coef_stays_closer_to_base_and_only_lora_changes(tmp_path, actors):
     """Same seeds and epochs: kl_coef = 100 ends with noise predictions closer to the base model's than 0;
     the first minibatch after sampling has ratio 1 (approx-KL exactly 0); only LoRA weights change."""

@@ -95,6 +95,53 @@ def test_kl_term_keeps_the_policy_closer_to_the_base_model(tmp_path, examples):
     assert drifts[5.0] < 0.5 * drifts[0.0], drifts
 
 
+def test_epsilon_model_and_its_v_twin_give_the_same_loss_terms(tmp_path, examples):
+    """RwrMethod on a tiny epsilon UNet and on its exact v-prediction twin (the same weights, outputs
+    v, a v_prediction scheduler): the same denoising term, KL term and loss, because both terms are
+    computed in epsilon space. On the raw outputs (v space) the KL would be larger by 1 / alpha_bar_t."""
+    from diffusers import DDIMScheduler
+    from v_twin import VTwin
+
+    from tn_ray.training.losses import per_sample_sq_error
+    from tn_ray.training.optim import Optimization
+    from tn_ray.training.policy import Policy
+
+    torch.set_num_threads(1)
+    cfg = _cfg(tmp_path / "twin", beta=0.5, batch_size=4)
+    policy = Policy.load(cfg.policy, "cpu", seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # move the adapter off B = 0 so the policy differs from the base model
+        for name, p in policy.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    ctx = WorkerContext(0, 1, torch.device("cpu"), cfg.out)
+
+    def terms(step: int):
+        optim = Optimization(policy.trainable_parameters(), cfg.optimizer, cfg.max_steps, torch.device("cpu"))
+        with torch.no_grad():
+            return RwrMethod(cfg, policy, optim, ctx, {"examples": examples}).terms(step)[1]
+
+    eps_terms = [terms(s) for s in (1, 2, 3)]
+    unet, sched = policy.unet, policy.pipe.scheduler
+    twin = VTwin(unet, sched.alphas_cumprod)
+    policy.unet = policy.train_unet = twin
+    policy.pipe.scheduler = DDIMScheduler.from_config(sched.config, prediction_type="v_prediction")
+    v_terms = [terms(s) for s in (1, 2, 3)]
+    for e, v in zip(eps_terms, v_terms):
+        assert e["kl"] > 1e-6
+        for key in ("kl", "denoise"):
+            assert v[key] == pytest.approx(e[key], rel=1e-4), (key, e, v)
+    # the raw outputs differ: the same comparison on v would weigh each sample by 1 / alpha_bar_t
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    t = torch.tensor([50, 950])
+    emb = policy.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        raw = per_sample_sq_error(policy.noise_pred(x, t, emb), policy.reference_pred(x, t, emb))
+        policy.unet = policy.train_unet = unet
+        eps = per_sample_sq_error(policy.noise_pred(x, t, emb), policy.reference_pred(x, t, emb))
+    torch.testing.assert_close(raw * sched.alphas_cumprod[t], eps, rtol=1e-3, atol=0)
+
+
 def _denoising_error(policy, latents: torch.Tensor, embeds: torch.Tensor, draws: int = 16) -> torch.Tensor:
     """Per-image eq.-4 denoising error (the negative log-likelihood surrogate), averaged over fixed
     (noise, timestep) draws."""
@@ -206,10 +253,11 @@ def test_rwr_raises_the_reward_of_fresh_samples_over_a_control(tmp_path):
     assert diff.mean() > 0.001 and diff.mean() > 3 * diff.std(ddof=1) / np.sqrt(n)
 
 
-def test_rwr_command_end_to_end(ray_session, tmp_path, monkeypatch):
+def test_rwr_command_end_to_end(ray_session, tmp_path, monkeypatch, capsys):
     """`tn-ray rwr sweeps/rwr_tiny.yaml --out run`: generation, scoring, Ray Train, evaluation with a
-    held-out judge, selection, reports; the selected LoRA loads into a plain pipeline. The relative
-    `--out` is the user's folder, not one inside Ray's worker folders."""
+    held-out judge, selection by the training reward (the paper's rule) with the judge's view beside it,
+    reports; the selected LoRA loads into a plain pipeline. The relative `--out` is the user's folder,
+    not one inside Ray's worker folders."""
     from tn_ray.cli import main
     from tn_ray.diffusion.pipelines import tiny_pipeline
     from tn_ray.training.checkpoint import Checkpoints
@@ -224,8 +272,11 @@ def test_rwr_command_end_to_end(ray_session, tmp_path, monkeypatch):
     assert set(table["step"]) == {0, 3, 6} and set(table["reward"]) == {"brightness", "clip:tiny"}
     assert (table["images"] == 4).all()  # 2 prompts x 2 seeds
     selection = json.loads((out / "selection.json").read_text())
-    assert selection["judge"] == "clip:tiny"
-    assert selection["step"] == select_checkpoint(table[table["step"] > 0], "clip:tiny")
+    assert (selection["selected_by"], selection["paper_rule"]) == ("brightness", True)
+    assert selection["step"] == select_checkpoint(table[table["step"] > 0], "brightness")
+    assert selection["judges"]["clip:tiny"]["earliest_max_step"] == select_checkpoint(table[table["step"] > 0], "clip:tiny")
+    printed = capsys.readouterr().out
+    assert "by the training reward brightness (the paper's rule)" in printed and "judge clip:tiny (monitor)" in printed
     for rel in ("config.yaml", "curves.png", "grids/00000.png", "grids/00001.png", "human_eval/index.html",
                 "human_eval_key.csv", "data.parquet", "selected/pytorch_lora_weights.safetensors"):
         assert (out / rel).is_file(), rel

@@ -97,8 +97,158 @@ def test_config_rejects_training_reward_as_judge():
         validate(FineTuneConfig, {"reward": reward, "eval": {"judges": [reward]}})
     with pytest.raises(ConfigError, match="select_by"):
         validate(FineTuneConfig, {"reward": reward, "eval": {"select_by": "clip:tiny"}})
-    cfg = validate(FineTuneConfig, {"reward": reward, "eval": {"judges": [{"models": ["clip:tiny"], "use": "clip:tiny"}]}})
-    assert cfg.selection_judge == "clip:tiny"
+    judge = {"models": ["clip:tiny"], "use": "clip:tiny"}
+    cfg = validate(FineTuneConfig, {"reward": reward, "eval": {"judges": [judge]}})
+    assert cfg.selection_column == "brightness" and cfg.paper_rule  # the paper's rule: judges are monitors
+    cfg = validate(FineTuneConfig, {"reward": reward, "eval": {"judges": [judge], "select_by": "clip:tiny"}})
+    assert cfg.selection_column == "clip:tiny" and not cfg.paper_rule
+    assert validate(FineTuneConfig, {"reward": reward, "eval": {"judges": [judge], "select_by": "brightness"}}).paper_rule
+
+
+# --- the paper's checkpoint rule on a run whose training reward and judge disagree --------
+PROMPTS2, SEEDS2 = ["a red cube", "two cats"], [0, 1]
+TRAIN_WINS = {10: 3, 20: 4, 30: 4}  # the training reward's earliest maximum: step 20
+JUDGE_WINS = {10: 4, 20: 1, 30: 2}  # the judge's: step 10
+
+
+def _constructed_run(out) -> None:
+    """A finished run's evaluation folder: base and per-step scores (4 images, 2 columns), images, LoRA files."""
+    import io
+
+    from PIL import Image
+
+    from tn_ray.storage import Store
+
+    store = Store(str(out))
+    images = [(p, s) for p in range(len(PROMPTS2)) for s in SEEDS2]
+    base = pd.DataFrame([(p, s, PROMPTS2[p], col, 0.5) for col in ("brightness", "clip:tiny") for p, s in images],
+                        columns=["prompt_id", "seed", "prompt", "reward", "value"])
+    store.write_table("eval/base.parquet", __import__("pyarrow").Table.from_pandas(base, preserve_index=False))
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (120, 30, 30)).save(png, format="PNG")
+    for p, s in images:
+        store.write_bytes(f"eval/base/{p:05d}-{s}.png", png.getvalue())
+    for step in TRAIN_WINS:
+        rows = [(step, p, s, PROMPTS2[p], col, 0.9 if i < wins[step] else 0.1)
+                for col, wins in (("brightness", TRAIN_WINS), ("clip:tiny", JUDGE_WINS)) for i, (p, s) in enumerate(images)]
+        frame = pd.DataFrame(rows, columns=["step", "prompt_id", "seed", "prompt", "reward", "value"])
+        store.write_table(f"eval/scores/step-{step:06d}.parquet", __import__("pyarrow").Table.from_pandas(frame, preserve_index=False))
+        for p, s in images:
+            store.write_bytes(f"eval/step-{step:06d}/{p:05d}-{s}.png", png.getvalue())
+        store.write_bytes(f"checkpoints/step-{step:06d}/pytorch_lora_weights.safetensors", f"lora-{step}".encode())
+
+
+def _run_cfg(out, **eval_keys):
+    from tn_ray.training.config import FineTuneConfig
+
+    return FineTuneConfig.model_validate({
+        "out": str(out), "reward": {"models": ["brightness"], "use": "brightness"},
+        "eval": {"prompts": PROMPTS2, "seeds": SEEDS2, "judges": [{"models": ["clip:tiny"], "use": "clip:tiny"}], **eval_keys}})
+
+
+def test_default_selection_is_the_training_reward_and_judges_are_reported(tmp_path):
+    """The training reward and the judge disagree (earliest maxima at steps 20 and 10): without select_by the
+    checkpoint is the training reward's (the paper's rule), written as such, with the judge's own view beside it."""
+    import json
+
+    from tn_ray.training.outputs import write_outputs
+    from tn_ray.training.selection import describe_selection
+
+    _constructed_run(tmp_path / "run")
+    paths = write_outputs(_run_cfg(tmp_path / "run"), PROMPTS2)
+    sel = json.loads((tmp_path / "run" / "selection.json").read_text())
+    assert (sel["step"], sel["selected_by"], sel["paper_rule"], sel["paper_rule_step"]) == (20, "brightness", True, 20)
+    assert (sel["wins"], sel["images"]) == (4, 4) and sel["counts"] == {"10": 3, "20": 4, "30": 4}
+    assert sel["rule"].startswith("the paper's rule") and "training reward" in sel["rule"]
+    judge = sel["judges"]["clip:tiny"]
+    assert judge["earliest_max_step"] == 10 and judge["wins_at_earliest_max"] == 4
+    assert judge["at_selected"]["wins"] == 1 and judge["counts"] == {"10": 4, "20": 1, "30": 2}
+    assert (tmp_path / "run" / "selected" / "pytorch_lora_weights.safetensors").read_bytes() == b"lora-20"
+    lines = describe_selection(sel)
+    assert "step 20, by the training reward brightness (the paper's rule)" in lines[0]
+    assert "judge clip:tiny (monitor): its own earliest maximum is step 10" in lines[1]
+    assert paths["selection"].endswith("selection.json")
+
+    # the override: the judge's column selects, and the report says it is not the paper's rule
+    _constructed_run(tmp_path / "override")
+    write_outputs(_run_cfg(tmp_path / "override", select_by="clip:tiny"), PROMPTS2)
+    sel = json.loads((tmp_path / "override" / "selection.json").read_text())
+    assert (sel["step"], sel["selected_by"], sel["paper_rule"], sel["paper_rule_step"]) == (10, "clip:tiny", False, 20)
+    assert "NOT the paper's rule" in sel["rule"] and "not the paper's rule" in describe_selection(sel)[0]
+    assert (tmp_path / "override" / "selected" / "pytorch_lora_weights.safetensors").read_bytes() == b"lora-10"
+
+
+# --- epsilon space: the KL term and the denoising term for every parameterization ------
+def _sd_ddpm(**kw):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, **kw)
+
+
+def test_to_epsilon_inverts_v_and_x0_predictions_and_v_space_reweights_by_one_over_alpha_bar():
+    from types import SimpleNamespace
+
+    from tn_ray.training.losses import alpha_bar, per_sample_sq_error, to_epsilon
+
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 250, 700, 999])
+    sched = _sd_ddpm()
+    x_t = sched.add_noise(x0, eps, t)
+    v = sched.get_velocity(x0, eps, t)
+    torch.testing.assert_close(to_epsilon(_sd_ddpm(prediction_type="v_prediction"), v, t, x_t), eps, atol=1e-4, rtol=0)
+    torch.testing.assert_close(to_epsilon(_sd_ddpm(prediction_type="sample"), x0, t, x_t), eps, atol=2e-3, rtol=0)
+    assert torch.equal(to_epsilon(sched, eps, t, x_t), eps)
+    # the issue's point: at the same x_t, squared v differences are squared eps differences / alpha_bar_t
+    eps2 = eps + 0.1 * torch.randn(eps.shape, generator=g)
+    a = alpha_bar(sched, t, eps)
+    v2 = sched.get_velocity((x_t - (1 - a).sqrt() * eps2) / a.sqrt(), eps2, t)  # the v whose x0 is the one eps2 implies
+    ratio = per_sample_sq_error(v, v2) / per_sample_sq_error(eps, eps2)
+    torch.testing.assert_close(ratio, 1 / a.flatten(), rtol=1e-3, atol=0)
+    assert float(1 / a.flatten()[-1]) > 200  # SD's schedule: the noisiest step weighs 214x more in v space
+    odd = SimpleNamespace(config=SimpleNamespace(prediction_type="flow"), alphas_cumprod=sched.alphas_cumprod)
+    with pytest.raises(ValueError, match="prediction_type"):
+        to_epsilon(odd, v, t, x_t)
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+def test_ddpm_kl_weight_is_the_exact_kl_of_two_gaussian_steps(variance_type):
+    """diffusers' own DDPM step (same noise draw for both predictions, so the outputs differ by exactly the
+    means' difference) and its own variance: KL = sum (mu1 - mu2)^2 / (2 sigma^2) = w_t sum (eps1 - eps2)^2."""
+    from tn_ray.training.losses import ddpm_kl_weight
+
+    sched = _sd_ddpm(variance_type=variance_type)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64)
+    for t in (1, 10, 300, 999):
+        e1, e2 = (torch.randn(x.shape, generator=g, dtype=torch.float64) for _ in range(2))
+        p1 = sched.step(e1, t, x, generator=torch.Generator().manual_seed(5)).prev_sample
+        p2 = sched.step(e2, t, x, generator=torch.Generator().manual_seed(5)).prev_sample
+        var = float(sched._get_variance(t, variance_type=variance_type))
+        exact = float(((p1 - p2) ** 2).sum() / (2 * var))
+        assert float(ddpm_kl_weight(sched, torch.tensor([t]))[0] * ((e1 - e2) ** 2).sum()) == pytest.approx(exact, rel=1e-4)  # diffusers computes in float32
+    w = ddpm_kl_weight(_sd_ddpm(), torch.tensor([1, 999]))
+    assert w[0] > 50 * w[1]  # far from constant: 0.503 at t = 1, 0.0061 at t = 999 (82x; fixed_small)
+
+
+def test_ddim_kl_weight_is_the_exact_kl_of_two_ddim_steps():
+    from diffusers import DDIMScheduler
+
+    from tn_ray.diffusion.ddim import ddim_step
+    from tn_ray.training.losses import ddim_kl_weight
+
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    sched.set_timesteps(50)
+    g = torch.Generator().manual_seed(2)
+    x, prev = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    for t in sched.timesteps[[0, 10, 25, 48]]:
+        e1, e2 = (torch.randn(x.shape, generator=g) for _ in range(2))
+        s1, s2 = (ddim_step(sched, e, t, x, eta=1.0, prev_sample=prev) for e in (e1, e2))
+        exact = torch.distributions.kl_divergence(torch.distributions.Normal(s1.mean.double(), s1.std.double()),
+                                                  torch.distributions.Normal(s2.mean.double(), s2.std.double())).sum()
+        got = ddim_kl_weight(sched, t.reshape(1), eta=1.0)[0] * ((e1.double() - e2.double()) ** 2).sum()
+        assert float(got) == pytest.approx(float(exact), rel=1e-4)
 
 
 # --- policy and checkpoints on the tiny pipeline -----------------------------------------

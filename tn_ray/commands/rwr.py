@@ -20,4 +20,12 @@ def run(args) -> int:
     paths = rwr_run(cfg)
     for k, v in paths.items():
         print(f"{k:>20}: {v}")
+    if "selection" in paths:
+        import json
+
+        from tn_ray.storage import read_any
+        from tn_ray.training.selection import describe_selection
+
+        for line in describe_selection(json.loads(read_any(paths["selection"])), unit="step"):
+            print(line)
     return 0

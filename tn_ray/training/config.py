@@ -80,7 +80,7 @@ class EvalBlock(StrictModel):
     width: int | None = Field(None, ge=8, multiple_of=8, description="evaluation image width (pixels); None = the pipeline's default")
     batch_size: int = Field(8, ge=1, description="images per diffusers call during evaluation (images)")
     judges: list[JudgeBlock] = Field(default_factory=list, description="held-out judge rewards, each a reward config; its column name is its `use`")
-    select_by: str | None = Field(None, description="judge column whose win counts select the checkpoint; None = the first judge, or the training reward without judges")
+    select_by: str | None = Field(None, description="column whose win counts over the base model select the checkpoint; None = the training reward: the paper's rule (Section 5, 'as measured by the reward model'). Naming a judge is an override, reported as not the paper's rule; judges are monitors either way and selection.json gives each judge's own view")
 
 
 class CheckpointBlock(StrictModel):
@@ -141,8 +141,12 @@ class FineTuneConfig(StrictModel):
         return [j.use for j in self.eval.judges]
 
     @property
-    def selection_judge(self) -> str:
-        """The column whose wins over the base model select the checkpoint."""
-        if self.eval.select_by is not None:
-            return self.eval.select_by
-        return self.judge_names()[0] if self.eval.judges else self.reward.use
+    def selection_column(self) -> str:
+        """The column whose wins over the base model select the checkpoint: the training reward (the
+        paper's rule) unless ``eval.select_by`` overrides it."""
+        return self.eval.select_by if self.eval.select_by is not None else self.reward.use
+
+    @property
+    def paper_rule(self) -> bool:
+        """Whether the checkpoint is selected by the paper's rule (wins under the training reward)."""
+        return self.selection_column == self.reward.use

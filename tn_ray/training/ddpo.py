@@ -384,12 +384,14 @@ def quickstart_step(out: Path) -> dict[str, Path]:
     """The quickstart's tiny DDPO run; prints where the curves and the selected checkpoint are."""
     import json
 
+    from tn_ray.training.selection import describe_selection
+
     cfg = quickstart_config(Path(out) / "ddpo")
     paths = run(cfg)
     selection = json.loads(Path(paths["selection"]).read_text())
     curve = epoch_rewards(cfg.out)
     print(f"DDPO (tiny, brightness reward, clip:tiny judge): training reward per epoch "
-          f"{', '.join(f'{v:.4f}' for v in curve['reward_mean'])}; selected checkpoint epoch {selection['step']} "
-          f"({selection['wins']} of {selection['images']} evaluation images beat the base model under {selection['judge']})")
+          f"{', '.join(f'{v:.4f}' for v in curve['reward_mean'])}")
+    print("  " + "\n".join(describe_selection(selection, unit="epoch")))
     print(f"  curves: {paths['curves']}\n  selected checkpoint: {paths['selected_checkpoint']}\n  eval table: {paths['eval_csv']}")
     return {k: Path(v) for k, v in paths.items() if isinstance(v, str)}

@@ -155,8 +155,10 @@ class Evaluator:
     # --- checkpoints --------------------------------------------------------------------
     def evaluate(self, step: int, policy) -> dict[str, float]:
         """Generate, score and count wins over the base model at ``step``. Metrics: each reward
-        column's mean (key = its name) and ``<name>/wins``; ``eval_reward`` (training reward
-        mean), ``eval_judge`` and ``eval_wins`` (the selection judge's mean and win count)."""
+        column's mean (key = its name) and ``<name>/wins``; ``eval_reward`` and ``eval_reward_wins``
+        (the training reward's mean and win count); ``eval_wins`` (the win count of the selection
+        column: the training reward, the paper's rule, unless ``eval.select_by`` names a judge);
+        with judges, ``eval_judge`` and ``eval_judge_wins`` (the first judge's mean and win count)."""
         from tn_ray.training.checkpoint import step_name
 
         images = generate_images(policy, self.prompts, self.seeds, self.cfg.eval)
@@ -168,8 +170,12 @@ class Evaluator:
         for row in counts.itertuples():
             out[row.reward] = float(row.mean)
             out[f"{row.reward}/wins"] = float(row.wins)
-        judge = self.cfg.selection_judge
-        out.update(eval_reward=out[self.cfg.reward.use], eval_judge=out[judge], eval_wins=out[f"{judge}/wins"])
+        train = self.cfg.reward.use
+        out.update(eval_reward=out[train], eval_reward_wins=out[f"{train}/wins"],
+                   eval_wins=out[f"{self.cfg.selection_column}/wins"])
+        if self.cfg.eval.judges:
+            judge = self.cfg.judge_names()[0]
+            out.update(eval_judge=out[judge], eval_judge_wins=out[f"{judge}/wins"])
         return out
 
     def evaluated_steps(self) -> list[int]:

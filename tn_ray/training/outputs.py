@@ -3,7 +3,9 @@
 Written under ``out`` (through :class:`tn_ray.storage.Store`: local folder or cloud URI)::
 
     eval.csv                 step, reward, mean, wins, images, base_mean (step 0 = the base model)
-    selection.json           the paper's rule: judge, selected step, its wins, the checkpoint, counts per step
+    selection.json           the selected step by the paper's rule (wins under the training reward; or the
+                             eval.select_by override, labelled as such), its checkpoint and counts per step,
+                             and each judge's own view (its earliest-maximum step, its counts at the selected one)
     selected/pytorch_lora_weights.safetensors   the selected checkpoint's LoRA (load_lora_weights)
     curves.png               each reward column's mean over steps (training reward vs judges), wins
     grids/<prompt_id>.png    an evaluation prompt's images (rows = seeds) across checkpoints
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +29,9 @@ from tn_ray.training.checkpoint import Checkpoints, step_name
 from tn_ray.training.config import FineTuneConfig
 from tn_ray.training.evaluation import read_scores
 from tn_ray.training.policy import LORA_FILE
-from tn_ray.training.selection import select_checkpoint, win_counts
+from tn_ray.training.selection import describe_selection, selection_summary, win_counts
+
+log = logging.getLogger(__name__)
 
 
 def eval_table(scores: pd.DataFrame, base: pd.DataFrame) -> pd.DataFrame:
@@ -38,7 +43,8 @@ def eval_table(scores: pd.DataFrame, base: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values(["step", "reward"]).reset_index(drop=True)
 
 
-def plot_curves(table: pd.DataFrame, train_reward: str, judge: str, flags: list[dict], selected: int | None) -> bytes:
+def plot_curves(table: pd.DataFrame, train_reward: str, column: str, flags: list[dict], selected: int | None) -> bytes:
+    """Each column's mean over steps, and every column's wins over the base model (``column`` selects)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,11 +61,16 @@ def plot_curves(table: pd.DataFrame, train_reward: str, judge: str, flags: list[
         for f in flags:
             ax.axvline(f["step"], color="orange", linestyle="--", linewidth=1)
     ax = axes[-1]
-    rows = table[(table["reward"] == judge) & (table["step"] > 0)]
-    ax.bar(rows["step"].astype(str), rows["wins"], color="tab:green")
-    ax.set_title(f"images beating the base model ({judge})", fontsize=9)
+    for reward in rewards:
+        rows = table[(table["reward"] == reward) & (table["step"] > 0)]
+        ax.plot(rows["step"], rows["wins"], marker="o", linewidth=2.5 if reward == column else 1,
+                color="tab:red" if reward == train_reward else None, label=reward + (" (selects)" if reward == column else ""))
+    rule = "the paper's rule" if column == train_reward else "select_by override"
+    ax.set_title(f"images beating the base model; selected by {column} ({rule})", fontsize=8)
+    ax.legend(fontsize=7)
     ax.set_xlabel("step")
     if selected is not None:
+        ax.axvline(selected, color="tab:green", linestyle=":", linewidth=1.5)
         ax.set_xlabel(f"step (selected: {selected})")
     fig.tight_layout()
     buf = io.BytesIO()
@@ -123,22 +134,21 @@ def write_outputs(cfg: FineTuneConfig, train_prompts: Sequence[str]) -> dict[str
     paths: dict[str, Any] = {"out": store.uri(""), "config": store.uri("config.yaml"), "eval_csv": store.uri("eval.csv"),
                              "checkpoints": store.uri("checkpoints"), "tensorboard": store.uri("tensorboard")}
     flags = json.loads(store.read_text("monitor_flags.json")) if store.exists("monitor_flags.json") else []
-    judge = cfg.selection_judge
+    column = cfg.selection_column
     steps = sorted(scores["step"].unique().tolist()) if len(scores) else []
     selected = None
     if steps:
         counts = table[table["step"] > 0]
-        selected = select_checkpoint(counts, judge)
-        row = counts[(counts["reward"] == judge) & (counts["step"] == selected)].iloc[0]
+        selection = selection_summary(counts, cfg.reward.use, cfg.judge_names(), cfg.eval.select_by)
+        selected = selection["step"]
         ckpts = Checkpoints(cfg.out)
-        selection = {"judge": judge, "step": selected, "wins": int(row["wins"]), "images": int(row["images"]),
-                     "checkpoint": ckpts.uri(selected), "rule": "earliest checkpoint with the most evaluation images beating the base model's image of the same (prompt, seed)",
-                     "counts": {int(s): int(w) for s, w in counts[counts["reward"] == judge][["step", "wins"]].itertuples(index=False)},
-                     "overoptimization_flags": flags}
+        selection = {**selection, "checkpoint": ckpts.uri(selected), "overoptimization_flags": flags}
         store.write_text("selection.json", json.dumps(selection, indent=1))
         store.write_bytes(f"selected/{LORA_FILE}", ckpts.lora_bytes(selected))
         paths.update(selection=store.uri("selection.json"), selected_checkpoint=store.uri("selected"))
-    store.write_bytes("curves.png", plot_curves(table, cfg.reward.use, judge, flags, selected))
+        for line in describe_selection(selection):
+            log.info(line)
+    store.write_bytes("curves.png", plot_curves(table, cfg.reward.use, column, flags, selected))
     paths["curves"] = store.uri("curves.png")
     prompts = eval_prompts(cfg, train_prompts)
     if steps:

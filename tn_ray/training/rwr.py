@@ -383,9 +383,10 @@ def quickstart_config(out: Path) -> RwrConfig:
 
 def quickstart_step(out: Path) -> dict[str, Path]:
     """The quickstart's tiny RWR run; prints where the curves and the selected checkpoint are."""
+    from tn_ray.training.selection import describe_selection
+
     paths = run(quickstart_config(Path(out) / "rwr"))
     selection = json.loads(Path(paths["selection"]).read_text())
-    print(f"RWR (tiny, brightness reward, clip:tiny judge): selected checkpoint step {selection['step']} "
-          f"({selection['wins']} of {selection['images']} evaluation images beat the base model under {selection['judge']})")
+    print("RWR (tiny, brightness reward, clip:tiny judge): " + "\n".join(describe_selection(selection)))
     print(f"  curves: {paths['curves']}\n  selected checkpoint: {paths['selected_checkpoint']}\n  eval table: {paths['eval_csv']}")
     return {k: Path(v) for k, v in paths.items()}  # a local run: every output is a local path
