@@ -105,7 +105,8 @@ def describe_selection(sel: dict[str, Any], unit: str = "step") -> list[str]:
                  f"the paper's rule (training reward {tr['column']}) selects {unit} {sel['paper_rule_step']}"]
     for name, view in sel["judges"].items():
         a = view["at_selected"]
-        lines.append(f"  judge {name} (monitor): its own earliest maximum is {unit} {view['earliest_max_step']} "
+        role = "selects: the override" if name == sel["selected_by"] else "monitor"
+        lines.append(f"  judge {name} ({role}): its own earliest maximum is {unit} {view['earliest_max_step']} "
                      f"({view['wins_at_earliest_max']} of {a['images']}); at {unit} {sel['step']}: {a['wins']} of "
                      f"{a['images']} beat the base model's, mean {a['mean']:.4g} vs base {a['base_mean']:.4g}")
     return lines
