@@ -17,6 +17,7 @@ from typing import Literal
 import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
+from tn_ray import provenance
 from tn_ray.config import RayConfig, ScoringConfig, StrictModel, dump_config
 from tn_ray.data import tia2
 from tn_ray.errors import InputError
@@ -63,6 +64,8 @@ def collect_items(cfg: Tia2EvalConfig) -> pd.DataFrame:
     """Rows to score (keys, labels, image path, texts), checked before any model loads."""
     if not cfg.images:
         raise InputError("no image folder given (--images DIR, or `images:` in the config)")
+    if Path(cfg.images).is_file():
+        raise InputError(f"--images {cfg.images}: a file, not a folder with one sub-folder of images per set")
     root = tia2.resolve_dir(cfg.tia2_dir)
     images = Store(cfg.images)  # a local folder or a cloud URI
     frames = []
@@ -140,7 +143,7 @@ def reference(items: pd.DataFrame, cfg: Tia2EvalConfig) -> pd.DataFrame:
     return paper.prompt_table(root, list(evaluated), evaluated, strict=False)
 
 
-def run(cfg: Tia2EvalConfig) -> dict[str, Path]:
+def run(cfg: Tia2EvalConfig, allow_provenance_change: bool = False) -> dict[str, Path]:
     from tn_ray.cluster import init_ray
     from tn_ray.rewards.weights import check_weights
     from tn_ray.scoring.pipeline import score_matrices
@@ -150,6 +153,7 @@ def run(cfg: Tia2EvalConfig) -> dict[str, Path]:
     paper_prompts = reference(items, cfg)
     check_weights(cfg.models)
     out = check_output_dir(cfg.out)  # a file in its place or no write permission: named before Ray starts
+    provenance.record(out, cfg, allow_change=allow_provenance_change, models=cfg.models)
     dump_config(cfg, out / "config.yaml")
     log.info("TIA2 eval: %d images, %d prompts, sets %s, models %s", len(items), items["prompt"].nunique(), cfg.sets, cfg.models)
     init_ray(cfg.ray)
