@@ -16,10 +16,12 @@ world run) records:
 ``config``, ``packages``, ``tn_ray`` commit or ``revisions`` differ, it raises
 :class:`ProvenanceChanged` naming what differs, unless ``allow_change`` (the commands'
 ``--allow-provenance-change``), in which case the new record is written with the old ones kept
-under ``previous``.
+under ``previous``. Config keys in :data:`NOT_COMPARED` (``ray``, ``stop_after_steps``) may change.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -42,6 +44,10 @@ FILENAME = "provenance.json"
 PACKAGES = {"torch": "torch", "diffusers": "diffusers", "transformers": "transformers", "ray": "ray", "peft": "peft",
             "open_clip": "open_clip_torch", "numpy": "numpy", "tn_ray": "tn_ray"}
 COMPARED = ("config", "packages", "tn_ray", "revisions")  # what must match to continue a run folder
+# config keys that may change between invocations of one run: where Ray runs (a run started on a laptop
+# continues on a cluster) and stop_after_steps (end this invocation early; the next one continues)
+NOT_COMPARED = ("ray", "stop_after_steps")
+_allow_all: contextvars.ContextVar[bool] = contextvars.ContextVar("allow_all", default=False)
 _SNAPSHOT = re.compile(r"[/\\]snapshots[/\\]([0-9a-f]{40})[/\\]")
 
 
@@ -167,6 +173,8 @@ def differences(old: dict, new: dict) -> list[str]:
                 out.append(f"tn_ray commit: {a} -> {b}")
             continue
         a, b = _flat(old.get(part) or {}), _flat(new.get(part) or {})
+        if part == "config":
+            a, b = ({k: v for k, v in d.items() if k.split(".")[0] not in NOT_COMPARED} for d in (a, b))
         out += [f"{part}.{k}: {_short(a.get(k, '<absent>'))} -> {_short(b.get(k, '<absent>'))}"
                 for k in sorted(a.keys() | b.keys()) if a.get(k, "<absent>") != b.get(k, "<absent>")]
     return out
@@ -187,6 +195,17 @@ def _short(v: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+@contextlib.contextmanager
+def continue_changed():
+    """Inside this block every :func:`record` continues a changed run folder (saying so in the log), as
+    ``--allow-provenance-change`` does: for the quickstart, a demo that reuses its folders across versions."""
+    token = _allow_all.set(True)
+    try:
+        yield
+    finally:
+        _allow_all.reset(token)
+
+
 def record(location: str | os.PathLike, cfg: BaseModel | dict, *, allow_change: bool = False, models: Sequence[str] = (),
            pipelines: Sequence[tuple[str, str | None]] = ()) -> dict:
     """Write ``<location>/provenance.json`` (a local folder or cloud URI) for this run, before work
@@ -202,7 +221,7 @@ def record(location: str | os.PathLike, cfg: BaseModel | dict, *, allow_change: 
             raise ProvenanceChanged(f"{store.uri(FILENAME)}: not a provenance record ({err}); move it away to "
                                     "continue") from None
         changed = differences(old, new)
-        if changed and not allow_change:
+        if changed and not (allow_change or _allow_all.get()):
             shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
             raise ProvenanceChanged(f"{store.uri(FILENAME)}: this run folder was made with other settings ({shown}); "
                                     "use a new output folder, or add --allow-provenance-change to continue it")
