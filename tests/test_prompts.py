@@ -579,3 +579,46 @@ def test_contrast_set_and_registry():
     finally:
         SOURCES.pop("rules-copy")
     assert ContrastSet("x", ["y"], "rules").ok and not ContrastSet("x").ok
+
+
+# ---- duplicates and a set's own x0: counted, logged, and kept with dedupe: false ----------------
+
+
+def test_texts_for_counts_repeats_and_own_x0_and_keeps_them_without_dedupe(tmp_path, caplog):
+    from tn_ray.prompts.contrast import load_contrast, texts_for
+
+    path = tmp_path / "sets.json"
+    path.write_text(json.dumps({"a cat": ["two cats", "a dog", "two cats", "a cat"], "two dogs": ["three dogs"],
+                                "a bird": ["a fish", "a fish", "a fish"]}))
+    sets = load_contrast(str(path))
+    prompts = ["a cat", "two dogs", "a bird", "a cat"]
+    stats: dict = {}
+    with caplog.at_level("INFO", logger="tn_ray.prompts.contrast"):
+        texts = texts_for(prompts, sets, str(path), stats=stats)
+    assert texts == [["a cat", "two cats", "a dog"], ["two dogs", "three dogs"], ["a bird", "a fish"],
+                     ["a cat", "two cats", "a dog"]]
+    assert stats == {"sets": 3, "sets_with_duplicates": 2, "duplicates": 3, "sets_with_x0": 1, "dedupe": True,
+                     "example": "a cat"}
+    line = " ".join(r.getMessage() for r in caplog.records)
+    assert "2 of 3 sets repeat a prompt (3 repeats), 1 hold their own x0; removed" in line and "'a cat'" in line
+    kept: dict = {}
+    exact = texts_for(prompts, sets, str(path), dedupe=False, stats=kept)
+    assert exact[0] == ["a cat", "two cats", "a dog", "two cats", "a cat"] and exact[2] == ["a bird"] + ["a fish"] * 3
+    assert kept["duplicates"] == 3 and kept["dedupe"] is False
+
+
+def test_released_composition_sets_with_repeats_are_counted(tia2_dir):
+    from tn_ray.data import tia2
+    from tn_ray.prompts.contrast import load_contrast, texts_for
+
+    for name, with_dupes, repeats, with_x0 in [("composition", 32, 41, 0), ("comprehensive", 0, 0, 1), ("counting", 0, 0, 0)]:
+        sets = load_contrast(f"released:{name}", tia2_dir=tia2_dir)
+        raw = tia2.load_prompt_sets(name, tia2_dir)  # independent count: list lengths against set sizes
+        assert sum(len(xs) != len(set(xs)) for xs in raw.values()) == with_dupes
+        stats: dict = {}
+        texts = texts_for(list(sets), sets, name, stats=stats)
+        assert (stats["sets"], stats["sets_with_duplicates"], stats["duplicates"], stats["sets_with_x0"]) == \
+            (len(raw), with_dupes, repeats, with_x0)
+        exact = texts_for(list(sets), sets, name, dedupe=False)
+        assert all(t[1:] == raw[t[0]] for t in exact)  # dedupe: false is the release, exactly
+        assert sum(len(t) for t in exact) - sum(len(t) for t in texts) == repeats + with_x0
