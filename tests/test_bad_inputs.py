@@ -335,6 +335,53 @@ CASES = [
     C("synth-out-under-file", "--out inside an existing file",
       lambda w: ["prompts", "synthesize", "--input", str(w.prompts), "--out", str(w.file / "sets.json")],
       (r"a_file\.txt is an existing file",)),
+    # ---- one strict command line: --set on every run command, finite floats, files of the wrong kind ----
+    C("rwr-set-unknown-key", "rwr --set with a misspelt key (rwr, ddpo and bestofn take --set as sweep does)",
+      lambda w: ["rwr", w.yaml_path("r.yaml", w.finetune("rwr")), "--set", "top_kk=50"], (r"key 'top_kk': unknown key",)),
+    C("ddpo-set-no-equals", "ddpo --set without '='",
+      lambda w: ["ddpo", w.yaml_path("d.yaml", w.finetune("ddpo")), "--set", "max_steps"], (r"--set expects KEY=VALUE",)),
+    C("bestofn-set-bad-value", "bestofn --set top_k to a value of the wrong type",
+      lambda w: ["bestofn", w.yaml_path("b.yaml", w.bestofn()), "--set", "top_k=many"], (r"key 'top_k'", r"many")),
+    C("score-tau-inf", "--tau inf (TextNorm would be 1/(m+1) for every image)",
+      lambda w: w.score("--tau", "inf"), (r"--tau inf: must be a finite number",)),
+    C("label-lease-nan", "label serve --lease-s nan",
+      lambda w: ["label", "serve", "--manifest", str(w.manifest), "--lease-s", "nan"], (r"--lease-s nan: must be a finite",)),
+    C("rwr-beta-inf", "a config float set to .inf (every config float must be finite)",
+      lambda w: ["rwr", w.yaml_path("r.yaml", w.finetune("rwr", beta=float("inf")))],
+      (r"key 'beta': Input should be a finite number",)),
+    C("ddpo-set-lr-nan", "--set optimizer.lr=.nan",
+      lambda w: ["ddpo", w.yaml_path("d.yaml", w.finetune("ddpo")), "--set", "optimizer.lr=.nan"],
+      (r"key 'optimizer\.lr': Input should be a finite number",)),
+    C("tia2-set-tau-inf", "tia2 eval --set textnorm.default.tau=.inf",
+      lambda w: ["tia2", "eval", w.yaml_path("c.yaml", w.tia2_eval()), "--set", "textnorm.default.tau=.inf"],
+      (r"key 'textnorm\.default\.tau': Input should be a finite number",)),
+    C("label-db-not-sqlite", "label serve --db: a text file, not an answer database",
+      lambda w: ["label", "serve", "--manifest", str(w.manifest), "--db", str(w.file)],
+      (r"--db .*a_file\.txt: not an answer database \(not a SQLite file\)",)),
+    C("label-db-other-sqlite", "label export --db: a SQLite database of something else",
+      lambda w: (_other_sqlite(w.path("other.sqlite")),
+                 ["label", "export", "--manifest", str(w.manifest), "--db", str(w.path("other.sqlite")),
+                  "--out", str(w.path("labels.json"))])[1],
+      (r"--db .*other\.sqlite: a SQLite database of something else",)),
+    C("label-db-folder", "label serve --db: a folder", lambda w: ["label", "serve", "--manifest", str(w.manifest), "--db",
+                                                                  str(w.path("img"))], (r"--db .*img: is a folder",)),
+    C("label-folder-is-file", "label serve --folder: a file",
+      lambda w: ["label", "serve", "--folder", str(w.file)], (r"a_file\.txt: a file, not a folder of images",)),
+    C("label-export-is-file", "label tally --export: a file",
+      lambda w: ["label", "tally", "--export", str(w.file), "--out", str(w.path("t"))],
+      (r"a_file\.txt: a file, not a best-of-n human_eval export folder",)),
+    C("label-run-not-a-run", "label serve --run: a folder that is not a run folder",
+      lambda w: ["label", "serve", "--run", str(w.path("img"))], (r"rewards\.parquet: not found; --run takes",)),
+    C("tia2-images-is-file", "tia2 eval --images: a file",
+      lambda w: ["tia2", "eval", w.yaml_path("c.yaml", w.tia2_eval(images=str(w.file)))],
+      (r"--images .*a_file\.txt: a file, not a folder",)),
+    C("tia2-dir-is-file", "--tia2-dir: a file",
+      lambda w: ["tia2", "eval", "--images", str(w.images), "--tia2-dir", str(w.file), "--sets", "counting"],
+      (r"TIA2 directory .*a_file\.txt has no human_annotations/",)),
+    C("score-contrast-is-folder", "--contrast: a folder",
+      lambda w: w.score("--contrast", str(w.path("img"))), (r"contrastive-set file .*img is not a file",)),
+    C("rwr-config-is-folder", "rwr CONFIG: a folder", lambda w: ["rwr", str(w.path("img"))],
+      (r"config path .*img is not a file",)),
     C("synth-unknown-source", "--source that does not exist",
       lambda w: ["prompts", "synthesize", "--input", str(w.prompts), "--out", str(w.path("o.json")), "--source", "rule"],
       (r"key 'source': unknown source 'rule'",)),
@@ -351,6 +398,14 @@ RAY_CASES = [
       lambda w: (w.path("ir_model").mkdir(exist_ok=True), w.score(models=(f"imagereward:{w.path('ir_model')}",)))[1],
       (r"^tn-ray: error: ImageReward folder .*ir_model has no ImageReward\.pt$",)),
 ]
+
+
+def _other_sqlite(path: Path) -> None:
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE songs(title TEXT)")
+    sqlite3.connect(path).close()
 
 
 def _yaml_path(self: World, name: str, data) -> str:

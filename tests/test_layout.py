@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TOP_LEVEL = {"__init__.py", "_version.py", "cli.py", "config.py", "storage.py", "cluster.py", "errors.py", "testing.py"}
+TOP_LEVEL = {"__init__.py", "_version.py", "cli.py", "config.py", "storage.py", "cluster.py", "errors.py", "testing.py", "provenance.py"}
 
 
 def modules() -> set[str]:

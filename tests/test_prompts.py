@@ -579,3 +579,95 @@ def test_contrast_set_and_registry():
     finally:
         SOURCES.pop("rules-copy")
     assert ContrastSet("x", ["y"], "rules").ok and not ContrastSet("x").ok
+
+
+# ---- duplicates and a set's own x0: counted, logged, and kept with dedupe: false ----------------
+
+
+def test_texts_for_counts_repeats_and_own_x0_and_keeps_them_without_dedupe(tmp_path, caplog):
+    from tn_ray.prompts.contrast import load_contrast, texts_for
+
+    path = tmp_path / "sets.json"
+    path.write_text(json.dumps({"a cat": ["two cats", "a dog", "two cats", "a cat"], "two dogs": ["three dogs"],
+                                "a bird": ["a fish", "a fish", "a fish"]}))
+    sets = load_contrast(str(path))
+    prompts = ["a cat", "two dogs", "a bird", "a cat"]
+    stats: dict = {}
+    with caplog.at_level("INFO", logger="tn_ray.prompts.contrast"):
+        texts = texts_for(prompts, sets, str(path), stats=stats)
+    assert texts == [["a cat", "two cats", "a dog"], ["two dogs", "three dogs"], ["a bird", "a fish"],
+                     ["a cat", "two cats", "a dog"]]
+    assert stats == {"sets": 3, "sets_with_duplicates": 2, "duplicates": 3, "sets_with_x0": 1, "dedupe": True,
+                     "example": "a cat"}
+    line = " ".join(r.getMessage() for r in caplog.records)
+    assert "2 of 3 sets repeat a prompt (3 repeats), 1 hold their own x0; removed" in line and "'a cat'" in line
+    kept: dict = {}
+    exact = texts_for(prompts, sets, str(path), dedupe=False, stats=kept)
+    assert exact[0] == ["a cat", "two cats", "a dog", "two cats", "a cat"] and exact[2] == ["a bird"] + ["a fish"] * 3
+    assert kept["duplicates"] == 3 and kept["dedupe"] is False
+
+
+def test_released_composition_sets_with_repeats_are_counted(tia2_dir):
+    from tn_ray.data import tia2
+    from tn_ray.prompts.contrast import load_contrast, texts_for
+
+    for name, with_dupes, repeats, with_x0 in [("composition", 32, 41, 0), ("comprehensive", 0, 0, 1), ("counting", 0, 0, 0)]:
+        sets = load_contrast(f"released:{name}", tia2_dir=tia2_dir)
+        raw = tia2.load_prompt_sets(name, tia2_dir)  # independent count: list lengths against set sizes
+        assert sum(len(xs) != len(set(xs)) for xs in raw.values()) == with_dupes
+        stats: dict = {}
+        texts = texts_for(list(sets), sets, name, stats=stats)
+        assert (stats["sets"], stats["sets_with_duplicates"], stats["duplicates"], stats["sets_with_x0"]) == \
+            (len(raw), with_dupes, repeats, with_x0)
+        exact = texts_for(list(sets), sets, name, dedupe=False)
+        assert all(t[1:] == raw[t[0]] for t in exact)  # dedupe: false is the release, exactly
+        assert sum(len(t) for t in exact) - sum(len(t) for t in texts) == repeats + with_x0
+
+
+# ---- the paper's request (Appendix D) as the `paper` preset ------------------------------------
+
+
+def test_paper_preset_request_for_a_black_colored_car_is_algorithm_1():
+    """Algorithm 1 of the paper, transcribed here independently, for Appendix D's example "A black
+    colored car" (categories colors and counting): the same messages and parameters."""
+    from tn_ray.prompts.llm import request
+    from tn_ray.prompts.settings import LlmConfig
+
+    system = ("Create captions that are different from the original input used for the text-to-image generation model, "
+              "referencing the provided failure cases. The new captions should offer perspectives that are distinct from "
+              "the original context of the images. Ensure that each contrasting caption provides a distinct perspective, "
+              "while maintaining the integrity of the image's subject matters. Let's think step by step.")
+    table19 = {"colors": ("A blue bird and a brown bear.", ["A pair of bears, one blue and the other brown.",
+                                                             "A blue bear and a brown bear, no bird in sight.",
+                                                             "Two bears, both brown, no blue bird.",
+                                                             "Two bears, one brown and the other unexpectedly blue."]),
+               "counting": ("Four cars on the street.", ["Two cars on the street.", "Three cars on the street.",
+                                                         "Five cars on the street.", "Six cars on the street."])}
+    expected_system = system
+    for category in ("colors", "counting"):
+        original, captions = table19[category]
+        expected_system += (category + "[\nOriginal prompt:" + original + "\nContrasting captions:"
+                            + "".join(f"{i}. {c}\n" for i, c in enumerate(captions, 1)) + "]\n")
+    cfg = LlmConfig(preset="paper")
+    assert (cfg.model, cfg.temperature, cfg.frequency_penalty) == ("gpt-4-0613", 0.0, 0.2)
+    req = request(cfg, "A black colored car")
+    assert req == {"model": "gpt-4-0613", "temperature": 0.0, "frequency_penalty": 0.2,
+                   "messages": [{"role": "system", "content": expected_system},
+                                {"role": "user", "content": "A black colored car"}]}
+    assert LlmConfig(preset="paper", model="local-llm").model == "local-llm"  # keys given win over the preset
+    assert "max_tokens" in request(LlmConfig(), "A black colored car")  # the tn_ray request is unchanged
+
+
+def test_paper_examples_are_table_19_verbatim():
+    """Every Table 19 input and output appears in the paper's text as printed (quotes as in the PDF)."""
+    from tn_ray.prompts.instruction import PAPER_EXAMPLES, PAPER_SYSTEM
+
+    paper = next(Path(__file__).resolve().parents[2].joinpath("shared", "papers").glob("000_*.txt"), None)
+    if paper is None:
+        pytest.skip("the paper's text is not in ../shared/papers")
+    text = paper.read_text()
+    assert f'"content": "{PAPER_SYSTEM}"' in text
+    assert set(PAPER_EXAMPLES) == {"text", "style", "composition", "counting", "creative", "location", "colors", "spatial"}
+    for category, [example] in PAPER_EXAMPLES.items():
+        outputs = ", ".join(f"\u201c{c}\u201d" for c in example["proper_candidates"])
+        assert f"Input: \u201c{example['original_prompt']}\u201d\nOutput: [{outputs}]" in text, category

@@ -164,7 +164,8 @@ def test_rerun_computes_nothing_and_new_prompts_only_what_is_missing(first_run, 
     sets["counting"][first] = sets["counting"][first] + ["a photo of a purple elephant"]
     for s, d in sets.items():
         (tmp_path / f"{s}.json").write_text(json.dumps(d))
-    run(config(bench, out, models=["clip:tiny"], ensembles=[], contrast=str(tmp_path / "{set}.json")))
+    run(config(bench, out, models=["clip:tiny"], ensembles=[], contrast=str(tmp_path / "{set}.json")),
+        allow_provenance_change=True)  # the same folder with other settings: said, and allowed
     assert json.loads((out / "scoring_summary.json").read_text())["clip:tiny"]["computed"] == 50
 
 

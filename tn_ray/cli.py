@@ -93,12 +93,26 @@ def one_line(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
 
+def check_finite(args: argparse.Namespace) -> None:
+    """Every float option given on the command line is finite: argparse's ``float`` takes 'inf' and
+    'nan', which no option of tn-ray means (the config models refuse them too)."""
+    import math
+
+    from tn_ray.errors import InputError
+
+    for name, value in vars(args).items():
+        for x in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(x, float) and not math.isfinite(x):
+                raise InputError(f"--{name.replace('_', '-')} {x}: must be a finite number")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        check_finite(args)
         return int(args.func(args) or 0)
     except Exception as err:
         found = user_error(err)

@@ -28,9 +28,10 @@ OutputLocation = Annotated[str, AfterValidator(absolute)]
 
 
 class StrictModel(BaseModel):
-    """Base of every config: unknown keys are errors, assignments are validated."""
+    """Base of every config: unknown keys are errors, assignments are validated, and no float
+    field takes ``inf`` or ``nan`` (every configured number is finite; the error names the key)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def format_validation_error(err: ValidationError, source: str, prefix: tuple[str, ...] = ()) -> str:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tn_ray.commands.options import add_run_options
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("sweep", help="hyper-parameter sweep (Ray Tune + Optuna) from a YAML file")
@@ -11,8 +13,7 @@ def add_parser(sub) -> None:
     p.add_argument("--num-samples", type=int, help="override `num_samples`")
     p.add_argument("--storage-path", help="override `storage_path` (local folder or cloud URI)")
     p.add_argument("--out", help="override `out` (summary folder)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any key (dotted, YAML value), e.g. --set ray.address=auto; repeatable")
+    add_run_options(p, "ray.address=auto")
     p.add_argument("--list", action="store_true", help="list the registered trainables and exit")
     p.set_defaults(func=run)
 
@@ -28,12 +29,10 @@ def run(args) -> int:
             entry = registry.get(name)
             print(f"  {name:<20} [{entry.kind}] {entry.description}")
         return 0 if args.list else 2
-    from tn_ray.config import parse_set
+    from tn_ray.commands.options import allow_change, overrides
 
-    overrides = {k: v for k, v in {"num_samples": args.num_samples, "storage_path": args.storage_path,
-                                   "out": args.out}.items() if v is not None}
-    overrides.update(parse_set(args.set))
-    paths = load_and_run(args.config, resume=args.resume, overrides=overrides)
+    given = overrides(args, num_samples=args.num_samples, storage_path=args.storage_path, out=args.out)
+    paths = load_and_run(args.config, resume=args.resume, overrides=given, allow_provenance_change=allow_change(args))
     best = Path(paths["best"]).read_text()
     print(f"\nbest configuration ({paths['best']}):\n{best}")
     if "heldout_md" in paths:

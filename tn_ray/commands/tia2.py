@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tn_ray.commands.options import add_run_options
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("tia2", help="TIA2 benchmark: statistics and evaluation")
@@ -28,6 +30,7 @@ def add_parser(sub) -> None:
     ev.add_argument("--tia2-dir", help="local copy of the TIA2 labels")
     ev.add_argument("--out", help="output folder")
     ev.add_argument("--max-prompts", type=int, help="first N prompts per set only")
+    add_run_options(ev, "textnorm.default.tau=0.5")
     ev.add_argument("--contrast", help="'released' or a JSON file of contrastive sets ({set} expands)")
     ev.add_argument("--release-params", nargs="*", choices=["temperature", "multiplier"], default=None,
                     metavar="READING", help="also evaluate the paper's TextNorm with the release's per-prompt scale and "
@@ -62,16 +65,13 @@ def paper_table(args) -> int:
 
 
 def evaluate(args) -> int:
-    from tn_ray.config import load_config, validate
+    from tn_ray.commands.options import allow_change, load
     from tn_ray.experiments.tia2_eval import Tia2EvalConfig, run
 
-    overrides = {k: v for k, v in {"images": args.images, "models": args.models, "sets": args.sets,
-                                   "tia2_dir": args.tia2_dir, "out": args.out, "max_prompts": args.max_prompts,
-                                   "contrast": args.contrast,
-                                   "release_params": (args.release_params or ["temperature", "multiplier"])
-                                   if args.release_params is not None else None}.items() if v is not None}
-    cfg = load_config(args.config, Tia2EvalConfig, overrides) if args.config else validate(Tia2EvalConfig, overrides, "command line")
-    paths = run(cfg)
+    cfg = load(args, Tia2EvalConfig, images=args.images, models=args.models, sets=args.sets, tia2_dir=args.tia2_dir,
+               out=args.out, max_prompts=args.max_prompts, contrast=args.contrast,
+               release_params=None if args.release_params is None else (args.release_params or ["temperature", "multiplier"]))
+    paths = run(cfg, allow_provenance_change=allow_change(args))
     print(Path(paths["per_set_md"]).read_text())
     for k, v in paths.items():
         print(f"{k:>12}: {v}")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tn_ray.commands.options import add_run_options
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("world", help="synthetic world with exact truth: benchmark, proxy rewards, best-of-n vs the oracle")
@@ -11,7 +13,7 @@ def add_parser(sub) -> None:
     r = s.add_parser("run", help="benchmark metrics and best-of-n curves of raw / TextNorm / ensemble proxies vs the oracle")
     r.add_argument("config", nargs="?", help="YAML config (WorldConfig); flags override it")
     r.add_argument("--out", help="output folder (overrides `out`)")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. bestofn.pool=64")
+    add_run_options(r, "bestofn.pool=64")
     r.set_defaults(func=run)
 
     lab = s.add_parser("labels", help="write the world's labelled benchmark in TIA2's layout (for `tia2 stats|eval`)")
@@ -30,16 +32,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from tn_ray.config import apply_overrides, load_config, parse_set, validate
+    from tn_ray.commands.options import allow_change, load
     from tn_ray.experiments.world import WorldConfig
     from tn_ray.experiments.world import run as run_world
 
-    overrides = parse_set(args.set)
-    if args.out:
-        overrides["out"] = args.out
-    cfg = load_config(args.config, WorldConfig, overrides) if args.config else \
-        validate(WorldConfig, apply_overrides({}, overrides), "command line")
-    paths = run_world(cfg)
+    cfg = load(args, WorldConfig, out=args.out)
+    paths = run_world(cfg, allow_provenance_change=allow_change(args))
     print(Path(paths["summary_md"]).read_text())
     for k, v in paths.items():
         print(f"{k:>16}: {v}")

@@ -81,6 +81,7 @@ class GenerationMismatch(TnRayError, ValueError):
 class GenerationConfig(StrictModel):
     out: str | None = Field(None, description="output folder or cloud URI (s3://, gs://, file://) for images and manifest; None = <run>/generation")
     pipeline: str = Field(DEFAULT_PIPELINE, description="diffusers text-to-image pipeline: hub id, local folder, or 'tiny' (random small config)")
+    revision: str | None = Field(None, description="hub revision of `pipeline` (commit hash, branch or tag) passed to from_pretrained; None = the default branch; the resolved commit is recorded in provenance.json")
     scheduler: str | None = Field(None, description="diffusers scheduler class name (e.g. DDIMScheduler); None = the pipeline's own")
     num_inference_steps: int = Field(50, ge=1, description="denoising steps per image (count)")
     guidance_scale: float = Field(7.5, ge=0, description="classifier-free guidance scale (unitless; <= 1 disables guidance)")
@@ -153,7 +154,7 @@ class GenerationWorker:
 
         self.cfg = GenerationConfig.model_validate(cfg)
         self.store = Store(out)
-        self.pipe = load_pipeline(self.cfg.pipeline, self.cfg.scheduler, self.cfg.dtype, device)
+        self.pipe = load_pipeline(self.cfg.pipeline, self.cfg.scheduler, self.cfg.dtype, device, self.cfg.revision)
         self.images_made = 0
         self.process = f"{_node_id()}:{os.getpid()}"
 
@@ -356,7 +357,7 @@ def prepare(prompts: Sequence[str], cfg: GenerationConfig) -> tuple[Store, pd.Da
     dup = pd.Series(prompts)[pd.Series(prompts).duplicated()]
     if len(dup):
         raise InputError(f"prompt {dup.iloc[0]!r} is listed twice; prompts must be unique")
-    check_source(cfg.pipeline)
+    check_source(cfg.pipeline, cfg.revision)
     check_scheduler(cfg.scheduler)
     store = Store(cfg.out)
     check_output(store, cfg, prompts)

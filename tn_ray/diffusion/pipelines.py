@@ -42,8 +42,8 @@ def check_scheduler(name: str | None) -> None:
         raise PipelineLoadError(f"unknown diffusers scheduler {name!r}; e.g. {', '.join(known[:8])}, ...")
 
 
-def check_source(source: str) -> None:
-    """Fail fast (before any actor starts) when the weights cannot be found offline."""
+def check_source(source: str, revision: str | None = None) -> None:
+    """Fail fast (before any actor starts) when the weights (at ``revision``) cannot be found offline."""
     if source == TINY:
         return
     local = Path(source)
@@ -54,9 +54,10 @@ def check_source(source: str) -> None:
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         from huggingface_hub import try_to_load_from_cache
 
-        if not isinstance(try_to_load_from_cache(source, "model_index.json"), str):
+        if not isinstance(try_to_load_from_cache(source, "model_index.json", revision=revision), str):
+            at = f" at revision '{revision}'" if revision else ""
             raise PipelineLoadError(
-                f"pipeline '{source}' is not in the Hugging Face cache and HF_HUB_OFFLINE=1: download it once "
+                f"pipeline '{source}'{at} is not in the Hugging Face cache and HF_HUB_OFFLINE=1: download it once "
                 f"with network access (huggingface-cli download {source}) or set generation.pipeline to a local "
                 "diffusers folder; 'tiny' runs without weights")
 
@@ -90,8 +91,9 @@ def tiny_pipeline():
 
 
 def load_pipeline(source: str = DEFAULT_PIPELINE, scheduler: str | None = None, dtype: str = "auto",
-                  device: str | None = None):
-    """The pipeline on its device (the GPU Ray assigned, else CPU), eval mode, no progress bars."""
+                  device: str | None = None, revision: str | None = None):
+    """The pipeline on its device (the GPU Ray assigned, else CPU), eval mode, no progress bars;
+    ``revision`` (a hub commit, branch or tag; None = the default branch) pins hub weights."""
     import diffusers
 
     from tn_ray.rewards.base import pick_device
@@ -101,9 +103,9 @@ def load_pipeline(source: str = DEFAULT_PIPELINE, scheduler: str | None = None, 
     if source == TINY:
         pipe = tiny_pipeline()
     else:
-        check_source(source)
+        check_source(source, revision)
         try:
-            pipe = diffusers.AutoPipelineForText2Image.from_pretrained(source, torch_dtype=torch_dtype)
+            pipe = diffusers.AutoPipelineForText2Image.from_pretrained(source, torch_dtype=torch_dtype, revision=revision)
         except Exception as err:
             raise PipelineLoadError(f"could not load text-to-image pipeline '{source}': {type(err).__name__}: {err}") from err
     if scheduler is not None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
+from tn_ray import provenance
 from tn_ray.config import RayConfig, ScoringConfig, StrictModel, dump_config
 from tn_ray.data import tia2
 from tn_ray.diffusion.generation import GenerationConfig, generate
@@ -145,7 +146,7 @@ def reward_table(items: pd.DataFrame, matrices: dict[str, ScoreMatrix], cfg: Bes
     return out
 
 
-def run(cfg: BestOfNConfig, generate_only: bool = False) -> dict[str, Path]:
+def run(cfg: BestOfNConfig, generate_only: bool = False, allow_provenance_change: bool = False) -> dict[str, Path]:
     from tn_ray.cluster import init_ray
     from tn_ray.diffusion.pipelines import check_scheduler, check_source
     from tn_ray.experiments.human_eval import export
@@ -160,7 +161,7 @@ def run(cfg: BestOfNConfig, generate_only: bool = False) -> dict[str, Path]:
     prompts = resolve_prompts(cfg, contrast)
     if any(e.per_group for e in cfg.ensembles):
         tia2.sets_of(prompts, tia2.resolve_dir(cfg.tia2_dir))  # a kind per TIA2 set needs each prompt's set
-    check_source(cfg.generation.pipeline)
+    check_source(cfg.generation.pipeline, cfg.generation.revision)
     check_scheduler(cfg.generation.scheduler)
     if not generate_only:
         check_weights(cfg.models)
@@ -169,7 +170,10 @@ def run(cfg: BestOfNConfig, generate_only: bool = False) -> dict[str, Path]:
     check_output_dir(gen.out)
     if cfg.cache_dir:
         check_output_dir(cfg.cache_dir)
-    dump_config(cfg.model_copy(update={"generation": gen}), out / "config.yaml")
+    resolved = cfg.model_copy(update={"generation": gen})
+    provenance.record(out, resolved, allow_change=allow_provenance_change, models=cfg.models,
+                      pipelines=[(gen.pipeline, gen.revision)])
+    dump_config(resolved, out / "config.yaml")
     n_max = max(cfg.pools)
     log.info("best-of-n: %d prompts, pools %s, models %s", len(prompts), cfg.pools, cfg.models)
     init_ray(cfg.ray)

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from tn_ray import provenance
+
 TINY_MODELS = ["clip:tiny", "pickscore:tiny"]
 WORLD_MODELS = ["worldclip", "clip:tiny"]  # worldclip: trained on the world on first use (cached)
 WORLD_DATA = {"per_kind": 4, "images_per_prompt": 16}
@@ -184,7 +186,8 @@ def run(out: Path) -> list[tuple[str, dict]]:
     for i, (title, step) in enumerate(STEPS, 1):
         print(f"\n=== quickstart step {i}/{len(STEPS)}: {title}", flush=True)
         t0 = time.time()
-        paths = step(out)
+        with provenance.continue_changed():  # a demo: its folders are continued across tn_ray versions
+            paths = step(out)
         if "per_set_md" in paths:
             print(Path(paths["per_set_md"]).read_text())
         print(f"(step {i} took {time.time() - t0:.0f} s)", flush=True)

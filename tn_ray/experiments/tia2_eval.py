@@ -17,6 +17,7 @@ from typing import Literal
 import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
+from tn_ray import provenance
 from tn_ray.config import RayConfig, ScoringConfig, StrictModel, dump_config
 from tn_ray.data import tia2
 from tn_ray.errors import InputError
@@ -41,6 +42,7 @@ class Tia2EvalConfig(StrictModel):
     sets: list[Literal["comprehensive", "counting", "composition"]] = Field(default_factory=lambda: list(tia2.SETS), description="TIA2 sets to evaluate")
     max_prompts: int | None = Field(None, ge=1, description="evaluate only the first N prompts of each set (count); None = all")
     contrast: str = Field("released", description="contrastive sets: 'released' (TIA2's) or a JSON file {prompt: [x1..xm]} per set, with {set} in the path")
+    dedupe: bool = Field(True, description="drop repeated prompts inside a contrastive set and a set's own x0 (TIA2's release: 32 composition sets repeat a prompt, 41 repeats; one comprehensive set holds its x0); false = use the sets exactly as released. Counts: contrast_summary.json")
     textnorm: dict[str, SetParams] = Field(default_factory=lambda: {"default": SetParams()}, description="TextNorm parameters per set name; 'default' for the rest")
     ensembles: list[EnsembleSpec] = Field(default_factory=list, description="ensembles to evaluate next to the single models")
     release_params: list[Reading] = Field(
@@ -70,10 +72,14 @@ class Tia2EvalConfig(StrictModel):
         return self.textnorm.get(set_name, self.textnorm.get("default", SetParams()))
 
 
-def collect_items(cfg: Tia2EvalConfig) -> pd.DataFrame:
-    """Rows to score (keys, labels, image path, texts), checked before any model loads."""
+def collect_items(cfg: Tia2EvalConfig, contrast_stats: dict | None = None) -> pd.DataFrame:
+    """Rows to score (keys, labels, image path, texts), checked before any model loads; per set, what
+    the contrastive sets held (repeats, own x0: :func:`tn_ray.prompts.contrast.texts_for`) goes into
+    ``contrast_stats``."""
     if not cfg.images:
         raise InputError("no image folder given (--images DIR, or `images:` in the config)")
+    if Path(cfg.images).is_file():
+        raise InputError(f"--images {cfg.images}: a file, not a folder with one sub-folder of images per set")
     root = tia2.resolve_dir(cfg.tia2_dir)
     images = Store(cfg.images)  # a local folder or a cloud URI
     frames = []
@@ -87,7 +93,8 @@ def collect_items(cfg: Tia2EvalConfig) -> pd.DataFrame:
         df = labels.assign(
             image=[images.uri(f"{set_name}/{n}") for n in labels["image_id"]],
             image_key=[f"{set_name}/{n}" for n in labels["image_id"]],
-            texts=texts_for(list(labels["prompt"]), sets, origin),
+            texts=texts_for(list(labels["prompt"]), sets, origin, dedupe=cfg.dedupe,
+                            stats=(contrast_stats if contrast_stats is not None else {}).setdefault(set_name, {})),
         )
         frames.append(df)
     items = pd.concat(frames, ignore_index=True)
@@ -157,17 +164,20 @@ def reference(items: pd.DataFrame, cfg: Tia2EvalConfig) -> pd.DataFrame:
     return paper.prompt_table(root, list(evaluated), evaluated, strict=False)
 
 
-def run(cfg: Tia2EvalConfig) -> dict[str, Path]:
+def run(cfg: Tia2EvalConfig, allow_provenance_change: bool = False) -> dict[str, Path]:
     from tn_ray.cluster import init_ray
     from tn_ray.rewards.weights import check_weights
     from tn_ray.scoring.pipeline import score_matrices
     from tn_ray.storage import check_output_dir
 
-    items = collect_items(cfg)
+    contrast_stats: dict[str, dict] = {}
+    items = collect_items(cfg, contrast_stats)
     paper_prompts = reference(items, cfg)
     check_weights(cfg.models)
     out = check_output_dir(cfg.out)  # a file in its place or no write permission: named before Ray starts
+    provenance.record(out, cfg, allow_change=allow_provenance_change, models=cfg.models)
     dump_config(cfg, out / "config.yaml")
+    (out / "contrast_summary.json").write_text(json.dumps(contrast_stats, indent=1))
     log.info("TIA2 eval: %d images, %d prompts, sets %s, models %s", len(items), items["prompt"].nunique(), cfg.sets, cfg.models)
     init_ray(cfg.ray)
     counts: dict[str, dict[str, int]] = {}
@@ -183,6 +193,7 @@ def run(cfg: Tia2EvalConfig) -> dict[str, Path]:
     paths = {"per_prompt": out / "per_prompt.parquet", "per_set_csv": out / "per_set.csv",
              "per_set_md": out / "per_set.md", "plot": out / "per_set.png", "scores": out / "scores",
              "rewards": out / "rewards.parquet", "scoring_summary": out / "scoring_summary.json",
+             "contrast_summary": out / "contrast_summary.json",
              "paper_per_set": out / "paper_per_set.csv", "paper_diff": out / "paper_diff.csv"}
     prompt_table.to_parquet(paths["per_prompt"], index=False)
     prompt_table.to_csv(out / "per_prompt.csv", index=False)

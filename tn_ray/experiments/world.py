@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
+from tn_ray import provenance
 from tn_ray.config import RayConfig, ScoringConfig, StrictModel, dump_config
 from tn_ray.data.world import grammar, labels, oracle, sampler, scenes
 from tn_ray.data.world.sampler import SamplerConfig
@@ -297,11 +298,12 @@ def bestofn(cfg: WorldConfig, out: Path, items: pd.DataFrame, cache: Path) -> di
 
 
 # --- the whole experiment ----------------------------------------------------------------
-def run(cfg: WorldConfig) -> dict[str, Path]:
+def run(cfg: WorldConfig, allow_provenance_change: bool = False) -> dict[str, Path]:
     from tn_ray.cluster import init_ray
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    provenance.record(out, cfg, allow_change=allow_provenance_change, models=cfg.models)
     dump_config(cfg, out / "config.yaml")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ensure_models(cfg.models)

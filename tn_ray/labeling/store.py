@@ -40,9 +40,37 @@ class Forbidden(PermissionError):
     """An annotator asked for something that is not theirs (another name, an item not assigned)."""
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_answer_db(path: str | Path) -> None:
+    """A path that is absent, empty or a tn-ray answer database; anything else (a folder, a file that
+    is not SQLite, a SQLite database of something else) is an :class:`InputError` naming it, found
+    before the file is opened for writing (so it is never changed)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"--db {path}: is a folder, not an answer database (SQLite file)")
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open("rb") as f:
+        head = f.read(len(SQLITE_HEADER))
+    if head != SQLITE_HEADER:
+        raise InputError(f"--db {path}: not an answer database (not a SQLite file); give a new path or the .sqlite "
+                         "file this task wrote")
+    try:
+        with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as db:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as err:
+        raise InputError(f"--db {path}: not a readable SQLite database ({err})") from None
+    if tables and not {"meta", "answers"} <= tables:
+        raise InputError(f"--db {path}: a SQLite database of something else (tables {sorted(tables)[:5]}), not a tn-ray "
+                         "answer database; give another --db")
+
+
 class AnswerStore:
     def __init__(self, path: str | Path, task: Task, per_item: int = 3, lease_s: float = 1800.0):
         self.path, self.task, self.per_item, self.lease_s = Path(path), task, per_item, lease_s
+        check_answer_db(self.path)
         self._local = threading.local()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = self._db()

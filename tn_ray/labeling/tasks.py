@@ -106,7 +106,7 @@ def load_folder(folder: str | Path) -> Task:
     the layout of most diffusion fine-tuning datasets; sorted by file name."""
     root = Path(folder)
     if not root.is_dir():
-        raise InputError(f"{root}: folder not found")
+        raise InputError(f"{root}: {'a file, not' if root.exists() else 'not found:'} a folder of images with .txt captions")
     images = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
     def rows():
@@ -175,7 +175,7 @@ def load_comparison(export_dir: str | Path, key_path: str | Path | None = None) 
     root = Path(export_dir)
     key_path = Path(key_path) if key_path else root.parent / "human_eval_key.csv"
     if not root.is_dir():
-        raise InputError(f"{root}: export folder not found")
+        raise InputError(f"{root}: {'a file, not' if root.exists() else 'not found:'} a best-of-n human_eval export folder")
     items, files, key = [], {}, {}
     for line, row in _rows(key_path, KEY_COLUMNS):
         qid = row["question"].strip()

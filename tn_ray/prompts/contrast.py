@@ -12,11 +12,14 @@ without a set is an error naming it, never a silent TextNorm of 1.0.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tn_ray.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 def validate_sets(data: object, origin: str) -> dict[str, list[str]]:
@@ -87,23 +90,51 @@ def sets_for(source: str, prompts: Sequence[str], *, tia2_dir: str | os.PathLike
     return load_contrast(source, tia2_dir=tia2_dir, set_name=set_name)
 
 
-def texts_for(prompts: Sequence[str], sets: Mapping[str, Sequence[str]], origin: str) -> list[list[str]]:
-    """``[x0, x1..xm]`` per prompt (contrastive prompts deduplicated, x0 itself left out).
+def clean_set(x0: str, xs: Sequence[str], dedupe: bool = True) -> tuple[list[str], int, bool]:
+    """``xs`` as used for TextNorm: with ``dedupe``, repeated prompts once (first occurrence kept) and
+    ``x0`` itself left out; without, exactly as given. Returns (prompts, repeats found, x0 in xs)."""
+    unique = list(dict.fromkeys(xs))
+    repeats, has_x0 = len(xs) - len(unique), x0 in unique
+    return ([x for x in unique if x != x0] if dedupe else list(xs)), repeats, has_x0
 
+
+def texts_for(prompts: Sequence[str], sets: Mapping[str, Sequence[str]], origin: str, *, dedupe: bool = True,
+              stats: dict | None = None) -> list[list[str]]:
+    """``[x0, x1..xm]`` per prompt; with ``dedupe`` (the default) repeated contrastive prompts are kept
+    once and x0 itself is left out, otherwise the set is used exactly as given (``dedupe: false``
+    reproduces a released set that repeats prompts or holds its own x0).
+
+    What was found is logged (one line: counts and an example) and, when ``stats`` is a dict, counted
+    there over the distinct prompts: ``sets``, ``sets_with_duplicates``, ``duplicates`` (repeats),
+    ``sets_with_x0``, ``dedupe``, ``example``.
     A prompt with no set, or an empty one, is an :class:`InputError` naming the prompt and
     ``origin``: its TextNorm would be 1.0 whatever the image.
     """
     out = []
     cache: dict[str, list[str]] = {}
+    found = {"sets": 0, "sets_with_duplicates": 0, "duplicates": 0, "sets_with_x0": 0, "dedupe": dedupe, "example": None}
     for p in prompts:
         if p not in cache:
             if p not in sets:
                 missing = sorted({q for q in prompts if q not in sets})
                 raise InputError(f"{len(missing)} prompt(s) have no contrastive set in {origin}, e.g. {missing[:3]}")
-            xs = [x for x in dict.fromkeys(sets[p]) if x != p]
-            if not xs:
+            xs, repeats, has_x0 = clean_set(p, sets[p], dedupe)
+            if not [x for x in xs if x != p]:
                 raise InputError(f"prompt {p!r} has an empty contrastive set in {origin} (TextNorm needs at least one "
                                  "contrastive prompt; its TextNorm would be 1.0 for every image)")
+            found["sets"] += 1
+            found["sets_with_duplicates"] += repeats > 0
+            found["duplicates"] += repeats
+            found["sets_with_x0"] += has_x0
+            if (repeats or has_x0) and found["example"] is None:
+                found["example"] = p
             cache[p] = [p, *xs]
         out.append(cache[p])
+    if found["sets_with_duplicates"] or found["sets_with_x0"]:
+        log.info("contrastive sets of %s: %d of %d sets repeat a prompt (%d repeats), %d hold their own x0; %s "
+                 "(e.g. %r)", origin, found["sets_with_duplicates"], found["sets"], found["duplicates"],
+                 found["sets_with_x0"], "removed (dedupe: true)" if dedupe else "kept as given (dedupe: false)",
+                 found["example"])
+    if stats is not None:
+        stats.update(found)
     return out

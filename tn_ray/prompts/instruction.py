@@ -3,6 +3,11 @@
 The instruction and the examples are this project's own, written in the spirit of common
 text-to-image failure cases (one or two per category). :data:`INSTRUCTION_VERSION` hashes
 them, so editing either invalidates the answer cache.
+
+The paper's own request (Kim et al., ICLR 2024, Appendix D) is the ``paper`` preset:
+:data:`PAPER_SYSTEM` and :data:`PAPER_EXAMPLES` are Algorithm 1's system prompt and Table 19's
+few-shot examples copied verbatim, and :func:`paper_messages` assembles them as Algorithm 1
+does (each category's block appended to the system message, then x0 as the user message).
 """
 from __future__ import annotations
 
@@ -117,3 +122,95 @@ def messages(x0: str, n_prompts: int, max_examples: int) -> list[dict[str, str]]
         out += [{"role": "user", "content": ex_x0}, {"role": "assistant", "content": numbered(ex_prompts)}]
     out.append({"role": "user", "content": x0})
     return out
+
+
+# ---- the paper's request (Appendix D: Algorithm 1 and Table 19), verbatim ---------------------
+
+PAPER_MODEL = "gpt-4-0613"
+PAPER_PARAMS = {"temperature": 0.0, "frequency_penalty": 0.2}
+PAPER_SYSTEM = ("Create captions that are different from the original input used for the text-to-image generation "
+                "model, referencing the provided failure cases. The new captions should offer perspectives that are "
+                "distinct from the original context of the images. Ensure that each contrasting caption provides a "
+                "distinct perspective, while maintaining the integrity of the image's subject matters. Let's think step "
+                "by step.")
+# Table 19: one example per category, {"original_prompt", "proper_candidates"} as Algorithm 1 reads them
+PAPER_EXAMPLES: dict[str, list[dict]] = {
+    "text": [{"original_prompt": "A sign that says \u2018Diffusion\u2019.",
+              "proper_candidates": ["A sign misspelled as \u2018Difision\u2019.",
+                                    "A sign containing a bizarre accent \u2018Dif\u0161ion\u2019."]}],
+    "style": [{"original_prompt": "Greek statue of a man tripping over a cat.",
+               "proper_candidates": ["Greek statue of a man", "Greek statue of two men",
+                                     "Greek statue of two men tripping over a cat.",
+                                     "Greek statue of a man tripping over a dog.",
+                                     "Greek statue of two men tripping over a dog.",
+                                     "Greek statue of a man tripping over a ball."]}],
+    "composition": [{"original_prompt": "A red car and a white sheep.",
+                     "proper_candidates": ["A red car and two white sheep.", "A red car and a herd of sheep.",
+                                           "A red car and a dominant white sheep among the gray ones.",
+                                           "A red car with two real sheep on the side."]}],
+    "counting": [{"original_prompt": "Four cars on the street.",
+                  "proper_candidates": ["Two cars on the street.", "Three cars on the street.",
+                                        "Five cars on the street.", "Six cars on the street."]}],
+    "creative": [{"original_prompt": "A heart made of chocolate",
+                  "proper_candidates": [
+                      "a star made of caramel", "a flower made of marshmallows", "a diamond made of gummy bears",
+                      "a moon made of licorice", "a sun made of jelly beans", "a butterfly made of lollipops",
+                      "a crown made of cotton candy", "a rainbow made of skittles", "a cloud made of cotton candy",
+                      "a tree made of chocolate-covered pretzels", "a snowflake made of peppermint candies",
+                      "a fish made of sour gummies", "a bird made of chocolate-covered almonds",
+                      "a car made of chocolate bars", "a house made of chocolate cookies",
+                      "a boat made of chocolate-covered strawberries", "an airplane made of chocolate truffles",
+                      "a guitar made of chocolate wafer sticks", "a camera made of chocolate coins",
+                      "a dinosaur made of chocolate eggs"]}],
+    "location": [{"original_prompt": "A glowing mushroom in the forest",
+                  "proper_candidates": [
+                      "a sparkling flower in the garden", "a luminous firefly in the night sky",
+                      "a shimmering starfish in the ocean", "a radiant sunflower in the field",
+                      "a glowing jellyfish in the deep sea", "a gleaming diamond in the jewelry store",
+                      "a luminescent moon in the night sky", "a glowing firefly in the meadow",
+                      "a sparkling gemstone in the cave", "a luminous butterfly in the garden",
+                      "a shimmering seashell on the beach", "a radiant rainbow in the sky",
+                      "a glowing lantern in the dark", "a luminescent lightning bug in the field",
+                      "a sparkling crystal in the cave", "a shimmering waterfall in the forest",
+                      "a radiant star in the night sky", "a glowing firefly in the park",
+                      "a luminous pearl in the oyster", "a sparkling diamond in the jewelry box"]}],
+    "colors": [{"original_prompt": "A blue bird and a brown bear.",
+                "proper_candidates": ["A pair of bears, one blue and the other brown.",
+                                      "A blue bear and a brown bear, no bird in sight.",
+                                      "Two bears, both brown, no blue bird.",
+                                      "Two bears, one brown and the other unexpectedly blue."]}],
+    "spatial": [{"original_prompt": "An umbrella on top of a spoon.",
+                 "proper_candidates": ["A spoon.", "An umbrella.", "An umbrella on the right of a spoon.",
+                                       "An umbrella on the left of a spoon.", "An umbrella at the bottom of a spoon.",
+                                       "Two umbrellas on top of a spoon."]}],
+}
+PAPER_INSTRUCTION_VERSION = "paper-" + hashlib.sha256(json.dumps([PAPER_SYSTEM, PAPER_EXAMPLES], sort_keys=True).encode()
+                                                      ).hexdigest()[:10]
+_ONE = ("a", "an", "one")
+
+
+def paper_categories(x0: str) -> list[str]:
+    """Algorithm 1's ``category_allocation`` (the paper does not give it): this project's rule-based
+    categories, plus ``counting`` for a prompt that names one object with "a"/"an"/"one" (an implicit
+    count of one), which gives Appendix D's example "A black colored car" its colors and counting."""
+    cats = categorize(x0)
+    words = x0.strip().lower().split()
+    if "counting" not in cats and words and words[0] in _ONE:
+        cats = [*cats, "counting"]
+    return cats
+
+
+def paper_messages(x0: str, categories: list[str] | None = None) -> list[dict[str, str]]:
+    """Algorithm 1's ``messages`` for x0: the system prompt followed by each category's few-shot block
+    (``category[`` / ``Original prompt:..`` / ``Contrasting captions:1. ..`` / ``]``), then x0."""
+    content = PAPER_SYSTEM
+    for category in paper_categories(x0) if categories is None else categories:
+        block = category + "[\n"
+        for example in PAPER_EXAMPLES[category]:
+            block += "Original prompt:" + example["original_prompt"] + "\n"
+            block += "Contrasting captions:"
+            for idx, caption in enumerate(example["proper_candidates"]):
+                block += f"{idx + 1}. {caption}\n"
+        block += "]\n"
+        content += block
+    return [{"role": "system", "content": content}, {"role": "user", "content": x0}]

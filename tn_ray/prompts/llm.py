@@ -25,7 +25,7 @@ from pydantic import SecretStr
 from tn_ray.config import ConfigError
 from tn_ray.prompts.base import ContrastSet
 from tn_ray.prompts.cache import AnswerCache, cache_key
-from tn_ray.prompts.instruction import INSTRUCTION_VERSION, messages
+from tn_ray.prompts.instruction import INSTRUCTION_VERSION, PAPER_INSTRUCTION_VERSION, messages, paper_messages
 from tn_ray.prompts.parsing import parse_answer
 from tn_ray.prompts.rules import NOT_PARSED, RulesSource
 from tn_ray.prompts.settings import LlmConfig, RulesConfig
@@ -68,8 +68,23 @@ def public_url(url: str | None) -> str:
 
 def request_params(cfg: LlmConfig) -> dict:
     """What the answer depends on besides model, x0 and instruction (the cache key's params)."""
+    if cfg.preset == "paper":  # Algorithm 1 sends these two only
+        return {"temperature": cfg.temperature, "frequency_penalty": cfg.frequency_penalty}
     return {"temperature": cfg.temperature, "frequency_penalty": cfg.frequency_penalty,
             "max_tokens": cfg.max_tokens, "n_prompts": cfg.n_prompts, "max_examples": cfg.max_examples}
+
+
+def instruction_version(cfg: LlmConfig) -> str:
+    """The version of the instruction and examples the request uses (part of the cache key)."""
+    return PAPER_INSTRUCTION_VERSION if cfg.preset == "paper" else INSTRUCTION_VERSION
+
+
+def request(cfg: LlmConfig, x0: str) -> dict:
+    """The keyword arguments of ``chat.completions.create`` for x0 (model, messages, sampling parameters)."""
+    if cfg.preset == "paper":
+        return {"model": cfg.model, "messages": paper_messages(x0), **request_params(cfg)}
+    return {"model": cfg.model, "messages": messages(x0, cfg.n_prompts, cfg.max_examples), "temperature": cfg.temperature,
+            "frequency_penalty": cfg.frequency_penalty, "max_tokens": cfg.max_tokens}
 
 
 def _describe(err: Exception) -> str:
@@ -100,7 +115,7 @@ class LlmSource:
         self._last_request = -float("inf")
 
     def key(self, x0: str) -> str:
-        return cache_key(self.cfg.model, x0, self.params, INSTRUCTION_VERSION)
+        return cache_key(self.cfg.model, x0, self.params, instruction_version(self.cfg))
 
     def missing(self, x0s: Sequence[str]) -> list[str]:
         """The x0s whose answer is not cached (they need the API)."""
@@ -121,16 +136,13 @@ class LlmSource:
         if wait > 0:
             self.sleep(wait)
         self._last_request = time.monotonic()
-        resp = self.client.chat.completions.create(
-            model=self.cfg.model, messages=messages(x0, self.cfg.n_prompts, self.cfg.max_examples),
-            temperature=self.cfg.temperature, frequency_penalty=self.cfg.frequency_penalty,
-            max_tokens=self.cfg.max_tokens)
+        resp = self.client.chat.completions.create(**request(self.cfg, x0))
         choices = getattr(resp, "choices", None) or []
         return (choices[0].message.content or "") if choices and choices[0].message else ""
 
     def _record(self, key: str, x0: str, status: str, answers: list[str], prompts: list[str]) -> None:
         self.cache.put({"key": key, "model": self.cfg.model, "x0": x0, "params": self.params,
-                        "instruction_version": INSTRUCTION_VERSION, "status": status,
+                        "instruction_version": instruction_version(self.cfg), "status": status,
                         "answers": answers, "prompts": prompts})
 
     def _fallback(self, x0: str, reason: str, calls: int, cached: bool = False) -> ContrastSet:

@@ -5,7 +5,9 @@ by ``LlmConfig.api_key_env`` and travels as a ``pydantic.SecretStr`` to the work
 """
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
 
 from tn_ray.config import StrictModel
 from tn_ray.prompts.vocabulary import VOCABULARY
@@ -25,6 +27,7 @@ class ReleasedConfig(StrictModel):
 
 
 class LlmConfig(StrictModel):
+    preset: Literal["tn_ray", "paper"] = Field("tn_ray", description="the request: tn_ray = this project's instruction and category few-shot examples (n_prompts, max_examples, max_tokens apply); paper = Kim et al.'s Appendix D verbatim (Algorithm 1's system prompt with Table 19's examples per category; model gpt-4-0613, temperature 0.0, frequency penalty 0.2 unless set here; only temperature and frequency_penalty are sent)")
     model: str = Field("gpt-4o-mini", min_length=1, description="chat model name on the server (the paper used ChatGPT)")
     base_url: str | None = Field(None, description="OpenAI-compatible API root, e.g. http://localhost:8000/v1 for vLLM; None = $OPENAI_BASE_URL, else OpenAI")
     api_key_env: str = Field("OPENAI_API_KEY", min_length=1, description="name of the environment variable holding the API key (local servers accept any non-empty value)")
@@ -41,6 +44,16 @@ class LlmConfig(StrictModel):
     requests_per_minute: float | None = Field(None, gt=0, description="API rate limit shared by all workers (requests/minute); None = bounded only by the number of workers")
     cache_dir: str | None = Field(None, description="answer cache folder; None = $TN_RAY_CACHE_DIR/prompts or ~/.cache/tn_ray/prompts")
     fallback: bool = Field(True, description="when the LLM fails for an x0, use the rules source and record it")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paper_defaults(cls, data: Any) -> Any:
+        """``preset: paper`` defaults the model and sampling parameters to the paper's (keys given win)."""
+        if isinstance(data, dict) and data.get("preset") == "paper":
+            from tn_ray.prompts.instruction import PAPER_MODEL, PAPER_PARAMS
+
+            data = {"model": PAPER_MODEL, **PAPER_PARAMS, **data}
+        return data
 
 
 class SourcesConfig(StrictModel):

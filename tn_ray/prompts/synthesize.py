@@ -163,8 +163,7 @@ def synthesize(cfg: SynthesisConfig) -> dict[str, Path]:
     extra: dict[str, Any] = {}
     if cfg.source == "llm":
         from tn_ray.prompts.cache import AnswerCache
-        from tn_ray.prompts.instruction import INSTRUCTION_VERSION
-        from tn_ray.prompts.llm import LlmSource, api_key_from_env, public_url, resolve_base_url
+        from tn_ray.prompts.llm import LlmSource, api_key_from_env, instruction_version, public_url, resolve_base_url
 
         llm = cfg.sources.llm
         probe = LlmSource(llm, base_url=resolve_base_url(llm))
@@ -172,7 +171,8 @@ def synthesize(cfg: SynthesisConfig) -> dict[str, Path]:
         # the key is needed only when some answer is not cached yet
         kwargs["api_key"] = api_key_from_env(llm) if missing else None
         kwargs["base_url"] = probe.base_url
-        extra = {"model": llm.model, "base_url": public_url(probe.base_url), "instruction_version": INSTRUCTION_VERSION,
+        extra = {"model": llm.model, "base_url": public_url(probe.base_url), "instruction_version": instruction_version(llm),
+                 "preset": llm.preset,
                  "cache": str(AnswerCache(llm.cache_dir).path), "uncached_before_run": len(missing)}
         log.info("llm %s: %d of %d prompts need the API", llm.model, len(missing), len(x0s))
     elif cfg.source == "released":

@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from tn_ray import provenance
 from tn_ray.config import ConfigError, dump_config, load_config, validate
 from tn_ray.storage import check_output_dir, join_uri
 from tn_ray.sweep import outputs, registry
@@ -214,7 +215,8 @@ def _upload(paths: dict[str, Path], target: str) -> None:
                             source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
-def run_sweep(cfg: SweepConfig, resume: bool = False, source: str = "<config>") -> dict[str, Path | str]:
+def run_sweep(cfg: SweepConfig, resume: bool = False, source: str = "<config>",
+              allow_provenance_change: bool = False) -> dict[str, Path | str]:
     """Run (or resume) the sweep ``cfg``; returns the paths of its outputs."""
     from ray.tune import Tuner
 
@@ -235,6 +237,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, source: str = "<config>") 
     check_output_dir(storage)
     log.info("sweep %s: trainable %s, %d trials, storage %s", cfg.name, entry.name, cfg.trials, storage)
     data = entry.prepare(options, cfg) if entry.prepare is not None else options
+    provenance.record(out, cfg, allow_change=allow_provenance_change)
     dump_config(cfg, out / "sweep.yaml")
     init_ray(cfg.ray)
     _warn_resources(cfg)
@@ -291,9 +294,10 @@ def run_heldout(cfg: SweepConfig, entry: registry.SweepTrainable, data: Any, sto
     return paths
 
 
-def load_and_run(path: str | Path, resume: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Path | str]:
+def load_and_run(path: str | Path, resume: bool = False, overrides: dict[str, Any] | None = None,
+                 allow_provenance_change: bool = False) -> dict[str, Path | str]:
     cfg = load(path, overrides)
-    return run_sweep(cfg, resume=resume, source=str(path))
+    return run_sweep(cfg, resume=resume, source=str(path), allow_provenance_change=allow_provenance_change)
 
 
 __all__ = ["check", "load", "load_and_run", "run_experiment", "run_sweep"]

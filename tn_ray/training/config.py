@@ -41,6 +41,7 @@ class LoraBlock(StrictModel):
 
 class PolicyBlock(StrictModel):
     pipeline: str = Field(DEFAULT_PIPELINE, description="base text-to-image pipeline: hub id, local diffusers folder, or 'tiny' (random small config, CPU)")
+    revision: str | None = Field(None, description="hub revision of `pipeline` (commit hash, branch or tag) passed to from_pretrained; None = the default branch; the resolved commit is recorded in provenance.json")
     dtype: Literal[DTYPES] = Field("auto", description="dtype of the frozen base weights: auto = float16 on GPU, float32 on CPU")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="autocast of forward passes: auto = fp16 on GPU (the paper), none on CPU; LoRA weights always train in float32")
     lora: LoraBlock = Field(default_factory=LoraBlock, description="the adapter: rank, alpha, target modules")

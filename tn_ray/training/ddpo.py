@@ -308,15 +308,16 @@ class DDPO(Method):
                                         pa.Table.from_pandas(frame, preserve_index=False))
 
 
-def prepare(cfg: DDPOConfig) -> DDPOData:
+def prepare(cfg: DDPOConfig, allow_provenance_change: bool = False) -> DDPOData:
     """Driver side, before Ray Train starts: prompts, scoring texts (contrastive sets checked) and
     one long-lived actor pool per reward model (:func:`tn_ray.scoring.workers.reward_actors`)."""
     from tn_ray.cluster import init_ray
     from tn_ray.scoring.workers import reward_actors
-    from tn_ray.training.preflight import check_run
+    from tn_ray.training.preflight import check_run, record_provenance
 
     prompts = cfg.load_prompts()
     texts = check_run(cfg, prompts)  # every user error before Ray starts or a model loads
+    record_provenance(cfg, allow_provenance_change)
     init_ray(cfg.ray)
     return DDPOData(prompts, texts, {m: reward_actors(m, cfg.scoring) for m in cfg.reward.models})
 
@@ -329,9 +330,10 @@ def release(data: DDPOData) -> None:
             ray.kill(a)
 
 
-def run(cfg: DDPOConfig) -> dict[str, Any]:
+def run(cfg: DDPOConfig, allow_provenance_change: bool = False) -> dict[str, Any]:
     """The whole DDPO run: reward actors up, Ray Train fit (resuming from ``cfg.out``), reports; returns
-    the output paths (see :func:`tn_ray.training.outputs.write_outputs`)."""
+    the output paths (see :func:`tn_ray.training.outputs.write_outputs`). A run folder whose
+    provenance.json differs is refused unless ``allow_provenance_change``."""
     import yaml
 
     from tn_ray.storage import Store
@@ -339,7 +341,7 @@ def run(cfg: DDPOConfig) -> dict[str, Any]:
     from tn_ray.training.outputs import write_outputs
 
     store = Store(cfg.out)
-    data = prepare(cfg)
+    data = prepare(cfg, allow_provenance_change)
     store.write_text("config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     try:
         result = fit(cfg, "tn_ray.training.ddpo:DDPO", data)

@@ -61,7 +61,7 @@ class Policy:
     def load(cls, block: PolicyBlock, device: str | None = None, seed: int = 0) -> Policy:
         from tn_ray.diffusion.pipelines import load_pipeline
 
-        pipe = load_pipeline(block.pipeline, None, block.dtype, device)
+        pipe = load_pipeline(block.pipeline, None, block.dtype, device, block.revision)
         return cls(pipe, block.lora, block.mixed_precision, seed, block.gradient_checkpointing)
 
     # --- parameters and the reference model ---------------------------------------------

@@ -23,7 +23,7 @@ def check_run(cfg: FineTuneConfig, prompts: Sequence[str]) -> list[list[str]]:
     from tn_ray.training.evaluation import eval_prompts, reward_texts
 
     check_output_dir(cfg.out)
-    check_source(cfg.policy.pipeline)
+    check_source(cfg.policy.pipeline, cfg.policy.revision)
     check_weights(list(dict.fromkeys([*cfg.reward.models, *(m for j in cfg.eval.judges for m in j.models)])))
     texts = reward_texts(cfg.reward, prompts)
     if cfg.eval.enabled:
@@ -31,3 +31,13 @@ def check_run(cfg: FineTuneConfig, prompts: Sequence[str]) -> list[list[str]]:
         for judge in [cfg.reward, *cfg.eval.judges]:
             reward_texts(judge, evaluated)
     return texts
+
+
+def record_provenance(cfg: FineTuneConfig, allow_change: bool = False) -> None:
+    """``provenance.json`` of the run folder (:func:`tn_ray.provenance.record`), after the checks and
+    before Ray starts: the training reward's and judges' models, the base pipeline at its revision."""
+    from tn_ray import provenance
+
+    models = [*cfg.reward.models, *(m for j in cfg.eval.judges for m in j.models)]
+    provenance.record(cfg.out, cfg, allow_change=allow_change, models=models,
+                      pipelines=[(cfg.policy.pipeline, cfg.policy.revision)])

@@ -339,18 +339,20 @@ class RwrMethod(Method):
 # --------------------------------------------------------------------------------------
 
 
-def run(cfg: RwrConfig) -> dict[str, Any]:
-    """The whole RWR run; returns the output paths (see :func:`tn_ray.training.outputs.write_outputs`)."""
+def run(cfg: RwrConfig, allow_provenance_change: bool = False) -> dict[str, Any]:
+    """The whole RWR run; returns the output paths (see :func:`tn_ray.training.outputs.write_outputs`).
+    A run folder whose provenance.json differs is refused unless ``allow_provenance_change``."""
     import yaml
 
     from tn_ray.cluster import init_ray
     from tn_ray.storage import Store
     from tn_ray.training.loop import fit
     from tn_ray.training.outputs import write_outputs
-    from tn_ray.training.preflight import check_run
+    from tn_ray.training.preflight import check_run, record_provenance
 
     prompts = resolve_prompts(cfg)
     texts = check_run(cfg, prompts)  # every user error before Ray starts or a model loads
+    record_provenance(cfg, allow_provenance_change)
     pretrain = load_pretrain(cfg.pretrain) if cfg.pretrain is not None else None
     store = Store(cfg.out)
     store.write_text("config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

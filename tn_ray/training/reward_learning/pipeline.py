@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from tn_ray import provenance
 from tn_ray.config import dump_config
 from tn_ray.training.reward_learning.config import RewardTrainConfig
 
@@ -43,7 +44,7 @@ def run_name(label: str, params: dict[str, Any], fingerprint: str) -> str:
     return f"{'head' if label == LEARNED else 'head-noaux'}-{digest}"
 
 
-def run(cfg: RewardTrainConfig) -> dict[str, Any]:
+def run(cfg: RewardTrainConfig, allow_provenance_change: bool = False) -> dict[str, Any]:
     from tn_ray.cluster import init_ray
     from tn_ray.storage import check_output_dir, join_uri
     from tn_ray.training.reward_learning import data, features, head, report, train
@@ -51,6 +52,7 @@ def run(cfg: RewardTrainConfig) -> dict[str, Any]:
 
     frame = data.load(cfg.data)
     out = check_output_dir(cfg.out)
+    provenance.record(out, cfg, allow_change=allow_provenance_change, models=[cfg.backbone])
     dump_config(cfg, out / "config.yaml")
     counts = frame.groupby("part")["prompt"].nunique().to_dict()
     log.info("reward learning: %d images, prompts per part %s, backbone %s", len(frame), counts, cfg.backbone)
