@@ -354,3 +354,60 @@ def test_tracker_writes_tensorboard_and_offline_wandb(tmp_path, monkeypatch):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     runs = list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_the_papers_sd21_configs_train_on_ten_prompts_per_set_with_the_paper_textnorm(tia2_dir, monkeypatch):
+    """Section 5 / A.3: 10 prompts of each TIA2 set, TextNorm = ImageReward + PickScore with the mean
+    ensemble on composition and eq. 3 elsewhere; the kind follows each prompt's set."""
+    from pathlib import Path
+
+    from tn_ray.config import ConfigError, load_config
+    from tn_ray.data import tia2
+    from tn_ray.errors import TnRayError
+    from tn_ray.textnorm.columns import combine
+    from tn_ray.training.ddpo import DDPOConfig
+    from tn_ray.training.evaluation import reward_groups
+    from tn_ray.training.rwr import RwrConfig, resolve_prompts
+
+    monkeypatch.setenv("TN_RAY_TIA2_DIR", str(tia2_dir))
+    root = Path(__file__).resolve().parents[1] / "sweeps"
+    rwr = load_config(str(root / "rwr_sd21.yaml"), RwrConfig, {})
+    ddpo = load_config(str(root / "ddpo_sd21.yaml"), DDPOConfig, {})
+    prompts = resolve_prompts(rwr)
+    assert prompts == ddpo.load_prompts() == [p for s in tia2.SETS for p in list(tia2.load_prompt_sets(s, tia2_dir))[:10]]
+    assert rwr.reward.models == ddpo.reward.models == ["imagereward", "pickscore"] and rwr.reward.use == "textnorm"
+    groups = reward_groups(rwr.reward, prompts)
+    assert groups == [s for s in tia2.SETS for _ in range(10)]
+    rng = np.random.default_rng(0)
+    values = {m: rng.normal(size=(30, 5)) for m in rwr.reward.models}
+    got = rwr.reward.column(values, groups)
+    mean = combine(values, rwr.reward.models, [1.0, 1.0], "mean")
+    unc = combine(values, rwr.reward.models, [1.0, 1.0], "uncertainty", 1.0)
+    np.testing.assert_allclose(got, np.r_[unc[:20], mean[20:]])
+    with pytest.raises(ValueError, match="group"):
+        rwr.reward.column(values)  # a kind per set without the rows' sets
+    with pytest.raises(TnRayError, match="in no TIA2 prompt set.*'a red cube'"):
+        reward_groups(rwr.reward, ["a red cube"])
+    with pytest.raises(ConfigError, match="prompts_per_set"):
+        load_config(str(root / "rwr_sd21.yaml"), RwrConfig, {"reward.contrast": "released:counting"})
+
+
+def test_preflight_names_a_prompt_outside_tia2_under_a_kind_per_set(tia2_dir, monkeypatch, tmp_path):
+    import json
+
+    from tn_ray.config import validate
+    from tn_ray.errors import TnRayError
+    from tn_ray.training.ddpo import DDPOConfig
+    from tn_ray.training.preflight import check_run
+
+    monkeypatch.setenv("TN_RAY_TIA2_DIR", str(tia2_dir))
+    sets = tmp_path / "sets.json"
+    sets.write_text(json.dumps({"a cat": ["two cats"], "a realistic photo of an airplane": ["two airplanes"]}))
+    cfg = validate(DDPOConfig, {
+        "out": str(tmp_path / "out"), "prompts": ["a realistic photo of an airplane", "a cat"], "policy": {"pipeline": "tiny"},
+        "reward": {"models": ["clip:tiny", "pickscore:tiny"], "use": "tn", "contrast": str(sets),
+                   "ensembles": [{"name": "tn", "members": ["clip:tiny", "pickscore:tiny"],
+                                  "kind": {"composition": "mean", "default": "uncertainty"}}]},
+        "eval": {"enabled": False}})
+    with pytest.raises(TnRayError, match=r"1 prompt\(s\) are in no TIA2 prompt set.*'a cat'"):
+        check_run(cfg, cfg.load_prompts())

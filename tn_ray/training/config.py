@@ -118,6 +118,9 @@ class FineTuneConfig(StrictModel):
     policy: PolicyBlock = Field(default_factory=PolicyBlock, description="base pipeline, precision and LoRA adapter")
     optimizer: OptimizerBlock = Field(default_factory=OptimizerBlock, description="AdamW, schedule and gradient clipping")
     reward: RewardConfig = Field(..., description="the training reward: models, which column (raw, textnorm(...), ensemble), TextNorm params, contrastive source")
+    prompts_per_set: int | None = Field(None, ge=1, description="with reward.contrast 'released' and no training prompts given: the "
+                                        "first N prompts of each TIA2 set, in release order (the paper: '10 prompts from the 30' of "
+                                        "each set; it does not list them, and the first 10 are inside best-of-n's first 30)")
     eval: EvalBlock = Field(default_factory=EvalBlock, description="periodic evaluation on fixed prompts and seeds, judges, checkpoint selection")
     checkpoint: CheckpointBlock = Field(default_factory=CheckpointBlock, description="checkpoint frequency and retention")
     monitor: MonitorBlock = Field(default_factory=MonitorBlock, description="overoptimization monitor (training reward up, judges down)")
@@ -126,6 +129,13 @@ class FineTuneConfig(StrictModel):
     scoring: ScoringConfig = Field(default_factory=lambda: ScoringConfig(batch_size=16), description="reward actors used to score data and evaluation images")
     stop_after_steps: int | None = Field(None, ge=1, description="end this invocation after this step (checkpointed) though max_steps is larger; rerunning continues (operations/tests)")
     ray: RayConfig = Field(default_factory=RayConfig, description="where Ray runs")
+
+    @model_validator(mode="after")
+    def _prompts_per_set(self) -> FineTuneConfig:
+        if self.prompts_per_set and self.reward.contrast != "released":
+            raise ValueError(f"prompts_per_set: takes the first N prompts of each TIA2 set, so it needs reward.contrast "
+                             f"'released' (got '{self.reward.contrast}')")
+        return self
 
     @model_validator(mode="after")
     def _judges(self) -> FineTuneConfig:
@@ -137,6 +147,16 @@ class FineTuneConfig(StrictModel):
         if self.eval.select_by is not None and self.eval.select_by not in [*names, self.reward.use]:
             raise ValueError(f"eval.select_by: '{self.eval.select_by}' is neither a judge {names} nor the training reward '{self.reward.use}'")
         return self
+
+    def default_prompts(self) -> list[str]:
+        """Training prompts when none are given: ``prompts_per_set`` of each TIA2 set, else every
+        prompt of ``reward.contrast``'s sets (in its order)."""
+        from tn_ray.data import tia2
+        from tn_ray.prompts.contrast import load_contrast
+
+        if self.prompts_per_set:
+            return tia2.first_prompts(self.prompts_per_set, tia2.resolve_dir(None))
+        return list(load_contrast(self.reward.contrast))
 
     def judge_names(self) -> list[str]:
         return [j.use for j in self.eval.judges]

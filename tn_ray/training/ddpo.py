@@ -36,6 +36,7 @@ from pydantic import Field, model_validator
 from tn_ray.config import OutputLocation, StrictModel
 from tn_ray.errors import InputError
 from tn_ray.training.config import EvalBlock, FineTuneConfig, OptimizerBlock, PolicyBlock, require_prompts
+from tn_ray.training.evaluation import reward_groups
 from tn_ray.training.loop import Method
 
 log = logging.getLogger(__name__)
@@ -112,9 +113,7 @@ class DDPOConfig(FineTuneConfig):
                 raise InputError(f"prompts_file: {path} not found")
             prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not self.prompts and not self.prompts_file:
-            from tn_ray.prompts.contrast import load_contrast
-
-            prompts = list(load_contrast(self.reward.contrast))
+            prompts = self.default_prompts()
         if not prompts:
             raise InputError("prompts: no training prompts (set `prompts` or `prompts_file`, or a non-empty reward.contrast source)")
         return prompts
@@ -208,7 +207,8 @@ class DDPO(Method):
         values = rewards.collect()
         wait = time.perf_counter() - t1
         chains = Chains.cat(parts)
-        column = np.asarray(cfg.reward.column(values), dtype=np.float64)
+        groups = reward_groups(cfg.reward, [self.data.prompts[i] for i in chains.prompt_ids.tolist()])
+        column = np.asarray(cfg.reward.column(values, groups), dtype=np.float64)
         if not np.isfinite(column).all():
             raise InputError(f"reward '{cfg.reward.use}' is not finite for {int((~np.isfinite(column)).sum())} sampled images")
         return chains, chains.prompt_ids.cpu().numpy(), column, t1 - t0, wait

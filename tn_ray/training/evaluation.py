@@ -52,6 +52,17 @@ def reward_texts(reward: RewardConfig, prompts: Sequence[str]) -> list[list[str]
     return texts_for(prompts, sets_for(reward.contrast, prompts), f"reward.contrast '{reward.contrast}'")
 
 
+def reward_groups(reward: RewardConfig, prompts: Sequence[str]) -> list[str] | None:
+    """Each prompt's TIA2 set when the used column's ensemble kind depends on it (the paper's
+    TextNorm: mean on composition, eq. 3 elsewhere), else None; a prompt in no released set is an
+    error naming it (:func:`tn_ray.data.tia2.sets_of`)."""
+    if not reward.per_group:
+        return None
+    from tn_ray.data import tia2
+
+    return tia2.sets_of(prompts, tia2.resolve_dir(None))
+
+
 def pad_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
     """Score rows of unequal length as one NaN-padded (images, 1 + m) array (score-matrix values)."""
     width = max(len(r) for r in rows)
@@ -123,7 +134,7 @@ class Evaluator:
                 if key not in scored:
                     scored[key] = pad_rows(self._pool(model).score(list(images), texts, chunk=self.cfg.scoring.batch_size))
                 values[model] = scored[key]
-            column = rc.column(values)
+            column = rc.column(values, reward_groups(rc, [self.prompts[i // n_seeds] for i in range(len(images))]))
             for i, v in enumerate(column):
                 frame.append((i // n_seeds, self.seeds[i % n_seeds], self.prompts[i // n_seeds], name, float(v)))
         return pd.DataFrame(frame, columns=["prompt_id", "seed", "prompt", "reward", "value"])

@@ -5,7 +5,8 @@ starts or any model loads (the same checks for RWR and DDPO).
 - the base pipeline can be found (offline: in the Hugging Face cache or a local folder);
 - every reward model's weights, the training reward's and each judge's, can be found offline;
 - every training and evaluation prompt has a non-empty contrastive set in each source that a
-  TextNorm column needs, the error naming the prompt and the source.
+  TextNorm column needs, the error naming the prompt and the source;
+- a reward whose ensemble kind depends on the TIA2 set finds every prompt's set.
 """
 from __future__ import annotations
 
@@ -20,16 +21,18 @@ def check_run(cfg: FineTuneConfig, prompts: Sequence[str]) -> list[list[str]]:
     from tn_ray.diffusion.pipelines import check_source
     from tn_ray.rewards.weights import check_weights
     from tn_ray.storage import check_output_dir
-    from tn_ray.training.evaluation import eval_prompts, reward_texts
+    from tn_ray.training.evaluation import eval_prompts, reward_groups, reward_texts
 
     check_output_dir(cfg.out)
     check_source(cfg.policy.pipeline, cfg.policy.revision)
     check_weights(list(dict.fromkeys([*cfg.reward.models, *(m for j in cfg.eval.judges for m in j.models)])))
     texts = reward_texts(cfg.reward, prompts)
+    reward_groups(cfg.reward, prompts)
     if cfg.eval.enabled:
         evaluated = eval_prompts(cfg, prompts)
         for judge in [cfg.reward, *cfg.eval.judges]:
             reward_texts(judge, evaluated)
+            reward_groups(judge, evaluated)
     return texts
 
 

@@ -89,9 +89,7 @@ def resolve_prompts(cfg: RwrConfig) -> list[str]:
     if cfg.prompts:
         prompts = list(cfg.prompts)
     else:
-        from tn_ray.prompts.contrast import load_contrast
-
-        prompts = list(load_contrast(cfg.reward.contrast))
+        prompts = cfg.default_prompts()
     prompts = prompts[: cfg.max_prompts or None]
     if not prompts:
         raise InputError("prompts: no training prompts (set `prompts`, or a non-empty reward.contrast source)")
@@ -115,7 +113,7 @@ def prepare_data(cfg: RwrConfig, prompts: list[str], texts: list[list[str]] | No
     from tn_ray.diffusion.generation import generate
     from tn_ray.scoring.pipeline import score_matrices
     from tn_ray.storage import Store, join_uri
-    from tn_ray.training.evaluation import reward_texts
+    from tn_ray.training.evaluation import reward_groups, reward_texts
     from tn_ray.training.weights import reward_weights, top_k_per_group
 
     store = Store(cfg.out)
@@ -125,7 +123,8 @@ def prepare_data(cfg: RwrConfig, prompts: list[str], texts: list[list[str]] | No
     items = score_items(manifest, texts)
     matrices = score_matrices(items, cfg.reward.models, join_uri(cfg.out, "cache"), cfg.scoring)
     keys = items[["set", "prompt", "image_id"]]
-    reward = cfg.reward.column({m: matrices[m].align(keys).values for m in cfg.reward.models})
+    reward = cfg.reward.column({m: matrices[m].align(keys).values for m in cfg.reward.models},
+                               reward_groups(cfg.reward, list(items["prompt"])))
     keep = top_k_per_group(reward, items["prompt_id"].to_numpy(), cfg.top_k)
     data = items.iloc[keep][["prompt_id", "prompt", "sample", "image_id", "image"]].reset_index(drop=True)
     data["seed"] = manifest["seed"].to_numpy()[keep]
