@@ -582,7 +582,14 @@ def _recorded_images(out: Path, cfg, prompts: list[str]):
     check_output(store, cfg, prompts)
     rows = pd.DataFrame([(i, p, s, sample_seed(cfg.seed, p, s)) for i, p in enumerate(prompts)
                          for s in range(cfg.samples_per_prompt)], columns=["prompt_id", "prompt", "sample", "seed"])
-    manifest = GenerationWorker(cfg.model_dump(mode="json"), str(out))(rows)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a Ray actor with one CPU: the thread count changes float sums, so the bytes, on some CPUs
+    try:
+        manifest = GenerationWorker(cfg.model_dump(mode="json"), str(out))(rows)
+    finally:
+        torch.set_num_threads(threads)
     manifest_table(store).append(manifest)
     return store
 
