@@ -37,6 +37,7 @@ and/or architectures. Last line: one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -150,10 +151,27 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def exact_cpu_rss() -> None:
+    """glibc: serve allocations of 64 kB and more by mmap (returned to the system when freed), so
+    the resident set follows the memory tensors hold instead of a heap that keeps freed pages."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+
+
+def _trim() -> None:
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class PeakMemory:
     """Peak memory of a block in MB: on a GPU torch.cuda.max_memory_allocated (all tensors,
     weights included); on a CPU the peak resident set sampled every 5 ms (psutil) minus the
-    resident set at the block's start (what the block added: activations, gradients, optimizer)."""
+    resident set at the block's start (what the block added: activations, gradients, optimizer
+    state), with glibc's heap trimmed first and large allocations mmapped (:func:`exact_cpu_rss`)."""
 
     def __enter__(self):
         gc.collect()
@@ -164,6 +182,7 @@ class PeakMemory:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         else:
+            _trim()
             self.base = _rss()
             self.peak = self.base
             self.stop = threading.Event()
@@ -192,7 +211,8 @@ class PeakMemory:
 
 def memory_method() -> str:
     return ("torch.cuda.max_memory_allocated, absolute (weights included)" if _cuda() else
-            "peak RSS (psutil, sampled every 5 ms) above the RSS at the measurement's start: what it added")
+            "peak RSS (psutil, sampled every 5 ms; glibc mmap threshold 64 kB, heap trimmed) above the RSS at the "
+            "measurement's start: what it added")
 
 
 def free() -> None:
@@ -465,7 +485,7 @@ def measure_rwr(plan: Plan, pipes: Pipes, budget: Budget, out: dict, skipped: li
     first, second = _precisions()
     variants = [("r4_" + first, 4, first, False), ("r32_" + first, 32, first, False),
                 (f"r4_{first}_gc", 4, first, True), ("r4_" + second, 4, second, False)]
-    timed_steps = 1 if plan.quick else 3
+    timed_steps = 2 if plan.quick else 3
     for name, rank, precision, gc_on in variants:
         if budget.left() <= 0:
             skipped.append(f"rwr {name}: time share used")
@@ -473,7 +493,9 @@ def measure_rwr(plan: Plan, pipes: Pipes, budget: Budget, out: dict, skipped: li
         try:
             policy = _policy(pipe, rank, precision, gc_on)
             method = _rwr_method(pipe, policy, plan.batch, folder)
-            method.step(1)  # warm-up
+            for beta in (0.0, 0.5):  # warm-up of both paths
+                method.cfg = method.cfg.model_copy(update={"beta": beta})
+                method.step(1)
             for beta, tag in ((0.0, "nokl"), (0.5, "kl")):
                 method.cfg = method.cfg.model_copy(update={"beta": beta})
                 with PeakMemory() as mem:
@@ -557,7 +579,7 @@ def measure_ddpo(plan: Plan, pipes: Pipes, budget: Budget, out: dict, skipped: l
     model = build(spec, device=device())
     pipe = pipes.get("sd21", plan.train_res)
     policy = _policy(pipe, 4, _precisions()[0], False)
-    batches = 2
+    batches = 1 if plan.quick else 2
     cfg = DDPOConfig.model_validate(dict(
         out=str(folder / "ddpo"), prompts=PROMPTS, max_steps=10, policy={"pipeline": "tiny"},
         reward={"models": [spec], "use": f"textnorm({spec})"},
@@ -726,6 +748,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
     if not _cuda():
+        exact_cpu_rss()
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     result = run(plan)
     print(json.dumps(result))
