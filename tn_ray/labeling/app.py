@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlencode
 
-from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi import APIRouter, FastAPI, Header, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -46,8 +46,15 @@ class AnswerIn(BaseModel):
     comparison: Comparison | None = Field(None, description="comparison task: the two choices")
 
 
-def create_app(task: Task, store: AnswerStore, token: str | None = None, loopback: bool = True) -> FastAPI:
-    app = FastAPI(title="tn-ray labelling", docs_url=None, redoc_url=None, openapi_url=None)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self'; frame-ancestors 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+
+
+def add_token_guard(app: FastAPI, token: str | None) -> None:
+    """The access rule of every request (:mod:`tn_ray.labeling.security`): with a ``token``, it must
+    come as ``?token=`` (then kept in an HttpOnly cookie: a GET redirects to the same address without
+    it), the cookie, or ``Authorization: Bearer``; every response gets :data:`SECURITY_HEADERS`."""
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -64,13 +71,13 @@ def create_app(task: Task, store: AnswerStore, token: str | None = None, loopbac
                 response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
                 return response
         response = await call_next(request)
-        response.headers.update({
-            "Content-Security-Policy": "default-src 'self'; img-src 'self'; frame-ancestors 'none'; form-action 'self'",
-            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"})
+        response.headers.update(SECURITY_HEADERS)
         return response
 
-    if loopback:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]"])
+
+def task_routes(task: Task, store: AnswerStore) -> APIRouter:
+    """The pages and the JSON API of one task: each annotator sees only their own queue and answers."""
+    router = APIRouter()
 
     def annotator(name: str | None, secret: str | None) -> str:
         try:
@@ -96,19 +103,19 @@ def create_app(task: Task, store: AnswerStore, token: str | None = None, loopbac
             out["answer"] = answer
         return out
 
-    @app.get("/")
+    @router.get("/")
     def index():
         return FileResponse(STATIC / "index.html")
 
-    @app.get("/task")
+    @router.get("/task")
     def task_page():
         return FileResponse(STATIC / f"{task.kind}.html")
 
-    @app.get("/api/info")
+    @router.get("/api/info")
     def info():
         return {"kind": task.kind, "items": len(task.items), "per_item": store.per_item}
 
-    @app.post("/api/session")
+    @router.post("/api/session")
     def session(body: SessionIn):
         try:
             secret, created = store.login(body.name, body.secret)
@@ -118,12 +125,12 @@ def create_app(task: Task, store: AnswerStore, token: str | None = None, loopbac
             raise HTTPException(403, str(err)) from None
         return {"name": body.name, "secret": secret, "created": created}
 
-    @app.get("/api/state")
+    @router.get("/api/state")
     def get_state(pos: int | None = None, x_annotator: str | None = Header(None), x_session: str | None = Header(None)):
         name = annotator(x_annotator, x_session)
         return state(name, None if pos is None else max(pos, 0))
 
-    @app.post("/api/answer")
+    @router.post("/api/answer")
     def post_answer(body: AnswerIn, x_annotator: str | None = Header(None), x_session: str | None = Header(None)):
         name = annotator(x_annotator, x_session)
         seq = store.sequence(name)
@@ -140,7 +147,7 @@ def create_app(task: Task, store: AnswerStore, token: str | None = None, loopbac
         store.answer(name, seq[body.pos], value)
         return state(name, body.pos + 1)
 
-    @app.get("/api/image/{name:path}")
+    @router.get("/api/image/{name:path}")
     def image(name: str):
         try:
             path = resolve_image(task.files, name)
@@ -150,6 +157,16 @@ def create_app(task: Task, store: AnswerStore, token: str | None = None, loopbac
             raise HTTPException(404, "no such image in this task") from None
         return FileResponse(path)
 
+    return router
+
+
+def create_app(task: Task, store: AnswerStore, token: str | None = None, loopback: bool = True) -> FastAPI:
+    """The app: the token guard, on loopback a Host check (no DNS rebinding), the task's routes, static files."""
+    app = FastAPI(title="tn-ray labelling", docs_url=None, redoc_url=None, openapi_url=None)
+    add_token_guard(app, token)
+    if loopback:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]"])
+    app.include_router(task_routes(task, store))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
