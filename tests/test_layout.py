@@ -43,3 +43,17 @@ def test_every_user_error_class_derives_from_the_one_base():
         mod = importlib.import_module(path[:-3].replace("/", "."))
         for name in names:
             assert issubclass(getattr(mod, name), TnRayError), f"{path}: {name} is not a TnRayError"
+
+
+def test_the_command_line_starts_without_the_heavy_stack():
+    """`tn-ray ...` imports tn_ray.cli and every command's parser first: none of them may load torch,
+    Ray, diffusers, ... (ruff's TID253 bans them at module level there; this checks what really loads)."""
+    import subprocess
+    import sys
+
+    heavy = ["torch", "ray", "diffusers", "transformers", "open_clip", "peft", "pandas", "pyarrow", "numpy",
+             "scipy", "sklearn", "matplotlib", "fastapi", "uvicorn", "optuna", "openai", "PIL"]
+    code = ("import sys, tn_ray.cli as c; c.build_parser(); "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
