@@ -122,10 +122,10 @@ def sweep_step(out: Path) -> dict[str, Path]:
 
 def bestofn_step(out: Path) -> dict[str, Path]:
     """Best-of-n with the tiny pipeline: 3 prompts, n = 16 (pools 4 and 16), 32 px."""
+    from tn_ray.analysis.human_eval import HumanEvalConfig
     from tn_ray.config import ScoringConfig
     from tn_ray.diffusion.generation import GenerationConfig
     from tn_ray.experiments.bestofn import BestOfNConfig, run
-    from tn_ray.experiments.human_eval import HumanEvalConfig
     from tn_ray.textnorm.columns import EnsembleSpec, SetParams
 
     root = out / "bestofn"
