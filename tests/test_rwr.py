@@ -170,7 +170,7 @@ def test_rwr_optimizes_the_weighted_likelihood_of_the_kept_images(tmp_path):
     from tn_ray.training.evaluation import generate_images
     from tn_ray.training.policy import Policy
     from tn_ray.training.rwr import regenerate_latents
-    from tn_ray.training.weights import reward_weights, top_k_per_group
+    from tn_ray.training.sample_weights import reward_weights, top_k_per_group
 
     torch.set_num_threads(1)
     n, k = 8, 3
@@ -218,7 +218,7 @@ def test_rwr_raises_the_reward_of_fresh_samples_over_a_control(tmp_path):
     from tn_ray.training.config import EvalBlock, PolicyBlock
     from tn_ray.training.evaluation import generate_images
     from tn_ray.training.policy import Policy
-    from tn_ray.training.weights import top_k_per_group
+    from tn_ray.training.sample_weights import top_k_per_group
 
     torch.set_num_threads(1)
     n, k, prompt = 32, 4, PROMPTS[0]
@@ -261,9 +261,9 @@ def test_rwr_command_end_to_end(ray_session, tmp_path, monkeypatch, capsys):
     from tn_ray.cli import main
     from tn_ray.diffusion.pipelines import tiny_pipeline
     from tn_ray.training.checkpoint import Checkpoints
+    from tn_ray.training.checkpoint_selection import select_checkpoint
     from tn_ray.training.config import PolicyBlock
     from tn_ray.training.policy import Policy
-    from tn_ray.training.selection import select_checkpoint
 
     out = tmp_path / "run"
     monkeypatch.chdir(tmp_path)

@@ -2,7 +2,7 @@
 
 Flow: prompts and contrastive sets checked before any model loads -> seeded, sharded,
 resumable generation (:mod:`tn_ray.diffusion.generation`) streaming into the reward actors, which
-score each image as it is made (:mod:`tn_ray.experiments.bestofn_pipeline`; ``stream: false``:
+score each image as it is made (:mod:`tn_ray.experiments.bestofn_stream`; ``stream: false``:
 generate first, score after) -> score matrices per reward model from the cache
 (:func:`tn_ray.scoring.pipeline.score_matrices`, which computes whatever is missing) -> reward columns: each raw
 model, its TextNorm, each ensemble -> top-k per prompt, reward and nested pool n
@@ -31,7 +31,7 @@ from tn_ray.config import RayConfig, ScoringConfig, StrictModel, dump_config
 from tn_ray.data import tia2
 from tn_ray.diffusion.generation import GenerationConfig, generate
 from tn_ray.errors import InputError
-from tn_ray.experiments.bestofn_pipeline import generate_and_score, image_key
+from tn_ray.experiments.bestofn_stream import generate_and_score, image_key
 from tn_ray.prompts.contrast import load_contrast, texts_for
 from tn_ray.rewards import parse
 from tn_ray.scoring.matrix import ScoreMatrix

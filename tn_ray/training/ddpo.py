@@ -172,17 +172,17 @@ class DDPO(Method):
         use_ddim(policy.pipe)
         policy.pipe.set_progress_bar_config(disable=True)
         tr = cfg.train
-        self.tracker = PerPromptStatTracker(tr.stat_buffer_size, tr.stat_min_count) if tr.per_prompt_stat_tracking else None
+        self.stat_tracker = PerPromptStatTracker(tr.stat_buffer_size, tr.stat_min_count) if tr.per_prompt_stat_tracking else None
 
     def train_prompts(self) -> list[str]:
         return list(self.data.prompts)
 
     def state_dict(self) -> dict:
-        return {"tracker": self.tracker.state_dict() if self.tracker is not None else {}}
+        return {"tracker": self.stat_tracker.state_dict() if self.stat_tracker is not None else {}}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.tracker is not None and state.get("tracker"):
-            self.tracker.load_state_dict(state["tracker"])
+        if self.stat_tracker is not None and state.get("tracker"):
+            self.stat_tracker.load_state_dict(state["tracker"])
 
     # --- 1-2: sampling while the actors score ------------------------------------------
     def sample_epoch(self, step: int):
@@ -282,7 +282,7 @@ class DDPO(Method):
 
         t0 = time.perf_counter()
         chains, prompt_ids, rewards, sample_s, wait_s = self.sample_epoch(step)
-        adv = shared_advantages(prompt_ids, rewards, self.tracker, self.cfg.train.adv_clip_max)
+        adv = shared_advantages(prompt_ids, rewards, self.stat_tracker, self.cfg.train.adv_clip_max)
         self.record_samples(step, prompt_ids, rewards, adv)
         advantages = torch.as_tensor(adv, dtype=torch.float32, device=chains.latents.device)
         t1 = time.perf_counter()
@@ -386,7 +386,7 @@ def quickstart_step(out: Path) -> dict[str, Path]:
     """The quickstart's tiny DDPO run; prints where the curves and the selected checkpoint are."""
     import json
 
-    from tn_ray.training.selection import describe_selection
+    from tn_ray.training.checkpoint_selection import describe_selection
 
     cfg = quickstart_config(Path(out) / "ddpo")
     paths = run(cfg)

@@ -26,10 +26,10 @@ import pandas as pd
 
 from tn_ray.storage import Store
 from tn_ray.training.checkpoint import Checkpoints, step_name
+from tn_ray.training.checkpoint_selection import describe_selection, selection_summary, win_counts
 from tn_ray.training.config import FineTuneConfig
 from tn_ray.training.evaluation import read_scores
 from tn_ray.training.policy import LORA_FILE
-from tn_ray.training.selection import describe_selection, selection_summary, win_counts
 
 log = logging.getLogger(__name__)
 

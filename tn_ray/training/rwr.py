@@ -38,7 +38,7 @@ from tn_ray.diffusion.generation import GenerationConfig
 from tn_ray.errors import InputError
 from tn_ray.training.config import FineTuneConfig, OptimizerBlock, require_prompts
 from tn_ray.training.loop import Method, WorkerContext
-from tn_ray.training.weights import Weighting
+from tn_ray.training.sample_weights import Weighting
 
 log = logging.getLogger(__name__)
 SET_NAME = "rwr"
@@ -114,7 +114,7 @@ def prepare_data(cfg: RwrConfig, prompts: list[str], texts: list[list[str]] | No
     from tn_ray.scoring.pipeline import score_matrices
     from tn_ray.storage import Store, join_uri
     from tn_ray.training.evaluation import reward_groups, reward_texts
-    from tn_ray.training.weights import reward_weights, top_k_per_group
+    from tn_ray.training.sample_weights import reward_weights, top_k_per_group
 
     store = Store(cfg.out)
     texts = dict(zip(prompts, texts if texts is not None else reward_texts(cfg.reward, prompts)))
@@ -384,7 +384,7 @@ def quickstart_config(out: Path) -> RwrConfig:
 
 def quickstart_step(out: Path) -> dict[str, Path]:
     """The quickstart's tiny RWR run; prints where the curves and the selected checkpoint are."""
-    from tn_ray.training.selection import describe_selection
+    from tn_ray.training.checkpoint_selection import describe_selection
 
     paths = run(quickstart_config(Path(out) / "rwr"))
     selection = json.loads(Path(paths["selection"]).read_text())

@@ -89,7 +89,7 @@ def train(config: dict[str, Any], data: RwrSweepData) -> None:
     """The Tune function: a TorchTrainer whose reports reach Tune; reports written when done."""
     from tn_ray.training.loop import fit
     from tn_ray.training.outputs import write_outputs
-    from tn_ray.training.weights import reward_weights
+    from tn_ray.training.sample_weights import reward_weights
 
     cfg = trial_config(config, data)
     examples = data.examples.copy()
@@ -103,7 +103,7 @@ def check_param(options: RwrSweepOptions, name: str, value: Any) -> str | None:
     if name not in PARAMS:
         return f"unknown parameter '{name}'; expected one of {list(PARAMS)}"
     if name == "weighting":
-        from tn_ray.training.weights import WEIGHTINGS
+        from tn_ray.training.sample_weights import WEIGHTINGS
 
         return None if value in WEIGHTINGS else f"weighting must be one of {list(WEIGHTINGS)}, got {value!r}"
     if name == "lora_rank":
