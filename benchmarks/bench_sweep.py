@@ -65,8 +65,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from tn_ray.sweep.config import SweepConfig
-    from tn_ray.sweep.evaluators import Tia2SweepOptions, evaluate_tia2, prepare_tia2
     from tn_ray.sweep.runner import run_sweep
+    from tn_ray.sweep.trainables.evaluators import Tia2SweepOptions, evaluate_tia2, prepare_tia2
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
     try:

@@ -24,9 +24,12 @@ from hypothesis import strategies as st
 from tn_ray.analysis import metrics
 from tn_ray.config import ConfigError
 from tn_ray.scoring.matrix import ScoreMatrix, model_slug
-from tn_ray.sweep import fast_metrics, toy
+from tn_ray.sweep import fast_metrics
 from tn_ray.sweep.config import SweepConfig
-from tn_ray.sweep.evaluators import (
+from tn_ray.sweep.ledger import TrialLedger
+from tn_ray.sweep.runner import load, load_and_run, run_sweep
+from tn_ray.sweep.trainables import toy
+from tn_ray.sweep.trainables.evaluators import (
     BestOfNSweepOptions,
     Tia2SweepOptions,
     evaluate_bestofn,
@@ -34,8 +37,6 @@ from tn_ray.sweep.evaluators import (
     prepare_bestofn,
     prepare_tia2,
 )
-from tn_ray.sweep.ledger import TrialLedger
-from tn_ray.sweep.runner import load, load_and_run, run_sweep
 from tn_ray.textnorm.equations import ensemble, textnorm
 
 REPO = Path(__file__).resolve().parents[1]

@@ -103,8 +103,8 @@ def sweep_step(out: Path) -> dict[str, Path]:
     import yaml
 
     from tn_ray.sweep.config import SweepConfig
-    from tn_ray.sweep.evaluators import Tia2SweepOptions, evaluate_tia2, prepare_tia2
     from tn_ray.sweep.runner import run_sweep
+    from tn_ray.sweep.trainables.evaluators import Tia2SweepOptions, evaluate_tia2, prepare_tia2
 
     sweep_dir = out / "sweep"
     shutil.rmtree(sweep_dir, ignore_errors=True)  # the demo starts fresh on every run

@@ -13,8 +13,8 @@ Two kinds share one runner:
 
 ``prepare(options, sweep_config) -> data`` runs once per sweep in the driver (loading score
 matrices, building datasets); the runner ships ``data`` to the trials through Ray's object
-store (``tune.with_parameters``). Later issues add their trainables (RWR, DDPO) with
-``register("rwr", "tn_ray.rwr_sweep:TRAINABLE")``.
+store (``tune.with_parameters``). tn_ray's own trainables live in :mod:`tn_ray.sweep.trainables`;
+a user's own is registered with ``register("mine", "mypackage.trainables:TRAINABLE")``.
 """
 from __future__ import annotations
 
@@ -43,12 +43,12 @@ class SweepTrainable:
 
 # name -> "module:attribute" (imported on first use, so listing names imports nothing heavy)
 _REGISTRY: dict[str, str | SweepTrainable] = {
-    "tia2_textnorm": "tn_ray.sweep.evaluators:TIA2_TEXTNORM",
-    "bestofn_selection": "tn_ray.sweep.evaluators:BESTOFN_SELECTION",
-    "toy_regression": "tn_ray.sweep.toy:TOY_REGRESSION",
-    "reward_head": "tn_ray.training.reward_learning.sweep:REWARD_HEAD",
-    "rwr": "tn_ray.training.rwr_sweep:RWR",
-    "ddpo": "tn_ray.training.ddpo_sweep:DDPO",
+    "tia2_textnorm": "tn_ray.sweep.trainables.evaluators:TIA2_TEXTNORM",
+    "bestofn_selection": "tn_ray.sweep.trainables.evaluators:BESTOFN_SELECTION",
+    "toy_regression": "tn_ray.sweep.trainables.toy:TOY_REGRESSION",
+    "reward_head": "tn_ray.sweep.trainables.reward_head:REWARD_HEAD",
+    "rwr": "tn_ray.sweep.trainables.rwr:RWR",
+    "ddpo": "tn_ray.sweep.trainables.ddpo:DDPO",
 }
 
 

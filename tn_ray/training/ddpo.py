@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -330,10 +331,11 @@ def release(data: DDPOData) -> None:
             ray.kill(a)
 
 
-def run(cfg: DDPOConfig, allow_provenance_change: bool = False) -> dict[str, Any]:
+def run(cfg: DDPOConfig, allow_provenance_change: bool = False, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """The whole DDPO run: reward actors up, Ray Train fit (resuming from ``cfg.out``), reports; returns
     the output paths (see :func:`tn_ray.training.outputs.write_outputs`). A run folder whose
-    provenance.json differs is refused unless ``allow_provenance_change``."""
+    provenance.json differs is refused unless ``allow_provenance_change``. ``callbacks``: Ray Train
+    callbacks (:func:`tn_ray.training.loop.fit`)."""
     import yaml
 
     from tn_ray.storage import Store
@@ -344,7 +346,7 @@ def run(cfg: DDPOConfig, allow_provenance_change: bool = False) -> dict[str, Any
     data = prepare(cfg, allow_provenance_change)
     store.write_text("config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     try:
-        result = fit(cfg, "tn_ray.training.ddpo:DDPO", data)
+        result = fit(cfg, DDPO, data, callbacks)
     finally:
         release(data)
     paths = write_outputs(cfg, data.prompts) if cfg.eval.enabled else {"out": store.uri(""), "checkpoints": store.uri("checkpoints")}

@@ -357,7 +357,7 @@ def run(cfg: RwrConfig, allow_provenance_change: bool = False) -> dict[str, Any]
     store.write_text("config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     init_ray(cfg.ray)
     data = prepare_data(cfg, prompts, texts)
-    result = fit(cfg, "tn_ray.training.rwr:RwrMethod", {"examples": data, "pretrain": pretrain})
+    result = fit(cfg, RwrMethod, {"examples": data, "pretrain": pretrain})
     paths = write_outputs(cfg, prompts) if cfg.eval.enabled else {"out": store.uri(""), "checkpoints": store.uri("checkpoints")}
     paths["ray_result"] = result["ray_path"]
     return paths
