@@ -364,38 +364,3 @@ def epoch_rewards(out: str) -> Any:
     store = Store(out)
     frame = pd.concat([store.read_table(rel).to_pandas() for rel in store.list_files("samples", ".parquet")], ignore_index=True)
     return frame.groupby("epoch")["reward"].agg(reward_mean="mean", reward_std="std", samples="size").reset_index()
-
-
-def quickstart_config(out: Path) -> DDPOConfig:
-    """A tiny DDPO run: tiny pipeline at 32 px, 2 prompts, brightness reward, 3 epochs of 8 samples x 4 steps."""
-    from tn_ray.config import RayConfig, ScoringConfig
-
-    return DDPOConfig(
-        out=str(out), prompts=["a photo of a lighthouse", "a watercolor of a red circle"], max_steps=3, seed=0,
-        policy={"pipeline": "tiny", "lora": {"rank": 4}}, optimizer={"lr": 2e-2},
-        reward={"models": ["brightness"], "use": "brightness"},
-        sample={"num_steps": 4, "batch_size": 8, "num_batches_per_epoch": 1},
-        train={"batch_size": 8, "stat_buffer_size": 16, "stat_min_count": 4, "clip_range": 0.2},
-        eval={"every": 1, "seeds": [0, 1], "num_inference_steps": 4, "batch_size": 4,
-              "judges": [{"models": ["clip:tiny"], "use": "clip:tiny"}]},
-        checkpoint={"every": 1}, logging={"progress_bar": False},
-        scoring=ScoringConfig(batch_size=16, cpus_per_actor=0.25), scaling={"cpus_per_worker": 1.0},
-        ray=RayConfig(num_cpus=2),
-    )
-
-
-def quickstart_step(out: Path) -> dict[str, Path]:
-    """The quickstart's tiny DDPO run; prints where the curves and the selected checkpoint are."""
-    import json
-
-    from tn_ray.training.checkpoint_selection import describe_selection
-
-    cfg = quickstart_config(Path(out) / "ddpo")
-    paths = run(cfg)
-    selection = json.loads(Path(paths["selection"]).read_text())
-    curve = epoch_rewards(cfg.out)
-    print(f"DDPO (tiny, brightness reward, clip:tiny judge): training reward per epoch "
-          f"{', '.join(f'{v:.4f}' for v in curve['reward_mean'])}")
-    print("  " + "\n".join(describe_selection(selection, unit="epoch")))
-    print(f"  curves: {paths['curves']}\n  selected checkpoint: {paths['selected_checkpoint']}\n  eval table: {paths['eval_csv']}")
-    return {k: Path(v) for k, v in paths.items() if isinstance(v, str)}
