@@ -27,7 +27,6 @@ from pydantic import Field, field_validator
 from tn_ray.analysis.metrics import METRICS
 from tn_ray.config import StrictModel
 from tn_ray.sweep import fast_metrics
-from tn_ray.sweep.registry import SweepTrainable
 from tn_ray.sweep.score_data import (
     BestOfNScores,
     LabelledScores,
@@ -38,6 +37,7 @@ from tn_ray.sweep.score_data import (
     pick_models,
     split_mask,
 )
+from tn_ray.sweep.trainable import SweepTrainable
 from tn_ray.textnorm.columns import combine
 from tn_ray.textnorm.equations import ENSEMBLE_KINDS
 

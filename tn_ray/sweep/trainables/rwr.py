@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tn_ray.sweep.registry import SweepTrainable
+from tn_ray.sweep.trainable import SweepTrainable
 from tn_ray.sweep.trainables.finetune import (
     FineTuneSweepData,
     FineTuneSweepOptions,
