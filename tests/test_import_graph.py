@@ -207,6 +207,22 @@ def test_training_knows_nothing_about_tune_and_no_private_ray_import():
     assert not bad, bad
 
 
+def test_every_tn_ray_import_names_an_existing_module():
+    """A moved module leaves no import of its old path behind (tn_ray, tests and benchmarks; strings included)."""
+    missing = []
+    for root in ("tn_ray", "tests", "benchmarks"):
+        for path in sorted((REPO / root).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    names = [node.module]
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and TARGET.match(node.value):
+                    names = [TARGET.match(node.value).group(1)]
+                missing += [f"{path.relative_to(REPO)}:{node.lineno}: {n}" for n in names
+                            if (n == "tn_ray" or n.startswith("tn_ray.")) and n not in MODULES]
+    assert not missing, missing
+
+
 # the checker itself, on hand-made graphs
 def _edge(a: str, b: str) -> Edge:
     return Edge(a, b, "x.py:1", False)
