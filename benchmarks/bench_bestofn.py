@@ -4,7 +4,7 @@
    every image written as PNG and scored by clip:tiny against x0 and 4 contrastive prompts)
    run (a) as a bare loop in this process (pipeline and reward model loaded here; with
    torch's default threads or one thread, whichever calibrates faster) and (b) through the
-   streaming Ray pipeline (`tn_ray.experiments.bestofn_pipeline.generate_and_score`: generation
+   streaming Ray pipeline (`tn_ray.experiments.bestofn_stream.generate_and_score`: generation
    actors and a reward actor at once, images passed by path; the CPUs split between them by the
    rule of thumb of docs/bestofn.md, from the per-image times the bare loop measures), then
    `score_matrices` reading the cache, as `tn-ray bestofn` does. The workload is sized so the bare
@@ -109,7 +109,7 @@ def ray_pipeline(prompts, contrast, out: Path, score_over_generation: float) -> 
     from tn_ray.config import ScoringConfig
     from tn_ray.diffusion.generation import GenerationConfig
     from tn_ray.experiments.bestofn import score_items
-    from tn_ray.experiments.bestofn_pipeline import generate_and_score
+    from tn_ray.experiments.bestofn_stream import generate_and_score
     from tn_ray.scoring.pipeline import score_matrices
 
     cpus = CPUS

@@ -3,7 +3,7 @@ per image (x0 + 32 contrastive), 2 reward models, synthetic score matrices.
 
 Prints, side by side in one run: one TextNorm evaluation (mean-ensemble of both models,
 objective = mean AP@5/10/25) through the sweep's vectorised path and through the per-prompt
-reference path (tn_ray.textnorm.equations + tn_ray.experiments.metrics.per_prompt, pandas/sklearn), their ratio and
+reference path (tn_ray.textnorm.equations + tn_ray.analysis.metrics.per_prompt, pandas/sklearn), their ratio and
 agreement; then the wall time of a 100-trial Ray Tune + Optuna sweep over tau, lambda and
 the ensemble kind on the same matrices. Last line: one JSON object.
 
@@ -47,8 +47,8 @@ def make_run(root: Path, seed: int = 0) -> Path:
 
 
 def reference_eval(run: Path, params: dict) -> float:
-    """The same objective through the per-prompt path of tn_ray.experiments.metrics (pandas/sklearn)."""
-    from tn_ray.experiments import metrics
+    """The same objective through the per-prompt path of tn_ray.analysis.metrics (pandas/sklearn)."""
+    from tn_ray.analysis import metrics
     from tn_ray.scoring.matrix import ScoreMatrix, model_slug
     from tn_ray.textnorm.columns import combine
 
@@ -65,8 +65,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from tn_ray.sweep.config import SweepConfig
-    from tn_ray.sweep.evaluators import Tia2SweepOptions, evaluate_tia2, prepare_tia2
     from tn_ray.sweep.runner import run_sweep
+    from tn_ray.sweep.trainables.evaluators import Tia2SweepOptions, evaluate_tia2, prepare_tia2
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
     try:

@@ -49,8 +49,8 @@ def make_manifest(root: Path, n: int = 5) -> Path:
 
 
 def make_comparison(root: Path, prompts: int = 3, samples: int = 6, k: int = 4) -> tuple[Path, Path]:
-    """A real best-of-n human-evaluation export (tn_ray.experiments.human_eval.export) of two rewards."""
-    from tn_ray.experiments.human_eval import export
+    """A real best-of-n human-evaluation export (tn_ray.analysis.human_eval.export) of two rewards."""
+    from tn_ray.analysis.human_eval import export
 
     src = root / "pool"
     src.mkdir(parents=True, exist_ok=True)

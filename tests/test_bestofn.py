@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from tn_ray.analysis.bestofn_selection import select, summary
 from tn_ray.config import ConfigError, load_config
 from tn_ray.errors import InputError
 from tn_ray.experiments.bestofn import BestOfNConfig, resolve_prompts
-from tn_ray.experiments.selection import select, summary
 from tn_ray.prompts.contrast import load_contrast
 from tn_ray.scoring.matrix import ScoreMatrix, model_slug
 
@@ -253,7 +253,7 @@ def test_select_refuses_short_pools_and_nan():
 
 
 def test_answers_become_win_counts_per_pair(run_dir):
-    from tn_ray.experiments.human_eval import score_answers
+    from tn_ray.analysis.human_eval import score_answers
 
     key = pd.read_csv(run_dir / "human_eval_key.csv")
     # the annotator always prefers whichever set the ensemble picked, and says "tie" otherwise

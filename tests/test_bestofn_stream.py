@@ -7,7 +7,7 @@ import pytest
 
 from tn_ray.config import ScoringConfig
 from tn_ray.diffusion.generation import GenerationConfig, image_id, read_manifest
-from tn_ray.experiments.bestofn_pipeline import generate_and_score, image_key, plan_pools
+from tn_ray.experiments.bestofn_stream import generate_and_score, image_key, plan_pools
 from tn_ray.scoring.cache import RewardCache
 from tn_ray.storage import Store
 
@@ -98,7 +98,7 @@ def test_score_stage_gives_every_batch_the_same_float_columns(tmp_path):
     hold only them have the schema of any other block; the driver stores the scored rows only."""
     from PIL import Image
 
-    from tn_ray.experiments.bestofn_pipeline import ScoreStage, cache_rows, score_columns
+    from tn_ray.experiments.bestofn_stream import ScoreStage, cache_rows, score_columns
 
     rng = np.random.default_rng(0)
     for name in ("a.png", "b.png"):

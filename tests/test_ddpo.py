@@ -343,12 +343,13 @@ def test_sweep_trainable_maps_parameters_into_trial_configs():
     """``trainable: ddpo``: the KL sweep YAMLs load and check; each trial's parameters land in its config
     and its own run folder; unknown or bad parameters are refused."""
     from tn_ray.sweep.runner import check, load
-    from tn_ray.training.ddpo_sweep import DDPOSweepOptions, check_param, prepare, trial_config
+    from tn_ray.sweep.trainables.ddpo import check_param, prepare
+    from tn_ray.sweep.trainables.finetune import FineTuneSweepOptions, trial_config
 
     for path in ("sweeps/ddpo_kl.yaml", "sweeps/ddpo_kl_tiny.yaml"):
         entry, _ = check(load(path), path)
         assert entry.name == "ddpo"
-    data = prepare(DDPOSweepOptions(config="sweeps/ddpo_tiny.yaml", overrides={"reward": {"models": ["brightness"], "use": "brightness"}}))
+    data = prepare(FineTuneSweepOptions(config="sweeps/ddpo_tiny.yaml", overrides={"reward": {"models": ["brightness"], "use": "brightness"}}))
     cfg = trial_config({"kl_coef": 10.0, "lr": 1e-3, "tau": 0.5, "lam": 0.1, "lora_rank": 8, "clip_range": 0.1}, data)
     assert (cfg.train.kl_coef, cfg.optimizer.lr, cfg.reward.textnorm.tau, cfg.reward.textnorm.lam) == (10.0, 1e-3, 0.5, 0.1)
     assert cfg.policy.lora.rank == 8 and cfg.train.clip_range == 0.1 and "kl_coef=10.0" in cfg.out

@@ -3,6 +3,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 TOP_LEVEL = {"__init__.py", "_version.py", "cli.py", "config.py", "storage.py", "cluster.py", "errors.py", "testing.py", "provenance.py"}
 
@@ -57,3 +59,27 @@ def test_the_command_line_starts_without_the_heavy_stack():
             f"print([m for m in {heavy!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_quickstart_steps_read_the_packaged_yamls_the_docs_show():
+    """The quickstart's best-of-n, RWR and DDPO settings are the files of ``sweeps/`` (links to the packaged
+    YAMLs, shipped as package data): one file each, so the quickstart cannot drift from the docs."""
+    import fnmatch
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    from tn_ray.config import load_config
+    from tn_ray.experiments import quickstart
+    from tn_ray.experiments.bestofn import BestOfNConfig
+    from tn_ray.training.ddpo import DDPOConfig
+    from tn_ray.training.rwr import RwrConfig
+
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["tn_ray"]
+    for name, model in (("bestofn_tiny.yaml", BestOfNConfig), ("rwr_tiny.yaml", RwrConfig), ("ddpo_tiny.yaml", DDPOConfig)):
+        packaged = quickstart.SETTINGS / name
+        assert (REPO / "sweeps" / name).resolve() == packaged.resolve(), f"sweeps/{name} is not the packaged file"
+        assert any(fnmatch.fnmatch(str(packaged.relative_to(REPO / "tn_ray")), p) for p in patterns), name
+        ran = quickstart.settings(name, model, out="/tmp/q")
+        shown = load_config(REPO / "sweeps" / name, model, {"out": "/tmp/q"})
+        assert ran == shown
+    ddpo = quickstart.settings("ddpo_tiny.yaml", DDPOConfig)
+    assert (ddpo.max_steps, ddpo.train.kl_coef) == (4, 1.0)  # issue 22: the quickstart ran 3 and 0 before

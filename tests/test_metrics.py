@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score
 
-from tn_ray.experiments import metrics
+from tn_ray.analysis import metrics
 from tn_ray.sweep import fast_metrics
 
 
@@ -56,7 +56,7 @@ def test_ap_at_k_by_hand():
 def test_per_set_counts_the_prompts_its_rank_correlations_average():
     import pandas as pd
 
-    from tn_ray.experiments.metrics import per_prompt, per_set
+    from tn_ray.analysis.metrics import per_prompt, per_set
 
     frame = pd.DataFrame({"set": "s", "prompt": ["a"] * 4 + ["b"] * 4 + ["c"] * 4,
                           "binary": [0, 1, 0, 1] * 3, "fine": [0.0, 1.0, 0.2, 0.9] * 3,

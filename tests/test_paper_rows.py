@@ -5,9 +5,9 @@ import re
 
 import pytest
 
+from tn_ray.analysis import paper
 from tn_ray.cli import main
 from tn_ray.data import tia2
-from tn_ray.experiments import paper
 
 RELEASED_METRICS = {"auroc": "auroc", "auprc": "auprc", "ap5": "ap@5", "ap10": "ap@10", "ap25": "ap@25",
                     "spearman": "spearman", "kendall": "kendall"}

@@ -19,10 +19,10 @@ from tn_ray.prompts import build, clean, normalize
 from tn_ray.prompts.base import ContrastSet
 from tn_ray.prompts.cache import AnswerCache
 from tn_ray.prompts.categories import CATEGORIES, categorize
-from tn_ray.prompts.grammar import parse
 from tn_ray.prompts.instruction import EXAMPLES, INSTRUCTION_VERSION, messages
 from tn_ray.prompts.llm import LlmError, LlmSource, MissingApiKeyError
 from tn_ray.prompts.parsing import parse_answer
+from tn_ray.prompts.quantities import parse
 from tn_ray.prompts.rules import contrast
 from tn_ray.prompts.settings import LlmConfig, RulesConfig, SourcesConfig
 from tn_ray.prompts.synthesize import SynthesisConfig, read_prompts, synthesize
@@ -113,7 +113,7 @@ PREFIX = st.sampled_from(["", "a realistic photo of ", "a photo of ", "an image 
 
 
 def _phrase(q: str, noun: str) -> str:
-    from tn_ray.prompts.grammar import plural, with_article
+    from tn_ray.prompts.quantities import plural, with_article
 
     return with_article(noun) if q == "a" else f"{q} {plural(noun)}"
 

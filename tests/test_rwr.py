@@ -170,7 +170,7 @@ def test_rwr_optimizes_the_weighted_likelihood_of_the_kept_images(tmp_path):
     from tn_ray.training.evaluation import generate_images
     from tn_ray.training.policy import Policy
     from tn_ray.training.rwr import regenerate_latents
-    from tn_ray.training.weights import reward_weights, top_k_per_group
+    from tn_ray.training.sample_weights import reward_weights, top_k_per_group
 
     torch.set_num_threads(1)
     n, k = 8, 3
@@ -218,7 +218,7 @@ def test_rwr_raises_the_reward_of_fresh_samples_over_a_control(tmp_path):
     from tn_ray.training.config import EvalBlock, PolicyBlock
     from tn_ray.training.evaluation import generate_images
     from tn_ray.training.policy import Policy
-    from tn_ray.training.weights import top_k_per_group
+    from tn_ray.training.sample_weights import top_k_per_group
 
     torch.set_num_threads(1)
     n, k, prompt = 32, 4, PROMPTS[0]
@@ -261,9 +261,9 @@ def test_rwr_command_end_to_end(ray_session, tmp_path, monkeypatch, capsys):
     from tn_ray.cli import main
     from tn_ray.diffusion.pipelines import tiny_pipeline
     from tn_ray.training.checkpoint import Checkpoints
+    from tn_ray.training.checkpoint_selection import select_checkpoint
     from tn_ray.training.config import PolicyBlock
     from tn_ray.training.policy import Policy
-    from tn_ray.training.selection import select_checkpoint
 
     out = tmp_path / "run"
     monkeypatch.chdir(tmp_path)
@@ -292,6 +292,29 @@ def test_rwr_command_end_to_end(ray_session, tmp_path, monkeypatch, capsys):
     emb = policy.encode_prompts(PROMPTS[:1])
     with torch.no_grad():
         torch.testing.assert_close(plain.unet(x, t, encoder_hidden_states=emb).sample, policy.noise_pred(x, t, emb), rtol=0, atol=1e-5)
+
+
+def test_rwr_sweep_parameters_land_at_their_config_keys():
+    """``trainable: rwr``: each swept parameter is set at its dotted key (KEYS, through apply_overrides), the
+    trial gets its own run folder and no progress bar, nothing else changes, and the shared data is not mutated."""
+    import copy
+
+    from tn_ray.config import load_config
+    from tn_ray.sweep.trainables.finetune import FineTuneSweepData, trial_config
+    from tn_ray.sweep.trainables.rwr import KEYS, check_param
+
+    base = load_config(REPO / "sweeps" / "rwr_tiny.yaml", RwrConfig)
+    data = FineTuneSweepData(base.model_dump(mode="json"), RwrConfig, KEYS)
+    before = copy.deepcopy(data.cfg)
+    cfg = trial_config({"beta": 0.25, "lr": 1e-4, "weighting": "softmax", "temperature": 2.0, "lora_rank": 8}, data)
+    assert (cfg.beta, cfg.optimizer.lr, cfg.weighting, cfg.temperature, cfg.policy.lora.rank) == (0.25, 1e-4, "softmax", 2.0, 8)
+    assert cfg.out == f"{base.out}/trials/beta=0.25,lora_rank=8,lr=0.0001,temperature=2.0,weighting=softmax"
+    assert cfg.logging.progress_bar is False and data.cfg == before
+    changed = {"beta", "optimizer", "weighting", "temperature", "policy", "out", "logging"}
+    assert cfg.model_dump(exclude=changed) == base.model_dump(exclude=changed)
+    assert cfg.optimizer.model_dump(exclude={"lr"}) == base.optimizer.model_dump(exclude={"lr"})
+    assert trial_config({}, data).out == f"{base.out}/trials/default"
+    assert check_param(None, "beta", -1.0) and check_param(None, "kl_coef", 0.5) and check_param(None, "lora_rank", 4) is None
 
 
 def test_rwr_sweep_runs_two_trials_with_evaluations_and_checkpoints(ray_session, tmp_path):

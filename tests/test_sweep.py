@@ -1,7 +1,7 @@
 """Sweeps (Ray Tune + Optuna): vectorised metrics, TextNorm / best-of-n evaluators, the tau
 sweep vs a grid, the SIGKILL resume, YAML validation, ASHA + checkpoints of a training
 trainable, and the held-out protocol. Every number is checked against an independent path
-(tn_ray.textnorm.equations + tn_ray.experiments.metrics, or pandas)."""
+(tn_ray.textnorm.equations + tn_ray.analysis.metrics, or pandas)."""
 from __future__ import annotations
 
 import glob
@@ -21,12 +21,15 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tn_ray.analysis import metrics
 from tn_ray.config import ConfigError
-from tn_ray.experiments import metrics
 from tn_ray.scoring.matrix import ScoreMatrix, model_slug
-from tn_ray.sweep import fast_metrics, toy
+from tn_ray.sweep import fast_metrics
 from tn_ray.sweep.config import SweepConfig
-from tn_ray.sweep.evaluators import (
+from tn_ray.sweep.ledger import TrialLedger
+from tn_ray.sweep.runner import load, load_and_run, run_sweep
+from tn_ray.sweep.trainables import toy
+from tn_ray.sweep.trainables.evaluators import (
     BestOfNSweepOptions,
     Tia2SweepOptions,
     evaluate_bestofn,
@@ -34,8 +37,6 @@ from tn_ray.sweep.evaluators import (
     prepare_bestofn,
     prepare_tia2,
 )
-from tn_ray.sweep.ledger import TrialLedger
-from tn_ray.sweep.runner import load, load_and_run, run_sweep
 from tn_ray.textnorm.equations import ensemble, textnorm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ def tiny_run(tmp_path_factory, ray_session) -> Path:
 
 
 def reference_objective(run_dir: Path, params: dict, prompts: set[str] | None = None) -> float:
-    """The TIA2 objective through the per-prompt path: tn_ray.textnorm.equations + tn_ray.experiments.metrics."""
+    """The TIA2 objective through the per-prompt path: tn_ray.textnorm.equations + tn_ray.analysis.metrics."""
     frame = pd.read_parquet(run_dir / "rewards.parquet")[["set", "prompt", "image_id", "binary", "fine"]]
     members = params.get("members", TINY)
     normalized = []
@@ -89,7 +90,7 @@ def tau_sweep(run_dir: Path, out: Path, **extra) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-# vectorised metrics == tn_ray.experiments.metrics
+# vectorised metrics == tn_ray.analysis.metrics
 # ---------------------------------------------------------------------------------------
 
 group = st.integers(2, 14).flatmap(lambda n: st.tuples(

@@ -134,7 +134,7 @@ def test_small_tau_underflows_in_reward_units_but_not_in_the_ranking_form():
 def test_metrics_at_tau_1e3_equal_those_at_tau_1_when_the_order_is_the_same():
     import pandas as pd
 
-    from tn_ray.experiments.metrics import per_prompt
+    from tn_ray.analysis.metrics import per_prompt
 
     s = _separated()
     binary = np.array([0, 1, 0, 0, 1, 0, 1, 1, 0, 1, 1, 1])

@@ -202,8 +202,8 @@ def test_config_errors_name_the_key(tmp_path, capsys):
 def test_release_params_need_the_papers_members_and_add_one_column_per_reading(bench, tmp_path, tia2_dir):
     from types import SimpleNamespace
 
+    from tn_ray.analysis import metrics, paper
     from tn_ray.config import ConfigError, validate
-    from tn_ray.experiments import metrics, paper
     from tn_ray.experiments.tia2_eval import collect_items, reward_table
 
     with pytest.raises(ConfigError, match=r"release_params.*\['imagereward'\] not among models"):

@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
+from tn_ray.training.checkpoint_selection import select_checkpoint, win_counts
 from tn_ray.training.losses import kl_surrogate, rwr_loss, weighted_denoising
 from tn_ray.training.monitor import Monitor
-from tn_ray.training.selection import select_checkpoint, win_counts
-from tn_ray.training.weights import reward_weights, top_k_per_group
+from tn_ray.training.sample_weights import reward_weights, top_k_per_group
 
 
 # --- pure functions -----------------------------------------------------------------------
@@ -151,8 +151,8 @@ def test_default_selection_is_the_training_reward_and_judges_are_reported(tmp_pa
     checkpoint is the training reward's (the paper's rule), written as such, with the judge's own view beside it."""
     import json
 
+    from tn_ray.training.checkpoint_selection import describe_selection
     from tn_ray.training.outputs import write_outputs
-    from tn_ray.training.selection import describe_selection
 
     _constructed_run(tmp_path / "run")
     paths = write_outputs(_run_cfg(tmp_path / "run"), PROMPTS2)

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
+from tn_ray.analysis import goodhart
 from tn_ray.data.world import grammar, labels, oracle, sampler, scenes
-from tn_ray.experiments import goodhart
 
 HYP = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -26,7 +26,7 @@ def run(args) -> int:
         import json
 
         from tn_ray.storage import read_any
-        from tn_ray.training.selection import describe_selection
+        from tn_ray.training.checkpoint_selection import describe_selection
 
         for line in describe_selection(json.loads(read_any(paths["selection"])), unit="epoch"):
             print(line)

@@ -52,8 +52,8 @@ def stats(args) -> int:
 
 
 def paper_table(args) -> int:
+    from tn_ray.analysis import paper
     from tn_ray.data.tia2 import SETS, resolve_dir
-    from tn_ray.experiments import paper
 
     text = paper.report(resolve_dir(args.tia2_dir), args.sets or SETS)
     out = Path(args.out)

@@ -2,11 +2,11 @@
 
 Flow: prompts and contrastive sets checked before any model loads -> seeded, sharded,
 resumable generation (:mod:`tn_ray.diffusion.generation`) streaming into the reward actors, which
-score each image as it is made (:mod:`tn_ray.experiments.bestofn_pipeline`; ``stream: false``:
+score each image as it is made (:mod:`tn_ray.experiments.bestofn_stream`; ``stream: false``:
 generate first, score after) -> score matrices per reward model from the cache
 (:func:`tn_ray.scoring.pipeline.score_matrices`, which computes whatever is missing) -> reward columns: each raw
 model, its TextNorm, each ensemble -> top-k per prompt, reward and nested pool n
-(:mod:`tn_ray.experiments.selection`) -> selections Parquet, overoptimization summary, per-prompt grids,
+(:mod:`tn_ray.analysis.bestofn_selection`) -> selections Parquet, overoptimization summary, per-prompt grids,
 blinded human-evaluation pages.
 
 Outputs under ``out``::
@@ -26,12 +26,12 @@ import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
 from tn_ray import provenance
+from tn_ray.analysis.human_eval import HumanEvalConfig
 from tn_ray.config import RayConfig, ScoringConfig, StrictModel, dump_config
 from tn_ray.data import tia2
 from tn_ray.diffusion.generation import GenerationConfig, generate
 from tn_ray.errors import InputError
-from tn_ray.experiments.bestofn_pipeline import generate_and_score, image_key
-from tn_ray.experiments.human_eval import HumanEvalConfig
+from tn_ray.experiments.bestofn_stream import generate_and_score, image_key
 from tn_ray.prompts.contrast import load_contrast, texts_for
 from tn_ray.rewards import parse
 from tn_ray.scoring.matrix import ScoreMatrix
@@ -147,11 +147,11 @@ def reward_table(items: pd.DataFrame, matrices: dict[str, ScoreMatrix], cfg: Bes
 
 
 def run(cfg: BestOfNConfig, generate_only: bool = False, allow_provenance_change: bool = False) -> dict[str, Path]:
+    from tn_ray.analysis.bestofn_selection import select, summary, summary_markdown
+    from tn_ray.analysis.human_eval import export
+    from tn_ray.analysis.image_grids import prompt_grid, save_grid
     from tn_ray.cluster import init_ray
     from tn_ray.diffusion.pipelines import check_scheduler, check_source
-    from tn_ray.experiments.human_eval import export
-    from tn_ray.experiments.image_grids import prompt_grid, save_grid
-    from tn_ray.experiments.selection import select, summary, summary_markdown
     from tn_ray.rewards.weights import check_weights
     from tn_ray.scoring.pipeline import score_matrices
     from tn_ray.storage import check_output_dir, read_any

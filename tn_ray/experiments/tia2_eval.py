@@ -4,7 +4,7 @@ Flow: validate everything (sets, models, labels, contrastive sets, every image f
 any model loads -> score matrices per model (cached; only missing rewards are computed) ->
 reward columns (raw, TextNorm, ensembles; pure array functions) -> per-prompt and per-set
 metrics -> tables and a bar plot, with the authors' released metrics over the same prompts as
-reference rows (``release: clip``, ...; :mod:`tn_ray.experiments.paper`) and per-prompt
+reference rows (``release: clip``, ...; :mod:`tn_ray.analysis.paper`) and per-prompt
 differences from them.
 """
 from __future__ import annotations
@@ -18,10 +18,10 @@ import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
 from tn_ray import provenance
+from tn_ray.analysis import metrics, paper
 from tn_ray.config import RayConfig, ScoringConfig, StrictModel, dump_config
 from tn_ray.data import tia2
 from tn_ray.errors import InputError
-from tn_ray.experiments import metrics, paper
 from tn_ray.prompts.contrast import load_contrast, texts_for
 from tn_ray.rewards import parse
 from tn_ray.rewards.units import Reading

@@ -2,7 +2,7 @@
 
 1. A labelled benchmark in TIA2's layout (``tn_ray.data.world.labels``), scored by the
    world-trained proxies through ``tia2_eval.run`` (Ray reward actors, the reward cache,
-   ``textnorm.columns``, ``experiments.metrics``) once per contrastive-set source: ``rules``
+   ``textnorm.columns``, ``analysis.metrics``) once per contrastive-set source: ``rules``
    (``tn_ray.prompts.build("rules")`` with the world's coloured shapes as its vocabulary) and
    ``world`` (the world's own sets: every prompt one attribute away, TIA2's "released" here).
    Metrics against the oracle's labels, per prompt kind.
@@ -21,10 +21,10 @@ import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
 from tn_ray import provenance
+from tn_ray.analysis import goodhart
 from tn_ray.config import RayConfig, ScoringConfig, StrictModel, dump_config
 from tn_ray.data.world import grammar, labels, oracle, sampler, scenes
 from tn_ray.data.world.sampler import SamplerConfig
-from tn_ray.experiments import goodhart
 from tn_ray.prompts.contrast import texts_for
 from tn_ray.textnorm.columns import EnsembleSpec, SetParams, check_ensembles, reward_columns
 

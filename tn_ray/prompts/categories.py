@@ -54,6 +54,6 @@ def categorize(prompt: str) -> list[str]:
     found = [c for c in CATEGORIES if _CUES[c].search(prompt)]
     if found:
         return found
-    from tn_ray.prompts.grammar import parse
+    from tn_ray.prompts.quantities import parse
 
     return ["counting"] if parse(prompt) is not None else ["creative"]

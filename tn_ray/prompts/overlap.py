@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from tn_ray.prompts.base import normalize
-from tn_ray.prompts.grammar import parse
+from tn_ray.prompts.quantities import parse
 from tn_ray.prompts.rules import contrast
 from tn_ray.prompts.settings import RulesConfig
 

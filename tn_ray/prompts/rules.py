@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tn_ray.prompts.base import ContrastSet, clean
-from tn_ray.prompts.grammar import QuantityPrompt, Slot, parse
+from tn_ray.prompts.quantities import QuantityPrompt, Slot, parse
 from tn_ray.prompts.settings import RulesConfig
 
 NOT_PARSED = ("rules: no '<quantity> <object>' phrase found (the rules handle counting prompts like "

@@ -17,7 +17,7 @@ VOCABULARY = tuple(sorted(CIFAR10 + COCO15))
 def derive(root: Path) -> list[str]:
     """The singular nouns of TIA2's counting and composition prompts (x0s), sorted."""
     from tn_ray.data.tia2 import load_prompt_sets
-    from tn_ray.prompts.grammar import parse
+    from tn_ray.prompts.quantities import parse
 
     nouns: set[str] = set()
     for set_name in ("counting", "composition"):

@@ -1,10 +1,10 @@
-"""The metrics of :mod:`tn_ray.experiments.metrics`, vectorised over prompts for sweeps.
+"""The metrics of :mod:`tn_ray.analysis.metrics`, vectorised over prompts for sweeps.
 
 A sweep evaluates one reward setting (tau, lambda, members) thousands of times on the same
-score matrices, so the per-prompt pandas/sklearn loop of :mod:`tn_ray.experiments.metrics` (about a
+score matrices, so the per-prompt pandas/sklearn loop of :mod:`tn_ray.analysis.metrics` (about a
 second for 300 prompts) would dominate. Here the images of each prompt are laid out as one
 row of a padded ``(prompts, max images)`` array and every metric is computed for all prompts
-at once with numpy. Each function returns exactly what :func:`tn_ray.experiments.metrics.prompt_metrics`
+at once with numpy. Each function returns exactly what :func:`tn_ray.analysis.metrics.prompt_metrics`
 returns for that prompt (same tie handling; checked against it in the tests).
 
 Padding: ``mask[p, j]`` is False where prompt p has fewer than j+1 images; padded scores and
@@ -15,14 +15,14 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
-from tn_ray.experiments.metrics import AP_KS, METRICS
+from tn_ray.analysis.metrics import AP_KS, METRICS
 
 
 def group_index(codes: np.ndarray) -> np.ndarray:
     """``(groups, max size)`` row indices of each group in input order, -1 where padded.
 
     ``codes``: (n,) group number per row, 0..P-1. Rows keep their input order inside a group
-    (this order breaks ties in AP@k, as in :func:`tn_ray.experiments.metrics.ap_at_k`).
+    (this order breaks ties in AP@k, as in :func:`tn_ray.analysis.metrics.ap_at_k`).
     """
     codes = np.asarray(codes, dtype=np.int64)
     if codes.size == 0:

@@ -1,54 +1,24 @@
-"""Trainables the sweep runner knows by name.
-
-Two kinds share one runner:
-
-- ``evaluate``: a pure function ``evaluate(params, data) -> metrics`` of a trial's parameters
-  and the sweep's shared data (score matrices...). The runner wraps it as a Tune function
-  trainable that reports once, and records each result in the sweep's ledger so a resumed
-  sweep never evaluates a configuration twice. Such trainables can run the held-out protocol
-  (``supports_folds``): the runner adds the reserved parameters ``fold`` and ``split``.
-- ``train``: a Tune function trainable ``train(config, data)`` that calls
-  ``ray.tune.report(metrics, checkpoint=...)`` once per epoch and resumes from
-  ``ray.tune.get_checkpoint()``; ASHA may stop it between epochs.
-
-``prepare(options, sweep_config) -> data`` runs once per sweep in the driver (loading score
-matrices, building datasets); the runner ships ``data`` to the trials through Ray's object
-store (``tune.with_parameters``). Later issues add their trainables (RWR, DDPO) with
-``register("rwr", "tn_ray.rwr_sweep:TRAINABLE")``.
+"""Trainables the sweep runner knows by name: ``trainable:`` in a sweep YAML -> a
+:class:`~tn_ray.sweep.trainable.SweepTrainable` (what one is: :mod:`tn_ray.sweep.trainable`),
+imported on first use. tn_ray's own live in :mod:`tn_ray.sweep.trainables`; a user's own is
+registered with ``register("mine", "mypackage.trainables:TRAINABLE")`` or named in the YAML as
+``module:attribute``.
 """
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
 
-from tn_ray.config import StrictModel
 from tn_ray.errors import UnknownName
-
-RESERVED = ("fold", "split")
-
-
-@dataclass(frozen=True)
-class SweepTrainable:
-    name: str
-    kind: Literal["evaluate", "train"]
-    fn: Callable[..., Any]  # evaluate(params, data) -> dict | train(config, data) -> None
-    options: type[StrictModel]  # the YAML `options:` block
-    prepare: Callable[[Any, Any], Any] | None = None  # (options, SweepConfig) -> data; None: data = options
-    check_param: Callable[[Any, str, Any], str | None] | None = None  # (options, name, value) -> error or None
-    supports_folds: bool = False
-    description: str = ""
-
+from tn_ray.sweep.trainable import SweepTrainable
 
 # name -> "module:attribute" (imported on first use, so listing names imports nothing heavy)
 _REGISTRY: dict[str, str | SweepTrainable] = {
-    "tia2_textnorm": "tn_ray.sweep.evaluators:TIA2_TEXTNORM",
-    "bestofn_selection": "tn_ray.sweep.evaluators:BESTOFN_SELECTION",
-    "toy_regression": "tn_ray.sweep.toy:TOY_REGRESSION",
-    "reward_head": "tn_ray.training.reward_learning.sweep:REWARD_HEAD",
-    "rwr": "tn_ray.training.rwr_sweep:RWR",
-    "ddpo": "tn_ray.training.ddpo_sweep:DDPO",
+    "tia2_textnorm": "tn_ray.sweep.trainables.evaluators:TIA2_TEXTNORM",
+    "bestofn_selection": "tn_ray.sweep.trainables.evaluators:BESTOFN_SELECTION",
+    "toy_regression": "tn_ray.sweep.trainables.toy:TOY_REGRESSION",
+    "reward_head": "tn_ray.sweep.trainables.reward_head:REWARD_HEAD",
+    "rwr": "tn_ray.sweep.trainables.rwr:RWR",
+    "ddpo": "tn_ray.sweep.trainables.ddpo:DDPO",
 }
 
 
@@ -68,7 +38,7 @@ def _import(target: str) -> SweepTrainable:
     except (ImportError, AttributeError) as err:
         raise UnknownName(f"trainable '{target}' cannot be imported: {err}") from None
     if not isinstance(obj, SweepTrainable):
-        raise UnknownName(f"'{target}' is a {type(obj).__name__}, not a tn_ray.sweep.registry.SweepTrainable")
+        raise UnknownName(f"'{target}' is a {type(obj).__name__}, not a tn_ray.sweep.trainable.SweepTrainable")
     return obj
 
 

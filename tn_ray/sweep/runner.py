@@ -29,6 +29,7 @@ from tn_ray.sweep import outputs, registry
 from tn_ray.sweep.config import SweepConfig
 from tn_ray.sweep.ledger import TrialLedger, config_key, resolve_uri
 from tn_ray.sweep.searcher import decode, encoded_params, make_searcher
+from tn_ray.sweep.trainable import RESERVED, SweepTrainable
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def _fail(source: str, key: str, message: str) -> ConfigError:
     return ConfigError(f"invalid configuration in {source}:\n  key '{key}': {message}")
 
 
-def check(cfg: SweepConfig, source: str = "<config>") -> tuple[registry.SweepTrainable, Any]:
+def check(cfg: SweepConfig, source: str = "<config>") -> tuple[SweepTrainable, Any]:
     """The trainable and its validated options; :class:`ConfigError` naming the bad key."""
     try:
         entry = registry.get(cfg.trainable)
@@ -50,7 +51,7 @@ def check(cfg: SweepConfig, source: str = "<config>") -> tuple[registry.SweepTra
         raise _fail(source, "trainable", err.args[0]) from None
     options = validate(entry.options, cfg.options, source, prefix=("options",))
     for section, names in (("space", cfg.space), ("fixed", cfg.fixed)):
-        reserved = [k for k in names if k in registry.RESERVED]
+        reserved = [k for k in names if k in RESERVED]
         if reserved:
             raise _fail(source, f"{section}.{reserved[0]}", f"'{reserved[0]}' is reserved for the held-out protocol (`heldout:`)")
     if cfg.heldout and not entry.supports_folds:
@@ -109,7 +110,7 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _trainable(entry: registry.SweepTrainable, cfg: SweepConfig, data: Any, ledger_root: str, fingerprint: str):
+def _trainable(entry: SweepTrainable, cfg: SweepConfig, data: Any, ledger_root: str, fingerprint: str):
     from ray import tune
 
     encoded = encoded_params(cfg)
@@ -136,7 +137,7 @@ class Experiment:
         return join_uri(self.storage, f"{self.name}-ledger")
 
 
-def run_experiment(cfg: SweepConfig, entry: registry.SweepTrainable, data: Any, exp: Experiment, resume: bool):
+def run_experiment(cfg: SweepConfig, entry: SweepTrainable, data: Any, exp: Experiment, resume: bool):
     """Run (or resume) one Tune experiment; returns its ``ResultGrid``."""
     from ray.tune import CheckpointConfig, RunConfig, TuneConfig, Tuner
     from ray.tune.schedulers import ASHAScheduler
@@ -254,7 +255,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, source: str = "<config>",
     return paths
 
 
-def run_heldout(cfg: SweepConfig, entry: registry.SweepTrainable, data: Any, storage: str, resume: bool,
+def run_heldout(cfg: SweepConfig, entry: SweepTrainable, data: Any, storage: str, resume: bool,
                 full_best: dict[str, Any], out: Path) -> dict[str, Path]:
     """k-fold over prompts: tune on k-1 folds, report the tuned setting on the unseen fold."""
     assert cfg.heldout is not None

@@ -94,7 +94,7 @@ def combine(values: Mapping[str, np.ndarray], members: Sequence[str], taus: Sequ
     reward as ``log r_X`` and a mean ensemble of them by log-mean-exp, strictly increasing
     functions of the reward that never underflow to tied zeros (at tau = 1e-3, rewards 1
     apart are ``exp(-1000)`` apart). Eq. 3 has no such form: the uncertainty ensemble stays
-    in reward units (its ties are counted by :func:`tn_ray.experiments.metrics.per_prompt`).
+    in reward units (its ties are counted by :func:`tn_ray.analysis.metrics.per_prompt`).
     """
     if len(taus) != len(members):
         raise ValueError(f"{len(members)} members but {len(taus)} temperatures")

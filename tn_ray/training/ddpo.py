@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,17 +173,17 @@ class DDPO(Method):
         use_ddim(policy.pipe)
         policy.pipe.set_progress_bar_config(disable=True)
         tr = cfg.train
-        self.tracker = PerPromptStatTracker(tr.stat_buffer_size, tr.stat_min_count) if tr.per_prompt_stat_tracking else None
+        self.stat_tracker = PerPromptStatTracker(tr.stat_buffer_size, tr.stat_min_count) if tr.per_prompt_stat_tracking else None
 
     def train_prompts(self) -> list[str]:
         return list(self.data.prompts)
 
     def state_dict(self) -> dict:
-        return {"tracker": self.tracker.state_dict() if self.tracker is not None else {}}
+        return {"tracker": self.stat_tracker.state_dict() if self.stat_tracker is not None else {}}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.tracker is not None and state.get("tracker"):
-            self.tracker.load_state_dict(state["tracker"])
+        if self.stat_tracker is not None and state.get("tracker"):
+            self.stat_tracker.load_state_dict(state["tracker"])
 
     # --- 1-2: sampling while the actors score ------------------------------------------
     def sample_epoch(self, step: int):
@@ -282,7 +283,7 @@ class DDPO(Method):
 
         t0 = time.perf_counter()
         chains, prompt_ids, rewards, sample_s, wait_s = self.sample_epoch(step)
-        adv = shared_advantages(prompt_ids, rewards, self.tracker, self.cfg.train.adv_clip_max)
+        adv = shared_advantages(prompt_ids, rewards, self.stat_tracker, self.cfg.train.adv_clip_max)
         self.record_samples(step, prompt_ids, rewards, adv)
         advantages = torch.as_tensor(adv, dtype=torch.float32, device=chains.latents.device)
         t1 = time.perf_counter()
@@ -330,10 +331,11 @@ def release(data: DDPOData) -> None:
             ray.kill(a)
 
 
-def run(cfg: DDPOConfig, allow_provenance_change: bool = False) -> dict[str, Any]:
+def run(cfg: DDPOConfig, allow_provenance_change: bool = False, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """The whole DDPO run: reward actors up, Ray Train fit (resuming from ``cfg.out``), reports; returns
     the output paths (see :func:`tn_ray.training.outputs.write_outputs`). A run folder whose
-    provenance.json differs is refused unless ``allow_provenance_change``."""
+    provenance.json differs is refused unless ``allow_provenance_change``. ``callbacks``: Ray Train
+    callbacks (:func:`tn_ray.training.loop.fit`)."""
     import yaml
 
     from tn_ray.storage import Store
@@ -344,7 +346,7 @@ def run(cfg: DDPOConfig, allow_provenance_change: bool = False) -> dict[str, Any
     data = prepare(cfg, allow_provenance_change)
     store.write_text("config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     try:
-        result = fit(cfg, "tn_ray.training.ddpo:DDPO", data)
+        result = fit(cfg, DDPO, data, callbacks)
     finally:
         release(data)
     paths = write_outputs(cfg, data.prompts) if cfg.eval.enabled else {"out": store.uri(""), "checkpoints": store.uri("checkpoints")}
@@ -362,38 +364,3 @@ def epoch_rewards(out: str) -> Any:
     store = Store(out)
     frame = pd.concat([store.read_table(rel).to_pandas() for rel in store.list_files("samples", ".parquet")], ignore_index=True)
     return frame.groupby("epoch")["reward"].agg(reward_mean="mean", reward_std="std", samples="size").reset_index()
-
-
-def quickstart_config(out: Path) -> DDPOConfig:
-    """A tiny DDPO run: tiny pipeline at 32 px, 2 prompts, brightness reward, 3 epochs of 8 samples x 4 steps."""
-    from tn_ray.config import RayConfig, ScoringConfig
-
-    return DDPOConfig(
-        out=str(out), prompts=["a photo of a lighthouse", "a watercolor of a red circle"], max_steps=3, seed=0,
-        policy={"pipeline": "tiny", "lora": {"rank": 4}}, optimizer={"lr": 2e-2},
-        reward={"models": ["brightness"], "use": "brightness"},
-        sample={"num_steps": 4, "batch_size": 8, "num_batches_per_epoch": 1},
-        train={"batch_size": 8, "stat_buffer_size": 16, "stat_min_count": 4, "clip_range": 0.2},
-        eval={"every": 1, "seeds": [0, 1], "num_inference_steps": 4, "batch_size": 4,
-              "judges": [{"models": ["clip:tiny"], "use": "clip:tiny"}]},
-        checkpoint={"every": 1}, logging={"progress_bar": False},
-        scoring=ScoringConfig(batch_size=16, cpus_per_actor=0.25), scaling={"cpus_per_worker": 1.0},
-        ray=RayConfig(num_cpus=2),
-    )
-
-
-def quickstart_step(out: Path) -> dict[str, Path]:
-    """The quickstart's tiny DDPO run; prints where the curves and the selected checkpoint are."""
-    import json
-
-    from tn_ray.training.selection import describe_selection
-
-    cfg = quickstart_config(Path(out) / "ddpo")
-    paths = run(cfg)
-    selection = json.loads(Path(paths["selection"]).read_text())
-    curve = epoch_rewards(cfg.out)
-    print(f"DDPO (tiny, brightness reward, clip:tiny judge): training reward per epoch "
-          f"{', '.join(f'{v:.4f}' for v in curve['reward_mean'])}")
-    print("  " + "\n".join(describe_selection(selection, unit="epoch")))
-    print(f"  curves: {paths['curves']}\n  selected checkpoint: {paths['selected_checkpoint']}\n  eval table: {paths['eval_csv']}")
-    return {k: Path(v) for k, v in paths.items() if isinstance(v, str)}

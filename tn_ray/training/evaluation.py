@@ -30,8 +30,8 @@ import pyarrow as pa
 from tn_ray.errors import InputError
 from tn_ray.storage import Store
 from tn_ray.textnorm.columns import RewardConfig
+from tn_ray.training.checkpoint_selection import win_counts
 from tn_ray.training.config import FineTuneConfig
-from tn_ray.training.selection import win_counts
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,8 @@ wrapper and its data, it does one optimizer step per ``step(step)`` call and ret
 step's metrics. The :class:`Trainer` around it owns everything else: loading the policy,
 resuming from the newest checkpoint in the run's storage, per-step logging, evaluation and
 the overoptimization monitor every ``eval.every`` steps, checkpoints, and reports to Ray
-Train (which forwards them to Ray Tune inside a sweep trial).
+Train (a sweep trial passes Ray Tune's ``TuneReportCallback`` to :func:`fit` to forward them;
+this module knows nothing about Tune).
 
 Resume is exact: a checkpoint holds the LoRA weights, optimizer, schedule, loss scaler,
 global RNG states, the method's own state (data position, buffers) and the monitor; a
@@ -15,11 +16,10 @@ that resumes at step s computes bit-identical steps s+1.. to a run that never st
 from __future__ import annotations
 
 import abc
-import importlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,11 +64,6 @@ class Method(abc.ABC):
 
     def load_state_dict(self, state: dict) -> None:
         return None
-
-
-def import_object(target: str):
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 def evaluation_steps(cfg: FineTuneConfig) -> list[int]:
@@ -186,14 +181,14 @@ def worker_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg = import_object(config["config_class"]).model_validate(config["cfg"])
+    cfg = config["config_class"].model_validate(config["cfg"])
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     context = ray.train.get_context()
     ctx = WorkerContext(context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device(), cfg.out)
     data = config["data"]
     if hasattr(data, "hex") and type(data).__name__ == "ObjectRef":
         data = ray.get(data)
-    trainer = Trainer(cfg, import_object(config["method"]), data, ctx, report=lambda m: ray.train.report(m))
+    trainer = Trainer(cfg, config["method"], data, ctx, report=lambda m: ray.train.report(m))
     trainer.run()
 
 
@@ -205,11 +200,12 @@ def ray_storage(out: str) -> str:
     return join_uri(out, "ray") if "://" in out else str(Path(out).resolve() / "ray")
 
 
-def fit(cfg: FineTuneConfig, method: str, data: Any) -> dict[str, Any]:
-    """Run ``method`` (``'module:Class'``, a :class:`Method`) under a ``TorchTrainer``.
+def fit(cfg: FineTuneConfig, method: type[Method], data: Any, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Run ``method`` (a :class:`Method` subclass) under a ``TorchTrainer``.
 
     Resumes from the newest checkpoint in ``cfg.out`` (a previous, killed invocation).
-    Inside a Ray Tune trial, every report reaches Tune (``TuneReportCallback``).
+    ``callbacks`` go to Ray Train's ``RunConfig``: a sweep trial passes ``TuneReportCallback``
+    so that every report reaches Tune.
     """
     import time
 
@@ -223,21 +219,14 @@ def fit(cfg: FineTuneConfig, method: str, data: Any) -> dict[str, Any]:
     use_gpu = cfg.scaling.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    callbacks = []
-    from ray.tune.trainable.trainable_fn_utils import _in_tune_session
-
-    if _in_tune_session():
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        callbacks.append(TuneReportCallback())
-    config = {"cfg": cfg.model_dump(mode="json"), "config_class": f"{type(cfg).__module__}:{type(cfg).__qualname__}",
-              "method": method, "data": ray.put(data)}
+    # classes travel by reference (cloudpickle), so the workers import them from tn_ray
+    config = {"cfg": cfg.model_dump(mode="json"), "config_class": type(cfg), "method": method, "data": ray.put(data)}
     trainer = TorchTrainer(
         worker_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", storage_path=ray_storage(cfg.out),
-                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures), callbacks=callbacks))
+                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures), callbacks=list(callbacks)))
     result = trainer.fit()
     return {"metrics": dict(result.metrics or {}), "ray_path": result.path}
 

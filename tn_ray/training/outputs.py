@@ -26,10 +26,10 @@ import pandas as pd
 
 from tn_ray.storage import Store
 from tn_ray.training.checkpoint import Checkpoints, step_name
+from tn_ray.training.checkpoint_selection import describe_selection, selection_summary, win_counts
 from tn_ray.training.config import FineTuneConfig
 from tn_ray.training.evaluation import read_scores
 from tn_ray.training.policy import LORA_FILE
-from tn_ray.training.selection import describe_selection, selection_summary, win_counts
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def plot_curves(table: pd.DataFrame, train_reward: str, column: str, flags: list
 
 
 def write_grids(store: Store, prompts: Sequence[str], seeds: Sequence[int], steps: Sequence[int], cell: int = 96) -> list[str]:
-    from tn_ray.experiments.image_grids import prompt_grid
+    from tn_ray.analysis.image_grids import prompt_grid
 
     rels = []
     for pid, prompt in enumerate(prompts):
@@ -100,7 +100,7 @@ def write_grids(store: Store, prompts: Sequence[str], seeds: Sequence[int], step
 
 def write_human_eval(store: Store, prompts: Sequence[str], seeds: Sequence[int], selected: int, seed: int = 0) -> tuple[str, str]:
     """Blinded pages comparing, per prompt, the selected checkpoint's evaluation images with the base model's."""
-    from tn_ray.experiments.human_eval import export
+    from tn_ray.analysis.human_eval import export
 
     k = len(seeds)
     chosen, base = f"step {selected}", "base"

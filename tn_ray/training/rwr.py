@@ -38,7 +38,7 @@ from tn_ray.diffusion.generation import GenerationConfig
 from tn_ray.errors import InputError
 from tn_ray.training.config import FineTuneConfig, OptimizerBlock, require_prompts
 from tn_ray.training.loop import Method, WorkerContext
-from tn_ray.training.weights import Weighting
+from tn_ray.training.sample_weights import Weighting
 
 log = logging.getLogger(__name__)
 SET_NAME = "rwr"
@@ -114,7 +114,7 @@ def prepare_data(cfg: RwrConfig, prompts: list[str], texts: list[list[str]] | No
     from tn_ray.scoring.pipeline import score_matrices
     from tn_ray.storage import Store, join_uri
     from tn_ray.training.evaluation import reward_groups, reward_texts
-    from tn_ray.training.weights import reward_weights, top_k_per_group
+    from tn_ray.training.sample_weights import reward_weights, top_k_per_group
 
     store = Store(cfg.out)
     texts = dict(zip(prompts, texts if texts is not None else reward_texts(cfg.reward, prompts)))
@@ -357,37 +357,7 @@ def run(cfg: RwrConfig, allow_provenance_change: bool = False) -> dict[str, Any]
     store.write_text("config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     init_ray(cfg.ray)
     data = prepare_data(cfg, prompts, texts)
-    result = fit(cfg, "tn_ray.training.rwr:RwrMethod", {"examples": data, "pretrain": pretrain})
+    result = fit(cfg, RwrMethod, {"examples": data, "pretrain": pretrain})
     paths = write_outputs(cfg, prompts) if cfg.eval.enabled else {"out": store.uri(""), "checkpoints": store.uri("checkpoints")}
     paths["ray_result"] = result["ray_path"]
     return paths
-
-
-def quickstart_config(out: Path) -> RwrConfig:
-    """A tiny RWR run: tiny pipeline, 2 prompts x 8 images at 32 px, brightness reward, 6 steps."""
-    from tn_ray.config import RayConfig, ScoringConfig
-
-    return RwrConfig(
-        out=str(out), prompts=["a photo of a lighthouse", "a watercolor of a red circle"], max_steps=6, seed=0,
-        policy={"pipeline": "tiny", "lora": {"rank": 4}}, optimizer={"lr": 3e-3},
-        reward={"models": ["brightness"], "use": "brightness"},
-        generation=GenerationConfig(pipeline="tiny", samples_per_prompt=8, num_inference_steps=3, height=32, width=32,
-                                    pipeline_batch_size=8, batch_size=16),
-        top_k=4, weighting="minmax", beta=0.5, batch_size=4,
-        eval={"every": 3, "seeds": [0, 1], "num_inference_steps": 3, "height": 32, "width": 32,
-              "judges": [{"models": ["clip:tiny"], "use": "clip:tiny"}]},
-        checkpoint={"every": 3}, logging={"progress_bar": False},
-        scoring=ScoringConfig(batch_size=16, cpus_per_actor=0.25), scaling={"cpus_per_worker": 1.0},
-        ray=RayConfig(num_cpus=2),
-    )
-
-
-def quickstart_step(out: Path) -> dict[str, Path]:
-    """The quickstart's tiny RWR run; prints where the curves and the selected checkpoint are."""
-    from tn_ray.training.selection import describe_selection
-
-    paths = run(quickstart_config(Path(out) / "rwr"))
-    selection = json.loads(Path(paths["selection"]).read_text())
-    print("RWR (tiny, brightness reward, clip:tiny judge): " + "\n".join(describe_selection(selection)))
-    print(f"  curves: {paths['curves']}\n  selected checkpoint: {paths['selected_checkpoint']}\n  eval table: {paths['eval_csv']}")
-    return {k: Path(v) for k, v in paths.items()}  # a local run: every output is a local path

@@ -3,7 +3,7 @@
 For the validation and test prompts, each reward's score matrix (rows = images, columns =
 [x0, x1..xm]) becomes reward columns through :func:`tn_ray.textnorm.columns.reward_columns`
 (the raw reward and ``textnorm(...)``), and the columns are judged per prompt and per set by
-:mod:`tn_ray.experiments.metrics` (AUROC, AUPRC, AP@k, Spearman, Kendall). Calibration (ECE
+:mod:`tn_ray.analysis.metrics` (AUROC, AUPRC, AP@k, Spearman, Kendall). Calibration (ECE
 and the reliability diagram) is reported for the learned rewards, whose output is a
 probability of "good" (sigmoid for a bce head, clipped for an mse head).
 """
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from tn_ray.experiments import metrics
+from tn_ray.analysis import metrics
 from tn_ray.textnorm.columns import SetParams, reward_columns
 from tn_ray.training.reward_learning.calibration import expected_calibration_error, reliability
 from tn_ray.training.reward_learning.losses import probability

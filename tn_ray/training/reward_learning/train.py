@@ -2,7 +2,7 @@
 
 :func:`epochs` is the loop both callers share: AdamW on the head, batches drawn by a generator
 seeded by (seed, epoch), per-epoch validation AUROC (mean over held-out prompts, through
-:mod:`tn_ray.experiments.metrics`), early stopping after ``patience`` epochs without
+:mod:`tn_ray.analysis.metrics`), early stopping after ``patience`` epochs without
 improvement, and a checkpoint per epoch (head, optimizer, epoch, best head so far) through the
 caller's ``report``. :func:`fit` runs it under Ray Train's ``TorchTrainer`` (data parallel:
 each worker takes its share of every batch and DDP averages the gradients; resumes from
@@ -90,7 +90,7 @@ def predict(head, arrays: Arrays, rows: np.ndarray) -> np.ndarray:
 
 def mean_auroc(keys: pd.DataFrame, reward: np.ndarray) -> float:
     """Mean per-prompt AUROC (prompts with both labels), NaN when there is none."""
-    from tn_ray.experiments.metrics import per_prompt
+    from tn_ray.analysis.metrics import per_prompt
 
     if not len(keys):
         return float("nan")

@@ -79,7 +79,7 @@ def export(selections: pd.DataFrame, images: pd.DataFrame, pairs: list[tuple[str
            out_dir: Path, key_path: Path, read: Callable[[str], bytes], max_prompts: int | None = None) -> pd.DataFrame:
     """Write the pages and images under ``out_dir`` and the answer key to ``key_path``.
 
-    ``selections``: rows of :func:`tn_ray.experiments.selection.select`; ``images``: prompt_id, prompt,
+    ``selections``: rows of :func:`tn_ray.analysis.bestofn_selection.select`; ``images``: prompt_id, prompt,
     sample, image_id, image (path or URI, opened with ``read``). Returns the key table.
     """
     sel = selections[(selections["n"] == n) & (selections["k"] == k)]

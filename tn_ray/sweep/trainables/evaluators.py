@@ -12,7 +12,7 @@ A trial's parameters describe one reward (any subset may be searched, the rest d
   the baseline TextNorm is compared with).
 
 ``tia2_textnorm`` scores the reward against human labels (mean of AP@5/10/25 per prompt set
-by default, or any metric of :mod:`tn_ray.experiments.metrics`); ``bestofn_selection`` picks, per prompt,
+by default, or any metric of :mod:`tn_ray.analysis.metrics`); ``bestofn_selection`` picks, per prompt,
 the sample the reward ranks first and scores it with held-out reward models.
 """
 from __future__ import annotations
@@ -24,10 +24,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
+from tn_ray.analysis.metrics import METRICS
 from tn_ray.config import StrictModel
-from tn_ray.experiments.metrics import METRICS
 from tn_ray.sweep import fast_metrics
-from tn_ray.sweep.registry import SweepTrainable
 from tn_ray.sweep.score_data import (
     BestOfNScores,
     LabelledScores,
@@ -38,6 +37,7 @@ from tn_ray.sweep.score_data import (
     pick_models,
     split_mask,
 )
+from tn_ray.sweep.trainable import SweepTrainable
 from tn_ray.textnorm.columns import combine
 from tn_ray.textnorm.equations import ENSEMBLE_KINDS
 
@@ -108,7 +108,7 @@ class Tia2SweepOptions(StrictModel):
     models: list[str] | None = Field(None, min_length=1, description="models whose matrices are loaded (model ids); None = every matrix in <run_dir>/scores")
     sets: list[str] | None = Field(None, min_length=1, description="prompt sets evaluated; None = every set in the labels")
     objective: list[str] = Field(default_factory=lambda: ["ap@5", "ap@10", "ap@25"], min_length=1,
-                                 description="metrics averaged per set, then over sets, into `objective` (names of tn_ray.experiments.metrics.METRICS)")
+                                 description="metrics averaged per set, then over sets, into `objective` (names of tn_ray.analysis.metrics.METRICS)")
 
     @field_validator("objective")
     @classmethod

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import Field
 
 from tn_ray.config import StrictModel
-from tn_ray.sweep.registry import SweepTrainable
+from tn_ray.sweep.trainable import SweepTrainable
 
 SEARCHABLE = {"lr": float, "weight_decay": float, "hidden": int, "layers": int, "dropout": float, "aux_weight": float,
               "temperature": float, "batch_size": int, "kind": str}

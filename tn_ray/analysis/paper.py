@@ -4,7 +4,7 @@ parameters.
 
 The released files (``alignment_scores/alignment_scores_<set>.json``, downloaded with the labels)
 hold, per prompt with mixed labels, the metrics of every baseline reward and of TextNorm. They
-are laid out here exactly as :func:`tn_ray.experiments.metrics.per_prompt` lays out a user's run
+are laid out here exactly as :func:`tn_ray.analysis.metrics.per_prompt` lays out a user's run
 (one row per set, prompt and reward), so the project's own :func:`metrics.per_set` aggregates
 them and a user's per-prompt table can be compared with them row by row.
 
@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tn_ray.analysis import metrics
 from tn_ray.data import tia2
-from tn_ray.experiments import metrics
 from tn_ray.rewards.base import RewardSpec
 from tn_ray.rewards.units import release_tau
 from tn_ray.textnorm.columns import combine

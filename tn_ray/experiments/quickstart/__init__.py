@@ -14,6 +14,10 @@ Steps, in the order they run (each returns the paths of its outputs):
 6. :func:`rwr_step` -- a tiny RWR run (LoRA, Ray Train): curves and the selected checkpoint.
 7. :func:`ddpo_step` -- a tiny DDPO run (LoRA, asynchronous reward actors): the same outputs.
 
+Steps 5-7 read their settings from YAML files shipped in this package (``bestofn_tiny.yaml``,
+``rwr_tiny.yaml``, ``ddpo_tiny.yaml``; ``sweeps/`` links to the same files, which the docs
+show), only their ``out`` (and best-of-n's ``contrast``) set to the quickstart's folders.
+
 :func:`run` runs them in that order and prints where everything is.
 """
 from __future__ import annotations
@@ -33,14 +37,14 @@ TINY_MODELS = ["clip:tiny", "pickscore:tiny"]
 WORLD_MODELS = ["worldclip", "clip:tiny"]  # worldclip: trained on the world on first use (cached)
 WORLD_DATA = {"per_kind": 4, "images_per_prompt": 16}
 
-BESTOFN_CONTRAST = {
-    "a photo of three red circles": ["a photo of one red circle", "a photo of two red circles",
-                                     "a photo of four red circles", "a photo of three blue circles"],
-    "a photo of a blue square and a green circle": ["a photo of a green square and a blue circle", "a photo of a blue square",
-                                                    "a photo of a green circle", "a photo of two blue squares and a green circle"],
-    "a watercolor painting of a lighthouse at dusk": ["an oil painting of a lighthouse at dusk",
-                                                      "a watercolor painting of a lighthouse at noon", "a photo of a lighthouse at dusk"],
-}
+SETTINGS = Path(__file__).parent  # the packaged YAMLs of the steps (sweeps/ links to them)
+
+
+def settings(name: str, model, **overrides):
+    """The packaged ``name`` (e.g. ``rwr_tiny.yaml``) as ``model``, with dotted-key ``overrides``."""
+    from tn_ray.config import load_config
+
+    return load_config(SETTINGS / name, model, overrides)
 
 
 def world_step(out: Path) -> dict[str, Path]:
@@ -103,8 +107,8 @@ def sweep_step(out: Path) -> dict[str, Path]:
     import yaml
 
     from tn_ray.sweep.config import SweepConfig
-    from tn_ray.sweep.evaluators import Tia2SweepOptions, evaluate_tia2, prepare_tia2
     from tn_ray.sweep.runner import run_sweep
+    from tn_ray.sweep.trainables.evaluators import Tia2SweepOptions, evaluate_tia2, prepare_tia2
 
     sweep_dir = out / "sweep"
     shutil.rmtree(sweep_dir, ignore_errors=True)  # the demo starts fresh on every run
@@ -121,27 +125,11 @@ def sweep_step(out: Path) -> dict[str, Path]:
 
 
 def bestofn_step(out: Path) -> dict[str, Path]:
-    """Best-of-n with the tiny pipeline: 3 prompts, n = 16 (pools 4 and 16), 32 px."""
-    from tn_ray.config import ScoringConfig
-    from tn_ray.diffusion.generation import GenerationConfig
+    """Best-of-n with the tiny pipeline (``bestofn_tiny.yaml``): 3 prompts, n = 16 (pools 4 and 16), 32 px."""
     from tn_ray.experiments.bestofn import BestOfNConfig, run
-    from tn_ray.experiments.human_eval import HumanEvalConfig
-    from tn_ray.textnorm.columns import EnsembleSpec, SetParams
 
-    root = out / "bestofn"
-    root.mkdir(parents=True, exist_ok=True)
-    contrast = root / "contrast.json"
-    contrast.write_text(json.dumps(BESTOFN_CONTRAST, indent=1))
-    cfg = BestOfNConfig(
-        out=str(root), contrast=str(contrast), pools=[4, 16], top_k=[1, 4], models=TINY_MODELS,
-        textnorm=SetParams(tau=1.0, lam=1.0),
-        ensembles=[EnsembleSpec(name="ensemble-mean", members=TINY_MODELS, kind="mean"),
-                   EnsembleSpec(name="ensemble-uncertainty", members=TINY_MODELS, kind="uncertainty")],
-        generation=GenerationConfig(pipeline="tiny", num_inference_steps=3, height=32, width=32,
-                                    pipeline_batch_size=8, batch_size=16),
-        scoring=ScoringConfig(batch_size=32), grid_cell=64,
-        human_eval=HumanEvalConfig(pairs=[("ensemble-uncertainty", TINY_MODELS[0])], k=4),
-    )
+    cfg = settings("bestofn_tiny.yaml", BestOfNConfig, out=str(out / "bestofn"),
+                   contrast=str(SETTINGS / "bestofn_tiny_contrast.json"))
     paths = run(cfg)
     table = pd.read_csv(paths["summary_csv"])
     judge = "ensemble-uncertainty"
@@ -153,17 +141,33 @@ def bestofn_step(out: Path) -> dict[str, Path]:
 
 
 def rwr_step(out: Path) -> dict[str, Path]:
-    """A tiny RWR run (LoRA, brightness reward, clip:tiny judge) on Ray Train: curves, selected checkpoint."""
-    from tn_ray.training.rwr import quickstart_step
+    """A tiny RWR run (``rwr_tiny.yaml``: LoRA, brightness reward, clip:tiny judge) on Ray Train: curves,
+    selected checkpoint."""
+    from tn_ray.training.checkpoint_selection import describe_selection
+    from tn_ray.training.rwr import RwrConfig, run
 
-    return quickstart_step(out)
+    paths = run(settings("rwr_tiny.yaml", RwrConfig, out=str(out / "rwr")))
+    selection = json.loads(Path(paths["selection"]).read_text())
+    print("RWR (tiny, brightness reward, clip:tiny judge): " + "\n".join(describe_selection(selection)))
+    print(f"  curves: {paths['curves']}\n  selected checkpoint: {paths['selected_checkpoint']}\n  eval table: {paths['eval_csv']}")
+    return {k: Path(v) for k, v in paths.items()}  # a local run: every output is a local path
 
 
 def ddpo_step(out: Path) -> dict[str, Path]:
-    """A tiny DDPO run (LoRA, rewards on reward actors, KL to base): curves, selected checkpoint."""
-    from tn_ray.training.ddpo import quickstart_step
+    """A tiny DDPO run (``ddpo_tiny.yaml``: LoRA, rewards on reward actors, KL to base): curves, selected
+    checkpoint."""
+    from tn_ray.training.checkpoint_selection import describe_selection
+    from tn_ray.training.ddpo import DDPOConfig, epoch_rewards, run
 
-    return quickstart_step(out)
+    cfg = settings("ddpo_tiny.yaml", DDPOConfig, out=str(out / "ddpo"))
+    paths = run(cfg)
+    selection = json.loads(Path(paths["selection"]).read_text())
+    curve = epoch_rewards(cfg.out)
+    print(f"DDPO (tiny, brightness reward, clip:tiny judge): training reward per epoch "
+          f"{', '.join(f'{v:.4f}' for v in curve['reward_mean'])}")
+    print("  " + "\n".join(describe_selection(selection, unit="epoch")))
+    print(f"  curves: {paths['curves']}\n  selected checkpoint: {paths['selected_checkpoint']}\n  eval table: {paths['eval_csv']}")
+    return {k: Path(v) for k, v in paths.items() if isinstance(v, str)}
 
 
 STEPS: list[tuple[str, Callable[[Path], dict]]] = [

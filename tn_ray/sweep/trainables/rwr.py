@@ -18,92 +18,63 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import Field
+from tn_ray.sweep.trainable import SweepTrainable
+from tn_ray.sweep.trainables.finetune import (
+    FineTuneSweepData,
+    FineTuneSweepOptions,
+    base_config,
+    trial_config,
+    tune_callbacks,
+)
 
-from tn_ray.config import StrictModel
-from tn_ray.sweep.registry import SweepTrainable
-
-PARAMS = ("beta", "lr", "weighting", "temperature", "lora_rank")
-
-
-class RwrSweepOptions(StrictModel):
-    config: str = Field(..., description="the RWR YAML every trial starts from (RwrConfig)")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys overriding the YAML for every trial, e.g. {max_steps: 200}")
+# swept parameter -> RwrConfig key
+KEYS = {"beta": "beta", "lr": "optimizer.lr", "weighting": "weighting", "temperature": "temperature",
+        "lora_rank": "policy.lora.rank"}
+PARAMS = tuple(KEYS)
 
 
 @dataclass
-class RwrSweepData:
-    cfg: dict
-    prompts: list[str]
-    examples: Any  # pandas frame of kept images
-    fingerprint: str = ""
+class RwrSweepData(FineTuneSweepData):
+    prompts: list[str] | None = None
+    examples: Any = None  # pandas frame of kept images
     pretrain: Any = None  # the optional pre-training term's images (rwr.load_pretrain), shared by every trial
 
 
-def base_config(options: RwrSweepOptions):
-    from tn_ray.config import load_config
-    from tn_ray.training.rwr import RwrConfig
-
-    cfg = load_config(options.config, RwrConfig, options.overrides)
-    # every report carries the evaluation metrics Tune and ASHA compare
-    return cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"every": cfg.eval.every})})
-
-
-def prepare(options: RwrSweepOptions, sweep=None) -> RwrSweepData:
+def prepare(options: FineTuneSweepOptions, sweep=None) -> RwrSweepData:
     from tn_ray.cluster import init_ray
     from tn_ray.training.preflight import check_run
-    from tn_ray.training.rwr import load_pretrain, prepare_data, resolve_prompts
+    from tn_ray.training.rwr import RwrConfig, load_pretrain, prepare_data, resolve_prompts
 
-    cfg = base_config(options)
+    cfg = base_config(options, RwrConfig)
     prompts = resolve_prompts(cfg)
     check_run(cfg, prompts)
     pretrain = load_pretrain(cfg.pretrain) if cfg.pretrain is not None else None
     init_ray(sweep.ray if sweep is not None else cfg.ray)
     data = prepare_data(cfg, prompts)
-    return RwrSweepData(cfg.model_dump(mode="json"), prompts, data, fingerprint=f"rwr-{cfg.model_dump_json()}",
-                        pretrain=pretrain)
-
-
-def trial_config(params: dict[str, Any], data: RwrSweepData):
-    from tn_ray.storage import join_uri
-    from tn_ray.training.rwr import RwrConfig
-
-    raw = dict(data.cfg)
-    slug = ",".join(f"{k}={params[k]}" for k in sorted(params) if k in PARAMS)
-    update: dict[str, Any] = {"out": join_uri(raw["out"], "trials", slug or "default")}
-    if "beta" in params:
-        update["beta"] = float(params["beta"])
-    if "weighting" in params:
-        update["weighting"] = params["weighting"]
-    if "temperature" in params:
-        update["temperature"] = float(params["temperature"])
-    if "lr" in params:
-        update["optimizer"] = {**raw["optimizer"], "lr": float(params["lr"])}
-    if "lora_rank" in params:
-        update["policy"] = {**raw["policy"], "lora": {**raw["policy"]["lora"], "rank": int(params["lora_rank"])}}
-    update["logging"] = {**raw["logging"], "progress_bar": False}
-    return RwrConfig.model_validate({**raw, **update})
+    return RwrSweepData(cfg.model_dump(mode="json"), RwrConfig, KEYS, fingerprint=f"rwr-{cfg.model_dump_json()}",
+                        prompts=prompts, examples=data, pretrain=pretrain)
 
 
 def train(config: dict[str, Any], data: RwrSweepData) -> None:
     """The Tune function: a TorchTrainer whose reports reach Tune; reports written when done."""
     from tn_ray.training.loop import fit
     from tn_ray.training.outputs import write_outputs
-    from tn_ray.training.weights import reward_weights
+    from tn_ray.training.rwr import RwrMethod
+    from tn_ray.training.sample_weights import reward_weights
 
     cfg = trial_config(config, data)
     examples = data.examples.copy()
     examples["weight"] = reward_weights(examples["reward"].to_numpy(), examples["prompt_id"].to_numpy(), cfg.weighting,
                                         cfg.temperature)
-    fit(cfg, "tn_ray.training.rwr:RwrMethod", {"examples": examples, "pretrain": data.pretrain})
+    fit(cfg, RwrMethod, {"examples": examples, "pretrain": data.pretrain}, tune_callbacks())
     write_outputs(cfg, data.prompts)
 
 
-def check_param(options: RwrSweepOptions, name: str, value: Any) -> str | None:
+def check_param(options: FineTuneSweepOptions, name: str, value: Any) -> str | None:
     if name not in PARAMS:
         return f"unknown parameter '{name}'; expected one of {list(PARAMS)}"
     if name == "weighting":
-        from tn_ray.training.weights import WEIGHTINGS
+        from tn_ray.training.sample_weights import WEIGHTINGS
 
         return None if value in WEIGHTINGS else f"weighting must be one of {list(WEIGHTINGS)}, got {value!r}"
     if name == "lora_rank":
@@ -118,6 +89,6 @@ def check_param(options: RwrSweepOptions, name: str, value: Any) -> str | None:
 
 
 RWR = SweepTrainable(
-    name="rwr", kind="train", fn=train, options=RwrSweepOptions, prepare=prepare, check_param=check_param,
+    name="rwr", kind="train", fn=train, options=FineTuneSweepOptions, prepare=prepare, check_param=check_param,
     description="RWR fine-tuning with LoRA (beta, lr, weighting, temperature, lora_rank); a report + checkpoint per evaluation",
 )

@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import Field
 
 from tn_ray.config import StrictModel
-from tn_ray.sweep.registry import SweepTrainable
+from tn_ray.sweep.trainable import SweepTrainable
 
 PARAMS = {"lr": 1e-2, "kl": 0.0, "hidden": 16}
 
