@@ -23,7 +23,11 @@ class Cfg(StrictModel):
 
 
 def test_record_writes_config_packages_commit_and_revisions(tmp_path):
-    rec = record(tmp_path, Cfg(), models=["clip:tiny", "brightness"], pipelines=[("tiny", None), (str(tmp_path), None)])
+    from tn_ray.diffusion.pipelines import pipeline_revisions
+    from tn_ray.rewards.revisions import reward_revisions
+
+    revisions = {**pipeline_revisions([("tiny", None), (str(tmp_path), None)]), **reward_revisions(["clip:tiny", "brightness"])}
+    rec = record(tmp_path, Cfg(), revisions=revisions)
     on_disk = json.loads((tmp_path / FILENAME).read_text())
     assert on_disk == rec
     assert on_disk["config"] == {"lr": 1e-3, "steps": 2, "ray": {}, "stop_after_steps": None}
@@ -52,9 +56,11 @@ def test_hub_revision_is_the_cached_snapshot_commit(tmp_path, monkeypatch):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(sha)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    assert provenance.pipeline_revision("org/pipe") == sha
-    assert provenance.pipeline_revision("org/pipe", sha) == sha
-    assert provenance.pipeline_revision("org/other", "v1").startswith("v1 (not in the local cache")
+    from tn_ray.diffusion.pipelines import pipeline_revision
+
+    assert pipeline_revision("org/pipe") == sha
+    assert pipeline_revision("org/pipe", sha) == sha
+    assert pipeline_revision("org/other", "v1").startswith("v1 (not in the local cache")
 
 
 def test_differences_name_each_changed_key_and_ignore_ray_and_stop_after_steps():

@@ -28,7 +28,7 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -96,68 +96,13 @@ def hub_revision(repo: str, filename: str, requested: str | None = None) -> str:
     return m.group(1) if m else f"{requested or 'main'} (not in the local cache: as requested)"
 
 
-def pipeline_revision(source: str, requested: str | None = None) -> str:
-    """Revision of a diffusers pipeline source: 'random-init' (tiny), 'local' (a folder), else the hub commit."""
-    from tn_ray.diffusion.pipelines import TINY
-
-    if source == TINY:
-        return "random-init"
-    if Path(source).expanduser().exists():
-        return "local"
-    return hub_revision(source, "model_index.json", requested)
-
-
-def reward_revision(text: str) -> str:
-    """Revision of a reward model spec: 'random-init' (tiny, random), 'local' (a path), the hub commit
-    of its weights when they come from the hub, else 'builtin' (a model without hub weights)."""
-    from tn_ray.rewards.base import RewardSpec
-
-    spec = RewardSpec.parse(text)
-    if spec.is_tiny or spec.source == "random":
-        return "random-init"
-    repo = _reward_repo(spec)
-    if repo is None:
-        return "local" if spec.source and Path(spec.source.split("=")[-1]).expanduser().exists() else "builtin"
-    return hub_revision(*repo)
-
-
-def _reward_repo(spec) -> tuple[str, str] | None:
-    """(hub repo, a file in it) the weights of ``spec`` come from; None for local or non-hub weights."""
-    source = spec.source
-    if source and Path(source).expanduser().exists():
-        return None
-    if spec.name == "pickscore":
-        from tn_ray.rewards.pickscore import DEFAULT_MODEL
-        return source or DEFAULT_MODEL, "config.json"
-    if spec.name == "imagereward":
-        from tn_ray.rewards.imagereward import CHECKPOINT_NAME, DEFAULT_REPO
-        return source or DEFAULT_REPO, CHECKPOINT_NAME
-    if spec.name in ("blip2", "blip2-itm"):
-        from tn_ray.rewards.blip2 import DEFAULT_MODEL
-        return source or DEFAULT_MODEL, "config.json"
-    if spec.name == "clip":
-        from open_clip.pretrained import get_pretrained_cfg
-
-        from tn_ray.rewards.clip import resolve
-
-        arch, pretrained = resolve(source)
-        if arch.startswith("hf-hub:"):
-            return arch.removeprefix("hf-hub:"), "open_clip_config.json"
-        if pretrained is None or Path(pretrained).expanduser().exists():
-            return None
-        hub = get_pretrained_cfg(arch, pretrained).get("hf_hub", "")
-        if hub:
-            repo, filename = os.path.split(hub.rstrip("/"))
-            return (repo, filename) if "/" in repo else (hub.rstrip("/"), "open_clip_pytorch_model.bin")
-    return None
-
-
-def collect(cfg: BaseModel | dict, models: Iterable[str] = (), pipelines: Iterable[tuple[str, str | None]] = ()) -> dict:
-    """This run's record: resolved config, package versions, tn_ray commit, revisions of ``models``
-    (reward specs) and ``pipelines`` ((source, requested revision) pairs)."""
+def collect(cfg: BaseModel | dict, revisions: Mapping[str, str] | None = None) -> dict:
+    """This run's record: resolved config, package versions, tn_ray commit, and the ``revisions`` of
+    its models and pipelines (``{"reward:<spec>": ..., "pipeline:<source>": ...}``, resolved by the layer
+    that knows them: :func:`tn_ray.rewards.revisions.reward_revisions`,
+    :func:`tn_ray.diffusion.pipelines.pipeline_revisions`)."""
     config = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
-    revisions = {f"pipeline:{source}": pipeline_revision(source, rev) for source, rev in pipelines}
-    revisions.update({f"reward:{m}": reward_revision(str(m)) for m in dict.fromkeys(str(m) for m in models)})
+    revisions = dict(revisions or {})
     return {"written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tn_ray": code_version(), "packages": package_versions(),
             "revisions": revisions, "config": config}
 
@@ -206,14 +151,14 @@ def continue_changed():
         _allow_all.reset(token)
 
 
-def record(location: str | os.PathLike, cfg: BaseModel | dict, *, allow_change: bool = False, models: Sequence[str] = (),
-           pipelines: Sequence[tuple[str, str | None]] = ()) -> dict:
+def record(location: str | os.PathLike, cfg: BaseModel | dict, *, allow_change: bool = False,
+           revisions: Mapping[str, str] | None = None) -> dict:
     """Write ``<location>/provenance.json`` (a local folder or cloud URI) for this run, before work
     starts; refuse (:class:`ProvenanceChanged`) a folder whose record differs unless ``allow_change``."""
     from tn_ray.storage import Store
 
     store = Store(str(location))
-    new = collect(cfg, models, pipelines)
+    new = collect(cfg, revisions)
     if store.exists(FILENAME):
         try:
             old = json.loads(store.read_text(FILENAME))

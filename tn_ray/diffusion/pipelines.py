@@ -9,6 +9,7 @@ every code path (classifier-free guidance, per-row generators, VAE decoding) is 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from tn_ray.errors import TnRayError
@@ -117,3 +118,19 @@ def load_pipeline(source: str = DEFAULT_PIPELINE, scheduler: str | None = None, 
         pipe = pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def pipeline_revision(source: str, requested: str | None = None) -> str:
+    """Revision of a diffusers pipeline source: 'random-init' (tiny), 'local' (a folder), else the hub commit."""
+    from tn_ray.provenance import hub_revision
+
+    if source == TINY:
+        return "random-init"
+    if Path(source).expanduser().exists():
+        return "local"
+    return hub_revision(source, "model_index.json", requested)
+
+
+def pipeline_revisions(pipelines: Iterable[tuple[str, str | None]]) -> dict[str, str]:
+    """``{"pipeline:<source>": revision}`` of (source, requested revision) pairs, for :func:`tn_ray.provenance.record`."""
+    return {f"pipeline:{source}": pipeline_revision(source, rev) for source, rev in pipelines}

@@ -30,10 +30,12 @@ from tn_ray.analysis.human_eval import HumanEvalConfig
 from tn_ray.config import RayConfig, ScoringConfig, StrictModel, dump_config
 from tn_ray.data import tia2
 from tn_ray.diffusion.generation import GenerationConfig, generate
+from tn_ray.diffusion.pipelines import pipeline_revisions
 from tn_ray.errors import InputError
 from tn_ray.experiments.bestofn_stream import generate_and_score, image_key
 from tn_ray.prompts.contrast import load_contrast, texts_for
 from tn_ray.rewards import parse
+from tn_ray.rewards.revisions import reward_revisions
 from tn_ray.scoring.matrix import ScoreMatrix
 from tn_ray.textnorm.columns import EnsembleSpec, SetParams, check_ensembles, reward_columns, reward_names
 
@@ -171,8 +173,8 @@ def run(cfg: BestOfNConfig, generate_only: bool = False, allow_provenance_change
     if cfg.cache_dir:
         check_output_dir(cfg.cache_dir)
     resolved = cfg.model_copy(update={"generation": gen})
-    provenance.record(out, resolved, allow_change=allow_provenance_change, models=cfg.models,
-                      pipelines=[(gen.pipeline, gen.revision)])
+    provenance.record(out, resolved, allow_change=allow_provenance_change,
+                      revisions={**pipeline_revisions([(gen.pipeline, gen.revision)]), **reward_revisions(cfg.models)})
     dump_config(resolved, out / "config.yaml")
     n_max = max(cfg.pools)
     log.info("best-of-n: %d prompts, pools %s, models %s", len(prompts), cfg.pools, cfg.models)

@@ -24,6 +24,7 @@ from tn_ray.data import tia2
 from tn_ray.errors import InputError
 from tn_ray.prompts.contrast import load_contrast, texts_for
 from tn_ray.rewards import parse
+from tn_ray.rewards.revisions import reward_revisions
 from tn_ray.rewards.units import Reading
 from tn_ray.scoring.images import check_images
 from tn_ray.scoring.matrix import ScoreMatrix
@@ -175,7 +176,7 @@ def run(cfg: Tia2EvalConfig, allow_provenance_change: bool = False) -> dict[str,
     paper_prompts = reference(items, cfg)
     check_weights(cfg.models)
     out = check_output_dir(cfg.out)  # a file in its place or no write permission: named before Ray starts
-    provenance.record(out, cfg, allow_change=allow_provenance_change, models=cfg.models)
+    provenance.record(out, cfg, allow_change=allow_provenance_change, revisions=reward_revisions(cfg.models))
     dump_config(cfg, out / "config.yaml")
     (out / "contrast_summary.json").write_text(json.dumps(contrast_stats, indent=1))
     log.info("TIA2 eval: %d images, %d prompts, sets %s, models %s", len(items), items["prompt"].nunique(), cfg.sets, cfg.models)

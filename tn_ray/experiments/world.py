@@ -26,6 +26,7 @@ from tn_ray.config import RayConfig, ScoringConfig, StrictModel, dump_config
 from tn_ray.data.world import grammar, labels, oracle, sampler, scenes
 from tn_ray.data.world.sampler import SamplerConfig
 from tn_ray.prompts.contrast import texts_for
+from tn_ray.rewards.revisions import reward_revisions
 from tn_ray.textnorm.columns import EnsembleSpec, SetParams, check_ensembles, reward_columns
 
 log = logging.getLogger(__name__)
@@ -303,7 +304,7 @@ def run(cfg: WorldConfig, allow_provenance_change: bool = False) -> dict[str, Pa
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    provenance.record(out, cfg, allow_change=allow_provenance_change, models=cfg.models)
+    provenance.record(out, cfg, allow_change=allow_provenance_change, revisions=reward_revisions(cfg.models))
     dump_config(cfg, out / "config.yaml")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ensure_models(cfg.models)

@@ -40,7 +40,10 @@ def record_provenance(cfg: FineTuneConfig, allow_change: bool = False) -> None:
     """``provenance.json`` of the run folder (:func:`tn_ray.provenance.record`), after the checks and
     before Ray starts: the training reward's and judges' models, the base pipeline at its revision."""
     from tn_ray import provenance
+    from tn_ray.diffusion.pipelines import pipeline_revisions
+    from tn_ray.rewards.revisions import reward_revisions
 
     models = [*cfg.reward.models, *(m for j in cfg.eval.judges for m in j.models)]
-    provenance.record(cfg.out, cfg, allow_change=allow_change, models=models,
-                      pipelines=[(cfg.policy.pipeline, cfg.policy.revision)])
+    provenance.record(cfg.out, cfg, allow_change=allow_change,
+                      revisions={**pipeline_revisions([(cfg.policy.pipeline, cfg.policy.revision)]),
+                                 **reward_revisions(models)})

@@ -20,6 +20,7 @@ import numpy as np
 
 from tn_ray import provenance
 from tn_ray.config import dump_config
+from tn_ray.rewards.revisions import reward_revisions
 from tn_ray.training.reward_learning.config import RewardTrainConfig
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def run(cfg: RewardTrainConfig, allow_provenance_change: bool = False) -> dict[s
 
     frame = data.load(cfg.data)
     out = check_output_dir(cfg.out)
-    provenance.record(out, cfg, allow_change=allow_provenance_change, models=[cfg.backbone])
+    provenance.record(out, cfg, allow_change=allow_provenance_change, revisions=reward_revisions([cfg.backbone]))
     dump_config(cfg, out / "config.yaml")
     counts = frame.groupby("part")["prompt"].nunique().to_dict()
     log.info("reward learning: %d images, prompts per part %s, backbone %s", len(frame), counts, cfg.backbone)
