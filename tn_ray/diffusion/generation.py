@@ -48,7 +48,7 @@ from tn_ray import testing
 from tn_ray.config import RayConfig, StrictModel
 from tn_ray.diffusion.pipelines import DEFAULT_PIPELINE, DTYPES, check_scheduler, check_source
 from tn_ray.errors import InputError, TnRayError
-from tn_ray.storage import PartTable, Store
+from tn_ray.storage import PartTable, Store, read_json
 
 log = logging.getLogger(__name__)
 
@@ -202,23 +202,16 @@ class GenerationWorker:
 # --------------------------------------------------------------------------------------
 
 
-def read_json(store: Store, rel: str):
-    """A JSON file of the output folder; :class:`InputError` naming it when it is not UTF-8 JSON."""
-    try:
-        return json.loads(store.read_text(rel))
-    except UnicodeDecodeError as err:
-        raise InputError(f"{store.uri(rel)}: not UTF-8 text (byte {err.start}); restore it or use a new "
-                         "generation.out folder") from None
-    except json.JSONDecodeError as err:
-        raise InputError(f"{store.uri(rel)}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
-                         "restore it or use a new generation.out folder") from None
+def read_record(store: Store, rel: str):
+    """A JSON record of the output folder (:func:`tn_ray.storage.read_json`, naming it when it is not UTF-8 JSON)."""
+    return read_json(store.uri(rel), "generation record", hint="restore it or use a new generation.out folder")
 
 
 def check_output(store: Store, cfg: GenerationConfig, prompts: Sequence[str]) -> None:
     """Refuse a rerun whose image-fixing parameters or prompt ids differ; record them otherwise."""
     params = cfg.fingerprint()
     if store.exists("generation.json"):
-        old = read_json(store, "generation.json")
+        old = read_record(store, "generation.json")
         diff = [f"generation.{k}: {old.get(k)!r} in {store.uri('generation.json')}, {v!r} now"
                 for k, v in params.items() if old.get(k) != v]
         if diff:
@@ -226,7 +219,7 @@ def check_output(store: Store, cfg: GenerationConfig, prompts: Sequence[str]) ->
                                      + "\nuse a new generation.out folder, or restore these values")
     else:
         store.write_text("generation.json", json.dumps(params, indent=1))
-    known: list[str] = read_json(store, "prompts.json") if store.exists("prompts.json") else []
+    known: list[str] = read_record(store, "prompts.json") if store.exists("prompts.json") else []
     if not isinstance(known, list) or not all(isinstance(p, str) for p in known):
         raise InputError(f"{store.uri('prompts.json')}: expected a JSON list of prompts; restore it or use a new "
                          "generation.out folder")

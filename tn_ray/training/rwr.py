@@ -145,10 +145,9 @@ def load_pretrain(block: PretrainBlock) -> pd.DataFrame:
     captions = folder / "captions.json"
     if not captions.is_file():
         raise InputError(f"pretrain.folder: {captions} not found (a JSON object {{image file name: caption}})")
-    try:
-        mapping = json.loads(captions.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(f"{captions}: not valid JSON ({err})") from None
+    from tn_ray.storage import read_json
+
+    mapping = read_json(captions, "pretrain captions file")
     if not isinstance(mapping, dict) or not mapping:
         raise InputError(f"{captions}: expected a non-empty object {{image file name: caption}}")
     missing = [f for f in mapping if not (folder / f).is_file()]
