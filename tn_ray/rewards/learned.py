@@ -23,8 +23,8 @@ class LearnedReward(RewardModel):
     def __init__(self, spec: RewardSpec, device: str | None = None, text_batch_size: int = 64):
         super().__init__(spec, device, text_batch_size)
         from tn_ray.errors import InputError
+        from tn_ray.rewards.learned_head import load
         from tn_ray.rewards.registry import build
-        from tn_ray.training.reward_learning.head import load
 
         if not spec.source:
             raise InputError("learned: give the trained head's folder, e.g. learned:results/reward/model-<hash>")

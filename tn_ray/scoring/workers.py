@@ -48,16 +48,12 @@ class RewardWorker:
     def stats(self) -> dict[str, int]:
         return {"images_encoded": self.model.images_encoded, "texts_encoded": self.model.texts_encoded}
 
-    # reward learning (tn_ray.training.reward_learning.features): a dual encoder's embeddings, its score of them
+    # reward learning (tn_ray.reward_learning.features): a dual encoder's embeddings, its score of them
     def features(self, images: Sequence[Any], texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        from tn_ray.training.reward_learning.features import embed
-
-        return embed(self.model, images, texts)
+        return self.model.embed(images, texts)
 
     def score_features(self, image_features: np.ndarray, text_features: np.ndarray) -> np.ndarray:
-        from tn_ray.training.reward_learning.features import score_embeddings
-
-        return score_embeddings(self.model, image_features, text_features)
+        return self.model.score_embeddings(image_features, text_features)
 
 
 def score_into_cache(requests: pd.DataFrame, spec: str, cache, cfg: ScoringConfig | None = None,

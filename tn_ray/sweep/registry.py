@@ -46,7 +46,7 @@ _REGISTRY: dict[str, str | SweepTrainable] = {
     "tia2_textnorm": "tn_ray.sweep.evaluators:TIA2_TEXTNORM",
     "bestofn_selection": "tn_ray.sweep.evaluators:BESTOFN_SELECTION",
     "toy_regression": "tn_ray.sweep.toy:TOY_REGRESSION",
-    "reward_head": "tn_ray.training.reward_learning.sweep:REWARD_HEAD",
+    "reward_head": "tn_ray.reward_learning.sweep:REWARD_HEAD",
     "rwr": "tn_ray.training.rwr_sweep:RWR",
     "ddpo": "tn_ray.training.ddpo_sweep:DDPO",
 }

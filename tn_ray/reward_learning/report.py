@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 
 from tn_ray.experiments import metrics
+from tn_ray.reward_learning.calibration import expected_calibration_error, reliability
+from tn_ray.reward_learning.losses import probability
 from tn_ray.textnorm.columns import SetParams, reward_columns
-from tn_ray.training.reward_learning.calibration import expected_calibration_error, reliability
-from tn_ray.training.reward_learning.losses import probability
 
 KEYS = ["set", "prompt", "image_id", "binary", "fine"]
 
@@ -26,7 +26,7 @@ def head_matrix(head, arrays, rows: np.ndarray) -> np.ndarray:
     """(rows, 1 + max m) rewards of a head for each row's [x0, x1..xm], NaN-padded."""
     import torch
 
-    from tn_ray.training.reward_learning.train import batch_rewards
+    from tn_ray.reward_learning.train import batch_rewards
 
     head.eval()
     with torch.no_grad():

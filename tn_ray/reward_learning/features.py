@@ -14,14 +14,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from tn_ray.config import ScoringConfig
-from tn_ray.errors import InputError
 from tn_ray.scoring.cache import RewardCache
 from tn_ray.scoring.matrix import model_slug
 from tn_ray.storage import PartTable, Store, join_uri
@@ -30,35 +28,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_SCHEMA = pa.schema([("image_key", pa.string()), ("vector", pa.list_(pa.float32()))])
 TEXT_SCHEMA = pa.schema([("text", pa.string()), ("vector", pa.list_(pa.float32()))])
-
-
-def as_embeddings(features: Any, model_id: str, what: str) -> np.ndarray:
-    """(n, d) float32 array of a dual encoder's features; :class:`InputError` for anything else
-    (a cross-encoder's per-text features are tokens, not an embedding a head can read)."""
-    import torch
-
-    if not isinstance(features, torch.Tensor) or features.ndim != 2:
-        shape = getattr(features, "shape", type(features).__name__)
-        raise InputError(f"backbone '{model_id}' is not a dual encoder: its {what} features are {shape}, not one "
-                         "vector per item; use a model such as clip or pickscore")
-    return features.detach().float().cpu().numpy()
-
-
-def embed(model, images: Sequence[Any], texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(image embeddings, text embeddings) of a loaded reward model, each (n, d) float32."""
-    img = as_embeddings(model.image_features(list(images)), model.model_id, "image") if len(images) else np.zeros((0, 0), np.float32)
-    txt = as_embeddings(model.text_features(list(texts)), model.model_id, "text") if len(texts) else np.zeros((0, 0), np.float32)
-    return img, txt
-
-
-def score_embeddings(model, image_features: np.ndarray, text_features: np.ndarray) -> np.ndarray:
-    """The model's own reward matrix (images, texts) from embeddings (its ``score`` step)."""
-    import torch
-
-    dev = model.device
-    with torch.inference_mode():
-        s = model.score(torch.tensor(image_features, device=dev), torch.tensor(text_features, device=dev))  # copies: Ray hands read-only arrays
-    return s.detach().float().cpu().numpy()
 
 
 class FeatureCache:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from tn_ray.errors import InputError
-from tn_ray.training.reward_learning.config import DataBlock, SplitBlock
+from tn_ray.reward_learning.config import DataBlock, SplitBlock
 
 PARTS = ("train", "val", "test")
 
