@@ -439,7 +439,7 @@ def no_work(monkeypatch, tmp_path):
     monkeypatch.setattr("tn_ray.rewards.registry.build", refuse("reward model build"))
     monkeypatch.setattr("tn_ray.rewards.build", refuse("reward model build"))
     monkeypatch.setattr("tn_ray.diffusion.pipelines.load_pipeline", refuse("pipeline load"))
-    monkeypatch.setattr("tn_ray.scoring.pipeline.score_matrices", refuse("score_matrices"))
+    monkeypatch.setattr("tn_ray.scoring.batch_scoring.score_matrices", refuse("score_matrices"))
     monkeypatch.setattr("tn_ray.diffusion.generation.generate", refuse("generate"))
     monkeypatch.setattr("tn_ray.experiments.bestofn.generate", refuse("generate"))
     monkeypatch.setattr("tn_ray.training.loop.fit", refuse("Ray Train fit"))

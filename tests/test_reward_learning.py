@@ -102,7 +102,7 @@ def _config(root: Path, out: Path, **over) -> dict:
 def test_learned_reward_scores_the_same_on_ray_actors_and_in_process(ray_session, tmp_path):
     from tn_ray.rewards import build
     from tn_ray.rewards.learned_head import RewardHead, export
-    from tn_ray.scoring.pipeline import score_matrices
+    from tn_ray.scoring.batch_scoring import score_matrices
     from tn_ray.textnorm.columns import RewardConfig
 
     root = _shapes(tmp_path / "shapes")

@@ -111,7 +111,7 @@ def prepare_data(cfg: RwrConfig, prompts: list[str], texts: list[list[str]] | No
     """Generate, score once, keep the top-k per prompt, weight: the training table
     (prompt_id, prompt, sample, image, reward, weight), also written to ``<out>/data.parquet``."""
     from tn_ray.diffusion.generation import generate
-    from tn_ray.scoring.pipeline import score_matrices
+    from tn_ray.scoring.batch_scoring import score_matrices
     from tn_ray.storage import Store, join_uri
     from tn_ray.training.evaluation import reward_groups, reward_texts
     from tn_ray.training.weights import reward_weights, top_k_per_group
