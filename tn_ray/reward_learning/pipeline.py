@@ -49,6 +49,7 @@ def run(cfg: RewardTrainConfig, allow_provenance_change: bool = False) -> dict[s
     from tn_ray.reward_learning import data, features, report, train
     from tn_ray.reward_learning.calibration import plot_reliability
     from tn_ray.rewards import learned_head
+    from tn_ray.scoring.matrix import pad_rows
     from tn_ray.storage import check_output_dir, join_uri
 
     frame = data.load(cfg.data)
@@ -85,7 +86,7 @@ def run(cfg: RewardTrainConfig, allow_provenance_change: bool = False) -> dict[s
         if not len(rows):
             continue
         values = {label: report.head_matrix(h, arrays, rows) for label, h in heads.items()}
-        values[cfg.backbone] = report.padded([feats.backbone[i] for i in rows])
+        values[cfg.backbone] = pad_rows([feats.backbone[i] for i in rows])
         table, per_prompt, per_set, curves = report.evaluate(frame.iloc[rows], values, kinds, cfg.report.tau, cfg.report.bins)
         table.to_parquet(out / f"rewards_{part}.parquet", index=False)
         per_prompt.to_csv(out / f"per_prompt_{part}.csv", index=False)

@@ -34,14 +34,6 @@ def head_matrix(head, arrays, rows: np.ndarray) -> np.ndarray:
     return np.where(mask.cpu().numpy(), r.cpu().numpy().astype(np.float64), np.nan)
 
 
-def padded(rows: list[np.ndarray]) -> np.ndarray:
-    width = max(len(r) for r in rows)
-    out = np.full((len(rows), width), np.nan)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-    return out
-
-
 def evaluate(keys: pd.DataFrame, values: Mapping[str, np.ndarray], kinds: Mapping[str, str], tau: float,
              bins: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, pd.DataFrame]]:
     """(rewards per image, per-prompt metrics, per-set metrics + ECE, reliability tables).

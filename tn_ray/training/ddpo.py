@@ -5,9 +5,9 @@ One DDPO epoch per core step (:class:`tn_ray.training.loop.Method`), in every Ra
 
 1. **sample** ``sample.num_batches_per_epoch`` batches of ``sample.batch_size`` images with the
    current policy, recording each chain (:func:`tn_ray.diffusion.sampling.sample_chains`); each
-   batch's decoded images go to the reward actors at once (Ray ObjectRefs), and the next batch
-   samples while they score;
-2. **rewards**: the refs are collected (the wait is logged as ``reward_wait_s``) and turned into
+   batch's decoded images go to the reward actors at once (``RewardPool.submit``: futures), and the
+   next batch samples while they score;
+2. **rewards**: the futures are collected (``RewardPool.collect``) (the wait is logged as ``reward_wait_s``) and turned into
    the configured column (raw, TextNorm or an ensemble) by ``RewardConfig.column``;
 3. **advantages** per prompt from every worker's rewards (:mod:`tn_ray.training.advantages`);
 4. **train** ``train.num_inner_epochs`` passes: samples shuffled, each chain's timesteps shuffled
@@ -125,40 +125,12 @@ class DDPOData:
 
     prompts: list[str]
     texts: list[list[str]]  # per prompt: [x0] or [x0, x1..xm] (contrastive prompts for TextNorm)
-    actors: dict[str, list] = field(default_factory=dict)  # reward model -> its long-lived RewardWorker actors
+    pools: dict[str, Any] = field(default_factory=dict)  # reward model -> its RewardPool (long-lived actors)
 
 
 def row_seeds(*key: int, n: int) -> list[int]:
     """``n`` independent 63-bit seeds from a key (seed, epoch, rank, ...)."""
     return [int(s) >> 1 for s in np.random.SeedSequence([int(k) for k in key]).generate_state(n, dtype=np.uint64)]
-
-
-class AsyncRewards:
-    """Requests to the reward actors as Ray ObjectRefs; ``collect`` blocks only for the ones not done."""
-
-    def __init__(self, actors: dict[str, list], texts: list[list[str]]):
-        self.actors = actors
-        self.texts = texts
-        self.refs: dict[str, list] = {m: [] for m in actors}
-        self.calls = 0
-
-    def submit(self, images: np.ndarray, prompt_ids: list[int]) -> None:
-        """Score one sampling batch: split over the model's actors (the last batch's latency, the
-        only one the trainer waits for, shrinks with more actors), in order."""
-        texts = [self.texts[i] for i in prompt_ids]
-        for model, actors in self.actors.items():
-            size = -(-len(images) // len(actors))
-            for k, start in enumerate(range(0, len(images), size)):
-                actor = actors[(self.calls + k) % len(actors)]
-                self.refs[model].append(actor.score.remote(list(images[start : start + size]), texts[start : start + size]))
-        self.calls += 1
-
-    def collect(self) -> dict[str, np.ndarray]:
-        import ray
-
-        from tn_ray.training.evaluation import pad_rows
-
-        return {m: pad_rows([row for part in ray.get(refs) for row in part]) for m, refs in self.refs.items()}
 
 
 class DDPO(Method):
@@ -188,10 +160,10 @@ class DDPO(Method):
     def sample_epoch(self, step: int):
         """(chains, prompt ids, reward column, seconds sampling, seconds waiting for rewards)."""
         from tn_ray.diffusion.sampling import Chains, decode_images, sample_chains
+        from tn_ray.scoring.matrix import pad_rows
 
         cfg, s = self.cfg, self.cfg.sample
         pipe = self.policy.pipe
-        rewards = AsyncRewards(self.data.actors, self.data.texts)
         parts = []
         pipe.unet.eval()
         t0 = time.perf_counter()
@@ -201,10 +173,12 @@ class DDPO(Method):
             gens = [torch.Generator("cpu").manual_seed(x) for x in row_seeds(cfg.seed, step, self.ctx.rank, b, 1, n=s.batch_size)]
             chains = sample_chains(pipe, [self.data.prompts[i] for i in ids], ids, num_steps=s.num_steps,
                                    guidance=s.guidance_scale, eta=s.eta, generator=gens, autocast=self.policy.autocast())
-            rewards.submit(decode_images(pipe, chains.latents[:, -1]), ids)
+            images, texts = decode_images(pipe, chains.latents[:, -1]), [self.data.texts[i] for i in ids]
+            for pool in self.data.pools.values():  # returns at once: the next batch samples while they score
+                pool.submit(images, texts)
             parts.append(chains)
         t1 = time.perf_counter()
-        values = rewards.collect()
+        values = {m: pad_rows([row for rows in pool.collect() for row in rows]) for m, pool in self.data.pools.items()}
         wait = time.perf_counter() - t1
         chains = Chains.cat(parts)
         groups = reward_groups(cfg.reward, [self.data.prompts[i] for i in chains.prompt_ids.tolist()])
@@ -310,24 +284,21 @@ class DDPO(Method):
 
 def prepare(cfg: DDPOConfig, allow_provenance_change: bool = False) -> DDPOData:
     """Driver side, before Ray Train starts: prompts, scoring texts (contrastive sets checked) and
-    one long-lived actor pool per reward model (:func:`tn_ray.scoring.workers.reward_actors`)."""
+    one :class:`tn_ray.scoring.workers.RewardPool` of long-lived actors per reward model."""
     from tn_ray.cluster import init_ray
-    from tn_ray.scoring.workers import reward_actors
+    from tn_ray.scoring.workers import RewardPool
     from tn_ray.training.preflight import check_run, record_provenance
 
     prompts = cfg.load_prompts()
     texts = check_run(cfg, prompts)  # every user error before Ray starts or a model loads
     record_provenance(cfg, allow_provenance_change)
     init_ray(cfg.ray)
-    return DDPOData(prompts, texts, {m: reward_actors(m, cfg.scoring) for m in cfg.reward.models})
+    return DDPOData(prompts, texts, {m: RewardPool(m, cfg.scoring) for m in cfg.reward.models})
 
 
 def release(data: DDPOData) -> None:
-    import ray
-
-    for actors in data.actors.values():
-        for a in actors:
-            ray.kill(a)
+    for pool in data.pools.values():
+        pool.shutdown()
 
 
 def run(cfg: DDPOConfig, allow_provenance_change: bool = False) -> dict[str, Any]:
