@@ -575,12 +575,13 @@ def test_an_error_raised_in_a_ray_actor_reaches_the_user_as_one_line(case, tmp_p
 def _recorded_images(out: Path, cfg, prompts: list[str]):
     """A finished generation run in ``out`` made without Ray: one GenerationWorker in this
     process (the bytes a Ray run makes, see test_generation), its manifest recorded."""
-    from tn_ray.diffusion.generation import GenerationWorker, check_output, manifest_table, sample_seed
+    from tn_ray.diffusion.generation import GenerationWorker, check_output, manifest_table
+    from tn_ray.diffusion.seeds import seed_of
     from tn_ray.storage import Store
 
     store = Store(out)
     check_output(store, cfg, prompts)
-    rows = pd.DataFrame([(i, p, s, sample_seed(cfg.seed, p, s)) for i, p in enumerate(prompts)
+    rows = pd.DataFrame([(i, p, s, seed_of(cfg.seed, p, s)) for i, p in enumerate(prompts)
                          for s in range(cfg.samples_per_prompt)], columns=["prompt_id", "prompt", "sample", "seed"])
     manifest = GenerationWorker(cfg.model_dump(mode="json"), str(out))(rows)
     manifest_table(store).append(manifest)

@@ -47,6 +47,7 @@ from pydantic import Field
 from tn_ray import testing
 from tn_ray.config import RayConfig, StrictModel
 from tn_ray.diffusion.pipelines import DEFAULT_PIPELINE, DTYPES, check_scheduler, check_source
+from tn_ray.diffusion.seeds import seed_of
 from tn_ray.errors import InputError, TnRayError
 from tn_ray.storage import PartTable, Store, read_json
 
@@ -102,12 +103,6 @@ class GenerationConfig(StrictModel):
         return {k: getattr(self, k) for k in FINGERPRINT_FIELDS}
 
 
-def sample_seed(base_seed: int, prompt: str, sample: int) -> int:
-    """The seed of (prompt, sample): a stable hash, independent of order, sharding and batch."""
-    digest = hashlib.sha256(f"{base_seed}\x1f{prompt}\x1f{sample}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
 def image_path(prompt_id: int, sample: int) -> str:
     return f"images/{prompt_id:05d}/{sample:05d}.png"
 
@@ -132,7 +127,7 @@ def generate_group(pipe, cfg: GenerationConfig, prompt: str, samples: Sequence[i
     """PIL images of ``samples`` of ``prompt``: one diffusers call, one CPU generator per row."""
     import torch
 
-    generators = [torch.Generator("cpu").manual_seed(sample_seed(cfg.seed, prompt, s)) for s in samples]
+    generators = [torch.Generator("cpu").manual_seed(seed_of(cfg.seed, prompt, s)) for s in samples]
     n = len(samples)
     kwargs = dict(num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                   height=cfg.height, width=cfg.width, generator=generators, output_type="pil")
@@ -190,7 +185,7 @@ class GenerationWorker:
                 data = encode_png(im)
                 rel = image_path(int(pid), s)
                 self.store.write_bytes(rel, data)
-                rows.append((int(pid), prompt, s, sample_seed(self.cfg.seed, prompt, s), image_id(int(pid), s), rel,
+                rows.append((int(pid), prompt, s, seed_of(self.cfg.seed, prompt, s), image_id(int(pid), s), rel,
                              hashlib.sha256(data).hexdigest(), len(data)))
         out = pd.DataFrame(rows, columns=MANIFEST_SCHEMA.names)
         out[WORKER_COLUMN] = self.process  # lets the driver wait for this process to exit
@@ -296,7 +291,7 @@ def adopt_orphans(store: Store, cfg: GenerationConfig, prompts: Sequence[str], m
             log.warning("unrecorded image %s does not decode (%s); it will be generated again", store.uri(rel), why)
             continue
         data = store.read_bytes(rel)
-        rows.append((pid, prompts[pid], s, sample_seed(cfg.seed, prompts[pid], s), image_id(pid, s), rel,
+        rows.append((pid, prompts[pid], s, seed_of(cfg.seed, prompts[pid], s), image_id(pid, s), rel,
                      hashlib.sha256(data).hexdigest(), len(data)))
     return pd.DataFrame(rows, columns=MANIFEST_SCHEMA.names)
 
@@ -369,7 +364,7 @@ def prepare(prompts: Sequence[str], cfg: GenerationConfig) -> tuple[Store, pd.Da
     done = manifest[["prompt_id", "sample"]].assign(_done=True)
     todo = wanted.merge(done, on=["prompt_id", "sample"], how="left")
     todo = todo[todo["_done"].isna()].drop(columns="_done").reset_index(drop=True)
-    todo["seed"] = [sample_seed(cfg.seed, p, s) for p, s in zip(todo["prompt"], todo["sample"])]
+    todo["seed"] = [seed_of(cfg.seed, p, s) for p, s in zip(todo["prompt"], todo["sample"])]
     log.info("generation: %d prompts x %d samples; %d images on disk, %d to make", len(prompts),
              cfg.samples_per_prompt, len(wanted) - len(todo), len(todo))
     return store, wanted, todo

@@ -34,6 +34,7 @@ import torch
 from pydantic import Field, model_validator
 
 from tn_ray.config import OutputLocation, StrictModel
+from tn_ray.diffusion.seeds import seeds_of
 from tn_ray.errors import InputError
 from tn_ray.training.config import EvalBlock, FineTuneConfig, OptimizerBlock, PolicyBlock, require_prompts
 from tn_ray.training.evaluation import reward_groups
@@ -105,19 +106,6 @@ class DDPOConfig(FineTuneConfig):
     def train_timesteps(self) -> int:
         return int(self.sample.num_steps * self.train.timestep_fraction)
 
-    def load_prompts(self) -> list[str]:
-        prompts = list(self.prompts or [])
-        if self.prompts_file:
-            path = Path(self.prompts_file)
-            if not path.is_file():
-                raise InputError(f"prompts_file: {path} not found")
-            prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not self.prompts and not self.prompts_file:
-            prompts = self.default_prompts()
-        if not prompts:
-            raise InputError("prompts: no training prompts (set `prompts` or `prompts_file`, or a non-empty reward.contrast source)")
-        return prompts
-
 
 @dataclass
 class DDPOData:
@@ -126,11 +114,6 @@ class DDPOData:
     prompts: list[str]
     texts: list[list[str]]  # per prompt: [x0] or [x0, x1..xm] (contrastive prompts for TextNorm)
     pools: dict[str, Any] = field(default_factory=dict)  # reward model -> its RewardPool (long-lived actors)
-
-
-def row_seeds(*key: int, n: int) -> list[int]:
-    """``n`` independent 63-bit seeds from a key (seed, epoch, rank, ...)."""
-    return [int(s) >> 1 for s in np.random.SeedSequence([int(k) for k in key]).generate_state(n, dtype=np.uint64)]
 
 
 class DDPO(Method):
@@ -168,9 +151,9 @@ class DDPO(Method):
         pipe.unet.eval()
         t0 = time.perf_counter()
         for b in range(s.num_batches_per_epoch):
-            rng = np.random.default_rng(row_seeds(cfg.seed, step, self.ctx.rank, b, 0, n=1)[0])
+            rng = np.random.default_rng(seeds_of(cfg.seed, step, self.ctx.rank, b, 0, n=1)[0])
             ids = rng.integers(len(self.data.prompts), size=s.batch_size).tolist()
-            gens = [torch.Generator("cpu").manual_seed(x) for x in row_seeds(cfg.seed, step, self.ctx.rank, b, 1, n=s.batch_size)]
+            gens = [torch.Generator("cpu").manual_seed(x) for x in seeds_of(cfg.seed, step, self.ctx.rank, b, 1, n=s.batch_size)]
             chains = sample_chains(pipe, [self.data.prompts[i] for i in ids], ids, num_steps=s.num_steps,
                                    guidance=s.guidance_scale, eta=s.eta, generator=gens, autocast=self.policy.autocast())
             images, texts = decode_images(pipe, chains.latents[:, -1]), [self.data.texts[i] for i in ids]
@@ -216,7 +199,7 @@ class DDPO(Method):
         first_kl = None
         policy.unet.train()
         for inner in range(tr.num_inner_epochs):
-            g = torch.Generator().manual_seed(row_seeds(cfg.seed, step, self.ctx.rank, 2, inner, n=1)[0])
+            g = torch.Generator().manual_seed(seeds_of(cfg.seed, step, self.ctx.rank, 2, inner, n=1)[0])
             order = torch.randperm(n, generator=g)
             time_perm = torch.stack([torch.randperm(T, generator=g) for _ in range(n)])[:, :k]
             for mb in range(minibatches):
@@ -287,9 +270,10 @@ def prepare(cfg: DDPOConfig, allow_provenance_change: bool = False) -> DDPOData:
     one :class:`tn_ray.scoring.workers.RewardPool` of long-lived actors per reward model."""
     from tn_ray.cluster import init_ray
     from tn_ray.scoring.workers import RewardPool
+    from tn_ray.training.config import resolve_prompts
     from tn_ray.training.preflight import check_run, record_provenance
 
-    prompts = cfg.load_prompts()
+    prompts = resolve_prompts(cfg)
     texts = check_run(cfg, prompts)  # every user error before Ray starts or a model loads
     record_provenance(cfg, allow_provenance_change)
     init_ray(cfg.ray)

@@ -46,8 +46,10 @@ def base_config(options: DDPOSweepOptions):
 
 
 def prepare(options: DDPOSweepOptions, sweep=None) -> DDPOSweepData:
+    from tn_ray.training.config import resolve_prompts
+
     cfg = base_config(options)
-    cfg.load_prompts()  # a missing prompts file fails before any trial starts
+    resolve_prompts(cfg)  # a missing prompts file fails before any trial starts
     return DDPOSweepData(cfg.model_dump(mode="json"), fingerprint=f"ddpo-{cfg.model_dump_json()}")
 
 

@@ -51,8 +51,9 @@ def base_config(options: RwrSweepOptions):
 
 def prepare(options: RwrSweepOptions, sweep=None) -> RwrSweepData:
     from tn_ray.cluster import init_ray
+    from tn_ray.training.config import resolve_prompts
     from tn_ray.training.preflight import check_run
-    from tn_ray.training.rwr import load_pretrain, prepare_data, resolve_prompts
+    from tn_ray.training.rwr import load_pretrain, prepare_data
 
     cfg = base_config(options)
     prompts = resolve_prompts(cfg)
