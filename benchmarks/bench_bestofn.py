@@ -110,7 +110,7 @@ def ray_pipeline(prompts, contrast, out: Path, score_over_generation: float) -> 
     from tn_ray.diffusion.generation import GenerationConfig
     from tn_ray.experiments.bestofn import score_items
     from tn_ray.experiments.bestofn_stream import generate_and_score
-    from tn_ray.scoring.pipeline import score_matrices
+    from tn_ray.scoring.batch_scoring import score_matrices
 
     cpus = CPUS
     gen_cpus, reward_cpus = split_cpus(cpus, score_over_generation)

@@ -42,8 +42,8 @@ def make_data(root: Path, per_kind: int, images_per_prompt: int, label_noise: fl
 
 def main() -> None:
     from tn_ray.config import load_config
-    from tn_ray.training.reward_learning.config import RewardTrainConfig
-    from tn_ray.training.reward_learning.pipeline import run
+    from tn_ray.reward_learning.config import RewardTrainConfig
+    from tn_ray.reward_learning.pipeline import run
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbone", default="worldclip", help="frozen dual encoder (worldclip, clip:tiny, ...)")

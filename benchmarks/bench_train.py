@@ -185,13 +185,12 @@ def ddpo_epochs(folder: Path, epochs: int = 3, reward: str = "clip:ViT-B-32/rand
     - ``ddpo_epoch_seconds_tiny``: one epoch's wall time (sampling, rewards, advantages, training).
     """
     import numpy as np
-    import ray
     import torch
 
     from tn_ray.cluster import init_ray
     from tn_ray.config import RayConfig
     from tn_ray.diffusion.sampling import decode_images, sample_chains
-    from tn_ray.scoring.workers import reward_actors
+    from tn_ray.scoring.workers import RewardPool
     from tn_ray.training.ddpo import DDPO, DDPOConfig, DDPOData
     from tn_ray.training.loop import WorkerContext
     from tn_ray.training.optim import Optimization
@@ -205,11 +204,11 @@ def ddpo_epochs(folder: Path, epochs: int = 3, reward: str = "clip:ViT-B-32/rand
         sample={"num_steps": 10, "batch_size": 4, "num_batches_per_epoch": 8},
         train={"batch_size": 16, "clip_range": 0.2, "stat_min_count": 4, "timestep_fraction": 0.5},
         eval={"enabled": False}, scoring={"cpus_per_actor": 0.25, "num_actors": 2}))
-    actors = reward_actors(reward, cfg.scoring)
+    pool = RewardPool(reward, cfg.scoring)
     policy = Policy.load(cfg.policy, seed=0)
     optim = Optimization(policy.trainable_parameters(), cfg.optimizer, cfg.max_steps, policy.device, policy.amp_dtype)
     method = DDPO(cfg, policy, optim, WorkerContext(0, 1, policy.device, cfg.out),
-                  DDPOData(prompts, [[p] for p in prompts], {reward: actors}))
+                  DDPOData(prompts, [[p] for p in prompts], {reward: pool}))
     rows = [method.step(s) for s in range(1, epochs + 2)][1:]
     b = cfg.sample.batch_size
     chains = sample_chains(policy.pipe, prompts * (b // 2), [0, 1] * (b // 2), num_steps=2, guidance=5.0, eta=1.0,
@@ -217,10 +216,9 @@ def ddpo_epochs(folder: Path, epochs: int = 3, reward: str = "clip:ViT-B-32/rand
     images = list(decode_images(policy.pipe, chains.latents[:, -1]))
     start = time.perf_counter()
     for _ in range(cfg.sample.num_batches_per_epoch):
-        ray.get(actors[0].score.remote(images, [[p] for p in prompts * (b // 2)]))
+        pool.score(images, [[p] for p in prompts * (b // 2)], chunk=len(images))  # one actor, waited for
     sync = time.perf_counter() - start
-    for a in actors:
-        ray.kill(a)
+    pool.shutdown()
     epoch = statistics.median(r["epoch_s"] for r in rows)
     return {"ddpo_async_reward_idle_fraction": float(np.median([r["reward_idle_fraction"] for r in rows])),
             "ddpo_reward_wait_s": float(np.median([r["reward_wait_s"] for r in rows])),

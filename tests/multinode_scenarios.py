@@ -85,8 +85,8 @@ def main(scenario: str, out: str) -> None:
     from ray.cluster_utils import Cluster
 
     from tn_ray.config import ScoringConfig
+    from tn_ray.scoring.batch_scoring import score_matrices
     from tn_ray.scoring.cache import RewardCache
-    from tn_ray.scoring.pipeline import score_matrices
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
     workers = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(3)]

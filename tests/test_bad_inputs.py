@@ -439,7 +439,7 @@ def no_work(monkeypatch, tmp_path):
     monkeypatch.setattr("tn_ray.rewards.registry.build", refuse("reward model build"))
     monkeypatch.setattr("tn_ray.rewards.build", refuse("reward model build"))
     monkeypatch.setattr("tn_ray.diffusion.pipelines.load_pipeline", refuse("pipeline load"))
-    monkeypatch.setattr("tn_ray.scoring.pipeline.score_matrices", refuse("score_matrices"))
+    monkeypatch.setattr("tn_ray.scoring.batch_scoring.score_matrices", refuse("score_matrices"))
     monkeypatch.setattr("tn_ray.diffusion.generation.generate", refuse("generate"))
     monkeypatch.setattr("tn_ray.experiments.bestofn.generate", refuse("generate"))
     monkeypatch.setattr("tn_ray.training.loop.fit", refuse("Ray Train fit"))
@@ -575,12 +575,13 @@ def test_an_error_raised_in_a_ray_actor_reaches_the_user_as_one_line(case, tmp_p
 def _recorded_images(out: Path, cfg, prompts: list[str]):
     """A finished generation run in ``out`` made without Ray: one GenerationWorker in this
     process (the bytes a Ray run makes, see test_generation), its manifest recorded."""
-    from tn_ray.diffusion.generation import GenerationWorker, check_output, manifest_table, sample_seed
+    from tn_ray.diffusion.generation import GenerationWorker, check_output, manifest_table
+    from tn_ray.diffusion.seeds import seed_of
     from tn_ray.storage import Store
 
     store = Store(out)
     check_output(store, cfg, prompts)
-    rows = pd.DataFrame([(i, p, s, sample_seed(cfg.seed, p, s)) for i, p in enumerate(prompts)
+    rows = pd.DataFrame([(i, p, s, seed_of(cfg.seed, p, s)) for i, p in enumerate(prompts)
                          for s in range(cfg.samples_per_prompt)], columns=["prompt_id", "prompt", "sample", "seed"])
     import torch
 

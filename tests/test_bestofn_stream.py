@@ -47,7 +47,7 @@ def test_rewards_are_stored_before_their_images_are_recorded(ray_session, tmp_pa
     and is stored once."""
     from tn_ray.experiments.bestofn import score_items
     from tn_ray.rewards import build
-    from tn_ray.scoring.pipeline import score_matrices
+    from tn_ray.scoring.batch_scoring import score_matrices
 
     cfg, cache_dir, scoring = gen_config(tmp_path / "gen"), str(tmp_path / "cache"), ScoringConfig(batch_size=2)
 

@@ -138,12 +138,11 @@ def tiny_config(out, **overrides):
 @pytest.fixture(scope="module")
 def actors(ray_session):
     from tn_ray.config import ScoringConfig
-    from tn_ray.scoring.workers import reward_actors
+    from tn_ray.scoring.workers import RewardPool
 
-    pool = reward_actors("brightness", ScoringConfig(cpus_per_actor=0.25, num_actors=2))
+    pool = RewardPool("brightness", ScoringConfig(cpus_per_actor=0.25, num_actors=2))
     yield {"brightness": pool}
-    for a in pool:
-        ray_session.kill(a)
+    pool.shutdown()
 
 
 def make_method(cfg, actors):

@@ -46,6 +46,29 @@ def test_long_lived_actors_score_like_the_local_model(ray_session):
     assert stats == {"images_encoded": 10, "texts_encoded": 3}  # model loaded once, texts cached
 
 
+def test_reward_pool_submit_returns_futures_and_collect_keeps_submit_order(ray_session):
+    """submit returns at once with futures, parts spread over both actors; collect gives each submission's
+    rows in submit order (equal to the model scored in this process), then nothing is pending."""
+    pool = distributed.RewardPool("clip:tiny", ScoringConfig(num_actors=2, cpus_per_actor=0.5))
+    ims = arrays(5, seed=1)
+    texts = [["a dog", "two dogs"]] * 3 + [["a cat"]] * 2
+    try:
+        first = pool.submit(ims[:3], texts[:3])  # split evenly over the 2 actors: parts of 2 and 1
+        second = pool.submit(ims[3:], texts[3:], chunk=1)
+        assert len(first) == 2 and len(second) == 2
+        assert all(isinstance(f, ray_session.ObjectRef) for f in first + second)
+        rows = pool.collect()
+        assert pool.collect() == []
+        calls = [ray_session.get(a.stats.remote())["images_encoded"] for a in pool.actors]
+    finally:
+        pool.shutdown()
+    assert len(rows) == 2 and [len(r) for r in rows] == [3, 2]
+    assert sorted(calls) == [2, 3]  # round-robin across submissions: 2 + 1 then 1 + 1
+    local = build("clip:tiny").score_rows([Image.fromarray(a) for a in ims], texts)
+    for a, c in zip(rows[0] + rows[1], local):
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+
+
 def test_pipeline_scores_arrays_and_warns_nothing_of_ours(ray_session, tmp_path):
     ims = arrays(6, seed=3)
     req = pd.DataFrame({"image_key": [f"k{i}" for i in range(6)], "image": ims,

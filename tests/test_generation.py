@@ -23,10 +23,10 @@ from tn_ray.diffusion.generation import (
     generate,
     image_path,
     read_manifest,
-    sample_seed,
     work_units,
 )
 from tn_ray.diffusion.pipelines import PipelineLoadError, check_scheduler, check_source
+from tn_ray.diffusion.seeds import seed_of
 from tn_ray.storage import Store
 
 
@@ -76,7 +76,7 @@ def reference(tmp_path_factory) -> dict[tuple[int, int], str]:
 
     out = tmp_path_factory.mktemp("reference")
     cfg = config(out)
-    rows = pd.DataFrame([(i, p, s, sample_seed(cfg.seed, p, s)) for i, p in enumerate(PROMPTS) for s in range(SAMPLES)],
+    rows = pd.DataFrame([(i, p, s, seed_of(cfg.seed, p, s)) for i, p in enumerate(PROMPTS) for s in range(SAMPLES)],
                         columns=["prompt_id", "prompt", "sample", "seed"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a Ray actor with one CPU
@@ -94,13 +94,26 @@ def reference(tmp_path_factory) -> dict[tuple[int, int], str]:
 # ---- pure parts -------------------------------------------------------------------------
 
 
+def test_the_one_seed_scheme_is_sha256_of_the_key_by_hand():
+    """seed_of = low 63 bits of the little-endian first 8 bytes of sha256("\\x1f".join(parts)); seeds_of(.., n)
+    appends 0..n-1 (hashlib by hand, an independent computation)."""
+    import hashlib
+
+    from tn_ray.diffusion.seeds import seeds_of
+
+    digest = hashlib.sha256(b"7\x1fa cat\x1f3").digest()
+    assert seed_of(7, "a cat", 3) == int.from_bytes(digest[:8], "little") % 2**63
+    by_hand = [int.from_bytes(hashlib.sha256(f"0\x1f2\x1f1\x1f{i}".encode()).digest()[:8], "little") % 2**63 for i in range(4)]
+    assert seeds_of(0, 2, 1, n=4) == by_hand and len(set(by_hand)) == 4
+
+
 @given(st.integers(0, 2**31), st.text(max_size=30), st.integers(0, 10_000))
 def test_sample_seed_is_a_stable_function_of_prompt_and_sample(base, prompt, sample):
-    s = sample_seed(base, prompt, sample)
-    assert 0 <= s < 2**63 and s == sample_seed(base, prompt, sample)
-    assert s != sample_seed(base, prompt, sample + 1)
-    assert s != sample_seed(base, prompt + "x", sample)
-    assert s != sample_seed(base + 1, prompt, sample)
+    s = seed_of(base, prompt, sample)
+    assert 0 <= s < 2**63 and s == seed_of(base, prompt, sample)
+    assert s != seed_of(base, prompt, sample + 1)
+    assert s != seed_of(base, prompt + "x", sample)
+    assert s != seed_of(base + 1, prompt, sample)
 
 
 @settings(max_examples=50, deadline=None)
@@ -155,7 +168,7 @@ def test_same_images_whatever_batch_size_and_actor_count(ray_session, reference,
     assert file_digests(tmp_path) == reference
     assert dict(zip(zip(manifest["prompt_id"], manifest["sample"]), manifest["sha256"])) == reference
     assert all(Path(p).is_file() for p in manifest["image"])
-    assert manifest["seed"].tolist() == [sample_seed(0, PROMPTS[i], s) for i, s in zip(manifest["prompt_id"], manifest["sample"])]
+    assert manifest["seed"].tolist() == [seed_of(0, PROMPTS[i], s) for i, s in zip(manifest["prompt_id"], manifest["sample"])]
     assert not generation_actor_processes(), "generate() returned before its actors exited"
     # extending the pool keeps the first samples (nested pools) and makes only the new ones
     more = generate(PROMPTS, config(out, batch_size=batch_size, num_actors=num_actors, samples_per_prompt=SAMPLES + 2))
@@ -278,7 +291,7 @@ def test_images_and_manifest_on_an_object_store(ray_session, reference, s3_uri):
 def test_a_configured_scheduler_is_used_and_its_noise_is_seeded(tmp_path, reference):
     """Euler-ancestral draws fresh noise at every step: from each row's own generator."""
     cfg = config(tmp_path, scheduler="EulerAncestralDiscreteScheduler", negative_prompt="blurry")
-    rows = pd.DataFrame([(0, PROMPTS[0], s, sample_seed(0, PROMPTS[0], s)) for s in range(2)],
+    rows = pd.DataFrame([(0, PROMPTS[0], s, seed_of(0, PROMPTS[0], s)) for s in range(2)],
                         columns=["prompt_id", "prompt", "sample", "seed"])
     first = GenerationWorker(cfg.model_dump(mode="json"), str(tmp_path / "a"))
     assert type(first.pipe.scheduler).__name__ == "EulerAncestralDiscreteScheduler"

@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "tn_ray"
 
 # lowest first; "" is the floor of the top-level files (errors, config, storage, cluster, testing, provenance)
-FLOORS = ["", "data", "prompts", "rewards", "textnorm", "scoring", "diffusion", "analysis", "reward_learning",
-          "training", "sweep", "experiments", "labeling", "commands", "cli"]
+FLOORS = ["", "data", "prompts", "rewards", "textnorm", "scoring", "diffusion", "analysis", "training", "reward_learning",
+          "sweep", "experiments", "labeling", "commands", "cli"]
 RANK = {name: i for i, name in enumerate(FLOORS)}
 TARGET = re.compile(r"^(tn_ray(?:\.\w+)+):\w+$")  # "tn_ray.sweep.trainables.rwr:RWR"
 

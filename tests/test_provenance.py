@@ -131,3 +131,40 @@ def test_cli_resume_with_changed_record_is_one_line_before_ray_and_the_flag_cont
     with pytest.raises(RayStarted):
         main(["rwr", str(path), "--set", "max_steps=3", "--allow-provenance-change"])
     assert json.loads((out / FILENAME).read_text())["config"]["max_steps"] == 3
+
+
+def test_a_run_folder_of_the_old_format_refuses_in_one_line_naming_both_versions(tmp_path):
+    """Run format 2 changed the seed scheme: a folder recorded before (no format_version, i.e. 1) is refused
+    whatever the flags, in one line naming the folder and both versions, and its record is left as it was."""
+    record(tmp_path, Cfg())
+    old = json.loads((tmp_path / FILENAME).read_text())
+    assert old["format_version"] == provenance.FORMAT_VERSION == 2
+    del old["format_version"]
+    (tmp_path / FILENAME).write_text(json.dumps(old))
+    for allow in (False, True):
+        with pytest.raises(provenance.RunFormatChanged) as err:
+            record(tmp_path, Cfg(), allow_change=allow)
+        msg = str(err.value)
+        assert "\n" not in msg and str(tmp_path) in msg and "format version 1" in msg and "format version 2" in msg, msg
+    with provenance.continue_changed(), pytest.raises(provenance.RunFormatChanged):
+        record(tmp_path, Cfg())
+    assert json.loads((tmp_path / FILENAME).read_text()) == old
+    old["format_version"] = 2  # the same folder in this format continues
+    (tmp_path / FILENAME).write_text(json.dumps(old))
+    assert record(tmp_path, Cfg())["format_version"] == 2
+
+
+def test_cli_ddpo_into_an_old_format_folder_is_one_line_before_ray(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("tn_ray.cluster.init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "run"
+    cfg = {"out": str(out), "prompts": ["a cat"], "max_steps": 2, "policy": {"pipeline": "tiny"},
+           "reward": {"models": ["brightness"], "use": "brightness"}, "eval": {"enabled": False},
+           "sample": {"num_steps": 2, "batch_size": 2, "num_batches_per_epoch": 1}, "train": {"batch_size": 2}}
+    path = tmp_path / "d.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out.mkdir()
+    (out / FILENAME).write_text(json.dumps({"config": {}, "packages": {}, "tn_ray": {}, "revisions": {}}))  # format 1
+    assert main(["ddpo", str(path), "--allow-provenance-change"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(out) in err and "format version 1" in err and "format version 2" in err, err

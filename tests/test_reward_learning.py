@@ -13,10 +13,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tn_ray.training.reward_learning.calibration import expected_calibration_error
-from tn_ray.training.reward_learning.config import SplitBlock
-from tn_ray.training.reward_learning.data import split_by_prompt
-from tn_ray.training.reward_learning.losses import label_loss, prompt_classification_loss, total_loss
+from tn_ray.reward_learning.calibration import expected_calibration_error
+from tn_ray.reward_learning.config import SplitBlock
+from tn_ray.reward_learning.data import split_by_prompt
+from tn_ray.reward_learning.losses import label_loss, prompt_classification_loss, total_loss
 
 # a fixed batch: 3 images, contrastive sets of 2, 2 and 1 prompts (row 2 padded)
 REWARDS = torch.tensor([[0.9, 0.2, -0.4], [0.1, 0.7, 0.3], [0.6, 0.5, 0.0]], dtype=torch.float64)
@@ -101,9 +101,9 @@ def _config(root: Path, out: Path, **over) -> dict:
 
 def test_learned_reward_scores_the_same_on_ray_actors_and_in_process(ray_session, tmp_path):
     from tn_ray.rewards import build
-    from tn_ray.scoring.pipeline import score_matrices
+    from tn_ray.rewards.learned_head import RewardHead, export
+    from tn_ray.scoring.batch_scoring import score_matrices
     from tn_ray.textnorm.columns import RewardConfig
-    from tn_ray.training.reward_learning.head import RewardHead, export
 
     root = _shapes(tmp_path / "shapes")
     torch.manual_seed(3)
@@ -125,8 +125,8 @@ def test_learned_reward_scores_the_same_on_ray_actors_and_in_process(ray_session
 
 def test_second_training_run_encodes_no_image(ray_session, tmp_path):
     from tn_ray.config import validate
-    from tn_ray.training.reward_learning.config import RewardTrainConfig
-    from tn_ray.training.reward_learning.pipeline import run
+    from tn_ray.reward_learning.config import RewardTrainConfig
+    from tn_ray.reward_learning.pipeline import run
 
     root = _shapes(tmp_path / "shapes")
     first = run(validate(RewardTrainConfig, _config(root, tmp_path / "run1")))
@@ -146,9 +146,9 @@ def test_second_training_run_encodes_no_image(ray_session, tmp_path):
 
 def test_bad_configs_fail_before_ray(tmp_path):
     from tn_ray.config import ConfigError, validate
+    from tn_ray.reward_learning.config import RewardTrainConfig
     from tn_ray.sweep import registry
     from tn_ray.sweep.runner import load
-    from tn_ray.training.reward_learning.config import RewardTrainConfig
 
     with pytest.raises(ConfigError, match="backbone"):
         validate(RewardTrainConfig, _config(tmp_path, tmp_path / "o", backbone="nosuchmodel"))
@@ -163,8 +163,8 @@ def test_bad_configs_fail_before_ray(tmp_path):
 
 
 def test_contrastive_prompts_from_a_prompt_source(tmp_path):
-    from tn_ray.training.reward_learning.config import DataBlock
-    from tn_ray.training.reward_learning.data import attach_texts
+    from tn_ray.reward_learning.config import DataBlock
+    from tn_ray.reward_learning.data import attach_texts
 
     frame = pd.DataFrame({"set": ["s", "s", "t"], "prompt": ["a photo of three red circles"] * 2 + ["a photo of a blue square"]})
     data = DataBlock(sets={"s": {"labels": "l.json", "images": "i"}}, contrast="rules", max_contrast=3)

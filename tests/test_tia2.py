@@ -170,9 +170,9 @@ def test_rerun_computes_nothing_and_new_prompts_only_what_is_missing(first_run, 
 
 
 def test_bad_input_is_named_before_any_scoring(bench, tmp_path, monkeypatch, tia2_dir):
-    import tn_ray.scoring.pipeline
+    import tn_ray.scoring.batch_scoring
 
-    monkeypatch.setattr(tn_ray.scoring.pipeline, "score_matrices", lambda *a, **k: pytest.fail("scored despite bad input"))
+    monkeypatch.setattr(tn_ray.scoring.batch_scoring, "score_matrices", lambda *a, **k: pytest.fail("scored despite bad input"))
     broken = tmp_path / "imgs"
     shutil.copytree(bench, broken)
     victims = sorted((broken / "counting").iterdir())[:3]

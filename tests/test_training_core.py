@@ -365,16 +365,17 @@ def test_the_papers_sd21_configs_train_on_ten_prompts_per_set_with_the_paper_tex
     from tn_ray.data import tia2
     from tn_ray.errors import TnRayError
     from tn_ray.textnorm.columns import combine
+    from tn_ray.training.config import resolve_prompts
     from tn_ray.training.ddpo import DDPOConfig
     from tn_ray.training.evaluation import reward_groups
-    from tn_ray.training.rwr import RwrConfig, resolve_prompts
+    from tn_ray.training.rwr import RwrConfig
 
     monkeypatch.setenv("TN_RAY_TIA2_DIR", str(tia2_dir))
     root = Path(__file__).resolve().parents[1] / "sweeps"
     rwr = load_config(str(root / "rwr_sd21.yaml"), RwrConfig, {})
     ddpo = load_config(str(root / "ddpo_sd21.yaml"), DDPOConfig, {})
     prompts = resolve_prompts(rwr)
-    assert prompts == ddpo.load_prompts() == [p for s in tia2.SETS for p in list(tia2.load_prompt_sets(s, tia2_dir))[:10]]
+    assert prompts == resolve_prompts(ddpo) == [p for s in tia2.SETS for p in list(tia2.load_prompt_sets(s, tia2_dir))[:10]]
     assert rwr.reward.models == ddpo.reward.models == ["imagereward", "pickscore"] and rwr.reward.use == "textnorm"
     groups = reward_groups(rwr.reward, prompts)
     assert groups == [s for s in tia2.SETS for _ in range(10)]
@@ -397,6 +398,7 @@ def test_preflight_names_a_prompt_outside_tia2_under_a_kind_per_set(tia2_dir, mo
 
     from tn_ray.config import validate
     from tn_ray.errors import TnRayError
+    from tn_ray.training.config import resolve_prompts
     from tn_ray.training.ddpo import DDPOConfig
     from tn_ray.training.preflight import check_run
 
@@ -410,4 +412,24 @@ def test_preflight_names_a_prompt_outside_tia2_under_a_kind_per_set(tia2_dir, mo
                                   "kind": {"composition": "mean", "default": "uncertainty"}}]},
         "eval": {"enabled": False}})
     with pytest.raises(TnRayError, match=r"1 prompt\(s\) are in no TIA2 prompt set.*'a cat'"):
-        check_run(cfg, cfg.load_prompts())
+        check_run(cfg, resolve_prompts(cfg))
+
+
+def test_one_prompt_resolver_keeps_every_option(tmp_path):
+    """RWR and DDPO resolve prompts through training.config.resolve_prompts: prompts, then prompts_file's
+    non-blank lines (DDPO), the first max_prompts (RWR); a missing file is one line naming it."""
+    from tn_ray.errors import InputError
+    from tn_ray.training.config import resolve_prompts
+    from tn_ray.training.ddpo import DDPOConfig
+    from tn_ray.training.rwr import RwrConfig
+
+    reward = {"models": ["brightness"], "use": "brightness"}
+    lines = tmp_path / "p.txt"
+    lines.write_text("a dog\n\n  two cats  \n")
+    ddpo = DDPOConfig(prompts=["a cube"], prompts_file=str(lines), reward=reward)
+    assert resolve_prompts(ddpo) == ["a cube", "a dog", "two cats"]
+    assert resolve_prompts(DDPOConfig(prompts_file=str(lines), reward=reward)) == ["a dog", "two cats"]
+    with pytest.raises(InputError, match=r"prompts_file: .*missing\.txt not found"):
+        resolve_prompts(DDPOConfig(prompts_file=str(tmp_path / "missing.txt"), reward=reward))
+    rwr = RwrConfig(prompts=["a", "b", "c"], max_prompts=2, reward=reward)
+    assert resolve_prompts(rwr) == ["a", "b"]

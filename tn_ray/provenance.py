@@ -17,6 +17,11 @@ world run) records:
 :class:`ProvenanceChanged` naming what differs, unless ``allow_change`` (the commands'
 ``--allow-provenance-change``), in which case the new record is written with the old ones kept
 under ``previous``. Config keys in :data:`NOT_COMPARED` (``ray``, ``stop_after_steps``) may change.
+
+It also records ``format_version``, the run-folder format (:data:`FORMAT_VERSION`; a record without
+one is version 1). A folder of another format is refused whatever the flags
+(:class:`RunFormatChanged`, one line naming the folder and both versions): resuming it would mix
+two formats in one run.
 """
 from __future__ import annotations
 
@@ -40,6 +45,11 @@ from tn_ray.errors import TnRayError
 log = logging.getLogger(__name__)
 
 FILENAME = "provenance.json"
+# The run-folder format. 2: every per-row seed is a sha256 hash of the row's key (tn_ray.diffusion.seeds);
+# in 1, DDPO drew its samples' prompts and noise from numpy SeedSequence seeds, so a resumed DDPO run
+# would draw other images than its first epochs did.
+FORMAT_VERSION = 2
+FORMAT_CHANGES = {2: "per-row seeds became sha256 hashes: DDPO draws other prompts and noise"}
 # import name -> distribution name
 PACKAGES = {"torch": "torch", "diffusers": "diffusers", "transformers": "transformers", "ray": "ray", "peft": "peft",
             "open_clip": "open_clip_torch", "numpy": "numpy", "tn_ray": "tn_ray"}
@@ -53,6 +63,20 @@ _SNAPSHOT = re.compile(r"[/\\]snapshots[/\\]([0-9a-f]{40})[/\\]")
 
 class ProvenanceChanged(TnRayError, ValueError):
     """A run folder's recorded provenance differs from this run's; the message names what differs."""
+
+
+class RunFormatChanged(TnRayError, ValueError):
+    """A run folder was written in another run format (:data:`FORMAT_VERSION`): it cannot be resumed."""
+
+
+def check_format(old: dict, where: str) -> None:
+    """:class:`RunFormatChanged` naming ``where`` and both versions when the record ``old`` is of
+    another run format than :data:`FORMAT_VERSION` (a record without ``format_version`` is version 1)."""
+    version = old.get("format_version", 1)
+    if version != FORMAT_VERSION:
+        why = FORMAT_CHANGES.get(max(version, FORMAT_VERSION), "")
+        raise RunFormatChanged(f"{where}: run folder of format version {version}, this tn_ray writes format version "
+                               f"{FORMAT_VERSION}{f' ({why})' if why else ''}; it cannot be resumed: use a new output folder")
 
 
 def package_versions() -> dict[str, str]:
@@ -103,8 +127,8 @@ def collect(cfg: BaseModel | dict, revisions: Mapping[str, str] | None = None) -
     :func:`tn_ray.diffusion.pipelines.pipeline_revisions`)."""
     config = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
     revisions = dict(revisions or {})
-    return {"written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tn_ray": code_version(), "packages": package_versions(),
-            "revisions": revisions, "config": config}
+    return {"format_version": FORMAT_VERSION, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tn_ray": code_version(),
+            "packages": package_versions(), "revisions": revisions, "config": config}
 
 
 def differences(old: dict, new: dict) -> list[str]:
@@ -165,6 +189,7 @@ def record(location: str | os.PathLike, cfg: BaseModel | dict, *, allow_change: 
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ProvenanceChanged(f"{store.uri(FILENAME)}: not a provenance record ({err}); move it away to "
                                     "continue") from None
+        check_format(old, store.uri(""))
         changed = differences(old, new)
         if changed and not (allow_change or _allow_all.get()):
             shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")

@@ -153,6 +153,30 @@ def read_any(path_or_uri: str | os.PathLike) -> bytes:
     return Path(text).read_bytes()
 
 
+def read_json(path_or_uri: str | os.PathLike, what: str = "file", hint: str = "") -> object:
+    """The content of a JSON file (a local path or a URI); :class:`tn_ray.errors.InputError` naming the
+    file for a missing file, bytes that are not UTF-8 and invalid JSON (with line and column), followed
+    by ``hint`` (what to do) when given. The one JSON reader of user and run-folder files."""
+    import json
+
+    from tn_ray.errors import InputError
+
+    text = str(path_or_uri)
+    tail = f"; {hint}" if hint else ""
+    if not _is_uri(text):
+        p = Path(text)
+        if not p.is_file():
+            raise InputError((f"{what} not found: {p}" if not p.exists() else f"{what} {p} is not a file") + tail)
+    try:
+        return json.loads(read_any(text).decode("utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: {text}{tail}") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"{text}: not UTF-8 text (byte {err.start}: {err.reason}){tail}") from None
+    except json.JSONDecodeError as err:
+        raise InputError(f"{text}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}){tail}") from None
+
+
 def join_uri(root: str | os.PathLike, *parts: str) -> str:
     """``root/part/...`` for a local path or a URI, keeping URI options (``?endpoint_override=...``) last."""
     text, sep, query = str(root).partition("?")

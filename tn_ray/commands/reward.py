@@ -15,8 +15,8 @@ def add_parser(sub) -> None:
 
 def train(args) -> int:
     from tn_ray.commands.options import allow_change, load
-    from tn_ray.training.reward_learning.config import RewardTrainConfig
-    from tn_ray.training.reward_learning.pipeline import run
+    from tn_ray.reward_learning.config import RewardTrainConfig
+    from tn_ray.reward_learning.pipeline import run
 
     cfg = load(args, RewardTrainConfig)
     result = run(cfg, allow_provenance_change=allow_change(args))

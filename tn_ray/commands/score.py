@@ -50,7 +50,7 @@ def run(args) -> int:
     from tn_ray.errors import InputError
     from tn_ray.prompts.contrast import load_contrast, texts_for
     from tn_ray.rewards import parse
-    from tn_ray.rewards.weights import check_weights
+    from tn_ray.rewards.availability import check_weights
     from tn_ray.scoring.images import check_images
     from tn_ray.storage import check_output_dir
     from tn_ray.textnorm.columns import SetParams, reward_columns
@@ -71,8 +71,8 @@ def run(args) -> int:
     out = check_output_dir(args.out)
 
     from tn_ray.cluster import init_ray
+    from tn_ray.scoring.batch_scoring import score_matrices
     from tn_ray.scoring.matrix import model_slug
-    from tn_ray.scoring.pipeline import score_matrices
 
     df = df.assign(set=df.get("set", "default"), image_id=df["image"].map(lambda p: Path(p).name),
                    image_key=df["image"], texts=texts)

@@ -84,8 +84,8 @@ def resolve_dir(explicit: str | os.PathLike | None = None) -> Path:
 
 def _read_json(path: Path) -> dict:
     """A TIA2 file's content; missing file, bytes that are not UTF-8 and invalid JSON are errors
-    naming the file (the one JSON reader, :func:`tn_ray.prompts.contrast.read_json`)."""
-    from tn_ray.prompts.contrast import read_json
+    naming the file (the one JSON reader, :func:`tn_ray.storage.read_json`)."""
+    from tn_ray.storage import read_json
 
     return read_json(path, "TIA2 file")
 
@@ -122,7 +122,7 @@ def labels_frame(raw: dict, set_name: str, path: Path | str) -> pd.DataFrame:
 
 @lru_cache(maxsize=16)
 def load_prompt_sets(set_name: str, root: Path) -> dict[str, list[str]]:
-    from tn_ray.prompts.contrast import validate_sets
+    from tn_ray.data.sets import validate_sets
 
     check_sets([set_name])
     path = root / "prompts" / f"prompt_set_{set_name}.json"

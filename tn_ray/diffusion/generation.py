@@ -47,8 +47,9 @@ from pydantic import Field
 from tn_ray import testing
 from tn_ray.config import RayConfig, StrictModel
 from tn_ray.diffusion.pipelines import DEFAULT_PIPELINE, DTYPES, check_scheduler, check_source
+from tn_ray.diffusion.seeds import seed_of
 from tn_ray.errors import InputError, TnRayError
-from tn_ray.storage import PartTable, Store
+from tn_ray.storage import PartTable, Store, read_json
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +103,6 @@ class GenerationConfig(StrictModel):
         return {k: getattr(self, k) for k in FINGERPRINT_FIELDS}
 
 
-def sample_seed(base_seed: int, prompt: str, sample: int) -> int:
-    """The seed of (prompt, sample): a stable hash, independent of order, sharding and batch."""
-    digest = hashlib.sha256(f"{base_seed}\x1f{prompt}\x1f{sample}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
 def image_path(prompt_id: int, sample: int) -> str:
     return f"images/{prompt_id:05d}/{sample:05d}.png"
 
@@ -132,7 +127,7 @@ def generate_group(pipe, cfg: GenerationConfig, prompt: str, samples: Sequence[i
     """PIL images of ``samples`` of ``prompt``: one diffusers call, one CPU generator per row."""
     import torch
 
-    generators = [torch.Generator("cpu").manual_seed(sample_seed(cfg.seed, prompt, s)) for s in samples]
+    generators = [torch.Generator("cpu").manual_seed(seed_of(cfg.seed, prompt, s)) for s in samples]
     n = len(samples)
     kwargs = dict(num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                   height=cfg.height, width=cfg.width, generator=generators, output_type="pil")
@@ -190,7 +185,7 @@ class GenerationWorker:
                 data = encode_png(im)
                 rel = image_path(int(pid), s)
                 self.store.write_bytes(rel, data)
-                rows.append((int(pid), prompt, s, sample_seed(self.cfg.seed, prompt, s), image_id(int(pid), s), rel,
+                rows.append((int(pid), prompt, s, seed_of(self.cfg.seed, prompt, s), image_id(int(pid), s), rel,
                              hashlib.sha256(data).hexdigest(), len(data)))
         out = pd.DataFrame(rows, columns=MANIFEST_SCHEMA.names)
         out[WORKER_COLUMN] = self.process  # lets the driver wait for this process to exit
@@ -202,23 +197,16 @@ class GenerationWorker:
 # --------------------------------------------------------------------------------------
 
 
-def read_json(store: Store, rel: str):
-    """A JSON file of the output folder; :class:`InputError` naming it when it is not UTF-8 JSON."""
-    try:
-        return json.loads(store.read_text(rel))
-    except UnicodeDecodeError as err:
-        raise InputError(f"{store.uri(rel)}: not UTF-8 text (byte {err.start}); restore it or use a new "
-                         "generation.out folder") from None
-    except json.JSONDecodeError as err:
-        raise InputError(f"{store.uri(rel)}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
-                         "restore it or use a new generation.out folder") from None
+def read_record(store: Store, rel: str):
+    """A JSON record of the output folder (:func:`tn_ray.storage.read_json`, naming it when it is not UTF-8 JSON)."""
+    return read_json(store.uri(rel), "generation record", hint="restore it or use a new generation.out folder")
 
 
 def check_output(store: Store, cfg: GenerationConfig, prompts: Sequence[str]) -> None:
     """Refuse a rerun whose image-fixing parameters or prompt ids differ; record them otherwise."""
     params = cfg.fingerprint()
     if store.exists("generation.json"):
-        old = read_json(store, "generation.json")
+        old = read_record(store, "generation.json")
         diff = [f"generation.{k}: {old.get(k)!r} in {store.uri('generation.json')}, {v!r} now"
                 for k, v in params.items() if old.get(k) != v]
         if diff:
@@ -226,7 +214,7 @@ def check_output(store: Store, cfg: GenerationConfig, prompts: Sequence[str]) ->
                                      + "\nuse a new generation.out folder, or restore these values")
     else:
         store.write_text("generation.json", json.dumps(params, indent=1))
-    known: list[str] = read_json(store, "prompts.json") if store.exists("prompts.json") else []
+    known: list[str] = read_record(store, "prompts.json") if store.exists("prompts.json") else []
     if not isinstance(known, list) or not all(isinstance(p, str) for p in known):
         raise InputError(f"{store.uri('prompts.json')}: expected a JSON list of prompts; restore it or use a new "
                          "generation.out folder")
@@ -303,7 +291,7 @@ def adopt_orphans(store: Store, cfg: GenerationConfig, prompts: Sequence[str], m
             log.warning("unrecorded image %s does not decode (%s); it will be generated again", store.uri(rel), why)
             continue
         data = store.read_bytes(rel)
-        rows.append((pid, prompts[pid], s, sample_seed(cfg.seed, prompts[pid], s), image_id(pid, s), rel,
+        rows.append((pid, prompts[pid], s, seed_of(cfg.seed, prompts[pid], s), image_id(pid, s), rel,
                      hashlib.sha256(data).hexdigest(), len(data)))
     return pd.DataFrame(rows, columns=MANIFEST_SCHEMA.names)
 
@@ -376,7 +364,7 @@ def prepare(prompts: Sequence[str], cfg: GenerationConfig) -> tuple[Store, pd.Da
     done = manifest[["prompt_id", "sample"]].assign(_done=True)
     todo = wanted.merge(done, on=["prompt_id", "sample"], how="left")
     todo = todo[todo["_done"].isna()].drop(columns="_done").reset_index(drop=True)
-    todo["seed"] = [sample_seed(cfg.seed, p, s) for p, s in zip(todo["prompt"], todo["sample"])]
+    todo["seed"] = [seed_of(cfg.seed, p, s) for p, s in zip(todo["prompt"], todo["sample"])]
     log.info("generation: %d prompts x %d samples; %d images on disk, %d to make", len(prompts),
              cfg.samples_per_prompt, len(wanted) - len(todo), len(todo))
     return store, wanted, todo

@@ -4,7 +4,7 @@ Flow: prompts and contrastive sets checked before any model loads -> seeded, sha
 resumable generation (:mod:`tn_ray.diffusion.generation`) streaming into the reward actors, which
 score each image as it is made (:mod:`tn_ray.experiments.bestofn_stream`; ``stream: false``:
 generate first, score after) -> score matrices per reward model from the cache
-(:func:`tn_ray.scoring.pipeline.score_matrices`, which computes whatever is missing) -> reward columns: each raw
+(:func:`tn_ray.scoring.batch_scoring.score_matrices`, which computes whatever is missing) -> reward columns: each raw
 model, its TextNorm, each ensemble -> top-k per prompt, reward and nested pool n
 (:mod:`tn_ray.analysis.bestofn_selection`) -> selections Parquet, overoptimization summary, per-prompt grids,
 blinded human-evaluation pages.
@@ -154,8 +154,8 @@ def run(cfg: BestOfNConfig, generate_only: bool = False, allow_provenance_change
     from tn_ray.analysis.image_grids import prompt_grid, save_grid
     from tn_ray.cluster import init_ray
     from tn_ray.diffusion.pipelines import check_scheduler, check_source
-    from tn_ray.rewards.weights import check_weights
-    from tn_ray.scoring.pipeline import score_matrices
+    from tn_ray.rewards.availability import check_weights
+    from tn_ray.scoring.batch_scoring import score_matrices
     from tn_ray.storage import check_output_dir, read_any
 
     # everything a user can get wrong is checked before Ray starts or a model loads

@@ -16,7 +16,7 @@ bit-identical images whatever batch size, actor count or resume point; each fini
 stored once (its rewards in the reward cache first, then its manifest rows, so an interruption
 between the two leaves complete images that the next run adopts and finds scored); memory flat
 in n (nothing but the batch in flight is held). Whatever the stream did not score (images of an
-earlier run, a model added later) is scored by :func:`tn_ray.scoring.pipeline.score_matrices`
+earlier run, a model added later) is scored by :func:`tn_ray.scoring.batch_scoring.score_matrices`
 afterwards from the cache.
 
 Resources (:func:`plan_pools`): each reward actor requests ``scoring.gpus_per_actor`` (CPU-only:

@@ -167,8 +167,8 @@ def reference(items: pd.DataFrame, cfg: Tia2EvalConfig) -> pd.DataFrame:
 
 def run(cfg: Tia2EvalConfig, allow_provenance_change: bool = False) -> dict[str, Path]:
     from tn_ray.cluster import init_ray
-    from tn_ray.rewards.weights import check_weights
-    from tn_ray.scoring.pipeline import score_matrices
+    from tn_ray.rewards.availability import check_weights
+    from tn_ray.scoring.batch_scoring import score_matrices
     from tn_ray.storage import check_output_dir
 
     contrast_stats: dict[str, dict] = {}

@@ -126,7 +126,7 @@ def cache_dir(cfg: WorldConfig, out: Path) -> Path:
 def prescore(cfg: WorldConfig, frames: list[pd.DataFrame], cache: Path) -> None:
     """Score every image once per model against the union of its prompt's contrastive sets
     (one Ray actor pool per model); every later lookup is a cache hit."""
-    from tn_ray.scoring.pipeline import score_matrices
+    from tn_ray.scoring.batch_scoring import score_matrices
 
     items = pd.concat(frames, ignore_index=True)
     x0s = list(dict.fromkeys(items["prompt"]))
@@ -204,7 +204,7 @@ def bestofn_items(cfg: WorldConfig, out: Path) -> pd.DataFrame:
 def selector_scores(items: pd.DataFrame, cfg: WorldConfig, cache: Path) -> tuple[pd.DataFrame, list[str]]:
     """Every selector's score per pool image: raw proxies, TextNorm and ensembles per contrast
     source (through ``reward_columns``), plus ``oracle`` (the truth) and ``random``."""
-    from tn_ray.scoring.pipeline import score_matrices
+    from tn_ray.scoring.batch_scoring import score_matrices
 
     table = items[["prompt", "kind", "correct", "errors"]].copy()
     x0s = list(dict.fromkeys(items["prompt"]))

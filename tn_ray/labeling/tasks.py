@@ -124,7 +124,7 @@ def load_finetune_run(run_dir: str | Path) -> Task:
     """A labelling task from a ``tn-ray rwr`` / ``tn-ray ddpo`` run folder: every evaluation image, the
     base model's and each checkpoint's (``eval/<base|step-N>/<prompt id>-<seed>.png``), with its prompt
     (``eval/prompts.json``); item ids are the images' paths in the run."""
-    from tn_ray.prompts.contrast import read_json
+    from tn_ray.storage import read_json
 
     root = Path(run_dir)
     prompts_file = root / "eval" / "prompts.json"

@@ -4,51 +4,22 @@ A contrastive-set source is ``released`` (TIA2's sets, all three merged), ``rele
 a JSON file ``{x0: [x1, ..., xm]}`` (``{set}`` in the path expands to a TIA2 set name), or,
 for a given list of prompts (:func:`sets_for`), a prompt source that makes sets (``rules``,
 ``llm``: :mod:`tn_ray.prompts`).
-Every file is checked to be ``{str: [str, ...]}``, naming the file and the first offending
+Every file is checked to be ``{str: [str, ...]}`` (:func:`tn_ray.data.sets.validate_sets`), naming the file and the first offending
 prompt; every command (``score``, ``tia2 eval``, best-of-n, fine-tuning, sweeps) reads sets
 through :func:`load_contrast` and builds text lists through :func:`texts_for`, so a prompt
 without a set is an error naming it, never a silent TextNorm of 1.0.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from tn_ray.data.sets import validate_sets
 from tn_ray.errors import InputError
 
 log = logging.getLogger(__name__)
-
-
-def validate_sets(data: object, origin: str) -> dict[str, list[str]]:
-    """``data`` as ``{x0: [x1..xm]}``; :class:`InputError` naming ``origin`` and the bad entry."""
-    if not isinstance(data, dict):
-        raise InputError(f"{origin}: contrastive sets must be a JSON object {{prompt: [contrastive prompts]}}, "
-                         f"got a {type(data).__name__}")
-    for x0, xs in data.items():
-        if not isinstance(xs, list):
-            raise InputError(f"{origin}: the set of prompt {x0!r} must be a list of prompts, got a {type(xs).__name__} "
-                             f"({json.dumps(xs)[:60]})")
-        bad = [x for x in xs if not isinstance(x, str) or not x.strip()]
-        if bad:
-            raise InputError(f"{origin}: the set of prompt {x0!r} holds {bad[0]!r}; every contrastive prompt must be a non-empty string")
-    return data
-
-
-def read_json(path: str | os.PathLike, what: str = "file") -> object:
-    """A JSON file's content; :class:`InputError` naming the file for a missing file, bytes that
-    are not UTF-8 and invalid JSON (with line and column)."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{what} not found: {p}" if not p.exists() else f"{what} {p} is not a file")
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise InputError(f"{p}: not UTF-8 text (byte {err.start}: {err.reason})") from None
-    except json.JSONDecodeError as err:
-        raise InputError(f"{p}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
 
 
 def load_contrast(source: str, *, tia2_dir: str | os.PathLike | None = None, set_name: str | None = None) -> dict[str, list[str]]:
@@ -65,6 +36,8 @@ def load_contrast(source: str, *, tia2_dir: str | os.PathLike | None = None, set
             for x0, xs in tia2.load_prompt_sets(s, root).items():
                 merged.setdefault(x0, xs)
         return merged
+    from tn_ray.storage import read_json
+
     path = Path(source.format(set=set_name) if set_name and "{set}" in source else source)
     return validate_sets(read_json(path, "contrastive-set file"), str(path))
 

@@ -54,7 +54,7 @@ class SynthesisConfig(StrictModel):
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """Unique prompts of ``path`` in file order (see ``SynthesisConfig.input``); errors name the file."""
     from tn_ray.errors import InputError
-    from tn_ray.prompts.contrast import read_json
+    from tn_ray.storage import read_json
 
     path = Path(path)
     if not path.is_file():

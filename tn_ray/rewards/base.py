@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tn_ray.errors import TnRayError
+from tn_ray.errors import InputError, TnRayError
 
 
 class ModelLoadError(TnRayError, RuntimeError):
@@ -193,6 +193,32 @@ class RewardModel(abc.ABC):
             for k, r in enumerate(rows):
                 out[r] = s[k]
         return out
+
+    # --- embeddings (reward learning trains a head on a dual encoder's frozen ones) ----------
+    def embed(self, images: Sequence[Any], texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(image embeddings, text embeddings), each (n, d) float32; :class:`InputError` for a model
+        whose features are not one vector per item (a cross-encoder's texts are tokens)."""
+        img = (as_embeddings(self.image_features(list(images)), self.model_id, "image") if len(images)
+               else np.zeros((0, 0), np.float32))
+        txt = (as_embeddings(self.text_features(list(texts)), self.model_id, "text") if len(texts)
+               else np.zeros((0, 0), np.float32))
+        return img, txt
+
+    def score_embeddings(self, image_features: np.ndarray, text_features: np.ndarray) -> np.ndarray:
+        """The model's own reward matrix (images, texts) from :meth:`embed`'s arrays (its ``score`` step)."""
+        with torch.inference_mode():  # copies: Ray hands read-only arrays
+            s = self.score(torch.tensor(image_features, device=self.device), torch.tensor(text_features, device=self.device))
+        return s.detach().float().cpu().numpy()
+
+
+def as_embeddings(features: Any, model_id: str, what: str) -> np.ndarray:
+    """(n, d) float32 array of a dual encoder's features; :class:`InputError` for anything else
+    (a cross-encoder's per-text features are tokens, not an embedding a head can read)."""
+    if not isinstance(features, torch.Tensor) or features.ndim != 2:
+        shape = getattr(features, "shape", type(features).__name__)
+        raise InputError(f"backbone '{model_id}' is not a dual encoder: its {what} features are {shape}, not one "
+                         "vector per item; use a model such as clip or pickscore")
+    return features.detach().float().cpu().numpy()
 
 
 def check_tokenizer(tokenizer: Any, model_id: str) -> None:

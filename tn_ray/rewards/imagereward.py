@@ -244,7 +244,7 @@ def load_official_checkpoint(path: str | Path, med_config: str | Path | dict | N
     """An :class:`ImageRewardNet` holding the weights of an official ``ImageReward.pt``
     (every parameter must be present: nothing is left at random init)."""
     path = Path(path)
-    from tn_ray.prompts.contrast import read_json  # a user's med_config.json: errors name the file
+    from tn_ray.storage import read_json  # a user's med_config.json: errors name the file
 
     med = med_config if isinstance(med_config, dict) else read_json(Path(med_config or MED_CONFIG), "ImageReward med_config")
     state = _read_state(path)

@@ -20,11 +20,15 @@ from tn_ray.rewards.base import RewardModel, RewardSpec
 class LearnedReward(RewardModel):
     name = "learned"
 
-    def __init__(self, spec: RewardSpec, device: str | None = None, text_batch_size: int = 64):
+    composes = True  # the registry hands it its own `build` for the backbone (no import back into the registry)
+
+    def __init__(self, spec: RewardSpec, device: str | None = None, text_batch_size: int = 64, *, build=None):
         super().__init__(spec, device, text_batch_size)
         from tn_ray.errors import InputError
-        from tn_ray.rewards.registry import build
-        from tn_ray.training.reward_learning.head import load
+        from tn_ray.rewards.learned_head import load
+
+        if build is None:
+            raise TypeError("LearnedReward is built through tn_ray.rewards.build, which passes `build`")
 
         if not spec.source:
             raise InputError("learned: give the trained head's folder, e.g. learned:results/reward/model-<hash>")

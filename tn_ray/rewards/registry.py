@@ -18,7 +18,7 @@ _REGISTRY: dict[str, str] = {
     "imagereward": "tn_ray.rewards.imagereward:ImageRewardReward",
     "blip2": "tn_ray.rewards.blip2:Blip2Reward",  # Q-Former image-text contrastive similarity
     "blip2-itm": "tn_ray.rewards.blip2:Blip2ItmReward",  # the same model's image-text matching head
-    "brightness": "tn_ray.training.toy_reward:BrightnessReward",  # mean pixel value: a cheap learnable reward (tests)
+    "brightness": "tn_ray.rewards.brightness:BrightnessReward",  # mean pixel value: a cheap learnable reward (tests)
     "worldclip": "tn_ray.rewards.worldclip:WorldClipReward",  # small CLIP trained on the synthetic world (docs/world.md)
     "learned": "tn_ray.rewards.learned:LearnedReward",  # learned:<folder>: a head trained by `tn-ray reward train`
 }
@@ -50,5 +50,8 @@ def build(spec: str | RewardSpec, device: str | None = None, **kwargs) -> Reward
     s = parse(spec)
     if s.name in _FACTORIES:
         return _FACTORIES[s.name](s, device=device, **kwargs)
-    module, _, cls = _REGISTRY[s.name].partition(":")
-    return getattr(importlib.import_module(module), cls)(s, device=device, **kwargs)
+    module, _, name = _REGISTRY[s.name].partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    if getattr(cls, "composes", False):  # a reward built on other rewards (learned:) builds them through this registry
+        kwargs["build"] = build
+    return cls(s, device=device, **kwargs)

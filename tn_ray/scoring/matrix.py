@@ -95,6 +95,15 @@ class ScoreMatrix:
         return ScoreMatrix(self.model, self.keys.iloc[idx], [self.texts[i] for i in idx], self.values[idx])
 
 
+def pad_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """Score rows of unequal length as one NaN-padded (images, 1 + m) array (score-matrix values)."""
+    width = max((len(r) for r in rows), default=0)
+    out = np.full((len(rows), width), np.nan)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
 def model_slug(model_id: str) -> str:
     """A file-system-safe, collision-free name for a model id."""
     readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_id).strip("_")[:60]

@@ -1,9 +1,9 @@
 """Reward models on Ray: workers for Ray Data, long-lived reward actors.
 
 A :class:`RewardWorker` holds one reward model. Ray Data uses it as the callable class of
-``map_batches`` (one actor per GPU, or CPU actors without GPUs); :func:`reward_actors`
-starts the same class as long-lived actors that training loops call with batches of
-(images, prompts). Metrics are never computed here.
+``map_batches`` (one actor per GPU, or CPU actors without GPUs); :class:`RewardPool` starts
+the same class as long-lived actors, the one way training loops, evaluation and reward learning
+reach a reward model (submit / collect). Metrics are never computed here.
 """
 from __future__ import annotations
 
@@ -48,16 +48,12 @@ class RewardWorker:
     def stats(self) -> dict[str, int]:
         return {"images_encoded": self.model.images_encoded, "texts_encoded": self.model.texts_encoded}
 
-    # reward learning (tn_ray.training.reward_learning.features): a dual encoder's embeddings, its score of them
+    # reward learning (tn_ray.reward_learning.features): a dual encoder's embeddings, its score of them
     def features(self, images: Sequence[Any], texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        from tn_ray.training.reward_learning.features import embed
-
-        return embed(self.model, images, texts)
+        return self.model.embed(images, texts)
 
     def score_features(self, image_features: np.ndarray, text_features: np.ndarray) -> np.ndarray:
-        from tn_ray.training.reward_learning.features import score_embeddings
-
-        return score_embeddings(self.model, image_features, text_features)
+        return self.model.score_embeddings(image_features, text_features)
 
 
 def score_into_cache(requests: pd.DataFrame, spec: str, cache, cfg: ScoringConfig | None = None,
@@ -96,19 +92,14 @@ def score_into_cache(requests: pd.DataFrame, spec: str, cache, cfg: ScoringConfi
     return computed
 
 
-def reward_actors(spec: str, cfg: ScoringConfig | None = None) -> list:
-    """Long-lived :class:`RewardWorker` actors, one per GPU (CPU actors without GPUs).
-
-    Call ``actor.score.remote(images, texts_per_image)``; :class:`RewardPool` spreads
-    batches over them. The model loads once per actor and stays loaded.
-    """
+def _reward_actors(spec: str, cfg: ScoringConfig) -> list:
+    """Long-lived :class:`RewardWorker` actors, one per GPU (CPU actors without GPUs); the model loads
+    once per actor and stays loaded. Only :class:`RewardPool` starts them."""
     import ray
-
-    cfg = cfg or ScoringConfig()
-    cluster.init_ray()
-    n, res = reward_pool_size(cfg)
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    cluster.init_ray()
+    n, res = reward_pool_size(cfg)
     # restart without limit and retry calls on the restarted actor: a preempted spot node
     # must not exhaust a restart budget (a call that fails on its own still raises). The actors
     # are a shared service, never part of the caller's placement group: created from a Ray Train
@@ -119,20 +110,101 @@ def reward_actors(spec: str, cfg: ScoringConfig | None = None) -> list:
 
 
 class RewardPool:
-    """Round-robin batches of (images, prompts) over long-lived reward actors."""
+    """The one way anything reaches a reward model: requests go in with :meth:`submit` (and
+    :meth:`submit_embed` / :meth:`submit_score_embeddings` for reward learning), which return at
+    once with futures; :meth:`collect` blocks for them and returns every submission's result since
+    the last collect, in submit order. Requests are spread round-robin over the pool's workers.
+
+    This class is the Ray-actor backend: long-lived :class:`RewardWorker` actors of one model (one
+    per GPU, CPU actors without GPUs), started by the constructor and killed by :meth:`shutdown`.
+    A pool pickles with its actor handles, so a driver can start it once and hand it to Ray Train
+    workers (each copy keeps its own pending requests). Another backend (a Ray Serve deployment,
+    a remote reward service) is a subclass that overrides the three backend methods
+    :meth:`_start`, :meth:`_call` (one request to worker ``i``, returning a future) and
+    :meth:`_wait` (futures -> results), and :meth:`shutdown`; submit / collect and the order of
+    results stay the same.
+    """
 
     def __init__(self, spec: str, cfg: ScoringConfig | None = None):
-        self.actors = reward_actors(spec, cfg)
+        self.spec = spec
+        self.cfg = cfg or ScoringConfig()
+        self.workers = self._start()
+        self._next = 0  # round-robin position, across submissions
+        self._pending: list[tuple[list, bool]] = []  # (futures of one submission, whether its parts are concatenated)
 
-    def score(self, images: Sequence[Any], texts_per_image: Sequence[Sequence[str]], chunk: int = 32) -> list[np.ndarray]:
+    @property
+    def actors(self) -> list:
+        """The pool's Ray actors (this backend's workers)."""
+        return self.workers
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pending": []}
+
+    # --- backend ----------------------------------------------------------------------------
+    def _start(self) -> list:
+        return _reward_actors(self.spec, self.cfg)
+
+    def _call(self, worker: int, method: str, *args):
+        return getattr(self.workers[worker], method).remote(*args)
+
+    def _wait(self, futures: list) -> list:
         import ray
 
-        refs = [self.actors[(i // chunk) % len(self.actors)].score.remote(images[i : i + chunk], texts_per_image[i : i + chunk])
-                for i in range(0, len(images), chunk)]
-        return [row for part in ray.get(refs) for row in part]
+        return ray.get(futures)
 
     def shutdown(self) -> None:
         import ray
 
-        for a in self.actors:
+        for a in self.workers:
             ray.kill(a)
+        self.workers = []
+
+    # --- requests ---------------------------------------------------------------------------
+    def _send(self, method: str, *args):
+        future = self._call(self._next % len(self.workers), method, *args)
+        self._next += 1
+        return future
+
+    def submit(self, images: Sequence[Any], texts_per_image: Sequence[Sequence[str]], chunk: int | None = None) -> list:
+        """Score each image against its own texts; returns at once with the futures. The images go
+        in parts of ``chunk`` (default: split evenly over the workers, so the latency of one
+        submission shrinks with more workers), each to the next worker in turn. Its result in
+        :meth:`collect` is one row of scores per image, in order."""
+        if len(images) != len(texts_per_image):
+            raise ValueError(f"{len(images)} images but {len(texts_per_image)} text lists")
+        size = chunk or max(1, -(-len(images) // len(self.workers)))
+        futures = [self._send("score", list(images[i : i + size]), list(texts_per_image[i : i + size]))
+                   for i in range(0, len(images), size)]
+        self._pending.append((futures, True))
+        return futures
+
+    def submit_embed(self, images: Sequence[Any], texts: Sequence[str]):
+        """A dual encoder's (image embeddings, text embeddings) (:meth:`RewardModel.embed`); one future."""
+        future = self._send("features", list(images), list(texts))
+        self._pending.append(([future], False))
+        return future
+
+    def submit_score_embeddings(self, image_features: np.ndarray, text_features: np.ndarray):
+        """The model's reward matrix of embeddings (:meth:`RewardModel.score_embeddings`); one future."""
+        future = self._send("score_features", image_features, text_features)
+        self._pending.append(([future], False))
+        return future
+
+    def collect(self) -> list:
+        """Every submission's result since the last collect, in submit order (blocks only for the ones
+        not done): a :meth:`submit` gives its rows, the others their single result."""
+        pending, self._pending = self._pending, []
+        flat = self._wait([f for futures, _ in pending for f in futures])
+        out, k = [], 0
+        for futures, concat in pending:
+            parts = flat[k : k + len(futures)]
+            k += len(futures)
+            out.append([row for part in parts for row in part] if concat else parts[0])
+        return out
+
+    def score(self, images: Sequence[Any], texts_per_image: Sequence[Sequence[str]], chunk: int | None = 32) -> list[np.ndarray]:
+        """:meth:`submit` then :meth:`collect`: one row of scores per image (nothing else may be pending)."""
+        if self._pending:
+            raise RuntimeError("RewardPool.score with submissions pending: collect them first")
+        self.submit(images, texts_per_image, chunk)
+        return self.collect()[0]

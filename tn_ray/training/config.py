@@ -28,6 +28,32 @@ def require_prompts(given: bool, reward: RewardConfig) -> None:
                          "given prompts (only a set file or 'released' lists prompts of its own)")
 
 
+def resolve_prompts(cfg: FineTuneConfig) -> list[str]:
+    """The training prompts of a fine-tuning config (RWR, DDPO), one resolver for every method: its
+    ``prompts``, then the lines of its ``prompts_file`` (where the method has one; blank lines
+    skipped); with neither, :meth:`FineTuneConfig.default_prompts` (``prompts_per_set`` of each TIA2
+    set, else every prompt of ``reward.contrast``'s sets); then the first ``max_prompts`` (where the
+    method has one). :class:`InputError` for a missing prompts file or no prompt at all."""
+    from pathlib import Path
+
+    from tn_ray.errors import InputError
+
+    prompts = list(getattr(cfg, "prompts", None) or [])
+    prompts_file = getattr(cfg, "prompts_file", None)
+    if prompts_file:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise InputError(f"prompts_file: {path} not found")
+        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif not prompts:
+        prompts = cfg.default_prompts()
+    prompts = prompts[: getattr(cfg, "max_prompts", None) or None]
+    if not prompts:
+        keys = "`prompts` or `prompts_file`" if hasattr(cfg, "prompts_file") else "`prompts`"
+        raise InputError(f"prompts: no training prompts (set {keys}, or a non-empty reward.contrast source)")
+    return prompts
+
+
 class LoraBlock(StrictModel):
     rank: int = Field(4, ge=1, description="LoRA rank r of every adapted projection (count)")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; the update is scaled by alpha / rank (unitless); None = rank (scale 1)")

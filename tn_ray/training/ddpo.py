@@ -5,9 +5,9 @@ One DDPO epoch per core step (:class:`tn_ray.training.loop.Method`), in every Ra
 
 1. **sample** ``sample.num_batches_per_epoch`` batches of ``sample.batch_size`` images with the
    current policy, recording each chain (:func:`tn_ray.diffusion.sampling.sample_chains`); each
-   batch's decoded images go to the reward actors at once (Ray ObjectRefs), and the next batch
-   samples while they score;
-2. **rewards**: the refs are collected (the wait is logged as ``reward_wait_s``) and turned into
+   batch's decoded images go to the reward actors at once (``RewardPool.submit``: futures), and the
+   next batch samples while they score;
+2. **rewards**: the futures are collected (``RewardPool.collect``) (the wait is logged as ``reward_wait_s``) and turned into
    the configured column (raw, TextNorm or an ensemble) by ``RewardConfig.column``;
 3. **advantages** per prompt from every worker's rewards (:mod:`tn_ray.training.advantages`);
 4. **train** ``train.num_inner_epochs`` passes: samples shuffled, each chain's timesteps shuffled
@@ -35,6 +35,7 @@ import torch
 from pydantic import Field, model_validator
 
 from tn_ray.config import OutputLocation, StrictModel
+from tn_ray.diffusion.seeds import seeds_of
 from tn_ray.errors import InputError
 from tn_ray.training.config import EvalBlock, FineTuneConfig, OptimizerBlock, PolicyBlock, require_prompts
 from tn_ray.training.evaluation import reward_groups
@@ -106,19 +107,6 @@ class DDPOConfig(FineTuneConfig):
     def train_timesteps(self) -> int:
         return int(self.sample.num_steps * self.train.timestep_fraction)
 
-    def load_prompts(self) -> list[str]:
-        prompts = list(self.prompts or [])
-        if self.prompts_file:
-            path = Path(self.prompts_file)
-            if not path.is_file():
-                raise InputError(f"prompts_file: {path} not found")
-            prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not self.prompts and not self.prompts_file:
-            prompts = self.default_prompts()
-        if not prompts:
-            raise InputError("prompts: no training prompts (set `prompts` or `prompts_file`, or a non-empty reward.contrast source)")
-        return prompts
-
 
 @dataclass
 class DDPOData:
@@ -126,40 +114,7 @@ class DDPOData:
 
     prompts: list[str]
     texts: list[list[str]]  # per prompt: [x0] or [x0, x1..xm] (contrastive prompts for TextNorm)
-    actors: dict[str, list] = field(default_factory=dict)  # reward model -> its long-lived RewardWorker actors
-
-
-def row_seeds(*key: int, n: int) -> list[int]:
-    """``n`` independent 63-bit seeds from a key (seed, epoch, rank, ...)."""
-    return [int(s) >> 1 for s in np.random.SeedSequence([int(k) for k in key]).generate_state(n, dtype=np.uint64)]
-
-
-class AsyncRewards:
-    """Requests to the reward actors as Ray ObjectRefs; ``collect`` blocks only for the ones not done."""
-
-    def __init__(self, actors: dict[str, list], texts: list[list[str]]):
-        self.actors = actors
-        self.texts = texts
-        self.refs: dict[str, list] = {m: [] for m in actors}
-        self.calls = 0
-
-    def submit(self, images: np.ndarray, prompt_ids: list[int]) -> None:
-        """Score one sampling batch: split over the model's actors (the last batch's latency, the
-        only one the trainer waits for, shrinks with more actors), in order."""
-        texts = [self.texts[i] for i in prompt_ids]
-        for model, actors in self.actors.items():
-            size = -(-len(images) // len(actors))
-            for k, start in enumerate(range(0, len(images), size)):
-                actor = actors[(self.calls + k) % len(actors)]
-                self.refs[model].append(actor.score.remote(list(images[start : start + size]), texts[start : start + size]))
-        self.calls += 1
-
-    def collect(self) -> dict[str, np.ndarray]:
-        import ray
-
-        from tn_ray.training.evaluation import pad_rows
-
-        return {m: pad_rows([row for part in ray.get(refs) for row in part]) for m, refs in self.refs.items()}
+    pools: dict[str, Any] = field(default_factory=dict)  # reward model -> its RewardPool (long-lived actors)
 
 
 class DDPO(Method):
@@ -189,23 +144,25 @@ class DDPO(Method):
     def sample_epoch(self, step: int):
         """(chains, prompt ids, reward column, seconds sampling, seconds waiting for rewards)."""
         from tn_ray.diffusion.sampling import Chains, decode_images, sample_chains
+        from tn_ray.scoring.matrix import pad_rows
 
         cfg, s = self.cfg, self.cfg.sample
         pipe = self.policy.pipe
-        rewards = AsyncRewards(self.data.actors, self.data.texts)
         parts = []
         pipe.unet.eval()
         t0 = time.perf_counter()
         for b in range(s.num_batches_per_epoch):
-            rng = np.random.default_rng(row_seeds(cfg.seed, step, self.ctx.rank, b, 0, n=1)[0])
+            rng = np.random.default_rng(seeds_of(cfg.seed, step, self.ctx.rank, b, 0, n=1)[0])
             ids = rng.integers(len(self.data.prompts), size=s.batch_size).tolist()
-            gens = [torch.Generator("cpu").manual_seed(x) for x in row_seeds(cfg.seed, step, self.ctx.rank, b, 1, n=s.batch_size)]
+            gens = [torch.Generator("cpu").manual_seed(x) for x in seeds_of(cfg.seed, step, self.ctx.rank, b, 1, n=s.batch_size)]
             chains = sample_chains(pipe, [self.data.prompts[i] for i in ids], ids, num_steps=s.num_steps,
                                    guidance=s.guidance_scale, eta=s.eta, generator=gens, autocast=self.policy.autocast())
-            rewards.submit(decode_images(pipe, chains.latents[:, -1]), ids)
+            images, texts = decode_images(pipe, chains.latents[:, -1]), [self.data.texts[i] for i in ids]
+            for pool in self.data.pools.values():  # returns at once: the next batch samples while they score
+                pool.submit(images, texts)
             parts.append(chains)
         t1 = time.perf_counter()
-        values = rewards.collect()
+        values = {m: pad_rows([row for rows in pool.collect() for row in rows]) for m, pool in self.data.pools.items()}
         wait = time.perf_counter() - t1
         chains = Chains.cat(parts)
         groups = reward_groups(cfg.reward, [self.data.prompts[i] for i in chains.prompt_ids.tolist()])
@@ -243,7 +200,7 @@ class DDPO(Method):
         first_kl = None
         policy.unet.train()
         for inner in range(tr.num_inner_epochs):
-            g = torch.Generator().manual_seed(row_seeds(cfg.seed, step, self.ctx.rank, 2, inner, n=1)[0])
+            g = torch.Generator().manual_seed(seeds_of(cfg.seed, step, self.ctx.rank, 2, inner, n=1)[0])
             order = torch.randperm(n, generator=g)
             time_perm = torch.stack([torch.randperm(T, generator=g) for _ in range(n)])[:, :k]
             for mb in range(minibatches):
@@ -311,24 +268,22 @@ class DDPO(Method):
 
 def prepare(cfg: DDPOConfig, allow_provenance_change: bool = False) -> DDPOData:
     """Driver side, before Ray Train starts: prompts, scoring texts (contrastive sets checked) and
-    one long-lived actor pool per reward model (:func:`tn_ray.scoring.workers.reward_actors`)."""
+    one :class:`tn_ray.scoring.workers.RewardPool` of long-lived actors per reward model."""
     from tn_ray.cluster import init_ray
-    from tn_ray.scoring.workers import reward_actors
+    from tn_ray.scoring.workers import RewardPool
+    from tn_ray.training.config import resolve_prompts
     from tn_ray.training.preflight import check_run, record_provenance
 
-    prompts = cfg.load_prompts()
+    prompts = resolve_prompts(cfg)
     texts = check_run(cfg, prompts)  # every user error before Ray starts or a model loads
     record_provenance(cfg, allow_provenance_change)
     init_ray(cfg.ray)
-    return DDPOData(prompts, texts, {m: reward_actors(m, cfg.scoring) for m in cfg.reward.models})
+    return DDPOData(prompts, texts, {m: RewardPool(m, cfg.scoring) for m in cfg.reward.models})
 
 
 def release(data: DDPOData) -> None:
-    import ray
-
-    for actors in data.actors.values():
-        for a in actors:
-            ray.kill(a)
+    for pool in data.pools.values():
+        pool.shutdown()
 
 
 def run(cfg: DDPOConfig, allow_provenance_change: bool = False, callbacks: Sequence[Any] = ()) -> dict[str, Any]:

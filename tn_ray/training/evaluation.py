@@ -28,6 +28,7 @@ import pandas as pd
 import pyarrow as pa
 
 from tn_ray.errors import InputError
+from tn_ray.scoring.matrix import pad_rows
 from tn_ray.storage import Store
 from tn_ray.textnorm.columns import RewardConfig
 from tn_ray.training.checkpoint_selection import win_counts
@@ -61,15 +62,6 @@ def reward_groups(reward: RewardConfig, prompts: Sequence[str]) -> list[str] | N
     from tn_ray.data import tia2
 
     return tia2.sets_of(prompts, tia2.resolve_dir(None))
-
-
-def pad_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
-    """Score rows of unequal length as one NaN-padded (images, 1 + m) array (score-matrix values)."""
-    width = max(len(r) for r in rows)
-    out = np.full((len(rows), width), np.nan)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-    return out
 
 
 def generate_images(policy, prompts: Sequence[str], seeds: Sequence[int], block, reference: bool = False) -> list[bytes]:

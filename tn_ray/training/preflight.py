@@ -19,7 +19,7 @@ def check_run(cfg: FineTuneConfig, prompts: Sequence[str]) -> list[list[str]]:
     """Raise the first user error of ``cfg`` (a :class:`tn_ray.errors.TnRayError`); returns the
     training reward's ``[x0, x1..xm]`` per training prompt (:func:`reward_texts`)."""
     from tn_ray.diffusion.pipelines import check_source
-    from tn_ray.rewards.weights import check_weights
+    from tn_ray.rewards.availability import check_weights
     from tn_ray.storage import check_output_dir
     from tn_ray.training.evaluation import eval_prompts, reward_groups, reward_texts
 

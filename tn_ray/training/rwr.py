@@ -22,7 +22,6 @@ means the same for an epsilon model and a v-prediction one (docs/rwr.md, "Which 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -35,8 +34,9 @@ from pydantic import Field, model_validator
 
 from tn_ray.config import OutputLocation, StrictModel
 from tn_ray.diffusion.generation import GenerationConfig
+from tn_ray.diffusion.seeds import seed_of
 from tn_ray.errors import InputError
-from tn_ray.training.config import FineTuneConfig, OptimizerBlock, require_prompts
+from tn_ray.training.config import FineTuneConfig, OptimizerBlock, require_prompts, resolve_prompts
 from tn_ray.training.loop import Method, WorkerContext
 from tn_ray.training.sample_weights import Weighting
 
@@ -85,17 +85,6 @@ class RwrConfig(FineTuneConfig):
 # --------------------------------------------------------------------------------------
 
 
-def resolve_prompts(cfg: RwrConfig) -> list[str]:
-    if cfg.prompts:
-        prompts = list(cfg.prompts)
-    else:
-        prompts = cfg.default_prompts()
-    prompts = prompts[: cfg.max_prompts or None]
-    if not prompts:
-        raise InputError("prompts: no training prompts (set `prompts`, or a non-empty reward.contrast source)")
-    return prompts
-
-
 def score_items(manifest: pd.DataFrame, texts: dict[str, list[str]]) -> pd.DataFrame:
     """Rows for ``score_matrices``: content-addressed image keys, ``[x0, x1..xm]`` per image."""
     return pd.DataFrame({
@@ -111,7 +100,7 @@ def prepare_data(cfg: RwrConfig, prompts: list[str], texts: list[list[str]] | No
     """Generate, score once, keep the top-k per prompt, weight: the training table
     (prompt_id, prompt, sample, image, reward, weight), also written to ``<out>/data.parquet``."""
     from tn_ray.diffusion.generation import generate
-    from tn_ray.scoring.pipeline import score_matrices
+    from tn_ray.scoring.batch_scoring import score_matrices
     from tn_ray.storage import Store, join_uri
     from tn_ray.training.evaluation import reward_groups, reward_texts
     from tn_ray.training.sample_weights import reward_weights, top_k_per_group
@@ -145,10 +134,9 @@ def load_pretrain(block: PretrainBlock) -> pd.DataFrame:
     captions = folder / "captions.json"
     if not captions.is_file():
         raise InputError(f"pretrain.folder: {captions} not found (a JSON object {{image file name: caption}})")
-    try:
-        mapping = json.loads(captions.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(f"{captions}: not valid JSON ({err})") from None
+    from tn_ray.storage import read_json
+
+    mapping = read_json(captions, "pretrain captions file")
     if not isinstance(mapping, dict) or not mapping:
         raise InputError(f"{captions}: expected a non-empty object {{image file name: caption}}")
     missing = [f for f in mapping if not (folder / f).is_file()]
@@ -160,10 +148,6 @@ def load_pretrain(block: PretrainBlock) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------
 # worker: the method
 # --------------------------------------------------------------------------------------
-
-
-def _seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 class _Examples:
@@ -267,13 +251,13 @@ class RwrMethod(Method):
         if cfg.latents == "regenerate":
             latents = regenerate_latents(policy, frame, cfg.generation)
         else:
-            latents = encode_latents(policy, list(frame["image"]), _seed(cfg.seed, "vae"))
+            latents = encode_latents(policy, list(frame["image"]), seed_of(cfg.seed, "vae"))
         self.examples = _Examples(policy, latents, list(frame["prompt"]))
         self.weights = torch.tensor(frame["weight"].to_numpy(), dtype=torch.float32)
         self.pretrain = None
         if data.get("pretrain") is not None:
             pre = data["pretrain"]
-            self.pretrain = _Examples(policy, encode_latents(policy, list(pre["image"]), _seed(cfg.seed, "vae-pretrain")),
+            self.pretrain = _Examples(policy, encode_latents(policy, list(pre["image"]), seed_of(cfg.seed, "vae-pretrain")),
                                       list(pre["prompt"]))
         self.scheduler = DDPMScheduler.from_config(policy.pipe.scheduler.config)
         self.per_worker = cfg.batch_size // ctx.world_size
@@ -296,7 +280,7 @@ class RwrMethod(Method):
         cfg: RwrConfig = self.cfg
         rows = global_rows(len(self.examples), cfg.batch_size, step, cfg.seed)
         rows = rows[self.ctx.rank * self.per_worker : (self.ctx.rank + 1) * self.per_worker]
-        gen = torch.Generator("cpu").manual_seed(_seed(cfg.seed, step, self.ctx.rank))
+        gen = torch.Generator("cpu").manual_seed(seed_of(cfg.seed, step, self.ctx.rank))
         x0, embeds = self.examples.batch(rows)
         noisy, t, noise = self._noisy(x0, gen)
         pred = self.policy.noise_pred(noisy, t, embeds.to(self.policy.device))
@@ -305,7 +289,7 @@ class RwrMethod(Method):
         loss = terms["loss"]
         metrics = {"denoise": terms["denoise"].item(), "kl": terms["kl"].item(), "weight_mean": float(self.weights[rows].mean())}
         if self.pretrain is not None and cfg.pretrain is not None:
-            pre_rows = global_rows(len(self.pretrain), cfg.pretrain.batch_size * self.ctx.world_size, step, _seed(cfg.seed, "pretrain"))
+            pre_rows = global_rows(len(self.pretrain), cfg.pretrain.batch_size * self.ctx.world_size, step, seed_of(cfg.seed, "pretrain"))
             pre_rows = pre_rows[self.ctx.rank * cfg.pretrain.batch_size : (self.ctx.rank + 1) * cfg.pretrain.batch_size]
             px0, pemb = self.pretrain.batch(pre_rows)
             pnoisy, pt, pnoise = self._noisy(px0, gen)

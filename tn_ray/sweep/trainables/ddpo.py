@@ -32,10 +32,11 @@ PARAMS = tuple(KEYS)
 
 
 def prepare(options: FineTuneSweepOptions, sweep=None) -> FineTuneSweepData:
+    from tn_ray.training.config import resolve_prompts
     from tn_ray.training.ddpo import DDPOConfig
 
     cfg = base_config(options, DDPOConfig)
-    cfg.load_prompts()  # a missing prompts file fails before any trial starts
+    resolve_prompts(cfg)  # a missing prompts file fails before any trial starts
     return FineTuneSweepData(cfg.model_dump(mode="json"), DDPOConfig, KEYS, fingerprint=f"ddpo-{cfg.model_dump_json()}")
 
 

@@ -36,10 +36,10 @@ class HeadData:
 def prepare(options: RewardHeadOptions, sweep=None) -> HeadData:
     from tn_ray.cluster import init_ray
     from tn_ray.config import load_config
+    from tn_ray.reward_learning import data, features, train
+    from tn_ray.reward_learning.config import RewardTrainConfig
+    from tn_ray.reward_learning.pipeline import build_arrays
     from tn_ray.storage import join_uri
-    from tn_ray.training.reward_learning import data, features, train
-    from tn_ray.training.reward_learning.config import RewardTrainConfig
-    from tn_ray.training.reward_learning.pipeline import build_arrays
 
     cfg = load_config(options.config, RewardTrainConfig, options.overrides)
     frame = data.load(cfg.data)
@@ -52,7 +52,7 @@ def run_trial(config: dict[str, Any], data: HeadData) -> None:
     """The Tune function trainable: the shared epoch loop with ``tune.report`` and its checkpoints."""
     from ray import tune
 
-    from tn_ray.training.reward_learning.train import epochs
+    from tn_ray.reward_learning.train import epochs
 
     params = {**data.params, **config}
 

@@ -42,8 +42,9 @@ class RwrSweepData(FineTuneSweepData):
 
 def prepare(options: FineTuneSweepOptions, sweep=None) -> RwrSweepData:
     from tn_ray.cluster import init_ray
+    from tn_ray.training.config import resolve_prompts
     from tn_ray.training.preflight import check_run
-    from tn_ray.training.rwr import RwrConfig, load_pretrain, prepare_data, resolve_prompts
+    from tn_ray.training.rwr import RwrConfig, load_pretrain, prepare_data
 
     cfg = base_config(options, RwrConfig)
     prompts = resolve_prompts(cfg)

@@ -101,7 +101,7 @@ def mean_auroc(keys: pd.DataFrame, reward: np.ndarray) -> float:
 def new_state(params: dict[str, Any], dim: int, device: str = "cpu") -> State:
     import torch
 
-    from tn_ray.training.reward_learning.head import RewardHead
+    from tn_ray.rewards.learned_head import RewardHead
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(params["seed"]))
@@ -125,7 +125,7 @@ def fit_epoch(state: State, params: dict[str, Any], arrays: Arrays, rank: int = 
     """One pass over the training rows; returns the epoch's metrics (validation included)."""
     import torch
 
-    from tn_ray.training.reward_learning.losses import total_loss
+    from tn_ray.reward_learning.losses import total_loss
 
     model = model if model is not None else state.head
     epoch = state.epoch + 1

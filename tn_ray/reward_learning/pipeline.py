@@ -20,8 +20,8 @@ import numpy as np
 
 from tn_ray import provenance
 from tn_ray.config import dump_config
+from tn_ray.reward_learning.config import RewardTrainConfig
 from tn_ray.rewards.revisions import reward_revisions
-from tn_ray.training.reward_learning.config import RewardTrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ LEARNED, ABLATION = "learned", "learned(no aux)"
 
 
 def build_arrays(frame, feats, target: str):
-    from tn_ray.training.reward_learning.train import Arrays
+    from tn_ray.reward_learning.train import Arrays
 
     keys = frame[["set", "prompt", "image_id", "binary", "fine", "part"]].reset_index(drop=True)
     y = (frame["binary"] if target == "binary" else frame["fine"]).to_numpy(dtype=np.float32)
@@ -47,9 +47,11 @@ def run_name(label: str, params: dict[str, Any], fingerprint: str) -> str:
 
 def run(cfg: RewardTrainConfig, allow_provenance_change: bool = False) -> dict[str, Any]:
     from tn_ray.cluster import init_ray
+    from tn_ray.reward_learning import data, features, report, train
+    from tn_ray.reward_learning.calibration import plot_reliability
+    from tn_ray.rewards import learned_head
+    from tn_ray.scoring.matrix import pad_rows
     from tn_ray.storage import check_output_dir, join_uri
-    from tn_ray.training.reward_learning import data, features, head, report, train
-    from tn_ray.training.reward_learning.calibration import plot_reliability
 
     frame = data.load(cfg.data)
     out = check_output_dir(cfg.out)
@@ -71,7 +73,7 @@ def run(cfg: RewardTrainConfig, allow_provenance_change: bool = False) -> dict[s
         fitted, last = train.fit(params, arrays, cfg, run_name(label, params, arrays.fingerprint))
         meta = {"backbone": cfg.backbone, "kind": params["kind"], "target": cfg.loss.target,
                 "aux_weight": params["aux_weight"], "temperature": params["temperature"], "data": arrays.fingerprint}
-        folder = head.export(fitted, str(out), meta)
+        folder = learned_head.export(fitted, str(out), meta)
         heads[label] = fitted
         summary["runs"][label] = {"reward": f"learned:{folder}", "best_epoch": int(last.get("best_epoch", 0)),
                                   "epochs_run": int(last.get("epoch", 0)), "best_val_auroc": last.get("best_val_auroc"),
@@ -85,7 +87,7 @@ def run(cfg: RewardTrainConfig, allow_provenance_change: bool = False) -> dict[s
         if not len(rows):
             continue
         values = {label: report.head_matrix(h, arrays, rows) for label, h in heads.items()}
-        values[cfg.backbone] = report.padded([feats.backbone[i] for i in rows])
+        values[cfg.backbone] = pad_rows([feats.backbone[i] for i in rows])
         table, per_prompt, per_set, curves = report.evaluate(frame.iloc[rows], values, kinds, cfg.report.tau, cfg.report.bins)
         table.to_parquet(out / f"rewards_{part}.parquet", index=False)
         per_prompt.to_csv(out / f"per_prompt_{part}.csv", index=False)

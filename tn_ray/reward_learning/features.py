@@ -2,8 +2,9 @@
 
 The head trains on a backbone's image and text embeddings (``encode_images`` /
 ``encode_texts`` of a registered dual encoder: CLIP, PickScore, ...). They are computed by
-the same long-lived :class:`tn_ray.scoring.workers.RewardWorker` actors that score images
-(one per GPU) and kept as Parquet parts (:class:`tn_ray.storage.PartTable`) under
+the same long-lived reward actors that score images (one per GPU), through
+:class:`tn_ray.scoring.workers.RewardPool` and the model's own
+:meth:`~tn_ray.rewards.base.RewardModel.embed`, and kept as Parquet parts (:class:`tn_ray.storage.PartTable`) under
 ``<cache>/<model-slug>/images`` (keyed by ``image_key``) and ``.../texts`` (keyed by text),
 next to the backbone's own rewards in a :class:`tn_ray.scoring.cache.RewardCache` (its raw
 score, reported beside the learned one). A second run, with any other head or loss, asks
@@ -14,14 +15,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from tn_ray.config import ScoringConfig
-from tn_ray.errors import InputError
 from tn_ray.scoring.cache import RewardCache
 from tn_ray.scoring.matrix import model_slug
 from tn_ray.storage import PartTable, Store, join_uri
@@ -30,35 +29,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_SCHEMA = pa.schema([("image_key", pa.string()), ("vector", pa.list_(pa.float32()))])
 TEXT_SCHEMA = pa.schema([("text", pa.string()), ("vector", pa.list_(pa.float32()))])
-
-
-def as_embeddings(features: Any, model_id: str, what: str) -> np.ndarray:
-    """(n, d) float32 array of a dual encoder's features; :class:`InputError` for anything else
-    (a cross-encoder's per-text features are tokens, not an embedding a head can read)."""
-    import torch
-
-    if not isinstance(features, torch.Tensor) or features.ndim != 2:
-        shape = getattr(features, "shape", type(features).__name__)
-        raise InputError(f"backbone '{model_id}' is not a dual encoder: its {what} features are {shape}, not one "
-                         "vector per item; use a model such as clip or pickscore")
-    return features.detach().float().cpu().numpy()
-
-
-def embed(model, images: Sequence[Any], texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(image embeddings, text embeddings) of a loaded reward model, each (n, d) float32."""
-    img = as_embeddings(model.image_features(list(images)), model.model_id, "image") if len(images) else np.zeros((0, 0), np.float32)
-    txt = as_embeddings(model.text_features(list(texts)), model.model_id, "text") if len(texts) else np.zeros((0, 0), np.float32)
-    return img, txt
-
-
-def score_embeddings(model, image_features: np.ndarray, text_features: np.ndarray) -> np.ndarray:
-    """The model's own reward matrix (images, texts) from embeddings (its ``score`` step)."""
-    import torch
-
-    dev = model.device
-    with torch.inference_mode():
-        s = model.score(torch.tensor(image_features, device=dev), torch.tensor(text_features, device=dev))  # copies: Ray hands read-only arrays
-    return s.detach().float().cpu().numpy()
 
 
 class FeatureCache:
@@ -108,13 +78,6 @@ class Features:
         return out
 
 
-def _round_robin(actors: list, calls: list[tuple[str, tuple]]) -> list:
-    import ray
-
-    refs = [getattr(actors[i % len(actors)], name).remote(*args) for i, (name, args) in enumerate(calls)]
-    return ray.get(refs)
-
-
 def compute(frame: pd.DataFrame, backbone: str, root: str, cfg: ScoringConfig | None = None) -> Features:
     """Embeddings (and the backbone's rewards) of ``frame``'s images and texts; only what the
     caches lack is computed, on reward actors that are started only then and released after."""
@@ -129,16 +92,16 @@ def compute(frame: pd.DataFrame, backbone: str, root: str, cfg: ScoringConfig | 
     stats = {"images_encoded": len(todo_img), "texts_encoded": len(todo_txt),
              "backbone_rewards_computed": sum(len(t) for t in todo_scores)}
     if len(todo_img) or todo_txt or stats["backbone_rewards_computed"]:
-        import ray
+        from tn_ray.scoring.workers import RewardPool
 
-        from tn_ray.scoring.workers import reward_actors
-
-        actors = reward_actors(backbone, cfg)
+        pool = RewardPool(backbone, cfg)
         try:
-            b = cfg.batch_size
-            calls = [("features", (list(todo_img["image"].iloc[i : i + b]), [])) for i in range(0, len(todo_img), b)]
-            calls += [("features", ([], todo_txt[i : i + cfg.text_batch_size])) for i in range(0, len(todo_txt), cfg.text_batch_size)]
-            results = _round_robin(actors, calls)
+            b, tb = cfg.batch_size, cfg.text_batch_size
+            for i in range(0, len(todo_img), b):
+                pool.submit_embed(list(todo_img["image"].iloc[i : i + b]), [])
+            for i in range(0, len(todo_txt), tb):
+                pool.submit_embed([], todo_txt[i : i + tb])
+            results = pool.collect()
             n_img = -(-len(todo_img) // b)
             if len(todo_img):
                 vec = np.concatenate([r[0] for r in results[:n_img]])
@@ -147,21 +110,17 @@ def compute(frame: pd.DataFrame, backbone: str, root: str, cfg: ScoringConfig | 
                 vec = np.concatenate([r[1] for r in results[n_img:]])
                 cache.texts.append(pd.DataFrame({"text": todo_txt, "vector": list(vec)}))
             have_img, have_txt = cache.image_vectors(keys), cache.text_vectors(texts)
-            calls, groups = [], []
-            rows = [i for i, t in enumerate(todo_scores) if t]
             by_texts: dict[tuple[str, ...], list[int]] = {}
-            for i in rows:
-                by_texts.setdefault(tuple(todo_scores[i]), []).append(i)
+            for i, t in enumerate(todo_scores):
+                if t:
+                    by_texts.setdefault(tuple(t), []).append(i)
             for ts, members in by_texts.items():
-                calls.append(("score_features", (np.stack([have_img[keys[i]] for i in members]),
-                                                 np.stack([have_txt[t] for t in ts]))))
-                groups.append((ts, members))
-            for (ts, members), s in zip(groups, _round_robin(actors, calls)):
+                pool.submit_score_embeddings(np.stack([have_img[keys[i]] for i in members]), np.stack([have_txt[t] for t in ts]))
+            for (ts, members), s in zip(by_texts.items(), pool.collect()):
                 cache.rewards.append(pd.DataFrame({"image_key": np.repeat([keys[i] for i in members], len(ts)),
                                                    "text": list(ts) * len(members), "score": s.reshape(-1).astype(np.float64)}))
         finally:
-            for a in actors:
-                ray.kill(a)
+            pool.shutdown()
         cache.images.compact()
         cache.texts.compact()
         cache.rewards.compact()

@@ -25,7 +25,7 @@ from tn_ray.config import OutputLocation, RayConfig, ScoringConfig, StrictModel
 from tn_ray.training.config import LoggingBlock, ScalingBlock
 
 # registered rewards known to score (image, text) jointly; any other non-dual encoder is refused
-# when its features are first computed (tn_ray.training.reward_learning.features.as_embeddings)
+# when its features are first computed (tn_ray.rewards.base.as_embeddings)
 CROSS_ENCODERS = ("imagereward", "blip2-itm")
 
 

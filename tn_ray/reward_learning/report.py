@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 
 from tn_ray.analysis import metrics
+from tn_ray.reward_learning.calibration import expected_calibration_error, reliability
+from tn_ray.reward_learning.losses import probability
 from tn_ray.textnorm.columns import SetParams, reward_columns
-from tn_ray.training.reward_learning.calibration import expected_calibration_error, reliability
-from tn_ray.training.reward_learning.losses import probability
 
 KEYS = ["set", "prompt", "image_id", "binary", "fine"]
 
@@ -26,20 +26,12 @@ def head_matrix(head, arrays, rows: np.ndarray) -> np.ndarray:
     """(rows, 1 + max m) rewards of a head for each row's [x0, x1..xm], NaN-padded."""
     import torch
 
-    from tn_ray.training.reward_learning.train import batch_rewards
+    from tn_ray.reward_learning.train import batch_rewards
 
     head.eval()
     with torch.no_grad():
         r, mask = batch_rewards(head, arrays, rows)
     return np.where(mask.cpu().numpy(), r.cpu().numpy().astype(np.float64), np.nan)
-
-
-def padded(rows: list[np.ndarray]) -> np.ndarray:
-    width = max(len(r) for r in rows)
-    out = np.full((len(rows), width), np.nan)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-    return out
 
 
 def evaluate(keys: pd.DataFrame, values: Mapping[str, np.ndarray], kinds: Mapping[str, str], tau: float,

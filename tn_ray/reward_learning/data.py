@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from tn_ray.errors import InputError
-from tn_ray.training.reward_learning.config import DataBlock, SplitBlock
+from tn_ray.reward_learning.config import DataBlock, SplitBlock
 
 PARTS = ("train", "val", "test")
 
@@ -21,8 +21,7 @@ PARTS = ("train", "val", "test")
 def read_labels(data: DataBlock) -> pd.DataFrame:
     """Every label file of ``data.sets`` as rows (no image is opened here)."""
     from tn_ray.data.tia2 import labels_frame
-    from tn_ray.prompts.contrast import read_json
-    from tn_ray.storage import Store
+    from tn_ray.storage import Store, read_json
 
     frames = []
     for set_name, src in data.sets.items():
