@@ -22,7 +22,6 @@ means the same for an epsilon model and a v-prediction one (docs/rwr.md, "Which 
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Literal
