@@ -120,8 +120,17 @@ def ray_pipeline(prompts, contrast, out: Path, score_over_generation: float) -> 
     texts = {p: [p, *contrast[p]] for p in prompts}
     start = time.perf_counter()
     first: list[float] = []
-    manifest = generate_and_score(prompts, texts, gen, ["clip:tiny"], str(out / "cache"), scoring, set_name="bestofn",
-                                  score_below=SAMPLES, on_batch=lambda rows: first or first.append(time.perf_counter() - start))
+    manifest = generate_and_score(
+        prompts,
+        texts,
+        gen,
+        ["clip:tiny"],
+        str(out / "cache"),
+        scoring,
+        set_name="bestofn",
+        score_below=SAMPLES,
+        on_batch=lambda rows: first or first.append(time.perf_counter() - start),
+    )
     stats: dict = {}
     score_matrices(score_items(manifest, contrast, "benchmark"), ["clip:tiny"], out / "cache", scoring, stats=stats)
     assert stats["clip:tiny"]["computed"] == 0, stats  # the stream scored every image
@@ -156,15 +165,35 @@ def peak_memory_run(n: int, tmp: Path) -> tuple[int, float]:
     prompts, contrast = prompts_and_contrast(2)
     (tmp / "contrast.json").write_text(json.dumps(contrast))
     pools = [p for p in (16, 64, 256) if p <= n]
-    cfg = {"out": str(tmp / f"run{n}"), "contrast": str(tmp / "contrast.json"), "pools": pools, "top_k": [1, 4],
-           "models": ["clip:tiny"], "generation": {"pipeline": "tiny", "num_inference_steps": 2, "height": 32, "width": 32,
-                                                  "pipeline_batch_size": 8, "batch_size": 8, "num_actors": 2,
-                                                  "cpus_per_actor": 0.875},
-           "scoring": {"batch_size": 32, "num_actors": 1}, "grid_cell": 32, "ray": {"num_cpus": 2}}
+    cfg = {
+        "out": str(tmp / f"run{n}"),
+        "contrast": str(tmp / "contrast.json"),
+        "pools": pools,
+        "top_k": [1, 4],
+        "models": ["clip:tiny"],
+        "generation": {
+            "pipeline": "tiny",
+            "num_inference_steps": 2,
+            "height": 32,
+            "width": 32,
+            "pipeline_batch_size": 8,
+            "batch_size": 8,
+            "num_actors": 2,
+            "cpus_per_actor": 0.875,
+        },
+        "scoring": {"batch_size": 32, "num_actors": 1},
+        "grid_cell": 32,
+        "ray": {"num_cpus": 2},
+    }
     path = tmp / f"bestofn{n}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "tn_ray.cli", "bestofn", str(path)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tn_ray.cli", "bestofn", str(path)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     peak, start = 0, time.perf_counter()
     err: list[str] = []
     reader = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
@@ -180,7 +209,9 @@ def peak_memory_run(n: int, tmp: Path) -> tuple[int, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--min-bare-seconds", type=float, default=60.0, help="size the workload so the bare loop runs this long")
+    ap.add_argument(
+        "--min-bare-seconds", type=float, default=60.0, help="size the workload so the bare loop runs this long"
+    )
     args = ap.parse_args()
     import torch
 
@@ -200,32 +231,44 @@ def main() -> None:
             variants[threads] = min(bare_loop(cal_prompts, cal_contrast, tmp / f"calibrate{threads}")["per_prompt"][1:])
             print(f"calibration, bare loop with {threads} torch thread(s): {SAMPLES / variants[threads]:.2f} images/s")
         threads = min(variants, key=variants.get)
-        n_prompts = max(4, math.ceil(args.min_bare_seconds * 1.3 / variants[threads]))  # margin: calibration is optimistic
+        n_prompts = max(
+            4, math.ceil(args.min_bare_seconds * 1.3 / variants[threads])
+        )  # margin: calibration is optimistic
         prompts, contrast = prompts_and_contrast(n_prompts)
         n_images = n_prompts * SAMPLES
         first_images = 8  # one pipeline group: the first stored batch on both sides
-        print(f"workload: {n_prompts} prompts x {SAMPLES} samples = {n_images} images (64 px, 4 steps), "
-              f"scored by clip:tiny against 5 prompts each; {CPUS} CPUs")
+        print(
+            f"workload: {n_prompts} prompts x {SAMPLES} samples = {n_images} images (64 px, 4 steps), "
+            f"scored by clip:tiny against 5 prompts each; {CPUS} CPUs"
+        )
 
         torch.set_num_threads(threads)
         bare = bare_loop(prompts, contrast, tmp / "bare")
         torch.set_num_threads(default_threads)
         t_bare = bare["total"]
         score_over_gen = bare["scoring"] / bare["generating"]
-        print(f"bare single-process loop ({threads} torch thread(s)): {t_bare:.1f} s, {n_images / t_bare:.2f} images/s; "
-              f"{bare['first']:.1f} s to the first scored group; per image {1000 * bare['generating'] / n_images:.1f} ms "
-              f"generating, {1000 * bare['scoring'] / n_images:.1f} ms scoring (ratio {score_over_gen:.4f})")
+        print(
+            f"bare single-process loop ({threads} torch thread(s)): {t_bare:.1f} s, {n_images / t_bare:.2f} "
+            "images/s; "
+            f"{bare['first']:.1f} s to the first scored group; per image {1000 * bare['generating'] / n_images:.1f} "
+            "ms "
+            f"generating, {1000 * bare['scoring'] / n_images:.1f} ms scoring (ratio {score_over_gen:.4f})"
+        )
         init_ray(RayConfig(num_cpus=CPUS))
         ray_run = ray_pipeline(prompts, contrast, tmp / "ray", score_over_gen)
         import ray
 
         ray.shutdown()
         t_ray = ray_run["total"]
-        print(f"streaming Ray pipeline ({CPUS} generation actors of {ray_run['gen_cpus']:.3f} CPU + 1 reward "
-              f"actor of {ray_run['reward_cpus']:.2f} CPU, at once; actor start and model loading included): "
-              f"{t_ray:.1f} s, {n_images / t_ray:.2f} images/s; {ray_run['first']:.1f} s to the first stored batch")
+        print(
+            f"streaming Ray pipeline ({CPUS} generation actors of {ray_run['gen_cpus']:.3f} CPU + 1 reward "
+            f"actor of {ray_run['reward_cpus']:.2f} CPU, at once; actor start and model loading included): "
+            f"{t_ray:.1f} s, {n_images / t_ray:.2f} images/s; {ray_run['first']:.1f} s to the first stored batch"
+        )
         ratio = t_bare / t_ray
-        steady = ((n_images - first_images) / (t_ray - ray_run["first"])) / ((n_images - first_images) / (t_bare - bare["first"]))
+        steady = ((n_images - first_images) / (t_ray - ray_run["first"])) / (
+            (n_images - first_images) / (t_bare - bare["first"])
+        )
         print(f"start-up (to the first stored images): Ray {ray_run['first']:.1f} s, bare {bare['first']:.1f} s")
         print(f"steady-state throughput after the first images, ray / bare: {steady:.3f}")
         print(f"end to end, ray / best bare throughput: {ratio:.3f} (goal >= 0.9)")
@@ -236,9 +279,18 @@ def main() -> None:
         print(f"tn-ray bestofn n=256: peak RSS of the process tree {mem256 / 2**20:.0f} MiB ({s256:.0f} s)")
         mem_ratio = mem256 / mem16
         print(f"peak memory n=256 / n=16: {mem_ratio:.3f} (goal <= 1.2)")
-    print(json.dumps({"ray_over_bare_throughput": round(ratio, 3), "steady_state_ray_over_bare": round(steady, 3),
-                      "ray_startup_s": round(ray_run["first"], 1), "bare_startup_s": round(bare["first"], 1),
-                      "score_over_generation_time": round(score_over_gen, 4), "peak_mem_n256_over_n16": round(mem_ratio, 3)}))
+    print(
+        json.dumps(
+            {
+                "ray_over_bare_throughput": round(ratio, 3),
+                "steady_state_ray_over_bare": round(steady, 3),
+                "ray_startup_s": round(ray_run["first"], 1),
+                "bare_startup_s": round(bare["first"], 1),
+                "score_over_generation_time": round(score_over_gen, 4),
+                "peak_mem_n256_over_n16": round(mem_ratio, 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

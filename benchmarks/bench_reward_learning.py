@@ -49,7 +49,8 @@ def main() -> None:
     ap.add_argument("--backbone", default="worldclip", help="frozen dual encoder (worldclip, clip:tiny, ...)")
     ap.add_argument("--data", default="results/reward_learning/data", help="where the labelled data is written")
     ap.add_argument("--out", default="results/reward_learning/bench", help="run folders")
-    ap.add_argument("--per-kind", type=int, default=12, help="world prompts per prompt kind (the grammar has room for about 12)")
+    ap.add_argument("--per-kind", type=int, default=12, help="world prompts per prompt kind (the grammar has room for "
+                                                             "about 12)")
     ap.add_argument("--images-per-prompt", type=int, default=16)
     ap.add_argument("--label-noise", type=float, default=0.05, help="probability an annotator's label is flipped")
     ap.add_argument("--aux", type=float, default=0.5, help="weight of the prompt-classification loss")
@@ -76,7 +77,8 @@ def main() -> None:
                          "test_spearman": m["spearman"], "test_ece": m.get("ece"), "test_prompts": m["n_prompts"]})
         print(f"seed {seed}: {summary['prompts']} prompts, features computed {summary['features']}")
     table = pd.DataFrame(rows)
-    print(f"\ndata: {kind} ({', '.join(sets)}), backbone {args.backbone}, aux weight {args.aux}, label noise {args.label_noise}")
+    print(f"\ndata: {kind} ({', '.join(sets)}), backbone {args.backbone}, aux weight {args.aux}, label noise "
+          f"{args.label_noise}")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     mean = table.groupby("reward", sort=False)[["test_auroc", "test_auprc", "test_spearman", "test_ece"]].mean()
     print("\nmean over seeds:\n" + mean.to_string(float_format=lambda v: f"{v:.3f}"))

@@ -53,11 +53,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_scoring's contrastive sets
 
-from tn_ray.diffusion.architectures import ARCHITECTURES, REWARD_SPECS, ArchitectureError, check_architecture  # noqa: E402
+from tn_ray.diffusion.architectures import (  # noqa: E402
+    ARCHITECTURES,
+    REWARD_SPECS,
+    ArchitectureError,
+    check_architecture,
+)
 from tn_ray.errors import TnRayError  # noqa: E402
 
 MEASUREMENTS = ("generation", "scoring", "bestofn", "rwr", "maxbatch", "ddpo", "sd35")
-SHARES = {"generation": 0.22, "scoring": 0.14, "bestofn": 0.06, "rwr": 0.16, "maxbatch": 0.10, "ddpo": 0.16, "sd35": 0.16}
+SHARES = {
+    "generation": 0.22,
+    "scoring": 0.14,
+    "bestofn": 0.06,
+    "rwr": 0.16,
+    "maxbatch": 0.10,
+    "ddpo": 0.16,
+    "sd35": 0.16,
+}
 M = 32  # contrastive prompts per image (TIA2's sets)
 PROMPTS = ["a realistic photo of three dogs", "a watercolor of a red circle on a blue square"]
 
@@ -72,8 +85,10 @@ class Plan:
         names = list(args.only or [])
         unknown = [n for n in names if n not in MEASUREMENTS and n not in ARCHITECTURES]
         if unknown:
-            raise ArchitectureError(f"--only: unknown architecture or measurement '{unknown[0]}'; architectures: "
-                                    f"{', '.join(ARCHITECTURES)}; measurements: {', '.join(MEASUREMENTS)}")
+            raise ArchitectureError(
+                f"--only: unknown architecture or measurement '{unknown[0]}'; architectures: "
+                f"{', '.join(ARCHITECTURES)}; measurements: {', '.join(MEASUREMENTS)}"
+            )
         self.measurements = [n for n in names if n in MEASUREMENTS] or list(MEASUREMENTS)
         self.archs = [n for n in names if n in ARCHITECTURES] or list(ARCHITECTURES)
         self.quick = args.quick
@@ -103,14 +118,30 @@ class Plan:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="CPU mode: batch 1, 2 steps, 64 px (minutes)")
-    ap.add_argument("--only", nargs="+", metavar="NAME",
-                    help=f"measurements ({', '.join(MEASUREMENTS)}) and/or architectures ({', '.join(ARCHITECTURES)})")
-    ap.add_argument("--resolution", type=int, help="pixels of the diffusion models (default: quick 64; full 512 and 768 for SD 2.1, 512 for SD 3.5)")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help=f"measurements ({', '.join(MEASUREMENTS)}) and/or architectures ({', '.join(ARCHITECTURES)})",
+    )
+    ap.add_argument(
+        "--resolution",
+        type=int,
+        help="pixels of the diffusion models (default: quick 64; full 512 and 768 for SD 2.1, 512 for SD 3.5)",
+    )
     ap.add_argument("--steps", type=int, help="denoising steps (default: quick 2, full 50)")
     ap.add_argument("--batch", type=int, help="images per call / training batch (default: quick 1, full 8)")
-    ap.add_argument("--budget", type=float, help="seconds for the whole run, shared between measurements (default: quick 900, full 480)")
-    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                    help="weights dtype: auto = float16 (SD 2.1) / bfloat16 (SD 3.5) on GPU, bfloat16 on CPU")
+    ap.add_argument(
+        "--budget",
+        type=float,
+        help="seconds for the whole run, shared between measurements (default: quick 900, full 480)",
+    )
+    ap.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="weights dtype: auto = float16 (SD 2.1) / bfloat16 (SD 3.5) on GPU, bfloat16 on CPU",
+    )
     return ap.parse_args(argv)
 
 
@@ -210,9 +241,12 @@ class PeakMemory:
 
 
 def memory_method() -> str:
-    return ("torch.cuda.max_memory_allocated, absolute (weights included)" if _cuda() else
-            "peak RSS (psutil, sampled every 5 ms; glibc mmap threshold 64 kB, heap trimmed) above the RSS at the "
-            "measurement's start: what it added")
+    return (
+        "torch.cuda.max_memory_allocated, absolute (weights included)"
+        if _cuda()
+        else "peak RSS (psutil, sampled every 5 ms; glibc mmap threshold 64 kB, heap trimmed) above the RSS at the "
+        "measurement's start: what it added"
+    )
 
 
 def free() -> None:
@@ -279,8 +313,10 @@ def random_images(n: int, size: int = 512, seed: int = 0):
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
-            for _ in range(n)]
+    return [
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
+        for _ in range(n)
+    ]
 
 
 # --------------------------------------------------------------------------------------
@@ -309,7 +345,9 @@ def measure_generation(plan: Plan, pipes: Pipes, budget: Budget, out: dict, skip
             continue
         pipe = pipes.get(arch, res)
         batch = plan.batch if res <= 512 else max(1, plan.batch // 2)
-        cfg = GenerationConfig(pipeline="tiny", num_inference_steps=plan.steps, guidance_scale=7.5, height=res, width=res)
+        cfg = GenerationConfig(
+            pipeline="tiny", num_inference_steps=plan.steps, guidance_scale=7.5, height=res, width=res
+        )
         generate_group(pipe, cfg.model_copy(update={"num_inference_steps": 1}), PROMPTS[0], [0])  # warm-up
         seconds = timed(generate_group, pipe, cfg, PROMPTS[0], list(range(batch)))
         out[f"gen_images_per_s_{arch}_{res}"] = batch / seconds
@@ -427,8 +465,10 @@ def measure_bestofn(plan: Plan, pipes: Pipes, budget: Budget, out: dict, skipped
         seconds += timed(best_of_group, model, pipe, cfg, samples, texts)
         n += len(samples)
     out["bestofn_images_per_s_bare"] = n / seconds
-    skipped.append("bestofn streaming (Ray Data): needs the pipeline saved as a diffusers folder and a Ray cluster; "
-                   "bench_bestofn.py measures it on tiny models (steady state 0.91 of the bare loop)")
+    skipped.append(
+        "bestofn streaming (Ray Data): needs the pipeline saved as a diffusers folder and a Ray cluster; "
+        "bench_bestofn.py measures it on tiny models (steady state 0.91 of the bare loop)"
+    )
     model = None
     free()
 
@@ -452,7 +492,9 @@ def _policy(pipe, rank: int, precision: str | None, checkpointing: bool):
     if getattr(unet, "peft_config", None) and ADAPTER in unet.peft_config:
         unet.delete_adapters(ADAPTER)
     unet.disable_gradient_checkpointing()
-    return Policy(pipe, LoraBlock(rank=rank), mixed_precision=precision or "no", seed=0, gradient_checkpointing=checkpointing)
+    return Policy(
+        pipe, LoraBlock(rank=rank), mixed_precision=precision or "no", seed=0, gradient_checkpointing=checkpointing
+    )
 
 
 def _precisions() -> list[str]:
@@ -473,9 +515,17 @@ def _rwr_method(pipe, policy, batch: int, folder: Path, beta: float = 0.0):
         im.save(path)
         paths.append(str(path))
     frame = pd.DataFrame({"image": paths, "prompt": [PROMPTS[i % 2] for i in range(4)], "weight": 1.0})
-    cfg = RwrConfig(out=str(folder / "rwr"), prompts=PROMPTS, policy={"pipeline": "tiny"}, beta=beta, batch_size=batch,
-                    reward={"models": ["brightness"], "use": "brightness"},
-                    generation={"pipeline": "tiny", "samples_per_prompt": 4}, top_k=4, max_steps=1000)
+    cfg = RwrConfig(
+        out=str(folder / "rwr"),
+        prompts=PROMPTS,
+        policy={"pipeline": "tiny"},
+        beta=beta,
+        batch_size=batch,
+        reward={"models": ["brightness"], "use": "brightness"},
+        generation={"pipeline": "tiny", "samples_per_prompt": 4},
+        top_k=4,
+        max_steps=1000,
+    )
     optim = Optimization(policy.trainable_parameters(), cfg.optimizer, cfg.max_steps, policy.device, policy.amp_dtype)
     return RwrMethod(cfg, policy, optim, WorkerContext(0, 1, policy.device, cfg.out), {"examples": frame})
 
@@ -483,8 +533,12 @@ def _rwr_method(pipe, policy, batch: int, folder: Path, beta: float = 0.0):
 def measure_rwr(plan: Plan, pipes: Pipes, budget: Budget, out: dict, skipped: list, folder: Path) -> None:
     pipe = pipes.get("sd21", plan.train_res)
     first, second = _precisions()
-    variants = [("r4_" + first, 4, first, False), ("r32_" + first, 32, first, False),
-                (f"r4_{first}_gc", 4, first, True), ("r4_" + second, 4, second, False)]
+    variants = [
+        ("r4_" + first, 4, first, False),
+        ("r32_" + first, 32, first, False),
+        (f"r4_{first}_gc", 4, first, True),
+        ("r4_" + second, 4, second, False),
+    ]
     timed_steps = 2 if plan.quick else 3
     for name, rank, precision, gc_on in variants:
         if budget.left() <= 0:
@@ -510,8 +564,9 @@ def measure_rwr(plan: Plan, pipes: Pipes, budget: Budget, out: dict, skipped: li
     if f"rwr_peak_mb_{base}_kl" in out:
         out["rwr_step_kl_over_nokl"] = out[f"rwr_steps_per_s_{base}_nokl"] / out[f"rwr_steps_per_s_{base}_kl"]
         out["rwr_peak_kl_over_nokl"] = out[f"rwr_peak_mb_{base}_kl"] / out[f"rwr_peak_mb_{base}_nokl"]
-    out["rwr_second_unet_copy_mb"] = sum(p.numel() * p.element_size() for p in pipe.unet.parameters()
-                                         if not p.requires_grad) / 2**20  # what the reference by disabled adapters saves
+    out["rwr_second_unet_copy_mb"] = (
+        sum(p.numel() * p.element_size() for p in pipe.unet.parameters() if not p.requires_grad) / 2**20
+    )  # what the reference by disabled adapters saves
     out["rwr_batch"] = plan.batch
     out["rwr_resolution"] = plan.train_res
 
@@ -580,12 +635,24 @@ def measure_ddpo(plan: Plan, pipes: Pipes, budget: Budget, out: dict, skipped: l
     pipe = pipes.get("sd21", plan.train_res)
     policy = _policy(pipe, 4, _precisions()[0], False)
     batches = 1 if plan.quick else 2
-    cfg = DDPOConfig.model_validate(dict(
-        out=str(folder / "ddpo"), prompts=PROMPTS, max_steps=10, policy={"pipeline": "tiny"},
-        reward={"models": [spec], "use": f"textnorm({spec})"},
-        sample={"num_steps": plan.steps, "batch_size": plan.batch, "num_batches_per_epoch": batches, "guidance_scale": 5.0},
-        train={"batch_size": plan.batch, "timestep_fraction": 1.0 if plan.quick else 0.5, "stat_min_count": 2},
-        eval={"enabled": False}, logging={"progress_bar": False, "tensorboard": False}))
+    cfg = DDPOConfig.model_validate(
+        dict(
+            out=str(folder / "ddpo"),
+            prompts=PROMPTS,
+            max_steps=10,
+            policy={"pipeline": "tiny"},
+            reward={"models": [spec], "use": f"textnorm({spec})"},
+            sample={
+                "num_steps": plan.steps,
+                "batch_size": plan.batch,
+                "num_batches_per_epoch": batches,
+                "guidance_scale": 5.0,
+            },
+            train={"batch_size": plan.batch, "timestep_fraction": 1.0 if plan.quick else 0.5, "stat_min_count": 2},
+            eval={"enabled": False},
+            logging={"progress_bar": False, "tensorboard": False},
+        )
+    )
     optim = Optimization(policy.trainable_parameters(), cfg.optimizer, cfg.max_steps, policy.device, policy.amp_dtype)
     texts = [contrast_texts(p) for p in PROMPTS]
     method = DDPO(cfg, policy, optim, WorkerContext(0, 1, policy.device, cfg.out), DDPOData(PROMPTS, texts, {}))
@@ -598,8 +665,16 @@ def measure_ddpo(plan: Plan, pipes: Pipes, budget: Budget, out: dict, skipped: l
         ids = [(b * s.batch_size + i) % len(PROMPTS) for i in range(s.batch_size)]
         gens = [torch.Generator("cpu").manual_seed(x) for x in row_seeds(0, 1, 0, b, 1, n=s.batch_size)]
         t = time.perf_counter()
-        chains = sample_chains(pipe, [PROMPTS[i] for i in ids], ids, num_steps=s.num_steps, guidance=s.guidance_scale,
-                               eta=s.eta, generator=gens, autocast=policy.autocast())
+        chains = sample_chains(
+            pipe,
+            [PROMPTS[i] for i in ids],
+            ids,
+            num_steps=s.num_steps,
+            guidance=s.guidance_scale,
+            eta=s.eta,
+            generator=gens,
+            autocast=policy.autocast(),
+        )
         images = decode_images(pipe, chains.latents[:, -1])
         sync()
         times["sample"] += time.perf_counter() - t
@@ -613,8 +688,9 @@ def measure_ddpo(plan: Plan, pipes: Pipes, budget: Budget, out: dict, skipped: l
     chains = Chains.cat(parts)
     t = time.perf_counter()
     column = cfg.reward.column({spec: pad_rows(rows)})
-    adv = shared_advantages(np.asarray(ids_all), np.asarray(column, dtype=np.float64), method.tracker,
-                            cfg.train.adv_clip_max)
+    adv = shared_advantages(
+        np.asarray(ids_all), np.asarray(column, dtype=np.float64), method.tracker, cfg.train.adv_clip_max
+    )
     metrics = method.train_epoch(1, chains, torch.as_tensor(adv, dtype=torch.float32, device=chains.latents.device))
     sync()
     times["train"] = time.perf_counter() - t
@@ -666,7 +742,9 @@ def measure_sd35(plan: Plan, pipes: Pipes, budget: Budget, out: dict, skipped: l
     def step():
         x_t = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
         with torch.autocast(dev.type, dtype=amp):
-            pred = tr(hidden_states=x_t, encoder_hidden_states=text, pooled_projections=pooled, timestep=sigma * 1000).sample
+            pred = tr(
+                hidden_states=x_t, encoder_hidden_states=text, pooled_projections=pooled, timestep=sigma * 1000
+            ).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise - x0)
         optim.backward(loss)
         optim.step()
@@ -688,8 +766,10 @@ def measure_sd35(plan: Plan, pipes: Pipes, budget: Budget, out: dict, skipped: l
     out["sd35_batch"] = b
     out["sd35_resolution"] = res
     out["sd35_transformer_params"] = A.parameter_count(tr)
-    skipped.append("grpo (SD 3.5): not implemented in tn_ray yet (its own issue); sd35_lora_step_s is the "
-                   "transformer step its training is built from")
+    skipped.append(
+        "grpo (SD 3.5): not implemented in tn_ray yet (its own issue); sd35_lora_step_s is the "
+        "transformer step its training is built from"
+    )
     tr = optim = params = None
     free()
 
@@ -700,8 +780,11 @@ def measure_sd35(plan: Plan, pipes: Pipes, budget: Budget, out: dict, skipped: l
 def run(plan: Plan) -> dict:
     import torch
 
-    result: dict = {"device": torch.cuda.get_device_name(0) if _cuda() else f"cpu ({os.cpu_count()} cores)",
-                    "mode": "quick" if plan.quick else "full", "memory_method": memory_method()}
+    result: dict = {
+        "device": torch.cuda.get_device_name(0) if _cuda() else f"cpu ({os.cpu_count()} cores)",
+        "mode": "quick" if plan.quick else "full",
+        "memory_method": memory_method(),
+    }
     out: dict = {}
     skipped: list[str] = []
     budget = Budget(plan.budget)

@@ -144,13 +144,16 @@ def main() -> None:
     dual = bench_dual(args.model, args.prompts, args.images_per_prompt, args.naive_images)
     print(f"dual encoder ({args.model}), {dual['images']} images, m = {dual['m']}:")
     print(f"  plain scoring (x0 only)       {dual['plain_s']:8.2f} s")
-    print(f"  TextNorm scoring (x0 + {dual['m']})    {dual['textnorm_s']:8.2f} s   ratio {dual['textnorm_over_plain']:.3f} (goal <= 1.1)")
+    print(f"  TextNorm scoring (x0 + {dual['m']})    {dual['textnorm_s']:8.2f} s   ratio "
+          f"{dual['textnorm_over_plain']:.3f} (goal <= 1.1)")
     print(f"  naive per-pair, per image     {dual['naive_per_image_s']:8.3f} s")
-    print(f"  cached path, per image        {dual['cached_per_image_s']:8.3f} s   speedup {dual['naive_over_cached_dual']:.1f}x (goal >= 10)")
+    print(f"  cached path, per image        {dual['cached_per_image_s']:8.3f} s   speedup "
+          f"{dual['naive_over_cached_dual']:.1f}x (goal >= 10)")
     cross = bench_cross(args.cross_model, args.cross_images)
     print(f"cross-encoder ({cross['spec']}), {cross['prompts']} prompts per image:")
     print(f"  naive per-pair, per image     {cross['naive_per_image_s']:8.3f} s")
-    print(f"  cached path, per image        {cross['cached_per_image_s']:8.3f} s   speedup {cross['naive_over_cached_cross']:.1f}x (goal >= 3)")
+    print(f"  cached path, per image        {cross['cached_per_image_s']:8.3f} s   speedup "
+          f"{cross['naive_over_cached_cross']:.1f}x (goal >= 3)")
     result = {"textnorm_over_plain": round(dual["textnorm_over_plain"], 4),
               "naive_over_cached_dual": round(dual["naive_over_cached_dual"], 2),
               "naive_over_cached_cross": round(cross["naive_over_cached_cross"], 2)}

@@ -54,7 +54,9 @@ def reference_eval(run: Path, params: dict) -> float:
 
     frame = pd.read_parquet(run / "rewards.parquet")
     mats = [ScoreMatrix.load(run / "scores" / f"{model_slug(m)}.parquet").align(frame).values for m in MODELS]
-    frame["reward"] = combine(dict(zip(MODELS, mats)), MODELS, [params["tau"]] * len(MODELS), params["kind"], params["lam"])
+    frame["reward"] = combine(
+        dict(zip(MODELS, mats)), MODELS, [params["tau"]] * len(MODELS), params["kind"], params["lam"]
+    )
     table = metrics.per_set(metrics.per_prompt(frame, ["reward"]))
     return float(table[["ap@5", "ap@10", "ap@25"]].mean(axis=1).iloc[0])
 
@@ -72,13 +74,25 @@ def main() -> None:
     try:
         t = time.perf_counter()
         run = make_run(tmp / "run")
-        print(f"synthetic C300 matrices: {PROMPTS * IMAGES} images x {COLUMNS} prompts x {len(MODELS)} models "
-              f"(written in {time.perf_counter() - t:.1f} s)")
-        sweep = SweepConfig(name="bench-c300", trainable="tia2_textnorm", options={"run_dir": str(run)},
-                            space={"tau": {"loguniform": [0.01, 10]}, "lam": {"uniform": [0, 5]},
-                                   "kind": {"choice": ["mean", "uncertainty"]}},
-                            num_samples=args.trials, max_concurrent_trials=2, out=str(tmp / "sweep"), verbose=0,
-                            ray={"num_cpus": 2})
+        print(
+            f"synthetic C300 matrices: {PROMPTS * IMAGES} images x {COLUMNS} prompts x {len(MODELS)} models "
+            f"(written in {time.perf_counter() - t:.1f} s)"
+        )
+        sweep = SweepConfig(
+            name="bench-c300",
+            trainable="tia2_textnorm",
+            options={"run_dir": str(run)},
+            space={
+                "tau": {"loguniform": [0.01, 10]},
+                "lam": {"uniform": [0, 5]},
+                "kind": {"choice": ["mean", "uncertainty"]},
+            },
+            num_samples=args.trials,
+            max_concurrent_trials=2,
+            out=str(tmp / "sweep"),
+            verbose=0,
+            ray={"num_cpus": 2},
+        )
         t = time.perf_counter()
         data = prepare_tia2(Tia2SweepOptions(run_dir=str(run)), sweep)
         print(f"load once per sweep (ScoreMatrix.load + align + layout): {time.perf_counter() - t:.2f} s")
@@ -96,16 +110,20 @@ def main() -> None:
         fast_s = statistics.median(fast)
         print(f"one evaluation, vectorised (median of 5): {fast_s:.4f} s  objective {got:.6f}")
         print(f"one evaluation, per-prompt reference:      {ref_s:.4f} s  objective {ref:.6f}")
-        print(f"speed-up: {ref_s / fast_s:.1f}x; |difference| = {abs(got - ref):.2e}; goal < 2 s: "
-              f"{'met' if fast_s < 2 else 'NOT met'}")
+        print(
+            f"speed-up: {ref_s / fast_s:.1f}x; |difference| = {abs(got - ref):.2e}; goal < 2 s: "
+            f"{'met' if fast_s < 2 else 'NOT met'}"
+        )
 
         t = time.perf_counter()
         paths = run_sweep(sweep)
         sweep_s = time.perf_counter() - t
         trials = pd.read_csv(paths["trials"])
-        print(f"{len(trials)}-trial sweep (Ray Tune + OptunaSearch, 2 concurrent, local Ray on this machine): "
-              f"{sweep_s:.1f} s wall, {sweep_s / len(trials):.2f} s per trial; best objective "
-              f"{trials['objective'].max():.4f} (Ray start included)")
+        print(
+            f"{len(trials)}-trial sweep (Ray Tune + OptunaSearch, 2 concurrent, local Ray on this machine): "
+            f"{sweep_s:.1f} s wall, {sweep_s / len(trials):.2f} s per trial; best objective "
+            f"{trials['objective'].max():.4f} (Ray start included)"
+        )
         print(json.dumps({"c300_eval_seconds": round(fast_s, 4), "sweep_100_trials_seconds": round(sweep_s, 1)}))
     finally:
         import ray

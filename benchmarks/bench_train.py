@@ -67,9 +67,17 @@ def make_method(beta: float, folder: Path, batch: int = 8, size: int = 64):
         if not path.exists():
             Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)).save(path)
         rows.append({"image": str(path), "prompt": f"prompt {i % 4}", "weight": 1.0})
-    cfg = RwrConfig(out=str(folder / f"run-{beta}"), prompts=["p"], policy={"pipeline": "tiny"}, beta=beta, batch_size=batch,
-                    reward={"models": ["brightness"], "use": "brightness"},
-                    generation={"pipeline": "tiny", "samples_per_prompt": 16}, top_k=4, max_steps=1000)
+    cfg = RwrConfig(
+        out=str(folder / f"run-{beta}"),
+        prompts=["p"],
+        policy={"pipeline": "tiny"},
+        beta=beta,
+        batch_size=batch,
+        reward={"models": ["brightness"], "use": "brightness"},
+        generation={"pipeline": "tiny", "samples_per_prompt": 16},
+        top_k=4,
+        max_steps=1000,
+    )
     policy = Policy.load(cfg.policy, device="cuda" if torch.cuda.is_available() else "cpu")
     optim = Optimization(policy.trainable_parameters(), cfg.optimizer, cfg.max_steps, policy.device, policy.amp_dtype)
     return RwrMethod(cfg, policy, optim, WorkerContext(0, 1, policy.device, cfg.out), {"examples": pd.DataFrame(rows)})
@@ -118,10 +126,18 @@ def peak_memory_child(beta: float, steps: int, folder: str) -> None:
 def peak_memory(steps: int, folder: Path) -> dict[str, float]:
     out = {}
     for beta in (0.0, 0.5):
-        proc = subprocess.run([sys.executable, __file__, "--child-beta", str(beta), "--steps", str(steps), "--folder", str(folder)],
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child-beta", str(beta), "--steps", str(steps), "--folder", str(folder)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         out[beta] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"]
-    return {"rwr_peak_mem_mb_nokl": out[0.0], "rwr_peak_mem_mb_kl": out[0.5], "rwr_peak_mem_kl_over_nokl": out[0.5] / out[0.0]}
+    return {
+        "rwr_peak_mem_mb_nokl": out[0.0],
+        "rwr_peak_mem_mb_kl": out[0.5],
+        "rwr_peak_mem_kl_over_nokl": out[0.5] / out[0.0],
+    }
 
 
 def lora_sizes(folder: Path) -> dict[str, float]:
@@ -138,8 +154,11 @@ def lora_sizes(folder: Path) -> dict[str, float]:
         unet = UNet2DConditionModel(**SD21_UNET)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
     n = sum(p.numel() for name, p in unet.named_parameters() if ".lora_" in name)
-    return {"lora_checkpoint_mb": path.stat().st_size / 2**20, "lora_checkpoint_mb_sd21": n * 4 / 2**20,
-            "lora_params_sd21": n}
+    return {
+        "lora_checkpoint_mb": path.stat().st_size / 2**20,
+        "lora_checkpoint_mb_sd21": n * 4 / 2**20,
+        "lora_params_sd21": n,
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -162,7 +181,9 @@ def ddpo_sampling(repeats: int, batch: int = 8, steps: int = 20) -> dict[str, fl
     ours, plain = [], []
     for r in range(repeats + 1):
         t0 = time.perf_counter()
-        chains = sample_chains(pipe, prompts, list(range(batch)), num_steps=steps, guidance=5.0, eta=1.0, generator=gens())
+        chains = sample_chains(
+            pipe, prompts, list(range(batch)), num_steps=steps, guidance=5.0, eta=1.0, generator=gens()
+        )
         decode_images(pipe, chains.latents[:, -1])
         t1 = time.perf_counter()
         pipe(prompts, num_inference_steps=steps, guidance_scale=5.0, eta=1.0, generator=gens(), output_type="np")
@@ -198,21 +219,41 @@ def ddpo_epochs(folder: Path, epochs: int = 3, reward: str = "clip:ViT-B-32/rand
 
     init_ray(RayConfig())
     prompts = ["a photo of a lighthouse", "a watercolor of a red circle"]
-    cfg = DDPOConfig.model_validate(dict(
-        out=str(folder / "ddpo"), prompts=prompts, max_steps=epochs + 1, policy={"pipeline": "tiny", "lora": {"rank": 4}},
-        reward={"models": [reward], "use": reward}, optimizer={"lr": 2e-2},
-        sample={"num_steps": 10, "batch_size": 4, "num_batches_per_epoch": 8},
-        train={"batch_size": 16, "clip_range": 0.2, "stat_min_count": 4, "timestep_fraction": 0.5},
-        eval={"enabled": False}, scoring={"cpus_per_actor": 0.25, "num_actors": 2}))
+    cfg = DDPOConfig.model_validate(
+        dict(
+            out=str(folder / "ddpo"),
+            prompts=prompts,
+            max_steps=epochs + 1,
+            policy={"pipeline": "tiny", "lora": {"rank": 4}},
+            reward={"models": [reward], "use": reward},
+            optimizer={"lr": 2e-2},
+            sample={"num_steps": 10, "batch_size": 4, "num_batches_per_epoch": 8},
+            train={"batch_size": 16, "clip_range": 0.2, "stat_min_count": 4, "timestep_fraction": 0.5},
+            eval={"enabled": False},
+            scoring={"cpus_per_actor": 0.25, "num_actors": 2},
+        )
+    )
     pool = RewardPool(reward, cfg.scoring)
     policy = Policy.load(cfg.policy, seed=0)
     optim = Optimization(policy.trainable_parameters(), cfg.optimizer, cfg.max_steps, policy.device, policy.amp_dtype)
-    method = DDPO(cfg, policy, optim, WorkerContext(0, 1, policy.device, cfg.out),
-                  DDPOData(prompts, [[p] for p in prompts], {reward: pool}))
+    method = DDPO(
+        cfg,
+        policy,
+        optim,
+        WorkerContext(0, 1, policy.device, cfg.out),
+        DDPOData(prompts, [[p] for p in prompts], {reward: pool}),
+    )
     rows = [method.step(s) for s in range(1, epochs + 2)][1:]
     b = cfg.sample.batch_size
-    chains = sample_chains(policy.pipe, prompts * (b // 2), [0, 1] * (b // 2), num_steps=2, guidance=5.0, eta=1.0,
-                           generator=[torch.Generator().manual_seed(i) for i in range(b)])
+    chains = sample_chains(
+        policy.pipe,
+        prompts * (b // 2),
+        [0, 1] * (b // 2),
+        num_steps=2,
+        guidance=5.0,
+        eta=1.0,
+        generator=[torch.Generator().manual_seed(i) for i in range(b)],
+    )
     images = list(decode_images(policy.pipe, chains.latents[:, -1]))
     start = time.perf_counter()
     for _ in range(cfg.sample.num_batches_per_epoch):
@@ -220,9 +261,12 @@ def ddpo_epochs(folder: Path, epochs: int = 3, reward: str = "clip:ViT-B-32/rand
     sync = time.perf_counter() - start
     pool.shutdown()
     epoch = statistics.median(r["epoch_s"] for r in rows)
-    return {"ddpo_async_reward_idle_fraction": float(np.median([r["reward_idle_fraction"] for r in rows])),
-            "ddpo_reward_wait_s": float(np.median([r["reward_wait_s"] for r in rows])),
-            "ddpo_sync_scoring_fraction": sync / (epoch + sync), "ddpo_epoch_seconds_tiny": epoch}
+    return {
+        "ddpo_async_reward_idle_fraction": float(np.median([r["reward_idle_fraction"] for r in rows])),
+        "ddpo_reward_wait_s": float(np.median([r["reward_wait_s"] for r in rows])),
+        "ddpo_sync_scoring_fraction": sync / (epoch + sync),
+        "ddpo_epoch_seconds_tiny": epoch,
+    }
 
 
 def main() -> None:

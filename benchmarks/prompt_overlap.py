@@ -22,7 +22,8 @@ def main() -> dict:
     print("\ncomposition without substitutions:")
     print(no_subs.to_markdown(floatfmt=".3f"))
     print(f"\nsubstitutions: composition Jaccard {no_subs.loc['composition', 'jaccard mean']:.3f} -> "
-          f"{full.loc['composition', 'jaccard mean']:.3f}, set size {no_subs.loc['composition', 'mean |rules|']:.0f} -> "
+          f"{full.loc['composition', 'jaccard mean']:.3f}, set size {no_subs.loc['composition', 'mean |rules|']:.0f} "
+          "-> "
           f"{full.loc['composition', 'mean |rules|']:.0f}, coverage of the released sets "
           f"{no_subs.loc['composition', 'coverage mean']:.3f} -> {full.loc['composition', 'coverage mean']:.3f}")
     return {"jaccard_counting": round(float(full.loc["counting", "jaccard mean"]), 4),

@@ -136,7 +136,9 @@ class Annotator:
         self.secret = json.loads(body)["secret"]
 
     def call(self, method: str, path: str, body=None) -> tuple[int, dict]:
-        status, _, raw = self.server.request(method, path, body, {"X-Annotator": self.name, "X-Session": self.secret, **self.extra})
+        status, _, raw = self.server.request(
+            method, path, body, {"X-Annotator": self.name, "X-Session": self.secret, **self.extra}
+        )
         return status, json.loads(raw)
 
     def state(self, pos: int | None = None) -> dict:

@@ -21,12 +21,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def items(n: int, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     prompts = ["a photo of one dog", "a photo of two cats", "a photo of three birds"]
-    return pd.DataFrame({
-        "set": "s", "prompt": [prompts[i % 3] for i in range(n)], "image_id": [f"{i}.png" for i in range(n)],
-        "image_key": [f"s/{i}.png" for i in range(n)],
-        "image": [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(n)],
-        "texts": [[prompts[i % 3], *[p for p in prompts if p != prompts[i % 3]], "a photo of a truck"] for i in range(n)],
-    })
+    return pd.DataFrame(
+        {
+            "set": "s",
+            "prompt": [prompts[i % 3] for i in range(n)],
+            "image_id": [f"{i}.png" for i in range(n)],
+            "image_key": [f"s/{i}.png" for i in range(n)],
+            "image": [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(n)],
+            "texts": [
+                [prompts[i % 3], *[p for p in prompts if p != prompts[i % 3]], "a photo of a truck"] for i in range(n)
+            ],
+        }
+    )
 
 
 def reference(df: pd.DataFrame) -> np.ndarray:
@@ -61,15 +67,36 @@ def bestofn_node_loss(cluster, workers, out: str) -> dict:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "contrast.json"), "w") as f:
         json.dump({p: [q for q in prompts if q != p] for p in prompts}, f)
-    cfg = BestOfNConfig.model_validate({
-        "out": os.path.join(out, "run"), "prompts": prompts, "contrast": os.path.join(out, "contrast.json"),
-        "pools": [4, 16], "top_k": [1], "models": ["clip:tiny"], "grids": False, "human_eval": None,
-        "generation": {"pipeline": "tiny", "num_inference_steps": 2, "height": 32, "width": 32,
-                       "pipeline_batch_size": 4, "batch_size": 4},
-        "scoring": {"batch_size": 8}, "ray": RayConfig(address="auto").model_dump()})
+    cfg = BestOfNConfig.model_validate(
+        {
+            "out": os.path.join(out, "run"),
+            "prompts": prompts,
+            "contrast": os.path.join(out, "contrast.json"),
+            "pools": [4, 16],
+            "top_k": [1],
+            "models": ["clip:tiny"],
+            "grids": False,
+            "human_eval": None,
+            "generation": {
+                "pipeline": "tiny",
+                "num_inference_steps": 2,
+                "height": 32,
+                "width": 32,
+                "pipeline_batch_size": 4,
+                "batch_size": 4,
+            },
+            "scoring": {"batch_size": 8},
+            "ray": RayConfig(address="auto").model_dump(),
+        }
+    )
     paths = run(cfg)
-    manifest = pd.concat([pd.read_parquet(os.path.join(out, "run", "generation", "manifest", f))
-                          for f in os.listdir(os.path.join(out, "run", "generation", "manifest")) if f.startswith("part-")])
+    manifest = pd.concat(
+        [
+            pd.read_parquet(os.path.join(out, "run", "generation", "manifest", f))
+            for f in os.listdir(os.path.join(out, "run", "generation", "manifest"))
+            if f.startswith("part-")
+        ]
+    )
     pairs = list(zip(manifest["prompt_id"], manifest["sample"]))
     report["images_expected"] = 3 * 16
     report["manifest_rows"] = len(pairs)
@@ -111,7 +138,9 @@ def main(scenario: str, out: str) -> None:
                 time.sleep(0.2)
             report["removed_node"] = victim.node_id
             cluster.remove_node(victim, allow_graceful=False)
-            report["removed_node_after_parts"] = sum(f.startswith("part-") for _, _, fs in os.walk(cache_dir) for f in fs)
+            report["removed_node_after_parts"] = sum(
+                f.startswith("part-") for _, _, fs in os.walk(cache_dir) for f in fs
+            )
 
         threading.Thread(target=kill_when_started, daemon=True).start()
     matrices = score_matrices(df, ["clip:tiny"], os.path.join(out, "cache"), cfg)

@@ -70,7 +70,8 @@ def official_python(log=print) -> Path:
     if pip.returncode != 0:
         raise RuntimeError(f"could not install {PINS} from PyPI into {tmp} (this test needs PyPI access once):\n"
                            f"{pip.stderr[-3000:]}")
-    site = subprocess.run([str(tmp / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+    site = subprocess.run([str(tmp / "bin" / "python"), "-c", "import sysconfig; "
+                                                              "print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
     Path(site, "zz_tn_ray_project_site.pth").write_text("\n".join(_project_site()) + "\n")
     (tmp / "READY").write_text("\n".join(PINS) + f"\nbuilt in {time.time() - start:.0f} s\n")
@@ -93,7 +94,8 @@ def run_official(spec: dict, workdir: Path, log=print) -> dict:
     env.pop("PYTHONPATH", None)
     proc = subprocess.run([str(py), __file__, str(spec_path)], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"official ImageReward run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise RuntimeError("official ImageReward run failed "
+                           f"({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return json.loads(out_path.read_text())
 
 
@@ -105,7 +107,11 @@ def _import_official():
 
     spec = importlib.util.find_spec("ImageReward")
     root = Path(next(iter(spec.submodule_search_locations)))
-    for name, sub in [("ImageReward", "."), ("ImageReward.models", "models"), ("ImageReward.models.BLIP", "models/BLIP")]:
+    for name, sub in [
+        ("ImageReward", "."),
+        ("ImageReward.models", "models"),
+        ("ImageReward.models.BLIP", "models/BLIP"),
+    ]:
         mod = types.ModuleType(name)
         mod.__path__ = [str(root / sub)]
         sys.modules[name] = mod
@@ -122,7 +128,10 @@ def main(spec_path: str) -> None:
     import transformers
     from transformers import BertTokenizer
 
-    assert transformers.__version__ == "4.55.4" and timm.__version__ == "0.6.13", (transformers.__version__, timm.__version__)
+    assert transformers.__version__ == "4.55.4" and timm.__version__ == "0.6.13", (
+        transformers.__version__,
+        timm.__version__,
+    )
     vocab_file = spec["vocab_file"]
     original = BertTokenizer.from_pretrained.__func__
 
@@ -142,7 +151,7 @@ def main(spec_path: str) -> None:
     with torch.no_grad():
         for layer in model.mlp.layers:
             if isinstance(layer, torch.nn.Linear):
-                layer.weight.normal_(0.0, layer.in_features ** -0.5)
+                layer.weight.normal_(0.0, layer.in_features**-0.5)
                 layer.bias.normal_(0.0, 0.1)
     built = time.time()
     torch.save(model.state_dict(), spec["checkpoint"])
@@ -151,9 +160,16 @@ def main(spec_path: str) -> None:
     with torch.no_grad():
         scores = [[model.score(p, img) for img in spec["images"]] for p in spec["prompts"]]
     result = {
-        "scores": scores, "input_ids": input_ids, "vocab_size": len(tok),
-        "versions": {"image-reward": "1.5", "torch": torch.__version__, "transformers": transformers.__version__,
-                     "timm": timm.__version__, "module": official.__file__},
+        "scores": scores,
+        "input_ids": input_ids,
+        "vocab_size": len(tok),
+        "versions": {
+            "image-reward": "1.5",
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "timm": timm.__version__,
+            "module": official.__file__,
+        },
         "seconds": {"build": built - start, "total": time.time() - start},
     }
     Path(spec["out"]).write_text(json.dumps(result))

@@ -88,11 +88,24 @@ def test_quick_mode_json_line(bench, capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(line) == result
     expected = [
-        "score_pairs_per_s_textnorm_clip-b32", "score_pairs_per_s_naive_clip-b32", "score_textnorm_over_naive_clip-b32",
-        "gen_images_per_s_sd21_64", "vae_decode_peak_mb_plain", "vae_decode_peak_mb_slicing", "vae_decode_peak_mb_tiling",
-        "rwr_steps_per_s_r4_bf16_nokl", "rwr_steps_per_s_r4_bf16_kl", "rwr_peak_mb_r4_bf16_nokl", "rwr_peak_mb_r4_bf16_kl",
-        "rwr_step_kl_over_nokl", "rwr_peak_kl_over_nokl", "rwr_second_unet_copy_mb",
-        "ddpo_samples_per_s", "ddpo_sample_s_per_sample", "ddpo_reward_s_per_sample", "ddpo_train_s_per_sample",
+        "score_pairs_per_s_textnorm_clip-b32",
+        "score_pairs_per_s_naive_clip-b32",
+        "score_textnorm_over_naive_clip-b32",
+        "gen_images_per_s_sd21_64",
+        "vae_decode_peak_mb_plain",
+        "vae_decode_peak_mb_slicing",
+        "vae_decode_peak_mb_tiling",
+        "rwr_steps_per_s_r4_bf16_nokl",
+        "rwr_steps_per_s_r4_bf16_kl",
+        "rwr_peak_mb_r4_bf16_nokl",
+        "rwr_peak_mb_r4_bf16_kl",
+        "rwr_step_kl_over_nokl",
+        "rwr_peak_kl_over_nokl",
+        "rwr_second_unet_copy_mb",
+        "ddpo_samples_per_s",
+        "ddpo_sample_s_per_sample",
+        "ddpo_reward_s_per_sample",
+        "ddpo_train_s_per_sample",
     ]
     missing = [k for k in expected if k not in result]
     assert not missing, (missing, result["skipped"])

@@ -22,7 +22,8 @@ from tn_ray.scoring.matrix import ScoreMatrix, model_slug
 
 MODELS = ["clip:tiny", "pickscore:tiny"]
 CONTRAST = {
-    "a photo of three red circles": ["a photo of two red circles", "a photo of three blue circles", "a photo of a red circle"],
+    "a photo of three red circles": ["a photo of two red circles", "a photo of three blue circles", "a photo of a red "
+                                                                                                    "circle"],
     "a blue square and a green circle": ["a green square and a blue circle", "a blue square", "two blue squares"],
 }
 POOLS, KS, TAU, LAM = [4, 8], [1, 4], 0.5, 2.0
@@ -165,7 +166,12 @@ def test_human_eval_export_is_blinded_and_matches_the_selections(run_dir):
         assert q["prompt"] in page
         assert not any(r in page for r in reward_names), "a page names a reward"
         for side in ("set1", "set2"):
-            top4 = sel[(sel["reward"] == q[f"{side}_reward"]) & (sel["prompt_id"] == q["prompt_id"]) & (sel["n"] == 8) & (sel["k"] == 4)]
+            top4 = sel[
+                (sel["reward"] == q[f"{side}_reward"])
+                & (sel["prompt_id"] == q["prompt_id"])
+                & (sel["n"] == 8)
+                & (sel["k"] == 4)
+            ]
             shown = json.loads(q[f"{side}_images"])
             assert sorted(shown) == sorted(top4["image_id"])
             files = json.loads(q[f"{side}_files"])
@@ -194,13 +200,23 @@ def test_a_rerun_recomputes_nothing(run_dir, ray_session, tmp_path):
 # ---- configuration and input errors -------------------------------------------------------
 
 
-@pytest.mark.parametrize("extra,message", [
-    ({"pools": [4, 300], "generation": {"pipeline": "tiny", "samples_per_prompt": 16}}, "samples_per_prompt .16. is smaller than the largest pool 300"),
-    ({"top_k": [1, 8]}, r"top_k \[1, 8\] exceeds the smallest pool 4"),
-    ({"human_eval": {"pairs": [["clip:tiny", "nope"]]}}, r"human_eval.pairs: \['clip:tiny', 'nope'\] must name two different rewards"),
-    ({"ensembles": [{"name": "e", "members": ["clip:tiny", "clip"]}]}, r"members \['clip'\] are not among models"),
-    ({"generation": {"num_inference_step": 3}}, "key 'generation.num_inference_step': unknown key"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (
+            {"pools": [4, 300], "generation": {"pipeline": "tiny", "samples_per_prompt": 16}},
+            "samples_per_prompt .16. is smaller than the largest pool 300",
+        ),
+        ({"top_k": [1, 8]}, r"top_k \[1, 8\] exceeds the smallest pool 4"),
+        (
+            {"human_eval": {"pairs": [["clip:tiny", "nope"]]}},
+            r"human_eval.pairs: \['clip:tiny', 'nope'\] must name two "
+            r"different rewards",
+        ),
+        ({"ensembles": [{"name": "e", "members": ["clip:tiny", "clip"]}]}, r"members \['clip'\] are not among models"),
+        ({"generation": {"num_inference_step": 3}}, "key 'generation.num_inference_step': unknown key"),
+    ],
+)
 def test_bad_configs_name_the_key(tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write_config(tmp_path, **extra), BestOfNConfig)
@@ -212,7 +228,9 @@ def test_samples_per_prompt_follows_the_largest_pool(tmp_path):
 
 
 def test_prompts_without_contrastive_sets_and_bad_files_are_refused(tmp_path, tia2_dir):
-    cfg = load_config(write_config(tmp_path, prompts=["a photo of three red circles", "an unknown prompt"]), BestOfNConfig)
+    cfg = load_config(
+        write_config(tmp_path, prompts=["a photo of three red circles", "an unknown prompt"]), BestOfNConfig
+    )
     with pytest.raises(InputError, match=r"1 prompt\(s\) have no contrastive set .*'an unknown prompt'"):
         resolve_prompts(cfg, load_contrast(cfg.contrast))
     (tmp_path / "bad.json").write_text('{"x": "not a list"}')
@@ -229,8 +247,14 @@ def test_prompts_without_contrastive_sets_and_bad_files_are_refused(tmp_path, ti
 @settings(max_examples=60, deadline=None)
 @given(arrays(np.float64, (3, 8), elements=st.floats(-5, 5).map(lambda x: round(x, 1))))
 def test_select_equals_sorting_with_ties_to_the_lower_sample(values):
-    rewards = pd.DataFrame({"prompt_id": np.repeat(np.arange(3), 8), "sample": np.tile(np.arange(8), 3),
-                            "r": values.ravel(), "minus_r": -values.ravel()})
+    rewards = pd.DataFrame(
+        {
+            "prompt_id": np.repeat(np.arange(3), 8),
+            "sample": np.tile(np.arange(8), 3),
+            "r": values.ravel(),
+            "minus_r": -values.ravel(),
+        }
+    )
     sel = select(rewards, ["r", "minus_r"], [2, 8], [1, 3])
     for pid in range(3):
         for n in (2, 8):
@@ -257,12 +281,21 @@ def test_answers_become_win_counts_per_pair(run_dir):
 
     key = pd.read_csv(run_dir / "human_eval_key.csv")
     # the annotator always prefers whichever set the ensemble picked, and says "tie" otherwise
-    answers = pd.DataFrame({"question": key["question"],
-                            "answer": np.where(key["set1_reward"] == "ensemble-uncertainty", "set 1",
-                                               np.where(key["set2_reward"] == "ensemble-uncertainty", "set 2", "tie"))})
+    answers = pd.DataFrame(
+        {
+            "question": key["question"],
+            "answer": np.where(
+                key["set1_reward"] == "ensemble-uncertainty",
+                "set 1",
+                np.where(key["set2_reward"] == "ensemble-uncertainty", "set 2", "tie"),
+            ),
+        }
+    )
     counts = score_answers(key, answers).set_index(["pair", "winner"])["count"].to_dict()
-    assert counts == {("clip:tiny vs ensemble-uncertainty", "ensemble-uncertainty"): len(CONTRAST),
-                      ("pickscore:tiny vs textnorm(pickscore:tiny)", "tie"): len(CONTRAST)}
+    assert counts == {
+        ("clip:tiny vs ensemble-uncertainty", "ensemble-uncertainty"): len(CONTRAST),
+        ("pickscore:tiny vs textnorm(pickscore:tiny)", "tie"): len(CONTRAST),
+    }
 
 
 def test_the_papers_prompts_per_set_and_a_textnorm_kind_per_set(tia2_dir, monkeypatch):
@@ -276,15 +309,18 @@ def test_the_papers_prompts_per_set_and_a_textnorm_kind_per_set(tia2_dir, monkey
     from tn_ray.textnorm.columns import combine
 
     monkeypatch.setenv("TN_RAY_TIA2_DIR", str(tia2_dir))
-    cfg = load_config(str(Path(__file__).resolve().parents[1] / "sweeps/bestofn_sd21.yaml"), BestOfNConfig, {"prompts_per_set": 2})
+    cfg = load_config(
+        str(Path(__file__).resolve().parents[1] / "sweeps/bestofn_sd21.yaml"), BestOfNConfig, {"prompts_per_set": 2}
+    )
     prompts = resolve_prompts(cfg, load_contrast(cfg.contrast))
     first = {s: list(tia2.load_prompt_sets(s, tia2_dir))[:2] for s in tia2.SETS}
     assert prompts == [*first["comprehensive"], *first["counting"], *first["composition"]]
     with pytest.raises(ConfigError, match="prompts_per_set"):
         validate(BestOfNConfig, {"contrast": "released:counting", "prompts_per_set": 3})
     rng = np.random.default_rng(0)
-    items = pd.DataFrame({"prompt_id": range(6), "prompt": prompts, "sample": 0, "image_id": range(6), "image": "x",
-                          "set": "bestofn"})
+    items = pd.DataFrame(
+        {"prompt_id": range(6), "prompt": prompts, "sample": 0, "image_id": range(6), "image": "x", "set": "bestofn"}
+    )
     values = {m: rng.normal(size=(6, 4)) for m in cfg.models}
     matrices = {m: SimpleNamespace(align=lambda keys, v=v: SimpleNamespace(values=v)) for m, v in values.items()}
     got = reward_table(items, matrices, cfg)["textnorm"].to_numpy()

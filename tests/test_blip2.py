@@ -73,7 +73,7 @@ def test_each_image_and_text_is_encoded_once(itc, itm, images):
     texts = [f"a photo of {n} dogs" for n in range(33)]
     for model in (itc, itm):
         calls = []
-        hook = model.model.vision_model.register_forward_hook(lambda mod, args, out: calls.append(1))  # noqa: B023 (called in this iteration)
+        hook = model.model.vision_model.register_forward_hook(lambda mod, args, out, calls=calls: calls.append(1))
         try:
             model._text_cache.clear()
             e0, t0 = model.images_encoded, model.texts_encoded
@@ -104,7 +104,9 @@ def test_a_local_folder_loads_and_a_stub_tokenizer_is_refused(itc, images, tmp_p
     for name in ("blip2", "blip2-itm"):
         loaded = build(f"{name}:{folder}")
         tiny = itc if name == "blip2" else build("blip2-itm:tiny")
-        np.testing.assert_allclose(loaded.score_rows(images, [TEXTS] * 3), tiny.score_rows(images, [TEXTS] * 3), atol=1e-5)
+        np.testing.assert_allclose(
+            loaded.score_rows(images, [TEXTS] * 3), tiny.score_rows(images, [TEXTS] * 3), atol=1e-5
+        )
     # what transformers returns offline for a tokenizer whose files are missing: 5 entries
     stub = tmp_path / "stub"
     itc.model.save_pretrained(stub)
@@ -125,10 +127,30 @@ def test_tia2_eval_scores_both_heads(tmp_path, tia2_dir, ray_session):
     for name in first["image_id"]:
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "images" / "counting" / name)
     out = tmp_path / "out"
-    assert main(["tia2", "eval", "--images", str(tmp_path / "images"), "--out", str(out), "--sets", "counting",
-                 "--max-prompts", "1", "--models", "blip2:tiny", "blip2-itm:tiny"]) == 0
+    assert (
+        main(
+            [
+                "tia2",
+                "eval",
+                "--images",
+                str(tmp_path / "images"),
+                "--out",
+                str(out),
+                "--sets",
+                "counting",
+                "--max-prompts",
+                "1",
+                "--models",
+                "blip2:tiny",
+                "blip2-itm:tiny",
+            ]
+        )
+        == 0
+    )
     summary = pd.read_csv(out / "per_set.csv")
-    assert {"blip2:tiny", "textnorm(blip2:tiny)", "blip2-itm:tiny", "textnorm(blip2-itm:tiny)"} <= set(summary["reward"])
+    assert {"blip2:tiny", "textnorm(blip2:tiny)", "blip2-itm:tiny", "textnorm(blip2-itm:tiny)"} <= set(
+        summary["reward"]
+    )
     for spec in ("blip2:tiny", "blip2-itm:tiny"):
         mat = ScoreMatrix.load(out / "scores" / f"{model_slug(spec)}.parquet")
         assert len(mat) == 50 and np.isfinite(mat.values).all()

@@ -37,9 +37,11 @@ def trl_self(pipe, clip_range: float, adv_clip_max: float, eta: float = 1.0):
 
     config = SimpleNamespace(train_cfg=True, sample_guidance_scale=GUIDANCE, sample_eta=eta,
                              train_adv_clip_max=adv_clip_max, train_clip_range=clip_range)
-    stand_in = SimpleNamespace(config=config, autocast=contextlib.nullcontext,
-                               sd_pipeline=SimpleNamespace(unet=pipe.unet,
-                                                           scheduler_step=functools.partial(scheduler_step, pipe.scheduler)))
+    stand_in = SimpleNamespace(
+        config=config,
+        autocast=contextlib.nullcontext,
+        sd_pipeline=SimpleNamespace(unet=pipe.unet, scheduler_step=functools.partial(scheduler_step, pipe.scheduler)),
+    )
     stand_in.loss = functools.partial(DDPOTrainer.loss, stand_in)
     return stand_in
 
@@ -60,10 +62,25 @@ def test_clipped_loss_approx_kl_clip_fraction_equal_trl(pipe, chains, clip_range
         for j in range(STEPS):
             t = chains.timesteps[:, j]
             loss, approx_kl, clipfrac = DDPOTrainer.calculate_loss(
-                stand_in, chains.states[:, j], t, chains.next_latents[:, j], old[:, j], advantages,
-                torch.cat([chains.negative_embeds, chains.prompt_embeds]))
-            lp, _ = step_log_prob(pipe.unet, pipe.scheduler, chains.states[:, j], t, chains.next_latents[:, j],
-                                  chains.prompt_embeds, chains.negative_embeds, GUIDANCE, 1.0)
+                stand_in,
+                chains.states[:, j],
+                t,
+                chains.next_latents[:, j],
+                old[:, j],
+                advantages,
+                torch.cat([chains.negative_embeds, chains.prompt_embeds]),
+            )
+            lp, _ = step_log_prob(
+                pipe.unet,
+                pipe.scheduler,
+                chains.states[:, j],
+                t,
+                chains.next_latents[:, j],
+                chains.prompt_embeds,
+                chains.negative_embeds,
+                GUIDANCE,
+                1.0,
+            )
             ours = clipped_surrogate(lp, old[:, j], advantages, clip_range, adv_clip_max=5.0)
             torch.testing.assert_close(ours.loss, loss, atol=1e-6, rtol=0)
             torch.testing.assert_close(ours.approx_kl, approx_kl, atol=1e-6, rtol=0)
@@ -76,8 +93,17 @@ def test_ratio_one_and_zero_approx_kl_right_after_sampling(pipe, chains):
     """Unchanged weights: the recomputed log-probs equal the recorded ones bit for bit."""
     with torch.no_grad():
         for j in range(STEPS):
-            lp, _ = step_log_prob(pipe.unet, pipe.scheduler, chains.states[:, j], chains.timesteps[:, j],
-                                  chains.next_latents[:, j], chains.prompt_embeds, chains.negative_embeds, GUIDANCE, 1.0)
+            lp, _ = step_log_prob(
+                pipe.unet,
+                pipe.scheduler,
+                chains.states[:, j],
+                chains.timesteps[:, j],
+                chains.next_latents[:, j],
+                chains.prompt_embeds,
+                chains.negative_embeds,
+                GUIDANCE,
+                1.0,
+            )
             out = clipped_surrogate(lp, chains.log_probs[:, j], torch.ones(4), 1e-4, 5.0)
             assert torch.equal(out.ratio, torch.ones(4)) and float(out.approx_kl) == 0.0 and float(out.clip_frac) == 0.0
 
@@ -124,12 +150,21 @@ PROMPTS = ["a red cube", "a blue ball"]
 def tiny_config(out, **overrides):
     from tn_ray.training.ddpo import DDPOConfig
 
-    base = dict(out=str(out), prompts=PROMPTS, seed=0, max_steps=3, policy={"pipeline": "tiny", "lora": {"rank": 4}},
-                optimizer={"lr": 2e-2}, reward={"models": ["brightness"], "use": "brightness"},
-                sample={"num_steps": 4, "batch_size": 8, "num_batches_per_epoch": 1},
-                train={"batch_size": 8, "clip_range": 0.2, "stat_min_count": 4},
-                eval={"enabled": False}, checkpoint={"every": 1}, logging={"progress_bar": False, "tensorboard": False},
-                scoring={"cpus_per_actor": 0.25, "num_actors": 1})
+    base = dict(
+        out=str(out),
+        prompts=PROMPTS,
+        seed=0,
+        max_steps=3,
+        policy={"pipeline": "tiny", "lora": {"rank": 4}},
+        optimizer={"lr": 2e-2},
+        reward={"models": ["brightness"], "use": "brightness"},
+        sample={"num_steps": 4, "batch_size": 8, "num_batches_per_epoch": 1},
+        train={"batch_size": 8, "clip_range": 0.2, "stat_min_count": 4},
+        eval={"enabled": False},
+        checkpoint={"every": 1},
+        logging={"progress_bar": False, "tensorboard": False},
+        scoring={"cpus_per_actor": 0.25, "num_actors": 1},
+    )
     for key, value in overrides.items():
         base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
     return DDPOConfig.model_validate(base)
@@ -153,7 +188,9 @@ def make_method(cfg, actors):
 
     torch.manual_seed(cfg.seed)
     policy = Policy.load(cfg.policy, "cpu", seed=cfg.seed)
-    optim = Optimization(policy.trainable_parameters(), cfg.optimizer, cfg.max_steps, torch.device("cpu"), policy.amp_dtype)
+    optim = Optimization(
+        policy.trainable_parameters(), cfg.optimizer, cfg.max_steps, torch.device("cpu"), policy.amp_dtype
+    )
     data = DDPOData(list(PROMPTS), [[p] for p in PROMPTS], actors)
     return DDPO(cfg, policy, optim, WorkerContext(0, 1, torch.device("cpu"), cfg.out), data)
 
@@ -198,8 +235,15 @@ def test_kl_regularizer_is_the_same_for_an_epsilon_model_and_its_v_twin(tmp_path
     lora = policy.lora_state()
     gens = [torch.Generator().manual_seed(i) for i in range(8)]
     with torch.no_grad():
-        chains = sample_chains(policy.pipe, PROMPTS * 4, [0, 1] * 4, num_steps=cfg.sample.num_steps,
-                               guidance=cfg.sample.guidance_scale, eta=cfg.sample.eta, generator=gens)
+        chains = sample_chains(
+            policy.pipe,
+            PROMPTS * 4,
+            [0, 1] * 4,
+            num_steps=cfg.sample.num_steps,
+            guidance=cfg.sample.guidance_scale,
+            eta=cfg.sample.eta,
+            generator=gens,
+        )
     advantages = torch.linspace(-1.0, 1.0, 8)
     eps_metrics = method.train_epoch(1, chains, advantages)
 
@@ -220,7 +264,9 @@ def test_large_kl_coef_stays_closer_to_base_and_only_lora_changes(tmp_path, acto
     the first minibatch after sampling has ratio 1 (approx-KL exactly 0); only LoRA weights change."""
     gaps, firsts = {}, []
     for coef in (0.0, 100.0):
-        method = make_method(tiny_config(tmp_path / f"kl{coef}", train={"kl_coef": coef, "num_inner_epochs": 2}), actors)
+        method = make_method(
+            tiny_config(tmp_path / f"kl{coef}", train={"kl_coef": coef, "num_inner_epochs": 2}), actors
+        )
         frozen = {n: p.detach().clone() for n, p in method.policy.unet.named_parameters() if not p.requires_grad}
         lora = {n: p.detach().clone() for n, p in method.policy.unet.named_parameters() if p.requires_grad}
         assert lora and all("lora_" in n for n in lora)
@@ -259,8 +305,10 @@ def test_resume_equals_uninterrupted(tmp_path, actors, monkeypatch):
     assert all(torch.equal(a["lora"][k], b["lora"][k]) for k in a["lora"])
     assert any(float(v.abs().max()) > 0 for k, v in a["lora"].items() if "lora_B" in k)  # trained, not the base
     assert a["method"] == b["method"] and a["method"]["tracker"]["stats"]
-    assert ddpo_module.epoch_rewards(str(tmp_path / "straight"))["reward_mean"].tolist() == \
-        ddpo_module.epoch_rewards(str(tmp_path / "resumed"))["reward_mean"].tolist()
+    assert (
+        ddpo_module.epoch_rewards(str(tmp_path / "straight"))["reward_mean"].tolist()
+        == ddpo_module.epoch_rewards(str(tmp_path / "resumed"))["reward_mean"].tolist()
+    )
 
 
 def fresh_brightness(method, n: int = 16) -> float:
@@ -268,8 +316,15 @@ def fresh_brightness(method, n: int = 16) -> float:
     from tn_ray.diffusion.sampling import decode_images, sample_chains
 
     gens = [torch.Generator().manual_seed(1000 + i) for i in range(n)]
-    chains = sample_chains(method.policy.pipe, PROMPTS * (n // 2), [0, 1] * (n // 2), num_steps=method.cfg.sample.num_steps,
-                           guidance=GUIDANCE, eta=1.0, generator=gens)
+    chains = sample_chains(
+        method.policy.pipe,
+        PROMPTS * (n // 2),
+        [0, 1] * (n // 2),
+        num_steps=method.cfg.sample.num_steps,
+        guidance=GUIDANCE,
+        eta=1.0,
+        generator=gens,
+    )
     return float(decode_images(method.policy.pipe, chains.latents[:, -1]).astype(np.float64).mean() / 255)
 
 
@@ -285,8 +340,17 @@ def test_learning_brightness_rises(tmp_path, actors):
         curve.append(method.step(step))
         gaps.append(eps_gap(method))
     after = fresh_brightness(method)
-    print("reward_mean", [round(m["reward_mean"], 4) for m in curve], "approx_kl", [m["approx_kl"] for m in curve],
-          "eps_gap_to_base", [f"{g:.3g}" for g in gaps], "fresh", before, after)
+    print(
+        "reward_mean",
+        [round(m["reward_mean"], 4) for m in curve],
+        "approx_kl",
+        [m["approx_kl"] for m in curve],
+        "eps_gap_to_base",
+        [f"{g:.3g}" for g in gaps],
+        "fresh",
+        before,
+        after,
+    )
     assert after > before + 0.01, (before, after)
     assert np.mean([m["reward_mean"] for m in curve[-2:]]) > np.mean([m["reward_mean"] for m in curve[:2]])
 
@@ -300,8 +364,15 @@ def test_two_workers_share_advantage_statistics(tmp_path, ray_session):
     from tn_ray.training.checkpoint import Checkpoints
     from tn_ray.training.ddpo import run
 
-    cfg = tiny_config(tmp_path / "two", max_steps=2, sample={"batch_size": 4}, train={"batch_size": 4, "stat_min_count": 3},
-                      scaling={"num_workers": 2, "cpus_per_worker": 0.5}, scoring={"num_actors": 2}, ray={"num_cpus": 2})
+    cfg = tiny_config(
+        tmp_path / "two",
+        max_steps=2,
+        sample={"batch_size": 4},
+        train={"batch_size": 4, "stat_min_count": 3},
+        scaling={"num_workers": 2, "cpus_per_worker": 0.5},
+        scoring={"num_actors": 2},
+        ray={"num_cpus": 2},
+    )
     paths = run(cfg)
     store = Store(cfg.out)
     frame = pd.concat([store.read_table(r).to_pandas() for r in store.list_files("samples", ".parquet")])
@@ -316,19 +387,27 @@ def test_two_workers_share_advantage_statistics(tmp_path, ray_session):
     assert paths["checkpoints"]
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"train": {"batch_size": 3}}, "train.batch_size: 3 does not divide the 8 samples"),
-    ({"train": {"updates_per_inner_epoch": 3}}, "updates_per_inner_epoch"),
-    ({"train": {"num_inner_epochs": 2}, "optimizer": {"schedule": "cosine"}}, "schedule 'constant'"),
-    ({"sample": {"eta": 0.0}}, "sample.eta"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"train": {"batch_size": 3}}, "train.batch_size: 3 does not divide the 8 samples"),
+        ({"train": {"updates_per_inner_epoch": 3}}, "updates_per_inner_epoch"),
+        ({"train": {"num_inner_epochs": 2}, "optimizer": {"schedule": "cosine"}}, "schedule 'constant'"),
+        ({"sample": {"eta": 0.0}}, "sample.eta"),
+    ],
+)
 def test_bad_configs_fail_naming_file_and_key_before_ray(tmp_path, capsys, bad, message):
     import yaml
 
     from tn_ray.cli import main
 
-    cfg = {"prompts": PROMPTS, "policy": {"pipeline": "tiny"}, "reward": {"models": ["brightness"], "use": "brightness"},
-           "sample": {"batch_size": 8, "num_batches_per_epoch": 1}, "train": {"batch_size": 8}}
+    cfg = {
+        "prompts": PROMPTS,
+        "policy": {"pipeline": "tiny"},
+        "reward": {"models": ["brightness"], "use": "brightness"},
+        "sample": {"batch_size": 8, "num_batches_per_epoch": 1},
+        "train": {"batch_size": 8},
+    }
     for key, value in bad.items():
         cfg[key] = {**cfg.get(key, {}), **value} if key in ("sample", "train") else value
     path = tmp_path / "ddpo.yaml"
@@ -348,9 +427,22 @@ def test_sweep_trainable_maps_parameters_into_trial_configs():
     for path in ("sweeps/ddpo_kl.yaml", "sweeps/ddpo_kl_tiny.yaml"):
         entry, _ = check(load(path), path)
         assert entry.name == "ddpo"
-    data = prepare(FineTuneSweepOptions(config="sweeps/ddpo_tiny.yaml", overrides={"reward": {"models": ["brightness"], "use": "brightness"}}))
+    data = prepare(
+        FineTuneSweepOptions(
+            config="sweeps/ddpo_tiny.yaml", overrides={"reward": {"models": ["brightness"], "use": "brightness"}}
+        )
+    )
     cfg = trial_config({"kl_coef": 10.0, "lr": 1e-3, "tau": 0.5, "lam": 0.1, "lora_rank": 8, "clip_range": 0.1}, data)
-    assert (cfg.train.kl_coef, cfg.optimizer.lr, cfg.reward.textnorm.tau, cfg.reward.textnorm.lam) == (10.0, 1e-3, 0.5, 0.1)
+    assert (cfg.train.kl_coef, cfg.optimizer.lr, cfg.reward.textnorm.tau, cfg.reward.textnorm.lam) == (
+        10.0,
+        1e-3,
+        0.5,
+        0.1,
+    )
     assert cfg.policy.lora.rank == 8 and cfg.train.clip_range == 0.1 and "kl_coef=10.0" in cfg.out
     assert cfg.checkpoint.every == cfg.eval.every
-    assert check_param(None, "kl_coef", -1.0) and check_param(None, "beta", 0.5) and check_param(None, "kl_coef", 0.0) is None
+    assert (
+        check_param(None, "kl_coef", -1.0)
+        and check_param(None, "beta", 0.5)
+        and check_param(None, "kl_coef", 0.0) is None
+    )

@@ -103,7 +103,9 @@ def test_the_one_seed_scheme_is_sha256_of_the_key_by_hand():
 
     digest = hashlib.sha256(b"7\x1fa cat\x1f3").digest()
     assert seed_of(7, "a cat", 3) == int.from_bytes(digest[:8], "little") % 2**63
-    by_hand = [int.from_bytes(hashlib.sha256(f"0\x1f2\x1f1\x1f{i}".encode()).digest()[:8], "little") % 2**63 for i in range(4)]
+    by_hand = [
+        int.from_bytes(hashlib.sha256(f"0\x1f2\x1f1\x1f{i}".encode()).digest()[:8], "little") % 2**63 for i in range(4)
+    ]
     assert seeds_of(0, 2, 1, n=4) == by_hand and len(set(by_hand)) == 4
 
 
@@ -117,8 +119,11 @@ def test_sample_seed_is_a_stable_function_of_prompt_and_sample(base, prompt, sam
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 40)), min_size=1, max_size=80, unique=True),
-       st.integers(1, 8), st.integers(1, 20))
+@given(
+    st.lists(st.tuples(st.integers(0, 4), st.integers(0, 40)), min_size=1, max_size=80, unique=True),
+    st.integers(1, 8),
+    st.integers(1, 20),
+)
 def test_work_units_keep_pipeline_groups_whole(rows, group, batch):
     todo = pd.DataFrame(rows, columns=["prompt_id", "sample"]).assign(prompt="p")
     units = work_units(todo, group, batch)
@@ -168,7 +173,9 @@ def test_same_images_whatever_batch_size_and_actor_count(ray_session, reference,
     assert file_digests(tmp_path) == reference
     assert dict(zip(zip(manifest["prompt_id"], manifest["sample"]), manifest["sha256"])) == reference
     assert all(Path(p).is_file() for p in manifest["image"])
-    assert manifest["seed"].tolist() == [seed_of(0, PROMPTS[i], s) for i, s in zip(manifest["prompt_id"], manifest["sample"])]
+    assert manifest["seed"].tolist() == [
+        seed_of(0, PROMPTS[i], s) for i, s in zip(manifest["prompt_id"], manifest["sample"])
+    ]
     assert not generation_actor_processes(), "generate() returned before its actors exited"
     # extending the pool keeps the first samples (nested pools) and makes only the new ones
     more = generate(PROMPTS, config(out, batch_size=batch_size, num_actors=num_actors, samples_per_prompt=SAMPLES + 2))
@@ -187,11 +194,18 @@ def test_resume_after_sigkill_of_the_driver(ray_session, reference, tmp_path):
     # more images than the reference, each its own Ray task, so the kill lands mid-run
     prompts = PROMPTS + [f"prompt number {i}" for i in range(3)]
     address = ray_session.get_runtime_context().gcs_address
-    code = ("import json, sys; from tn_ray.config import RayConfig; "
-            "from tn_ray.diffusion.generation import GenerationConfig, generate; "
-            f"generate({prompts!r}, GenerationConfig.model_validate_json(open(sys.argv[1]).read()), RayConfig(address={address!r}))")
-    driver = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "cfg.json")], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env={**os.environ, "TQDM_DISABLE": "1"})
+    code = (
+        "import json, sys; from tn_ray.config import RayConfig; "
+        "from tn_ray.diffusion.generation import GenerationConfig, generate; "
+        f"generate({prompts!r}, GenerationConfig.model_validate_json(open(sys.argv[1]).read()), "
+        f"RayConfig(address={address!r}))"
+    )
+    driver = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path / "cfg.json")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
     deadline = time.time() + 1800  # generous: on a loaded 2-core machine the driver's first images take minutes
     while driver.poll() is None and len(list((out / "images").rglob("*.png"))) < 3:
         assert time.time() < deadline, "no 3 images written before the deadline"
@@ -276,8 +290,10 @@ def test_images_and_manifest_on_an_object_store(ray_session, reference, s3_uri):
 
     out = s3_uri("run")
     manifest = generate(PROMPTS, config(out, num_actors=2))
-    digests = {(p, s): hashlib.sha256(read_any(u)).hexdigest()
-               for p, s, u in zip(manifest["prompt_id"], manifest["sample"], manifest["image"])}
+    digests = {
+        (p, s): hashlib.sha256(read_any(u)).hexdigest()
+        for p, s, u in zip(manifest["prompt_id"], manifest["sample"], manifest["image"])
+    }
     assert digests == reference
     assert all(u.startswith("s3://bucket/gen/run/images/") for u in manifest["image"])
     store = Store(out)
@@ -291,8 +307,10 @@ def test_images_and_manifest_on_an_object_store(ray_session, reference, s3_uri):
 def test_a_configured_scheduler_is_used_and_its_noise_is_seeded(tmp_path, reference):
     """Euler-ancestral draws fresh noise at every step: from each row's own generator."""
     cfg = config(tmp_path, scheduler="EulerAncestralDiscreteScheduler", negative_prompt="blurry")
-    rows = pd.DataFrame([(0, PROMPTS[0], s, seed_of(0, PROMPTS[0], s)) for s in range(2)],
-                        columns=["prompt_id", "prompt", "sample", "seed"])
+    rows = pd.DataFrame(
+        [(0, PROMPTS[0], s, seed_of(0, PROMPTS[0], s)) for s in range(2)],
+        columns=["prompt_id", "prompt", "sample", "seed"],
+    )
     first = GenerationWorker(cfg.model_dump(mode="json"), str(tmp_path / "a"))
     assert type(first.pipe.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
     a = first(rows)["sha256"].tolist()

@@ -79,7 +79,9 @@ def test_scores_equal_the_official_package_on_the_same_random_weights(tmp_path):
     assert np.ptp(official, axis=1).min() > 1e-2 and np.ptp(official, axis=0).min() > 1e-2
     # same token ids (the official pads to 35 with [PAD]=0; we pad per batch) and truncation
     for prompt, ids in zip(PROMPTS, ref["input_ids"]):
-        assert model.tokenizer(prompt, truncation=True, max_length=MAX_TEXT_TOKENS)["input_ids"] == [i for i in ids if i != 0]
+        assert model.tokenizer(prompt, truncation=True, max_length=MAX_TEXT_TOKENS)["input_ids"] == [
+            i for i in ids if i != 0
+        ]
     assert sum(1 for i in ref["input_ids"][2] if i != 0) == 35
     assert ref["vocab_size"] == len(model.tokenizer) == 30524
     assert ref["versions"]["transformers"] == "4.55.4" and ref["versions"]["timm"] == "0.6.13"
@@ -89,10 +91,14 @@ def test_scores_equal_the_official_package_on_the_same_random_weights(tmp_path):
 def test_image_side_runs_once_per_image_and_text_side_once_per_pair(tiny):
     net = tiny.net
     tower, keys, text = [], [], []
-    hooks = [net.vision.register_forward_hook(lambda mod, args, out: tower.append(out.last_hidden_state.shape[0])),
-             # cross-attention keys of the image tokens (layer 0): once per image, not per pair
-             net.text.encoder.layer[0].crossattention.self.key.register_forward_hook(lambda mod, args, out: keys.append(out.shape[0])),
-             net.text.embeddings.register_forward_hook(lambda mod, args, out: text.append(out.shape[0]))]
+    hooks = [
+        net.vision.register_forward_hook(lambda mod, args, out: tower.append(out.last_hidden_state.shape[0])),
+        # cross-attention keys of the image tokens (layer 0): once per image, not per pair
+        net.text.encoder.layer[0].crossattention.self.key.register_forward_hook(
+            lambda mod, args, out: keys.append(out.shape[0])
+        ),
+        net.text.embeddings.register_forward_hook(lambda mod, args, out: text.append(out.shape[0])),
+    ]
     try:
         rng = np.random.default_rng(1)
         imgs = [rng.integers(0, 256, (48, 48, 3), dtype=np.uint8) for _ in range(4)]
@@ -154,7 +160,9 @@ def test_a_pair_score_does_not_depend_on_its_batch(tiny, picks, batch):
 def test_long_prompts_are_truncated_to_35_tokens_like_the_official_model(tiny):
     long = PROMPTS[2]
     ids = tiny.encode_texts([long])[0]
-    assert len(ids) == MAX_TEXT_TOKENS and ids[-1] == tiny.tokenizer.sep_token_id and ids[0] == tiny.tokenizer.cls_token_id
+    assert (
+        len(ids) == MAX_TEXT_TOKENS and ids[-1] == tiny.tokenizer.sep_token_id and ids[0] == tiny.tokenizer.cls_token_id
+    )
     img = np.random.default_rng(4).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     a, b, c = tiny.score_rows([img], [[long, long + " and a dragon", "an extremely detailed oil painting"]])[0]
     assert a == pytest.approx(b, abs=1e-6)  # words after token 35 never count
@@ -215,9 +223,14 @@ def save_official(tiny, folder: Path, state=None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(state if state is not None else official_state(tiny.net), folder / "ImageReward.pt")
     cfg = tiny.net.text.config
-    med = {**json.loads(MED_CONFIG.read_text()), "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-           "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
-           "num_attention_heads": cfg.num_attention_heads}
+    med = {
+        **json.loads(MED_CONFIG.read_text()),
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+    }
     (folder / "med_config.json").write_text(json.dumps(med))
     write_vocab(folder / "vocab.txt")
     return folder
@@ -262,11 +275,19 @@ def test_tia2_eval_with_a_textnorm_ensemble_of_imagereward_and_pickscore(tmp_pat
         (tmp_path / "images" / s).mkdir(parents=True)
         for name in first["image_id"]:
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "images" / s / name)
-    cfg = dict(images=str(tmp_path / "images"), out=str(tmp_path / "out"), models=models, sets=sets, max_prompts=1,
-               textnorm={"default": {"tau": 0.05, "lam": 3.0}},
-               ensembles=[{"name": "ir+ps mean", "members": models, "kind": "mean"},
-                          {"name": "ir+ps uncertainty", "members": models, "kind": "uncertainty"}],
-               scoring={"batch_size": 16})
+    cfg = dict(
+        images=str(tmp_path / "images"),
+        out=str(tmp_path / "out"),
+        models=models,
+        sets=sets,
+        max_prompts=1,
+        textnorm={"default": {"tau": 0.05, "lam": 3.0}},
+        ensembles=[
+            {"name": "ir+ps mean", "members": models, "kind": "mean"},
+            {"name": "ir+ps uncertainty", "members": models, "kind": "uncertainty"},
+        ],
+        scoring={"batch_size": 16},
+    )
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["tia2", "eval", str(tmp_path / "eval.yaml")]) == 0
     out = tmp_path / "out"
@@ -293,4 +314,6 @@ def test_tia2_eval_with_a_textnorm_ensemble_of_imagereward_and_pickscore(tmp_pat
     local = build("imagereward:tiny").score_rows([str(path)], [texts])[0]
     np.testing.assert_allclose(ir.values[row, : len(texts)], local, atol=1e-5)
     summary = pd.read_csv(out / "per_set.csv")
-    assert {"imagereward:tiny", "textnorm(imagereward:tiny)", "ir+ps mean", "ir+ps uncertainty"} <= set(summary["reward"])
+    assert {"imagereward:tiny", "textnorm(imagereward:tiny)", "ir+ps mean", "ir+ps uncertainty"} <= set(
+        summary["reward"]
+    )

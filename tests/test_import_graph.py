@@ -20,8 +20,23 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "tn_ray"
 
 # lowest first; "" is the floor of the top-level files (errors, config, storage, cluster, testing, provenance)
-FLOORS = ["", "data", "prompts", "rewards", "textnorm", "scoring", "diffusion", "analysis", "training", "reward_learning",
-          "sweep", "experiments", "labeling", "commands", "cli"]
+FLOORS = [
+    "",
+    "data",
+    "prompts",
+    "rewards",
+    "textnorm",
+    "scoring",
+    "diffusion",
+    "analysis",
+    "training",
+    "reward_learning",
+    "sweep",
+    "experiments",
+    "labeling",
+    "commands",
+    "cli",
+]
 RANK = {name: i for i, name in enumerate(FLOORS)}
 TARGET = re.compile(r"^(tn_ray(?:\.\w+)+):\w+$")  # "tn_ray.sweep.trainables.rwr:RWR"
 
@@ -176,17 +191,25 @@ def test_no_circle_of_modules():
     detail = []
     for component in found:
         members = set(component)
-        detail.append(" <-> ".join(component) + ": " + ", ".join(
-            f"{e.where} ({e.source} -> {e.target})" for e in EDGES if e.source in members and e.target in members))
+        detail.append(
+            " <-> ".join(component)
+            + ": "
+            + ", ".join(
+                f"{e.where} ({e.source} -> {e.target})" for e in EDGES if e.source in members and e.target in members
+            )
+        )
     assert not found, f"{len(found)} circles:\n" + "\n".join(detail)
 
 
 def test_function_local_imports_are_counted():
     """A figure, not a limit: how many tn_ray imports hide inside functions (printed with -s)."""
     local = [e for e in EDGES if e.local]
-    print(f"\ntn_ray import edges (importing line -> tn_ray module): {len(EDGES)} ({len(EDGES) - len(local)} at module level, "
-          f"{len(local)} function-local or lazy strings) "
-          f"in {len(MODULES)} modules")
+    print(
+        f"\ntn_ray import edges (importing line -> tn_ray module): {len(EDGES)} ({len(EDGES) - len(local)} at module "
+        "level, "
+        f"{len(local)} function-local or lazy strings) "
+        f"in {len(MODULES)} modules"
+    )
     assert EDGES and len(local) <= len(EDGES)
 
 
@@ -218,8 +241,11 @@ def test_every_tn_ray_import_names_an_existing_module():
                     names = [node.module]
                 if isinstance(node, ast.Constant) and isinstance(node.value, str) and TARGET.match(node.value):
                     names = [TARGET.match(node.value).group(1)]
-                missing += [f"{path.relative_to(REPO)}:{node.lineno}: {n}" for n in names
-                            if (n == "tn_ray" or n.startswith("tn_ray.")) and n not in MODULES]
+                missing += [
+                    f"{path.relative_to(REPO)}:{node.lineno}: {n}"
+                    for n in names
+                    if (n == "tn_ray" or n.startswith("tn_ray.")) and n not in MODULES
+                ]
     assert not missing, missing
 
 
@@ -233,14 +259,17 @@ def test_checker_finds_a_circle_and_ignores_a_chain():
     assert cycles([_edge("a", "b"), _edge("b", "c"), _edge("a", "c")]) == []
 
 
-@pytest.mark.parametrize(("source", "target", "up"), [
-    ("tn_ray.training.rwr", "tn_ray.sweep.registry", True),
-    ("tn_ray.sweep.registry", "tn_ray.training.rwr", False),
-    ("tn_ray.errors", "tn_ray.data.tia2", True),
-    ("tn_ray.cli", "tn_ray.commands.rwr", False),
-    ("tn_ray.commands.rwr", "tn_ray.cli", True),
-    ("tn_ray.data.tia2", "tn_ray.config", False),
-])
+@pytest.mark.parametrize(
+    ("source", "target", "up"),
+    [
+        ("tn_ray.training.rwr", "tn_ray.sweep.registry", True),
+        ("tn_ray.sweep.registry", "tn_ray.training.rwr", False),
+        ("tn_ray.errors", "tn_ray.data.tia2", True),
+        ("tn_ray.cli", "tn_ray.commands.rwr", False),
+        ("tn_ray.commands.rwr", "tn_ray.cli", True),
+        ("tn_ray.data.tia2", "tn_ray.config", False),
+    ],
+)
 def test_checker_ranks_floors(source, target, up):
     assert bool(upward([_edge(source, target)])) is up
 

@@ -23,15 +23,22 @@ from tn_ray.labeling.tasks import load_comparison, load_folder, load_manifest, l
 # ---------------------------------------------------------------------------------------- inputs
 
 
-@pytest.mark.parametrize("text, line, says", [
-    ("img,prompt\nimg/s0.png,a\n", 1, "missing column"),
-    ("image,prompt\nimg/s0.png,a\nimg/s1.png,b,extra\n", 3, "fields"),
-    ("image,prompt\nimg/s0.png,a\nimg/nope.png,b\n", 3, "not found"),
-    ("image,prompt\nimg/s0.png,a\nimg/s1.png,\n", 3, "empty prompt"),
-    ("image,prompt\nimg/s0.png,a\n\"img/s1.png\",\"multi\nline\"\nimg/s0.png,c\n", 5, r"already listed at .*bad\.csv:2 "),
-    ("image,prompt\nmanifest.csv,a\n", 2, "not an image"),
-    ("", 1, "empty file"),
-])
+@pytest.mark.parametrize(
+    "text, line, says",
+    [
+        ("img,prompt\nimg/s0.png,a\n", 1, "missing column"),
+        ("image,prompt\nimg/s0.png,a\nimg/s1.png,b,extra\n", 3, "fields"),
+        ("image,prompt\nimg/s0.png,a\nimg/nope.png,b\n", 3, "not found"),
+        ("image,prompt\nimg/s0.png,a\nimg/s1.png,\n", 3, "empty prompt"),
+        (
+            'image,prompt\nimg/s0.png,a\n"img/s1.png","multi\nline"\nimg/s0.png,c\n',
+            5,
+            r"already listed at .*bad\.csv:2 ",
+        ),
+        ("image,prompt\nmanifest.csv,a\n", 2, "not an image"),
+        ("", 1, "empty file"),
+    ],
+)
 def test_malformed_manifest_names_file_and_line(tmp_path, text, line, says):
     make_manifest(tmp_path)
     bad = tmp_path / "bad.csv"
@@ -69,8 +76,16 @@ def test_folder_with_captions_and_bestofn_run(tmp_path):
     with pytest.raises(InputError, match=r"s1\.png: no caption file s1\.txt"):
         load_folder(tmp_path / "img")
     run = tmp_path / "run"  # the columns tn-ray bestofn writes to rewards.parquet
-    table = pd.DataFrame({"prompt_id": [0, 0], "sample": [0, 1], "prompt": ["a", "a"], "image_id": ["00000_000", "00000_001"],
-                          "image": [str(tmp_path / "img" / "s0.png"), str(tmp_path / "img" / "s2.png")], "clip:tiny": [0.1, 0.2]})
+    table = pd.DataFrame(
+        {
+            "prompt_id": [0, 0],
+            "sample": [0, 1],
+            "prompt": ["a", "a"],
+            "image_id": ["00000_000", "00000_001"],
+            "image": [str(tmp_path / "img" / "s0.png"), str(tmp_path / "img" / "s2.png")],
+            "clip:tiny": [0.1, 0.2],
+        }
+    )
     run.mkdir()
     table.to_parquet(run / "rewards.parquet")
     assert [i.item_id for i in load_run(run).items] == ["00000_000", "00000_001"]
@@ -95,14 +110,18 @@ def test_finetuning_run_evaluation_images(tmp_path):
     task = load_run(run)
     assert len(task.items) == 9 and task.items[0].item_id == "eval/base/00000-0.png"
     assert [(i.item_id, i.prompt) for i in task.items[-3:]] == [
-        (f"eval/{step_name(6)}/00000-0.png", "a red cube"), (f"eval/{step_name(6)}/00000-1.png", "a red cube"),
-        (f"eval/{step_name(6)}/00001-0.png", "two blue cats")]
+        (f"eval/{step_name(6)}/00000-0.png", "a red cube"),
+        (f"eval/{step_name(6)}/00000-1.png", "a red cube"),
+        (f"eval/{step_name(6)}/00001-0.png", "two blue cats"),
+    ]
     (run / "eval" / "base" / "00007-0.png").write_bytes(png)  # a prompt id the list does not have
     with pytest.raises(InputError, match=r"00007-0\.png: not an evaluation image .* of .*prompts\.json"):
         load_run(run)
 
 
-@pytest.mark.parametrize("name", ["../etc/passwd", "img/../../x.png", "/etc/passwd", "..", "a\\..\\b", "C:/x", "~/x", "a/\x00"])
+@pytest.mark.parametrize(
+    "name", ["../etc/passwd", "img/../../x.png", "/etc/passwd", "..", "a\\..\\b", "C:/x", "~/x", "a/\x00"]
+)
 def test_unsafe_image_names_refused(name):
     with pytest.raises(UnsafePath):
         check_name(name)
@@ -256,16 +275,41 @@ def test_killed_server_loses_nothing(label_server, tmp_path):
     assert ann2.state()["progress"]["done"] == 3
     assert [ann2.state(p)["answer"] for p in range(3)] == ["good", "good", "skip"]
     out = tmp_path / "export.json"
-    assert main(["label", "export", "--manifest", str(manifest), "--db", str(root / "answers.sqlite"),
-                 "--out", str(out), "--answers-csv", str(tmp_path / "a.csv")]) == 0
+    assert (
+        main(
+            [
+                "label",
+                "export",
+                "--manifest",
+                str(manifest),
+                "--db",
+                str(root / "answers.sqlite"),
+                "--out",
+                str(out),
+                "--answers-csv",
+                str(tmp_path / "a.csv"),
+            ]
+        )
+        == 0
+    )
     rows = (tmp_path / "a.csv").read_text().splitlines()
     assert len(rows) == 4 and all("kill-test" in r for r in rows[1:])
 
 
-@pytest.mark.parametrize("path", ["/api/image/../../../etc/passwd", "/api/image/..%2f..%2f..%2fetc%2fpasswd",
-                                  "/api/image/%2e%2e/%2e%2e/etc/passwd", "/api/image//etc/passwd",
-                                  "/api/image/%2Fetc%2Fpasswd", "/api/image/img/s0.png", "/api/image/../manifest.csv",
-                                  "/static/../labeling_helpers.py", "/static/%2e%2e/app.py"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/image/../../../etc/passwd",
+        "/api/image/..%2f..%2f..%2fetc%2fpasswd",
+        "/api/image/%2e%2e/%2e%2e/etc/passwd",
+        "/api/image//etc/passwd",
+        "/api/image/%2Fetc%2Fpasswd",
+        "/api/image/img/s0.png",
+        "/api/image/../manifest.csv",
+        "/static/../labeling_helpers.py",
+        "/static/%2e%2e/app.py",
+    ],
+)
 def test_path_traversal_refused(label_server, path):
     server = label_server[0]
     status, _, body = server.request("GET", path)
@@ -326,7 +370,10 @@ def test_comparison_key_never_served(tmp_path):
     server = Server("--export", str(out))
     try:
         ann = Annotator(server, "k")
-        bodies = [json.dumps(ann.state()), json.dumps(ann.answer(0, comparison={"alignment": "set1", "quality": "tie"}))]
+        bodies = [
+            json.dumps(ann.state()),
+            json.dumps(ann.answer(0, comparison={"alignment": "set1", "quality": "tie"})),
+        ]
         bodies += [server.request("GET", p)[2].decode() for p in ("/", "/task", "/api/info", "/static/compare.js")]
         assert not any(r in b for b in bodies for r in ("clip", "reward", "q0001"))
         assert server.request("GET", "/api/image/../human_eval_key.csv")[0] == 400
@@ -346,8 +393,9 @@ def _can_bind(host):
 
 def test_token_required_off_loopback(tmp_path):
     assert _can_bind("127.0.0.2"), "this test binds 127.0.0.2 (a loopback alias on Linux) as the off-loopback address"
-    server = Server("--manifest", str(make_manifest(tmp_path, n=2)), "--host", "127.0.0.2",
-                    env={"TN_RAY_LABEL_TOKEN": ""})
+    server = Server(
+        "--manifest", str(make_manifest(tmp_path, n=2)), "--host", "127.0.0.2", env={"TN_RAY_LABEL_TOKEN": ""}
+    )
     try:
         token = server.query.removeprefix("?token=")
         assert len(token) >= 24 and server.banner.count(token) == 1

@@ -35,11 +35,22 @@ def browser(tmp_path_factory):
     assert not missing, f"{missing} not found: apt-get install -y chromium chromium-driver (as .ci/run does)"
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1000,940",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1000,940",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+    ):
         opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)  # an explicit driver: selenium-manager downloads nothing
+    driver = webdriver.Chrome(
+        service=Service(CHROMEDRIVER), options=opts
+    )  # an explicit driver: selenium-manager downloads nothing
     driver.set_page_load_timeout(30)
     SHOTS.mkdir(parents=True, exist_ok=True)
     yield driver
@@ -52,7 +63,9 @@ def wait_ready(driver, pos=None, timeout=15):
 
     def ready(d):
         body = d.find_element("tag name", "body")
-        return body.get_attribute("data-state") == "ready" and (pos is None or body.get_attribute("data-pos") == str(pos))
+        return body.get_attribute("data-state") == "ready" and (
+            pos is None or body.get_attribute("data-pos") == str(pos)
+        )
 
     WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,)).until(ready)
 
@@ -61,8 +74,11 @@ def wait_images(driver):
     """Until every image on the page has loaded (served and decoded)."""
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(driver, 15).until(lambda d: d.execute_script(
-        "return document.images.length > 0 && [...document.images].every(i => i.complete && i.naturalWidth > 0)"))
+    WebDriverWait(driver, 15).until(
+        lambda d: d.execute_script(
+            "return document.images.length > 0 && [...document.images].every(i => i.complete && i.naturalWidth > 0)"
+        )
+    )
 
 
 def shot(driver, name):
@@ -195,7 +211,10 @@ def test_comparison_tally_equals_clicks(browser, tmp_path):
             if pos == 0:
                 browser.find_element("css selector", 'input[name="alignment"][value="set1"]').click()
                 shot(browser, "labeling_compare.png")
-            set1_files = [s.get_attribute("src").split("/api/image/")[1] for s in browser.find_elements("css selector", "#set1 img")]
+            set1_files = [
+                s.get_attribute("src").split("/api/image/")[1]
+                for s in browser.find_elements("css selector", "#set1 img")
+            ]
             question = key.index[[json.loads(f) == set1_files for f in key["set1_files"]]][0]
             for crit, choice in (("alignment", alignment), ("quality", quality)):
                 browser.find_element("css selector", f'input[name="{crit}"][value="{choice}"]').click()
@@ -219,7 +238,9 @@ def test_comparison_tally_equals_clicks(browser, tmp_path):
 def test_token_link_works_in_the_browser(browser, tmp_path):
     """Off loopback (127.0.0.2): the printed link sets the cookie, then pages, API and images work;
     without it the browser gets 401 only."""
-    server = Server("--manifest", str(make_manifest(tmp_path, n=2)), "--host", "127.0.0.2", env={"TN_RAY_LABEL_TOKEN": ""})
+    server = Server(
+        "--manifest", str(make_manifest(tmp_path, n=2)), "--host", "127.0.0.2", env={"TN_RAY_LABEL_TOKEN": ""}
+    )
     try:
         browser.delete_all_cookies()
         browser.get(server.url + "task?annotator=eve")

@@ -6,7 +6,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TOP_LEVEL = {"__init__.py", "_version.py", "cli.py", "config.py", "storage.py", "cluster.py", "errors.py", "testing.py", "provenance.py"}
+TOP_LEVEL = {
+    "__init__.py",
+    "_version.py",
+    "cli.py",
+    "config.py",
+    "storage.py",
+    "cluster.py",
+    "errors.py",
+    "testing.py",
+    "provenance.py",
+}
 
 
 def modules() -> set[str]:
@@ -25,9 +35,13 @@ def test_top_level_holds_only_the_shared_foundation():
 def test_readme_module_table_is_the_tree():
     readme = (REPO / "README.md").read_text()
     listed = set(re.findall(r"^\| `(tn_ray/[^`]+\.py)` \|", readme, flags=re.M))
-    assert listed == modules(), (f"in the tree, not in README: {sorted(modules() - listed)}; "
-                                 f"in README, not in the tree: {sorted(listed - modules())}")
-    named = set(re.findall(r"tn_ray/[A-Za-z0-9_/]+\.py", readme + "".join(p.read_text() for p in (REPO / "docs").glob("*.md"))))
+    assert listed == modules(), (
+        f"in the tree, not in README: {sorted(modules() - listed)}; "
+        f"in README, not in the tree: {sorted(listed - modules())}"
+    )
+    named = set(
+        re.findall(r"tn_ray/[A-Za-z0-9_/]+\.py", readme + "".join(p.read_text() for p in (REPO / "docs").glob("*.md")))
+    )
     assert not [n for n in named if not (REPO / n).is_file()]
 
 
@@ -53,10 +67,26 @@ def test_the_command_line_starts_without_the_heavy_stack():
     import subprocess
     import sys
 
-    heavy = ["torch", "ray", "diffusers", "transformers", "open_clip", "peft", "pandas", "pyarrow", "numpy",
-             "scipy", "sklearn", "matplotlib", "fastapi", "uvicorn", "optuna", "openai", "PIL"]
-    code = ("import sys, tn_ray.cli as c; c.build_parser(); "
-            f"print([m for m in {heavy!r} if m in sys.modules])")
+    heavy = [
+        "torch",
+        "ray",
+        "diffusers",
+        "transformers",
+        "open_clip",
+        "peft",
+        "pandas",
+        "pyarrow",
+        "numpy",
+        "scipy",
+        "sklearn",
+        "matplotlib",
+        "fastapi",
+        "uvicorn",
+        "optuna",
+        "openai",
+        "PIL",
+    ]
+    code = f"import sys, tn_ray.cli as c; c.build_parser(); print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
@@ -65,6 +95,7 @@ def test_quickstart_steps_read_the_packaged_yamls_the_docs_show():
     """The quickstart's best-of-n, RWR and DDPO settings are the files of ``sweeps/`` (links to the packaged
     YAMLs, shipped as package data): one file each, so the quickstart cannot drift from the docs."""
     import fnmatch
+
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
     from tn_ray.config import load_config
@@ -74,7 +105,11 @@ def test_quickstart_steps_read_the_packaged_yamls_the_docs_show():
     from tn_ray.training.rwr import RwrConfig
 
     patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["tn_ray"]
-    for name, model in (("bestofn_tiny.yaml", BestOfNConfig), ("rwr_tiny.yaml", RwrConfig), ("ddpo_tiny.yaml", DDPOConfig)):
+    for name, model in (
+        ("bestofn_tiny.yaml", BestOfNConfig),
+        ("rwr_tiny.yaml", RwrConfig),
+        ("ddpo_tiny.yaml", DDPOConfig),
+    ):
         packaged = quickstart.SETTINGS / name
         assert (REPO / "sweeps" / name).resolve() == packaged.resolve(), f"sweeps/{name} is not the packaged file"
         assert any(fnmatch.fnmatch(str(packaged.relative_to(REPO / "tn_ray")), p) for p in patterns), name

@@ -28,7 +28,9 @@ prompt = st.integers(1, 40).flatmap(lambda n: st.tuples(
 @given(prompt, st.sampled_from([1, 2, 5, 10, 25]))
 def test_ap_at_k_is_sklearn_average_precision_on_the_top_k(case, k):
     labels, scores = case
-    assert metrics.ap_at_k(np.array(labels), np.array(scores), k) == pytest.approx(sklearn_on_top_k(labels, scores, k), abs=1e-12)
+    assert metrics.ap_at_k(np.array(labels), np.array(scores), k) == pytest.approx(
+        sklearn_on_top_k(labels, scores, k), abs=1e-12
+    )
 
 
 @settings(max_examples=60, deadline=None)
@@ -58,9 +60,15 @@ def test_per_set_counts_the_prompts_its_rank_correlations_average():
 
     from tn_ray.analysis.metrics import per_prompt, per_set
 
-    frame = pd.DataFrame({"set": "s", "prompt": ["a"] * 4 + ["b"] * 4 + ["c"] * 4,
-                          "binary": [0, 1, 0, 1] * 3, "fine": [0.0, 1.0, 0.2, 0.9] * 3,
-                          "r": [1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0, 4.0, 3.0, 2.0, 1.0]})
+    frame = pd.DataFrame(
+        {
+            "set": "s",
+            "prompt": ["a"] * 4 + ["b"] * 4 + ["c"] * 4,
+            "binary": [0, 1, 0, 1] * 3,
+            "fine": [0.0, 1.0, 0.2, 0.9] * 3,
+            "r": [1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0, 4.0, 3.0, 2.0, 1.0],
+        }
+    )
     table = per_prompt(frame, ["r"])
     row = per_set(table).iloc[0]
     assert row["n_prompts"] == 3 and row["n_corr"] == 2  # prompt b's constant rewards: no Spearman / Kendall

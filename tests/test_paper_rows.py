@@ -44,7 +44,9 @@ def test_reference_rows_reproduce_the_released_means(tia2_dir):
 
 
 def test_paper_command_prints_the_table(tia2_dir, tmp_path, capsys):
-    assert main(["tia2", "paper", "--tia2-dir", str(tia2_dir), "--sets", "counting", "--out", str(tmp_path / "p.md")]) == 0
+    assert (
+        main(["tia2", "paper", "--tia2-dir", str(tia2_dir), "--sets", "counting", "--out", str(tmp_path / "p.md")]) == 0
+    )
     printed = capsys.readouterr().out
     text = (tmp_path / "p.md").read_text()
     assert text in printed and "## counting (146 prompts with mixed labels" in text and "## composition" not in text
@@ -71,7 +73,11 @@ def test_a_malformed_release_is_named(tia2_dir, tmp_path):
     first = next(iter(released))
     broken = {**released, first: {**released[first], "clip": {"auroc": 0.5}}}
     (root / "alignment_scores/alignment_scores_counting.json").write_text(json.dumps(broken))
-    with pytest.raises(tia2.Tia2Error, match=r"alignment_scores_counting.json: prompt .* reward 'clip' has keys \['auroc'\]"):
+    with pytest.raises(
+        tia2.Tia2Error,
+        match=r"alignment_scores_counting.json: prompt .* reward 'clip' has keys "
+        r"\['auroc'\]",
+    ):
         paper.prompt_table(root, ["counting"])
     del broken[first]
     (root / "alignment_scores/alignment_scores_counting.json").write_text(json.dumps(broken))
@@ -83,7 +89,8 @@ def test_a_malformed_release_is_named(tia2_dir, tmp_path):
     table = paper.prompt_table(root, ["counting"], strict=False)
     assert table.empty
     (root / "alignment_scores/alignment_scores_composition.json").symlink_to(
-        tia2_dir / "alignment_scores/alignment_scores_composition.json")
+        tia2_dir / "alignment_scores/alignment_scores_composition.json"
+    )
     table = paper.prompt_table(root, ["counting", "composition"], strict=False)
     assert set(table["set"]) == {"composition"} and len(table) == len(paper.prompt_table(tia2_dir, ["composition"]))
 
@@ -105,7 +112,9 @@ def test_table2_beside_the_release_says_where_they_differ(tia2_dir, tmp_path):
         assert (sub[sub["reward"] == "textnorm"]["diff"].abs() <= 0.0006).all()
     main(["tia2", "paper", "--tia2-dir", str(tia2_dir), "--sets", "comprehensive", "--out", str(tmp_path / "p.md")])
     text = (tmp_path / "p.md").read_text()
-    assert re.search(r"\| table 2: textnorm +\| +0\.788 \|", text) and re.search(r"\| release: textnorm +\| +0\.773 \|", text)
+    assert re.search(r"\| table 2: textnorm +\| +0\.788 \|", text) and re.search(
+        r"\| release: textnorm +\| +0\.773 \|", text
+    )
     assert "scale 0.1 x13, 1 x11, 3 x13, 5 x14, 10 x33; lambda 0.05 x1, 0.1 x12, 0.5 x10, 1 x61" in text
 
 
@@ -118,7 +127,10 @@ def test_release_params_are_read_per_prompt(tia2_dir):
     assert set(composition["kind"]) == {"mean"} and (composition["lam"] == 0).all()
     raw = tia2.load_alignment_scores("comprehensive", tia2_dir)
     row = params[params["set"] == "comprehensive"].iloc[3]
-    assert row["scale"] == raw[row["prompt"]]["textnorm_ur"]["scale"] and row["lam"] == raw[row["prompt"]]["textnorm_ur"]["lambda"]
+    assert (
+        row["scale"] == raw[row["prompt"]]["textnorm_ur"]["scale"]
+        and row["lam"] == raw[row["prompt"]]["textnorm_ur"]["lambda"]
+    )
 
 
 def test_the_two_readings_of_scale_in_each_rewards_units():
@@ -137,19 +149,32 @@ def test_release_columns_equal_a_per_prompt_hand_computation():
     import pandas as pd
 
     rng = np.random.default_rng(0)
-    rows = pd.DataFrame({"set": ["counting"] * 3 + ["composition"] * 3 + ["counting"],
-                         "prompt": ["a", "a", "b", "c", "c", "c", "z"]})
-    params = pd.DataFrame({"set": ["counting", "counting", "composition"], "prompt": ["a", "b", "c"],
-                           "scale": [0.1, 10.0, 3.0], "lam": [0.5, 1.0, 0.0], "kind": ["uncertainty", "uncertainty", "mean"]})
+    rows = pd.DataFrame(
+        {"set": ["counting"] * 3 + ["composition"] * 3 + ["counting"], "prompt": ["a", "a", "b", "c", "c", "c", "z"]}
+    )
+    params = pd.DataFrame(
+        {
+            "set": ["counting", "counting", "composition"],
+            "prompt": ["a", "b", "c"],
+            "scale": [0.1, 10.0, 3.0],
+            "lam": [0.5, 1.0, 0.0],
+            "kind": ["uncertainty", "uncertainty", "mean"],
+        }
+    )
     ir, ps = rng.normal(size=(7, 4)), rng.normal(size=(7, 4)) * 5 + 20  # pickscore in 100 x cosine
-    cols = paper.release_columns(rows, {"imagereward:tiny": ir, "pickscore:tiny": ps}, params, ["temperature", "multiplier"])
+    cols = paper.release_columns(
+        rows, {"imagereward:tiny": ir, "pickscore:tiny": ps}, params, ["temperature", "multiplier"]
+    )
 
     def soft(v, tau):
         e = np.exp((v - v.max()) / tau)
         return e[0] / e.sum()
 
     for i, (scale, lam) in enumerate([(0.1, 0.5), (0.1, 0.5), (10.0, 1.0), (3.0, 0.0), (3.0, 0.0), (3.0, 0.0)]):
-        for reading, (t_ir, t_ps) in {"temperature": (scale, 100 * scale), "multiplier": (1 / scale, 100 / scale)}.items():
+        for reading, (t_ir, t_ps) in {
+            "temperature": (scale, 100 * scale),
+            "multiplier": (1 / scale, 100 / scale),
+        }.items():
             a, b = soft(ir[i], t_ir), soft(ps[i], t_ps)
             want = (a + b) / 2 - lam * ((a - b) / 2) ** 2
             assert cols[paper.release_column_name(reading)][i] == pytest.approx(want, rel=1e-10)

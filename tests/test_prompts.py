@@ -43,16 +43,20 @@ def test_vocabulary_is_cifar10_plus_15_coco_classes_of_tia2(tia2_dir):
 
 
 @pytest.mark.parametrize("x0, expected", [
-    ("a realistic photo of three deer", ["a realistic photo of a deer", "a realistic photo of two deer", "a realistic photo of six deer"]),
+    ("a realistic photo of three deer", ["a realistic photo of a deer", "a realistic photo of two deer", "a realistic "
+                                                                                                         "photo of six "
+                                                                                                         "deer"]),
     ("a photo of a sheep", ["a photo of two sheep", "a photo of five sheep"]),
     ("a photo of a person", ["a photo of two people", "a photo of three people"]),
     ("a photo of two knives", ["a photo of a knife", "a photo of three knives"]),
     ("a photo of three mice", ["a photo of a mouse", "a photo of two mice"]),
-    ("a realistic photo of two teddy bears", ["a realistic photo of a teddy bear", "a realistic photo of four teddy bears"]),
+    ("a realistic photo of two teddy bears", ["a realistic photo of a teddy bear", "a realistic photo of four teddy "
+                                                                                   "bears"]),
     ("a realistic photo of two umbrellas", ["a realistic photo of an umbrella"]),
     ("a photo of 3 wolves", ["a photo of 1 wolf", "a photo of 2 wolves"]),
     ("Five cars on the street.", ["A car on the street.", "Six cars on the street."]),
-    ("One cat and two dogs sitting on the grass.", ["One cat and one dog sitting on the grass.", "Two dogs sitting on the grass."]),
+    ("One cat and two dogs sitting on the grass.", ["One cat and one dog sitting on the grass.", "Two dogs sitting on "
+                                                                                                 "the grass."]),
 ])
 def test_counting_rules_plurals_and_articles(x0, expected):
     out = contrast(x0)
@@ -181,7 +185,9 @@ def test_parse_answer_formats():
     x0 = "a photo of one cat"
     answer = ('Here are the prompts:\n1. "a photo of two cats"\n2) a photo of three cats,\n- \'a photo of a dog\'\n'
               '* a photo of ONE cat.\n(5) **a photo of four cats**\n6. a photo of two cats\n7.\n\nHope this helps!')
-    assert parse_answer(answer, x0) == ["a photo of two cats", "a photo of three cats", "a photo of a dog", "a photo of four cats"]
+    assert parse_answer(answer, x0) == ["a photo of two cats", "a photo of three cats", "a photo of a dog", "a photo "
+                                                                                                            "of four "
+                                                                                                            "cats"]
     assert parse_answer(answer, x0, limit=2) == ["a photo of two cats", "a photo of three cats"]
     assert parse_answer('["a b", "x", "c d", "a b"]', "x") == ["a b", "c d"]
     assert parse_answer('```json\n["a b", "c d"]\n```', "x") == ["a b", "c d"]
@@ -200,7 +206,11 @@ def test_parse_answer_round_trip(prompts, marker, quote, x0):
     """Any marked, quoted list between a lead-in and a sign-off parses back to its cleaned items."""
     assume(any(p.strip() for p in prompts))
     close = "\u201d" if quote == "\u201c" else quote
-    answer = "Sure, here they are:\n" + "\n".join(marker.format(i=i) + quote + p + close for i, p in enumerate(prompts, 1)) + "\nDone."
+    answer = (
+        "Sure, here they are:\n"
+        + "\n".join(marker.format(i=i) + quote + p + close for i, p in enumerate(prompts, 1))
+        + "\nDone."
+    )
     got = parse_answer(answer, x0)
     assert got == clean(x0, prompts)
     assert normalize(x0) not in {normalize(g) for g in got} and len({normalize(g) for g in got}) == len(got)
@@ -212,8 +222,10 @@ def test_parse_answer_round_trip(prompts, marker, quote, x0):
 
 
 def good_answer(x0: str) -> str:
-    return (f'Here are the prompts:\n1. "{x0} at night"\n2) {x0} in the rain\n- \'{x0} in winter\'\n'
-            f"3. {x0}\n4. {x0} at night\n5.\n")
+    return (
+        f"Here are the prompts:\n1. \"{x0} at night\"\n2) {x0} in the rain\n- '{x0} in winter'\n"
+        f"3. {x0}\n4. {x0} at night\n5.\n"
+    )
 
 
 GOOD = lambda x0: [f"{x0} at night", f"{x0} in the rain", f"{x0} in winter"]  # noqa: E731
@@ -245,15 +257,32 @@ class FakeLLM:
                 try:
                     time.sleep(fake.delay)
                     if self.headers.get("Authorization") != f"Bearer {fake.key}" or action == 401:
-                        return self._send(401, {"error": {"message": "Incorrect API key", "type": "invalid_request_error"}})
+                        return self._send(
+                            401, {"error": {"message": "Incorrect API key", "type": "invalid_request_error"}}
+                        )
                     if isinstance(action, int):
                         headers = {"retry-after-ms": "10"} if action == 429 else {}
-                        return self._send(action, {"error": {"message": f"status {action}", "type": "server_error"}}, headers)
+                        return self._send(
+                            action, {"error": {"message": f"status {action}", "type": "server_error"}}, headers
+                        )
                     content = good_answer(x0) if action == "ok" else "Sorry, I can't help with that."
-                    self._send(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
-                                     "choices": [{"index": 0, "finish_reason": "stop",
-                                                  "message": {"role": "assistant", "content": content}}],
-                                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+                    self._send(
+                        200,
+                        {
+                            "id": "chatcmpl-1",
+                            "object": "chat.completion",
+                            "created": 0,
+                            "model": body["model"],
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "finish_reason": "stop",
+                                    "message": {"role": "assistant", "content": content},
+                                }
+                            ],
+                            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                        },
+                    )
                 finally:
                     with fake.lock:
                         fake.inflight -= 1
@@ -290,7 +319,9 @@ def llm_server(monkeypatch):
 
 
 def fast_llm(url: str, cache: Path, **kw) -> LlmConfig:
-    return LlmConfig(base_url=url, cache_dir=str(cache), max_retries=1, attempts=2, retry_backoff_s=0.01, timeout_s=10, **kw)
+    return LlmConfig(
+        base_url=url, cache_dir=str(cache), max_retries=1, attempts=2, retry_backoff_s=0.01, timeout_s=10, **kw
+    )
 
 
 def assert_key_absent(key: str, *roots: Path) -> int:
@@ -304,8 +335,12 @@ def assert_key_absent(key: str, *roots: Path) -> int:
 
 
 def test_llm_source_parsing_retries_fallback_and_cache(llm_server, tmp_path):
-    ok, malformed, limited, broken = ("a photo of two cats", "a photo of three dogs", "a photo of a horse and a cow",
-                                      "a photo of four birds")
+    ok, malformed, limited, broken = (
+        "a photo of two cats",
+        "a photo of three dogs",
+        "a photo of a horse and a cow",
+        "a photo of four birds",
+    )
     llm_server.script = {malformed: ["malformed"], limited: [429, "ok"], broken: [500]}
     cfg = fast_llm(llm_server.url, tmp_path / "cache")
     sets = {s.x0: s for s in LlmSource(cfg).generate([ok, malformed, limited, broken])}
@@ -400,8 +435,9 @@ def test_missing_key_errors_only_when_the_llm_is_needed(llm_server, tmp_path, mo
     inp = tmp_path / "in.txt"
     inp.write_text("a photo of two cats\n")
     llm = fast_llm(llm_server.url, tmp_path / "cache")
-    cfg = SynthesisConfig(input=str(inp), out=str(tmp_path / "o.json"), source="llm", workers=1,
-                          sources=SourcesConfig(llm=llm))
+    cfg = SynthesisConfig(
+        input=str(inp), out=str(tmp_path / "o.json"), source="llm", workers=1, sources=SourcesConfig(llm=llm)
+    )
     monkeypatch.delenv("OPENAI_API_KEY")
     with pytest.raises(MissingApiKeyError, match="OPENAI_API_KEY is not set"):
         synthesize(cfg)
@@ -454,18 +490,53 @@ def test_synthesize_rules_and_released_through_the_cli(tmp_path, tia2_dir, ray_s
     inp = tmp_path / "prompts.txt"
     inp.write_text("\n".join(prompts) + "\n")
     out = tmp_path / "rules.json"
-    assert main(["prompts", "synthesize", "--input", str(inp), "--source", "rules", "--out", str(out),
-                 "--workers", "2", "--batch-size", "2"]) == 0
+    assert (
+        main(
+            [
+                "prompts",
+                "synthesize",
+                "--input",
+                str(inp),
+                "--source",
+                "rules",
+                "--out",
+                str(out),
+                "--workers",
+                "2",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     sets = json.loads(out.read_text())
     assert list(sets) == prompts[:-1]  # input order; the unparseable prompt has no set
     assert all(sets[x] == contrast(x) for x in sets)
     report = json.loads((tmp_path / "rules.report.json").read_text())
-    assert report["counts_by_source"] == {"rules": len(prompts) - 1} and report["failures"][0]["x0"] == "dogs chasing horses"
+    assert (
+        report["counts_by_source"] == {"rules": len(prompts) - 1}
+        and report["failures"][0]["x0"] == "dogs chasing horses"
+    )
     assert "1 failures" in capsys.readouterr().out
 
     out2 = tmp_path / "released.json"
-    assert main(["prompts", "synthesize", "--input", str(inp), "--source", "released", "--out", str(out2),
-                 "--tia2-dir", str(tia2_dir)]) == 0
+    assert (
+        main(
+            [
+                "prompts",
+                "synthesize",
+                "--input",
+                str(inp),
+                "--source",
+                "released",
+                "--out",
+                str(out2),
+                "--tia2-dir",
+                str(tia2_dir),
+            ]
+        )
+        == 0
+    )
     released = json.loads(out2.read_text())
     tia2_sets = {**load_prompt_sets("counting", tia2_dir), **load_prompt_sets("composition", tia2_dir)}
     assert released == {x: clean(x, tia2_sets[x]) for x in prompts[:-1]}
@@ -482,8 +553,14 @@ def test_synthesize_llm_on_ray_bounded_workers_cache_and_no_key_leak(llm_server,
     llm_server.delay = 0.05
     inp = tmp_path / "in.json"
     inp.write_text(json.dumps(prompts))
-    cfg = SynthesisConfig(input=str(inp), out=str(tmp_path / "out" / "llm.json"), source="llm", workers=2, batch_size=1,
-                          sources=SourcesConfig(llm=fast_llm(llm_server.url, tmp_path / "cache")))
+    cfg = SynthesisConfig(
+        input=str(inp),
+        out=str(tmp_path / "out" / "llm.json"),
+        source="llm",
+        workers=2,
+        batch_size=1,
+        sources=SourcesConfig(llm=fast_llm(llm_server.url, tmp_path / "cache")),
+    )
     paths = synthesize(cfg)
     sets = json.loads(paths["sets"].read_text())
     report = json.loads(paths["report"].read_text())
@@ -548,14 +625,25 @@ def test_tia2_eval_with_rule_built_sets(tmp_path, tia2_dir, ray_session):
         first = labels["prompt"].drop_duplicates().iloc[:2]
         (tmp_path / "images" / set_name).mkdir(parents=True)
         for image_id in labels[labels["prompt"].isin(first)]["image_id"]:
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "images" / set_name / image_id)
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / "images" / set_name / image_id
+            )
         inp = tmp_path / f"{set_name}.txt"
         inp.write_text("\n".join(first) + "\n")
-        synthesize(SynthesisConfig(input=str(inp), out=str(tmp_path / f"rules_{set_name}.json"), source="rules", workers=1))
+        synthesize(
+            SynthesisConfig(input=str(inp), out=str(tmp_path / f"rules_{set_name}.json"), source="rules", workers=1)
+        )
 
-    cfg = Tia2EvalConfig(images=str(tmp_path / "images"), tia2_dir=str(tia2_dir), out=str(tmp_path / "eval"),
-                         models=["clip:tiny"], sets=["counting", "composition"], max_prompts=2,
-                         contrast=str(tmp_path / "rules_{set}.json"), scoring=ScoringConfig(batch_size=50))
+    cfg = Tia2EvalConfig(
+        images=str(tmp_path / "images"),
+        tia2_dir=str(tia2_dir),
+        out=str(tmp_path / "eval"),
+        models=["clip:tiny"],
+        sets=["counting", "composition"],
+        max_prompts=2,
+        contrast=str(tmp_path / "rules_{set}.json"),
+        scoring=ScoringConfig(batch_size=50),
+    )
     paths = run(cfg)
     per_set = Path(paths["per_set_csv"]).read_text()
     assert "counting" in per_set and "composition" in per_set
@@ -563,7 +651,7 @@ def test_tia2_eval_with_rule_built_sets(tmp_path, tia2_dir, ray_session):
     assert len(matrix) == 200
     for prompt, texts, values in zip(matrix.keys["prompt"], matrix.texts, matrix.values):
         assert texts == [prompt, *contrast(prompt)]
-        assert np.isfinite(values[: len(texts)]).all() and np.isnan(values[len(texts):]).all()
+        assert np.isfinite(values[: len(texts)]).all() and np.isnan(values[len(texts) :]).all()
 
 
 def test_contrast_set_and_registry():
@@ -588,17 +676,34 @@ def test_texts_for_counts_repeats_and_own_x0_and_keeps_them_without_dedupe(tmp_p
     from tn_ray.prompts.contrast import load_contrast, texts_for
 
     path = tmp_path / "sets.json"
-    path.write_text(json.dumps({"a cat": ["two cats", "a dog", "two cats", "a cat"], "two dogs": ["three dogs"],
-                                "a bird": ["a fish", "a fish", "a fish"]}))
+    path.write_text(
+        json.dumps(
+            {
+                "a cat": ["two cats", "a dog", "two cats", "a cat"],
+                "two dogs": ["three dogs"],
+                "a bird": ["a fish", "a fish", "a fish"],
+            }
+        )
+    )
     sets = load_contrast(str(path))
     prompts = ["a cat", "two dogs", "a bird", "a cat"]
     stats: dict = {}
     with caplog.at_level("INFO", logger="tn_ray.prompts.contrast"):
         texts = texts_for(prompts, sets, str(path), stats=stats)
-    assert texts == [["a cat", "two cats", "a dog"], ["two dogs", "three dogs"], ["a bird", "a fish"],
-                     ["a cat", "two cats", "a dog"]]
-    assert stats == {"sets": 3, "sets_with_duplicates": 2, "duplicates": 3, "sets_with_x0": 1, "dedupe": True,
-                     "example": "a cat"}
+    assert texts == [
+        ["a cat", "two cats", "a dog"],
+        ["two dogs", "three dogs"],
+        ["a bird", "a fish"],
+        ["a cat", "two cats", "a dog"],
+    ]
+    assert stats == {
+        "sets": 3,
+        "sets_with_duplicates": 2,
+        "duplicates": 3,
+        "sets_with_x0": 1,
+        "dedupe": True,
+        "example": "a cat",
+    }
     line = " ".join(r.getMessage() for r in caplog.records)
     assert "2 of 3 sets repeat a prompt (3 repeats), 1 hold their own x0; removed" in line and "'a cat'" in line
     kept: dict = {}
@@ -611,14 +716,22 @@ def test_released_composition_sets_with_repeats_are_counted(tia2_dir):
     from tn_ray.data import tia2
     from tn_ray.prompts.contrast import load_contrast, texts_for
 
-    for name, with_dupes, repeats, with_x0 in [("composition", 32, 41, 0), ("comprehensive", 0, 0, 1), ("counting", 0, 0, 0)]:
+    for name, with_dupes, repeats, with_x0 in [
+        ("composition", 32, 41, 0),
+        ("comprehensive", 0, 0, 1),
+        ("counting", 0, 0, 0),
+    ]:
         sets = load_contrast(f"released:{name}", tia2_dir=tia2_dir)
         raw = tia2.load_prompt_sets(name, tia2_dir)  # independent count: list lengths against set sizes
         assert sum(len(xs) != len(set(xs)) for xs in raw.values()) == with_dupes
         stats: dict = {}
         texts = texts_for(list(sets), sets, name, stats=stats)
-        assert (stats["sets"], stats["sets_with_duplicates"], stats["duplicates"], stats["sets_with_x0"]) == \
-            (len(raw), with_dupes, repeats, with_x0)
+        assert (stats["sets"], stats["sets_with_duplicates"], stats["duplicates"], stats["sets_with_x0"]) == (
+            len(raw),
+            with_dupes,
+            repeats,
+            with_x0,
+        )
         exact = texts_for(list(sets), sets, name, dedupe=False)
         assert all(t[1:] == raw[t[0]] for t in exact)  # dedupe: false is the release, exactly
         assert sum(len(t) for t in exact) - sum(len(t) for t in texts) == repeats + with_x0
@@ -633,27 +746,57 @@ def test_paper_preset_request_for_a_black_colored_car_is_algorithm_1():
     from tn_ray.prompts.llm import request
     from tn_ray.prompts.settings import LlmConfig
 
-    system = ("Create captions that are different from the original input used for the text-to-image generation model, "
-              "referencing the provided failure cases. The new captions should offer perspectives that are distinct from "
-              "the original context of the images. Ensure that each contrasting caption provides a distinct perspective, "
-              "while maintaining the integrity of the image's subject matters. Let's think step by step.")
-    table19 = {"colors": ("A blue bird and a brown bear.", ["A pair of bears, one blue and the other brown.",
-                                                             "A blue bear and a brown bear, no bird in sight.",
-                                                             "Two bears, both brown, no blue bird.",
-                                                             "Two bears, one brown and the other unexpectedly blue."]),
-               "counting": ("Four cars on the street.", ["Two cars on the street.", "Three cars on the street.",
-                                                         "Five cars on the street.", "Six cars on the street."])}
+    system = (
+        "Create captions that are different from the original input used for the text-to-image generation model, "
+        "referencing the provided failure cases. The new captions should offer perspectives that are distinct "
+        "from "
+        "the original context of the images. Ensure that each contrasting caption provides a distinct "
+        "perspective, "
+        "while maintaining the integrity of the image's subject matters. Let's think step by step."
+    )
+    table19 = {
+        "colors": (
+            "A blue bird and a brown bear.",
+            [
+                "A pair of bears, one blue and the other brown.",
+                "A blue bear and a brown bear, no bird in sight.",
+                "Two bears, both brown, no blue bird.",
+                "Two bears, one brown and the other unexpectedly blue.",
+            ],
+        ),
+        "counting": (
+            "Four cars on the street.",
+            [
+                "Two cars on the street.",
+                "Three cars on the street.",
+                "Five cars on the street.",
+                "Six cars on the street.",
+            ],
+        ),
+    }
     expected_system = system
     for category in ("colors", "counting"):
         original, captions = table19[category]
-        expected_system += (category + "[\nOriginal prompt:" + original + "\nContrasting captions:"
-                            + "".join(f"{i}. {c}\n" for i, c in enumerate(captions, 1)) + "]\n")
+        expected_system += (
+            category
+            + "[\nOriginal prompt:"
+            + original
+            + "\nContrasting captions:"
+            + "".join(f"{i}. {c}\n" for i, c in enumerate(captions, 1))
+            + "]\n"
+        )
     cfg = LlmConfig(preset="paper")
     assert (cfg.model, cfg.temperature, cfg.frequency_penalty) == ("gpt-4-0613", 0.0, 0.2)
     req = request(cfg, "A black colored car")
-    assert req == {"model": "gpt-4-0613", "temperature": 0.0, "frequency_penalty": 0.2,
-                   "messages": [{"role": "system", "content": expected_system},
-                                {"role": "user", "content": "A black colored car"}]}
+    assert req == {
+        "model": "gpt-4-0613",
+        "temperature": 0.0,
+        "frequency_penalty": 0.2,
+        "messages": [
+            {"role": "system", "content": expected_system},
+            {"role": "user", "content": "A black colored car"},
+        ],
+    }
     assert LlmConfig(preset="paper", model="local-llm").model == "local-llm"  # keys given win over the preset
     assert "max_tokens" in request(LlmConfig(), "A black colored car")  # the tn_ray request is unchanged
 
@@ -667,7 +810,16 @@ def test_paper_examples_are_table_19_verbatim():
         pytest.skip("the paper's text is not in ../shared/papers")
     text = paper.read_text()
     assert f'"content": "{PAPER_SYSTEM}"' in text
-    assert set(PAPER_EXAMPLES) == {"text", "style", "composition", "counting", "creative", "location", "colors", "spatial"}
+    assert set(PAPER_EXAMPLES) == {
+        "text",
+        "style",
+        "composition",
+        "counting",
+        "creative",
+        "location",
+        "colors",
+        "spatial",
+    }
     for category, [example] in PAPER_EXAMPLES.items():
         outputs = ", ".join(f"\u201c{c}\u201d" for c in example["proper_candidates"])
         assert f"Input: \u201c{example['original_prompt']}\u201d\nOutput: [{outputs}]" in text, category

@@ -26,21 +26,30 @@ def test_record_writes_config_packages_commit_and_revisions(tmp_path):
     from tn_ray.diffusion.pipelines import pipeline_revisions
     from tn_ray.rewards.revisions import reward_revisions
 
-    revisions = {**pipeline_revisions([("tiny", None), (str(tmp_path), None)]), **reward_revisions(["clip:tiny", "brightness"])}
+    revisions = {
+        **pipeline_revisions([("tiny", None), (str(tmp_path), None)]),
+        **reward_revisions(["clip:tiny", "brightness"]),
+    }
     rec = record(tmp_path, Cfg(), revisions=revisions)
     on_disk = json.loads((tmp_path / FILENAME).read_text())
     assert on_disk == rec
     assert on_disk["config"] == {"lr": 1e-3, "steps": 2, "ray": {}, "stop_after_steps": None}
     for name in ("torch", "diffusers", "transformers", "ray", "peft", "open_clip", "numpy"):
         assert on_disk["packages"][name] == metadata.version(provenance.PACKAGES[name])
-    assert on_disk["revisions"] == {"pipeline:tiny": "random-init", f"pipeline:{tmp_path}": "local",
-                                    "reward:clip:tiny": "random-init", "reward:brightness": "builtin"}
+    assert on_disk["revisions"] == {
+        "pipeline:tiny": "random-init",
+        f"pipeline:{tmp_path}": "local",
+        "reward:clip:tiny": "random-init",
+        "reward:brightness": "builtin",
+    }
     commit = on_disk["tn_ray"]["commit"]
     root = Path(provenance.__file__).resolve().parent.parent
     if (root / ".git").exists():  # a checkout: the commit git itself reports
         import subprocess
 
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
         assert commit == head and len(commit) == 40
     else:
         assert commit.startswith("package ")
@@ -64,8 +73,12 @@ def test_hub_revision_is_the_cached_snapshot_commit(tmp_path, monkeypatch):
 
 
 def test_differences_name_each_changed_key_and_ignore_ray_and_stop_after_steps():
-    old = {"config": {"lr": 1e-3, "steps": 2, "ray": {"address": None}, "stop_after_steps": 1, "x": {"y": 1}},
-           "packages": {"torch": "2.0"}, "tn_ray": {"commit": "a", "dirty": True}, "revisions": {"reward:m": "abc"}}
+    old = {
+        "config": {"lr": 1e-3, "steps": 2, "ray": {"address": None}, "stop_after_steps": 1, "x": {"y": 1}},
+        "packages": {"torch": "2.0"},
+        "tn_ray": {"commit": "a", "dirty": True},
+        "revisions": {"reward:m": "abc"},
+    }
     same = json.loads(json.dumps(old))
     same["config"].update(ray={"address": "auto"}, stop_after_steps=None)
     same["tn_ray"]["dirty"] = False
@@ -75,8 +88,12 @@ def test_differences_name_each_changed_key_and_ignore_ray_and_stop_after_steps()
     new["packages"]["torch"] = "2.1"
     new["tn_ray"]["commit"] = "b"
     new["revisions"]["reward:m"] = "def"
-    assert differences(old, new) == ["config.x.y: 1 -> 2", "packages.torch: \"2.0\" -> \"2.1\"", "tn_ray commit: a -> b",
-                                     "revisions.reward:m: \"abc\" -> \"def\""]
+    assert differences(old, new) == [
+        "config.x.y: 1 -> 2",
+        'packages.torch: "2.0" -> "2.1"',
+        "tn_ray commit: a -> b",
+        'revisions.reward:m: "abc" -> "def"',
+    ]
 
 
 def test_a_changed_record_refuses_and_the_flag_continues_keeping_the_old_one(tmp_path):
@@ -96,8 +113,11 @@ def test_a_changed_record_refuses_and_the_flag_continues_keeping_the_old_one(tmp
 
 def test_a_changed_package_version_refuses(tmp_path, monkeypatch):
     record(tmp_path, Cfg())
-    monkeypatch.setattr(provenance, "package_versions", lambda: {**json.loads((tmp_path / FILENAME).read_text())["packages"],
-                                                                 "torch": "0.0.1"})
+    monkeypatch.setattr(
+        provenance,
+        "package_versions",
+        lambda: {**json.loads((tmp_path / FILENAME).read_text())["packages"], "torch": "0.0.1"},
+    )
     with pytest.raises(ProvenanceChanged, match=r"packages\.torch: \"[^\"]+\" -> \"0\.0\.1\""):
         record(tmp_path, Cfg())
 
@@ -105,6 +125,7 @@ def test_a_changed_package_version_refuses(tmp_path, monkeypatch):
 def test_cli_resume_with_changed_record_is_one_line_before_ray_and_the_flag_continues(tmp_path, monkeypatch, capsys):
     """`tn-ray rwr` into a run folder whose provenance.json differs: one line naming the difference,
     before Ray starts; with --allow-provenance-change it goes on to Ray (patched to stop there)."""
+
     class RayStarted(BaseException):
         pass
 
@@ -114,10 +135,17 @@ def test_cli_resume_with_changed_record_is_one_line_before_ray_and_the_flag_cont
     monkeypatch.setattr("tn_ray.cluster.init_ray", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "run"
-    cfg = {"out": str(out), "prompts": ["a cat"], "max_steps": 2, "policy": {"pipeline": "tiny"},
-           "reward": {"models": ["brightness"], "use": "brightness"}, "eval": {"enabled": False},
-           "generation": {"samples_per_prompt": 2, "num_inference_steps": 2, "height": 32, "width": 32},
-           "top_k": 1, "batch_size": 1}
+    cfg = {
+        "out": str(out),
+        "prompts": ["a cat"],
+        "max_steps": 2,
+        "policy": {"pipeline": "tiny"},
+        "reward": {"models": ["brightness"], "use": "brightness"},
+        "eval": {"enabled": False},
+        "generation": {"samples_per_prompt": 2, "num_inference_steps": 2, "height": 32, "width": 32},
+        "top_k": 1,
+        "batch_size": 1,
+    }
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(RayStarted):  # first run: the record is written, then work starts
@@ -158,9 +186,16 @@ def test_cli_ddpo_into_an_old_format_folder_is_one_line_before_ray(tmp_path, mon
     monkeypatch.setattr("tn_ray.cluster.init_ray", lambda *a, **k: pytest.fail("Ray started"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "run"
-    cfg = {"out": str(out), "prompts": ["a cat"], "max_steps": 2, "policy": {"pipeline": "tiny"},
-           "reward": {"models": ["brightness"], "use": "brightness"}, "eval": {"enabled": False},
-           "sample": {"num_steps": 2, "batch_size": 2, "num_batches_per_epoch": 1}, "train": {"batch_size": 2}}
+    cfg = {
+        "out": str(out),
+        "prompts": ["a cat"],
+        "max_steps": 2,
+        "policy": {"pipeline": "tiny"},
+        "reward": {"models": ["brightness"], "use": "brightness"},
+        "eval": {"enabled": False},
+        "sample": {"num_steps": 2, "batch_size": 2, "num_batches_per_epoch": 1},
+        "train": {"batch_size": 2},
+    }
     path = tmp_path / "d.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out.mkdir()

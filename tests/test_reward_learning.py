@@ -64,7 +64,12 @@ def test_ece_equals_hand_computation():
 @given(n_a=st.integers(1, 30), n_b=st.integers(1, 30), per=st.integers(1, 4), seed=st.integers(0, 10_000),
        val=st.sampled_from([0.0, 0.1, 0.2, 0.3]), test=st.sampled_from([0.0, 0.1, 0.2, 0.4]))
 def test_split_puts_every_prompt_in_one_part(n_a, n_b, per, seed, val, test):
-    rows = [(s, f"{s} prompt {i}", f"{s}/{i}_{k}") for s, n in (("a", n_a), ("b", n_b)) for i in range(n) for k in range(per)]
+    rows = [
+        (s, f"{s} prompt {i}", f"{s}/{i}_{k}")
+        for s, n in (("a", n_a), ("b", n_b))
+        for i in range(n)
+        for k in range(per)
+    ]
     rows.append(("b", "a prompt 0", "b/shared"))  # the same prompt text in two sets: still one part
     frame = pd.DataFrame(rows, columns=["set", "prompt", "image_key"])
     split = SplitBlock(val=val, test=test, seed=seed)
@@ -87,13 +92,27 @@ def _shapes(root: Path, images_per_prompt: int = 2) -> Path:
 
 
 def _config(root: Path, out: Path, **over) -> dict:
-    sets = {s: {"labels": str(root / "tia2" / "human_annotations" / f"human_labels_{s}.json"),
-                "images": str(root / "images" / s)} for s in ("counting", "composition")}
-    cfg = {"out": str(out), "backbone": "clip:tiny", "feature_cache": str(root / "features"),
-           "data": {"sets": sets, "contrast": str(root / "tia2" / "prompts" / "prompt_set_{set}.json"),
-                    "split": {"val": 0.3, "test": 0.3}},
-           "head": {"hidden": 16, "layers": 1}, "train": {"epochs": 2, "batch_size": 8},
-           "report": {"compare_without_aux": False}, "logging": {"tensorboard": False, "progress_bar": False}}
+    sets = {
+        s: {
+            "labels": str(root / "tia2" / "human_annotations" / f"human_labels_{s}.json"),
+            "images": str(root / "images" / s),
+        }
+        for s in ("counting", "composition")
+    }
+    cfg = {
+        "out": str(out),
+        "backbone": "clip:tiny",
+        "feature_cache": str(root / "features"),
+        "data": {
+            "sets": sets,
+            "contrast": str(root / "tia2" / "prompts" / "prompt_set_{set}.json"),
+            "split": {"val": 0.3, "test": 0.3},
+        },
+        "head": {"hidden": 16, "layers": 1},
+        "train": {"epochs": 2, "batch_size": 8},
+        "report": {"compare_without_aux": False},
+        "logging": {"tensorboard": False, "progress_bar": False},
+    }
     for k, v in over.items():
         cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
     return cfg
@@ -107,12 +126,21 @@ def test_learned_reward_scores_the_same_on_ray_actors_and_in_process(ray_session
 
     root = _shapes(tmp_path / "shapes")
     torch.manual_seed(3)
-    spec = f"learned:{export(RewardHead(32, hidden=8, layers=1), str(tmp_path / 'heads'), {'backbone': 'clip:tiny', 'kind': 'mse'})}"
+    meta = {"backbone": "clip:tiny", "kind": "mse"}
+    folder = export(RewardHead(32, hidden=8, layers=1), str(tmp_path / "heads"), meta)
+    spec = f"learned:{folder}"
     labels = json.loads((root / "tia2" / "human_annotations" / "human_labels_counting.json").read_text())
     sets = json.loads((root / "tia2" / "prompts" / "prompt_set_counting.json").read_text())
     names = sorted(labels)[:5]
-    items = pd.DataFrame({"set": "counting", "prompt": [labels[n]["caption"] for n in names], "image_id": names,
-                          "image_key": names, "image": [str(root / "images" / "counting" / n) for n in names]})
+    items = pd.DataFrame(
+        {
+            "set": "counting",
+            "prompt": [labels[n]["caption"] for n in names],
+            "image_id": names,
+            "image_key": names,
+            "image": [str(root / "images" / "counting" / n) for n in names],
+        }
+    )
     items["texts"] = [[p, *sets[p]] for p in items["prompt"]]
     on_ray = score_matrices(items, [spec], tmp_path / "cache")[spec]
     local = build(spec, device="cpu").score_rows(list(items["image"]), list(items["texts"]))
@@ -134,7 +162,9 @@ def test_second_training_run_encodes_no_image(ray_session, tmp_path):
     assert first["summary"]["features"]["images_encoded"] == n_images > 0
     assert first["summary"]["features"]["texts_encoded"] > 0
     # another head and loss on the same data: every embedding and backbone reward comes from the cache
-    second = run(validate(RewardTrainConfig, _config(root, tmp_path / "run2", head={"hidden": 8}, loss={"kind": "bce"})))
+    second = run(
+        validate(RewardTrainConfig, _config(root, tmp_path / "run2", head={"hidden": 8}, loss={"kind": "bce"}))
+    )
     assert second["summary"]["features"] == {"images_encoded": 0, "texts_encoded": 0, "backbone_rewards_computed": 0}
     for out in (tmp_path / "run1", tmp_path / "run2"):
         table = pd.read_csv(out / "per_set_test.csv")
@@ -157,7 +187,11 @@ def test_bad_configs_fail_before_ray(tmp_path):
     with pytest.raises(ConfigError, match="leaves no training prompts"):
         validate(RewardTrainConfig, _config(tmp_path, tmp_path / "o", data={"split": {"val": 0.5, "test": 0.5}}))
     entry = registry.get("reward_head")
-    assert entry.check_param(None, "lr", -1.0) and entry.check_param(None, "hidden", 0) and entry.check_param(None, "nope", 1)
+    assert (
+        entry.check_param(None, "lr", -1.0)
+        and entry.check_param(None, "hidden", 0)
+        and entry.check_param(None, "nope", 1)
+    )
     assert entry.check_param(None, "aux_weight", 0.0) is None
     load(Path(__file__).resolve().parents[1] / "sweeps" / "reward_head.yaml")
 
@@ -166,7 +200,9 @@ def test_contrastive_prompts_from_a_prompt_source(tmp_path):
     from tn_ray.reward_learning.config import DataBlock
     from tn_ray.reward_learning.data import attach_texts
 
-    frame = pd.DataFrame({"set": ["s", "s", "t"], "prompt": ["a photo of three red circles"] * 2 + ["a photo of a blue square"]})
+    frame = pd.DataFrame(
+        {"set": ["s", "s", "t"], "prompt": ["a photo of three red circles"] * 2 + ["a photo of a blue square"]}
+    )
     data = DataBlock(sets={"s": {"labels": "l.json", "images": "i"}}, contrast="rules", max_contrast=3)
     texts = attach_texts(frame, data)["texts"].tolist()
     assert [t[0] for t in texts] == list(frame["prompt"]) and texts[0] == texts[1]

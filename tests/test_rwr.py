@@ -43,7 +43,9 @@ def _cfg(out: Path, **kw) -> RwrConfig:
 def _run(cfg: RwrConfig, examples: pd.DataFrame) -> dict:
     torch.set_num_threads(1)
     reports: list[dict] = []
-    Trainer(cfg, RwrMethod, {"examples": examples}, WorkerContext(0, 1, torch.device("cpu"), cfg.out), reports.append).run()
+    Trainer(
+        cfg, RwrMethod, {"examples": examples}, WorkerContext(0, 1, torch.device("cpu"), cfg.out), reports.append
+    ).run()
     return reports
 
 
@@ -176,20 +178,39 @@ def test_rwr_optimizes_the_weighted_likelihood_of_the_kept_images(tmp_path):
     n, k = 8, 3
     block = PolicyBlock(pipeline="tiny", lora={"rank": 8})
     base = Policy.load(block, device="cpu")
-    images = generate_images(base, PROMPTS, list(range(n)), EvalBlock(num_inference_steps=3, height=32, width=32, batch_size=n))
+    images = generate_images(
+        base, PROMPTS, list(range(n)), EvalBlock(num_inference_steps=3, height=32, width=32, batch_size=n)
+    )
     texts = [[p] for p in PROMPTS for _ in range(n)]
     reward = np.array([r[0] for r in build("brightness").score_rows(images, texts)])
     pids = np.repeat([0, 1], n)
     keep = top_k_per_group(reward, pids, k)
-    frame = pd.DataFrame({"image": images, "prompt": [PROMPTS[p] for p in pids], "prompt_id": pids,
-                          "seed": np.tile(np.arange(n), 2), "reward": reward})
+    frame = pd.DataFrame(
+        {
+            "image": images,
+            "prompt": [PROMPTS[p] for p in pids],
+            "prompt_id": pids,
+            "seed": np.tile(np.arange(n), 2),
+            "reward": reward,
+        }
+    )
     gen = GenerationConfig(pipeline="tiny", num_inference_steps=3, height=32, width=32, pipeline_batch_size=n)
     latents = regenerate_latents(base, frame, gen)  # checks the rerun reproduces the stored images
     kept = frame.iloc[keep].assign(weight=reward_weights(reward[keep], pids[keep], "minmax"))
     dropped = np.setdiff1d(np.arange(len(frame)), keep)
 
-    cfg = _cfg(tmp_path / "learn", max_steps=30, checkpoint={"every": 30}, optimizer={"lr": 1e-2}, latents="regenerate",
-               generation=gen.model_dump(), top_k=k, weighting="minmax", beta=0.0, policy=block.model_dump())
+    cfg = _cfg(
+        tmp_path / "learn",
+        max_steps=30,
+        checkpoint={"every": 30},
+        optimizer={"lr": 1e-2},
+        latents="regenerate",
+        generation=gen.model_dump(),
+        top_k=k,
+        weighting="minmax",
+        beta=0.0,
+        policy=block.model_dump(),
+    )
     _run(cfg, kept.reset_index(drop=True))
     trained = Policy.load(block, device="cpu")
     ckpts = Checkpoints(tmp_path / "learn")
@@ -199,8 +220,10 @@ def test_rwr_optimizes_the_weighted_likelihood_of_the_kept_images(tmp_path):
     before = _denoising_error(base, latents, embeds)
     after = _denoising_error(trained, latents, embeds)
     gain_kept = float((before[keep] - after[keep]).mean())
-    print(f"denoising error, kept: {before[keep].mean():.4f} -> {after[keep].mean():.4f}; "
-          f"dropped: {before[dropped].mean():.4f} -> {after[dropped].mean():.4f}")
+    print(
+        f"denoising error, kept: {before[keep].mean():.4f} -> {after[keep].mean():.4f}; "
+        f"dropped: {before[dropped].mean():.4f} -> {after[dropped].mean():.4f}"
+    )
     assert gain_kept > 0.05 * float(before[keep].mean())  # at least 5 % lower on the kept (high-reward) images
 
 
@@ -239,17 +262,30 @@ def test_rwr_raises_the_reward_of_fresh_samples_over_a_control(tmp_path):
     for arm, sign in [("top", 1.0), ("bottom", -1.0)]:
         keep = top_k_per_group(sign * r, np.zeros(n, dtype=int), k)
         kept = pool.iloc[keep].assign(reward=r[keep], weight=1.0).reset_index(drop=True)
-        cfg = _cfg(tmp_path / arm, prompts=[prompt], max_steps=400, checkpoint={"every": 400}, optimizer={"lr": 3e-3},
-                   latents="regenerate", generation=gen.model_dump(), top_k=k, weighting="value", beta=0.0,
-                   batch_size=4, policy=block.model_dump())
+        cfg = _cfg(
+            tmp_path / arm,
+            prompts=[prompt],
+            max_steps=400,
+            checkpoint={"every": 400},
+            optimizer={"lr": 3e-3},
+            latents="regenerate",
+            generation=gen.model_dump(),
+            top_k=k,
+            weighting="value",
+            beta=0.0,
+            batch_size=4,
+            policy=block.model_dump(),
+        )
         _run(cfg, kept)
         trained = Policy.load(block, device="cpu")
         ckpts = Checkpoints(tmp_path / arm)
         trained.load_lora_state(ckpts.load(ckpts.latest())["lora"])
         after[arm] = reward(generate_images(trained, [prompt], fresh, sampling))
     diff = after["top"] - after["bottom"]
-    print(f"fresh-sample brightness: trained on the brightest {after['top'].mean():.4f}, on the darkest "
-          f"{after['bottom'].mean():.4f}; paired difference {diff.mean():+.4f} +- {diff.std(ddof=1) / np.sqrt(n):.4f}")
+    print(
+        f"fresh-sample brightness: trained on the brightest {after['top'].mean():.4f}, on the darkest "
+        f"{after['bottom'].mean():.4f}; paired difference {diff.mean():+.4f} +- {diff.std(ddof=1) / np.sqrt(n):.4f}"
+    )
     assert diff.mean() > 0.001 and diff.mean() > 3 * diff.std(ddof=1) / np.sqrt(n)
 
 
@@ -274,11 +310,21 @@ def test_rwr_command_end_to_end(ray_session, tmp_path, monkeypatch, capsys):
     selection = json.loads((out / "selection.json").read_text())
     assert (selection["selected_by"], selection["paper_rule"]) == ("brightness", True)
     assert selection["step"] == select_checkpoint(table[table["step"] > 0], "brightness")
-    assert selection["judges"]["clip:tiny"]["earliest_max_step"] == select_checkpoint(table[table["step"] > 0], "clip:tiny")
+    assert selection["judges"]["clip:tiny"]["earliest_max_step"] == select_checkpoint(
+        table[table["step"] > 0], "clip:tiny"
+    )
     printed = capsys.readouterr().out
     assert "by the training reward brightness (the paper's rule)" in printed and "judge clip:tiny (monitor)" in printed
-    for rel in ("config.yaml", "curves.png", "grids/00000.png", "grids/00001.png", "human_eval/index.html",
-                "human_eval_key.csv", "data.parquet", "selected/pytorch_lora_weights.safetensors"):
+    for rel in (
+        "config.yaml",
+        "curves.png",
+        "grids/00000.png",
+        "grids/00001.png",
+        "human_eval/index.html",
+        "human_eval_key.csv",
+        "data.parquet",
+        "selected/pytorch_lora_weights.safetensors",
+    ):
         assert (out / rel).is_file(), rel
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert len(pd.read_parquet(out / "data.parquet")) == 2 * 4  # top 4 of 8 per prompt
@@ -291,7 +337,9 @@ def test_rwr_command_end_to_end(ray_session, tmp_path, monkeypatch, capsys):
     x, t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([400])
     emb = policy.encode_prompts(PROMPTS[:1])
     with torch.no_grad():
-        torch.testing.assert_close(plain.unet(x, t, encoder_hidden_states=emb).sample, policy.noise_pred(x, t, emb), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            plain.unet(x, t, encoder_hidden_states=emb).sample, policy.noise_pred(x, t, emb), rtol=0, atol=1e-5
+        )
 
 
 def test_rwr_sweep_parameters_land_at_their_config_keys():
@@ -307,14 +355,24 @@ def test_rwr_sweep_parameters_land_at_their_config_keys():
     data = FineTuneSweepData(base.model_dump(mode="json"), RwrConfig, KEYS)
     before = copy.deepcopy(data.cfg)
     cfg = trial_config({"beta": 0.25, "lr": 1e-4, "weighting": "softmax", "temperature": 2.0, "lora_rank": 8}, data)
-    assert (cfg.beta, cfg.optimizer.lr, cfg.weighting, cfg.temperature, cfg.policy.lora.rank) == (0.25, 1e-4, "softmax", 2.0, 8)
+    assert (cfg.beta, cfg.optimizer.lr, cfg.weighting, cfg.temperature, cfg.policy.lora.rank) == (
+        0.25,
+        1e-4,
+        "softmax",
+        2.0,
+        8,
+    )
     assert cfg.out == f"{base.out}/trials/beta=0.25,lora_rank=8,lr=0.0001,temperature=2.0,weighting=softmax"
     assert cfg.logging.progress_bar is False and data.cfg == before
     changed = {"beta", "optimizer", "weighting", "temperature", "policy", "out", "logging"}
     assert cfg.model_dump(exclude=changed) == base.model_dump(exclude=changed)
     assert cfg.optimizer.model_dump(exclude={"lr"}) == base.optimizer.model_dump(exclude={"lr"})
     assert trial_config({}, data).out == f"{base.out}/trials/default"
-    assert check_param(None, "beta", -1.0) and check_param(None, "kl_coef", 0.5) and check_param(None, "lora_rank", 4) is None
+    assert (
+        check_param(None, "beta", -1.0)
+        and check_param(None, "kl_coef", 0.5)
+        and check_param(None, "lora_rank", 4) is None
+    )
 
 
 def test_rwr_sweep_runs_two_trials_with_evaluations_and_checkpoints(ray_session, tmp_path):
@@ -378,7 +436,9 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path, examples):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = ckpts.latest()
-    assert killed_at is not None and killed_at < steps, f"the run was not killed mid-run (latest checkpoint {killed_at})"
+    assert killed_at is not None and killed_at < steps, (
+        f"the run was not killed mid-run (latest checkpoint {killed_at})"
+    )
     subprocess.run(cmd, env=env, check=True, timeout=600)
     assert ckpts.latest() == steps
     a, b = _final_lora(tmp_path / "straight"), _final_lora(tmp_path / "killed")
@@ -400,8 +460,13 @@ def test_pretrain_term_adds_a_plain_denoising_loss_on_real_images(tmp_path, exam
     block = {"folder": str(folder), "weight": 0.5, "batch_size": 2}
     cfg = _cfg(tmp_path / "pre", max_steps=2, beta=0.25, pretrain=block)
     reports = []
-    Trainer(cfg, RwrMethod, {"examples": examples, "pretrain": load_pretrain(PretrainBlock(**block))},
-            WorkerContext(0, 1, torch.device("cpu"), cfg.out), reports.append).run()
+    Trainer(
+        cfg,
+        RwrMethod,
+        {"examples": examples, "pretrain": load_pretrain(PretrainBlock(**block))},
+        WorkerContext(0, 1, torch.device("cpu"), cfg.out),
+        reports.append,
+    ).run()
     last = reports[-1]
     assert last["pretrain"] > 0
     assert last["loss"] == pytest.approx(last["denoise"] + 0.25 * last["kl"] + 0.5 * last["pretrain"], rel=1e-5)

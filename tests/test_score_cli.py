@@ -33,7 +33,8 @@ def test_score_manifest(tmp_path, ray_session, capsys):
     # a prompt with no set, or an empty one, is an error naming it (its TextNorm would be 1.0), before any scoring
     for sets, named in [({"two dogs": ["three dogs"]}, "no contrastive set .*'a cat'"),
                         ({"two dogs": ["three dogs"], "a cat": []}, "'a cat' has an empty contrastive set"),
-                        ({"two dogs": ["three dogs"], "a cat": "a dog"}, "x2.json: the set of prompt 'a cat' must be a list")]:
+                        ({"two dogs": ["three dogs"], "a cat": "a dog"}, "x2.json: the set of prompt 'a cat' must be a "
+                                                                         "list")]:
         (tmp_path / "x2.json").write_text(json.dumps(sets))
         capsys.readouterr()
         assert main(["score", "--manifest", str(tmp_path / "m.csv"), "--contrast", str(tmp_path / "x2.json"),

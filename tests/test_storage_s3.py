@@ -54,10 +54,20 @@ def test_sweep_keeps_tune_state_on_s3_and_resumes_from_it(s3, ray_session, tmp_p
     from tn_ray.sweep.runner import run_sweep
 
     s3fs, uri = s3
-    data = {"name": "toy-s3", "trainable": "toy_regression", "options": {"epochs": 2, "samples": 128, "steps_per_epoch": 5},
-            "space": {"lr": {"loguniform": [1e-4, 0.1]}}, "metric": "val_loss", "mode": "min", "num_samples": 2,
-            "max_concurrent_trials": 1, "seed": 0, "verbose": 0, "out": str(tmp_path / "out"),
-            "storage_path": uri("sweeps")}
+    data = {
+        "name": "toy-s3",
+        "trainable": "toy_regression",
+        "options": {"epochs": 2, "samples": 128, "steps_per_epoch": 5},
+        "space": {"lr": {"loguniform": [1e-4, 0.1]}},
+        "metric": "val_loss",
+        "mode": "min",
+        "num_samples": 2,
+        "max_concurrent_trials": 1,
+        "seed": 0,
+        "verbose": 0,
+        "out": str(tmp_path / "out"),
+        "storage_path": uri("sweeps"),
+    }
     first = pd.read_csv(run_sweep(SweepConfig.model_validate(data))["trials"])
     assert len(first) == 2
     from pyarrow import fs

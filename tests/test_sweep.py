@@ -204,7 +204,8 @@ def test_sigkill_mid_sweep_then_resume_runs_n_distinct_trials_none_twice(tiny_ru
     trials = pd.read_csv(paths["trials"])
     evaluations = ledger.evaluations()
     print(f"resume test: killed with {len(evaluated_at_kill)}/{n} configurations finished; after resume "
-          f"{len(trials)} trials, {trials['trial_id'].nunique()} distinct ids, {trials['tau'].nunique()} distinct taus, "
+          f"{len(trials)} trials, {trials['trial_id'].nunique()} distinct ids, {trials['tau'].nunique()} distinct "
+          "taus, "
           f"{len(evaluations)} evaluations of {len({e['key'] for e in evaluations})} configurations")
     assert len(trials) == n and trials["trial_id"].nunique() == n and (trials["status"] == "ok").all()
     assert trials["tau"].nunique() == n  # n distinct configurations
@@ -294,12 +295,16 @@ def test_cli_reports_a_bad_key_in_one_line(tiny_run, tmp_path, capsys):
 def test_grid_space_runs_every_point_once(tiny_run, ray_session, tmp_path):
     data = tau_sweep(tiny_run, tmp_path / "grid")
     data.pop("num_samples")
-    data["space"] = {"tau": {"grid": [0.1, 10.0]}, "members": {"grid": [["clip:tiny"], ["clip:tiny", "pickscore:tiny"]]}}
+    data["space"] = {
+        "tau": {"grid": [0.1, 10.0]},
+        "members": {"grid": [["clip:tiny"], ["clip:tiny", "pickscore:tiny"]]},
+    }
     data["options"] = {"run_dir": str(tiny_run)}
     trials = pd.read_csv(run_sweep(SweepConfig.model_validate(data))["trials"])
     assert len(trials) == 4
-    assert set(zip(trials["tau"], trials["members"])) == {(t, m) for t in (0.1, 10.0)
-                                                          for m in ("clip:tiny", "clip:tiny+pickscore:tiny")}
+    assert set(zip(trials["tau"], trials["members"])) == {
+        (t, m) for t in (0.1, 10.0) for m in ("clip:tiny", "clip:tiny+pickscore:tiny")
+    }
     row = trials[(trials["tau"] == 0.1) & (trials["members"] == "clip:tiny+pickscore:tiny")].iloc[0]
     assert row["objective"] == pytest.approx(reference_objective(tiny_run, {"tau": 0.1}), abs=1e-12)
 
@@ -310,10 +315,18 @@ def test_grid_space_runs_every_point_once(tiny_run, ray_session, tmp_path):
 
 
 def toy_sweep(out: Path, **extra) -> dict:
-    return {"name": "toy", "trainable": "toy_regression",
-            "options": {"epochs": 4, "samples": 256, "steps_per_epoch": 10},
-            "space": {"lr": {"loguniform": [1e-6, 0.1]}}, "metric": "val_loss", "mode": "min",
-            "out": str(out), "verbose": 0, "seed": 0, **extra}
+    return {
+        "name": "toy",
+        "trainable": "toy_regression",
+        "options": {"epochs": 4, "samples": 256, "steps_per_epoch": 10},
+        "space": {"lr": {"loguniform": [1e-6, 0.1]}},
+        "metric": "val_loss",
+        "mode": "min",
+        "out": str(out),
+        "verbose": 0,
+        "seed": 0,
+        **extra,
+    }
 
 
 def reference_toy(options: dict, params: dict) -> list[float]:
@@ -324,9 +337,13 @@ def reference_toy(options: dict, params: dict) -> list[float]:
 
 
 def test_asha_stops_the_bad_trial_and_every_epoch_checkpoints(ray_session, tmp_path):
-    data = toy_sweep(tmp_path / "asha", num_samples=2, max_concurrent_trials=1,
-                     points_to_evaluate=[{"lr": 0.05}, {"lr": 1e-6}],
-                     scheduler={"max_t": 4, "grace_period": 1, "reduction_factor": 2})
+    data = toy_sweep(
+        tmp_path / "asha",
+        num_samples=2,
+        max_concurrent_trials=1,
+        points_to_evaluate=[{"lr": 0.05}, {"lr": 1e-6}],
+        scheduler={"max_t": 4, "grace_period": 1, "reduction_factor": 2},
+    )
     paths = run_sweep(SweepConfig.model_validate(data))
     trials = pd.read_csv(paths["trials"]).set_index("lr")
     assert trials.loc[0.05, "epochs"] == 4 and trials.loc[1e-6, "epochs"] == 1  # ASHA stopped it at the first rung
@@ -340,8 +357,14 @@ def test_asha_stops_the_bad_trial_and_every_epoch_checkpoints(ray_session, tmp_p
 @pytest.mark.timeout(2400)  # a kill/resume across processes (see above)
 def test_training_trial_resumes_from_its_checkpoint_after_sigkill(ray_session, tmp_path):
     options = {"epochs": 8, "samples": 512, "steps_per_epoch": 500, "batch_size": 256}
-    data = toy_sweep(tmp_path / "toy", num_samples=1, options=options, points_to_evaluate=[{"lr": 0.02}],
-                     experiment_checkpoint_s=0.5, keep_checkpoints=None)
+    data = toy_sweep(
+        tmp_path / "toy",
+        num_samples=1,
+        options=options,
+        points_to_evaluate=[{"lr": 0.02}],
+        experiment_checkpoint_s=0.5,
+        keep_checkpoints=None,
+    )
     cfg = write_yaml(tmp_path / "toy.yaml", data)
     proc = _driver(cfg, ray_session, tmp_path / "toy.log")
     experiment = tmp_path / "toy" / "tune" / "toy"
@@ -353,8 +376,11 @@ def test_training_trial_resumes_from_its_checkpoint_after_sigkill(ray_session, t
     _kill_when(proc, snapshot_knows_a_checkpoint)
     _wait_until(lambda: not _other_jobs_actors_alive(ray_session), "the killed driver's trials to end")
     paths = load_and_run(cfg, resume=True)
-    rows = [json.loads(line) for f in glob.glob(str(experiment / "trial_*" / "result.json"))
-            for line in Path(f).read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for f in glob.glob(str(experiment / "trial_*" / "result.json"))
+        for line in Path(f).read_text().splitlines()
+    ]
     resumed = [r for r in rows if r["resumed_from"] > 0]
     assert resumed, rows
     first = resumed[0]
@@ -376,9 +402,15 @@ def make_bestofn_run(root: Path, prompts: int = 12, samples: int = 8, seed: int 
     rng = np.random.default_rng(seed)
     n = prompts * samples
     quality = rng.normal(size=n)
-    keys = pd.DataFrame({"set": "bestofn", "prompt": np.repeat([f"prompt {p}" for p in range(prompts)], samples),
-                         "image_id": [f"{p}_{s}.png" for p in range(prompts) for s in range(samples)],
-                         "prompt_id": np.repeat(np.arange(prompts), samples), "sample": np.tile(np.arange(samples), prompts)})
+    keys = pd.DataFrame(
+        {
+            "set": "bestofn",
+            "prompt": np.repeat([f"prompt {p}" for p in range(prompts)], samples),
+            "image_id": [f"{p}_{s}.png" for p in range(prompts) for s in range(samples)],
+            "prompt_id": np.repeat(np.arange(prompts), samples),
+            "sample": np.tile(np.arange(samples), prompts),
+        }
+    )
     order = rng.permutation(n)  # rows stored out of order: the loader must sort by (prompt_id, sample)
     for model, weight in (("sel-a", 1.0), ("sel-b", 0.5), ("judge", 2.0)):
         values = rng.normal(scale=0.7, size=(n, 5)) + rng.normal(size=(n, 1))
@@ -409,7 +441,9 @@ def reference_bestofn(root: Path, params: dict, pool: int | None) -> float:
 @pytest.mark.parametrize("pool", [None, 3])
 def test_bestofn_evaluator_equals_a_pandas_selection(tmp_path, pool):
     root = make_bestofn_run(tmp_path / "run")
-    cfg = SweepConfig.model_validate({"name": "b", "trainable": "bestofn_selection", "space": {"tau": {"uniform": [0.1, 1]}}})
+    cfg = SweepConfig.model_validate(
+        {"name": "b", "trainable": "bestofn_selection", "space": {"tau": {"uniform": [0.1, 1]}}}
+    )
     data = prepare_bestofn(BestOfNSweepOptions(run_dir=str(root), heldout_models=["judge"], pool_size=pool), cfg)
     for params in ({"tau": 0.2}, {"tau": 5.0, "kind": "uncertainty", "lam": 3.0}, {"members": ["sel-b"], "tau": 1.0}):
         got = evaluate_bestofn(params, data)
@@ -419,11 +453,19 @@ def test_bestofn_evaluator_equals_a_pandas_selection(tmp_path, pool):
 
 def test_bestofn_sweep(ray_session, tmp_path):
     root = make_bestofn_run(tmp_path / "run")
-    data = {"name": "bon", "trainable": "bestofn_selection",
-            "options": {"run_dir": str(root), "heldout_models": ["judge"], "pool_size": 6},
-            "space": {"tau": {"loguniform": [0.01, 10.0]}, "kind": {"choice": ["mean", "uncertainty"]},
-                      "lam": {"uniform": [0.0, 5.0]}},
-            "num_samples": 4, "out": str(tmp_path / "out"), "verbose": 0}
+    data = {
+        "name": "bon",
+        "trainable": "bestofn_selection",
+        "options": {"run_dir": str(root), "heldout_models": ["judge"], "pool_size": 6},
+        "space": {
+            "tau": {"loguniform": [0.01, 10.0]},
+            "kind": {"choice": ["mean", "uncertainty"]},
+            "lam": {"uniform": [0.0, 5.0]},
+        },
+        "num_samples": 4,
+        "out": str(tmp_path / "out"),
+        "verbose": 0,
+    }
     bad = {**data, "space": {"members": {"choice": [["sel-a", "judge"]]}}}
     with pytest.raises(ConfigError, match="key 'space.members'.*judge"):
         load(write_yaml(tmp_path / "bad.yaml", bad))
@@ -453,7 +495,9 @@ def test_tia2_heldout_scores_the_tuned_tau_on_unseen_prompts(tiny_run, ray_sessi
         train_prompts = {s.prompts[i] for i in np.flatnonzero((s.folds != k) & (s.folds >= 0))}
         assert test_prompts and not test_prompts & train_prompts
         params = json.loads(row["params"])
-        assert row["held_out"] == pytest.approx(reference_objective(tiny_run, {**params, "members": ["clip:tiny"]},
-                                                                    test_prompts), abs=1e-12)
-        assert row["in_sample"] == pytest.approx(reference_objective(tiny_run, {**params, "members": ["clip:tiny"]},
-                                                                     train_prompts), abs=1e-12)
+        assert row["held_out"] == pytest.approx(
+            reference_objective(tiny_run, {**params, "members": ["clip:tiny"]}, test_prompts), abs=1e-12
+        )
+        assert row["in_sample"] == pytest.approx(
+            reference_objective(tiny_run, {**params, "members": ["clip:tiny"]}, train_prompts), abs=1e-12
+        )

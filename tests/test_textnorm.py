@@ -169,7 +169,9 @@ def test_an_ensemble_kind_per_group_equals_each_kind_on_its_rows():
     rng = np.random.default_rng(0)
     values = {"clip": rng.normal(size=(6, 4)), "pickscore": rng.normal(size=(6, 4))}
     groups = ["composition", "counting", "composition", "comprehensive", "counting", "composition"]
-    spec = EnsembleSpec(name="paper", members=["clip", "pickscore"], kind={"composition": "mean", "default": "uncertainty"})
+    spec = EnsembleSpec(
+        name="paper", members=["clip", "pickscore"], kind={"composition": "mean", "default": "uncertainty"}
+    )
     got = reward_columns(values, SetParams(tau=0.5, lam=2.0), [spec], groups)["paper"]
     mean = combine(values, ["clip", "pickscore"], [0.5, 0.5], "mean")
     unc = combine(values, ["clip", "pickscore"], [0.5, 0.5], "uncertainty", 2.0)
@@ -180,8 +182,6 @@ def test_an_ensemble_kind_per_group_equals_each_kind_on_its_rows():
         EnsembleSpec(name="x", members=["clip", "pickscore"], kind={"composition": "mean"})
 
 
-
-
 def test_per_image_temperatures_and_lambdas_equal_rowwise_computation():
     rng = np.random.default_rng(1)
     values = {"a": rng.normal(size=(5, 3)) * 3, "b": rng.normal(size=(5, 3)) * 3}
@@ -189,5 +189,5 @@ def test_per_image_temperatures_and_lambdas_equal_rowwise_computation():
     lams = np.array([0.0, 0.05, 0.5, 1.0, 0.1])
     got = combine(values, ["a", "b"], [taus, taus], "uncertainty", lams)
     for i in range(5):
-        one = combine({k: v[i:i + 1] for k, v in values.items()}, ["a", "b"], [taus[i]] * 2, "uncertainty", lams[i])
+        one = combine({k: v[i : i + 1] for k, v in values.items()}, ["a", "b"], [taus[i]] * 2, "uncertainty", lams[i])
         assert got[i] == pytest.approx(one[0], rel=1e-12)

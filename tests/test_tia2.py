@@ -35,7 +35,12 @@ def test_stats(tia2_dir, tmp_path):
     per_set, sub = tia2.stats(tia2_dir)
     assert per_set.set_index("set").loc["all", "images"] == 27500
     assert per_set.set_index("set").loc["all", "prompts"] == 550
-    assert per_set.set_index("set")["prompts"].to_dict() == {"comprehensive": 100, "counting": 150, "composition": 300, "all": 550}
+    assert per_set.set_index("set")["prompts"].to_dict() == {
+        "comprehensive": 100,
+        "counting": 150,
+        "composition": 300,
+        "all": 550,
+    }
     assert sub["images"].sum() == 5000
     assert main(["tia2", "stats", "--tia2-dir", str(tia2_dir), "--out", str(tmp_path / "s.md")]) == 0
     text = (tmp_path / "s.md").read_text()
@@ -58,10 +63,17 @@ def bench(tmp_path_factory, tia2_dir):
 
 
 def config(bench, out, **kw):
-    base = dict(images=str(bench), out=str(out), models=MODELS, max_prompts=2,
-                textnorm={"default": SetParams(tau=0.7, lam=2.0), "counting": SetParams(tau=0.3, lam=0.5)},
-                ensembles=[EnsembleSpec(name="ens-mean", members=MODELS, kind="mean"),
-                           EnsembleSpec(name="ens-unc", members=MODELS, kind="uncertainty")])
+    base = dict(
+        images=str(bench),
+        out=str(out),
+        models=MODELS,
+        max_prompts=2,
+        textnorm={"default": SetParams(tau=0.7, lam=2.0), "counting": SetParams(tau=0.3, lam=0.5)},
+        ensembles=[
+            EnsembleSpec(name="ens-mean", members=MODELS, kind="mean"),
+            EnsembleSpec(name="ens-unc", members=MODELS, kind="uncertainty"),
+        ],
+    )
     base.update(kw)
     return Tia2EvalConfig(**base)
 
@@ -121,18 +133,28 @@ def test_paper_rows_and_differences_over_the_evaluated_prompts(first_run, tia2_d
     table = pd.read_parquet(paths["per_prompt"])
     evaluated = {s: set(g["prompt"]) for s, g in table.groupby("set")}
     reference = pd.read_csv(paths["paper_per_set"])
-    assert set(reference["reward"]) == {"release: clip", "release: blip2", "release: imagereward", "release: pickscore",
-                                        "release: textnorm"}
+    assert set(reference["reward"]) == {
+        "release: clip",
+        "release: blip2",
+        "release: imagereward",
+        "release: pickscore",
+        "release: textnorm",
+    }
     for (s, reward), row in reference.set_index(["set", "reward"]).iterrows():
         released = tia2.load_alignment_scores(s, tia2_dir)
-        name = {"release: textnorm": "textnorm_mean" if s == "composition" else "textnorm_ur"}.get(reward, reward[len("release: "):])
+        name = {"release: textnorm": "textnorm_mean" if s == "composition" else "textnorm_ur"}.get(
+            reward, reward[len("release: ") :]
+        )
         assert row["n_prompts"] == len(evaluated[s])
         assert row["ap@10"] == pytest.approx(np.mean([released[p][name]["ap10"] for p in evaluated[s]]), rel=1e-12)
     md = paths["per_set_md"].read_text()
     assert "| release: pickscore " in md and "| release: textnorm " in md
     diff = pd.read_csv(paths["paper_diff"])
     # clip:tiny and pickscore:tiny are compared with the paper's clip and pickscore, every metric, every prompt
-    assert set(zip(diff["reward"], diff["paper_reward"])) == {("clip:tiny", "release: clip"), ("pickscore:tiny", "release: pickscore")}
+    assert set(zip(diff["reward"], diff["paper_reward"])) == {
+        ("clip:tiny", "release: clip"),
+        ("pickscore:tiny", "release: pickscore"),
+    }
     assert len(diff) == 2 * len(table[table["reward"] == "clip:tiny"]) * 7
     r = diff.iloc[0]
     ours = table[(table["set"] == r["set"]) & (table["prompt"] == r["prompt"]) & (table["reward"] == r["reward"])]
@@ -157,22 +179,27 @@ def test_rerun_computes_nothing_and_new_prompts_only_what_is_missing(first_run, 
     out, paths = first_run
     run(config(bench, out))
     assert json.loads((out / "scoring_summary.json").read_text()) == {
-        m: {"computed": 0, "cached": v["cached"]} for m, v in json.loads(paths["scoring_summary"].read_text()).items()}
+        m: {"computed": 0, "cached": v["cached"]} for m, v in json.loads(paths["scoring_summary"].read_text()).items()
+    }
     # one extra contrastive prompt for one counting prompt: only its 50 images are scored, once
     sets = {s: tia2.load_prompt_sets(s, tia2_dir) for s in tia2.SETS}
     first = tia2.load_labels("counting", tia2_dir)["prompt"].iloc[0]
     sets["counting"][first] = sets["counting"][first] + ["a photo of a purple elephant"]
     for s, d in sets.items():
         (tmp_path / f"{s}.json").write_text(json.dumps(d))
-    run(config(bench, out, models=["clip:tiny"], ensembles=[], contrast=str(tmp_path / "{set}.json")),
-        allow_provenance_change=True)  # the same folder with other settings: said, and allowed
+    run(
+        config(bench, out, models=["clip:tiny"], ensembles=[], contrast=str(tmp_path / "{set}.json")),
+        allow_provenance_change=True,
+    )  # the same folder with other settings: said, and allowed
     assert json.loads((out / "scoring_summary.json").read_text())["clip:tiny"]["computed"] == 50
 
 
 def test_bad_input_is_named_before_any_scoring(bench, tmp_path, monkeypatch, tia2_dir):
     import tn_ray.scoring.batch_scoring
 
-    monkeypatch.setattr(tn_ray.scoring.batch_scoring, "score_matrices", lambda *a, **k: pytest.fail("scored despite bad input"))
+    monkeypatch.setattr(
+        tn_ray.scoring.batch_scoring, "score_matrices", lambda *a, **k: pytest.fail("scored despite bad input")
+    )
     broken = tmp_path / "imgs"
     shutil.copytree(bench, broken)
     victims = sorted((broken / "counting").iterdir())[:3]
@@ -208,14 +235,27 @@ def test_release_params_need_the_papers_members_and_add_one_column_per_reading(b
 
     with pytest.raises(ConfigError, match=r"release_params.*\['imagereward'\] not among models"):
         validate(Tia2EvalConfig, {"models": ["clip:tiny", "pickscore:tiny"], "release_params": ["temperature"]})
-    cfg = config(bench, tmp_path, models=["imagereward:tiny", "pickscore:tiny"], ensembles=[], tia2_dir=str(tia2_dir),
-                 release_params=["temperature", "multiplier"])
+    cfg = config(
+        bench,
+        tmp_path,
+        models=["imagereward:tiny", "pickscore:tiny"],
+        ensembles=[],
+        tia2_dir=str(tia2_dir),
+        release_params=["temperature", "multiplier"],
+    )
     items = collect_items(cfg)
     rng = np.random.default_rng(0)
     m = max(len(t) for t in items["texts"])
-    matrices = {mod: SimpleNamespace(values=np.where(np.arange(m)[None] < items["texts"].map(len).to_numpy()[:, None],
-                                                     rng.normal(size=(len(items), m)) * 0.05, np.nan))
-                for mod in cfg.models}
+    matrices = {
+        mod: SimpleNamespace(
+            values=np.where(
+                np.arange(m)[None] < items["texts"].map(len).to_numpy()[:, None],
+                rng.normal(size=(len(items), m)) * 0.05,
+                np.nan,
+            )
+        )
+        for mod in cfg.models
+    }
     table = reward_table(items, matrices, cfg)
     ranks = reward_table(items, matrices, cfg, ranking=True)
     params = paper.release_params(tia2_dir, cfg.sets)

@@ -55,8 +55,11 @@ def test_weights_and_top_k():
 
 
 def test_selection_picks_earliest_maximum():
-    base = pd.DataFrame([(p, s, "judge", 0.5) for p in range(2) for s in range(3)] + [(p, s, "train", 0.0) for p in range(2) for s in range(3)],
-                        columns=["prompt_id", "seed", "reward", "value"])
+    base = pd.DataFrame(
+        [(p, s, "judge", 0.5) for p in range(2) for s in range(3)]
+        + [(p, s, "train", 0.0) for p in range(2) for s in range(3)],
+        columns=["prompt_id", "seed", "reward", "value"],
+    )
     # wins per step under the judge: step 10 -> 2, step 20 -> 5, step 30 -> 5, step 40 -> 3
     wins = {10: 2, 20: 5, 30: 5, 40: 3}
     rows = []
@@ -78,7 +81,9 @@ def test_monitor_flags_overoptimization_and_stays_quiet():
     history = [(0, 1.0, 0.5), (10, 1.1, 0.6), (20, 1.3, 0.55), (30, 1.6, 0.4)]  # judge peaks at 10, then falls
     flags = [m.update(s, t, {"judge": j}) for s, t, j in history]
     assert flags[:3] == [None, None, None]  # at 20 the judge is above its value at 0
-    assert flags[3] is not None and flags[3].window_start == 10 and flags[3].judge_changes["judge"] == pytest.approx(-0.2)
+    assert (
+        flags[3] is not None and flags[3].window_start == 10 and flags[3].judge_changes["judge"] == pytest.approx(-0.2)
+    )
     quiet = Monitor(window=2)
     assert all(quiet.update(s, 1.0 + s, {"judge": 0.5 + s / 100, "other": s}) is None for s in range(0, 60, 10))
     no_judges = Monitor(window=1)
@@ -102,7 +107,9 @@ def test_config_rejects_training_reward_as_judge():
     assert cfg.selection_column == "brightness" and cfg.paper_rule  # the paper's rule: judges are monitors
     cfg = validate(FineTuneConfig, {"reward": reward, "eval": {"judges": [judge], "select_by": "clip:tiny"}})
     assert cfg.selection_column == "clip:tiny" and not cfg.paper_rule
-    assert validate(FineTuneConfig, {"reward": reward, "eval": {"judges": [judge], "select_by": "brightness"}}).paper_rule
+    assert validate(
+        FineTuneConfig, {"reward": reward, "eval": {"judges": [judge], "select_by": "brightness"}}
+    ).paper_rule
 
 
 # --- the paper's checkpoint rule on a run whose training reward and judge disagree --------
@@ -121,18 +128,25 @@ def _constructed_run(out) -> None:
 
     store = Store(str(out))
     images = [(p, s) for p in range(len(PROMPTS2)) for s in SEEDS2]
-    base = pd.DataFrame([(p, s, PROMPTS2[p], col, 0.5) for col in ("brightness", "clip:tiny") for p, s in images],
-                        columns=["prompt_id", "seed", "prompt", "reward", "value"])
+    base = pd.DataFrame(
+        [(p, s, PROMPTS2[p], col, 0.5) for col in ("brightness", "clip:tiny") for p, s in images],
+        columns=["prompt_id", "seed", "prompt", "reward", "value"],
+    )
     store.write_table("eval/base.parquet", __import__("pyarrow").Table.from_pandas(base, preserve_index=False))
     png = io.BytesIO()
     Image.new("RGB", (8, 8), (120, 30, 30)).save(png, format="PNG")
     for p, s in images:
         store.write_bytes(f"eval/base/{p:05d}-{s}.png", png.getvalue())
     for step in TRAIN_WINS:
-        rows = [(step, p, s, PROMPTS2[p], col, 0.9 if i < wins[step] else 0.1)
-                for col, wins in (("brightness", TRAIN_WINS), ("clip:tiny", JUDGE_WINS)) for i, (p, s) in enumerate(images)]
+        rows = [
+            (step, p, s, PROMPTS2[p], col, 0.9 if i < wins[step] else 0.1)
+            for col, wins in (("brightness", TRAIN_WINS), ("clip:tiny", JUDGE_WINS))
+            for i, (p, s) in enumerate(images)
+        ]
         frame = pd.DataFrame(rows, columns=["step", "prompt_id", "seed", "prompt", "reward", "value"])
-        store.write_table(f"eval/scores/step-{step:06d}.parquet", __import__("pyarrow").Table.from_pandas(frame, preserve_index=False))
+        store.write_table(
+            f"eval/scores/step-{step:06d}.parquet", __import__("pyarrow").Table.from_pandas(frame, preserve_index=False)
+        )
         for p, s in images:
             store.write_bytes(f"eval/step-{step:06d}/{p:05d}-{s}.png", png.getvalue())
         store.write_bytes(f"checkpoints/step-{step:06d}/pytorch_lora_weights.safetensors", f"lora-{step}".encode())
@@ -141,9 +155,18 @@ def _constructed_run(out) -> None:
 def _run_cfg(out, **eval_keys):
     from tn_ray.training.config import FineTuneConfig
 
-    return FineTuneConfig.model_validate({
-        "out": str(out), "reward": {"models": ["brightness"], "use": "brightness"},
-        "eval": {"prompts": PROMPTS2, "seeds": SEEDS2, "judges": [{"models": ["clip:tiny"], "use": "clip:tiny"}], **eval_keys}})
+    return FineTuneConfig.model_validate(
+        {
+            "out": str(out),
+            "reward": {"models": ["brightness"], "use": "brightness"},
+            "eval": {
+                "prompts": PROMPTS2,
+                "seeds": SEEDS2,
+                "judges": [{"models": ["clip:tiny"], "use": "clip:tiny"}],
+                **eval_keys,
+            },
+        }
+    )
 
 
 def test_default_selection_is_the_training_reward_and_judges_are_reported(tmp_path):
@@ -226,7 +249,9 @@ def test_ddpm_kl_weight_is_the_exact_kl_of_two_gaussian_steps(variance_type):
         p2 = sched.step(e2, t, x, generator=torch.Generator().manual_seed(5)).prev_sample
         var = float(sched._get_variance(t, variance_type=variance_type))
         exact = float(((p1 - p2) ** 2).sum() / (2 * var))
-        assert float(ddpm_kl_weight(sched, torch.tensor([t]))[0] * ((e1 - e2) ** 2).sum()) == pytest.approx(exact, rel=1e-4)  # diffusers computes in float32
+        assert float(ddpm_kl_weight(sched, torch.tensor([t]))[0] * ((e1 - e2) ** 2).sum()) == pytest.approx(
+            exact, rel=1e-4
+        )  # diffusers computes in float32
     w = ddpm_kl_weight(_sd_ddpm(), torch.tensor([1, 999]))
     assert w[0] > 50 * w[1]  # far from constant: 0.503 at t = 1, 0.0061 at t = 999 (82x; fixed_small)
 
@@ -237,16 +262,24 @@ def test_ddim_kl_weight_is_the_exact_kl_of_two_ddim_steps():
     from tn_ray.diffusion.ddim import ddim_step
     from tn_ray.training.losses import ddim_kl_weight
 
-    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
+    sched = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     sched.set_timesteps(50)
     g = torch.Generator().manual_seed(2)
     x, prev = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
     for t in sched.timesteps[[0, 10, 25, 48]]:
         e1, e2 = (torch.randn(x.shape, generator=g) for _ in range(2))
         s1, s2 = (ddim_step(sched, e, t, x, eta=1.0, prev_sample=prev) for e in (e1, e2))
-        exact = torch.distributions.kl_divergence(torch.distributions.Normal(s1.mean.double(), s1.std.double()),
-                                                  torch.distributions.Normal(s2.mean.double(), s2.std.double())).sum()
+        exact = torch.distributions.kl_divergence(
+            torch.distributions.Normal(s1.mean.double(), s1.std.double()),
+            torch.distributions.Normal(s2.mean.double(), s2.std.double()),
+        ).sum()
         got = ddim_kl_weight(sched, t.reshape(1), eta=1.0)[0] * ((e1.double() - e2.double()) ** 2).sum()
         assert float(got) == pytest.approx(float(exact), rel=1e-4)
 
@@ -346,8 +379,12 @@ def test_tracker_writes_tensorboard_and_offline_wandb(tmp_path, monkeypatch):
     from tn_ray.training.tracking import Tracker
 
     monkeypatch.setenv("WANDB_SILENT", "true")
-    tracker = Tracker(LoggingBlock(wandb_project="tn-ray-test", wandb_mode="offline", progress_bar=False), str(tmp_path), 4,
-                      run_config={"beta": 0.5})
+    tracker = Tracker(
+        LoggingBlock(wandb_project="tn-ray-test", wandb_mode="offline", progress_bar=False),
+        str(tmp_path),
+        4,
+        run_config={"beta": 0.5},
+    )
     tracker.log(1, {"loss": 0.5, "kl": 0.01})
     tracker.log(1, {"textnorm(clip:tiny)": 0.3}, prefix="eval")
     tracker.close()
@@ -375,7 +412,11 @@ def test_the_papers_sd21_configs_train_on_ten_prompts_per_set_with_the_paper_tex
     rwr = load_config(str(root / "rwr_sd21.yaml"), RwrConfig, {})
     ddpo = load_config(str(root / "ddpo_sd21.yaml"), DDPOConfig, {})
     prompts = resolve_prompts(rwr)
-    assert prompts == resolve_prompts(ddpo) == [p for s in tia2.SETS for p in list(tia2.load_prompt_sets(s, tia2_dir))[:10]]
+    assert (
+        prompts
+        == resolve_prompts(ddpo)
+        == [p for s in tia2.SETS for p in list(tia2.load_prompt_sets(s, tia2_dir))[:10]]
+    )
     assert rwr.reward.models == ddpo.reward.models == ["imagereward", "pickscore"] and rwr.reward.use == "textnorm"
     groups = reward_groups(rwr.reward, prompts)
     assert groups == [s for s in tia2.SETS for _ in range(10)]
@@ -405,12 +446,27 @@ def test_preflight_names_a_prompt_outside_tia2_under_a_kind_per_set(tia2_dir, mo
     monkeypatch.setenv("TN_RAY_TIA2_DIR", str(tia2_dir))
     sets = tmp_path / "sets.json"
     sets.write_text(json.dumps({"a cat": ["two cats"], "a realistic photo of an airplane": ["two airplanes"]}))
-    cfg = validate(DDPOConfig, {
-        "out": str(tmp_path / "out"), "prompts": ["a realistic photo of an airplane", "a cat"], "policy": {"pipeline": "tiny"},
-        "reward": {"models": ["clip:tiny", "pickscore:tiny"], "use": "tn", "contrast": str(sets),
-                   "ensembles": [{"name": "tn", "members": ["clip:tiny", "pickscore:tiny"],
-                                  "kind": {"composition": "mean", "default": "uncertainty"}}]},
-        "eval": {"enabled": False}})
+    cfg = validate(
+        DDPOConfig,
+        {
+            "out": str(tmp_path / "out"),
+            "prompts": ["a realistic photo of an airplane", "a cat"],
+            "policy": {"pipeline": "tiny"},
+            "reward": {
+                "models": ["clip:tiny", "pickscore:tiny"],
+                "use": "tn",
+                "contrast": str(sets),
+                "ensembles": [
+                    {
+                        "name": "tn",
+                        "members": ["clip:tiny", "pickscore:tiny"],
+                        "kind": {"composition": "mean", "default": "uncertainty"},
+                    }
+                ],
+            },
+            "eval": {"enabled": False},
+        },
+    )
     with pytest.raises(TnRayError, match=r"1 prompt\(s\) are in no TIA2 prompt set.*'a cat'"):
         check_run(cfg, resolve_prompts(cfg))
 

@@ -107,7 +107,9 @@ def test_sampler_error_rates_equal_the_configured_ones():
     """Per kind, 2000 draws: P(match) and P(error type | mismatch), both read from the oracle,
     within 4 binomial standard errors of the configuration; every drawn scene has exactly its
     intended error."""
-    cfg = sampler.SamplerConfig(p_match=0.3, error_weights={"count": 3, "colour": 1, "shape": 1, "missing": 2, "relation": 1})
+    cfg = sampler.SamplerConfig(
+        p_match=0.3, error_weights={"count": 3, "colour": 1, "shape": 1, "missing": 2, "relation": 1}
+    )
     rng = np.random.default_rng(7)
     n = 2000
     for kind in grammar.KINDS:
@@ -174,8 +176,9 @@ def test_proxy_weights_identical_across_processes(tmp_path):
     shas = []
     for i in range(2):
         env = {**os.environ, "TN_RAY_CACHE_DIR": str(tmp_path / f"c{i}"), "OMP_NUM_THREADS": str(i + 1)}
-        res = subprocess.run([sys.executable, "-c", SHA, SMALL.partition(":")[2]], env=env, capture_output=True,
-                             text=True, timeout=600)
+        res = subprocess.run(
+            [sys.executable, "-c", SHA, SMALL.partition(":")[2]], env=env, capture_output=True, text=True, timeout=600
+        )
         assert res.returncode == 0, res.stderr[-2000:]
         shas.append(json.loads(res.stdout.strip().splitlines()[-1])["sha"])
         files = list((tmp_path / f"c{i}" / "world").glob("worldclip-*.pt"))
@@ -229,14 +232,36 @@ def test_world_labels_in_tia2_stats_and_eval(tmp_path, world_cache, ray_session,
     from tn_ray.cli import main
 
     data = tmp_path / "data"
-    assert main(["world", "labels", "--out", str(data), "--per-kind", "2", "--images-per-prompt", "6", "--size", "32"]) == 0
+    assert (
+        main(["world", "labels", "--out", str(data), "--per-kind", "2", "--images-per-prompt", "6", "--size", "32"])
+        == 0
+    )
     assert main(["tia2", "stats", "--tia2-dir", str(data / "tia2"), "--out", str(tmp_path / "stats.md")]) == 0
     text = (tmp_path / "stats.md").read_text()
     assert "| counting" in text and "| spatial" in text and "| colours" in text
     world = __import__("pandas").read_parquet(data / "world.parquet")
     assert len(world) == 8 * 6 and set(world["kind"]) == set(grammar.KINDS)
-    assert main(["tia2", "eval", "--tia2-dir", str(data / "tia2"), "--images", str(data / "images"), "--models",
-                 "worldclip:tiny", "--sets", "counting", "composition", "comprehensive", "--out", str(tmp_path / "eval")]) == 0
+    assert (
+        main(
+            [
+                "tia2",
+                "eval",
+                "--tia2-dir",
+                str(data / "tia2"),
+                "--images",
+                str(data / "images"),
+                "--models",
+                "worldclip:tiny",
+                "--sets",
+                "counting",
+                "composition",
+                "comprehensive",
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
     per_set = __import__("pandas").read_csv(tmp_path / "eval" / "per_set.csv")
     assert set(per_set["reward"]) == {"worldclip:tiny", "textnorm(worldclip:tiny)"}
     assert per_set["auroc"].between(0, 1).all()
@@ -251,16 +276,32 @@ def test_world_run_end_to_end(tmp_path, world_cache, ray_session):
     from tn_ray.cli import main
 
     out = tmp_path / "run"
-    sets = ["models=[worldclip:tiny, 'worldclip:tiny,seed=1']", "per_kind=1", "images_per_prompt=6", "size=32",
-            "bestofn.per_kind=1", "bestofn.pool=16", "bestofn.ns=[1,4,16]", "bestofn.resamples=200"]
+    sets = [
+        "models=[worldclip:tiny, 'worldclip:tiny,seed=1']",
+        "per_kind=1",
+        "images_per_prompt=6",
+        "size=32",
+        "bestofn.per_kind=1",
+        "bestofn.pool=16",
+        "bestofn.ns=[1,4,16]",
+        "bestofn.resamples=200",
+    ]
     assert main(["world", "run", "--out", str(out), *sum((["--set", s] for s in sets), [])]) == 0
     summary = pd.read_csv(out / "bestofn" / "summary.csv")
     scores = pd.read_parquet(out / "bestofn" / "scores.parquet")
     sel = set(summary["selector"])
-    assert {"worldclip:tiny", "textnorm(worldclip:tiny) [rules]", "textnorm(worldclip:tiny) [world]",
-            "ensemble-mean [rules]", "oracle", "random"} <= sel
+    assert {
+        "worldclip:tiny",
+        "textnorm(worldclip:tiny) [rules]",
+        "textnorm(worldclip:tiny) [world]",
+        "ensemble-mean [rules]",
+        "oracle",
+        "random",
+    } <= sel
     rnd = summary[summary["selector"] == "random"]["accuracy"]
     assert np.allclose(rnd, scores["correct"].mean())  # 4 prompts x 16: pool means averaged = overall mean
-    assert (summary["ci_low"] <= summary["accuracy"] + 1e-12).all() and (summary["accuracy"] <= summary["ci_high"] + 1e-12).all()
+    assert (summary["ci_low"] <= summary["accuracy"] + 1e-12).all() and (
+        summary["accuracy"] <= summary["ci_high"] + 1e-12
+    ).all()
     assert (out / "bestofn" / "goodhart.png").stat().st_size > 0
     assert "AUROC against the oracle" in (out / "summary.md").read_text()

@@ -78,7 +78,9 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None, source: str = "command line") -> dict[str, Any]:
+def apply_overrides(
+    data: dict[str, Any], overrides: dict[str, Any] | None, source: str = "command line"
+) -> dict[str, Any]:
     """``data`` with dotted keys (``scoring.batch_size``) set; a key that goes through a
     value that is not a mapping is a :class:`ConfigError` naming it."""
     for dotted, value in (overrides or {}).items():
@@ -101,7 +103,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     bytes that are not UTF-8, invalid YAML (with line), an empty file or a non-mapping."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}" if not path.exists() else f"config path {path} is not a file")
+        raise ConfigError(
+            f"config file not found: {path}" if not path.exists() else f"config path {path} is not a file"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -113,8 +117,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
     if data is None:
-        raise ConfigError(f"{path}: the file is empty; write the keys you want (an empty file would silently mean "
-                          "'all defaults')")
+        raise ConfigError(
+            f"{path}: the file is empty; write the keys you want (an empty file would silently mean 'all defaults')"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(data).__name__}")
     return data
@@ -137,14 +142,22 @@ def dump_config(cfg: BaseModel, path: str | Path) -> None:
 
 
 class RayConfig(StrictModel):
-    address: str | None = Field(None, description="Ray cluster address ('auto' to join a running cluster); None starts a local Ray in-process")
+    address: str | None = Field(
+        None, description="Ray cluster address ('auto' to join a running cluster); None starts a local Ray in-process"
+    )
     num_cpus: int | None = Field(None, ge=1, description="CPUs a local Ray may use (count); None = all of this machine")
-    num_gpus: int | None = Field(None, ge=0, description="GPUs a local Ray may use (count); None = what torch/Ray detect")
+    num_gpus: int | None = Field(
+        None, ge=0, description="GPUs a local Ray may use (count); None = what torch/Ray detect"
+    )
 
 
 class ScoringConfig(StrictModel):
     batch_size: int = Field(32, ge=1, description="images per map_batches batch sent to a reward actor (images)")
-    num_actors: int | None = Field(None, ge=1, description="reward actors per model (count); None = one per GPU, or 1 on a CPU-only cluster")
-    gpus_per_actor: float = Field(1.0, gt=0, le=1, description="GPU share per reward actor when GPUs exist (fraction of one GPU)")
+    num_actors: int | None = Field(
+        None, ge=1, description="reward actors per model (count); None = one per GPU, or 1 on a CPU-only cluster"
+    )
+    gpus_per_actor: float = Field(
+        1.0, gt=0, le=1, description="GPU share per reward actor when GPUs exist (fraction of one GPU)"
+    )
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per reward actor (count)")
     text_batch_size: int = Field(64, ge=1, description="prompts encoded per forward pass of the text tower (prompts)")

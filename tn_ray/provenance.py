@@ -76,7 +76,8 @@ def check_format(old: dict, where: str) -> None:
     if version != FORMAT_VERSION:
         why = FORMAT_CHANGES.get(max(version, FORMAT_VERSION), "")
         raise RunFormatChanged(f"{where}: run folder of format version {version}, this tn_ray writes format version "
-                               f"{FORMAT_VERSION}{f' ({why})' if why else ''}; it cannot be resumed: use a new output folder")
+                               f"{FORMAT_VERSION}{f' ({why})' if why else ''}; it cannot be resumed: use a new output "
+                               "folder")
 
 
 def package_versions() -> dict[str, str]:
@@ -101,7 +102,10 @@ def code_version(root: Path | None = None) -> dict[str, Any]:
             def git(*args: str) -> str:
                 return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
                                       check=True).stdout.strip()
-            return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+            return {
+                "commit": git("rev-parse", "HEAD"),
+                "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            }
     except (OSError, subprocess.SubprocessError):
         pass
     return {"commit": f"package {tn_ray.__version__}", "dirty": None}
@@ -127,8 +131,14 @@ def collect(cfg: BaseModel | dict, revisions: Mapping[str, str] | None = None) -
     :func:`tn_ray.diffusion.pipelines.pipeline_revisions`)."""
     config = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
     revisions = dict(revisions or {})
-    return {"format_version": FORMAT_VERSION, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tn_ray": code_version(),
-            "packages": package_versions(), "revisions": revisions, "config": config}
+    return {
+        "format_version": FORMAT_VERSION,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "tn_ray": code_version(),
+        "packages": package_versions(),
+        "revisions": revisions,
+        "config": config,
+    }
 
 
 def differences(old: dict, new: dict) -> list[str]:
@@ -144,8 +154,11 @@ def differences(old: dict, new: dict) -> list[str]:
         a, b = _flat(old.get(part) or {}), _flat(new.get(part) or {})
         if part == "config":
             a, b = ({k: v for k, v in d.items() if k.split(".")[0] not in NOT_COMPARED} for d in (a, b))
-        out += [f"{part}.{k}: {_short(a.get(k, '<absent>'))} -> {_short(b.get(k, '<absent>'))}"
-                for k in sorted(a.keys() | b.keys()) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+        out += [
+            f"{part}.{k}: {_short(a.get(k, '<absent>'))} -> {_short(b.get(k, '<absent>'))}"
+            for k in sorted(a.keys() | b.keys())
+            if a.get(k, "<absent>") != b.get(k, "<absent>")
+        ]
     return out
 
 
@@ -175,8 +188,13 @@ def continue_changed():
         _allow_all.reset(token)
 
 
-def record(location: str | os.PathLike, cfg: BaseModel | dict, *, allow_change: bool = False,
-           revisions: Mapping[str, str] | None = None) -> dict:
+def record(
+    location: str | os.PathLike,
+    cfg: BaseModel | dict,
+    *,
+    allow_change: bool = False,
+    revisions: Mapping[str, str] | None = None,
+) -> dict:
     """Write ``<location>/provenance.json`` (a local folder or cloud URI) for this run, before work
     starts; refuse (:class:`ProvenanceChanged`) a folder whose record differs unless ``allow_change``."""
     from tn_ray.storage import Store
@@ -187,14 +205,17 @@ def record(location: str | os.PathLike, cfg: BaseModel | dict, *, allow_change: 
         try:
             old = json.loads(store.read_text(FILENAME))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ProvenanceChanged(f"{store.uri(FILENAME)}: not a provenance record ({err}); move it away to "
-                                    "continue") from None
+            raise ProvenanceChanged(
+                f"{store.uri(FILENAME)}: not a provenance record ({err}); move it away to continue"
+            ) from None
         check_format(old, store.uri(""))
         changed = differences(old, new)
         if changed and not (allow_change or _allow_all.get()):
             shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
-            raise ProvenanceChanged(f"{store.uri(FILENAME)}: this run folder was made with other settings ({shown}); "
-                                    "use a new output folder, or add --allow-provenance-change to continue it")
+            raise ProvenanceChanged(
+                f"{store.uri(FILENAME)}: this run folder was made with other settings ({shown}); "
+                "use a new output folder, or add --allow-provenance-change to continue it"
+            )
         if changed:
             log.warning("continuing %s although its provenance changed: %s", store.uri(""), "; ".join(changed))
         new["previous"] = [*old.pop("previous", []), old] if changed else old.get("previous", [])

@@ -125,7 +125,11 @@ class Store:
             return 0
         n = 0
         for info in self.fs.get_file_info(pafs.FileSelector(self.path(rel), recursive=True)):
-            if info.type == pafs.FileType.File and info.base_name.startswith(".") and info.base_name.endswith(TMP_SUFFIX):
+            if (
+                info.type == pafs.FileType.File
+                and info.base_name.startswith(".")
+                and info.base_name.endswith(TMP_SUFFIX)
+            ):
                 try:
                     self.fs.delete_file(info.path)
                     n += 1

@@ -34,19 +34,24 @@ def select(rewards: pd.DataFrame, reward_names: Sequence[str], pools: Sequence[i
     ``value`` under the selecting reward; rank 0 is the best.
     """
     check_table(rewards, reward_names, pools)
-    long = rewards.melt(id_vars=["prompt_id", "sample"], value_vars=list(reward_names), var_name="reward", value_name="value")
+    long = rewards.melt(
+        id_vars=["prompt_id", "sample"], value_vars=list(reward_names), var_name="reward", value_name="value"
+    )
     kmax = max(ks)
     out = []
     for n in sorted(pools):
-        pool = long[long["sample"] < n].sort_values(["reward", "prompt_id", "value", "sample"],
-                                                    ascending=[True, True, False, True], kind="mergesort")
+        pool = long[long["sample"] < n].sort_values(
+            ["reward", "prompt_id", "value", "sample"], ascending=[True, True, False, True], kind="mergesort"
+        )
         pool = pool.assign(rank=pool.groupby(["reward", "prompt_id"], sort=False).cumcount())
         top = pool[pool["rank"] < kmax]
         for k in sorted(ks):
             out.append(top[top["rank"] < k].assign(n=n, k=k))
     sel = pd.concat(out, ignore_index=True)
     order = {r: i for i, r in enumerate(reward_names)}
-    sel = sel.sort_values(["prompt_id", "reward", "n", "k", "rank"], key=lambda c: c.map(order) if c.name == "reward" else c)
+    sel = sel.sort_values(
+        ["prompt_id", "reward", "n", "k", "rank"], key=lambda c: c.map(order) if c.name == "reward" else c
+    )
     return sel[["prompt_id", "reward", "n", "k", "rank", "sample", "value"]].reset_index(drop=True)
 
 
@@ -63,20 +68,36 @@ def summary(rewards: pd.DataFrame, selections: pd.DataFrame, reward_names: Seque
     base = pd.concat([first.assign(reward=r, n=1) for r in reward_names], ignore_index=True)
     chosen = pd.concat([base, top1], ignore_index=True).rename(columns={"reward": "selector"})
     judged = chosen.merge(rewards[["prompt_id", "sample", *reward_names]], on=["prompt_id", "sample"], how="left")
-    long = judged.melt(id_vars=["selector", "n", "prompt_id"], value_vars=list(reward_names), var_name="judge", value_name="v")
+    long = judged.melt(
+        id_vars=["selector", "n", "prompt_id"], value_vars=list(reward_names), var_name="judge", value_name="v"
+    )
     g = long.groupby(["selector", "n", "judge"], sort=False)["v"]
-    table = g.mean().rename("mean").to_frame().join(g.sem(ddof=1).rename("sem")).join(g.size().rename("n_prompts")).reset_index()
+    table = (
+        g.mean()
+        .rename("mean")
+        .to_frame()
+        .join(g.sem(ddof=1).rename("sem"))
+        .join(g.size().rename("n_prompts"))
+        .reset_index()
+    )
     order = {r: i for i, r in enumerate(reward_names)}
-    return table.sort_values(["judge", "selector", "n"], key=lambda c: c.map(order) if c.name in ("judge", "selector") else c,
-                             kind="mergesort").reset_index(drop=True)
+    return table.sort_values(
+        ["judge", "selector", "n"],
+        key=lambda c: c.map(order) if c.name in ("judge", "selector") else c,
+        kind="mergesort",
+    ).reset_index(drop=True)
 
 
 def summary_markdown(table: pd.DataFrame) -> str:
     """One table per judge: rows = selector, columns = n (mean selected reward)."""
-    lines = ["# Best-of-n: mean reward of the selected image (top-1), per judge", "",
-             "Rows select, the table's judge scores; n = 1 is an unselected image (sample 0), the same for every row. "
-             "A selector's own reward rises with n by construction; the other judges show whether "
-             "the gain transfers or the selector over-optimizes.", ""]
+    lines = [
+        "# Best-of-n: mean reward of the selected image (top-1), per judge",
+        "",
+        "Rows select, the table's judge scores; n = 1 is an unselected image (sample 0), the same for every row. "
+        "A selector's own reward rises with n by construction; the other judges show whether "
+        "the gain transfers or the selector over-optimizes.",
+        "",
+    ]
     for judge, g in table.groupby("judge", sort=False):
         wide = g.pivot_table(index="selector", columns="n", values="mean", sort=False)
         wide.columns = [f"n={c}" for c in wide.columns]

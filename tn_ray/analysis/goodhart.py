@@ -22,7 +22,12 @@ def _ratio(m: np.ndarray, n: int, total: int) -> np.ndarray:
     """C(m, n) / C(total, n), 0 where m < n."""
     m = np.asarray(m, dtype=float)
     ok = m >= n
-    logr = gammaln(np.where(ok, m, n) + 1) - gammaln(np.where(ok, m, n) - n + 1) - gammaln(total + 1) + gammaln(total - n + 1)
+    logr = (
+        gammaln(np.where(ok, m, n) + 1)
+        - gammaln(np.where(ok, m, n) - n + 1)
+        - gammaln(total + 1)
+        + gammaln(total - n + 1)
+    )
     return np.where(ok, np.exp(logr), 0.0)
 
 
@@ -51,43 +56,77 @@ def curves(table: pd.DataFrame, selectors: Sequence[str], ns: Sequence[int]) -> 
     for prompt, g in table.groupby("prompt", sort=False):
         for sel in selectors:
             for n in ns:
-                rows.append({"prompt": prompt, "selector": sel, "n": n,
-                             "accuracy": expected_accuracy(g[sel].to_numpy(), g["correct"].to_numpy(), n)})
+                rows.append(
+                    {
+                        "prompt": prompt,
+                        "selector": sel,
+                        "n": n,
+                        "accuracy": expected_accuracy(g[sel].to_numpy(), g["correct"].to_numpy(), n),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
-def bootstrap_summary(per_prompt: pd.DataFrame, confidence: float = 0.95, resamples: int = 2000,
-                      seed: int = 0) -> pd.DataFrame:
+def bootstrap_summary(
+    per_prompt: pd.DataFrame, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> pd.DataFrame:
     """Mean accuracy over prompts per (selector, n) with a percentile bootstrap CI over prompts."""
     rows = []
     for (sel, n), g in per_prompt.groupby(["selector", "n"], sort=False):
         x = g["accuracy"].to_numpy()
         if len(x) > 1 and np.ptp(x) > 0:
-            ci = stats.bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=resamples, method="percentile",
-                                 rng=np.random.default_rng(seed)).confidence_interval
+            ci = stats.bootstrap(
+                (x,),
+                np.mean,
+                confidence_level=confidence,
+                n_resamples=resamples,
+                method="percentile",
+                rng=np.random.default_rng(seed),
+            ).confidence_interval
             lo, hi = float(ci.low), float(ci.high)
         else:
             lo = hi = float(x.mean())
-        rows.append({"selector": sel, "n": int(n), "accuracy": float(x.mean()), "ci_low": lo, "ci_high": hi,
-                     "n_prompts": len(x)})
+        rows.append(
+            {
+                "selector": sel,
+                "n": int(n),
+                "accuracy": float(x.mean()),
+                "ci_low": lo,
+                "ci_high": hi,
+                "n_prompts": len(x),
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def paired_difference(per_prompt: pd.DataFrame, a: str, b: str, n: int, confidence: float = 0.95,
-                      resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+def paired_difference(
+    per_prompt: pd.DataFrame, a: str, b: str, n: int, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """Mean over prompts of accuracy(a) - accuracy(b) at pool size n, with a percentile
     bootstrap CI over prompts (paired: both selectors on the same prompts and pools)."""
     at = per_prompt[per_prompt["n"] == n].pivot(index="prompt", columns="selector", values="accuracy")
     d = (at[a] - at[b]).to_numpy()
     if len(d) < 2 or np.ptp(d) == 0:
         return float(d.mean()), float(d.mean()), float(d.mean())
-    ci = stats.bootstrap((d,), np.mean, confidence_level=confidence, n_resamples=resamples, method="percentile",
-                         rng=np.random.default_rng(seed)).confidence_interval
+    ci = stats.bootstrap(
+        (d,),
+        np.mean,
+        confidence_level=confidence,
+        n_resamples=resamples,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    ).confidence_interval
     return float(d.mean()), float(ci.low), float(ci.high)
 
 
-def overoptimization(summary: pd.DataFrame, per_prompt: pd.DataFrame, baseline: str, confidence: float = 0.95,
-                     resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+def overoptimization(
+    summary: pd.DataFrame,
+    per_prompt: pd.DataFrame,
+    baseline: str,
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
     """Per selector: its peak accuracy (and the n of the peak), its accuracy at the largest n,
     the drop from peak to there (the Goodhart drop; 0 if the curve never falls), and its paired
     difference from ``baseline`` at the largest n with a bootstrap CI over prompts."""
@@ -97,6 +136,14 @@ def overoptimization(summary: pd.DataFrame, per_prompt: pd.DataFrame, baseline: 
         peak = g.loc[g["accuracy"].idxmax()]
         last = float(g.loc[g["n"] == top, "accuracy"].iloc[0])
         diff, lo, hi = paired_difference(per_prompt, sel, baseline, top, confidence, resamples, seed)
-        rows.append({"selector": sel, "peak": float(peak["accuracy"]), "peak n": int(peak["n"]), f"n={top}": last,
-                     "drop": last - float(peak["accuracy"]), f"vs {baseline} at n={top}": f"{diff:+.3f} [{lo:+.2f}, {hi:+.2f}]"})
+        rows.append(
+            {
+                "selector": sel,
+                "peak": float(peak["accuracy"]),
+                "peak n": int(peak["n"]),
+                f"n={top}": last,
+                "drop": last - float(peak["accuracy"]),
+                f"vs {baseline} at n={top}": f"{diff:+.3f} [{lo:+.2f}, {hi:+.2f}]",
+            }
+        )
     return pd.DataFrame(rows)

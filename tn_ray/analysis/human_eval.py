@@ -27,8 +27,12 @@ ANSWERS = ("set 1", "set 2", "tie")
 
 
 class HumanEvalConfig(StrictModel):
-    pairs: list[tuple[str, str]] = Field(default_factory=list, description="reward pairs to compare, by reward column name (e.g. ['clip', 'textnorm(clip)']); empty = each model vs its TextNorm")
-    n: int | None = Field(None, ge=1, description="pool size the sets are picked from (images); None = the largest pool")
+    pairs: list[tuple[str, str]] = Field(default_factory=list, description="reward pairs to compare, by reward column "
+                                                                           "name (e.g. ['clip', 'textnorm(clip)']); "
+                                                                           "empty = each model vs its TextNorm")
+    n: int | None = Field(
+        None, ge=1, description="pool size the sets are picked from (images); None = the largest pool"
+    )
     k: int = Field(4, ge=1, description="images per set (images); must be one of top_k")
     seed: int = Field(0, ge=0, description="seed of the question order, side assignment and file names")
     max_prompts: int | None = Field(None, ge=1, description="first N prompts only (count); None = all")
@@ -39,7 +43,8 @@ _STYLE = """body{font-family:sans-serif;max-width:1100px;margin:1em auto;padding
 image-rendering:pixelated;border:1px solid #ccc}h2{margin-bottom:.2em}.prompt{font-size:1.3em;
 background:#f4f4f4;padding:.5em}label{margin-right:1.5em;font-size:1.1em}"""
 
-_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{qid}</title><style>{style}</style></head><body>
+_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{qid}</title><style>{style}</style></head>
+<body>
 <p><a href="index.html">all questions</a> &middot; question {pos} of {total}</p>
 <p>Which set of images matches the prompt better?</p>
 <div class="prompt">{prompt}</div>
@@ -55,7 +60,9 @@ document.getElementById("f").addEventListener("change", e => {{
   a[q] = e.target.value; localStorage.setItem(key, JSON.stringify(a)); }});
 </script></body></html>"""
 
-_INDEX = """<!doctype html><html><head><meta charset="utf-8"><title>human evaluation</title><style>{style}</style></head><body>
+_INDEX = """<!doctype html><html><head><meta charset="utf-8"><title>human evaluation</title>
+<style>{style}</style></head>
+<body>
 <h1>Human evaluation: which set matches the prompt better?</h1>
 <p>{total} questions. Answers are saved in this browser as you go; when done, download them and send the file back.</p>
 <p><button id="dl">download answers (CSV)</button> <span id="count"></span></p>
@@ -75,8 +82,18 @@ def _token(seed: int, image_id: str) -> str:
     return hashlib.sha256(f"{seed}\x1f{image_id}".encode()).hexdigest()[:20]
 
 
-def export(selections: pd.DataFrame, images: pd.DataFrame, pairs: list[tuple[str, str]], n: int, k: int, seed: int,
-           out_dir: Path, key_path: Path, read: Callable[[str], bytes], max_prompts: int | None = None) -> pd.DataFrame:
+def export(
+    selections: pd.DataFrame,
+    images: pd.DataFrame,
+    pairs: list[tuple[str, str]],
+    n: int,
+    k: int,
+    seed: int,
+    out_dir: Path,
+    key_path: Path,
+    read: Callable[[str], bytes],
+    max_prompts: int | None = None,
+) -> pd.DataFrame:
     """Write the pages and images under ``out_dir`` and the answer key to ``key_path``.
 
     ``selections``: rows of :func:`tn_ray.analysis.bestofn_selection.select`; ``images``: prompt_id, prompt,
@@ -84,7 +101,9 @@ def export(selections: pd.DataFrame, images: pd.DataFrame, pairs: list[tuple[str
     """
     sel = selections[(selections["n"] == n) & (selections["k"] == k)]
     sel = sel.drop(columns=[c for c in ("prompt", "image_id", "image") if c in sel.columns])
-    sel = sel.merge(images[["prompt_id", "sample", "prompt", "image_id", "image"]], on=["prompt_id", "sample"], how="left")
+    sel = sel.merge(
+        images[["prompt_id", "sample", "prompt", "image_id", "image"]], on=["prompt_id", "sample"], how="left"
+    )
     prompt_ids = sorted(sel["prompt_id"].unique())[: max_prompts or None]
     rng = np.random.default_rng(seed)
     study = json.dumps(hashlib.sha256(f"{seed}{pairs}{n}{k}{out_dir.resolve()}".encode()).hexdigest()[:12])
@@ -94,7 +113,9 @@ def export(selections: pd.DataFrame, images: pd.DataFrame, pairs: list[tuple[str
             sets = {r: sel[(sel["reward"] == r) & (sel["prompt_id"] == pid)].sort_values("rank") for r in (a, b)}
             for r, s in sets.items():
                 if len(s) != k:
-                    raise ValueError(f"human evaluation: reward {r!r} has {len(s)} selected images for prompt_id {pid}, expected {k}")
+                    raise ValueError(
+                        f"human evaluation: reward {r!r} has {len(s)} selected images for prompt_id {pid}, expected {k}"
+                    )
             questions.append((a, b, pid, sets))
     order = rng.permutation(len(questions))
     (out_dir / "img").mkdir(parents=True, exist_ok=True)
@@ -118,18 +139,44 @@ def export(selections: pd.DataFrame, images: pd.DataFrame, pairs: list[tuple[str
             shown[side] = (reward, list(rows["image_id"]), names)
         prompt = str(sets[a]["prompt"].iloc[0])
         radios = "".join(f'<label><input type="radio" name="a" value="{v}"> {v}</label>' for v in ANSWERS)
-        nxt = f'<a href="q{pos + 1:04d}.html">next question &rarr;</a>' if pos < len(order) else '<a href="index.html">done: back to the index</a>'
-        page = _PAGE.format(qid=qid, style=_STYLE, pos=pos, total=len(order), prompt=html.escape(prompt), study=study,
-                            set1="".join(f'<img src="{s}" alt="">' for s in shown["set1"][2]),
-                            set2="".join(f'<img src="{s}" alt="">' for s in shown["set2"][2]), radios=radios, next=nxt)
+        nxt = (
+            f'<a href="q{pos + 1:04d}.html">next question &rarr;</a>'
+            if pos < len(order)
+            else '<a href="index.html">done: back to the index</a>'
+        )
+        page = _PAGE.format(
+            qid=qid,
+            style=_STYLE,
+            pos=pos,
+            total=len(order),
+            prompt=html.escape(prompt),
+            study=study,
+            set1="".join(f'<img src="{s}" alt="">' for s in shown["set1"][2]),
+            set2="".join(f'<img src="{s}" alt="">' for s in shown["set2"][2]),
+            radios=radios,
+            next=nxt,
+        )
         (out_dir / f"{qid}.html").write_text(page)
         links.append(f'<li><a href="{qid}.html">{qid}</a></li>')
-        key_rows.append({"question": qid, "prompt_id": int(pid), "prompt": prompt, "n": n, "k": k,
-                         "set1_reward": shown["set1"][0], "set2_reward": shown["set2"][0],
-                         "set1_images": json.dumps(shown["set1"][1]), "set2_images": json.dumps(shown["set2"][1]),
-                         "set1_files": json.dumps(shown["set1"][2]), "set2_files": json.dumps(shown["set2"][2])})
+        key_rows.append(
+            {
+                "question": qid,
+                "prompt_id": int(pid),
+                "prompt": prompt,
+                "n": n,
+                "k": k,
+                "set1_reward": shown["set1"][0],
+                "set2_reward": shown["set2"][0],
+                "set1_images": json.dumps(shown["set1"][1]),
+                "set2_images": json.dumps(shown["set2"][1]),
+                "set1_files": json.dumps(shown["set1"][2]),
+                "set2_files": json.dumps(shown["set2"][2]),
+            }
+        )
     ids = json.dumps([r["question"] for r in key_rows])
-    (out_dir / "index.html").write_text(_INDEX.format(style=_STYLE, total=len(order), items="".join(links), study=study, ids=ids))
+    (out_dir / "index.html").write_text(
+        _INDEX.format(style=_STYLE, total=len(order), items="".join(links), study=study, ids=ids)
+    )
     key = pd.DataFrame(key_rows)
     key_path.parent.mkdir(parents=True, exist_ok=True)
     key.to_csv(key_path, index=False)
@@ -140,6 +187,10 @@ def score_answers(key: pd.DataFrame, answers: pd.DataFrame) -> pd.DataFrame:
     """Win rates per pair from a downloaded answers CSV (question, answer) and the key."""
     df = key.merge(answers, on="question", how="inner")
     df = df[df["answer"].isin(ANSWERS)]
-    winner = np.where(df["answer"] == "set 1", df["set1_reward"], np.where(df["answer"] == "set 2", df["set2_reward"], "tie"))
-    df = df.assign(pair=[" vs ".join(sorted((a, b))) for a, b in zip(df["set1_reward"], df["set2_reward"])], winner=winner)
+    winner = np.where(
+        df["answer"] == "set 1", df["set1_reward"], np.where(df["answer"] == "set 2", df["set2_reward"], "tie")
+    )
+    df = df.assign(
+        pair=[" vs ".join(sorted((a, b))) for a, b in zip(df["set1_reward"], df["set2_reward"])], winner=winner
+    )
     return df.groupby(["pair", "winner"]).size().rename("count").reset_index()

@@ -37,7 +37,9 @@ def prompt_grid(prompt: str, rows: Sequence[str], pools: Sequence[int], image_of
     for j, n in enumerate(pools):
         x = label_w + j * (cell + PAD)
         label = column_label(n)
-        draw.text((x + cell // 2 - _text_width(draw, label, font) // 2, top - LINE - PAD), label, fill="black", font=font)
+        draw.text(
+            (x + cell // 2 - _text_width(draw, label, font) // 2, top - LINE - PAD), label, fill="black", font=font
+        )
     for i, reward in enumerate(rows):
         y = top + i * (cell + PAD)
         draw.text((PAD, y + cell // 2 - LINE // 2), reward, fill="black", font=font)

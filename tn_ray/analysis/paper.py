@@ -214,18 +214,35 @@ def report(root: Path, sets: Iterable[str] = tia2.SETS) -> str:
           "paper's ensemble of ImageReward and PickScore (mean on composition, uncertainty-regularized elsewhere).", ""]
     for s, g in both.groupby("set", sort=False):
         n = int(release.loc[release["set"] == s, "n_prompts"].max())
-        md += [f"## {s} ({n} prompts with mixed labels in the release; Table 2's C{TABLE2_PROMPTS[s]} before exclusion)", "",
-               g.drop(columns=["set"]).to_markdown(index=False, floatfmt=".3f"), ""]
+        md += [
+            f"## {s} ({n} prompts with mixed labels in the release; Table 2's C{TABLE2_PROMPTS[s]} before exclusion)",
+            "",
+            g.drop(columns=["set"]).to_markdown(index=False, floatfmt=".3f"),
+            "",
+        ]
         d = diff[diff["set"] == s]
-        md += ([f"Release vs Table 2 beyond rounding: {len(d)} value(s).", "",
-                d.drop(columns=["set"]).to_markdown(index=False, floatfmt=".4f"), ""]
-               if len(d) else ["The release's means equal Table 2 to its three decimals.", ""])
+        md += (
+            [
+                f"Release vs Table 2 beyond rounding: {len(d)} value(s).",
+                "",
+                d.drop(columns=["set"]).to_markdown(index=False, floatfmt=".4f"),
+                "",
+            ]
+            if len(d)
+            else ["The release's means equal Table 2 to its three decimals.", ""]
+        )
         p = params[params["set"] == s]
-        md += [f"Per-prompt TextNorm parameters of the release ({p['kind'].iloc[0]} ensemble): "
-               f"scale {', '.join(f'{k:g} x{v}' for k, v in p['scale'].value_counts().sort_index().items())}"
-               + ("" if p["kind"].iloc[0] == "mean" else
-                  f"; lambda {', '.join(f'{k:g} x{v}' for k, v in p['lam'].value_counts().sort_index().items())}")
-               + ". `tn-ray tia2 eval --release-params` evaluates TextNorm with them (docs/tia2.md).", ""]
+        md += [
+            f"Per-prompt TextNorm parameters of the release ({p['kind'].iloc[0]} ensemble): "
+            f"scale {', '.join(f'{k:g} x{v}' for k, v in p['scale'].value_counts().sort_index().items())}"
+            + (
+                ""
+                if p["kind"].iloc[0] == "mean"
+                else f"; lambda {', '.join(f'{k:g} x{v}' for k, v in p['lam'].value_counts().sort_index().items())}"
+            )
+            + ". `tn-ray tia2 eval --release-params` evaluates TextNorm with them (docs/tia2.md).",
+            "",
+        ]
     return "\n".join(md)
 
 
@@ -240,8 +257,12 @@ def differences(ours: pd.DataFrame, paper: pd.DataFrame, models: Iterable[str]) 
         theirs = paper[paper["reward"] == released]
         if mine.empty or theirs.empty:
             continue
-        long_mine = mine.melt(id_vars=["set", "prompt"], value_vars=list(metrics.METRICS), var_name="metric", value_name="ours")
-        long_theirs = theirs.melt(id_vars=["set", "prompt"], value_vars=list(metrics.METRICS), var_name="metric", value_name="paper")
+        long_mine = mine.melt(
+            id_vars=["set", "prompt"], value_vars=list(metrics.METRICS), var_name="metric", value_name="ours"
+        )
+        long_theirs = theirs.melt(
+            id_vars=["set", "prompt"], value_vars=list(metrics.METRICS), var_name="metric", value_name="paper"
+        )
         both = long_mine.merge(long_theirs, on=["set", "prompt", "metric"], how="inner")
         frames.append(both.assign(reward=model, paper_reward=released, diff=both["ours"] - both["paper"]))
     cols = ["set", "prompt", "reward", "paper_reward", "metric", "ours", "paper", "diff"]

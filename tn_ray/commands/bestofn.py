@@ -7,7 +7,8 @@ from tn_ray.commands.options import add_run_options
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bestofn", help="generate n images per prompt, score with every reward and TextNorm, keep the best")
+    p = sub.add_parser("bestofn", help="generate n images per prompt, score with every reward and TextNorm, keep the "
+                                       "best")
     p.add_argument("config", help="YAML config (BestOfNConfig), e.g. sweeps/bestofn_tiny.yaml")
     p.add_argument("--out", help="run folder (overrides `out`)")
     p.add_argument("--max-prompts", type=int, help="first N prompts only (overrides `max_prompts`)")

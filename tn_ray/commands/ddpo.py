@@ -5,7 +5,8 @@ from tn_ray.commands.options import add_run_options
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("ddpo", help="fine-tune a diffusion model with DDPO (policy gradient, eq. 5), LoRA and a KL to the base model")
+    p = sub.add_parser("ddpo", help="fine-tune a diffusion model with DDPO (policy gradient, eq. 5), LoRA and a KL to "
+                                    "the base model")
     p.add_argument("config", help="YAML config (DDPOConfig), e.g. sweeps/ddpo_tiny.yaml; keys in docs/ddpo.md")
     p.add_argument("--out", help="run folder or cloud URI (overrides `out`); rerunning the same command resumes")
     add_run_options(p, "optimizer.lr=3e-5")

@@ -8,25 +8,32 @@ def _task_args(p) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--manifest", help="labelling task: CSV with columns image (path relative to the CSV) and prompt")
     src.add_argument("--folder", help="labelling task: a folder of images, each with a same-name .txt caption")
-    src.add_argument("--run", help="labelling task: every image of a tn-ray bestofn output folder (rewards.parquet), or every evaluation image of a tn-ray rwr / ddpo run")
+    src.add_argument("--run", help="labelling task: every image of a tn-ray bestofn output folder (rewards.parquet), "
+                                   "or every evaluation image of a tn-ray rwr / ddpo run")
     src.add_argument("--export", help="comparison task: a best-of-n human_eval/ export folder")
-    p.add_argument("--key", help="comparison key CSV (default: human_eval_key.csv next to the export folder); never served")
-    p.add_argument("--db", help="answer database (SQLite); default: <manifest>.answers.sqlite or human_eval_answers.sqlite next to the export")
+    p.add_argument("--key", help="comparison key CSV (default: human_eval_key.csv next to the export folder); never "
+                                 "served")
+    p.add_argument("--db", help="answer database (SQLite); default: <manifest>.answers.sqlite or "
+                                "human_eval_answers.sqlite next to the export")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("label", help="labelling / human-evaluation web app: serve, export TIA2 labels, tally comparisons")
+    p = sub.add_parser("label", help="labelling / human-evaluation web app: serve, export TIA2 labels, tally "
+                                     "comparisons")
     cmds = p.add_subparsers(dest="label_command", required=True)
-    s = cmds.add_parser("serve", help="serve a task to annotators (127.0.0.1 by default; other addresses need the printed token)")
+    s = cmds.add_parser("serve", help="serve a task to annotators (127.0.0.1 by default; other addresses need the "
+                                      "printed token)")
     _task_args(s)
-    s.add_argument("--host", default="127.0.0.1", help="bind address; anything but 127.0.0.1/::1/localhost requires the token")
+    s.add_argument("--host", default="127.0.0.1", help="bind address; anything but 127.0.0.1/::1/localhost requires "
+                                                       "the token")
     s.add_argument("--port", type=int, default=8765, help="TCP port; 0 = any free port (printed)")
     s.add_argument("--per-item", type=int, default=3, help="annotators per item (count); nobody sees an item twice")
     s.add_argument("--lease-s", type=float, default=1800.0, help="seconds an unanswered assignment holds its slot")
     s.set_defaults(func=serve)
     e = cmds.add_parser("export", help="write the labels in the TIA2 label format (three labels per image)")
     _task_args(e)
-    e.add_argument("--out", required=True, help="output JSON (e.g. DIR/human_annotations/human_labels_comprehensive.json)")
+    e.add_argument("--out", required=True, help="output JSON (e.g. "
+                                                "DIR/human_annotations/human_labels_comprehensive.json)")
     e.add_argument("--answers-csv", help="also write every answer (item, annotator, value, times) as CSV")
     e.set_defaults(func=export)
     t = cmds.add_parser("tally", help="win / tie / lose per pair of rewards with binomial CIs (Markdown, CSV, PNG)")
@@ -77,7 +84,8 @@ def export(args) -> int:
 
     task, db = _load(args)
     if task.kind != "label":
-        raise InputError("label export writes TIA2 labels of a labelling task (--manifest, --folder or --run); for a comparison use label tally")
+        raise InputError("label export writes TIA2 labels of a labelling task (--manifest, --folder or --run); for a "
+                         "comparison use label tally")
     answers = open_answers(db, task)
     labels, short = tia2_labels(task, answers)
     write_json(labels, args.out)

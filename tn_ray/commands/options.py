@@ -14,13 +14,22 @@ from typing import Any
 def add_run_options(parser, example: str, provenance: bool = True) -> None:
     """``--set`` (repeatable; dotted key, YAML value; e.g. ``example``) and, for commands that write a
     run folder, ``--allow-provenance-change``."""
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override any config key (dotted, value parsed as YAML), e.g. --set {example}; repeatable")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override any config key (dotted, value parsed as YAML), e.g. --set {example}; repeatable",
+    )
     if provenance:
-        parser.add_argument("--allow-provenance-change", action="store_true",
-                            help="continue a run folder whose recorded provenance.json (package versions, git commit, "
-                                 "config, model revisions) differs from this run's; the new record is kept with the old "
-                                 "ones listed under `previous`")
+        parser.add_argument(
+            "--allow-provenance-change",
+            action="store_true",
+            help="continue a run folder whose recorded provenance.json (package versions, git commit, "
+            "config, model revisions) differs from this run's; the new record is kept with the "
+            "old "
+            "ones listed under `previous`",
+        )
 
 
 def overrides(args, **flags: Any) -> dict[str, Any]:

@@ -7,7 +7,8 @@ from tn_ray.commands.options import add_run_options
 def add_parser(sub) -> None:
     p = sub.add_parser("reward", help="reward learning from human labels")
     s = p.add_subparsers(dest="reward_command", required=True)
-    t = s.add_parser("train", help="train a reward head on TIA2-format labels; writes learned:<folder> and held-out metrics")
+    t = s.add_parser("train", help="train a reward head on TIA2-format labels; writes learned:<folder> and held-out "
+                                   "metrics")
     t.add_argument("config", help="YAML config (RewardTrainConfig)")
     add_run_options(t, "loss.aux_weight=0")
     t.set_defaults(func=train)

@@ -23,7 +23,8 @@ def read_manifest(manifest: Path):
     from tn_ray.errors import InputError
 
     if not manifest.is_file():
-        raise InputError(f"manifest not found: {manifest}" if not manifest.exists() else f"manifest {manifest} is not a file")
+        raise InputError(f"manifest not found: {manifest}" if not manifest.exists() else f"manifest {manifest} is not "
+                                                                                         "a file")
     try:
         df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     except UnicodeDecodeError as err:
@@ -41,7 +42,8 @@ def read_manifest(manifest: Path):
     df["image"] = [str((manifest.parent / p).resolve()) for p in df["image"]]
     dup = df["image"].duplicated()
     if dup.any():
-        raise InputError(f"{manifest}: image {df.loc[dup, 'image'].iloc[0]} is listed twice (line {int(dup.idxmax()) + 2})")
+        raise InputError(f"{manifest}: image {df.loc[dup, 'image'].iloc[0]} is listed twice (line "
+                         f"{int(dup.idxmax()) + 2})")
     return df
 
 
@@ -86,5 +88,6 @@ def run(args) -> int:
             table[f"textnorm({model})"] = columns[f"textnorm({model})"]
     table.to_csv(out / "rewards.csv", index=False)
     print(table.head(10).to_string(index=False))
-    print(f"score matrices: {out / 'scores'} ({', '.join(model_slug(m) for m in matrices)}); rewards: {out / 'rewards.csv'}")
+    print(f"score matrices: {out / 'scores'} ({', '.join(model_slug(m) for m in matrices)}); rewards: "
+          f"{out / 'rewards.csv'}")
     return 0

@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
     add_run_options(ev, "textnorm.default.tau=0.5")
     ev.add_argument("--contrast", help="'released' or a JSON file of contrastive sets ({set} expands)")
     ev.add_argument("--release-params", nargs="*", choices=["temperature", "multiplier"], default=None,
-                    metavar="READING", help="also evaluate the paper's TextNorm with the release's per-prompt scale and "
+                    metavar="READING", help="also evaluate the paper's TextNorm with the release's per-prompt scale "
+                                            "and "
                     "lambda (needs imagereward and pickscore models); READING: temperature and/or multiplier "
                     "(default both; docs/tia2.md)")
     ev.set_defaults(func=evaluate)
@@ -68,9 +69,18 @@ def evaluate(args) -> int:
     from tn_ray.commands.options import allow_change, load
     from tn_ray.experiments.tia2_eval import Tia2EvalConfig, run
 
-    cfg = load(args, Tia2EvalConfig, images=args.images, models=args.models, sets=args.sets, tia2_dir=args.tia2_dir,
-               out=args.out, max_prompts=args.max_prompts, contrast=args.contrast,
-               release_params=None if args.release_params is None else (args.release_params or ["temperature", "multiplier"]))
+    cfg = load(
+        args,
+        Tia2EvalConfig,
+        images=args.images,
+        models=args.models,
+        sets=args.sets,
+        tia2_dir=args.tia2_dir,
+        out=args.out,
+        max_prompts=args.max_prompts,
+        contrast=args.contrast,
+        release_params=None if args.release_params is None else (args.release_params or ["temperature", "multiplier"]),
+    )
     paths = run(cfg, allow_provenance_change=allow_change(args))
     print(Path(paths["per_set_md"]).read_text())
     for k, v in paths.items():

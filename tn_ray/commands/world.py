@@ -7,10 +7,12 @@ from tn_ray.commands.options import add_run_options
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("world", help="synthetic world with exact truth: benchmark, proxy rewards, best-of-n vs the oracle")
+    p = sub.add_parser("world", help="synthetic world with exact truth: benchmark, proxy rewards, best-of-n vs the "
+                                     "oracle")
     s = p.add_subparsers(dest="world_command", required=True)
 
-    r = s.add_parser("run", help="benchmark metrics and best-of-n curves of raw / TextNorm / ensemble proxies vs the oracle")
+    r = s.add_parser("run", help="benchmark metrics and best-of-n curves of raw / TextNorm / ensemble proxies vs the "
+                                 "oracle")
     r.add_argument("config", nargs="?", help="YAML config (WorldConfig); flags override it")
     r.add_argument("--out", help="output folder (overrides `out`)")
     add_run_options(r, "bestofn.pool=64")
@@ -18,11 +20,13 @@ def add_parser(sub) -> None:
 
     lab = s.add_parser("labels", help="write the world's labelled benchmark in TIA2's layout (for `tia2 stats|eval`)")
     lab.add_argument("--out", default="results/world/data", help="folder: <out>/tia2 (labels, sets) and <out>/images")
-    lab.add_argument("--per-kind", type=int, default=8, help="prompts per kind (counting, colours, composition, spatial)")
+    lab.add_argument("--per-kind", type=int, default=8, help="prompts per kind (counting, colours, composition, "
+                                                             "spatial)")
     lab.add_argument("--images-per-prompt", type=int, default=24, help="images per prompt")
     lab.add_argument("--size", type=int, default=64, help="image side (32..128 px)")
     lab.add_argument("--p-match", type=float, default=0.5, help="share of images that match their prompt")
-    lab.add_argument("--label-noise", type=float, default=0.0, help="probability that each of the three labels is flipped")
+    lab.add_argument("--label-noise", type=float, default=0.0, help="probability that each of the three labels is "
+                                                                    "flipped")
     lab.add_argument("--seed", type=int, default=0, help="seed")
     lab.set_defaults(func=write_labels)
 
@@ -51,9 +55,11 @@ def write_labels(args) -> int:
     if not 32 <= args.size <= 128:
         raise InputError(f"--size {args.size}: the world renders 32..128 px")
     if args.per_kind < 1 or args.images_per_prompt < 2:
-        raise InputError(f"--per-kind must be >= 1 and --images-per-prompt >= 2; got {args.per_kind}, {args.images_per_prompt}")
+        raise InputError(f"--per-kind must be >= 1 and --images-per-prompt >= 2; got {args.per_kind}, "
+                         f"{args.images_per_prompt}")
     if not 0 < args.p_match < 1 or not 0 <= args.label_noise <= 1:
-        raise InputError(f"--p-match must be in (0, 1) and --label-noise in [0, 1]; got {args.p_match}, {args.label_noise}")
+        raise InputError(f"--p-match must be in (0, 1) and --label-noise in [0, 1]; got {args.p_match}, "
+                         f"{args.label_noise}")
     tia2_dir, images = make(Path(args.out), args.per_kind, args.images_per_prompt, args.size, args.seed, args.p_match,
                             args.label_noise)
     print(f"labels and contrastive sets: {tia2_dir}\nimages: {images}\n"

@@ -51,8 +51,15 @@ def make(root: Path, images_per_prompt: int = 12, size: int = 64, seed: int = 0)
     for sub in ("human_annotations", "prompts"):
         (tia2_dir / sub).mkdir(parents=True, exist_ok=True)
     specs = {
-        "counting": [(n, c, s) for n, c, s in [(1, "red", "circle"), (2, "blue", "square"), (3, "green", "circle"), (4, "red", "square")]],
-        "composition": [(("red", "circle"), ("blue", "square")), (("green", "square"), ("red", "circle")), (("blue", "circle"), ("green", "square"))],
+        "counting": [
+            (n, c, s)
+            for n, c, s in [(1, "red", "circle"), (2, "blue", "square"), (3, "green", "circle"), (4, "red", "square")]
+        ],
+        "composition": [
+            (("red", "circle"), ("blue", "square")),
+            (("green", "square"), ("red", "circle")),
+            (("blue", "circle"), ("green", "square")),
+        ],
     }
     for set_name, prompts in specs.items():
         labels, sets = {}, {}
@@ -62,12 +69,18 @@ def make(root: Path, images_per_prompt: int = 12, size: int = 64, seed: int = 0)
                 n, color, shape = spec
                 x0 = count_prompt(n, color, shape)
                 other = [c for c in COLORS if c != color][0]
-                sets[x0] = [count_prompt(m, color, shape) for m in range(1, 5) if m != n] + [count_prompt(n, other, shape)]
+                sets[x0] = [count_prompt(m, color, shape) for m in range(1, 5) if m != n] + [
+                    count_prompt(n, other, shape)
+                ]
             else:
                 (c1, s1), (c2, s2) = spec
                 x0 = f"a photo of a {c1} {s1} and a {c2} {s2}"
-                sets[x0] = [f"a photo of two {c1} {s1}s and a {c2} {s2}", f"a photo of a {c2} {s1} and a {c1} {s2}",
-                            f"a photo of a {c1} {s1}", f"a photo of a {c2} {s2}"]
+                sets[x0] = [
+                    f"a photo of two {c1} {s1}s and a {c2} {s2}",
+                    f"a photo of a {c2} {s1} and a {c1} {s2}",
+                    f"a photo of a {c1} {s1}",
+                    f"a photo of a {c2} {s2}",
+                ]
             for q in range(images_per_prompt):
                 match = q % 2 == 0
                 if set_name == "counting":

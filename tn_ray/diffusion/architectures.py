@@ -53,13 +53,17 @@ SD21_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_en
 
 # --- Stable Diffusion 3.5 Medium ------------------------------------------------------------
 SD35M_SOURCE = {
-    "transformer": "stabilityai/stable-diffusion-3.5-medium/transformer/config.json (MMDiT-X; 2.24 B parameters built here)",
+    "transformer": "stabilityai/stable-diffusion-3.5-medium/transformer/config.json (MMDiT-X; 2.24 B parameters built "
+                   "here)",
     "vae": "stabilityai/stable-diffusion-3.5-medium/vae/config.json (16 latent channels)",
-    "text_encoder": "stabilityai/stable-diffusion-3.5-medium/text_encoder/config.json (CLIP ViT-L/14 text, with projection)",
-    "text_encoder_2": "stabilityai/stable-diffusion-3.5-medium/text_encoder_2/config.json (OpenCLIP bigG/14 text, with projection)",
+    "text_encoder": "stabilityai/stable-diffusion-3.5-medium/text_encoder/config.json (CLIP ViT-L/14 text, with "
+                    "projection)",
+    "text_encoder_2": "stabilityai/stable-diffusion-3.5-medium/text_encoder_2/config.json (OpenCLIP bigG/14 text, with "
+                      "projection)",
     "text_encoder_3": "T5-XXL encoder: left out (text_encoder_3=None: diffusers feeds zeros of its 256 x 4096 "
                       "shape, so the transformer's cost is unchanged; the T5 encoder itself is not measured)",
-    "scheduler": "stabilityai/stable-diffusion-3.5-medium/scheduler/scheduler_config.json (FlowMatchEulerDiscrete, shift 3)",
+    "scheduler": "stabilityai/stable-diffusion-3.5-medium/scheduler/scheduler_config.json (FlowMatchEulerDiscrete, "
+                 "shift 3)",
 }
 SD35M_TRANSFORMER = dict(
     patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
@@ -69,16 +73,35 @@ SD3_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
     act_fn="silu", scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
-SD3_CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                  max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768)
-SD3_CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                  max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=1280)
+SD3_CLIP_L = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=768,
+)
+SD3_CLIP_G = dict(
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=1280,
+)
 SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
 
 # --- reward models: registry specs with real shapes and seeded random weights ---------------
 REWARD_SPECS = {
     "clip-b32": "clip:ViT-B-32/random",  # open_clip ViT-B-32 config (OpenAI CLIP ViT-B/32), the paper's CLIP
-    "pickscore-h14": "clip:ViT-H-14/random",  # open_clip ViT-H-14 config = laion/CLIP-ViT-H-14-laion2B-s32B-b79K, PickScore's backbone
+    # open_clip ViT-H-14 config = laion/CLIP-ViT-H-14-laion2B-s32B-b79K, PickScore's backbone
+    "pickscore-h14": "clip:ViT-H-14/random",
     "imagereward": "imagereward:random",  # THUDM/ImageReward med_config.json (BLIP ViT-L/16 + BERT-base cross-encoder)
 }
 
@@ -95,11 +118,19 @@ class Architecture:
 
 
 ARCHITECTURES = {
-    "sd21": Architecture("sd21", "sd", 8, 512, "Stable Diffusion 2.1: UNet 865 M, VAE kl-f8, OpenCLIP-H text (512 or 768 px)"),
-    "sd35m": Architecture("sd35m", "sd", 16, 512, "Stable Diffusion 3.5 Medium: MMDiT-X 2.24 B, 16-channel VAE, CLIP-L + bigG"),
+    "sd21": Architecture(
+        "sd21", "sd", 8, 512, "Stable Diffusion 2.1: UNet 865 M, VAE kl-f8, OpenCLIP-H text (512 or 768 px)"
+    ),
+    "sd35m": Architecture(
+        "sd35m", "sd", 16, 512, "Stable Diffusion 3.5 Medium: MMDiT-X 2.24 B, 16-channel VAE, CLIP-L + bigG"
+    ),
     "clip-b32": Architecture("clip-b32", "reward", description="CLIP ViT-B/32 (open_clip), 224 px"),
-    "pickscore-h14": Architecture("pickscore-h14", "reward", description="PickScore's CLIP ViT-H/14 (open_clip), 224 px"),
-    "imagereward": Architecture("imagereward", "reward", description="ImageReward's BLIP (ViT-L/16 + BERT-base), 224 px"),
+    "pickscore-h14": Architecture(
+        "pickscore-h14", "reward", description="PickScore's CLIP ViT-H/14 (open_clip), 224 px"
+    ),
+    "imagereward": Architecture(
+        "imagereward", "reward", description="ImageReward's BLIP (ViT-L/16 + BERT-base), 224 px"
+    ),
 }
 
 
@@ -114,9 +145,11 @@ def check_architecture(name: str, resolution: int | None = None) -> Architecture
     arch = ARCHITECTURES[name]
     if resolution is not None and arch.kind == "sd":
         if resolution < arch.pixel_multiple * 4 or resolution % arch.pixel_multiple:
-            raise ArchitectureError(f"resolution {resolution} px: {name} takes multiples of {arch.pixel_multiple} px "
-                                    f"(VAE factor 8{' x patch size 2' if arch.pixel_multiple == 16 else ''}), "
-                                    f"at least {arch.pixel_multiple * 4}")
+            raise ArchitectureError(
+                f"resolution {resolution} px: {name} takes multiples of {arch.pixel_multiple} px "
+                f"(VAE factor 8{' x patch size 2' if arch.pixel_multiple == 16 else ''}), "
+                f"at least {arch.pixel_multiple * 4}"
+            )
     return arch
 
 
@@ -146,7 +179,7 @@ def fill_random(module, seed: int = 0):
         for name, p in module.named_parameters():
             if p.ndim >= 2:
                 fan_in = p[0].numel()
-                p.normal_(0.0, fan_in ** -0.5, generator=gen)
+                p.normal_(0.0, fan_in**-0.5, generator=gen)
             elif name.endswith("bias") or p.ndim == 0:
                 p.zero_()
             else:
@@ -182,11 +215,23 @@ def sd21_pipeline(resolution: int = 512, dtype=None, device: str = "cpu", seed: 
     v768 = resolution == 768
     unet = _build(UNet2DConditionModel, dtype, seed, sample_size=resolution // 8, upcast_attention=v768, **SD21_UNET)
     vae = _build(AutoencoderKL, dtype, seed + 1, sample_size=resolution, **SD_VAE)
-    text = _build(CLIPTextModel, dtype, seed + 2, CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-                                                                 **SD21_TEXT))
+    text = _build(
+        CLIPTextModel,
+        dtype,
+        seed + 2,
+        CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, **SD21_TEXT),
+    )
     scheduler = DDIMScheduler(prediction_type="v_prediction" if v768 else "epsilon", **SD21_SCHEDULER)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=_tokenizer(), unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -198,8 +243,9 @@ def sd35m_transformer(resolution: int = 512, dtype=None, device: str = "cpu", se
     from diffusers import SD3Transformer2DModel
 
     check_architecture("sd35m", resolution)
-    return _build(SD3Transformer2DModel, dtype or torch.float32, seed, sample_size=resolution // 8,
-                  **SD35M_TRANSFORMER).to(device)
+    return _build(
+        SD3Transformer2DModel, dtype or torch.float32, seed, sample_size=resolution // 8, **SD35M_TRANSFORMER
+    ).to(device)
 
 
 def sd35m_pipeline(resolution: int = 512, dtype=None, device: str = "cpu", seed: int = 0):
@@ -214,9 +260,17 @@ def sd35m_pipeline(resolution: int = 512, dtype=None, device: str = "cpu", seed:
     ids = dict(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
     clip_l = _build(CLIPTextModelWithProjection, dtype, seed + 2, CLIPTextConfig(**ids, **SD3_CLIP_L))
     clip_g = _build(CLIPTextModelWithProjection, dtype, seed + 3, CLIPTextConfig(**ids, **SD3_CLIP_G))
-    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
-                                    vae=vae, text_encoder=clip_l, tokenizer=_tokenizer(), text_encoder_2=clip_g,
-                                    tokenizer_2=_tokenizer(), text_encoder_3=None, tokenizer_3=None)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
+        vae=vae,
+        text_encoder=clip_l,
+        tokenizer=_tokenizer(),
+        text_encoder_2=clip_g,
+        tokenizer_2=_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -80,24 +80,39 @@ class GenerationMismatch(TnRayError, ValueError):
 
 
 class GenerationConfig(StrictModel):
-    out: str | None = Field(None, description="output folder or cloud URI (s3://, gs://, file://) for images and manifest; None = <run>/generation")
-    pipeline: str = Field(DEFAULT_PIPELINE, description="diffusers text-to-image pipeline: hub id, local folder, or 'tiny' (random small config)")
-    revision: str | None = Field(None, description="hub revision of `pipeline` (commit hash, branch or tag) passed to from_pretrained; None = the default branch; the resolved commit is recorded in provenance.json")
-    scheduler: str | None = Field(None, description="diffusers scheduler class name (e.g. DDIMScheduler); None = the pipeline's own")
+    out: str | None = Field(None, description="output folder or cloud URI (s3://, gs://, file://) for images and "
+                                              "manifest; None = <run>/generation")
+    pipeline: str = Field(DEFAULT_PIPELINE, description="diffusers text-to-image pipeline: hub id, local folder, or "
+                                                        "'tiny' (random small config)")
+    revision: str | None = Field(None, description="hub revision of `pipeline` (commit hash, branch or tag) passed to "
+                                                   "from_pretrained; None = the default branch; the resolved commit is "
+                                                   "recorded in provenance.json")
+    scheduler: str | None = Field(None, description="diffusers scheduler class name (e.g. DDIMScheduler); None = the "
+                                                    "pipeline's own")
     num_inference_steps: int = Field(50, ge=1, description="denoising steps per image (count)")
-    guidance_scale: float = Field(7.5, ge=0, description="classifier-free guidance scale (unitless; <= 1 disables guidance)")
-    height: int | None = Field(None, ge=8, multiple_of=8, description="image height (pixels); None = the pipeline's default")
-    width: int | None = Field(None, ge=8, multiple_of=8, description="image width (pixels); None = the pipeline's default")
+    guidance_scale: float = Field(7.5, ge=0, description="classifier-free guidance scale (unitless; <= 1 disables "
+                                                         "guidance)")
+    height: int | None = Field(None, ge=8, multiple_of=8, description="image height (pixels); None = the pipeline's "
+                                                                      "default")
+    width: int | None = Field(None, ge=8, multiple_of=8, description="image width (pixels); None = the pipeline's "
+                                                                     "default")
     negative_prompt: str | None = Field(None, description="negative prompt for every image; None = none")
-    dtype: Literal[DTYPES] = Field("auto", description="weights/activations dtype: auto = float16 on GPU (as in the paper), float32 on CPU")
+    dtype: Literal[DTYPES] = Field("auto", description="weights/activations dtype: auto = float16 on GPU (as in the "
+                                                       "paper), float32 on CPU")
     seed: int = Field(0, ge=0, description="base seed; an image's seed is a hash of (seed, prompt, sample index)")
     samples_per_prompt: int = Field(256, ge=1, description="images per prompt: samples 0..n-1 (count)")
-    pipeline_batch_size: int = Field(8, ge=1, description="images per diffusers call: a fixed group of consecutive samples of one prompt (images)")
-    batch_size: int = Field(32, ge=1, description="images per Ray task and per manifest part, rounded to whole pipeline groups (images)")
-    num_actors: int | None = Field(None, ge=1, description="generation actors (count); None = one per GPU, or one per cpus_per_actor CPUs without GPUs")
-    gpus_per_actor: float = Field(1.0, gt=0, le=1, description="GPU share per generation actor when GPUs exist (fraction of one GPU)")
+    pipeline_batch_size: int = Field(8, ge=1, description="images per diffusers call: a fixed group of consecutive "
+                                                          "samples of one prompt (images)")
+    batch_size: int = Field(32, ge=1, description="images per Ray task and per manifest part, rounded to whole "
+                                                  "pipeline groups (images)")
+    num_actors: int | None = Field(None, ge=1, description="generation actors (count); None = one per GPU, or one per "
+                                                           "cpus_per_actor CPUs without GPUs")
+    gpus_per_actor: float = Field(1.0, gt=0, le=1, description="GPU share per generation actor when GPUs exist "
+                                                               "(fraction of one GPU)")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per generation actor (count)")
-    error_retries: int = Field(2, ge=0, description="times a batch that raised an error is retried in its actor before the run fails (a dead actor's batches are always retried: preemptions never exhaust a budget)")
+    error_retries: int = Field(2, ge=0, description="times a batch that raised an error is retried in its actor before "
+                                                    "the run fails (a dead actor's batches are always retried: "
+                                                    "preemptions never exhaust a budget)")
 
     def fingerprint(self) -> dict:
         return {k: getattr(self, k) for k in FINGERPRINT_FIELDS}
@@ -210,21 +225,29 @@ def check_output(store: Store, cfg: GenerationConfig, prompts: Sequence[str]) ->
         diff = [f"generation.{k}: {old.get(k)!r} in {store.uri('generation.json')}, {v!r} now"
                 for k, v in params.items() if old.get(k) != v]
         if diff:
-            raise GenerationMismatch("the output folder holds images made with other parameters:\n  " + "\n  ".join(diff)
-                                     + "\nuse a new generation.out folder, or restore these values")
+            raise GenerationMismatch(
+                "the output folder holds images made with other parameters:\n  "
+                + "\n  ".join(diff)
+                + "\nuse a new generation.out folder, or restore these values"
+            )
     else:
         store.write_text("generation.json", json.dumps(params, indent=1))
     known: list[str] = read_record(store, "prompts.json") if store.exists("prompts.json") else []
     if not isinstance(known, list) or not all(isinstance(p, str) for p in known):
-        raise InputError(f"{store.uri('prompts.json')}: expected a JSON list of prompts; restore it or use a new "
-                         "generation.out folder")
+        raise InputError(
+            f"{store.uri('prompts.json')}: expected a JSON list of prompts; restore it or use a new "
+            "generation.out folder"
+        )
     clash = [(i, a, b) for i, (a, b) in enumerate(zip(known, prompts)) if a != b]
     if clash:
         i, a, b = clash[0]
-        raise GenerationMismatch(f"prompt_id {i} is {a!r} in {store.uri('prompts.json')} but {b!r} now "
-                                 f"({len(clash)} prompt ids differ); keep the prompt order or use a new generation.out folder")
+        raise GenerationMismatch(
+            f"prompt_id {i} is {a!r} in {store.uri('prompts.json')} but {b!r} now "
+            f"({len(clash)} prompt ids differ); keep the prompt order or use a new generation.out "
+            "folder"
+        )
     if len(prompts) > len(known):
-        store.write_text("prompts.json", json.dumps(list(prompts) + known[len(prompts):], indent=1))
+        store.write_text("prompts.json", json.dumps(list(prompts) + known[len(prompts) :], indent=1))
 
 
 def manifest_table(store: Store) -> PartTable:
@@ -264,15 +287,25 @@ def drop_damaged(store: Store, manifest: pd.DataFrame, threads: int = 8) -> tupl
     if not bad:
         return manifest, set()
     shown = "; ".join(f"{store.uri(manifest['path'].iloc[i])}: {problems[i]}" for i in bad[:5])
-    log.warning("%d of %d recorded images are damaged and will be generated again: %s%s", len(bad), len(manifest),
-                shown, " ..." if len(bad) > 5 else "")
+    log.warning(
+        "%d of %d recorded images are damaged and will be generated again: %s%s",
+        len(bad),
+        len(manifest),
+        shown,
+        " ..." if len(bad) > 5 else "",
+    )
     kept = manifest.drop(index=manifest.index[bad]).reset_index(drop=True)
     manifest_table(store).rewrite(kept)
     return kept, {(int(manifest["prompt_id"].iloc[i]), int(manifest["sample"].iloc[i])) for i in bad}
 
 
-def adopt_orphans(store: Store, cfg: GenerationConfig, prompts: Sequence[str], manifest: pd.DataFrame,
-                  damaged: set[tuple[int, int]] = frozenset()) -> pd.DataFrame:
+def adopt_orphans(
+    store: Store,
+    cfg: GenerationConfig,
+    prompts: Sequence[str],
+    manifest: pd.DataFrame,
+    damaged: set[tuple[int, int]] = frozenset(),
+) -> pd.DataFrame:
     """Manifest rows for complete image files that a killed driver never recorded (a file that
     does not decode, or one found damaged, is left out, and so made again)."""
     from tn_ray.scoring.images import image_problem
@@ -291,8 +324,18 @@ def adopt_orphans(store: Store, cfg: GenerationConfig, prompts: Sequence[str], m
             log.warning("unrecorded image %s does not decode (%s); it will be generated again", store.uri(rel), why)
             continue
         data = store.read_bytes(rel)
-        rows.append((pid, prompts[pid], s, seed_of(cfg.seed, prompts[pid], s), image_id(pid, s), rel,
-                     hashlib.sha256(data).hexdigest(), len(data)))
+        rows.append(
+            (
+                pid,
+                prompts[pid],
+                s,
+                seed_of(cfg.seed, prompts[pid], s),
+                image_id(pid, s),
+                rel,
+                hashlib.sha256(data).hexdigest(),
+                len(data),
+            )
+        )
     return pd.DataFrame(rows, columns=MANIFEST_SCHEMA.names)
 
 
@@ -359,19 +402,27 @@ def prepare(prompts: Sequence[str], cfg: GenerationConfig) -> tuple[Store, pd.Da
         manifest_table(store).append(orphans)
         manifest = read_manifest(store)
 
-    wanted = pd.DataFrame([(i, p, s) for i, p in enumerate(prompts) for s in range(cfg.samples_per_prompt)],
-                          columns=["prompt_id", "prompt", "sample"])
+    wanted = pd.DataFrame(
+        [(i, p, s) for i, p in enumerate(prompts) for s in range(cfg.samples_per_prompt)],
+        columns=["prompt_id", "prompt", "sample"],
+    )
     done = manifest[["prompt_id", "sample"]].assign(_done=True)
     todo = wanted.merge(done, on=["prompt_id", "sample"], how="left")
     todo = todo[todo["_done"].isna()].drop(columns="_done").reset_index(drop=True)
     todo["seed"] = [seed_of(cfg.seed, p, s) for p, s in zip(todo["prompt"], todo["sample"])]
-    log.info("generation: %d prompts x %d samples; %d images on disk, %d to make", len(prompts),
-             cfg.samples_per_prompt, len(wanted) - len(todo), len(todo))
+    log.info(
+        "generation: %d prompts x %d samples; %d images on disk, %d to make",
+        len(prompts),
+        cfg.samples_per_prompt,
+        len(wanted) - len(todo),
+        len(todo),
+    )
     return store, wanted, todo
 
 
-def generation_dataset(todo: pd.DataFrame, cfg: GenerationConfig, store: Store, n_actors: int,
-                       resources: dict[str, float]):
+def generation_dataset(
+    todo: pd.DataFrame, cfg: GenerationConfig, store: Store, n_actors: int, resources: dict[str, float]
+):
     """The Ray Data dataset that makes ``todo`` on a pool of ``n_actors`` :class:`GenerationWorker`
     actors (``resources`` each), one work unit of whole pipeline groups per call; its rows are
     manifest rows (plus :data:`WORKER_COLUMN`)."""
@@ -380,14 +431,19 @@ def generation_dataset(todo: pd.DataFrame, cfg: GenerationConfig, store: Store, 
 
     units = work_units(todo, cfg.pipeline_batch_size, cfg.batch_size)
     return ray.data.from_pandas(units).map_batches(
-        GenerationWorker, fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "out": store.uri("")},
+        GenerationWorker,
+        fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "out": store.uri("")},
         # one work unit per call (Ray Data needs an explicit batch size for GPU actors)
         batch_size=max(len(u) for u in units),
-        batch_format="pandas", compute=ActorPoolStrategy(size=n_actors), **resources)
+        batch_format="pandas",
+        compute=ActorPoolStrategy(size=n_actors),
+        **resources,
+    )
 
 
-def record(ds, store: Store, total: int, desc: str,
-           before_manifest: Callable[[pd.DataFrame], None] | None = None) -> None:
+def record(
+    ds, store: Store, total: int, desc: str, before_manifest: Callable[[pd.DataFrame], None] | None = None
+) -> None:
     """Consume ``ds`` (rows: manifest rows of finished images) and append each finished batch to
     the manifest as one part, after ``before_manifest(rows)`` (say, storing their rewards: an
     interruption between the two leaves images that the next run adopts). Returns once the
@@ -435,8 +491,13 @@ def generate(prompts: Sequence[str], cfg: GenerationConfig, ray_cfg: RayConfig |
     if len(todo):
         init_ray(ray_cfg)
         n_units = len(work_units(todo, cfg.pipeline_batch_size, cfg.batch_size))
-        n_actors, resources = actor_pool(cfg.num_actors, cfg.gpus_per_actor, cfg.cpus_per_actor, fill_cpus=True,
-                                         max_actors=n_units)
-        record(generation_dataset(todo, cfg, store, n_actors, resources), store, len(todo),
-               f"generating ({n_actors} actors)")
+        n_actors, resources = actor_pool(
+            cfg.num_actors, cfg.gpus_per_actor, cfg.cpus_per_actor, fill_cpus=True, max_actors=n_units
+        )
+        record(
+            generation_dataset(todo, cfg, store, n_actors, resources),
+            store,
+            len(todo),
+            f"generating ({n_actors} actors)",
+        )
     return finish(store, wanted)

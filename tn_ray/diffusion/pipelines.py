@@ -50,7 +50,8 @@ def check_source(source: str, revision: str | None = None) -> None:
     local = Path(source)
     if local.exists():
         if not (local / "model_index.json").is_file():
-            raise PipelineLoadError(f"pipeline folder {local} has no model_index.json (a diffusers pipeline folder is expected)")
+            raise PipelineLoadError(f"pipeline folder {local} has no model_index.json (a diffusers pipeline folder is "
+                                    "expected)")
         return
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         from huggingface_hub import try_to_load_from_cache
@@ -74,25 +75,69 @@ def tiny_pipeline():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         unet = UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
         vae = AutoencoderKL(
-            sample_size=32, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+            sample_size=32,
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(16, 32),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            norm_num_groups=8,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                bos_token_id=49406,
+                eos_token_id=49407,
+                pad_token_id=49407,
+            )
+        )
     vocab, merges = clip_vocab_and_merges()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
-def load_pipeline(source: str = DEFAULT_PIPELINE, scheduler: str | None = None, dtype: str = "auto",
-                  device: str | None = None, revision: str | None = None):
+def load_pipeline(
+    source: str = DEFAULT_PIPELINE,
+    scheduler: str | None = None,
+    dtype: str = "auto",
+    device: str | None = None,
+    revision: str | None = None,
+):
     """The pipeline on its device (the GPU Ray assigned, else CPU), eval mode, no progress bars;
     ``revision`` (a hub commit, branch or tag; None = the default branch) pins hub weights."""
     import diffusers
@@ -106,9 +151,13 @@ def load_pipeline(source: str = DEFAULT_PIPELINE, scheduler: str | None = None, 
     else:
         check_source(source, revision)
         try:
-            pipe = diffusers.AutoPipelineForText2Image.from_pretrained(source, torch_dtype=torch_dtype, revision=revision)
+            pipe = diffusers.AutoPipelineForText2Image.from_pretrained(
+                source, torch_dtype=torch_dtype, revision=revision
+            )
         except Exception as err:
-            raise PipelineLoadError(f"could not load text-to-image pipeline '{source}': {type(err).__name__}: {err}") from err
+            raise PipelineLoadError(
+                f"could not load text-to-image pipeline '{source}': {type(err).__name__}: {err}"
+            ) from err
     if scheduler is not None:
         check_scheduler(scheduler)
         pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
@@ -132,5 +181,6 @@ def pipeline_revision(source: str, requested: str | None = None) -> str:
 
 
 def pipeline_revisions(pipelines: Iterable[tuple[str, str | None]]) -> dict[str, str]:
-    """``{"pipeline:<source>": revision}`` of (source, requested revision) pairs, for :func:`tn_ray.provenance.record`."""
+    """``{"pipeline:<source>": revision}`` of (source, requested revision) pairs, for
+    :func:`tn_ray.provenance.record`."""
     return {f"pipeline:{source}": pipeline_revision(source, rev) for source, rev in pipelines}

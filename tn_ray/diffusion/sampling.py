@@ -116,10 +116,17 @@ def sample_chains(pipe, prompts: Sequence[str], prompt_ids: Sequence[int], *, nu
     sched.set_timesteps(num_steps, device=device)
     embeds, negative = encode_prompts(pipe, prompts)
     n = len(prompts)
-    latents = pipe.prepare_latents(n, pipe.unet.config.in_channels, pipe.unet.config.sample_size * pipe.vae_scale_factor,
-                                   pipe.unet.config.sample_size * pipe.vae_scale_factor, embeds.dtype, device, generator)
+    latents = pipe.prepare_latents(
+        n,
+        pipe.unet.config.in_channels,
+        pipe.unet.config.sample_size * pipe.vae_scale_factor,
+        pipe.unet.config.sample_size * pipe.vae_scale_factor,
+        embeds.dtype,
+        device,
+        generator,
+    )
     chain, log_probs = [latents], []
-    with torch.no_grad(), (autocast or contextlib.nullcontext()):
+    with torch.no_grad(), autocast or contextlib.nullcontext():
         for t in sched.timesteps:
             x_in = sched.scale_model_input(latents, t)
             eps = guided_noise(pipe.unet, x_in, t.reshape(1).to(device), embeds, negative, guidance)
@@ -127,15 +134,27 @@ def sample_chains(pipe, prompts: Sequence[str], prompt_ids: Sequence[int], *, nu
             latents = out.prev_sample
             chain.append(latents)
             log_probs.append(out.log_prob)
-    return Chains(latents=torch.stack(chain, dim=1), log_probs=torch.stack(log_probs, dim=1),
-                  timesteps=sched.timesteps.to(device=device, dtype=torch.long).repeat(n, 1),
-                  prompt_ids=torch.as_tensor(list(prompt_ids), dtype=torch.long, device=device),
-                  prompt_embeds=embeds, negative_embeds=negative)
+    return Chains(
+        latents=torch.stack(chain, dim=1),
+        log_probs=torch.stack(log_probs, dim=1),
+        timesteps=sched.timesteps.to(device=device, dtype=torch.long).repeat(n, 1),
+        prompt_ids=torch.as_tensor(list(prompt_ids), dtype=torch.long, device=device),
+        prompt_embeds=embeds,
+        negative_embeds=negative,
+    )
 
 
-def step_log_prob(unet, scheduler, latents: torch.Tensor, timesteps: torch.Tensor, next_latents: torch.Tensor,
-                  embeds: torch.Tensor, negative_embeds: torch.Tensor, guidance: float, eta: float
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def step_log_prob(
+    unet,
+    scheduler,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    next_latents: torch.Tensor,
+    embeds: torch.Tensor,
+    negative_embeds: torch.Tensor,
+    guidance: float,
+    eta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p_theta(next_latents | latents), guided noise prediction) of one step per row, with
     gradients through the UNet; ``timesteps`` is (B,), the scheduler has the sampling timesteps."""
     x_in = scheduler.scale_model_input(latents, timesteps)

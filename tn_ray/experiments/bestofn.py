@@ -45,27 +45,49 @@ SET_NAME = "bestofn"
 
 
 class BestOfNConfig(StrictModel):
-    out: str = Field("results/bestofn", description="run folder: generation (unless generation.out), scores, selections, reports")
-    prompts: list[str] | None = Field(None, description="prompts x0; None = every prompt of the contrastive-set source, in its order")
-    contrast: str = Field("released:comprehensive", description="contrastive sets: 'released' or 'released:<TIA2 set>' (the authors' sets) or a JSON file {x0: [x1..xm]}")
-    tia2_dir: str | None = Field(None, description="local copy of the TIA2 prompt sets for contrast='released...'; None = $TN_RAY_TIA2_DIR or download")
+    out: str = Field("results/bestofn", description="run folder: generation (unless generation.out), scores, "
+                                                    "selections, reports")
+    prompts: list[str] | None = Field(None, description="prompts x0; None = every prompt of the contrastive-set "
+                                                        "source, in its order")
+    contrast: str = Field("released:comprehensive", description="contrastive sets: 'released' or 'released:<TIA2 set>' "
+                                                                "(the authors' sets) or a JSON file {x0: [x1..xm]}")
+    tia2_dir: str | None = Field(None, description="local copy of the TIA2 prompt sets for contrast='released...'; "
+                                                   "None = $TN_RAY_TIA2_DIR or download")
     max_prompts: int | None = Field(None, ge=1, description="first N prompts only (count); None = all")
-    prompts_per_set: int | None = Field(None, ge=1, description="with contrast 'released' and no `prompts`: the first N "
-                                        "prompts of each TIA2 set, in release order (the paper: 30 per set; it does not "
+    prompts_per_set: int | None = Field(None, ge=1, description="with contrast 'released' and no `prompts`: the first "
+                                                                "N "
+                                        "prompts of each TIA2 set, in release order (the paper: 30 per set; it does "
+                                        "not "
                                         "list them); applied before max_prompts")
-    pools: list[int] = Field(default_factory=lambda: [16, 64, 256], min_length=1, description="nested pool sizes n: the first n samples of a prompt (images)")
-    top_k: list[int] = Field(default_factory=lambda: [1, 4], min_length=1, description="how many images each selection keeps (images)")
-    models: list[str] = Field(default_factory=lambda: ["clip", "pickscore"], min_length=1, description="reward model specs, e.g. clip, pickscore:tiny")
-    textnorm: SetParams = Field(default_factory=SetParams, description="TextNorm temperature(s) and the ensembles' lambda")
-    ensembles: list[EnsembleSpec] = Field(default_factory=list, description="ensembles selected with next to the single models")
-    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="text-to-image generation; samples_per_prompt defaults to the largest pool")
-    scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="Ray scoring: batch size, actors, resources")
+    pools: list[int] = Field(default_factory=lambda: [16, 64, 256], min_length=1, description="nested pool sizes n: "
+                                                                                              "the first n samples of "
+                                                                                              "a prompt (images)")
+    top_k: list[int] = Field(default_factory=lambda: [1, 4], min_length=1, description="how many images each selection "
+                                                                                       "keeps (images)")
+    models: list[str] = Field(default_factory=lambda: ["clip", "pickscore"], min_length=1, description="reward model "
+                                                                                                       "specs, e.g. "
+                                                                                                       "clip, "
+                                                                                                       "pickscore:tiny")
+    textnorm: SetParams = Field(default_factory=SetParams, description="TextNorm temperature(s) and the ensembles' "
+                                                                       "lambda")
+    ensembles: list[EnsembleSpec] = Field(default_factory=list, description="ensembles selected with next to the "
+                                                                            "single models")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="text-to-image generation; "
+                                                                                       "samples_per_prompt defaults to "
+                                                                                       "the largest pool")
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="Ray scoring: batch size, actors, "
+                                                                              "resources")
     cache_dir: str | None = Field(None, description="reward cache folder; None = <out>/cache")
     grids: bool = Field(True, description="write one PNG grid per prompt (rows = rewards, columns = n)")
     grid_cell: int = Field(128, ge=16, description="grid cell size (pixels)")
-    human_eval: HumanEvalConfig | None = Field(default_factory=HumanEvalConfig, description="blinded side-by-side export; None = skip")
-    stream: bool = Field(True, description="generate and score in one streaming pipeline, both actor pools at once (docs/bestofn.md); False = generate everything, then score")
-    reward_share: float = Field(0.25, gt=0, le=1, description="with stream: the share of one GPU (of one CPU without GPUs) each reward actor requests unless scoring.gpus_per_actor / cpus_per_actor is set; generation gets what is left")
+    human_eval: HumanEvalConfig | None = Field(default_factory=HumanEvalConfig, description="blinded side-by-side "
+                                                                                            "export; None = skip")
+    stream: bool = Field(True, description="generate and score in one streaming pipeline, both actor pools at once "
+                                           "(docs/bestofn.md); False = generate everything, then score")
+    reward_share: float = Field(0.25, gt=0, le=1, description="with stream: the share of one GPU (of one CPU without "
+                                                              "GPUs) each reward actor requests unless "
+                                                              "scoring.gpus_per_actor / cpus_per_actor is set; "
+                                                              "generation gets what is left")
     ray: RayConfig = Field(default_factory=RayConfig, description="where Ray runs")
 
     @field_validator("models")
@@ -86,7 +108,8 @@ class BestOfNConfig(StrictModel):
         if "samples_per_prompt" not in gen.model_fields_set:
             gen.samples_per_prompt = max(self.pools)
         elif gen.samples_per_prompt < max(self.pools):
-            raise ValueError(f"generation.samples_per_prompt ({gen.samples_per_prompt}) is smaller than the largest pool {max(self.pools)}")
+            raise ValueError(f"generation.samples_per_prompt ({gen.samples_per_prompt}) is smaller than the largest "
+                             f"pool {max(self.pools)}")
         if self.prompts_per_set and (self.prompts or self.contrast != "released"):
             raise ValueError("prompts_per_set: takes the first N prompts of each TIA2 set, so it needs contrast "
                              f"'released' and no `prompts` (got contrast '{self.contrast}'"
@@ -128,21 +151,29 @@ def resolve_prompts(cfg: BestOfNConfig, contrast: dict[str, list[str]]) -> list[
 
 def score_items(manifest: pd.DataFrame, contrast: dict[str, list[str]], origin: str) -> pd.DataFrame:
     """The rows ``score_matrices`` takes; the image key is content-addressed (valid across runs)."""
-    return pd.DataFrame({
-        "set": SET_NAME, "prompt": manifest["prompt"].astype(str).to_numpy(), "image_id": manifest["image_id"].to_numpy(),
-        "prompt_id": manifest["prompt_id"].astype("int64").to_numpy(), "sample": manifest["sample"].astype("int64").to_numpy(),
-        "image_key": [image_key(SET_NAME, i, h) for i, h in zip(manifest["image_id"], manifest["sha256"])],
-        "image": manifest["image"].to_numpy(),
-        "texts": texts_for([str(p) for p in manifest["prompt"]], contrast, origin),
-    })
+    return pd.DataFrame(
+        {
+            "set": SET_NAME,
+            "prompt": manifest["prompt"].astype(str).to_numpy(),
+            "image_id": manifest["image_id"].to_numpy(),
+            "prompt_id": manifest["prompt_id"].astype("int64").to_numpy(),
+            "sample": manifest["sample"].astype("int64").to_numpy(),
+            "image_key": [image_key(SET_NAME, i, h) for i, h in zip(manifest["image_id"], manifest["sha256"])],
+            "image": manifest["image"].to_numpy(),
+            "texts": texts_for([str(p) for p in manifest["prompt"]], contrast, origin),
+        }
+    )
 
 
 def reward_table(items: pd.DataFrame, matrices: dict[str, ScoreMatrix], cfg: BestOfNConfig) -> pd.DataFrame:
     """Per image: its keys and every reward column (each raw model, its TextNorm, each ensemble)."""
     out = items[["prompt_id", "prompt", "sample", "image_id", "image"]].reset_index(drop=True).copy()
     values = {m: matrices[m].align(items[["set", "prompt", "image_id"]]).values for m in cfg.models}
-    groups = (tia2.sets_of(list(out["prompt"]), tia2.resolve_dir(cfg.tia2_dir))
-              if any(e.per_group for e in cfg.ensembles) else None)
+    groups = (
+        tia2.sets_of(list(out["prompt"]), tia2.resolve_dir(cfg.tia2_dir))
+        if any(e.per_group for e in cfg.ensembles)
+        else None
+    )
     for name, col in reward_columns(values, cfg.textnorm, cfg.ensembles, groups).items():
         out[name] = col
     return out
@@ -173,8 +204,12 @@ def run(cfg: BestOfNConfig, generate_only: bool = False, allow_provenance_change
     if cfg.cache_dir:
         check_output_dir(cfg.cache_dir)
     resolved = cfg.model_copy(update={"generation": gen})
-    provenance.record(out, resolved, allow_change=allow_provenance_change,
-                      revisions={**pipeline_revisions([(gen.pipeline, gen.revision)]), **reward_revisions(cfg.models)})
+    provenance.record(
+        out,
+        resolved,
+        allow_change=allow_provenance_change,
+        revisions={**pipeline_revisions([(gen.pipeline, gen.revision)]), **reward_revisions(cfg.models)},
+    )
     dump_config(resolved, out / "config.yaml")
     n_max = max(cfg.pools)
     log.info("best-of-n: %d prompts, pools %s, models %s", len(prompts), cfg.pools, cfg.models)
@@ -182,8 +217,18 @@ def run(cfg: BestOfNConfig, generate_only: bool = False, allow_provenance_change
     cache_dir = cfg.cache_dir or out / "cache"
     if cfg.stream and not generate_only:  # rewards computed as the images are made
         texts = dict(zip(prompts, texts_for(prompts, contrast, cfg.contrast)))
-        manifest = generate_and_score(prompts, texts, gen, cfg.models, cache_dir, cfg.scoring, set_name=SET_NAME,
-                                      score_below=n_max, reward_share=cfg.reward_share, ray_cfg=cfg.ray)
+        manifest = generate_and_score(
+            prompts,
+            texts,
+            gen,
+            cfg.models,
+            cache_dir,
+            cfg.scoring,
+            set_name=SET_NAME,
+            score_below=n_max,
+            reward_share=cfg.reward_share,
+            ray_cfg=cfg.ray,
+        )
     else:
         manifest = generate(prompts, gen, cfg.ray)
     paths: dict[str, Path] = {"generation": Path(gen.out) if "://" not in gen.out else gen.out}
@@ -195,27 +240,51 @@ def run(cfg: BestOfNConfig, generate_only: bool = False, allow_provenance_change
     matrices = score_matrices(items, cfg.models, cache_dir, cfg.scoring, out_dir=out / "scores")
     rewards = reward_table(items, matrices, cfg)
     names = cfg.reward_names()
-    paths.update({"scores": out / "scores", "rewards": out / "rewards.parquet", "selections": out / "selections.parquet",
-                  "summary_csv": out / "summary.csv", "summary_md": out / "summary.md"})
+    paths.update(
+        {
+            "scores": out / "scores",
+            "rewards": out / "rewards.parquet",
+            "selections": out / "selections.parquet",
+            "summary_csv": out / "summary.csv",
+            "summary_md": out / "summary.md",
+        }
+    )
     rewards.to_parquet(paths["rewards"], index=False)
 
     selections = select(rewards, names, cfg.pools, cfg.top_k)
-    selections = selections.merge(rewards[["prompt_id", "sample", "prompt", "image_id", "image"]], on=["prompt_id", "sample"], how="left")
+    selections = selections.merge(
+        rewards[["prompt_id", "sample", "prompt", "image_id", "image"]], on=["prompt_id", "sample"], how="left"
+    )
     selections.to_parquet(paths["selections"], index=False)
     table = summary(rewards, selections, names)
     table.to_csv(paths["summary_csv"], index=False)
     paths["summary_md"].write_text(summary_markdown(table))
 
     if cfg.grids:
-        top1 = selections[(selections["k"] == 1) & (selections["rank"] == 0)].set_index(["prompt_id", "reward", "n"])["image"]
+        top1 = selections[(selections["k"] == 1) & (selections["rank"] == 0)].set_index(["prompt_id", "reward", "n"])[
+            "image"
+        ]
         for pid, prompt in enumerate(prompts):
-            grid = prompt_grid(prompt, names, cfg.pools, lambda r, n: read_any(top1[(pid, r, n)]), cfg.grid_cell)  # noqa: B023
+            def image(r, n, pid=pid):
+                return read_any(top1[(pid, r, n)])
+
+            grid = prompt_grid(prompt, names, cfg.pools, image, cfg.grid_cell)
             save_grid(grid, out / "grids" / f"{pid:05d}.png")
         paths["grids"] = out / "grids"
     if cfg.human_eval is not None:
         he = cfg.human_eval
         pairs = he.pairs or [(m, f"textnorm({m})") for m in cfg.models]
-        export(selections, rewards, [tuple(p) for p in pairs], he.n or n_max, he.k, he.seed, out / "human_eval",
-               out / "human_eval_key.csv", read_any, he.max_prompts)
+        export(
+            selections,
+            rewards,
+            [tuple(p) for p in pairs],
+            he.n or n_max,
+            he.k,
+            he.seed,
+            out / "human_eval",
+            out / "human_eval_key.csv",
+            read_any,
+            he.max_prompts,
+        )
         paths.update({"human_eval": out / "human_eval" / "index.html", "human_eval_key": out / "human_eval_key.csv"})
     return paths

@@ -168,11 +168,19 @@ def generate_and_score(prompts: Sequence[str], texts: Mapping[str, list[str]], g
     n_units = len(gen_mod.work_units(todo, gen.pipeline_batch_size, gen.batch_size))
     pools = plan_pools(ray.cluster_resources(), gen, scoring, len(models), n_units, reward_share)
     if not pools.concurrent:
-        log.warning("generation (%d actors, %s each) and %d reward pool(s) (%d actors, %s each) need %.2f of the "
-                    "cluster's %.2f %s: generating first, scoring after. To stream, lower generation.num_actors or "
-                    "scoring.gpus_per_actor / cpus_per_actor (docs/bestofn.md, 'Splitting GPUs')",
-                    pools.generation_actors, pools.generation_resources, len(models), pools.reward_actors,
-                    pools.reward_resources, pools.used, pools.total, "GPUs" if ray.cluster_resources().get("GPU") else "CPUs")
+        log.warning(
+            "generation (%d actors, %s each) and %d reward pool(s) (%d actors, %s each) need %.2f of the "
+            "cluster's %.2f %s: generating first, scoring after. To stream, lower generation.num_actors or "
+            "scoring.gpus_per_actor / cpus_per_actor (docs/bestofn.md, 'Splitting GPUs')",
+            pools.generation_actors,
+            pools.generation_resources,
+            len(models),
+            pools.reward_actors,
+            pools.reward_resources,
+            pools.used,
+            pools.total,
+            "GPUs" if ray.cluster_resources().get("GPU") else "CPUs",
+        )
         return gen_mod.generate(prompts, gen, ray_cfg)
     caches = {spec: RewardCache(cache_dir, spec) for spec in models}
 
@@ -182,9 +190,19 @@ def generate_and_score(prompts: Sequence[str], texts: Mapping[str, list[str]], g
         if on_batch is not None:
             on_batch(rows)
 
-    log.info("streaming: %d generation actors (%s each) -> %d reward actor(s) per model (%s each) for %s",
-             pools.generation_actors, pools.generation_resources, pools.reward_actors, pools.reward_resources,
-             list(models))
-    gen_mod.record(_stream(todo, texts, gen, models, scoring, pools, store, score_below), store, len(todo), f"generating + scoring ({pools.generation_actors} + "
-                   f"{pools.reward_actors * len(models)} actors)", before_manifest=store_rewards)
+    log.info(
+        "streaming: %d generation actors (%s each) -> %d reward actor(s) per model (%s each) for %s",
+        pools.generation_actors,
+        pools.generation_resources,
+        pools.reward_actors,
+        pools.reward_resources,
+        list(models),
+    )
+    gen_mod.record(
+        _stream(todo, texts, gen, models, scoring, pools, store, score_below),
+        store,
+        len(todo),
+        f"generating + scoring ({pools.generation_actors} + {pools.reward_actors * len(models)} actors)",
+        before_manifest=store_rewards,
+    )
     return gen_mod.finish(store, wanted)

@@ -35,23 +35,53 @@ log = logging.getLogger(__name__)
 
 
 class Tia2EvalConfig(StrictModel):
-    images: str | None = Field(None, description="folder with one sub-folder per set holding the label files' image names")
-    tia2_dir: str | None = Field(None, description="local copy of the TIA2 labels/prompts; None = $TN_RAY_TIA2_DIR or download")
+    images: str | None = Field(None, description="folder with one sub-folder per set holding the label files' image "
+                                                 "names")
+    tia2_dir: str | None = Field(None, description="local copy of the TIA2 labels/prompts; None = $TN_RAY_TIA2_DIR or "
+                                                   "download")
     out: str = Field("results/tia2/eval", description="output folder for tables, plot and score matrices")
     cache_dir: str | None = Field(None, description="reward cache folder; None = <out>/cache")
-    models: list[str] = Field(default_factory=lambda: ["clip", "pickscore"], min_length=1, description="reward model specs, e.g. clip, clip:tiny, pickscore:/local/path")
-    sets: list[Literal["comprehensive", "counting", "composition"]] = Field(default_factory=lambda: list(tia2.SETS), description="TIA2 sets to evaluate")
-    max_prompts: int | None = Field(None, ge=1, description="evaluate only the first N prompts of each set (count); None = all")
-    contrast: str = Field("released", description="contrastive sets: 'released' (TIA2's) or a JSON file {prompt: [x1..xm]} per set, with {set} in the path")
-    dedupe: bool = Field(True, description="drop repeated prompts inside a contrastive set and a set's own x0 (TIA2's release: 32 composition sets repeat a prompt, 41 repeats; one comprehensive set holds its x0); false = use the sets exactly as released. Counts: contrast_summary.json")
-    textnorm: dict[str, SetParams] = Field(default_factory=lambda: {"default": SetParams()}, description="TextNorm parameters per set name; 'default' for the rest")
-    ensembles: list[EnsembleSpec] = Field(default_factory=list, description="ensembles to evaluate next to the single models")
+    models: list[str] = Field(
+        default_factory=lambda: ["clip", "pickscore"],
+        min_length=1,
+        description="reward model specs, e.g. clip, clip:tiny, pickscore:/local/path",
+    )
+    sets: list[Literal["comprehensive", "counting", "composition"]] = Field(
+        default_factory=lambda: list(tia2.SETS), description="TIA2 sets to evaluate"
+    )
+    max_prompts: int | None = Field(
+        None, ge=1, description="evaluate only the first N prompts of each set (count); None = all"
+    )
+    contrast: str = Field(
+        "released",
+        description="contrastive sets: 'released' (TIA2's) or a JSON file {prompt: "
+        "[x1..xm]} per set, with {set} in the path",
+    )
+    dedupe: bool = Field(
+        True,
+        description="drop repeated prompts inside a contrastive set and a set's own x0 (TIA2's "
+        "release: 32 composition sets repeat a prompt, 41 repeats; one "
+        "comprehensive set holds its x0); false = use the sets exactly as released. "
+        "Counts: contrast_summary.json",
+    )
+    textnorm: dict[str, SetParams] = Field(
+        default_factory=lambda: {"default": SetParams()},
+        description="TextNorm parameters per set name; 'default' for the rest",
+    )
+    ensembles: list[EnsembleSpec] = Field(
+        default_factory=list, description="ensembles to evaluate next to the single models"
+    )
     release_params: list[Reading] = Field(
-        default_factory=list, description="also evaluate the paper's TextNorm (ImageReward + PickScore ensembles, mean on "
+        default_factory=list,
+        description="also evaluate the paper's TextNorm (ImageReward + PickScore ensembles, mean "
+        "on "
         "composition) with the TIA2 release's per-prompt scale and lambda, one column per reading of `scale`: "
         "'temperature' (tau on the authors' reward values) and/or 'multiplier' (rewards x scale); needs an imagereward "
-        "and a pickscore model (any weights). Which reading is right could not be verified without the images")
-    scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="Ray scoring: batch size, actors, resources")
+        "and a pickscore model (any weights). Which reading is right could not be verified without the images",
+    )
+    scoring: ScoringConfig = Field(
+        default_factory=ScoringConfig, description="Ray scoring: batch size, actors, resources"
+    )
     ray: RayConfig = Field(default_factory=RayConfig, description="where Ray runs")
 
     @field_validator("models")
@@ -65,8 +95,10 @@ class Tia2EvalConfig(StrictModel):
         names = {m.split(":")[0] for m in self.models}
         missing = [m for m in paper.RELEASE_MEMBERS if m not in names]
         if self.release_params and missing:
-            raise ValueError(f"release_params: the paper's TextNorm needs models {list(paper.RELEASE_MEMBERS)}; "
-                             f"{missing} not among models {self.models}")
+            raise ValueError(
+                f"release_params: the paper's TextNorm needs models {list(paper.RELEASE_MEMBERS)}; "
+                f"{missing} not among models {self.models}"
+            )
         return self
 
     def params(self, set_name: str) -> SetParams:
@@ -94,8 +126,13 @@ def collect_items(cfg: Tia2EvalConfig, contrast_stats: dict | None = None) -> pd
         df = labels.assign(
             image=[images.uri(f"{set_name}/{n}") for n in labels["image_id"]],
             image_key=[f"{set_name}/{n}" for n in labels["image_id"]],
-            texts=texts_for(list(labels["prompt"]), sets, origin, dedupe=cfg.dedupe,
-                            stats=(contrast_stats if contrast_stats is not None else {}).setdefault(set_name, {})),
+            texts=texts_for(
+                list(labels["prompt"]),
+                sets,
+                origin,
+                dedupe=cfg.dedupe,
+                stats=(contrast_stats if contrast_stats is not None else {}).setdefault(set_name, {}),
+            ),
         )
         frames.append(df)
     items = pd.concat(frames, ignore_index=True)
@@ -104,20 +141,25 @@ def collect_items(cfg: Tia2EvalConfig, contrast_stats: dict | None = None) -> pd
     missing = [uri for uri, key in zip(paths, items["image_key"]) if key not in present]
     if missing:
         by_set = pd.Series([k.split("/")[0] for k in items["image_key"] if k not in present]).value_counts().to_dict()
-        raise InputError(f"{len(missing)} of {len(paths)} images are missing under {cfg.images} "
-                         f"(per set: {by_set}), e.g. {missing[:3]}")
+        raise InputError(
+            f"{len(missing)} of {len(paths)} images are missing under {cfg.images} "
+            f"(per set: {by_set}), e.g. {missing[:3]}"
+        )
     check_images(paths, str(cfg.images))
     return items
 
 
-def reward_table(items: pd.DataFrame, matrices: dict[str, ScoreMatrix], cfg: Tia2EvalConfig,
-                 ranking: bool = False) -> pd.DataFrame:
+def reward_table(
+    items: pd.DataFrame, matrices: dict[str, ScoreMatrix], cfg: Tia2EvalConfig, ranking: bool = False
+) -> pd.DataFrame:
     """Per image: keys, labels and every reward column (per-set TextNorm parameters); with
     ``ranking``, TextNorm columns in their order-preserving log form (what metrics rank)."""
     out = items[["set", "prompt", "image_id", "binary", "fine"]].copy()
     values = {model: m.values for model, m in matrices.items()}
     params = {s: cfg.params(s) for s in out["set"].unique()}
-    for name, col in reward_columns(values, params, cfg.ensembles, groups=out["set"].to_numpy(), ranking=ranking).items():
+    for name, col in reward_columns(
+        values, params, cfg.ensembles, groups=out["set"].to_numpy(), ranking=ranking
+    ).items():
         out[name] = col
     if cfg.release_params:
         released = paper.release_params(tia2.resolve_dir(cfg.tia2_dir), cfg.sets)
@@ -137,7 +179,12 @@ def plot(per_set: pd.DataFrame, path: Path, metric_names=("auroc", "auprc", "ap@
     if not sets:  # every prompt had unanimous labels: no metric to draw (the tables say so)
         log.warning("no prompt with mixed labels: %s not drawn", path)
         return
-    fig, axes = plt.subplots(len(sets), len(metric_names), figsize=(4 * len(metric_names), 0.4 * per_set["reward"].nunique() * len(sets) + 2), squeeze=False)
+    fig, axes = plt.subplots(
+        len(sets),
+        len(metric_names),
+        figsize=(4 * len(metric_names), 0.4 * per_set["reward"].nunique() * len(sets) + 2),
+        squeeze=False,
+    )
     for i, s in enumerate(sets):
         sub = per_set[per_set["set"] == s]
         colors = ["tab:gray" if r.startswith(paper.PREFIX) else "tab:blue" for r in sub["reward"]]
@@ -156,7 +203,8 @@ def plot(per_set: pd.DataFrame, path: Path, metric_names=("auroc", "auprc", "ap@
 def reference(items: pd.DataFrame, cfg: Tia2EvalConfig) -> pd.DataFrame:
     """The released per-prompt metrics of exactly the evaluated prompts (those with mixed labels,
     as :func:`metrics.per_prompt` keeps), empty (with a warning) when the TIA2 copy has no
-    ``alignment_scores/`` and without a set (a warning) whose evaluated prompts it does not all cover; read before any model loads, so a malformed file fails first."""
+    ``alignment_scores/`` and without a set (a warning) whose evaluated prompts it does not all cover;
+    read before any model loads, so a malformed file fails first."""
     root = tia2.resolve_dir(cfg.tia2_dir)
     if not (root / "alignment_scores").is_dir():
         log.warning("%s has no alignment_scores/: no paper reference rows", root)
@@ -179,11 +227,18 @@ def run(cfg: Tia2EvalConfig, allow_provenance_change: bool = False) -> dict[str,
     provenance.record(out, cfg, allow_change=allow_provenance_change, revisions=reward_revisions(cfg.models))
     dump_config(cfg, out / "config.yaml")
     (out / "contrast_summary.json").write_text(json.dumps(contrast_stats, indent=1))
-    log.info("TIA2 eval: %d images, %d prompts, sets %s, models %s", len(items), items["prompt"].nunique(), cfg.sets, cfg.models)
+    log.info(
+        "TIA2 eval: %d images, %d prompts, sets %s, models %s",
+        len(items),
+        items["prompt"].nunique(),
+        cfg.sets,
+        cfg.models,
+    )
     init_ray(cfg.ray)
     counts: dict[str, dict[str, int]] = {}
-    matrices = score_matrices(items, cfg.models, cfg.cache_dir or out / "cache", cfg.scoring,
-                              out_dir=out / "scores", stats=counts)
+    matrices = score_matrices(
+        items, cfg.models, cfg.cache_dir or out / "cache", cfg.scoring, out_dir=out / "scores", stats=counts
+    )
     (out / "scoring_summary.json").write_text(json.dumps(counts, indent=1))
     rewards = reward_table(items, matrices, cfg)
     names = [c for c in rewards.columns if c not in ("set", "prompt", "image_id", "binary", "fine")]
@@ -191,11 +246,18 @@ def run(cfg: Tia2EvalConfig, allow_provenance_change: bool = False) -> dict[str,
     prompt_table = metrics.per_prompt(reward_table(items, matrices, cfg, ranking=True), names)
     set_table = metrics.per_set(prompt_table)
     paper_table = metrics.per_set(paper_prompts)
-    paths = {"per_prompt": out / "per_prompt.parquet", "per_set_csv": out / "per_set.csv",
-             "per_set_md": out / "per_set.md", "plot": out / "per_set.png", "scores": out / "scores",
-             "rewards": out / "rewards.parquet", "scoring_summary": out / "scoring_summary.json",
-             "contrast_summary": out / "contrast_summary.json",
-             "paper_per_set": out / "paper_per_set.csv", "paper_diff": out / "paper_diff.csv"}
+    paths = {
+        "per_prompt": out / "per_prompt.parquet",
+        "per_set_csv": out / "per_set.csv",
+        "per_set_md": out / "per_set.md",
+        "plot": out / "per_set.png",
+        "scores": out / "scores",
+        "rewards": out / "rewards.parquet",
+        "scoring_summary": out / "scoring_summary.json",
+        "contrast_summary": out / "contrast_summary.json",
+        "paper_per_set": out / "paper_per_set.csv",
+        "paper_diff": out / "paper_diff.csv",
+    }
     prompt_table.to_parquet(paths["per_prompt"], index=False)
     prompt_table.to_csv(out / "per_prompt.csv", index=False)
     set_table.to_csv(paths["per_set_csv"], index=False)
@@ -203,12 +265,22 @@ def run(cfg: Tia2EvalConfig, allow_provenance_change: bool = False) -> dict[str,
     paper.differences(prompt_table, paper_prompts, cfg.models).to_csv(paths["paper_diff"], index=False)
     both = pd.concat([set_table, *([paper_table] if len(paper_table) else [])], ignore_index=True)
     both = both.iloc[both["set"].map({s: i for i, s in enumerate(cfg.sets)}).argsort(kind="stable")]
-    md = ["# TIA2 evaluation", "", f"models: {', '.join(cfg.models)}; contrastive sets: {cfg.contrast}",
-          "", "`release: ...` rows: the benchmark authors' released per-prompt metrics over the same prompts "
-          "(`tn-ray tia2 paper` puts them beside the paper's Table 2).", ""]
+    md = [
+        "# TIA2 evaluation",
+        "",
+        f"models: {', '.join(cfg.models)}; contrastive sets: {cfg.contrast}",
+        "",
+        "`release: ...` rows: the benchmark authors' released per-prompt metrics over the same prompts "
+        "(`tn-ray tia2 paper` puts them beside the paper's Table 2).",
+        "",
+    ]
     for s, g in both.groupby("set", sort=False):
-        md += [f"## {s} ({int(g['n_prompts'].iloc[0])} prompts)", "",
-               g.drop(columns=["set"]).to_markdown(index=False, floatfmt=".3f"), ""]
+        md += [
+            f"## {s} ({int(g['n_prompts'].iloc[0])} prompts)",
+            "",
+            g.drop(columns=["set"]).to_markdown(index=False, floatfmt=".3f"),
+            "",
+        ]
     paths["per_set_md"].write_text("\n".join(md))
     plot(both, paths["plot"])
     return paths

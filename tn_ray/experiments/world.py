@@ -36,11 +36,21 @@ CONTRASTS = ("rules", "world")
 
 class BestOfNWorldConfig(StrictModel):
     per_kind: int = Field(8, ge=1, description="prompts of each of the four kinds (count)")
-    pool: int = Field(256, ge=1, description="scenes drawn per prompt; every n <= pool is evaluated on subsets of it (images)")
-    ns: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256], min_length=1, description="best-of-n sizes (images), each <= pool")
-    sampler: SamplerConfig = Field(default_factory=lambda: SamplerConfig(p_match=0.25), description="the generator: match probability and error mix")
+    pool: int = Field(256, ge=1, description="scenes drawn per prompt; every n <= pool is evaluated on subsets of it "
+                                             "(images)")
+    ns: list[int] = Field(
+        default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256],
+        min_length=1,
+        description="best-of-n sizes (images), each <= pool",
+    )
+    sampler: SamplerConfig = Field(
+        default_factory=lambda: SamplerConfig(p_match=0.25),
+        description="the generator: match probability and error mix",
+    )
     seed: int = Field(1, ge=0, description="seed of the prompts and pools (other than the benchmark's)")
-    resamples: int = Field(2000, ge=100, description="bootstrap resamples over prompts for the confidence intervals (count)")
+    resamples: int = Field(
+        2000, ge=100, description="bootstrap resamples over prompts for the confidence intervals (count)"
+    )
     confidence: float = Field(0.95, gt=0, lt=1, description="confidence level of the intervals (probability)")
 
     @model_validator(mode="after")
@@ -57,13 +67,29 @@ class WorldConfig(StrictModel):
     per_kind: int = Field(8, ge=1, description="benchmark prompts of each of the four kinds (count)")
     images_per_prompt: int = Field(24, ge=2, description="benchmark images per prompt (images)")
     size: int = Field(64, ge=32, le=128, description="rendered image side (px)")
-    p_match: float = Field(0.5, gt=0, lt=1, description="share of benchmark images that match their prompt (probability)")
-    models: list[str] = Field(default_factory=lambda: ["worldclip", "worldclip:seed=1", "worldclip:seed=2"], min_length=1,
-                              description="reward models; the first is 'the proxy' of the best-of-n plot, all form the ensembles")
-    textnorm: SetParams = Field(default_factory=lambda: SetParams(tau=1.0, lam=1.0), description="TextNorm temperature and the uncertainty ensemble's lambda")
-    ensembles: list[EnsembleSpec] | None = Field(None, description="ensembles; None = mean and uncertainty over every model when there are two or more")
-    contrasts: list[str] = Field(default_factory=lambda: list(CONTRASTS), min_length=1, description="contrastive-set sources: 'rules' and/or 'world'")
-    bestofn: BestOfNWorldConfig = Field(default_factory=BestOfNWorldConfig, description="the best-of-n (Goodhart) experiment")
+    p_match: float = Field(
+        0.5, gt=0, lt=1, description="share of benchmark images that match their prompt (probability)"
+    )
+    models: list[str] = Field(
+        default_factory=lambda: ["worldclip", "worldclip:seed=1", "worldclip:seed=2"],
+        min_length=1,
+        description="reward models; the first is 'the proxy' of the best-of-n plot, all form the ensembles",
+    )
+    textnorm: SetParams = Field(
+        default_factory=lambda: SetParams(tau=1.0, lam=1.0),
+        description="TextNorm temperature and the uncertainty ensemble's lambda",
+    )
+    ensembles: list[EnsembleSpec] | None = Field(
+        None, description="ensembles; None = mean and uncertainty over every model when there are two or more"
+    )
+    contrasts: list[str] = Field(
+        default_factory=lambda: list(CONTRASTS),
+        min_length=1,
+        description="contrastive-set sources: 'rules' and/or 'world'",
+    )
+    bestofn: BestOfNWorldConfig = Field(
+        default_factory=BestOfNWorldConfig, description="the best-of-n (Goodhart) experiment"
+    )
     scoring: ScoringConfig = Field(default_factory=lambda: ScoringConfig(batch_size=64), description="Ray scoring")
     ray: RayConfig = Field(default_factory=RayConfig, description="where Ray runs")
 
@@ -83,8 +109,14 @@ class WorldConfig(StrictModel):
         object.__setattr__(self, "models", models)
         ens = self.ensembles
         if ens is None:
-            ens = [EnsembleSpec(name="ensemble-mean", members=models, kind="mean"),
-                   EnsembleSpec(name="ensemble-uncertainty", members=models, kind="uncertainty")] if len(models) > 1 else []
+            ens = (
+                [
+                    EnsembleSpec(name="ensemble-mean", members=models, kind="mean"),
+                    EnsembleSpec(name="ensemble-uncertainty", members=models, kind="uncertainty"),
+                ]
+                if len(models) > 1
+                else []
+            )
         object.__setattr__(self, "ensembles", check_ensembles(ens, models))
         return self
 
@@ -94,7 +126,9 @@ def rules_sets(prompts: list[str]) -> dict[str, list[str]]:
     from tn_ray import prompts as sources
     from tn_ray.data.world.scenes import COLORS, SHAPES
 
-    cfg = sources.SourcesConfig(rules=sources.RulesConfig(max_count=6, vocabulary=[f"{c} {s}" for c in COLORS for s in SHAPES]))
+    cfg = sources.SourcesConfig(
+        rules=sources.RulesConfig(max_count=6, vocabulary=[f"{c} {s}" for c in COLORS for s in SHAPES])
+    )
     return {s.x0: s.prompts for s in sources.build("rules", cfg).generate(prompts)}
 
 
@@ -130,7 +164,9 @@ def prescore(cfg: WorldConfig, frames: list[pd.DataFrame], cache: Path) -> None:
 
     items = pd.concat(frames, ignore_index=True)
     x0s = list(dict.fromkeys(items["prompt"]))
-    per_source = [dict(zip(x0s, texts_for(x0s, contrast_sets(x0s, c), f"the world's '{c}' sets"))) for c in cfg.contrasts]
+    per_source = [
+        dict(zip(x0s, texts_for(x0s, contrast_sets(x0s, c), f"the world's '{c}' sets"))) for c in cfg.contrasts
+    ]
     union = {p: list(dict.fromkeys(x for texts in per_source for x in texts[p])) for p in x0s}  # x0 first
     items = items.assign(texts=[union[p] for p in items["prompt"]])
     score_matrices(items[["set", "prompt", "image_id", "image_key", "image", "texts"]], cfg.models, cache, cfg.scoring)
@@ -141,12 +177,16 @@ def benchmark_items(cfg: WorldConfig, out: Path) -> tuple[Path, Path, pd.DataFra
     """Write the labelled benchmark; (tia2 dir, images dir, one row per image keyed as ``tia2 eval`` keys it)."""
     tia2_dir, images = labels.make(out / "data", cfg.per_kind, cfg.images_per_prompt, cfg.size, cfg.seed, cfg.p_match)
     world = pd.read_parquet(out / "data" / "world.parquet")
-    items = world.assign(image_key=world["set"] + "/" + world["image_id"],
-                         image=[str(images / s / i) for s, i in zip(world["set"], world["image_id"])])
+    items = world.assign(
+        image_key=world["set"] + "/" + world["image_id"],
+        image=[str(images / s / i) for s, i in zip(world["set"], world["image_id"])],
+    )
     return tia2_dir, images, items
 
 
-def benchmark(cfg: WorldConfig, out: Path, tia2_dir: Path, images: Path, items: pd.DataFrame, cache: Path) -> pd.DataFrame:
+def benchmark(
+    cfg: WorldConfig, out: Path, tia2_dir: Path, images: Path, items: pd.DataFrame, cache: Path
+) -> pd.DataFrame:
     """tia2 eval of the world's benchmark per contrast source; per-prompt metrics with kind and contrast."""
     from tn_ray.data import tia2
     from tn_ray.experiments.tia2_eval import Tia2EvalConfig, run
@@ -159,11 +199,23 @@ def benchmark(cfg: WorldConfig, out: Path, tia2_dir: Path, images: Path, items: 
             folder = out / "contrast"
             folder.mkdir(parents=True, exist_ok=True)
             for s in sets:
-                (folder / f"rules_{s}.json").write_text(json.dumps(rules_sets(list(tia2.load_prompt_sets(s, tia2_dir))), indent=1))
+                (folder / f"rules_{s}.json").write_text(
+                    json.dumps(rules_sets(list(tia2.load_prompt_sets(s, tia2_dir))), indent=1)
+                )
             source = str(folder / "rules_{set}.json")
-        ecfg = Tia2EvalConfig(images=str(images), tia2_dir=str(tia2_dir), out=str(out / f"eval_{contrast}"),
-                              cache_dir=str(cache), models=cfg.models, sets=sets, contrast=source,
-                              textnorm={"default": cfg.textnorm}, ensembles=cfg.ensembles, scoring=cfg.scoring, ray=cfg.ray)
+        ecfg = Tia2EvalConfig(
+            images=str(images),
+            tia2_dir=str(tia2_dir),
+            out=str(out / f"eval_{contrast}"),
+            cache_dir=str(cache),
+            models=cfg.models,
+            sets=sets,
+            contrast=source,
+            textnorm={"default": cfg.textnorm},
+            ensembles=cfg.ensembles,
+            scoring=cfg.scoring,
+            ray=cfg.ray,
+        )
         paths = run(ecfg)
         frames.append(pd.read_parquet(paths["per_prompt"]).assign(contrast=contrast))
     kinds = items.drop_duplicates("prompt").set_index("prompt")["kind"]
@@ -177,7 +229,9 @@ def benchmark(cfg: WorldConfig, out: Path, tia2_dir: Path, images: Path, items: 
 
 def metric_table(per_prompt: pd.DataFrame, metric: str = "auroc") -> pd.DataFrame:
     """Mean ``metric`` over prompts: rows reward x contrast, columns the prompt kinds and all."""
-    wide = per_prompt.pivot_table(index=["reward", "contrast"], columns="kind", values=metric, aggfunc="mean", sort=False)
+    wide = per_prompt.pivot_table(
+        index=["reward", "contrast"], columns="kind", values=metric, aggfunc="mean", sort=False
+    )
     wide = wide.reindex(columns=[k for k in grammar.KINDS if k in wide.columns])
     wide["all"] = per_prompt.groupby(["reward", "contrast"], sort=False)[metric].mean()
     return wide.reset_index()
@@ -195,9 +249,18 @@ def bestofn_items(cfg: WorldConfig, out: Path) -> pd.DataFrame:
             path = folder / str(p_id) / f"{q}.png"
             scenes.render(s.scene, cfg.size, seed=q).save(path)
             verdict = oracle.judge(s.scene, prompt)
-            rows.append({"set": grammar.TIA2_SET[prompt.kind], "prompt": prompt.text, "image_id": f"{p_id}/{q}",
-                         "image_key": f"bestofn/{p_id}/{q}", "image": str(path), "kind": prompt.kind,
-                         "correct": verdict.match, "errors": ",".join(verdict.errors)})
+            rows.append(
+                {
+                    "set": grammar.TIA2_SET[prompt.kind],
+                    "prompt": prompt.text,
+                    "image_id": f"{p_id}/{q}",
+                    "image_key": f"bestofn/{p_id}/{q}",
+                    "image": str(path),
+                    "kind": prompt.kind,
+                    "correct": verdict.match,
+                    "errors": ",".join(verdict.errors),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -260,15 +323,22 @@ def plot_curves(summary: pd.DataFrame, by_kind: pd.DataFrame, selectors: list[st
 def plot_selectors(cfg: WorldConfig, names: list[str]) -> list[str]:
     """The plot's lines: the first proxy raw, its TextNorm per source, the ensembles, oracle, random."""
     m0 = cfg.models[0]
-    keep = [m0, *(n for n in names if n.startswith(f"textnorm({m0})")),
-            *(n for n in names if any(n.startswith(e.name + " ") for e in cfg.ensembles))]
+    keep = [
+        m0,
+        *(n for n in names if n.startswith(f"textnorm({m0})")),
+        *(n for n in names if any(n.startswith(e.name + " ") for e in cfg.ensembles)),
+    ]
     return [*keep, "oracle", "random"]
 
 
 def curve_table(summary: pd.DataFrame, selectors: list[str]) -> pd.DataFrame:
     """Rows selectors, columns n: 'accuracy [low, high]'."""
-    cell = summary.assign(v=[f"{a:.3f} [{lo:.2f}, {hi:.2f}]" for a, lo, hi in
-                             zip(summary["accuracy"], summary["ci_low"], summary["ci_high"])])
+    cell = summary.assign(
+        v=[
+            f"{a:.3f} [{lo:.2f}, {hi:.2f}]"
+            for a, lo, hi in zip(summary["accuracy"], summary["ci_low"], summary["ci_high"])
+        ]
+    )
     wide = cell.pivot(index="selector", columns="n", values="v").reindex(selectors)
     wide.columns = [f"n={c}" for c in wide.columns]
     return wide.reset_index()
@@ -282,20 +352,34 @@ def bestofn(cfg: WorldConfig, out: Path, items: pd.DataFrame, cache: Path) -> di
     per_prompt = goodhart.curves(table, names, b.ns).merge(table[["prompt", "kind"]].drop_duplicates(), on="prompt")
     per_prompt.to_csv(folder / "per_prompt.csv", index=False)
     summary = goodhart.bootstrap_summary(per_prompt, b.confidence, b.resamples, seed=b.seed)
-    by_kind = pd.concat([goodhart.bootstrap_summary(g, b.confidence, b.resamples, seed=b.seed).assign(kind=k)
-                         for k, g in per_prompt.groupby("kind", sort=False)], ignore_index=True)
+    by_kind = pd.concat(
+        [
+            goodhart.bootstrap_summary(g, b.confidence, b.resamples, seed=b.seed).assign(kind=k)
+            for k, g in per_prompt.groupby("kind", sort=False)
+        ],
+        ignore_index=True,
+    )
     summary.to_csv(folder / "summary.csv", index=False)
     by_kind.to_csv(folder / "summary_by_kind.csv", index=False)
     selectors = plot_selectors(cfg, names)
-    title = (f"best-of-n in the world: {items['prompt'].nunique()} prompts, pools of {b.pool}, "
-             f"p_match={b.sampler.p_match}, seed={b.seed}; bands: {int(b.confidence * 100)}% bootstrap CI over prompts")
+    title = (
+        f"best-of-n in the world: {items['prompt'].nunique()} prompts, pools of {b.pool}, "
+        f"p_match={b.sampler.p_match}, seed={b.seed}; bands: {int(b.confidence * 100)}% bootstrap CI over prompts"
+    )
     plot_curves(summary, by_kind, selectors, folder / "goodhart.png", title)
     drops = goodhart.overoptimization(summary, per_prompt, cfg.models[0], b.confidence, b.resamples, seed=b.seed)
     drops.to_csv(folder / "overoptimization.csv", index=False)
-    return {"bestofn_summary": folder / "summary.csv", "bestofn_by_kind": folder / "summary_by_kind.csv",
-            "overoptimization": folder / "overoptimization.csv", "_drops": drops,
-            "bestofn_plot": folder / "goodhart.png", "bestofn_scores": folder / "scores.parquet",
-            "_summary": summary, "_selectors": selectors, "_names": names}
+    return {
+        "bestofn_summary": folder / "summary.csv",
+        "bestofn_by_kind": folder / "summary_by_kind.csv",
+        "overoptimization": folder / "overoptimization.csv",
+        "_drops": drops,
+        "bestofn_plot": folder / "goodhart.png",
+        "bestofn_scores": folder / "scores.parquet",
+        "_summary": summary,
+        "_selectors": selectors,
+        "_names": names,
+    }
 
 
 # --- the whole experiment ----------------------------------------------------------------
@@ -322,19 +406,39 @@ def run(cfg: WorldConfig, allow_provenance_change: bool = False) -> dict[str, Pa
     bon.pop("_names")
     curves = curve_table(summary, list(dict.fromkeys(summary["selector"])))
     b = cfg.bestofn
-    md = ["# The world: proxy rewards against exact truth", "",
-          f"models: {', '.join(cfg.models)}; TextNorm tau={cfg.textnorm.tau}, lambda={cfg.textnorm.lam}; "
-          f"benchmark seed {cfg.seed}: {cfg.per_kind} prompts per kind x {cfg.images_per_prompt} images "
-          f"({cfg.size} px, {cfg.p_match:.0%} matching)", "",
-          "## AUROC against the oracle (mean over prompts)", "", auroc.to_markdown(index=False, floatfmt=".3f"), "",
-          "## AUPRC against the oracle (mean over prompts)", "", auprc.to_markdown(index=False, floatfmt=".3f"), "",
-          f"## Best-of-n: oracle accuracy of the selected image ({b.per_kind} prompts per kind, pools of {b.pool}, "
-          f"p_match={b.sampler.p_match}, seed {b.seed}; [{int(b.confidence * 100)}% bootstrap CI over prompts])", "",
-          curves.to_markdown(index=False), "",
-          f"## Over-optimization: peak, last, drop, and the paired difference from {cfg.models[0]} (raw) at the largest n", "",
-          drops.to_markdown(index=False, floatfmt=".3f"), ""]
-    paths = {"summary_md": out / "summary.md", "auroc_csv": out / "auroc.csv", "curves_md": out / "bestofn" / "curves.md",
-             "per_prompt": out / "benchmark_per_prompt.csv", **bon}
+    md = [
+        "# The world: proxy rewards against exact truth",
+        "",
+        f"models: {', '.join(cfg.models)}; TextNorm tau={cfg.textnorm.tau}, lambda={cfg.textnorm.lam}; "
+        f"benchmark seed {cfg.seed}: {cfg.per_kind} prompts per kind x {cfg.images_per_prompt} images "
+        f"({cfg.size} px, {cfg.p_match:.0%} matching)",
+        "",
+        "## AUROC against the oracle (mean over prompts)",
+        "",
+        auroc.to_markdown(index=False, floatfmt=".3f"),
+        "",
+        "## AUPRC against the oracle (mean over prompts)",
+        "",
+        auprc.to_markdown(index=False, floatfmt=".3f"),
+        "",
+        f"## Best-of-n: oracle accuracy of the selected image ({b.per_kind} prompts per kind, pools of {b.pool}, "
+        f"p_match={b.sampler.p_match}, seed {b.seed}; [{int(b.confidence * 100)}% bootstrap CI over prompts])",
+        "",
+        curves.to_markdown(index=False),
+        "",
+        f"## Over-optimization: peak, last, drop, and the paired difference from {cfg.models[0]} (raw) at the "
+        "largest n",
+        "",
+        drops.to_markdown(index=False, floatfmt=".3f"),
+        "",
+    ]
+    paths = {
+        "summary_md": out / "summary.md",
+        "auroc_csv": out / "auroc.csv",
+        "curves_md": out / "bestofn" / "curves.md",
+        "per_prompt": out / "benchmark_per_prompt.csv",
+        **bon,
+    }
     (out / "summary.md").write_text("\n".join(md))
     auroc.to_csv(out / "auroc.csv", index=False)
     paths["curves_md"].write_text(curves.to_markdown(index=False) + "\n")
@@ -345,9 +449,14 @@ def run(cfg: WorldConfig, allow_provenance_change: bool = False) -> dict[str, Pa
 def quickstart_config(out: Path) -> WorldConfig:
     """The world at quickstart size: 4 prompts per kind, pools of 64, one proxy (``worldclip``,
     shared with the quickstart's TIA2 step, so it trains once); no ensembles (``world run`` has them)."""
-    return WorldConfig(out=str(out / "world"), models=["worldclip"], per_kind=4, images_per_prompt=16,
-                       bestofn=BestOfNWorldConfig(per_kind=4, pool=64, ns=[1, 2, 4, 8, 16, 32, 64], resamples=1000),
-                       ray=RayConfig(num_cpus=os.cpu_count()))
+    return WorldConfig(
+        out=str(out / "world"),
+        models=["worldclip"],
+        per_kind=4,
+        images_per_prompt=16,
+        bestofn=BestOfNWorldConfig(per_kind=4, pool=64, ns=[1, 2, 4, 8, 16, 32, 64], resamples=1000),
+        ray=RayConfig(num_cpus=os.cpu_count()),
+    )
 
 
 def quickstart_step(out: Path) -> dict[str, Path]:
@@ -355,7 +464,7 @@ def quickstart_step(out: Path) -> dict[str, Path]:
     cfg = quickstart_config(out)
     paths = run(cfg)
     text = Path(paths["summary_md"]).read_text()
-    print(text[text.index("## AUROC"):text.index("## AUPRC")].rstrip())
+    print(text[text.index("## AUROC") : text.index("## AUPRC")].rstrip())
     print("\nbest-of-n, oracle accuracy of the selected image [95% bootstrap CI over prompts]:")
     print(Path(paths["curves_md"]).read_text())
     return paths

@@ -63,7 +63,8 @@ def check_answer_db(path: str | Path) -> None:
     except sqlite3.DatabaseError as err:
         raise InputError(f"--db {path}: not a readable SQLite database ({err})") from None
     if tables and not {"meta", "answers"} <= tables:
-        raise InputError(f"--db {path}: a SQLite database of something else (tables {sorted(tables)[:5]}), not a tn-ray "
+        raise InputError(f"--db {path}: a SQLite database of something else (tables {sorted(tables)[:5]}), not a "
+                         "tn-ray "
                          "answer database; give another --db")
 
 
@@ -81,7 +82,8 @@ class AnswerStore:
             mine = {"kind": task.kind, "fingerprint": task.fingerprint()}
             if rows and rows.get("fingerprint") != mine["fingerprint"]:
                 raise InputError(f"{self.path}: this answer database belongs to another {rows.get('kind')} task "
-                                 f"(fingerprint {rows.get('fingerprint')}, this task's is {mine['fingerprint']}); use another --db")
+                                 f"(fingerprint {rows.get('fingerprint')}, this task's is {mine['fingerprint']}); use "
+                                 "another --db")
             db.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)", mine.items())
         self.index = {item.item_id: i for i, item in enumerate(task.items)}
 
@@ -159,7 +161,9 @@ class AnswerStore:
             free = self._open_items(db, annotator, now)
             if not free:
                 return None
-            seq = db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM assignments WHERE annotator = ?", (annotator,)).fetchone()[0]
+            seq = db.execute(
+                "SELECT COALESCE(MAX(seq), -1) + 1 FROM assignments WHERE annotator = ?", (annotator,)
+            ).fetchone()[0]
             db.execute("INSERT INTO assignments VALUES (?, ?, ?, ?)", (free[0], annotator, seq, now))
             return free[0]
 
@@ -167,12 +171,18 @@ class AnswerStore:
         """Store (or replace) the annotator's own answer to an item assigned to them; durable on return."""
         text, now = json.dumps(value), time.time()
         with self._write() as db:
-            if not db.execute("SELECT 1 FROM assignments WHERE item_id = ? AND annotator = ?", (item_id, annotator)).fetchone():
+            if not db.execute(
+                "SELECT 1 FROM assignments WHERE item_id = ? AND annotator = ?", (item_id, annotator)
+            ).fetchone():
                 raise Forbidden(f"item {item_id!r} is not assigned to {annotator!r}")
-            db.execute("INSERT INTO answers VALUES (?, ?, ?, ?, ?) ON CONFLICT(item_id, annotator) "
-                       "DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-                       (item_id, annotator, text, now, now))
-            db.execute("INSERT INTO events(item_id, annotator, value, at) VALUES (?, ?, ?, ?)", (item_id, annotator, text, now))
+            db.execute(
+                "INSERT INTO answers VALUES (?, ?, ?, ?, ?) ON CONFLICT(item_id, annotator) "
+                "DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                (item_id, annotator, text, now, now),
+            )
+            db.execute(
+                "INSERT INTO events(item_id, annotator, value, at) VALUES (?, ?, ?, ?)", (item_id, annotator, text, now)
+            )
 
     def own_answers(self, annotator: str) -> dict[str, object]:
         rows = self._db().execute("SELECT item_id, value FROM answers WHERE annotator = ?", (annotator,))
@@ -188,8 +198,13 @@ class AnswerStore:
     # read-out (command line only; never served) -----------------------------------------------
     def all_answers(self) -> list[dict]:
         """Every current answer, earliest first: item_id, annotator, value, first_at, updated_at."""
-        rows = self._db().execute("SELECT item_id, annotator, value, first_at, updated_at FROM answers ORDER BY first_at, annotator")
-        return [{"item_id": i, "annotator": a, "value": json.loads(v), "first_at": f, "updated_at": u} for i, a, v, f, u in rows]
+        rows = self._db().execute(
+            "SELECT item_id, annotator, value, first_at, updated_at FROM answers ORDER BY first_at, annotator"
+        )
+        return [
+            {"item_id": i, "annotator": a, "value": json.loads(v), "first_at": f, "updated_at": u}
+            for i, a, v, f, u in rows
+        ]
 
 
 def open_answers(path: str | Path, task: Task) -> list[dict]:

@@ -44,20 +44,34 @@ def tally(task: Task, answers: list[dict], confidence: float = 0.95) -> pd.DataF
             ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="exact")
             row.update({o: k, f"{o}_rate": k / n, f"{o}_lo": ci.low, f"{o}_hi": ci.high})
         rows.append(row)
-    cols = ["reward_a", "reward_b", "criterion", "n"] + [f"{o}{s}" for o in OUTCOMES for s in ("", "_rate", "_lo", "_hi")]
+    cols = ["reward_a", "reward_b", "criterion", "n"] + [
+        f"{o}{s}" for o in OUTCOMES for s in ("", "_rate", "_lo", "_hi")
+    ]
     return pd.DataFrame(rows, columns=cols)
 
 
 def markdown(table: pd.DataFrame, confidence: float = 0.95) -> str:
     pct = round(100 * confidence)
-    fmt = lambda r, o: f"{r[o]} ({100 * r[o + '_rate']:.0f}%, {pct}% CI {100 * r[o + '_lo']:.0f}-{100 * r[o + '_hi']:.0f}%)"  # noqa: E731
-    view = pd.DataFrame({"A": table["reward_a"], "B": table["reward_b"], "criterion": table["criterion"],
-                         "answers": table["n"], "A wins": [fmt(r, "win") for _, r in table.iterrows()],
-                         "tie": [fmt(r, "tie") for _, r in table.iterrows()],
-                         "B wins": [fmt(r, "lose") for _, r in table.iterrows()]})
-    return ("# Human evaluation: win / tie / lose\n\nCounts with rates and exact (Clopper-Pearson) binomial "
-            f"{pct}% confidence intervals; A wins = the annotators preferred A's set.\n\n"
-            + view.to_markdown(index=False) + "\n")
+    def fmt(r, o):
+        return f"{r[o]} ({100 * r[o + '_rate']:.0f}%, {pct}% CI {100 * r[o + '_lo']:.0f}-{100 * r[o + '_hi']:.0f}%)"
+
+    view = pd.DataFrame(
+        {
+            "A": table["reward_a"],
+            "B": table["reward_b"],
+            "criterion": table["criterion"],
+            "answers": table["n"],
+            "A wins": [fmt(r, "win") for _, r in table.iterrows()],
+            "tie": [fmt(r, "tie") for _, r in table.iterrows()],
+            "B wins": [fmt(r, "lose") for _, r in table.iterrows()],
+        }
+    )
+    return (
+        "# Human evaluation: win / tie / lose\n\nCounts with rates and exact (Clopper-Pearson) binomial "
+        f"{pct}% confidence intervals; A wins = the annotators preferred A's set.\n\n"
+        + view.to_markdown(index=False)
+        + "\n"
+    )
 
 
 def bar_chart(table: pd.DataFrame, path: str | Path) -> Path:

@@ -2,11 +2,13 @@
 
 ``label``: (image, prompt) pairs from a manifest CSV (the ``tn-ray score`` manifest: image paths
 relative to the CSV), a folder of images with ``.txt`` captions, or a ``tn-ray bestofn`` run; one
-item per image, keyed by the image as written (manifest), its file name (folder) or its image_id (run). ``compare``: the blinded
+item per image, keyed by the image as written (manifest), its file name (folder) or its image_id (run). ``compare``:
+the blinded
 best-of-n human-evaluation export (``human_eval/`` + ``human_eval_key.csv``); one item per
 question. The key (which reward is which set) stays in :attr:`Task.key`, which no browser-facing
 method returns. Every problem is an :class:`~tn_ray.errors.InputError` naming the file and line.
 """
+
 from __future__ import annotations
 
 import csv
@@ -49,8 +51,11 @@ class Task:
     def public(self, index: int) -> dict:
         """What the browser may see of item ``index``: prompt and image URLs, never the key."""
         item = self.items[index]
-        return {"index": index, "prompt": item.prompt,
-                "sets": [[f"/api/image/{name}" for name in s] for s in item.sets]}
+        return {
+            "index": index,
+            "prompt": item.prompt,
+            "sets": [[f"/api/image/{name}" for name in s] for s in item.sets],
+        }
 
 
 def _rows(path: Path, required: tuple[str, ...]):
@@ -69,7 +74,9 @@ def _rows(path: Path, required: tuple[str, ...]):
         for row in reader:
             start, line = line + 1, reader.line_num
             if None in row or any(v is None for v in row.values()):
-                raise InputError(f"{path}:{start}: expected {len(header)} fields like the header, got a different number")
+                raise InputError(
+                    f"{path}:{start}: expected {len(header)} fields like the header, got a different number"
+                )
             yield start, row
 
 
@@ -97,8 +104,18 @@ def _pairs_task(source: Path, rows) -> Task:
 def load_manifest(path: str | Path) -> Task:
     """A labelling task from a manifest CSV (columns image, prompt; image relative to the CSV)."""
     path = Path(path)
-    return _pairs_task(path, ((f"{path}:{line}", row["image"].strip(), (path.parent / row["image"].strip()).resolve(),
-                               row["prompt"].strip()) for line, row in _rows(path, ("image", "prompt"))))
+    return _pairs_task(
+        path,
+        (
+            (
+                f"{path}:{line}",
+                row["image"].strip(),
+                (path.parent / row["image"].strip()).resolve(),
+                row["prompt"].strip(),
+            )
+            for line, row in _rows(path, ("image", "prompt"))
+        ),
+    )
 
 
 def load_folder(folder: str | Path) -> Task:
@@ -106,7 +123,9 @@ def load_folder(folder: str | Path) -> Task:
     the layout of most diffusion fine-tuning datasets; sorted by file name."""
     root = Path(folder)
     if not root.is_dir():
-        raise InputError(f"{root}: {'a file, not' if root.exists() else 'not found:'} a folder of images with .txt captions")
+        raise InputError(
+            f"{root}: {'a file, not' if root.exists() else 'not found:'} a folder of images with .txt captions"
+        )
     images = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
     def rows():
@@ -141,7 +160,9 @@ def load_finetune_run(run_dir: str | Path) -> Task:
                     prompt_id = int(image.stem.split("-")[0])
                     prompt = prompts[prompt_id]
                 except (ValueError, IndexError):
-                    raise InputError(f"{where}: not an evaluation image '<prompt id>-<seed>.png' of {prompts_file}") from None
+                    raise InputError(
+                        f"{where}: not an evaluation image '<prompt id>-<seed>.png' of {prompts_file}"
+                    ) from None
                 yield where, str(image.relative_to(root)), image.resolve(), prompt
 
     return _pairs_task(root, rows())
@@ -157,13 +178,17 @@ def load_run(run_dir: str | Path) -> Task:
         return load_finetune_run(run_dir)
     table = Path(run_dir) / "rewards.parquet"
     if not table.is_file():
-        raise InputError(f"{table}: not found; --run takes a tn-ray bestofn output folder or a tn-ray rwr / ddpo run folder")
+        raise InputError(
+            f"{table}: not found; --run takes a tn-ray bestofn output folder or a tn-ray rwr / ddpo run folder"
+        )
     df = pd.read_parquet(table, columns=["prompt", "image_id", "image"])
 
     def rows():
         for i, (prompt, image_id, image) in enumerate(zip(df["prompt"], df["image_id"], df["image"])):
             if "://" in str(image):
-                raise InputError(f"{table}: row {i}: image {image} is not a local file; copy the run's images locally first")
+                raise InputError(
+                    f"{table}: row {i}: image {image} is not a local file; copy the run's images locally first"
+                )
             yield f"{table}: row {i}", str(image_id), Path(image).resolve(), str(prompt)
 
     return _pairs_task(table, rows())
@@ -175,7 +200,9 @@ def load_comparison(export_dir: str | Path, key_path: str | Path | None = None) 
     root = Path(export_dir)
     key_path = Path(key_path) if key_path else root.parent / "human_eval_key.csv"
     if not root.is_dir():
-        raise InputError(f"{root}: {'a file, not' if root.exists() else 'not found:'} a best-of-n human_eval export folder")
+        raise InputError(
+            f"{root}: {'a file, not' if root.exists() else 'not found:'} a best-of-n human_eval export folder"
+        )
     items, files, key = [], {}, {}
     for line, row in _rows(key_path, KEY_COLUMNS):
         qid = row["question"].strip()

@@ -23,13 +23,19 @@ _PLACES = ("forest jungle ocean sea beach desert city street road mountain mount
            "meadow river lake pond island snow space moon mars kitchen room bedroom office library "
            "museum classroom farm village town cave sky underwater table grass savannah tundra "
            "rainforest countryside paris london tokyo new york").split()
-_CREATIVE = ["made of", "texture of", "in the shape of", *("astronaut dragon unicorn robot alien wizard fantasy surreal "
+_CREATIVE = ["made of", "texture of", "in the shape of", *("astronaut dragon unicorn robot alien wizard fantasy "
+                                                           "surreal "
               "magical dream dreamlike futuristic cyberpunk steampunk shaped floating flying wearing riding "
               "dressed giant tiny glowing").split()]
-_SPATIAL = (r"on top of|to the left of|to the right of|on the left of|on the right of|left of|right of|"
-            r"above|below|under|underneath|beneath|behind|in front of|next to|beside|between|inside|"
-            r"atop|on the left|on the right")
-_TEXT = r"['\"\u2018\u2019\u201c\u201d]|\b(?:sign|says|saying|written|writing|reads|text|word|words|letters|lettering|logo|title|caption|spelled|spelling|label|font|typography)\b"
+_SPATIAL = (
+    r"on top of|to the left of|to the right of|on the left of|on the right of|left of|right of|"
+    r"above|below|under|underneath|beneath|behind|in front of|next to|beside|between|inside|"
+    r"atop|on the left|on the right"
+)
+_TEXT = (
+    r"['\"\u2018\u2019\u201c\u201d]|\b(?:sign|says|saying|written|writing|reads|text|word|words"
+    r"|letters|lettering|logo|title|caption|spelled|spelling|label|font|typography)\b"
+)
 
 
 def _words(options) -> re.Pattern:

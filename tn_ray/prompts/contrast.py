@@ -4,11 +4,13 @@ A contrastive-set source is ``released`` (TIA2's sets, all three merged), ``rele
 a JSON file ``{x0: [x1, ..., xm]}`` (``{set}`` in the path expands to a TIA2 set name), or,
 for a given list of prompts (:func:`sets_for`), a prompt source that makes sets (``rules``,
 ``llm``: :mod:`tn_ray.prompts`).
-Every file is checked to be ``{str: [str, ...]}`` (:func:`tn_ray.data.sets.validate_sets`), naming the file and the first offending
+Every file is checked to be ``{str: [str, ...]}`` (:func:`tn_ray.data.sets.validate_sets`), naming the file and the
+first offending
 prompt; every command (``score``, ``tia2 eval``, best-of-n, fine-tuning, sweeps) reads sets
 through :func:`load_contrast` and builds text lists through :func:`texts_for`, so a prompt
 without a set is an error naming it, never a silent TextNorm of 1.0.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,7 +24,9 @@ from tn_ray.errors import InputError
 log = logging.getLogger(__name__)
 
 
-def load_contrast(source: str, *, tia2_dir: str | os.PathLike | None = None, set_name: str | None = None) -> dict[str, list[str]]:
+def load_contrast(
+    source: str, *, tia2_dir: str | os.PathLike | None = None, set_name: str | None = None
+) -> dict[str, list[str]]:
     """``{x0: [x1..xm]}`` from ``released``, ``released:<set>`` or a JSON file (validated)."""
     from tn_ray.data import tia2
 
@@ -50,8 +54,9 @@ def generates(source: str) -> bool:
     return source in SOURCES and source != "released"
 
 
-def sets_for(source: str, prompts: Sequence[str], *, tia2_dir: str | os.PathLike | None = None,
-             set_name: str | None = None) -> dict[str, list[str]]:
+def sets_for(
+    source: str, prompts: Sequence[str], *, tia2_dir: str | os.PathLike | None = None, set_name: str | None = None
+) -> dict[str, list[str]]:
     """``{x0: [x1..xm]}`` covering ``prompts`` from any source: a prompt source that makes sets
     (``rules``, ``llm``, through :func:`tn_ray.prompts.build`; a prompt it cannot serve is left
     out, so :func:`texts_for` names it) or a stored one (:func:`load_contrast`)."""
@@ -71,8 +76,14 @@ def clean_set(x0: str, xs: Sequence[str], dedupe: bool = True) -> tuple[list[str
     return ([x for x in unique if x != x0] if dedupe else list(xs)), repeats, has_x0
 
 
-def texts_for(prompts: Sequence[str], sets: Mapping[str, Sequence[str]], origin: str, *, dedupe: bool = True,
-              stats: dict | None = None) -> list[list[str]]:
+def texts_for(
+    prompts: Sequence[str],
+    sets: Mapping[str, Sequence[str]],
+    origin: str,
+    *,
+    dedupe: bool = True,
+    stats: dict | None = None,
+) -> list[list[str]]:
     """``[x0, x1..xm]`` per prompt; with ``dedupe`` (the default) repeated contrastive prompts are kept
     once and x0 itself is left out, otherwise the set is used exactly as given (``dedupe: false``
     reproduces a released set that repeats prompts or holds its own x0).
@@ -85,7 +96,14 @@ def texts_for(prompts: Sequence[str], sets: Mapping[str, Sequence[str]], origin:
     """
     out = []
     cache: dict[str, list[str]] = {}
-    found = {"sets": 0, "sets_with_duplicates": 0, "duplicates": 0, "sets_with_x0": 0, "dedupe": dedupe, "example": None}
+    found = {
+        "sets": 0,
+        "sets_with_duplicates": 0,
+        "duplicates": 0,
+        "sets_with_x0": 0,
+        "dedupe": dedupe,
+        "example": None,
+    }
     for p in prompts:
         if p not in cache:
             if p not in sets:
@@ -93,8 +111,10 @@ def texts_for(prompts: Sequence[str], sets: Mapping[str, Sequence[str]], origin:
                 raise InputError(f"{len(missing)} prompt(s) have no contrastive set in {origin}, e.g. {missing[:3]}")
             xs, repeats, has_x0 = clean_set(p, sets[p], dedupe)
             if not [x for x in xs if x != p]:
-                raise InputError(f"prompt {p!r} has an empty contrastive set in {origin} (TextNorm needs at least one "
-                                 "contrastive prompt; its TextNorm would be 1.0 for every image)")
+                raise InputError(
+                    f"prompt {p!r} has an empty contrastive set in {origin} (TextNorm needs at least one "
+                    "contrastive prompt; its TextNorm would be 1.0 for every image)"
+                )
             found["sets"] += 1
             found["sets_with_duplicates"] += repeats > 0
             found["duplicates"] += repeats
@@ -104,10 +124,16 @@ def texts_for(prompts: Sequence[str], sets: Mapping[str, Sequence[str]], origin:
             cache[p] = [p, *xs]
         out.append(cache[p])
     if found["sets_with_duplicates"] or found["sets_with_x0"]:
-        log.info("contrastive sets of %s: %d of %d sets repeat a prompt (%d repeats), %d hold their own x0; %s "
-                 "(e.g. %r)", origin, found["sets_with_duplicates"], found["sets"], found["duplicates"],
-                 found["sets_with_x0"], "removed (dedupe: true)" if dedupe else "kept as given (dedupe: false)",
-                 found["example"])
+        log.info(
+            "contrastive sets of %s: %d of %d sets repeat a prompt (%d repeats), %d hold their own x0; %s (e.g. %r)",
+            origin,
+            found["sets_with_duplicates"],
+            found["sets"],
+            found["duplicates"],
+            found["sets_with_x0"],
+            "removed (dedupe: true)" if dedupe else "kept as given (dedupe: false)",
+            found["example"],
+        )
     if stats is not None:
         stats.update(found)
     return out

@@ -28,76 +28,187 @@ and nothing else."""
 # (x0, contrastive prompts): two per category, the first is preferred
 EXAMPLES: dict[str, list[tuple[str, list[str]]]] = {
     "text": [
-        ("a storefront sign that reads 'OPEN 24 HOURS'",
-         ["a storefront sign that reads 'CLOSED 24 HOURS'", "a storefront sign that reads 'OPEN 12 HOURS'",
-          "a storefront sign that reads 'OPEN 24 HOUSES'", "a storefront sign that reads 'PEN 24 HOURS'",
-          "a blank storefront sign", "a storefront sign that reads 'OPEN 42 HOURS'"]),
-        ("a birthday cake with 'Happy 30th Mia' written in icing",
-         ["a birthday cake with 'Happy 40th Mia' written in icing", "a birthday cake with 'Happy 30th Max' written in icing",
-          "a birthday cake with 'Happy Birthday' written in icing", "a birthday cake with no writing on it",
-          "a wedding cake with 'Happy 30th Mia' written in icing"]),
+        (
+            "a storefront sign that reads 'OPEN 24 HOURS'",
+            [
+                "a storefront sign that reads 'CLOSED 24 HOURS'",
+                "a storefront sign that reads 'OPEN 12 HOURS'",
+                "a storefront sign that reads 'OPEN 24 HOUSES'",
+                "a storefront sign that reads 'PEN 24 HOURS'",
+                "a blank storefront sign",
+                "a storefront sign that reads 'OPEN 42 HOURS'",
+            ],
+        ),
+        (
+            "a birthday cake with 'Happy 30th Mia' written in icing",
+            [
+                "a birthday cake with 'Happy 40th Mia' written in icing",
+                "a birthday cake with 'Happy 30th Max' written in icing",
+                "a birthday cake with 'Happy Birthday' written in icing",
+                "a birthday cake with no writing on it",
+                "a wedding cake with 'Happy 30th Mia' written in icing",
+            ],
+        ),
     ],
     "style": [
-        ("a watercolor painting of a lighthouse at dusk",
-         ["an oil painting of a lighthouse at dusk", "a pencil sketch of a lighthouse at dusk",
-          "a photograph of a lighthouse at dusk", "a pixel-art image of a lighthouse at dusk",
-          "a watercolor painting of a windmill at dusk", "a watercolor painting of a lighthouse at noon"]),
-        ("a fox in the style of Japanese woodblock prints",
-         ["a fox in the style of cubist paintings", "a fox in the style of a children's cartoon",
-          "a photo of a fox", "a wolf in the style of Japanese woodblock prints",
-          "a fox in the style of pop art posters"]),
+        (
+            "a watercolor painting of a lighthouse at dusk",
+            [
+                "an oil painting of a lighthouse at dusk",
+                "a pencil sketch of a lighthouse at dusk",
+                "a photograph of a lighthouse at dusk",
+                "a pixel-art image of a lighthouse at dusk",
+                "a watercolor painting of a windmill at dusk",
+                "a watercolor painting of a lighthouse at noon",
+            ],
+        ),
+        (
+            "a fox in the style of Japanese woodblock prints",
+            [
+                "a fox in the style of cubist paintings",
+                "a fox in the style of a children's cartoon",
+                "a photo of a fox",
+                "a wolf in the style of Japanese woodblock prints",
+                "a fox in the style of pop art posters",
+            ],
+        ),
     ],
     "composition": [
-        ("a cat and a teapot on a wooden table",
-         ["a cat on a wooden table", "a teapot on a wooden table", "two cats and a teapot on a wooden table",
-          "a dog and a teapot on a wooden table", "a cat and a vase on a wooden table",
-          "a cat-shaped teapot on a wooden table"]),
-        ("a violin and a trumpet lying on a bed",
-         ["a violin lying on a bed", "two violins and a trumpet lying on a bed", "a guitar and a trumpet lying on a bed",
-          "a violin and a drum lying on a bed", "a violin and a trumpet lying on the floor"]),
+        (
+            "a cat and a teapot on a wooden table",
+            [
+                "a cat on a wooden table",
+                "a teapot on a wooden table",
+                "two cats and a teapot on a wooden table",
+                "a dog and a teapot on a wooden table",
+                "a cat and a vase on a wooden table",
+                "a cat-shaped teapot on a wooden table",
+            ],
+        ),
+        (
+            "a violin and a trumpet lying on a bed",
+            [
+                "a violin lying on a bed",
+                "two violins and a trumpet lying on a bed",
+                "a guitar and a trumpet lying on a bed",
+                "a violin and a drum lying on a bed",
+                "a violin and a trumpet lying on the floor",
+            ],
+        ),
     ],
     "counting": [
-        ("a photo of four red apples",
-         ["a photo of three red apples", "a photo of five red apples", "a photo of one red apple",
-          "a photo of two red apples", "a photo of four green apples", "a photo of four red tomatoes"]),
-        ("two children flying kites on a hill",
-         ["one child flying a kite on a hill", "three children flying kites on a hill",
-          "five children flying kites on a hill", "two children flying one kite on a hill",
-          "two dogs chasing kites on a hill"]),
+        (
+            "a photo of four red apples",
+            [
+                "a photo of three red apples",
+                "a photo of five red apples",
+                "a photo of one red apple",
+                "a photo of two red apples",
+                "a photo of four green apples",
+                "a photo of four red tomatoes",
+            ],
+        ),
+        (
+            "two children flying kites on a hill",
+            [
+                "one child flying a kite on a hill",
+                "three children flying kites on a hill",
+                "five children flying kites on a hill",
+                "two children flying one kite on a hill",
+                "two dogs chasing kites on a hill",
+            ],
+        ),
     ],
     "creative": [
-        ("an astronaut riding a horse on the moon",
-         ["a horse riding an astronaut on the moon", "an astronaut walking next to a horse on the moon",
-          "an astronaut riding a horse in a desert", "a cowboy riding a horse on the moon",
-          "an astronaut riding a camel on the moon", "an astronaut riding a bicycle on the moon"]),
-        ("a teapot made of ice",
-         ["a teapot made of glass", "a teapot made of wood", "a block of ice shaped like a kettle",
-          "a teapot full of ice", "a cup made of ice"]),
+        (
+            "an astronaut riding a horse on the moon",
+            [
+                "a horse riding an astronaut on the moon",
+                "an astronaut walking next to a horse on the moon",
+                "an astronaut riding a horse in a desert",
+                "a cowboy riding a horse on the moon",
+                "an astronaut riding a camel on the moon",
+                "an astronaut riding a bicycle on the moon",
+            ],
+        ),
+        (
+            "a teapot made of ice",
+            [
+                "a teapot made of glass",
+                "a teapot made of wood",
+                "a block of ice shaped like a kettle",
+                "a teapot full of ice",
+                "a cup made of ice",
+            ],
+        ),
     ],
     "location": [
-        ("a red fox in a snowy forest",
-         ["a red fox in a desert", "a red fox on a sandy beach", "a red fox in a city street",
-          "a red fox in a green summer forest", "a red fox in a living room", "a gray wolf in a snowy forest"]),
-        ("a rowing boat on a calm lake",
-         ["a rowing boat on a stormy sea", "a rowing boat on a beach", "a rowing boat in a garage",
-          "a sailboat on a calm lake", "a rowing boat on a frozen lake"]),
+        (
+            "a red fox in a snowy forest",
+            [
+                "a red fox in a desert",
+                "a red fox on a sandy beach",
+                "a red fox in a city street",
+                "a red fox in a green summer forest",
+                "a red fox in a living room",
+                "a gray wolf in a snowy forest",
+            ],
+        ),
+        (
+            "a rowing boat on a calm lake",
+            [
+                "a rowing boat on a stormy sea",
+                "a rowing boat on a beach",
+                "a rowing boat in a garage",
+                "a sailboat on a calm lake",
+                "a rowing boat on a frozen lake",
+            ],
+        ),
     ],
     "colors": [
-        ("a blue car parked next to a yellow fire hydrant",
-         ["a yellow car parked next to a blue fire hydrant", "a red car parked next to a yellow fire hydrant",
-          "a blue car parked next to a red fire hydrant", "a blue truck parked next to a yellow fire hydrant",
-          "a black and white photo of a car next to a fire hydrant"]),
-        ("a green umbrella",
-         ["a red umbrella", "a blue umbrella", "a green and white striped umbrella", "a green raincoat",
-          "a black umbrella"]),
+        (
+            "a blue car parked next to a yellow fire hydrant",
+            [
+                "a yellow car parked next to a blue fire hydrant",
+                "a red car parked next to a yellow fire hydrant",
+                "a blue car parked next to a red fire hydrant",
+                "a blue truck parked next to a yellow fire hydrant",
+                "a black and white photo of a car next to a fire hydrant",
+            ],
+        ),
+        (
+            "a green umbrella",
+            [
+                "a red umbrella",
+                "a blue umbrella",
+                "a green and white striped umbrella",
+                "a green raincoat",
+                "a black umbrella",
+            ],
+        ),
     ],
     "spatial": [
-        ("a book on top of a laptop",
-         ["a laptop on top of a book", "a book under a laptop", "a book next to a laptop",
-          "a book to the left of a laptop", "a mug on top of a laptop", "a book inside a laptop bag"]),
-        ("a dog to the left of a bicycle",
-         ["a dog to the right of a bicycle", "a dog behind a bicycle", "a dog riding a bicycle",
-          "a bicycle to the left of a dog", "a cat to the left of a bicycle"]),
+        (
+            "a book on top of a laptop",
+            [
+                "a laptop on top of a book",
+                "a book under a laptop",
+                "a book next to a laptop",
+                "a book to the left of a laptop",
+                "a mug on top of a laptop",
+                "a book inside a laptop bag",
+            ],
+        ),
+        (
+            "a dog to the left of a bicycle",
+            [
+                "a dog to the right of a bicycle",
+                "a dog behind a bicycle",
+                "a dog riding a bicycle",
+                "a bicycle to the left of a dog",
+                "a cat to the left of a bicycle",
+            ],
+        ),
     ],
 }
 
@@ -128,64 +239,142 @@ def messages(x0: str, n_prompts: int, max_examples: int) -> list[dict[str, str]]
 
 PAPER_MODEL = "gpt-4-0613"
 PAPER_PARAMS = {"temperature": 0.0, "frequency_penalty": 0.2}
-PAPER_SYSTEM = ("Create captions that are different from the original input used for the text-to-image generation "
-                "model, referencing the provided failure cases. The new captions should offer perspectives that are "
-                "distinct from the original context of the images. Ensure that each contrasting caption provides a "
-                "distinct perspective, while maintaining the integrity of the image's subject matters. Let's think step "
-                "by step.")
+PAPER_SYSTEM = (
+    "Create captions that are different from the original input used for the text-to-image generation "
+    "model, referencing the provided failure cases. The new captions should offer perspectives that are "
+    "distinct from the original context of the images. Ensure that each contrasting caption provides a "
+    "distinct perspective, while maintaining the integrity of the image's subject matters. Let's think "
+    "step "
+    "by step."
+)
 # Table 19: one example per category, {"original_prompt", "proper_candidates"} as Algorithm 1 reads them
 PAPER_EXAMPLES: dict[str, list[dict]] = {
-    "text": [{"original_prompt": "A sign that says \u2018Diffusion\u2019.",
-              "proper_candidates": ["A sign misspelled as \u2018Difision\u2019.",
-                                    "A sign containing a bizarre accent \u2018Dif\u0161ion\u2019."]}],
-    "style": [{"original_prompt": "Greek statue of a man tripping over a cat.",
-               "proper_candidates": ["Greek statue of a man", "Greek statue of two men",
-                                     "Greek statue of two men tripping over a cat.",
-                                     "Greek statue of a man tripping over a dog.",
-                                     "Greek statue of two men tripping over a dog.",
-                                     "Greek statue of a man tripping over a ball."]}],
-    "composition": [{"original_prompt": "A red car and a white sheep.",
-                     "proper_candidates": ["A red car and two white sheep.", "A red car and a herd of sheep.",
-                                           "A red car and a dominant white sheep among the gray ones.",
-                                           "A red car with two real sheep on the side."]}],
-    "counting": [{"original_prompt": "Four cars on the street.",
-                  "proper_candidates": ["Two cars on the street.", "Three cars on the street.",
-                                        "Five cars on the street.", "Six cars on the street."]}],
-    "creative": [{"original_prompt": "A heart made of chocolate",
-                  "proper_candidates": [
-                      "a star made of caramel", "a flower made of marshmallows", "a diamond made of gummy bears",
-                      "a moon made of licorice", "a sun made of jelly beans", "a butterfly made of lollipops",
-                      "a crown made of cotton candy", "a rainbow made of skittles", "a cloud made of cotton candy",
-                      "a tree made of chocolate-covered pretzels", "a snowflake made of peppermint candies",
-                      "a fish made of sour gummies", "a bird made of chocolate-covered almonds",
-                      "a car made of chocolate bars", "a house made of chocolate cookies",
-                      "a boat made of chocolate-covered strawberries", "an airplane made of chocolate truffles",
-                      "a guitar made of chocolate wafer sticks", "a camera made of chocolate coins",
-                      "a dinosaur made of chocolate eggs"]}],
-    "location": [{"original_prompt": "A glowing mushroom in the forest",
-                  "proper_candidates": [
-                      "a sparkling flower in the garden", "a luminous firefly in the night sky",
-                      "a shimmering starfish in the ocean", "a radiant sunflower in the field",
-                      "a glowing jellyfish in the deep sea", "a gleaming diamond in the jewelry store",
-                      "a luminescent moon in the night sky", "a glowing firefly in the meadow",
-                      "a sparkling gemstone in the cave", "a luminous butterfly in the garden",
-                      "a shimmering seashell on the beach", "a radiant rainbow in the sky",
-                      "a glowing lantern in the dark", "a luminescent lightning bug in the field",
-                      "a sparkling crystal in the cave", "a shimmering waterfall in the forest",
-                      "a radiant star in the night sky", "a glowing firefly in the park",
-                      "a luminous pearl in the oyster", "a sparkling diamond in the jewelry box"]}],
-    "colors": [{"original_prompt": "A blue bird and a brown bear.",
-                "proper_candidates": ["A pair of bears, one blue and the other brown.",
-                                      "A blue bear and a brown bear, no bird in sight.",
-                                      "Two bears, both brown, no blue bird.",
-                                      "Two bears, one brown and the other unexpectedly blue."]}],
-    "spatial": [{"original_prompt": "An umbrella on top of a spoon.",
-                 "proper_candidates": ["A spoon.", "An umbrella.", "An umbrella on the right of a spoon.",
-                                       "An umbrella on the left of a spoon.", "An umbrella at the bottom of a spoon.",
-                                       "Two umbrellas on top of a spoon."]}],
+    "text": [
+        {
+            "original_prompt": "A sign that says \u2018Diffusion\u2019.",
+            "proper_candidates": [
+                "A sign misspelled as \u2018Difision\u2019.",
+                "A sign containing a bizarre accent \u2018Dif\u0161ion\u2019.",
+            ],
+        }
+    ],
+    "style": [
+        {
+            "original_prompt": "Greek statue of a man tripping over a cat.",
+            "proper_candidates": [
+                "Greek statue of a man",
+                "Greek statue of two men",
+                "Greek statue of two men tripping over a cat.",
+                "Greek statue of a man tripping over a dog.",
+                "Greek statue of two men tripping over a dog.",
+                "Greek statue of a man tripping over a ball.",
+            ],
+        }
+    ],
+    "composition": [
+        {
+            "original_prompt": "A red car and a white sheep.",
+            "proper_candidates": [
+                "A red car and two white sheep.",
+                "A red car and a herd of sheep.",
+                "A red car and a dominant white sheep among the gray ones.",
+                "A red car with two real sheep on the side.",
+            ],
+        }
+    ],
+    "counting": [
+        {
+            "original_prompt": "Four cars on the street.",
+            "proper_candidates": [
+                "Two cars on the street.",
+                "Three cars on the street.",
+                "Five cars on the street.",
+                "Six cars on the street.",
+            ],
+        }
+    ],
+    "creative": [
+        {
+            "original_prompt": "A heart made of chocolate",
+            "proper_candidates": [
+                "a star made of caramel",
+                "a flower made of marshmallows",
+                "a diamond made of gummy bears",
+                "a moon made of licorice",
+                "a sun made of jelly beans",
+                "a butterfly made of lollipops",
+                "a crown made of cotton candy",
+                "a rainbow made of skittles",
+                "a cloud made of cotton candy",
+                "a tree made of chocolate-covered pretzels",
+                "a snowflake made of peppermint candies",
+                "a fish made of sour gummies",
+                "a bird made of chocolate-covered almonds",
+                "a car made of chocolate bars",
+                "a house made of chocolate cookies",
+                "a boat made of chocolate-covered strawberries",
+                "an airplane made of chocolate truffles",
+                "a guitar made of chocolate wafer sticks",
+                "a camera made of chocolate coins",
+                "a dinosaur made of chocolate eggs",
+            ],
+        }
+    ],
+    "location": [
+        {
+            "original_prompt": "A glowing mushroom in the forest",
+            "proper_candidates": [
+                "a sparkling flower in the garden",
+                "a luminous firefly in the night sky",
+                "a shimmering starfish in the ocean",
+                "a radiant sunflower in the field",
+                "a glowing jellyfish in the deep sea",
+                "a gleaming diamond in the jewelry store",
+                "a luminescent moon in the night sky",
+                "a glowing firefly in the meadow",
+                "a sparkling gemstone in the cave",
+                "a luminous butterfly in the garden",
+                "a shimmering seashell on the beach",
+                "a radiant rainbow in the sky",
+                "a glowing lantern in the dark",
+                "a luminescent lightning bug in the field",
+                "a sparkling crystal in the cave",
+                "a shimmering waterfall in the forest",
+                "a radiant star in the night sky",
+                "a glowing firefly in the park",
+                "a luminous pearl in the oyster",
+                "a sparkling diamond in the jewelry box",
+            ],
+        }
+    ],
+    "colors": [
+        {
+            "original_prompt": "A blue bird and a brown bear.",
+            "proper_candidates": [
+                "A pair of bears, one blue and the other brown.",
+                "A blue bear and a brown bear, no bird in sight.",
+                "Two bears, both brown, no blue bird.",
+                "Two bears, one brown and the other unexpectedly blue.",
+            ],
+        }
+    ],
+    "spatial": [
+        {
+            "original_prompt": "An umbrella on top of a spoon.",
+            "proper_candidates": [
+                "A spoon.",
+                "An umbrella.",
+                "An umbrella on the right of a spoon.",
+                "An umbrella on the left of a spoon.",
+                "An umbrella at the bottom of a spoon.",
+                "Two umbrellas on top of a spoon.",
+            ],
+        }
+    ],
 }
-PAPER_INSTRUCTION_VERSION = "paper-" + hashlib.sha256(json.dumps([PAPER_SYSTEM, PAPER_EXAMPLES], sort_keys=True).encode()
-                                                      ).hexdigest()[:10]
+PAPER_INSTRUCTION_VERSION = (
+    "paper-" + hashlib.sha256(json.dumps([PAPER_SYSTEM, PAPER_EXAMPLES], sort_keys=True).encode()).hexdigest()[:10]
+)
 _ONE = ("a", "an", "one")
 
 

@@ -83,8 +83,13 @@ def request(cfg: LlmConfig, x0: str) -> dict:
     """The keyword arguments of ``chat.completions.create`` for x0 (model, messages, sampling parameters)."""
     if cfg.preset == "paper":
         return {"model": cfg.model, "messages": paper_messages(x0), **request_params(cfg)}
-    return {"model": cfg.model, "messages": messages(x0, cfg.n_prompts, cfg.max_examples), "temperature": cfg.temperature,
-            "frequency_penalty": cfg.frequency_penalty, "max_tokens": cfg.max_tokens}
+    return {
+        "model": cfg.model,
+        "messages": messages(x0, cfg.n_prompts, cfg.max_examples),
+        "temperature": cfg.temperature,
+        "frequency_penalty": cfg.frequency_penalty,
+        "max_tokens": cfg.max_tokens,
+    }
 
 
 def _describe(err: Exception) -> str:
@@ -101,8 +106,14 @@ class LlmSource:
     name = "llm"
     sleep = staticmethod(time.sleep)  # the pauses of the rate limit and of the attempts
 
-    def __init__(self, cfg: LlmConfig | None = None, api_key: SecretStr | None = None,
-                 rules: RulesConfig | None = None, base_url: str | None = None, workers: int = 1):
+    def __init__(
+        self,
+        cfg: LlmConfig | None = None,
+        api_key: SecretStr | None = None,
+        rules: RulesConfig | None = None,
+        base_url: str | None = None,
+        workers: int = 1,
+    ):
         self.cfg = cfg or LlmConfig()
         self._api_key = api_key
         self.base_url = base_url or resolve_base_url(self.cfg)
@@ -127,8 +138,12 @@ class LlmSource:
             import openai
 
             key = self._api_key or api_key_from_env(self.cfg)
-            self._client = openai.OpenAI(api_key=key.get_secret_value(), base_url=self.base_url,
-                                         timeout=self.cfg.timeout_s, max_retries=self.cfg.max_retries)
+            self._client = openai.OpenAI(
+                api_key=key.get_secret_value(),
+                base_url=self.base_url,
+                timeout=self.cfg.timeout_s,
+                max_retries=self.cfg.max_retries,
+            )
         return self._client
 
     def _ask(self, x0: str) -> str:
@@ -141,16 +156,27 @@ class LlmSource:
         return (choices[0].message.content or "") if choices and choices[0].message else ""
 
     def _record(self, key: str, x0: str, status: str, answers: list[str], prompts: list[str]) -> None:
-        self.cache.put({"key": key, "model": self.cfg.model, "x0": x0, "params": self.params,
-                        "instruction_version": instruction_version(self.cfg), "status": status,
-                        "answers": answers, "prompts": prompts})
+        self.cache.put(
+            {
+                "key": key,
+                "model": self.cfg.model,
+                "x0": x0,
+                "params": self.params,
+                "instruction_version": instruction_version(self.cfg),
+                "status": status,
+                "answers": answers,
+                "prompts": prompts,
+            }
+        )
 
     def _fallback(self, x0: str, reason: str, calls: int, cached: bool = False) -> ContrastSet:
         if self.rules is None:
             return ContrastSet(x0, [], self.name, error=reason, api_calls=calls, cached=cached)
         made = self.rules.one(x0)
         if not made.ok:
-            return ContrastSet(x0, [], self.name, error=f"{reason}; fallback {NOT_PARSED}", api_calls=calls, cached=cached)
+            return ContrastSet(
+                x0, [], self.name, error=f"{reason}; fallback {NOT_PARSED}", api_calls=calls, cached=cached
+            )
         return ContrastSet(x0, made.prompts, made.source, note=reason, api_calls=calls, cached=cached)
 
     def one(self, x0: str) -> ContrastSet:
@@ -170,16 +196,23 @@ class LlmSource:
             try:
                 text = self._ask(x0)
             except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
-                raise LlmError(f"the LLM server at {public_url(self.base_url)} refused the API key from "
-                               f"${self.cfg.api_key_env} ({_describe(err)})") from None
+                raise LlmError(
+                    f"the LLM server at {public_url(self.base_url)} refused the API key from "
+                    f"${self.cfg.api_key_env} ({_describe(err)})"
+                ) from None
             except openai.NotFoundError as err:
-                raise LlmError(f"the LLM server at {public_url(self.base_url)} does not serve model "
-                               f"'{self.cfg.model}' or the chat-completions route ({_describe(err)})") from None
+                raise LlmError(
+                    f"the LLM server at {public_url(self.base_url)} does not serve model "
+                    f"'{self.cfg.model}' or the chat-completions route ({_describe(err)})"
+                ) from None
             except openai.APIError as err:
                 # a transport failure names the server it tried (the URL, without credentials)
                 where = f" to {public_url(self.base_url)}" if isinstance(err, openai.APIConnectionError) else ""
-                problems.append(_describe(err) + where
-                                + (f" after {self.cfg.max_retries} client retries" if self.cfg.max_retries else ""))
+                problems.append(
+                    _describe(err)
+                    + where
+                    + (f" after {self.cfg.max_retries} client retries" if self.cfg.max_retries else "")
+                )
                 log.warning("llm: request for %r failed: %s", x0[:60], problems[-1])
                 continue
             prompts = parse_answer(text, x0, self.cfg.n_prompts)

@@ -80,23 +80,43 @@ def compare(root: Path, out_dir: Path, cfg: RulesConfig | None = None) -> dict[s
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"overlap_md": out_dir / "overlap.md", "per_prompt_csv": out_dir / "overlap_per_prompt.csv"}
     table.to_csv(paths["per_prompt_csv"], index=False)
-    counting = table[table["set"] == "counting"].assign(quantity=lambda d: d["x0"].map(lambda x: parse(x).slots[0].count))
+    counting = table[table["set"] == "counting"].assign(
+        quantity=lambda d: d["x0"].map(lambda x: parse(x).slots[0].count)
+    )
     by_q = counting.groupby("quantity")[["n_rules", "n_released", "jaccard"]].mean().reset_index()
-    md = ["# Rule-built vs released TIA2 contrastive sets", "",
-          f"Rules: counting = every other quantity 1..{cfg.max_count}; composition = each object alone, "
-          f"every other quantity pair in 1..{cfg.composition_max_count}, substitutions from the "
-          f"{len(cfg.vocabulary)}-class vocabulary. Prompts compared lower-cased, whitespace-collapsed, "
-          "without trailing period. Jaccard = |R & L| / |R | L|; coverage = |R & L| / |L|; precision = |R & L| / |R|.", "",
-          "## Per set", "", summary.to_markdown(index=False, floatfmt=".3f"), "",
-          "## Counting by quantity of x0", "", by_q.to_markdown(index=False, floatfmt=".3f"), "",
-          "## Composition without substitutions (max_substitutions=0)", "",
-          no_subs.to_markdown(index=False, floatfmt=".3f"), "",
-          "Released sets quantify up to 8 around x0 (counting) and add 'X-like Y', cartoon and unrelated "
-          "LLM-written prompts (composition); three of their eight quantity pairs are written without 'and' "
-          "('two airplanes two apples'), so an exact-string rule cannot match them.", ""]
-    md += ["## Failure categories of the comprehensive prompts (few-shot allocation of the llm source)", "",
-           "Rule-based categories (`tn_ray/prompts/categories.py`) against TIA2's subcategories "
-           "(reddit has no counterpart). The cue lists were written with these prompts in view.", "",
-           category_agreement(root).to_markdown(index=False, floatfmt=".2f"), ""]
+    md = [
+        "# Rule-built vs released TIA2 contrastive sets",
+        "",
+        f"Rules: counting = every other quantity 1..{cfg.max_count}; composition = each object alone, "
+        f"every other quantity pair in 1..{cfg.composition_max_count}, substitutions from the "
+        f"{len(cfg.vocabulary)}-class vocabulary. Prompts compared lower-cased, whitespace-collapsed, "
+        "without trailing period. Jaccard = |R & L| / |R | L|; coverage = |R & L| / |L|; precision = |R & L| / |R|.",
+        "",
+        "## Per set",
+        "",
+        summary.to_markdown(index=False, floatfmt=".3f"),
+        "",
+        "## Counting by quantity of x0",
+        "",
+        by_q.to_markdown(index=False, floatfmt=".3f"),
+        "",
+        "## Composition without substitutions (max_substitutions=0)",
+        "",
+        no_subs.to_markdown(index=False, floatfmt=".3f"),
+        "",
+        "Released sets quantify up to 8 around x0 (counting) and add 'X-like Y', cartoon and unrelated "
+        "LLM-written prompts (composition); three of their eight quantity pairs are written without 'and' "
+        "('two airplanes two apples'), so an exact-string rule cannot match them.",
+        "",
+    ]
+    md += [
+        "## Failure categories of the comprehensive prompts (few-shot allocation of the llm source)",
+        "",
+        "Rule-based categories (`tn_ray/prompts/categories.py`) against TIA2's subcategories "
+        "(reddit has no counterpart). The cue lists were written with these prompts in view.",
+        "",
+        category_agreement(root).to_markdown(index=False, floatfmt=".2f"),
+        "",
+    ]
     paths["overlap_md"].write_text("\n".join(md))
     return paths

@@ -2,9 +2,11 @@
 
 Accepted: a numbered or bulleted list ("1. ...", "2) ...", "- ...", "* ...", "(3) ..."),
 possibly around commentary lines, which are dropped once any line carries a list marker; a
-JSON array of strings; or plain lines (lead-ins ending with ':' dropped). Quotes around a prompt are stripped; empty lines,
+JSON array of strings; or plain lines (lead-ins ending with ':' dropped). Quotes around a prompt are stripped; empty
+lines,
 duplicates and x0 itself are dropped.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,6 +53,10 @@ def parse_answer(text: str | None, x0: str, limit: int | None = None) -> list[st
         lines = [ln for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("```")]
         marked = [ln for ln in lines if _MARKER.match(ln)]
         # without markers every line is a prompt, except a lead-in such as "Here are 10 prompts:"
-        items = [_MARKER.sub("", ln, count=1) for ln in marked] if marked else [ln for ln in lines if not ln.rstrip().endswith(":")]
+        items = (
+            [_MARKER.sub("", ln, count=1) for ln in marked]
+            if marked
+            else [ln for ln in lines if not ln.rstrip().endswith(":")]
+        )
     prompts = clean(x0, [_strip_quotes(i) for i in items])
     return prompts[:limit] if limit else prompts

@@ -29,14 +29,21 @@ log = logging.getLogger(__name__)
 
 
 class SynthesisConfig(StrictModel):
-    input: str = Field(..., description="prompts: a text file (one per line), a JSON list, a JSON object {x0: ...} or a TIA2 label file")
+    input: str = Field(..., description="prompts: a text file (one per line), a JSON list, a JSON object {x0: ...} or "
+                                        "a TIA2 label file")
     out: str = Field(..., description="JSON file written in the released sets' format {x0: [x1..xm]}")
     report: str | None = Field(None, description="report JSON (counts per source, failures); None = <out>.report.json")
     source: str = Field("rules", description="source of the sets: released | rules | llm (or a registered name)")
-    workers: int = Field(2, ge=1, description="concurrent Ray actors; with llm, the most API requests in flight (count)")
+    workers: int = Field(
+        2, ge=1, description="concurrent Ray actors; with llm, the most API requests in flight (count)"
+    )
     batch_size: int = Field(8, ge=1, description="prompts per map_batches batch (prompts)")
-    cpus_per_worker: float = Field(0.25, gt=0, description="CPUs reserved per actor; API calls wait on the network (count)")
-    sources: SourcesConfig = Field(default_factory=SourcesConfig, description="settings of the rules, llm and released sources")
+    cpus_per_worker: float = Field(
+        0.25, gt=0, description="CPUs reserved per actor; API calls wait on the network (count)"
+    )
+    sources: SourcesConfig = Field(
+        default_factory=SourcesConfig, description="settings of the rules, llm and released sources"
+    )
     ray: RayConfig = Field(default_factory=RayConfig, description="where Ray runs")
 
     @field_validator("source")
@@ -58,7 +65,9 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path}" if not path.exists() else f"prompt file {path} is not a file")
+        raise FileNotFoundError(
+            f"prompt file not found: {path}" if not path.exists() else f"prompt file {path} is not a file"
+        )
     if path.suffix.lower() == ".json":
         data = read_json(path, "prompt file")
         if isinstance(data, dict):
@@ -68,10 +77,14 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
             else:
                 data = list(data)
         if not isinstance(data, list):
-            raise InputError(f"{path}: expected a JSON list of prompts or an object {{prompt: ...}}, got {type(data).__name__}")
+            raise InputError(
+                f"{path}: expected a JSON list of prompts or an object {{prompt: ...}}, got {type(data).__name__}"
+            )
         bad = [(i, type(x).__name__) for i, x in enumerate(data) if not isinstance(x, str)]
         if bad:
-            raise InputError(f"{path}: item {bad[0][0]} is a {bad[0][1]}, expected a prompt string ({len(bad)} such items)")
+            raise InputError(
+                f"{path}: item {bad[0][0]} is a {bad[0][1]}, expected a prompt string ({len(bad)} such items)"
+            )
         prompts = [" ".join(x.split()) for x in data]
     else:
         try:
@@ -88,10 +101,18 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 class SynthesisWorker:
     """One source in one Ray actor: a pandas batch (index, x0) -> one row per x0."""
 
-    def __init__(self, source: str, sources: dict, api_key: SecretStr | None = None,
-                 base_url: str | None = None, workers: int = 1):
+    def __init__(
+        self,
+        source: str,
+        sources: dict,
+        api_key: SecretStr | None = None,
+        base_url: str | None = None,
+        workers: int = 1,
+    ):
         cfg = SourcesConfig.model_validate(sources)
-        extra: dict[str, Any] = {"api_key": api_key, "base_url": base_url, "workers": workers} if source == "llm" else {}
+        extra: dict[str, Any] = (
+            {"api_key": api_key, "base_url": base_url, "workers": workers} if source == "llm" else {}
+        )
         self.source = build(source, cfg, **extra)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -106,17 +127,21 @@ class SynthesisWorker:
                 except LlmError as err:  # reported as data: Ray would flatten the exception to text
                     fatal = str(err)
             sets.append(ContrastSet(x0, [], self.source.name, error=fatal))
-        return pd.DataFrame({
-            "index": batch["index"].to_numpy(),
-            "x0": [s.x0 for s in sets],
-            "prompts": [json.dumps(s.prompts, ensure_ascii=False) for s in sets],  # JSON: one Arrow type for all batches
-            "source": [s.source for s in sets],
-            "error": [s.error or "" for s in sets],
-            "note": [s.note or "" for s in sets],
-            "api_calls": [s.api_calls for s in sets],
-            "cached": [s.cached for s in sets],
-            "fatal": fatal,
-        })
+        return pd.DataFrame(
+            {
+                "index": batch["index"].to_numpy(),
+                "x0": [s.x0 for s in sets],
+                "prompts": [
+                    json.dumps(s.prompts, ensure_ascii=False) for s in sets
+                ],  # JSON: one Arrow type for all batches
+                "source": [s.source for s in sets],
+                "error": [s.error or "" for s in sets],
+                "note": [s.note or "" for s in sets],
+                "api_calls": [s.api_calls for s in sets],
+                "cached": [s.cached for s in sets],
+                "fatal": fatal,
+            }
+        )
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -138,8 +163,14 @@ def _run_ray(cfg: SynthesisConfig, x0s: list[str], kwargs: dict) -> pd.DataFrame
     workers = min(cfg.workers, -(-len(x0s) // cfg.batch_size))
     kwargs = {**kwargs, "workers": workers}
     ds = ray.data.from_items([{"index": i, "x0": x} for i, x in enumerate(x0s)])
-    ds = ds.map_batches(SynthesisWorker, fn_constructor_kwargs=kwargs, batch_size=cfg.batch_size,
-                        batch_format="pandas", compute=ActorPoolStrategy(size=workers), num_cpus=cfg.cpus_per_worker)
+    ds = ds.map_batches(
+        SynthesisWorker,
+        fn_constructor_kwargs=kwargs,
+        batch_size=cfg.batch_size,
+        batch_format="pandas",
+        compute=ActorPoolStrategy(size=workers),
+        num_cpus=cfg.cpus_per_worker,
+    )
     parts = []
     with tqdm(total=len(x0s), desc=f"prompts ({cfg.source})", unit="prompt") as bar:
         for part in ds.iter_batches(batch_format="pandas", batch_size=None):
@@ -171,9 +202,14 @@ def synthesize(cfg: SynthesisConfig) -> dict[str, Path]:
         # the key is needed only when some answer is not cached yet
         kwargs["api_key"] = api_key_from_env(llm) if missing else None
         kwargs["base_url"] = probe.base_url
-        extra = {"model": llm.model, "base_url": public_url(probe.base_url), "instruction_version": instruction_version(llm),
-                 "preset": llm.preset,
-                 "cache": str(AnswerCache(llm.cache_dir).path), "uncached_before_run": len(missing)}
+        extra = {
+            "model": llm.model,
+            "base_url": public_url(probe.base_url),
+            "instruction_version": instruction_version(llm),
+            "preset": llm.preset,
+            "cache": str(AnswerCache(llm.cache_dir).path),
+            "uncached_before_run": len(missing),
+        }
         log.info("llm %s: %d of %d prompts need the API", llm.model, len(missing), len(x0s))
     elif cfg.source == "released":
         build("released", cfg.sources)  # a missing TIA2 copy fails here, before Ray starts
@@ -184,15 +220,21 @@ def synthesize(cfg: SynthesisConfig) -> dict[str, Path]:
     _atomic_write(out, json.dumps(sets, indent=2, ensure_ascii=False) + "\n")
     ok = rows[rows["error"] == ""]
     report = {
-        "input": str(cfg.input), "out": str(out), "source": cfg.source,
-        "prompts": len(rows), "sets_written": len(sets),
+        "input": str(cfg.input),
+        "out": str(out),
+        "source": cfg.source,
+        "prompts": len(rows),
+        "sets_written": len(sets),
         "counts_by_source": {k: int(v) for k, v in ok["source"].value_counts().sort_index().items()},
         "fallbacks": [{"x0": r.x0, "source": r.source, "reason": r.note} for r in ok.itertuples() if r.note],
         "failures": [{"x0": r.x0, "error": r.error} for r in rows.itertuples() if r.error],
-        "api_calls": int(rows["api_calls"].sum()), "cached": int(rows["cached"].sum()),
+        "api_calls": int(rows["api_calls"].sum()),
+        "cached": int(rows["cached"].sum()),
         **extra,
-        "set_sizes": {"min": int(ok["prompts"].map(lambda p: len(json.loads(p))).min()) if len(ok) else 0,
-                      "max": int(ok["prompts"].map(lambda p: len(json.loads(p))).max()) if len(ok) else 0},
+        "set_sizes": {
+            "min": int(ok["prompts"].map(lambda p: len(json.loads(p))).min()) if len(ok) else 0,
+            "max": int(ok["prompts"].map(lambda p: len(json.loads(p))).max()) if len(ok) else 0,
+        },
         "sources": {r.x0: r.source for r in ok.itertuples()},
         "seconds": round(time.time() - start, 1),
         "config": cfg.model_dump(mode="json"),

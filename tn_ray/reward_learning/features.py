@@ -115,10 +115,19 @@ def compute(frame: pd.DataFrame, backbone: str, root: str, cfg: ScoringConfig | 
                 if t:
                     by_texts.setdefault(tuple(t), []).append(i)
             for ts, members in by_texts.items():
-                pool.submit_score_embeddings(np.stack([have_img[keys[i]] for i in members]), np.stack([have_txt[t] for t in ts]))
+                pool.submit_score_embeddings(
+                    np.stack([have_img[keys[i]] for i in members]), np.stack([have_txt[t] for t in ts])
+                )
             for (ts, members), s in zip(by_texts.items(), pool.collect()):
-                cache.rewards.append(pd.DataFrame({"image_key": np.repeat([keys[i] for i in members], len(ts)),
-                                                   "text": list(ts) * len(members), "score": s.reshape(-1).astype(np.float64)}))
+                cache.rewards.append(
+                    pd.DataFrame(
+                        {
+                            "image_key": np.repeat([keys[i] for i in members], len(ts)),
+                            "text": list(ts) * len(members),
+                            "score": s.reshape(-1).astype(np.float64),
+                        }
+                    )
+                )
         finally:
             pool.shutdown()
         cache.images.compact()
@@ -126,6 +135,10 @@ def compute(frame: pd.DataFrame, backbone: str, root: str, cfg: ScoringConfig | 
         cache.rewards.compact()
     log.info("features of %s: %s", backbone, stats)
     text_index = {t: i for i, t in enumerate(texts)}
-    return Features(image=np.stack([have_img[k] for k in keys]), text=np.stack([have_txt[t] for t in texts]),
-                    text_index=text_index, backbone=cache.rewards.lookup(keys, [list(t) for t in frame["texts"]]),
-                    stats=stats)
+    return Features(
+        image=np.stack([have_img[k] for k in keys]),
+        text=np.stack([have_txt[t] for t in texts]),
+        text_index=text_index,
+        backbone=cache.rewards.lookup(keys, [list(t) for t in frame["texts"]]),
+        stats=stats,
+    )

@@ -88,14 +88,22 @@ def run(cfg: RewardTrainConfig, allow_provenance_change: bool = False) -> dict[s
             continue
         values = {label: report.head_matrix(h, arrays, rows) for label, h in heads.items()}
         values[cfg.backbone] = pad_rows([feats.backbone[i] for i in rows])
-        table, per_prompt, per_set, curves = report.evaluate(frame.iloc[rows], values, kinds, cfg.report.tau, cfg.report.bins)
+        table, per_prompt, per_set, curves = report.evaluate(
+            frame.iloc[rows], values, kinds, cfg.report.tau, cfg.report.bins
+        )
         table.to_parquet(out / f"rewards_{part}.parquet", index=False)
         per_prompt.to_csv(out / f"per_prompt_{part}.csv", index=False)
         per_set.to_csv(out / f"per_set_{part}.csv", index=False)
         plot_reliability(curves, out / f"reliability_{part}.png", f"{part} prompts, backbone {cfg.backbone}")
         overall = per_set[per_set["set"] == "all"].set_index("reward")
-        summary[part] = {r: {k: (None if np.isnan(v) else float(v)) for k, v in row.items() if k in ("auroc", "auprc", "ap@10", "spearman", "ece", "n_prompts")}
-                         for r, row in overall.iterrows()}
+        summary[part] = {
+            r: {
+                k: (None if np.isnan(v) else float(v))
+                for k, v in row.items()
+                if k in ("auroc", "auprc", "ap@10", "spearman", "ece", "n_prompts")
+            }
+            for r, row in overall.iterrows()
+        }
         paths[f"per_set_{part}"] = out / f"per_set_{part}.csv"
         paths[f"reliability_{part}"] = out / f"reliability_{part}.png"
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
@@ -104,17 +112,34 @@ def run(cfg: RewardTrainConfig, allow_provenance_change: bool = False) -> dict[s
 
 
 def summary_markdown(summary: dict[str, Any], out: Path) -> str:
-    lines = ["# Reward learning", "", f"backbone: {summary['backbone']}; images: {summary['images']}; "
-             f"prompts train/val/test: {summary['prompts']['train']}/{summary['prompts']['val']}/{summary['prompts']['test']}",
-             f"features computed this run: {summary['features']}", "", f"learned reward: `{summary['reward']}`", ""]
+    lines = [
+        "# Reward learning",
+        "",
+        f"backbone: {summary['backbone']}; images: {summary['images']}; "
+        "prompts train/val/test: "
+        f"{summary['prompts']['train']}/{summary['prompts']['val']}/{summary['prompts']['test']}",
+        f"features computed this run: {summary['features']}",
+        "",
+        f"learned reward: `{summary['reward']}`",
+        "",
+    ]
     for label, r in summary["runs"].items():
         lines.append(f"- {label}: best epoch {r['best_epoch']} of {r['epochs_run']}, val AUROC {r['best_val_auroc']}")
     for part in ("val", "test"):
         if part in summary:
-            lines += ["", f"## {part} prompts (mean over prompts; ECE over images)", "",
-                      "| reward | prompts | AUROC | AUPRC | AP@10 | Spearman | ECE |", "|---|---|---|---|---|---|---|"]
+            lines += [
+                "",
+                f"## {part} prompts (mean over prompts; ECE over images)",
+                "",
+                "| reward | prompts | AUROC | AUPRC | AP@10 | Spearman | ECE |",
+                "|---|---|---|---|---|---|---|",
+            ]
             for name, m in summary[part].items():
                 cells = [m.get(k) for k in ("auroc", "auprc", "ap@10", "spearman", "ece")]
-                lines.append(f"| {name} | {int(m['n_prompts']) if m.get('n_prompts') is not None else '-'} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
+                lines.append(
+                    f"| {name} | {int(m['n_prompts']) if m.get('n_prompts') is not None else '-'} | "
+                    + " | ".join("-" if c is None else f"{c:.3f}" for c in cells)
+                    + " |"
+                )
     lines += ["", f"per set: {out}/per_set_test.csv; calibration: {out}/reliability_test.png", ""]
     return "\n".join(lines)

@@ -54,12 +54,22 @@ def evaluate(keys: pd.DataFrame, values: Mapping[str, np.ndarray], kinds: Mappin
         prob = probability(table[name].to_numpy(), kind)
         curves[name] = reliability(prob, table["binary"].to_numpy(), bins)
         for set_name, g in table.assign(_p=prob).groupby("set", sort=False):
-            ece_rows.append({"set": set_name, "reward": name, "ece": expected_calibration_error(g["_p"], g["binary"], bins)})
+            ece_rows.append(
+                {"set": set_name, "reward": name, "ece": expected_calibration_error(g["_p"], g["binary"], bins)}
+            )
         ece_rows.append({"set": "all", "reward": name, "ece": expected_calibration_error(prob, table["binary"], bins)})
     if ece_rows:
         set_table = set_table.merge(pd.DataFrame(ece_rows), on=["set", "reward"], how="left")
-    overall = pd.DataFrame([{"set": "all", "reward": r, "n_prompts": int((prompt_table["reward"] == r).sum()),
-                             **prompt_table.loc[prompt_table["reward"] == r, list(metrics.METRICS)].mean().to_dict(),
-                             "ece": next((e["ece"] for e in ece_rows if e["set"] == "all" and e["reward"] == r), np.nan)}
-                            for r in names])
+    overall = pd.DataFrame(
+        [
+            {
+                "set": "all",
+                "reward": r,
+                "n_prompts": int((prompt_table["reward"] == r).sum()),
+                **prompt_table.loc[prompt_table["reward"] == r, list(metrics.METRICS)].mean().to_dict(),
+                "ece": next((e["ece"] for e in ece_rows if e["set"] == "all" and e["reward"] == r), np.nan),
+            }
+            for r in names
+        ]
+    )
     return table, prompt_table, pd.concat([set_table, overall], ignore_index=True), curves

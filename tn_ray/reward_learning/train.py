@@ -117,11 +117,14 @@ def standardize(head, arrays: Arrays) -> None:
     train = arrays.rows("train")
     texts = np.unique(arrays.text_idx[train])
     dev = next(head.parameters()).device
-    head.standardize_with(torch.from_numpy(arrays.image[train]).to(dev), torch.from_numpy(arrays.text[texts[texts >= 0]]).to(dev))
+    head.standardize_with(
+        torch.from_numpy(arrays.image[train]).to(dev), torch.from_numpy(arrays.text[texts[texts >= 0]]).to(dev)
+    )
 
 
-def fit_epoch(state: State, params: dict[str, Any], arrays: Arrays, rank: int = 0, world: int = 1,
-              model=None) -> dict[str, float]:
+def fit_epoch(
+    state: State, params: dict[str, Any], arrays: Arrays, rank: int = 0, world: int = 1, model=None
+) -> dict[str, float]:
     """One pass over the training rows; returns the epoch's metrics (validation included)."""
     import torch
 
@@ -144,9 +147,15 @@ def fit_epoch(state: State, params: dict[str, Any], arrays: Arrays, rank: int = 
             break  # all-reduces every backward, so a rank that skipped alone would hang the others)
         rows = batch[rank::world]
         rewards, mask = batch_rewards(model, arrays, rows, first_only=float(params["aux_weight"]) == 0)
-        parts = total_loss(rewards, mask, torch.from_numpy(arrays.target[rows]).to(rewards.device),
-                           torch.from_numpy(binary[rows] == 1).to(rewards.device),
-                           str(params["kind"]), float(params["aux_weight"]), float(params["temperature"]))
+        parts = total_loss(
+            rewards,
+            mask,
+            torch.from_numpy(arrays.target[rows]).to(rewards.device),
+            torch.from_numpy(binary[rows] == 1).to(rewards.device),
+            str(params["kind"]),
+            float(params["aux_weight"]),
+            float(params["temperature"]),
+        )
         state.opt.zero_grad()
         parts["loss"].backward()
         state.opt.step()
@@ -165,31 +174,61 @@ def fit_epoch(state: State, params: dict[str, Any], arrays: Arrays, rank: int = 
     else:
         state.bad_epochs += 1
     state.stopped = state.bad_epochs >= int(params["patience"])
-    return {"epoch": epoch, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()}, "val_auroc": auroc,
-            "best_val_auroc": state.best, "best_epoch": state.best_epoch, "stopped": int(state.stopped)}
+    return {
+        "epoch": epoch,
+        **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()},
+        "val_auroc": auroc,
+        "best_val_auroc": state.best,
+        "best_epoch": state.best_epoch,
+        "stopped": int(state.stopped),
+    }
 
 
 def save_state(state: State, folder: str) -> None:
     import torch
 
-    torch.save({"head": state.head.state_dict(), "opt": state.opt.state_dict(), "epoch": state.epoch,
-                "best": state.best, "best_epoch": state.best_epoch, "best_state": state.best_state,
-                "bad_epochs": state.bad_epochs, "stopped": state.stopped}, os.path.join(folder, "state.pt"))
+    torch.save(
+        {
+            "head": state.head.state_dict(),
+            "opt": state.opt.state_dict(),
+            "epoch": state.epoch,
+            "best": state.best,
+            "best_epoch": state.best_epoch,
+            "best_state": state.best_state,
+            "bad_epochs": state.bad_epochs,
+            "stopped": state.stopped,
+        },
+        os.path.join(folder, "state.pt"),
+    )
 
 
 def load_state(state: State, folder: str) -> None:
     import torch
 
-    saved = torch.load(os.path.join(folder, "state.pt"), weights_only=True, map_location=next(state.head.parameters()).device)
+    saved = torch.load(
+        os.path.join(folder, "state.pt"), weights_only=True, map_location=next(state.head.parameters()).device
+    )
     state.head.load_state_dict(saved["head"])
     state.opt.load_state_dict(saved["opt"])
     state.epoch, state.best, state.best_epoch = int(saved["epoch"]), float(saved["best"]), int(saved["best_epoch"])
-    state.best_state, state.bad_epochs, state.stopped = saved["best_state"], int(saved["bad_epochs"]), bool(saved["stopped"])
+    state.best_state, state.bad_epochs, state.stopped = (
+        saved["best_state"],
+        int(saved["bad_epochs"]),
+        bool(saved["stopped"]),
+    )
 
 
-def epochs(params: dict[str, Any], arrays: Arrays, report: Callable[[dict, str | None], None], checkpoint=None,
-           rank: int = 0, world: int = 1, model_wrapper: Callable | None = None,
-           log_fn: Callable[[int, dict], None] | None = None, device: str = "cpu") -> State:
+def epochs(
+    params: dict[str, Any],
+    arrays: Arrays,
+    report: Callable[[dict, str | None], None],
+    checkpoint=None,
+    rank: int = 0,
+    world: int = 1,
+    model_wrapper: Callable | None = None,
+    log_fn: Callable[[int, dict], None] | None = None,
+    device: str = "cpu",
+) -> State:
     """Train until ``params['epochs']`` or early stopping; ``report(metrics, folder)`` once per
     epoch, ``folder`` holding a checkpoint (rank 0) after an epoch that improved the validation
     AUROC, every ``checkpoint_every`` epochs and at the end, else None."""
@@ -235,17 +274,31 @@ def worker_loop(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     params = config["params"]
-    tracker = Tracker(LoggingBlock.model_validate(config["logging"]), config["log_dir"], int(params["epochs"]), 0, rank,
-                      params, config["name"])
+    tracker = Tracker(
+        LoggingBlock.model_validate(config["logging"]),
+        config["log_dir"],
+        int(params["epochs"]),
+        0,
+        rank,
+        params,
+        config["name"],
+    )
 
     def report(metrics: dict, folder: str | None) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
 
     try:
-        epochs(params, arrays, report, ray.train.get_checkpoint(), rank, world,
-               model_wrapper=ray.train.torch.prepare_model if world > 1 else None,
-               log_fn=lambda epoch, m: (tracker.log(epoch, m), tracker.advance({"loss": m["train_loss"]})),
-               device=str(ray.train.torch.get_device()))
+        epochs(
+            params,
+            arrays,
+            report,
+            ray.train.get_checkpoint(),
+            rank,
+            world,
+            model_wrapper=ray.train.torch.prepare_model if world > 1 else None,
+            log_fn=lambda epoch, m: (tracker.log(epoch, m), tracker.advance({"loss": m["train_loss"]})),
+            device=str(ray.train.torch.get_device()),
+        )
     finally:
         tracker.close()
 
@@ -263,14 +316,28 @@ def fit(params: dict[str, Any], arrays: Arrays, cfg, name: str) -> tuple[Any, di
     init_ray(cfg.ray)
     use_gpu = bool(cfg.scaling.use_gpu)  # the head is small: CPU unless asked
     out = Path(cfg.out).resolve()
-    config = {"params": params, "data": ray.put(arrays), "logging": cfg.logging.model_dump(mode="json"),
-              "log_dir": str(out / "runs" / name), "name": name}
+    config = {
+        "params": params,
+        "data": ray.put(arrays),
+        "logging": cfg.logging.model_dump(mode="json"),
+        "log_dir": str(out / "runs" / name),
+        "name": name,
+    }
     trainer = TorchTrainer(
-        worker_loop, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
-        run_config=RunConfig(name=name, storage_path=str(out / "ray"), failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+        worker_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(out / "ray"),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
     result = trainer.fit()
     state = new_state(params, arrays.image.shape[1])
     with result.checkpoint.as_directory() as folder:

@@ -207,7 +207,9 @@ class RewardModel(abc.ABC):
     def score_embeddings(self, image_features: np.ndarray, text_features: np.ndarray) -> np.ndarray:
         """The model's own reward matrix (images, texts) from :meth:`embed`'s arrays (its ``score`` step)."""
         with torch.inference_mode():  # copies: Ray hands read-only arrays
-            s = self.score(torch.tensor(image_features, device=self.device), torch.tensor(text_features, device=self.device))
+            s = self.score(
+                torch.tensor(image_features, device=self.device), torch.tensor(text_features, device=self.device)
+            )
         return s.detach().float().cpu().numpy()
 
 
@@ -216,8 +218,10 @@ def as_embeddings(features: Any, model_id: str, what: str) -> np.ndarray:
     (a cross-encoder's per-text features are tokens, not an embedding a head can read)."""
     if not isinstance(features, torch.Tensor) or features.ndim != 2:
         shape = getattr(features, "shape", type(features).__name__)
-        raise InputError(f"backbone '{model_id}' is not a dual encoder: its {what} features are {shape}, not one "
-                         "vector per item; use a model such as clip or pickscore")
+        raise InputError(
+            f"backbone '{model_id}' is not a dual encoder: its {what} features are {shape}, not one "
+            "vector per item; use a model such as clip or pickscore"
+        )
     return features.detach().float().cpu().numpy()
 
 

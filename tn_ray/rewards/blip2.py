@@ -69,7 +69,8 @@ def _load(source: str | None, dtype: torch.dtype) -> tuple[Any, Any, Any]:
         where = "a local folder" if Path(model_id).exists() else f"'{model_id}'"
         raise ModelLoadError(
             f"could not load BLIP-2 from {where}: {type(err).__name__}: {err}. Offline, download it once "
-            f"(huggingface-cli download {DEFAULT_MODEL}) or pass a local folder: --models blip2:/path/to/blip2-itm-vit-g"
+            f"(huggingface-cli download {DEFAULT_MODEL}) or pass a local folder: --models "
+            "blip2:/path/to/blip2-itm-vit-g"
         ) from err
     check_tokenizer(tokenizer, model_id)
     return model.eval(), processor, tokenizer
@@ -144,15 +145,21 @@ class Blip2ItmReward(Blip2Reward):
     def join_text_features(self, items: list[torch.Tensor]) -> TokenBatch:
         return pad_tokens(items, self.tokenizer.pad_token_id)
 
-    def _pair_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _pair_logits(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         m = self.model
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         query_tokens = m.query_tokens.expand(image_embeds.shape[0], -1, -1)
         query_atts = torch.ones(query_tokens.shape[:-1], dtype=torch.long, device=query_tokens.device)
         embeds = m.embeddings(input_ids=input_ids, query_embeds=query_tokens)
-        out = m.qformer(query_embeds=embeds, query_length=query_tokens.shape[1],
-                        attention_mask=torch.cat([query_atts, attention_mask], dim=1),
-                        encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts).last_hidden_state
+        out = m.qformer(
+            query_embeds=embeds,
+            query_length=query_tokens.shape[1],
+            attention_mask=torch.cat([query_atts, attention_mask], dim=1),
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_atts,
+        ).last_hidden_state
         out = out.to(dtype=m.itm_head.weight.dtype)
         return m.itm_head(out[:, : query_tokens.shape[1], :]).mean(dim=1).float()
 

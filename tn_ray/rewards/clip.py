@@ -66,7 +66,12 @@ class ClipReward(RewardModel):
                 f"{type(err).__name__}: {err}. Offline, pass a local checkpoint: "
                 "--models clip:ViT-B-32=/path/to/open_clip_pytorch_model.bin"
             ) from err
-        if pretrained is None and not spec.is_tiny and not (spec.source or "").endswith("/random") and not arch.startswith("hf-hub:"):
+        if (
+            pretrained is None
+            and not spec.is_tiny
+            and not (spec.source or "").endswith("/random")
+            and not arch.startswith("hf-hub:")
+        ):
             raise ModelLoadError(f"CLIP '{spec}': no pretrained weights named; use ARCH/TAG, ARCH/random or 'tiny'")
         self.model = model.eval().to(self.dtype)
         self.preprocess = preprocess

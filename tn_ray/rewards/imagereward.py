@@ -93,11 +93,17 @@ class ImageRewardNet(nn.Module):
         """All image tokens after the final LayerNorm: (n, 1 + patches, vision width)."""
         return self.vision(pixel_values=pixel_values).last_hidden_state
 
-    def rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+    def rewards(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor
+    ) -> torch.Tensor:
         """Normalized rewards (n,) of n (prompt, image) pairs, row i = pair i."""
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        out = self.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
-                        encoder_attention_mask=image_atts)
+        out = self.text(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_atts,
+        )
         return self._head(out.last_hidden_state[:, 0, :])
 
     def _head(self, cls: torch.Tensor) -> torch.Tensor:
@@ -114,11 +120,18 @@ class ImageRewardNet(nn.Module):
         for layer in self.text.encoder.layer:
             att = layer.crossattention.self
             shape = (n, length, att.num_attention_heads, att.attention_head_size)
-            kv.append((att.key(image_embeds).view(shape).transpose(1, 2), att.value(image_embeds).view(shape).transpose(1, 2)))
+            kv.append(
+                (att.key(image_embeds).view(shape).transpose(1, 2), att.value(image_embeds).view(shape).transpose(1, 2))
+            )
         return kv
 
-    def rewards_from_kv(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        kv: list[tuple[torch.Tensor, torch.Tensor]], image_index: torch.Tensor) -> torch.Tensor:
+    def rewards_from_kv(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        kv: list[tuple[torch.Tensor, torch.Tensor]],
+        image_index: torch.Tensor,
+    ) -> torch.Tensor:
         """:meth:`rewards` of pairs (text i, image ``image_index[i]``) from :meth:`cross_kv`:
         BlipTextModel's layers run module by module, except that cross-attention takes the
         precomputed keys/values (no mask: every image token is attended, as upstream)."""
@@ -136,16 +149,30 @@ class ImageRewardNet(nn.Module):
 
 
 # ------------------------------------------------------------------ configs
-def vision_config(width: int = 1024, depth: int = 24, image_size: int = 224, patch_size: int = 16,
-                  heads: int | None = None, mlp_ratio: float = 4.0):
+def vision_config(
+    width: int = 1024,
+    depth: int = 24,
+    image_size: int = 224,
+    patch_size: int = 16,
+    heads: int | None = None,
+    mlp_ratio: float = 4.0,
+):
     """BLIP ViT as ``create_vit`` builds it (ViT-L/16 at 224 px by default): LayerNorm eps
     1e-6, exact GELU, qkv bias."""
     from transformers import BlipVisionConfig
 
-    return BlipVisionConfig(hidden_size=width, intermediate_size=int(width * mlp_ratio), num_hidden_layers=depth,
-                            num_attention_heads=heads or max(1, width // 64), image_size=image_size,
-                            patch_size=patch_size, layer_norm_eps=1e-6, hidden_act="gelu", attention_dropout=0.0,
-                            initializer_range=0.02)
+    return BlipVisionConfig(
+        hidden_size=width,
+        intermediate_size=int(width * mlp_ratio),
+        num_hidden_layers=depth,
+        num_attention_heads=heads or max(1, width // 64),
+        image_size=image_size,
+        patch_size=patch_size,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",
+        attention_dropout=0.0,
+        initializer_range=0.02,
+    )
 
 
 def text_config(med: dict[str, Any], encoder_width: int):
@@ -154,12 +181,20 @@ def text_config(med: dict[str, Any], encoder_width: int):
     from transformers import BlipTextConfig
 
     return BlipTextConfig(
-        vocab_size=med["vocab_size"], hidden_size=med["hidden_size"], encoder_hidden_size=encoder_width,
-        intermediate_size=med["intermediate_size"], num_hidden_layers=med["num_hidden_layers"],
-        num_attention_heads=med["num_attention_heads"], max_position_embeddings=med["max_position_embeddings"],
-        hidden_act=med.get("hidden_act", "gelu"), layer_norm_eps=med.get("layer_norm_eps", 1e-12),
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=med.get("pad_token_id", 0),
-        initializer_range=med.get("initializer_range", 0.02), is_decoder=True,  # is_decoder: build cross-attention
+        vocab_size=med["vocab_size"],
+        hidden_size=med["hidden_size"],
+        encoder_hidden_size=encoder_width,
+        intermediate_size=med["intermediate_size"],
+        num_hidden_layers=med["num_hidden_layers"],
+        num_attention_heads=med["num_attention_heads"],
+        max_position_embeddings=med["max_position_embeddings"],
+        hidden_act=med.get("hidden_act", "gelu"),
+        layer_norm_eps=med.get("layer_norm_eps", 1e-12),
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=med.get("pad_token_id", 0),
+        initializer_range=med.get("initializer_range", 0.02),
+        is_decoder=True,  # is_decoder: build cross-attention
     )
 
 
@@ -194,7 +229,7 @@ def convert_official_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[st
         if _IGNORED.search(key):
             dropped.append(key)
         elif key.startswith("blip.visual_encoder."):
-            rest = key[len("blip.visual_encoder."):]
+            rest = key[len("blip.visual_encoder.") :]
             for pattern, target in _VISION_KEYS:
                 if re.fullmatch(pattern, rest):
                     out["vision." + re.sub(pattern, target, rest)] = value
@@ -202,7 +237,7 @@ def convert_official_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[st
             else:
                 unknown.append(key)
         elif key.startswith("blip.text_encoder."):
-            out["text." + key[len("blip.text_encoder."):]] = value
+            out["text." + key[len("blip.text_encoder.") :]] = value
         elif key.startswith("mlp.layers."):
             out[key] = value
         else:
@@ -221,8 +256,10 @@ def vision_config_from_state(state: dict[str, torch.Tensor]):
         depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blip\.visual_encoder\.blocks\.(\d+)\.", k)))
         mlp_ratio = state["blip.visual_encoder.blocks.0.mlp.fc1.weight"].shape[0] / width
     except (KeyError, ValueError) as err:
-        raise ModelLoadError(f"not an ImageReward checkpoint: no BLIP image tower ({type(err).__name__}: {err})") from err
-    side = round(positions ** 0.5)
+        raise ModelLoadError(
+            f"not an ImageReward checkpoint: no BLIP image tower ({type(err).__name__}: {err})"
+        ) from err
+    side = round(positions**0.5)
     return vision_config(width=width, depth=depth, image_size=side * patch, patch_size=patch, mlp_ratio=mlp_ratio)
 
 
@@ -246,7 +283,11 @@ def load_official_checkpoint(path: str | Path, med_config: str | Path | dict | N
     path = Path(path)
     from tn_ray.storage import read_json  # a user's med_config.json: errors name the file
 
-    med = med_config if isinstance(med_config, dict) else read_json(Path(med_config or MED_CONFIG), "ImageReward med_config")
+    med = (
+        med_config
+        if isinstance(med_config, dict)
+        else read_json(Path(med_config or MED_CONFIG), "ImageReward med_config")
+    )
     state = _read_state(path)
     vcfg = vision_config_from_state(state)
     converted, dropped = convert_official_state_dict(state)
@@ -255,9 +296,11 @@ def load_official_checkpoint(path: str | Path, med_config: str | Path | dict | N
     result = net.load_state_dict(converted, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     if missing or result.unexpected_keys:
-        raise ModelLoadError(f"{path} does not match the ImageReward architecture of {med_config or MED_CONFIG}: "
-                             f"missing {missing[:5]} ({len(missing)}), unexpected {result.unexpected_keys[:5]} "
-                             f"({len(result.unexpected_keys)})")
+        raise ModelLoadError(
+            f"{path} does not match the ImageReward architecture of {med_config or MED_CONFIG}: "
+            f"missing {missing[:5]} ({len(missing)}), unexpected {result.unexpected_keys[:5]} "
+            f"({len(result.unexpected_keys)})"
+        )
     log.debug("loaded %s (%d tensors; dropped %s)", path, len(converted), dropped)
     return net.eval()
 
@@ -305,8 +348,14 @@ def tiny_parts(seed: int = 0) -> tuple[ImageRewardNet, Any]:
     from tn_ray.rewards.wordpiece import bert_tokenizer
 
     tokenizer = blip_tokenizer(bert_tokenizer())
-    med = {**published_med_config(), "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
-           "num_hidden_layers": 2, "num_attention_heads": 2}
+    med = {
+        **published_med_config(),
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+    }
     with seeded_init(seed):
         net = ImageRewardNet(vision_config(width=128, depth=2, image_size=32, patch_size=8), text_config(med, 128))
     net.mlp.reinit(torch.Generator().manual_seed(seed))
@@ -356,8 +405,9 @@ def resolve_source(source: str | None) -> tuple[Path, Path | None, Path | None]:
 class ImageRewardReward(RewardModel):
     name = "imagereward"
 
-    def __init__(self, spec: RewardSpec, device: str | None = None, text_batch_size: int = 64,
-                 pair_batch_size: int = 64):
+    def __init__(
+        self, spec: RewardSpec, device: str | None = None, text_batch_size: int = 64, pair_batch_size: int = 64
+    ):
         super().__init__(spec, device, text_batch_size)
         from torchvision import transforms
 
@@ -379,10 +429,14 @@ class ImageRewardReward(RewardModel):
         self.pair_batch_size = pair_batch_size
         self.pairs_scored = 0
         n = self.net.image_size
-        self.preprocess = transforms.Compose([
-            transforms.Resize(n, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(n),
-            transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD),
-        ])
+        self.preprocess = transforms.Compose(
+            [
+                transforms.Resize(n, interpolation=transforms.InterpolationMode.BICUBIC),
+                transforms.CenterCrop(n),
+                transforms.ToTensor(),
+                transforms.Normalize(CLIP_MEAN, CLIP_STD),
+            ]
+        )
 
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device, self.dtype)
@@ -399,7 +453,8 @@ class ImageRewardReward(RewardModel):
         def pair_rewards(kv, image_index, input_ids, mask):
             return self.net.rewards_from_kv(input_ids, mask, kv, image_index)
 
-        out = score_pairs(pair_rewards, image_features, text_features, self.pair_batch_size, self.device,
-                          prepare=self.net.cross_kv)
+        out = score_pairs(
+            pair_rewards, image_features, text_features, self.pair_batch_size, self.device, prepare=self.net.cross_kv
+        )
         self.pairs_scored += out.numel()
         return out

@@ -94,7 +94,8 @@ def load(folder: str) -> tuple[RewardHead, dict]:
 
     store = Store(folder)
     if not store.exists(META) or not store.exists(WEIGHTS):
-        raise InputError(f"{folder}: not a learned reward folder (needs {META} and {WEIGHTS}; `tn-ray reward train` writes one)")
+        raise InputError(f"{folder}: not a learned reward folder (needs {META} and {WEIGHTS}; `tn-ray reward train` "
+                         "writes one)")
     meta = json.loads(store.read_text(META))
     cfg = meta["head"]
     head = RewardHead(int(cfg["dim"]), int(cfg["hidden"]), int(cfg["layers"]), float(cfg.get("dropout", 0.0)))

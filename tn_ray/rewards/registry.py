@@ -19,7 +19,8 @@ _REGISTRY: dict[str, str] = {
     "blip2": "tn_ray.rewards.blip2:Blip2Reward",  # Q-Former image-text contrastive similarity
     "blip2-itm": "tn_ray.rewards.blip2:Blip2ItmReward",  # the same model's image-text matching head
     "brightness": "tn_ray.rewards.brightness:BrightnessReward",  # mean pixel value: a cheap learnable reward (tests)
-    "worldclip": "tn_ray.rewards.worldclip:WorldClipReward",  # small CLIP trained on the synthetic world (docs/world.md)
+    # small CLIP trained on the synthetic world (docs/world.md)
+    "worldclip": "tn_ray.rewards.worldclip:WorldClipReward",
     "learned": "tn_ray.rewards.learned:LearnedReward",  # learned:<folder>: a head trained by `tn-ray reward train`
 }
 _FACTORIES: dict[str, Callable[..., RewardModel]] = {}

@@ -22,7 +22,9 @@ class Unit:
 
 UNITS: dict[str, Unit] = {
     "clip": Unit("100 x cosine (OpenAI CLIP's logit_scale, 100, times the image-text cosine)", 100.0),
-    "pickscore": Unit("100 x cosine (PickScore's logit_scale, 100, times the cosine; as its authors compute it)", 100.0),
+    "pickscore": Unit(
+        "100 x cosine (PickScore's logit_scale, 100, times the cosine; as its authors compute it)", 100.0
+    ),
     "blip2": Unit("cosine (BLIP-2 ITC: max over the 32 query embeddings of the cosine with the prompt)", 1.0),
     "blip2-itm": Unit("log-odds of BLIP-2's image-text-matching head", None),
     "imagereward": Unit("ImageReward score (its head's output standardized by the released mean and std)", None),

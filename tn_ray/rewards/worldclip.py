@@ -50,8 +50,10 @@ class WorldClipConfig(StrictModel):
     lr: float = Field(2e-3, gt=0, description="peak AdamW learning rate (cosine decay to 0 after a 5% warm-up)")
     width: int = Field(16, ge=8, description="channels of the first image convolutions; doubled once (count)")
     dim: int = Field(64, ge=8, description="width of the joint embedding and of the text transformer (count)")
-    image_size: int = Field(32, ge=16, le=128, description="side the image tower sees; every image is resized to it (px)")
-    render_size: int = Field(64, ge=32, le=128, description="side the training scenes are rendered at before resizing (px)")
+    image_size: int = Field(32, ge=16, le=128, description="side the image tower sees; every image is resized to it "
+                                                           "(px)")
+    render_size: int = Field(64, ge=32, le=128, description="side the training scenes are rendered at before resizing "
+                                                            "(px)")
 
 
 TINY = {"steps": 60, "batch": 32}
@@ -68,7 +70,8 @@ def parse_source(source: str | None) -> WorldClipConfig:
         elif key and sep:
             values[key] = value
         elif part.strip():
-            raise InputError(f"worldclip source '{source}': expected 'tiny' and/or key=value pairs like 'seed=1,steps=300'")
+            raise InputError(f"worldclip source '{source}': expected 'tiny' and/or key=value pairs like "
+                             "'seed=1,steps=300'")
     try:
         return WorldClipConfig(**values)
     except ValidationError as err:
@@ -102,8 +105,15 @@ class WorldClip(nn.Module):
             return [nn.Conv2d(i, o, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
 
         side = cfg.image_size // 8
-        self.image = nn.Sequential(*block(3, w), *block(w, 2 * w), *block(2 * w, 2 * w), nn.Flatten(),
-                                   nn.Linear(2 * w * side * side, 2 * cfg.dim), nn.ReLU(), nn.Linear(2 * cfg.dim, cfg.dim))
+        self.image = nn.Sequential(
+            *block(3, w),
+            *block(w, 2 * w),
+            *block(2 * w, 2 * w),
+            nn.Flatten(),
+            nn.Linear(2 * w * side * side, 2 * cfg.dim),
+            nn.ReLU(),
+            nn.Linear(2 * cfg.dim, cfg.dim),
+        )
         self.embed = nn.Embedding(vocab_size, cfg.dim, padding_idx=0)
         self.pos = nn.Parameter(torch.randn(MAX_TOKENS, cfg.dim) * 0.02)
         layer = nn.TransformerEncoderLayer(cfg.dim, nhead=4, dim_feedforward=2 * cfg.dim, dropout=0.0, batch_first=True)
@@ -128,7 +138,9 @@ def to_tensor(images: Sequence, size: int) -> torch.Tensor:
     """RGB images -> (n, 3, size, size) floats in [-1, 1] (bilinear resize, as at training)."""
     from PIL import Image
 
-    arr = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) for im in images])
+    arr = np.stack(
+        [np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) for im in images]
+    )
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
@@ -165,7 +177,9 @@ def train(cfg: WorldClipConfig) -> tuple[dict[str, torch.Tensor], dict]:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
         warm = max(1, cfg.steps // 20)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + np.cos(np.pi * (s - warm) / max(1, cfg.steps - warm))))
+            opt,
+            lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + np.cos(np.pi * (s - warm) / max(1, cfg.steps - warm))),
+        )
         target = torch.arange(cfg.batch)
         for _ in range(cfg.steps):
             images, texts = training_batch(cfg, rng)
@@ -181,9 +195,16 @@ def train(cfg: WorldClipConfig) -> tuple[dict[str, torch.Tensor], dict]:
     finally:
         torch.set_num_threads(threads)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    info = {"config": cfg.model_dump(), "seconds": round(time.time() - start, 1), "cpu_seconds": round(time.process_time() - cpu, 1), "threads": TRAIN_THREADS,
-            "torch": str(torch.__version__), "loss_first": losses[0], "loss_last": float(np.mean(losses[-20:])),
-            "sha256": weights_sha256(state)}
+    info = {
+        "config": cfg.model_dump(),
+        "seconds": round(time.time() - start, 1),
+        "cpu_seconds": round(time.process_time() - cpu, 1),
+        "threads": TRAIN_THREADS,
+        "torch": str(torch.__version__),
+        "loss_first": losses[0],
+        "loss_last": float(np.mean(losses[-20:])),
+        "sha256": weights_sha256(state),
+    }
     return state, info
 
 
@@ -221,7 +242,9 @@ def ensure(cfg: WorldClipConfig) -> Path:
         state, info = train(cfg)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save({"state": state, "info": info}, tmp)
-        path.with_suffix(".json").write_text(json.dumps(info, indent=1))  # before the weights: their presence means done
+        path.with_suffix(".json").write_text(
+            json.dumps(info, indent=1)
+        )  # before the weights: their presence means done
         os.replace(tmp, path)
     return path
 

@@ -77,5 +77,7 @@ class RewardCache:
                             "text": [x for t in texts for x in t]})
         got = req.merge(self.frame(), on=["image_key", "text"], how="left")["score"].to_numpy()
         if np.isnan(got).any():
-            raise KeyError(f"{int(np.isnan(got).sum())} rewards of {self.model_id} are not in the cache {self.location}")
+            raise KeyError(
+                f"{int(np.isnan(got).sum())} rewards of {self.model_id} are not in the cache {self.location}"
+            )
         return np.split(got, np.cumsum(lens)[:-1])

@@ -55,7 +55,9 @@ class ScoreMatrix:
         return self.values[:, 0]
 
     @classmethod
-    def from_rows(cls, model: str, keys: pd.DataFrame, texts: Sequence[Sequence[str]], scores: Sequence[Sequence[float]]):
+    def from_rows(
+        cls, model: str, keys: pd.DataFrame, texts: Sequence[Sequence[str]], scores: Sequence[Sequence[float]]
+    ):
         width = max((len(s) for s in scores), default=1)
         values = np.full((len(scores), width), np.nan)
         for i, s in enumerate(scores):

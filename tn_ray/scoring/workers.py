@@ -104,8 +104,12 @@ def _reward_actors(spec: str, cfg: ScoringConfig) -> list:
     # must not exhaust a restart budget (a call that fails on its own still raises). The actors
     # are a shared service, never part of the caller's placement group: created from a Ray Train
     # worker inside a Tune trial they would otherwise wait forever for room in the trial's bundles
-    remote = ray.remote(RewardWorker).options(max_restarts=-1, max_task_retries=-1, **res,
-                                              scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+    remote = ray.remote(RewardWorker).options(
+        max_restarts=-1,
+        max_task_retries=-1,
+        **res,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
+    )
     return [remote.remote(spec, cfg.text_batch_size) for _ in range(n)]
 
 
@@ -173,8 +177,10 @@ class RewardPool:
         if len(images) != len(texts_per_image):
             raise ValueError(f"{len(images)} images but {len(texts_per_image)} text lists")
         size = chunk or max(1, -(-len(images) // len(self.workers)))
-        futures = [self._send("score", list(images[i : i + size]), list(texts_per_image[i : i + size]))
-                   for i in range(0, len(images), size)]
+        futures = [
+            self._send("score", list(images[i : i + size]), list(texts_per_image[i : i + size]))
+            for i in range(0, len(images), size)
+        ]
         self._pending.append((futures, True))
         return futures
 
@@ -202,7 +208,9 @@ class RewardPool:
             out.append([row for part in parts for row in part] if concat else parts[0])
         return out
 
-    def score(self, images: Sequence[Any], texts_per_image: Sequence[Sequence[str]], chunk: int | None = 32) -> list[np.ndarray]:
+    def score(
+        self, images: Sequence[Any], texts_per_image: Sequence[Sequence[str]], chunk: int | None = 32
+    ) -> list[np.ndarray]:
         """:meth:`submit` then :meth:`collect`: one row of scores per image (nothing else may be pending)."""
         if self._pending:
             raise RuntimeError("RewardPool.score with submissions pending: collect them first")

@@ -5,4 +5,14 @@ from tn_ray.sweep.registry import available, get, register
 from tn_ray.sweep.runner import check, load, load_and_run, run_sweep
 from tn_ray.sweep.trainable import SweepTrainable
 
-__all__ = ["SweepConfig", "SweepTrainable", "available", "check", "get", "load", "load_and_run", "register", "run_sweep"]
+__all__ = [
+    "SweepConfig",
+    "SweepTrainable",
+    "available",
+    "check",
+    "get",
+    "load",
+    "load_and_run",
+    "register",
+    "run_sweep",
+]

@@ -30,10 +30,13 @@ SAMPLERS = ("loguniform", "uniform", "choice", "grid")
 class ParamSpec(StrictModel):
     """One searched parameter: exactly one of the four kinds."""
 
-    loguniform: tuple[float, float] | None = Field(None, description="[low, high], sampled log-uniformly (parameter units; low > 0)")
+    loguniform: tuple[float, float] | None = Field(None, description="[low, high], sampled log-uniformly (parameter "
+                                                                     "units; low > 0)")
     uniform: tuple[float, float] | None = Field(None, description="[low, high], sampled uniformly (parameter units)")
-    choice: list[Any] | None = Field(None, min_length=1, description="values sampled by the searcher (any YAML values, lists included)")
-    grid: list[Any] | None = Field(None, min_length=1, description="values all run once each (every parameter of the space must then be a grid)")
+    choice: list[Any] | None = Field(None, min_length=1, description="values sampled by the searcher (any YAML values, "
+                                                                     "lists included)")
+    grid: list[Any] | None = Field(None, min_length=1, description="values all run once each (every parameter of the "
+                                                                   "space must then be a grid)")
 
     @model_validator(mode="after")
     def _one_kind(self) -> ParamSpec:
@@ -80,9 +83,13 @@ class Resources(StrictModel):
 
 class AshaConfig(StrictModel):
     max_t: int = Field(..., ge=1, description="most reports (epochs) a trial may run (time_attr units)")
-    grace_period: int = Field(1, ge=1, description="reports every trial gets before it can be stopped (time_attr units)")
+    grace_period: int = Field(
+        1, ge=1, description="reports every trial gets before it can be stopped (time_attr units)"
+    )
     reduction_factor: float = Field(2.0, gt=1, description="1/fraction of trials promoted at each rung (ratio)")
-    time_attr: str = Field("training_iteration", description="result key that counts progress (default: number of reports)")
+    time_attr: str = Field(
+        "training_iteration", description="result key that counts progress (default: number of reports)"
+    )
 
     @model_validator(mode="after")
     def _grace(self) -> AshaConfig:
@@ -97,24 +104,53 @@ class HeldOutConfig(StrictModel):
 
 
 class SweepConfig(StrictModel):
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="sweep name: folder under results/sweeps/ and the Tune experiment name")
-    trainable: str = Field(..., description="registered trainable name (tn-ray sweep --list) or 'package.module:attribute'")
-    options: dict[str, Any] = Field(default_factory=dict, description="the trainable's fixed settings (validated by the trainable's own config model)")
-    space: dict[str, ParamSpec] = Field(..., min_length=1, description="searched parameters: name -> {loguniform|uniform|choice|grid}")
-    fixed: dict[str, Any] = Field(default_factory=dict, description="parameters held constant in every trial (name -> value)")
+    name: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="sweep name: folder under results/sweeps/ and the Tune experiment name",
+    )
+    trainable: str = Field(
+        ..., description="registered trainable name (tn-ray sweep --list) or 'package.module:attribute'"
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the trainable's fixed settings (validated by the trainable's own config model)",
+    )
+    space: dict[str, ParamSpec] = Field(
+        ..., min_length=1, description="searched parameters: name -> {loguniform|uniform|choice|grid}"
+    )
+    fixed: dict[str, Any] = Field(
+        default_factory=dict, description="parameters held constant in every trial (name -> value)"
+    )
     metric: str = Field("objective", description="result key the searcher optimises")
     mode: Literal["max", "min"] = Field("max", description="maximise or minimise `metric`")
-    num_samples: int | None = Field(None, ge=1, description="trials to run (count); None = the grid size for a grid space, else 20")
+    num_samples: int | None = Field(
+        None, ge=1, description="trials to run (count); None = the grid size for a grid space, else 20"
+    )
     max_concurrent_trials: int = Field(2, ge=1, description="trials running at once (count)")
     seed: int = Field(0, description="seed of the Optuna sampler (TPE, or the grid order)")
-    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list, description="configurations tried first (each a full assignment of `space`)")
+    points_to_evaluate: list[dict[str, Any]] = Field(
+        default_factory=list, description="configurations tried first (each a full assignment of `space`)"
+    )
     resources: Resources = Field(default_factory=Resources, description="resources reserved per trial")
-    scheduler: AshaConfig | None = Field(None, description="ASHA early stopping for trainables that report per epoch; None = run every trial to the end")
-    storage_path: str | None = Field(None, description="where Tune keeps the sweep: a local folder or a cloud URI (s3://, gs://); None = <out>/tune")
-    out: str | None = Field(None, description="local folder for the summary (CSV, best config, plots); None = results/sweeps/<name>")
-    heldout: HeldOutConfig | None = Field(None, description="also run the k-fold held-out protocol over prompts (evaluation trainables only)")
-    keep_checkpoints: int | None = Field(2, ge=1, description="checkpoints kept per training trial, newest first (count); None = all")
-    experiment_checkpoint_s: float = Field(2.0, gt=0, description="how often Tune snapshots the sweep state for --resume (seconds)")
+    scheduler: AshaConfig | None = Field(
+        None, description="ASHA early stopping for trainables that report per epoch; None = run every trial to the end"
+    )
+    storage_path: str | None = Field(
+        None, description="where Tune keeps the sweep: a local folder or a cloud URI (s3://, gs://); None = <out>/tune"
+    )
+    out: str | None = Field(
+        None, description="local folder for the summary (CSV, best config, plots); None = results/sweeps/<name>"
+    )
+    heldout: HeldOutConfig | None = Field(
+        None, description="also run the k-fold held-out protocol over prompts (evaluation trainables only)"
+    )
+    keep_checkpoints: int | None = Field(
+        2, ge=1, description="checkpoints kept per training trial, newest first (count); None = all"
+    )
+    experiment_checkpoint_s: float = Field(
+        2.0, gt=0, description="how often Tune snapshots the sweep state for --resume (seconds)"
+    )
     verbose: int = Field(1, ge=0, le=2, description="Tune's console output: 0 silent, 1 status table, 2 every result")
     ray: RayConfig = Field(default_factory=RayConfig, description="where Ray runs")
 
@@ -127,8 +163,10 @@ class SweepConfig(StrictModel):
         grid = [n for n, p in space.items() if p.kind == "grid"]
         if grid and len(grid) != len(space):
             other = sorted(set(space) - set(grid))
-            raise ValueError(f"grid parameters {grid} cannot be mixed with sampled ones {other}: "
-                             "use `choice` for a searched discrete parameter, or make them all grids")
+            raise ValueError(
+                f"grid parameters {grid} cannot be mixed with sampled ones {other}: "
+                "use `choice` for a searched discrete parameter, or make them all grids"
+            )
         return space
 
     @field_validator("fixed")
@@ -185,6 +223,21 @@ class SweepConfig(StrictModel):
     def search_fingerprint(self) -> dict[str, Any]:
         """The settings a resumed sweep must share with the interrupted one (Tune restores the
         search, the trial count and the concurrency as they were; a change would be ignored)."""
-        return self.model_dump(mode="json", include={"trainable", "options", "space", "fixed", "metric", "mode",
-                                                     "seed", "points_to_evaluate", "scheduler", "heldout",
-                                                     "num_samples", "max_concurrent_trials", "resources"})
+        return self.model_dump(
+            mode="json",
+            include={
+                "trainable",
+                "options",
+                "space",
+                "fixed",
+                "metric",
+                "mode",
+                "seed",
+                "points_to_evaluate",
+                "scheduler",
+                "heldout",
+                "num_samples",
+                "max_concurrent_trials",
+                "resources",
+            },
+        )

@@ -78,11 +78,14 @@ def _align(matrix: ScoreMatrix, keys: pd.DataFrame, path: Path) -> ScoreMatrix:
     try:
         return matrix.align(keys)
     except KeyError as err:
-        raise ValueError(f"{path}: score matrix of {matrix.model} does not cover the requested rows ({err.args[0]})") from None
+        raise ValueError(
+            f"{path}: score matrix of {matrix.model} does not cover the requested rows ({err.args[0]})"
+        ) from None
 
 
-def assign_folds(n_groups: int, k: int, seed: int, strata: np.ndarray | None = None,
-                 eligible: np.ndarray | None = None) -> np.ndarray:
+def assign_folds(
+    n_groups: int, k: int, seed: int, strata: np.ndarray | None = None, eligible: np.ndarray | None = None
+) -> np.ndarray:
     """Fold number per prompt (sklearn (Stratified)KFold, shuffled); -1 for ineligible prompts."""
     eligible = np.ones(n_groups, bool) if eligible is None else eligible
     idx = np.flatnonzero(eligible)
@@ -127,8 +130,14 @@ class LabelledScores:
         return self.index >= 0
 
 
-def load_labelled(run_dir: str | Path, models: Sequence[str] | None = None, sets: Sequence[str] | None = None,
-                  labels: str | Path | None = None, folds: int | None = None, fold_seed: int = 0) -> LabelledScores:
+def load_labelled(
+    run_dir: str | Path,
+    models: Sequence[str] | None = None,
+    sets: Sequence[str] | None = None,
+    labels: str | Path | None = None,
+    folds: int | None = None,
+    fold_seed: int = 0,
+) -> LabelledScores:
     """Score matrices of ``tn-ray tia2 eval`` (``run_dir``) joined with their labels."""
     run_dir = Path(run_dir)
     available = find_matrices(run_dir / "scores")
@@ -149,10 +158,14 @@ def load_labelled(run_dir: str | Path, models: Sequence[str] | None = None, sets
     if sets is not None:
         missing = sorted(set(sets) - set(frame["set"]))
         if missing:
-            raise ValueError(f"options.sets: sets {missing} are not in {source} (it has {sorted(frame['set'].unique())})")
+            raise ValueError(
+                f"options.sets: sets {missing} are not in {source} (it has {sorted(frame['set'].unique())})"
+            )
         frame = frame[frame["set"].isin(list(sets))]
     frame = frame.reset_index(drop=True)
-    matrices = [_align(first if m == models[0] else ScoreMatrix.load(available[m]), frame, available[m]) for m in models]
+    matrices = [
+        _align(first if m == models[0] else ScoreMatrix.load(available[m]), frame, available[m]) for m in models
+    ]
     values = stack_values(matrices)
     codes, uniques = pd.MultiIndex.from_frame(frame[["set", "prompt"]]).factorize()
     index = group_index(codes)
@@ -163,13 +176,30 @@ def load_labelled(run_dir: str | Path, models: Sequence[str] | None = None, sets
     prompt_set = np.array([set_names.index(s) for s, _ in uniques], dtype=np.int64)
     pos = np.where(mask, binary, 0).sum(axis=1)
     included = (pos > 0) & (pos < mask.sum(axis=1))
-    data = LabelledScores(models, values, index, binary, fine, prompt_set, set_names, [p for _, p in uniques],
-                          included, sources={m: str(available[m]) for m in models})
+    data = LabelledScores(
+        models,
+        values,
+        index,
+        binary,
+        fine,
+        prompt_set,
+        set_names,
+        [p for _, p in uniques],
+        included,
+        sources={m: str(available[m]) for m in models},
+    )
     if folds:
         data.folds = assign_folds(len(uniques), folds, fold_seed, strata=prompt_set, eligible=included)
     data.fingerprint = _fingerprint(values, index, binary, fine, extra=repr((models, set_names, folds, fold_seed)))
-    log.info("loaded %d images x %d models, %d prompts (%d with mixed labels) in sets %s from %s",
-             values.shape[1], len(models), len(uniques), int(included.sum()), set_names, run_dir)
+    log.info(
+        "loaded %d images x %d models, %d prompts (%d with mixed labels) in sets %s from %s",
+        values.shape[1],
+        len(models),
+        len(uniques),
+        int(included.sum()),
+        set_names,
+        run_dir,
+    )
     return data
 
 
@@ -188,9 +218,15 @@ class BestOfNScores:
     sources: dict[str, str] = field(default_factory=dict)
 
 
-def load_bestofn(run_dir: str | Path, selector_models: Sequence[str] | None, judges: Sequence[str],
-                 pool_size: int | None = None, scale: str = "zscore", folds: int | None = None,
-                 fold_seed: int = 0) -> BestOfNScores:
+def load_bestofn(
+    run_dir: str | Path,
+    selector_models: Sequence[str] | None,
+    judges: Sequence[str],
+    pool_size: int | None = None,
+    scale: str = "zscore",
+    folds: int | None = None,
+    fold_seed: int = 0,
+) -> BestOfNScores:
     """Best-of-n score matrices of ``run_dir``: the selector candidates and the judges."""
     run_dir = Path(run_dir)
     available = find_matrices(run_dir / "scores")
@@ -213,8 +249,10 @@ def load_bestofn(run_dir: str | Path, selector_models: Sequence[str] | None, jud
     if dup.any():
         row = keys[dup].iloc[0]
         raise ValueError(f"{first_path}: (prompt_id={row['prompt_id']}, sample={row['sample']}) appears twice")
-    selector = [_align(ScoreMatrix.load(available[m]) if m != selector_models[0] else first, keys, available[m])
-                for m in selector_models]
+    selector = [
+        _align(ScoreMatrix.load(available[m]) if m != selector_models[0] else first, keys, available[m])
+        for m in selector_models
+    ]
     judged = [_align(ScoreMatrix.load(available[m]), keys, available[m]) for m in judges]
     values = stack_values(selector)
     codes, uniques = pd.factorize(keys["prompt_id"])
@@ -233,12 +271,29 @@ def load_bestofn(run_dir: str | Path, selector_models: Sequence[str] | None, jud
     else:
         judge_scaled = judge_raw
     prompts = keys.groupby("prompt_id", sort=False)["prompt"].first().loc[uniques].tolist()
-    data = BestOfNScores(selector_models, values, index, pool, judges, judge_raw, judge_scaled, prompts,
-                         sources={m: str(available[m]) for m in [*selector_models, *judges]})
+    data = BestOfNScores(
+        selector_models,
+        values,
+        index,
+        pool,
+        judges,
+        judge_raw,
+        judge_scaled,
+        prompts,
+        sources={m: str(available[m]) for m in [*selector_models, *judges]},
+    )
     if folds:
         data.folds = assign_folds(len(uniques), folds, fold_seed)
-    data.fingerprint = _fingerprint(values, index, pool, judge_scaled,
-                                    extra=repr((selector_models, judges, pool_size, scale, folds, fold_seed)))
-    log.info("loaded best-of-n run %s: %d prompts, up to %d samples each (pool %s), selector candidates %s, judges %s",
-             run_dir, len(uniques), int(pool.sum(axis=1).max()), pool_size, selector_models, judges)
+    data.fingerprint = _fingerprint(
+        values, index, pool, judge_scaled, extra=repr((selector_models, judges, pool_size, scale, folds, fold_seed))
+    )
+    log.info(
+        "loaded best-of-n run %s: %d prompts, up to %d samples each (pool %s), selector candidates %s, judges %s",
+        run_dir,
+        len(uniques),
+        int(pool.sum(axis=1).max()),
+        pool_size,
+        selector_models,
+        judges,
+    )
     return data

@@ -18,11 +18,24 @@ from tn_ray.textnorm.equations import ensemble, log_mean_ensemble, log_textnorm,
 
 
 class SetParams(StrictModel):
-    tau: float = Field(1.0, gt=0, description="TextNorm temperature for every model, in each reward's own units (docs/rewards.md: "
-                       "CLIP and PickScore rewards are 100 x cosine, so tau = 1 here is tau = 0.01 on cosine values; "
-                       "ImageReward's are standardized scores): a reward difference of tau is a factor e in probability")
-    tau_per_model: dict[str, float] = Field(default_factory=dict, description="temperature overrides by model spec or name, e.g. {'clip': 0.5} (each reward's own units, as tau)")
-    lam: float = Field(0.0, ge=0, description="lambda of the uncertainty-regularized ensembles (1 / reward^2: it multiplies a variance of rewards)")
+    tau: float = Field(
+        1.0,
+        gt=0,
+        description="TextNorm temperature for every model, in each reward's own units "
+        "(docs/rewards.md: "
+        "CLIP and PickScore rewards are 100 x cosine, so tau = 1 here is tau = 0.01 on cosine values; "
+        "ImageReward's are standardized scores): a reward difference of tau is a factor e in probability",
+    )
+    tau_per_model: dict[str, float] = Field(
+        default_factory=dict,
+        description="temperature overrides by model spec or name, e.g. {'clip': 0.5} (each reward's own units, as tau)",
+    )
+    lam: float = Field(
+        0.0,
+        ge=0,
+        description="lambda of the uncertainty-regularized ensembles (1 / reward^2: it "
+        "multiplies a variance of rewards)",
+    )
 
     def tau_for(self, model: str) -> float:
         name = model.split(":")[0]
@@ -34,11 +47,16 @@ Kind = Literal["mean", "uncertainty"]
 
 class EnsembleSpec(StrictModel):
     name: str = Field(..., description="column name of this ensemble in tables and as a reward name")
-    members: list[str] = Field(..., min_length=2, description="model specs averaged (each must be among the run's models)")
+    members: list[str] = Field(
+        ..., min_length=2, description="model specs averaged (each must be among the run's models)"
+    )
     kind: Kind | dict[str, Kind] = Field(
-        "mean", description="mean (eq. 2), uncertainty (eq. 3: mean - lambda * variance across models), or one kind per "
+        "mean",
+        description="mean (eq. 2), uncertainty (eq. 3: mean - lambda * variance across models), or one kind "
+        "per "
         "prompt group, {<group>: kind, default: kind}; groups are TIA2's set names (a prompt's set in `tia2 eval` and "
-        "for training prompts from the release), e.g. the paper's {composition: mean, default: uncertainty}")
+        "for training prompts from the release), e.g. the paper's {composition: mean, default: uncertainty}",
+    )
     textnorm: bool = Field(True, description="ensemble TextNorm-normalized rewards (True) or raw rewards (False)")
 
     @field_validator("kind")
@@ -83,9 +101,15 @@ def reward_names(models: Sequence[str], ensembles: Sequence[EnsembleSpec] = ()) 
     return [*models, *(f"textnorm({m})" for m in models), *(e.name for e in ensembles)]
 
 
-def combine(values: Mapping[str, np.ndarray], members: Sequence[str], taus: Sequence[float | np.ndarray],
-            kind: str = "mean", lam: float | np.ndarray = 0.0, normalize: bool = True,
-            ranking: bool = False) -> np.ndarray:
+def combine(
+    values: Mapping[str, np.ndarray],
+    members: Sequence[str],
+    taus: Sequence[float | np.ndarray],
+    kind: str = "mean",
+    lam: float | np.ndarray = 0.0,
+    normalize: bool = True,
+    ranking: bool = False,
+) -> np.ndarray:
     """One reward per image from ``members``: TextNorm (each its own tau) or raw, then the
     ensemble ``kind`` (a single member is its own mean, and has zero variance). A tau or
     ``lam`` may be one value per image (per-prompt parameters).
@@ -105,8 +129,13 @@ def combine(values: Mapping[str, np.ndarray], members: Sequence[str], taus: Sequ
     return ensemble(np.stack([textnorm(values[m], t) for m, t in zip(members, taus)]), kind, lam)
 
 
-def _columns(values: Mapping[str, np.ndarray], params: SetParams, ensembles: Sequence[EnsembleSpec],
-             group: str | None = None, ranking: bool = False) -> dict[str, np.ndarray]:
+def _columns(
+    values: Mapping[str, np.ndarray],
+    params: SetParams,
+    ensembles: Sequence[EnsembleSpec],
+    group: str | None = None,
+    ranking: bool = False,
+) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for m, v in values.items():
         out[m] = np.asarray(v, dtype=np.float64)[:, 0]
@@ -114,14 +143,25 @@ def _columns(values: Mapping[str, np.ndarray], params: SetParams, ensembles: Seq
         tau = params.tau_for(m)
         out[f"textnorm({m})"] = log_textnorm(v, tau) if ranking else textnorm(v, tau)
     for ens in ensembles:
-        out[ens.name] = combine(values, ens.members, [params.tau_for(m) for m in ens.members], ens.kind_for(group),
-                                params.lam, ens.textnorm, ranking)
+        out[ens.name] = combine(
+            values,
+            ens.members,
+            [params.tau_for(m) for m in ens.members],
+            ens.kind_for(group),
+            params.lam,
+            ens.textnorm,
+            ranking,
+        )
     return out
 
 
-def reward_columns(values: Mapping[str, np.ndarray], params: SetParams | Mapping[str, SetParams],
-                   ensembles: Sequence[EnsembleSpec] = (), groups: Sequence[str] | None = None,
-                   ranking: bool = False) -> dict[str, np.ndarray]:
+def reward_columns(
+    values: Mapping[str, np.ndarray],
+    params: SetParams | Mapping[str, SetParams],
+    ensembles: Sequence[EnsembleSpec] = (),
+    groups: Sequence[str] | None = None,
+    ranking: bool = False,
+) -> dict[str, np.ndarray]:
     """Every reward column (:func:`reward_names` order) for the images of ``values``.
 
     ``params`` is one :class:`SetParams`, or a mapping group -> params (key ``default`` for
@@ -149,11 +189,21 @@ def reward_columns(values: Mapping[str, np.ndarray], params: SetParams | Mapping
 class RewardConfig(StrictModel):
     """A reward to optimize or select with: reward models, their TextNorm, ensembles, and which column."""
 
-    models: list[str] = Field(..., min_length=1, description="reward model specs scored on every image, e.g. clip:tiny, pickscore")
-    use: str = Field(..., description="the reward column used: a model (raw), 'textnorm(<model>)' or an ensemble's name")
-    textnorm: SetParams = Field(default_factory=SetParams, description="TextNorm temperatures and the ensembles' lambda")
+    models: list[str] = Field(
+        ..., min_length=1, description="reward model specs scored on every image, e.g. clip:tiny, pickscore"
+    )
+    use: str = Field(
+        ..., description="the reward column used: a model (raw), 'textnorm(<model>)' or an ensemble's name"
+    )
+    textnorm: SetParams = Field(
+        default_factory=SetParams, description="TextNorm temperatures and the ensembles' lambda"
+    )
     ensembles: list[EnsembleSpec] = Field(default_factory=list, description="ensembles over the models (see `use`)")
-    contrast: str = Field("rules", description="contrastive sets for TextNorm: a prompt source ('rules', 'llm', 'released', 'released:<TIA2 set>') or a JSON file {x0: [x1..xm]}")
+    contrast: str = Field(
+        "rules",
+        description="contrastive sets for TextNorm: a prompt source ('rules', 'llm', "
+        "'released', 'released:<TIA2 set>') or a JSON file {x0: [x1..xm]}",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> RewardConfig:
@@ -164,7 +214,7 @@ class RewardConfig(StrictModel):
         object.__setattr__(self, "ensembles", check_ensembles(self.ensembles, models))
         use = self.use
         if use in self.models or use.startswith("textnorm("):  # canonical spelling of the model inside
-            inner = use[len("textnorm("):-1] if use.startswith("textnorm(") else use
+            inner = use[len("textnorm(") : -1] if use.startswith("textnorm(") else use
             try:
                 canon = str(parse(inner))
             except KeyError as err:

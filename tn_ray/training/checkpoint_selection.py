@@ -39,7 +39,8 @@ def win_counts(scores: pd.DataFrame, base: pd.DataFrame) -> pd.DataFrame:
     missing = merged["base_value"].isna()
     if missing.any():
         row = merged[missing].iloc[0]
-        raise ValueError(f"no base-model score for prompt_id {row['prompt_id']}, seed {row['seed']}, reward {row['reward']!r}")
+        raise ValueError(f"no base-model score for prompt_id {row['prompt_id']}, seed {row['seed']}, reward "
+                         f"{row['reward']!r}")
     merged["win"] = merged["value"] > merged["base_value"]
     out = merged.groupby(["step", "reward"], sort=True).agg(
         wins=("win", "sum"), images=("win", "size"), mean=("value", "mean"), base_mean=("base_value", "mean"))
@@ -52,25 +53,36 @@ def select_checkpoint(counts: pd.DataFrame, column: str) -> int:
     """The earliest step whose win count under ``column`` is the maximum over all steps."""
     rows = counts[counts["reward"] == column]
     if rows.empty:
-        raise ValueError(f"no evaluation counts for column {column!r}; rewards evaluated: {sorted(counts['reward'].unique())}")
+        raise ValueError(f"no evaluation counts for column {column!r}; rewards evaluated: "
+                         f"{sorted(counts['reward'].unique())}")
     best = rows["wins"].max()
     return int(rows.loc[rows["wins"] == best, "step"].min())
 
 
 def _at(counts: pd.DataFrame, column: str, step: int) -> dict[str, Any]:
     row = counts[(counts["reward"] == column) & (counts["step"] == step)].iloc[0]
-    return {"wins": int(row["wins"]), "images": int(row["images"]), "mean": float(row["mean"]), "base_mean": float(row["base_mean"])}
+    return {
+        "wins": int(row["wins"]),
+        "images": int(row["images"]),
+        "mean": float(row["mean"]),
+        "base_mean": float(row["base_mean"]),
+    }
 
 
 def _view(counts: pd.DataFrame, column: str, selected: int) -> dict[str, Any]:
     rows = counts[counts["reward"] == column].sort_values("step")
     own = select_checkpoint(counts, column)
-    return {"earliest_max_step": own, "wins_at_earliest_max": int(rows.loc[rows["step"] == own, "wins"].iloc[0]),
-            "counts": {int(s): int(w) for s, w in rows[["step", "wins"]].itertuples(index=False)},
-            "at_selected": _at(counts, column, selected)}
+    return {
+        "earliest_max_step": own,
+        "wins_at_earliest_max": int(rows.loc[rows["step"] == own, "wins"].iloc[0]),
+        "counts": {int(s): int(w) for s, w in rows[["step", "wins"]].itertuples(index=False)},
+        "at_selected": _at(counts, column, selected),
+    }
 
 
-def selection_summary(counts: pd.DataFrame, train_reward: str, judges: list[str], select_by: str | None = None) -> dict[str, Any]:
+def selection_summary(
+    counts: pd.DataFrame, train_reward: str, judges: list[str], select_by: str | None = None
+) -> dict[str, Any]:
     """The selection and both views. ``counts``: :func:`win_counts` rows of the evaluated checkpoints
     (steps > 0). ``select_by`` None (or the training reward) = the paper's rule."""
     column = select_by or train_reward
@@ -81,12 +93,22 @@ def selection_summary(counts: pd.DataFrame, train_reward: str, judges: list[str]
     if paper:
         rule = PAPER_RULE
     else:
-        rule = (f"eval.select_by override: the earliest checkpoint with the most evaluation images beating the base model's "
-                f"image of the same (prompt, seed) under the judge {column!r}; NOT the paper's rule, which counts under "
-                f"the training reward {train_reward!r} (it selects step {paper_step})")
+        rule = (
+            "eval.select_by override: the earliest checkpoint with the most evaluation images beating the base "
+            "model's "
+            f"image of the same (prompt, seed) under the judge {column!r}; NOT the paper's rule, which counts "
+            "under "
+            f"the training reward {train_reward!r} (it selects step {paper_step})"
+        )
     return {
-        "selected_by": column, "role": "training reward" if paper else "judge", "paper_rule": paper, "rule": rule,
-        "step": selected, "wins": at["wins"], "images": at["images"], "paper_rule_step": paper_step,
+        "selected_by": column,
+        "role": "training reward" if paper else "judge",
+        "paper_rule": paper,
+        "rule": rule,
+        "step": selected,
+        "wins": at["wins"],
+        "images": at["images"],
+        "paper_rule_step": paper_step,
         "counts": _view(counts, column, selected)["counts"],
         "training_reward": {"column": train_reward, **_view(counts, train_reward, selected)},
         "judges": {j: _view(counts, j, selected) for j in judges},
@@ -97,16 +119,24 @@ def describe_selection(sel: dict[str, Any], unit: str = "step") -> list[str]:
     """Printable lines: the selection (saying whether it is the paper's rule) and the judges' view."""
     tr = sel["training_reward"]
     if sel["paper_rule"]:
-        lines = [f"selected checkpoint: {unit} {sel['step']}, by the training reward {sel['selected_by']} (the paper's rule): "
-                 f"{sel['wins']} of {sel['images']} evaluation images beat the base model's"]
+        lines = [
+            f"selected checkpoint: {unit} {sel['step']}, by the training reward {sel['selected_by']} (the paper's "
+            "rule): "
+            f"{sel['wins']} of {sel['images']} evaluation images beat the base model's"
+        ]
     else:
-        lines = [f"selected checkpoint: {unit} {sel['step']}, by the judge {sel['selected_by']} (eval.select_by override, "
-                 f"not the paper's rule): {sel['wins']} of {sel['images']} evaluation images beat the base model's; "
-                 f"the paper's rule (training reward {tr['column']}) selects {unit} {sel['paper_rule_step']}"]
+        lines = [
+            f"selected checkpoint: {unit} {sel['step']}, by the judge {sel['selected_by']} (eval.select_by "
+            "override, "
+            f"not the paper's rule): {sel['wins']} of {sel['images']} evaluation images beat the base model's; "
+            f"the paper's rule (training reward {tr['column']}) selects {unit} {sel['paper_rule_step']}"
+        ]
     for name, view in sel["judges"].items():
         a = view["at_selected"]
         role = "selects: the override" if name == sel["selected_by"] else "monitor"
-        lines.append(f"  judge {name} ({role}): its own earliest maximum is {unit} {view['earliest_max_step']} "
-                     f"({view['wins_at_earliest_max']} of {a['images']}); at {unit} {sel['step']}: {a['wins']} of "
-                     f"{a['images']} beat the base model's, mean {a['mean']:.4g} vs base {a['base_mean']:.4g}")
+        lines.append(
+            f"  judge {name} ({role}): its own earliest maximum is {unit} {view['earliest_max_step']} "
+            f"({view['wins_at_earliest_max']} of {a['images']}); at {unit} {sel['step']}: {a['wins']} of "
+            f"{a['images']} beat the base model's, mean {a['mean']:.4g} vs base {a['base_mean']:.4g}"
+        )
     return lines

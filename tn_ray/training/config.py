@@ -56,9 +56,20 @@ def resolve_prompts(cfg: FineTuneConfig) -> list[str]:
 
 class LoraBlock(StrictModel):
     rank: int = Field(4, ge=1, description="LoRA rank r of every adapted projection (count)")
-    alpha: float | None = Field(None, gt=0, description="LoRA alpha; the update is scaled by alpha / rank (unitless); None = rank (scale 1)")
-    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1, description="UNet module names adapted (peft target_modules)")
-    init: Literal["gaussian", "default"] = Field("gaussian", description="peft init_lora_weights: gaussian (A ~ N(0, 1/r), B = 0, as diffusers' example) or peft's default; B = 0 either way, so step 0 is the base model")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; the update is scaled by alpha / rank (unitless); "
+                                                        "None = rank (scale 1)")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(LORA_TARGETS),
+        min_length=1,
+        description="UNet module names adapted (peft target_modules)",
+    )
+    init: Literal["gaussian", "default"] = Field(
+        "gaussian",
+        description="peft init_lora_weights: gaussian (A ~ N(0, "
+        "1/r), B = 0, as diffusers' example) or "
+        "peft's default; B = 0 either way, so step 0 "
+        "is the base model",
+    )
 
     @property
     def lora_alpha(self) -> float:
@@ -66,12 +77,30 @@ class LoraBlock(StrictModel):
 
 
 class PolicyBlock(StrictModel):
-    pipeline: str = Field(DEFAULT_PIPELINE, description="base text-to-image pipeline: hub id, local diffusers folder, or 'tiny' (random small config, CPU)")
-    revision: str | None = Field(None, description="hub revision of `pipeline` (commit hash, branch or tag) passed to from_pretrained; None = the default branch; the resolved commit is recorded in provenance.json")
-    dtype: Literal[DTYPES] = Field("auto", description="dtype of the frozen base weights: auto = float16 on GPU, float32 on CPU")
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="autocast of forward passes: auto = fp16 on GPU (the paper), none on CPU; LoRA weights always train in float32")
+    pipeline: str = Field(
+        DEFAULT_PIPELINE,
+        description="base text-to-image pipeline: hub id, local diffusers folder, or 'tiny' (random small config, CPU)",
+    )
+    revision: str | None = Field(
+        None,
+        description="hub revision of `pipeline` (commit hash, branch or tag) passed to "
+        "from_pretrained; None = the default branch; the resolved commit is "
+        "recorded in provenance.json",
+    )
+    dtype: Literal[DTYPES] = Field(
+        "auto", description="dtype of the frozen base weights: auto = float16 on GPU, float32 on CPU"
+    )
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto",
+        description="autocast of forward passes: "
+        "auto = fp16 on GPU (the "
+        "paper), none on CPU; LoRA "
+        "weights always train in float32",
+    )
     lora: LoraBlock = Field(default_factory=LoraBlock, description="the adapter: rank, alpha, target modules")
-    gradient_checkpointing: bool = Field(False, description="recompute UNet activations in backward (less memory, about 30 % more time)")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute UNet activations in backward (less memory, about 30 % more time)"
+    )
 
 
 class OptimizerBlock(StrictModel):
@@ -79,8 +108,12 @@ class OptimizerBlock(StrictModel):
     weight_decay: float = Field(1e-2, ge=0, description="AdamW decoupled weight decay (per step, times lr)")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2)")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global L2 norm of LoRA gradients to this; None = no clipping")
-    schedule: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field("constant", description="learning-rate schedule over max_steps (diffusers.optimization.get_scheduler)")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="clip the global L2 norm of LoRA gradients to this; None = no clipping"
+    )
+    schedule: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        "constant", description="learning-rate schedule over max_steps (diffusers.optimization.get_scheduler)"
+    )
     warmup_steps: int = Field(0, ge=0, description="linear warm-up of the learning rate (optimizer steps)")
 
     @field_validator("betas")
@@ -96,35 +129,89 @@ class JudgeBlock(RewardConfig):
 
 
 class EvalBlock(StrictModel):
-    enabled: bool = Field(True, description="evaluate at all; False = no evaluation images, no selection or monitor (benchmarks, smoke tests)")
-    every: int = Field(100, ge=1, description="evaluate (and checkpoint) every N training steps; the last step is always evaluated")
-    prompts: list[str] | None = Field(None, description="evaluation prompts; None = the first `max_prompts` training prompts")
-    max_prompts: int = Field(8, ge=1, description="evaluation prompts taken from the training prompts when `prompts` is None (count)")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1, description="initial-noise seeds per evaluation prompt: the same for the base model and every checkpoint")
+    enabled: bool = Field(
+        True,
+        description="evaluate at all; False = no evaluation images, no selection or monitor (benchmarks, smoke tests)",
+    )
+    every: int = Field(
+        100, ge=1, description="evaluate (and checkpoint) every N training steps; the last step is always evaluated"
+    )
+    prompts: list[str] | None = Field(
+        None, description="evaluation prompts; None = the first `max_prompts` training prompts"
+    )
+    max_prompts: int = Field(
+        8, ge=1, description="evaluation prompts taken from the training prompts when `prompts` is None (count)"
+    )
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1, 2, 3],
+        min_length=1,
+        description="initial-noise seeds per evaluation prompt: the same for the base model and every checkpoint",
+    )
     num_inference_steps: int = Field(50, ge=1, description="denoising steps of evaluation images (count)")
     guidance_scale: float = Field(7.5, ge=0, description="classifier-free guidance of evaluation images (unitless)")
-    height: int | None = Field(None, ge=8, multiple_of=8, description="evaluation image height (pixels); None = the pipeline's default")
-    width: int | None = Field(None, ge=8, multiple_of=8, description="evaluation image width (pixels); None = the pipeline's default")
+    height: int | None = Field(
+        None, ge=8, multiple_of=8, description="evaluation image height (pixels); None = the pipeline's default"
+    )
+    width: int | None = Field(
+        None, ge=8, multiple_of=8, description="evaluation image width (pixels); None = the pipeline's default"
+    )
     batch_size: int = Field(8, ge=1, description="images per diffusers call during evaluation (images)")
-    judges: list[JudgeBlock] = Field(default_factory=list, description="held-out judge rewards, each a reward config; its column name is its `use`")
-    select_by: str | None = Field(None, description="column whose win counts over the base model select the checkpoint; None = the training reward: the paper's rule (Section 5, 'as measured by the reward model'). Naming a judge is an override, reported as not the paper's rule; judges are monitors either way and selection.json gives each judge's own view")
+    judges: list[JudgeBlock] = Field(
+        default_factory=list, description="held-out judge rewards, each a reward config; its column name is its `use`"
+    )
+    select_by: str | None = Field(
+        None,
+        description="column whose win counts over the base model select the "
+        "checkpoint; None = the training reward: the paper's rule (Section "
+        "5, 'as measured by the reward model'). Naming a judge is an "
+        "override, reported as not the paper's rule; judges are monitors "
+        "either way and selection.json gives each judge's own view",
+    )
 
 
 class CheckpointBlock(StrictModel):
-    every: int = Field(100, ge=1, description="save LoRA + optimizer + RNG + data position every N steps (also at every evaluation and the last step)")
-    keep_last: int | None = Field(None, ge=1, description="keep only the N newest unevaluated checkpoints (evaluated ones are kept for selection); None = keep all")
+    every: int = Field(
+        100,
+        ge=1,
+        description="save LoRA + optimizer + RNG + data position every N steps (also at "
+        "every evaluation and the last step)",
+    )
+    keep_last: int | None = Field(
+        None,
+        ge=1,
+        description="keep only the N newest unevaluated checkpoints (evaluated "
+        "ones are kept for selection); None = keep all",
+    )
 
 
 class MonitorBlock(StrictModel):
-    window: int = Field(3, ge=1, description="evaluations looked back over: flag when over the last `window` evaluation intervals the training reward rose while every judge fell (count)")
-    tolerance: float = Field(0.0, ge=0, description="a rise / fall must exceed this (reward units of each column) to count")
-    stop_on_overoptimization: bool = Field(False, description="end the run (after checkpointing) the first time the monitor flags")
+    window: int = Field(
+        3,
+        ge=1,
+        description="evaluations looked back over: flag when over the last `window` "
+        "evaluation intervals the training reward rose while every judge fell "
+        "(count)",
+    )
+    tolerance: float = Field(
+        0.0, ge=0, description="a rise / fall must exceed this (reward units of each column) to count"
+    )
+    stop_on_overoptimization: bool = Field(
+        False, description="end the run (after checkpointing) the first time the monitor flags"
+    )
 
 
 class LoggingBlock(StrictModel):
-    tensorboard: bool = Field(True, description="write per-step losses, rewards, KL and learning rate as TensorBoard events under <out>/tensorboard")
-    wandb_project: str | None = Field(None, description="Weights & Biases project (Ray's W&B integration); None = no W&B")
-    wandb_mode: Literal["online", "offline", "disabled"] = Field("online", description="W&B mode; offline writes runs locally for `wandb sync`")
+    tensorboard: bool = Field(
+        True,
+        description="write per-step losses, rewards, KL and learning rate as TensorBoard "
+        "events under <out>/tensorboard",
+    )
+    wandb_project: str | None = Field(
+        None, description="Weights & Biases project (Ray's W&B integration); None = no W&B"
+    )
+    wandb_mode: Literal["online", "offline", "disabled"] = Field(
+        "online", description="W&B mode; offline writes runs locally for `wandb sync`"
+    )
     progress_bar: bool = Field(True, description="a tqdm progress bar of training steps (rank 0)")
 
 
@@ -132,35 +219,72 @@ class ScalingBlock(StrictModel):
     num_workers: int = Field(1, ge=1, description="Ray Train data-parallel workers (one per GPU)")
     use_gpu: bool | None = Field(None, description="one GPU per worker; None = when the cluster has GPUs")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Train worker (count)")
-    max_failures: int = Field(0, ge=-1, description="worker-group restarts Ray Train attempts from the last checkpoint (-1 = unlimited)")
+    max_failures: int = Field(
+        0, ge=-1, description="worker-group restarts Ray Train attempts from the last checkpoint (-1 = unlimited)"
+    )
 
 
 class FineTuneConfig(StrictModel):
     """What every fine-tuning run shares; methods add their own keys."""
 
-    out: OutputLocation = Field("results/finetune", description="run folder or cloud URI: config, checkpoints, eval.csv, curves, grids, selection")
+    out: OutputLocation = Field(
+        "results/finetune",
+        description="run folder or cloud URI: config, checkpoints, eval.csv, curves, grids, selection",
+    )
     seed: int = Field(0, ge=0, description="seed of noise, timesteps, data order and LoRA init")
     max_steps: int = Field(1000, ge=1, description="optimizer steps of the run (count); Table 4: up to 1,000 for RWR")
     policy: PolicyBlock = Field(default_factory=PolicyBlock, description="base pipeline, precision and LoRA adapter")
-    optimizer: OptimizerBlock = Field(default_factory=OptimizerBlock, description="AdamW, schedule and gradient clipping")
-    reward: RewardConfig = Field(..., description="the training reward: models, which column (raw, textnorm(...), ensemble), TextNorm params, contrastive source")
-    prompts_per_set: int | None = Field(None, ge=1, description="with reward.contrast 'released' and no training prompts given: the "
-                                        "first N prompts of each TIA2 set, in release order (the paper: '10 prompts from the 30' of "
-                                        "each set; it does not list them, and the first 10 are inside best-of-n's first 30)")
-    eval: EvalBlock = Field(default_factory=EvalBlock, description="periodic evaluation on fixed prompts and seeds, judges, checkpoint selection")
-    checkpoint: CheckpointBlock = Field(default_factory=CheckpointBlock, description="checkpoint frequency and retention")
-    monitor: MonitorBlock = Field(default_factory=MonitorBlock, description="overoptimization monitor (training reward up, judges down)")
+    optimizer: OptimizerBlock = Field(
+        default_factory=OptimizerBlock, description="AdamW, schedule and gradient clipping"
+    )
+    reward: RewardConfig = Field(
+        ...,
+        description="the training reward: models, which column (raw, textnorm(...), "
+        "ensemble), TextNorm params, contrastive source",
+    )
+    prompts_per_set: int | None = Field(
+        None,
+        ge=1,
+        description="with reward.contrast 'released' and no training "
+        "prompts given: the "
+        "first N prompts of each TIA2 set, in release order (the paper: '10 prompts "
+        "from the 30' of "
+        "each set; it does not list them, and the first 10 are inside best-of-n's "
+        "first 30)",
+    )
+    eval: EvalBlock = Field(
+        default_factory=EvalBlock,
+        description="periodic evaluation on fixed prompts and seeds, judges, checkpoint selection",
+    )
+    checkpoint: CheckpointBlock = Field(
+        default_factory=CheckpointBlock, description="checkpoint frequency and retention"
+    )
+    monitor: MonitorBlock = Field(
+        default_factory=MonitorBlock, description="overoptimization monitor (training reward up, judges down)"
+    )
     logging: LoggingBlock = Field(default_factory=LoggingBlock, description="TensorBoard, W&B, progress bar")
     scaling: ScalingBlock = Field(default_factory=ScalingBlock, description="Ray Train workers and resources")
-    scoring: ScoringConfig = Field(default_factory=lambda: ScoringConfig(batch_size=16), description="reward actors used to score data and evaluation images")
-    stop_after_steps: int | None = Field(None, ge=1, description="end this invocation after this step (checkpointed) though max_steps is larger; rerunning continues (operations/tests)")
+    scoring: ScoringConfig = Field(
+        default_factory=lambda: ScoringConfig(batch_size=16),
+        description="reward actors used to score data and evaluation images",
+    )
+    stop_after_steps: int | None = Field(
+        None,
+        ge=1,
+        description="end this invocation after this step (checkpointed) "
+        "though max_steps is larger; rerunning continues "
+        "(operations/tests)",
+    )
     ray: RayConfig = Field(default_factory=RayConfig, description="where Ray runs")
 
     @model_validator(mode="after")
     def _prompts_per_set(self) -> FineTuneConfig:
         if self.prompts_per_set and self.reward.contrast != "released":
-            raise ValueError(f"prompts_per_set: takes the first N prompts of each TIA2 set, so it needs reward.contrast "
-                             f"'released' (got '{self.reward.contrast}')")
+            raise ValueError(
+                "prompts_per_set: takes the first N prompts of each TIA2 set, so it needs "
+                "reward.contrast "
+                f"'released' (got '{self.reward.contrast}')"
+            )
         return self
 
     @model_validator(mode="after")
@@ -171,7 +295,10 @@ class FineTuneConfig(StrictModel):
         if self.reward.use in names:
             raise ValueError(f"eval.judges: judge '{self.reward.use}' is the training reward; a judge must be held out")
         if self.eval.select_by is not None and self.eval.select_by not in [*names, self.reward.use]:
-            raise ValueError(f"eval.select_by: '{self.eval.select_by}' is neither a judge {names} nor the training reward '{self.reward.use}'")
+            raise ValueError(
+                f"eval.select_by: '{self.eval.select_by}' is neither a judge {names} nor the training "
+                f"reward '{self.reward.use}'"
+            )
         return self
 
     def default_prompts(self) -> list[str]:

@@ -7,7 +7,8 @@ One DDPO epoch per core step (:class:`tn_ray.training.loop.Method`), in every Ra
    current policy, recording each chain (:func:`tn_ray.diffusion.sampling.sample_chains`); each
    batch's decoded images go to the reward actors at once (``RewardPool.submit``: futures), and the
    next batch samples while they score;
-2. **rewards**: the futures are collected (``RewardPool.collect``) (the wait is logged as ``reward_wait_s``) and turned into
+2. **rewards**: the futures are collected (``RewardPool.collect``) (the wait is logged as ``reward_wait_s``) and turned
+into
    the configured column (raw, TextNorm or an ensemble) by ``RewardConfig.column``;
 3. **advantages** per prompt from every worker's rewards (:mod:`tn_ray.training.advantages`);
 4. **train** ``train.num_inner_epochs`` passes: samples shuffled, each chain's timesteps shuffled
@@ -20,6 +21,7 @@ Evaluation, checkpoint selection, the overoptimization monitor, checkpoints, res
 logging are the core's (:mod:`tn_ray.training.loop`). Randomness comes from generators seeded
 by (seed, epoch, rank, ...), so a resumed run repeats an uninterrupted one exactly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,56 +48,179 @@ DDPO_PIPELINE = "stabilityai/stable-diffusion-2-1-base"  # Table 4 (DDPO)
 
 
 class SampleBlock(StrictModel):
-    num_steps: int = Field(50, ge=1, description="denoising steps T of every sampled chain (count); trained timesteps = T x train.timestep_fraction")
-    guidance_scale: float = Field(5.0, ge=0, description="classifier-free guidance when sampling, applied identically when log-probs are recomputed (unitless; <= 1: none)")
-    eta: float = Field(1.0, gt=0, le=1, description="DDIM eta: the step's noise std is eta x the DDPM posterior std (unitless; > 0 so steps have a log-probability)")
-    batch_size: int = Field(8, ge=1, description="images per sampling call, per worker (images); its decoded images go to the reward actors as one request")
-    num_batches_per_epoch: int = Field(32, ge=1, description="sampling calls per epoch per worker; samples per epoch = batch_size x num_batches_per_epoch x scaling.num_workers (Table 4: 256)")
+    num_steps: int = Field(
+        50,
+        ge=1,
+        description="denoising steps T of every sampled chain (count); trained timesteps = T x train.timestep_fraction",
+    )
+    guidance_scale: float = Field(
+        5.0,
+        ge=0,
+        description="classifier-free guidance when sampling, applied identically "
+        "when log-probs are recomputed (unitless; <= 1: none)",
+    )
+    eta: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="DDIM eta: the step's noise std is eta x the DDPM posterior std "
+        "(unitless; > 0 so steps have a log-probability)",
+    )
+    batch_size: int = Field(
+        8,
+        ge=1,
+        description="images per sampling call, per worker (images); its decoded images go "
+        "to the reward actors as one request",
+    )
+    num_batches_per_epoch: int = Field(
+        32,
+        ge=1,
+        description="sampling calls per epoch per worker; samples per epoch = "
+        "batch_size x num_batches_per_epoch x scaling.num_workers "
+        "(Table 4: 256)",
+    )
 
 
 class TrainBlock(StrictModel):
-    batch_size: int = Field(64, ge=1, description="samples per training minibatch, per worker (Table 4: 64); must divide sample.batch_size x sample.num_batches_per_epoch; one backward per (minibatch, trained timestep)")
-    updates_per_inner_epoch: int = Field(1, ge=1, description="optimizer steps per pass over the epoch's samples (Table 4: one per iteration); gradients accumulate over (minibatches / updates) x trained timesteps backward passes")
-    num_inner_epochs: int = Field(1, ge=1, description="passes over each epoch's samples (count); optimizer steps per epoch = num_inner_epochs x updates_per_inner_epoch")
-    timestep_fraction: float = Field(1.0, gt=0, le=1, description="share of each chain's timesteps trained on, a fresh random subset per sample and pass (ddpo-pytorch's timestep_fraction)")
-    clip_range: float = Field(1e-4, gt=0, description="PPO clip range eps: the ratio is clipped to [1 - eps, 1 + eps] (unitless)")
-    adv_clip_max: float = Field(5.0, gt=0, description="advantages are clipped to [-adv_clip_max, adv_clip_max] (standard deviations)")
-    kl_coef: float = Field(0.0, ge=0, description="eq. 5's lambda: weight of mean_d (eps_theta - eps_base)^2 added to the loss (guided noise predictions in epsilon space for every parameterization, adapters off for the base; unitless). trl's DDPO has no such term (= 0)")
-    kl_warmup_epochs: int = Field(0, ge=0, description="kl_coef ramps linearly from 0 over this many epochs (0: full weight from the first epoch)")
-    per_prompt_stat_tracking: bool = Field(True, description="standardize rewards per prompt over a buffer of its recent rewards (else by the whole epoch's batch)")
-    stat_buffer_size: int = Field(16, ge=1, description="rewards kept per prompt for its mean / std (count, across all workers)")
-    stat_min_count: int = Field(16, ge=1, description="a prompt's buffer is used once it holds this many rewards; before, the epoch's batch mean / std (count)")
+    batch_size: int = Field(
+        64,
+        ge=1,
+        description="samples per training minibatch, per worker (Table 4: 64); must "
+        "divide sample.batch_size x sample.num_batches_per_epoch; one "
+        "backward per (minibatch, trained timestep)",
+    )
+    updates_per_inner_epoch: int = Field(
+        1,
+        ge=1,
+        description="optimizer steps per pass over the epoch's samples "
+        "(Table 4: one per iteration); gradients accumulate over "
+        "(minibatches / updates) x trained timesteps backward "
+        "passes",
+    )
+    num_inner_epochs: int = Field(
+        1,
+        ge=1,
+        description="passes over each epoch's samples (count); optimizer steps per "
+        "epoch = num_inner_epochs x updates_per_inner_epoch",
+    )
+    timestep_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="share of each chain's timesteps trained on, a fresh "
+        "random subset per sample and pass (ddpo-pytorch's "
+        "timestep_fraction)",
+    )
+    clip_range: float = Field(
+        1e-4, gt=0, description="PPO clip range eps: the ratio is clipped to [1 - eps, 1 + eps] (unitless)"
+    )
+    adv_clip_max: float = Field(
+        5.0, gt=0, description="advantages are clipped to [-adv_clip_max, adv_clip_max] (standard deviations)"
+    )
+    kl_coef: float = Field(
+        0.0,
+        ge=0,
+        description="eq. 5's lambda: weight of mean_d (eps_theta - eps_base)^2 added to "
+        "the loss (guided noise predictions in epsilon space for every "
+        "parameterization, adapters off for the base; unitless). trl's DDPO "
+        "has no such term (= 0)",
+    )
+    kl_warmup_epochs: int = Field(
+        0, ge=0, description="kl_coef ramps linearly from 0 over this many epochs (0: full weight from the first epoch)"
+    )
+    per_prompt_stat_tracking: bool = Field(
+        True,
+        description="standardize rewards per prompt over a buffer of its "
+        "recent rewards (else by the whole epoch's batch)",
+    )
+    stat_buffer_size: int = Field(
+        16, ge=1, description="rewards kept per prompt for its mean / std (count, across all workers)"
+    )
+    stat_min_count: int = Field(
+        16,
+        ge=1,
+        description="a prompt's buffer is used once it holds this many rewards; "
+        "before, the epoch's batch mean / std (count)",
+    )
 
 
 class DDPOConfig(FineTuneConfig):
     """``tn-ray ddpo CONFIG.yaml``: every key of the fine-tuning core plus prompts, sample and train."""
 
-    out: OutputLocation = Field("results/ddpo", description="run folder or cloud URI: config, checkpoints, eval.csv, curves, grids, selection")
-    max_steps: int = Field(500, ge=1, description="DDPO epochs (count; Table 4: up to 500): each samples, scores and trains once; eval.every and checkpoint.every count epochs too")
-    policy: PolicyBlock = Field(default_factory=lambda: PolicyBlock(pipeline=DDPO_PIPELINE), description="base pipeline (Table 4: SD 2.1 base), precision and LoRA adapter")
-    optimizer: OptimizerBlock = Field(default_factory=lambda: OptimizerBlock(lr=3e-4, weight_decay=1e-4), description="AdamW (Table 4 DDPO: lr 3e-4, weight decay 1e-4, betas (0.9, 0.999), eps 1e-8, max grad norm 1)")
-    eval: EvalBlock = Field(default_factory=lambda: EvalBlock(guidance_scale=5.0), description="periodic evaluation on fixed prompts and seeds (every `every` epochs), judges, checkpoint selection")
-    prompts: list[str] | None = Field(None, description="training prompts; each sampled image draws one uniformly; None (and no prompts_file) = every prompt of reward.contrast's sets")
-    prompts_file: str | None = Field(None, description="text file of training prompts, one per line (blank lines skipped); appended to `prompts`")
-    sample: SampleBlock = Field(default_factory=SampleBlock, description="sampling: steps, guidance, eta, batch sizes (ddpo-pytorch's config.sample)")
-    train: TrainBlock = Field(default_factory=TrainBlock, description="policy-gradient training: minibatches, inner epochs, clipping, KL regularizer, advantages (ddpo-pytorch's config.train)")
+    out: OutputLocation = Field(
+        "results/ddpo", description="run folder or cloud URI: config, checkpoints, eval.csv, curves, grids, selection"
+    )
+    max_steps: int = Field(
+        500,
+        ge=1,
+        description="DDPO epochs (count; Table 4: up to 500): each samples, scores and "
+        "trains once; eval.every and checkpoint.every count epochs too",
+    )
+    policy: PolicyBlock = Field(
+        default_factory=lambda: PolicyBlock(pipeline=DDPO_PIPELINE),
+        description="base pipeline (Table 4: SD 2.1 base), precision and LoRA adapter",
+    )
+    optimizer: OptimizerBlock = Field(
+        default_factory=lambda: OptimizerBlock(lr=3e-4, weight_decay=1e-4),
+        description="AdamW (Table 4 DDPO: lr 3e-4, weight decay 1e-4, betas (0.9, 0.999), eps 1e-8, max grad norm 1)",
+    )
+    eval: EvalBlock = Field(
+        default_factory=lambda: EvalBlock(guidance_scale=5.0),
+        description="periodic evaluation on "
+        "fixed prompts and "
+        "seeds (every `every` "
+        "epochs), judges, "
+        "checkpoint selection",
+    )
+    prompts: list[str] | None = Field(
+        None,
+        description="training prompts; each sampled image draws one uniformly; "
+        "None (and no prompts_file) = every prompt of "
+        "reward.contrast's sets",
+    )
+    prompts_file: str | None = Field(
+        None, description="text file of training prompts, one per line (blank lines skipped); appended to `prompts`"
+    )
+    sample: SampleBlock = Field(
+        default_factory=SampleBlock,
+        description="sampling: steps, guidance, eta, batch sizes (ddpo-pytorch's config.sample)",
+    )
+    train: TrainBlock = Field(
+        default_factory=TrainBlock,
+        description="policy-gradient training: minibatches, inner "
+        "epochs, clipping, KL regularizer, advantages "
+        "(ddpo-pytorch's config.train)",
+    )
 
     @model_validator(mode="after")
     def _ddpo(self) -> DDPOConfig:
         require_prompts(bool(self.prompts or self.prompts_file), self.reward)
         per_worker = self.sample.batch_size * self.sample.num_batches_per_epoch
         if per_worker % self.train.batch_size:
-            raise ValueError(f"train.batch_size: {self.train.batch_size} does not divide the {per_worker} samples per worker "
-                             f"(sample.batch_size x sample.num_batches_per_epoch)")
+            raise ValueError(
+                f"train.batch_size: {self.train.batch_size} does not divide the {per_worker} samples per "
+                "worker "
+                f"(sample.batch_size x sample.num_batches_per_epoch)"
+            )
         minibatches = per_worker // self.train.batch_size
         if minibatches % self.train.updates_per_inner_epoch:
-            raise ValueError(f"train.updates_per_inner_epoch: {self.train.updates_per_inner_epoch} does not divide the "
-                             f"{minibatches} minibatches of an inner epoch")
-        if self.optimizer_steps_per_epoch > 1 and (self.optimizer.schedule != "constant" or self.optimizer.warmup_steps):
-            raise ValueError("optimizer.schedule: learning-rate schedules count epochs; with more than one optimizer step "
-                             "per epoch (train.num_inner_epochs x train.updates_per_inner_epoch) use schedule 'constant'")
+            raise ValueError(
+                f"train.updates_per_inner_epoch: {self.train.updates_per_inner_epoch} does not divide the "
+                f"{minibatches} minibatches of an inner epoch"
+            )
+        if self.optimizer_steps_per_epoch > 1 and (
+            self.optimizer.schedule != "constant" or self.optimizer.warmup_steps
+        ):
+            raise ValueError(
+                "optimizer.schedule: learning-rate schedules count epochs; with more than one optimizer "
+                "step "
+                "per epoch (train.num_inner_epochs x train.updates_per_inner_epoch) use schedule "
+                "'constant'"
+            )
         if int(self.sample.num_steps * self.train.timestep_fraction) < 1:
-            raise ValueError("train.timestep_fraction: trains on no timestep (sample.num_steps x timestep_fraction < 1)")
+            raise ValueError(
+                "train.timestep_fraction: trains on no timestep (sample.num_steps x timestep_fraction < 1)"
+            )
         return self
 
     @property
@@ -127,7 +252,9 @@ class DDPO(Method):
         use_ddim(policy.pipe)
         policy.pipe.set_progress_bar_config(disable=True)
         tr = cfg.train
-        self.stat_tracker = PerPromptStatTracker(tr.stat_buffer_size, tr.stat_min_count) if tr.per_prompt_stat_tracking else None
+        self.stat_tracker = (
+            PerPromptStatTracker(tr.stat_buffer_size, tr.stat_min_count) if tr.per_prompt_stat_tracking else None
+        )
 
     def train_prompts(self) -> list[str]:
         return list(self.data.prompts)
@@ -153,9 +280,20 @@ class DDPO(Method):
         for b in range(s.num_batches_per_epoch):
             rng = np.random.default_rng(seeds_of(cfg.seed, step, self.ctx.rank, b, 0, n=1)[0])
             ids = rng.integers(len(self.data.prompts), size=s.batch_size).tolist()
-            gens = [torch.Generator("cpu").manual_seed(x) for x in seeds_of(cfg.seed, step, self.ctx.rank, b, 1, n=s.batch_size)]
-            chains = sample_chains(pipe, [self.data.prompts[i] for i in ids], ids, num_steps=s.num_steps,
-                                   guidance=s.guidance_scale, eta=s.eta, generator=gens, autocast=self.policy.autocast())
+            gens = [
+                torch.Generator("cpu").manual_seed(x)
+                for x in seeds_of(cfg.seed, step, self.ctx.rank, b, 1, n=s.batch_size)
+            ]
+            chains = sample_chains(
+                pipe,
+                [self.data.prompts[i] for i in ids],
+                ids,
+                num_steps=s.num_steps,
+                guidance=s.guidance_scale,
+                eta=s.eta,
+                generator=gens,
+                autocast=self.policy.autocast(),
+            )
             images, texts = decode_images(pipe, chains.latents[:, -1]), [self.data.texts[i] for i in ids]
             for pool in self.data.pools.values():  # returns at once: the next batch samples while they score
                 pool.submit(images, texts)
@@ -167,7 +305,9 @@ class DDPO(Method):
         groups = reward_groups(cfg.reward, [self.data.prompts[i] for i in chains.prompt_ids.tolist()])
         column = np.asarray(cfg.reward.column(values, groups), dtype=np.float64)
         if not np.isfinite(column).all():
-            raise InputError(f"reward '{cfg.reward.use}' is not finite for {int((~np.isfinite(column)).sum())} sampled images")
+            raise InputError(
+                f"reward '{cfg.reward.use}' is not finite for {int((~np.isfinite(column)).sum())} sampled images"
+            )
         return chains, chains.prompt_ids.cpu().numpy(), column, t1 - t0, wait
 
     # --- 4: the policy-gradient passes ------------------------------------------------
@@ -215,8 +355,17 @@ class DDPO(Method):
                     sync = unet.no_sync() if (hasattr(unet, "no_sync") and not last) else contextlib.nullcontext()
                     with sync:
                         with policy.autocast():
-                            log_prob, guided = step_log_prob(unet, sched, x_t, t, x_prev, part.prompt_embeds,
-                                                             part.negative_embeds, cfg.sample.guidance_scale, cfg.sample.eta)
+                            log_prob, guided = step_log_prob(
+                                unet,
+                                sched,
+                                x_t,
+                                t,
+                                x_prev,
+                                part.prompt_embeds,
+                                part.negative_embeds,
+                                cfg.sample.guidance_scale,
+                                cfg.sample.eta,
+                            )
                         # the regularizer compares noise predictions (epsilon space, also for v-prediction models)
                         base = self.base_eps(x_t, t, part.prompt_embeds, part.negative_embeds) if kl_coef > 0 else None
                         eps = to_epsilon(sched, guided, t, x_t) if base is not None else None
@@ -229,8 +378,13 @@ class DDPO(Method):
                     if last:
                         updates.append(self.optim.step())
         metrics = {key: float(np.mean(v)) for key, v in logs.items()}
-        metrics.update(kl_coef=kl_coef, lr=updates[-1]["lr"], grad_norm=float(np.mean([u["grad_norm"] for u in updates])),
-                       first_approx_kl=first_kl, optimizer_steps=len(updates))
+        metrics.update(
+            kl_coef=kl_coef,
+            lr=updates[-1]["lr"],
+            grad_norm=float(np.mean([u["grad_norm"] for u in updates])),
+            first_approx_kl=first_kl,
+            optimizer_steps=len(updates),
+        )
         return metrics
 
     # --- one epoch ------------------------------------------------------------------------
@@ -246,9 +400,16 @@ class DDPO(Method):
         metrics = self.train_epoch(step, chains, advantages)
         all_rewards, _ = gather_rows(torch.as_tensor(rewards, dtype=torch.float64))
         epoch_s = time.perf_counter() - t0
-        metrics.update(reward_mean=float(all_rewards.mean()), reward_std=float(all_rewards.std(unbiased=False)),
-                       sample_s=sample_s, reward_wait_s=wait_s, train_s=time.perf_counter() - t1, epoch_s=epoch_s,
-                       reward_idle_fraction=wait_s / epoch_s, epoch=step)
+        metrics.update(
+            reward_mean=float(all_rewards.mean()),
+            reward_std=float(all_rewards.std(unbiased=False)),
+            sample_s=sample_s,
+            reward_wait_s=wait_s,
+            train_s=time.perf_counter() - t1,
+            epoch_s=epoch_s,
+            reward_idle_fraction=wait_s / epoch_s,
+            epoch=step,
+        )
         return metrics
 
     def record_samples(self, step: int, prompt_ids: np.ndarray, rewards: np.ndarray, advantages: np.ndarray) -> None:
@@ -258,11 +419,19 @@ class DDPO(Method):
 
         from tn_ray.storage import Store
 
-        frame = pd.DataFrame({"epoch": step, "rank": self.ctx.rank, "prompt_id": prompt_ids,
-                              "prompt": [self.data.prompts[i] for i in prompt_ids], "reward": rewards,
-                              "advantage": advantages})
-        Store(self.cfg.out).write_table(f"samples/epoch-{step:06d}-rank-{self.ctx.rank}.parquet",
-                                        pa.Table.from_pandas(frame, preserve_index=False))
+        frame = pd.DataFrame(
+            {
+                "epoch": step,
+                "rank": self.ctx.rank,
+                "prompt_id": prompt_ids,
+                "prompt": [self.data.prompts[i] for i in prompt_ids],
+                "reward": rewards,
+                "advantage": advantages,
+            }
+        )
+        Store(self.cfg.out).write_table(
+            f"samples/epoch-{step:06d}-rank-{self.ctx.rank}.parquet", pa.Table.from_pandas(frame, preserve_index=False)
+        )
 
 
 def prepare(cfg: DDPOConfig, allow_provenance_change: bool = False) -> DDPOData:
@@ -303,7 +472,11 @@ def run(cfg: DDPOConfig, allow_provenance_change: bool = False, callbacks: Seque
         result = fit(cfg, DDPO, data, callbacks)
     finally:
         release(data)
-    paths = write_outputs(cfg, data.prompts) if cfg.eval.enabled else {"out": store.uri(""), "checkpoints": store.uri("checkpoints")}
+    paths = (
+        write_outputs(cfg, data.prompts)
+        if cfg.eval.enabled
+        else {"out": store.uri(""), "checkpoints": store.uri("checkpoints")}
+    )
     paths["samples"] = store.uri("samples")
     paths["ray_result"] = result["ray_path"]
     return paths
@@ -316,5 +489,7 @@ def epoch_rewards(out: str) -> Any:
     from tn_ray.storage import Store
 
     store = Store(out)
-    frame = pd.concat([store.read_table(rel).to_pandas() for rel in store.list_files("samples", ".parquet")], ignore_index=True)
+    frame = pd.concat(
+        [store.read_table(rel).to_pandas() for rel in store.list_files("samples", ".parquet")], ignore_index=True
+    )
     return frame.groupby("epoch")["reward"].agg(reward_mean="mean", reward_std="std", samples="size").reset_index()

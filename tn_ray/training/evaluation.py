@@ -64,7 +64,9 @@ def reward_groups(reward: RewardConfig, prompts: Sequence[str]) -> list[str] | N
     return tia2.sets_of(prompts, tia2.resolve_dir(None))
 
 
-def generate_images(policy, prompts: Sequence[str], seeds: Sequence[int], block, reference: bool = False) -> list[bytes]:
+def generate_images(
+    policy, prompts: Sequence[str], seeds: Sequence[int], block, reference: bool = False
+) -> list[bytes]:
     """PNG bytes of every (prompt, seed), prompt-major; one CPU generator per image, fixed batches."""
     import contextlib
 
@@ -76,9 +78,15 @@ def generate_images(policy, prompts: Sequence[str], seeds: Sequence[int], block,
     with ctx, torch.no_grad():
         for i in range(0, len(pairs), block.batch_size):
             chunk = pairs[i : i + block.batch_size]
-            images = policy.pipe(prompt=[p for p, _ in chunk], generator=[torch.Generator("cpu").manual_seed(s) for _, s in chunk],
-                                 num_inference_steps=block.num_inference_steps, guidance_scale=block.guidance_scale,
-                                 height=block.height, width=block.width, output_type="pil").images
+            images = policy.pipe(
+                prompt=[p for p, _ in chunk],
+                generator=[torch.Generator("cpu").manual_seed(s) for _, s in chunk],
+                num_inference_steps=block.num_inference_steps,
+                guidance_scale=block.guidance_scale,
+                height=block.height,
+                width=block.width,
+                output_type="pil",
+            ).images
             for im in images:
                 buf = io.BytesIO()
                 im.save(buf, format="PNG")
@@ -100,8 +108,10 @@ class Evaluator:
         if self.store.exists("eval/prompts.json"):
             old = json.loads(self.store.read_text("eval/prompts.json"))
             if old != self.prompts:
-                raise InputError(f"{self.store.uri('eval/prompts.json')}: this run was evaluated on other prompts; "
-                                 "keep eval.prompts or use a new `out`")
+                raise InputError(
+                    f"{self.store.uri('eval/prompts.json')}: this run was evaluated on other prompts; "
+                    "keep eval.prompts or use a new `out`"
+                )
         else:
             self.store.write_text("eval/prompts.json", json.dumps(self.prompts, indent=1))
 
@@ -124,7 +134,9 @@ class Evaluator:
             for model in rc.models:
                 key = (model, json.dumps(self.texts[name]))
                 if key not in scored:
-                    scored[key] = pad_rows(self._pool(model).score(list(images), texts, chunk=self.cfg.scoring.batch_size))
+                    scored[key] = pad_rows(
+                        self._pool(model).score(list(images), texts, chunk=self.cfg.scoring.batch_size)
+                    )
                 values[model] = scored[key]
             column = rc.column(values, reward_groups(rc, [self.prompts[i // n_seeds] for i in range(len(images))]))
             for i, v in enumerate(column):
@@ -167,15 +179,20 @@ class Evaluator:
         images = generate_images(policy, self.prompts, self.seeds, self.cfg.eval)
         self._save_images(f"eval/{step_name(step)}", images)
         scores = self.score(images).assign(step=int(step))
-        self.store.write_table(f"eval/scores/{step_name(step)}.parquet", pa.Table.from_pandas(scores, preserve_index=False))
+        self.store.write_table(
+            f"eval/scores/{step_name(step)}.parquet", pa.Table.from_pandas(scores, preserve_index=False)
+        )
         counts = win_counts(scores, self.base_scores())
         out: dict[str, float] = {}
         for row in counts.itertuples():
             out[row.reward] = float(row.mean)
             out[f"{row.reward}/wins"] = float(row.wins)
         train = self.cfg.reward.use
-        out.update(eval_reward=out[train], eval_reward_wins=out[f"{train}/wins"],
-                   eval_wins=out[f"{self.cfg.selection_column}/wins"])
+        out.update(
+            eval_reward=out[train],
+            eval_reward_wins=out[f"{train}/wins"],
+            eval_wins=out[f"{self.cfg.selection_column}/wins"],
+        )
         if self.cfg.eval.judges:
             judge = self.cfg.judge_names()[0]
             out.update(eval_judge=out[judge], eval_judge_wins=out[f"{judge}/wins"])
@@ -185,11 +202,20 @@ class Evaluator:
         return [int(rel.rsplit("-", 1)[1].split(".")[0]) for rel in self.store.list_files("eval/scores", ".parquet")]
 
     def record_flag(self, flag, train_name: str) -> None:
-        flags = json.loads(self.store.read_text("monitor_flags.json")) if self.store.exists("monitor_flags.json") else []
+        flags = (
+            json.loads(self.store.read_text("monitor_flags.json")) if self.store.exists("monitor_flags.json") else []
+        )
         flags = [f for f in flags if f["step"] != flag.step]
-        flags.append({"step": flag.step, "window_start": flag.window_start, "train_reward": train_name,
-                      "train_change": flag.train_change, "judge_changes": flag.judge_changes,
-                      "message": flag.message(train_name)})
+        flags.append(
+            {
+                "step": flag.step,
+                "window_start": flag.window_start,
+                "train_reward": train_name,
+                "train_change": flag.train_change,
+                "judge_changes": flag.judge_changes,
+                "message": flag.message(train_name),
+            }
+        )
         self.store.write_text("monitor_flags.json", json.dumps(flags, indent=1))
 
     def close(self) -> None:
@@ -202,6 +228,10 @@ def read_scores(out: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(every checkpoint's per-image scores, the base model's) of a run."""
     store = Store(out)
     parts = [store.read_table(rel).to_pandas() for rel in store.list_files("eval/scores", ".parquet")]
-    scores = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["step", "prompt_id", "seed", "prompt", "reward", "value"])
+    scores = (
+        pd.concat(parts, ignore_index=True)
+        if parts
+        else pd.DataFrame(columns=["step", "prompt_id", "seed", "prompt", "reward", "value"])
+    )
     base = store.read_table("eval/base.parquet").to_pandas() if store.exists("eval/base.parquet") else None
     return scores, base

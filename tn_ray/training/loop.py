@@ -134,7 +134,9 @@ class Trainer:
             base = evaluator.base(policy)
             if not monitor.history:
                 monitor.update(0, base[cfg.reward.use], {j: base[j] for j in cfg.judge_names()})
-        tracker = Tracker(cfg.logging, cfg.out, cfg.max_steps, start, ctx.rank, cfg.model_dump(mode="json"), method.name)
+        tracker = Tracker(
+            cfg.logging, cfg.out, cfg.max_steps, start, ctx.rank, cfg.model_dump(mode="json"), method.name
+        )
         eval_at = set(evaluation_steps(cfg)) if cfg.eval.enabled else set()
         evaluated: set[int] = set(evaluator.evaluated_steps()) if evaluator else set()
         summary: dict[str, Any] = {"start_step": start, "end_step": start, "stopped_by_monitor": False}
@@ -158,8 +160,12 @@ class Trainer:
                 stop = _broadcast(stop, ctx)
                 if step in eval_at or step % cfg.checkpoint.every == 0 or step == end or stop:
                     if ctx.rank == 0:
-                        state = {"optim": optim.state_dict(), "method": method.state_dict(),
-                                 "monitor": monitor.state_dict(), "rng": rng_state()}
+                        state = {
+                            "optim": optim.state_dict(),
+                            "method": method.state_dict(),
+                            "monitor": monitor.state_dict(),
+                            "rng": rng_state(),
+                        }
                         report["checkpoint"] = checkpoints.save(step, policy, state)
                         checkpoints.prune(self.cfg.checkpoint.keep_last, evaluated)
                         tracker.sync()
@@ -222,11 +228,20 @@ def fit(cfg: FineTuneConfig, method: type[Method], data: Any, callbacks: Sequenc
     # classes travel by reference (cloudpickle), so the workers import them from tn_ray
     config = {"cfg": cfg.model_dump(mode="json"), "config_class": type(cfg), "method": method, "data": ray.put(data)}
     trainer = TorchTrainer(
-        worker_loop, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
-        run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", storage_path=ray_storage(cfg.out),
-                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures), callbacks=list(callbacks)))
+        worker_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+            storage_path=ray_storage(cfg.out),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            callbacks=list(callbacks),
+        ),
+    )
     result = trainer.fit()
     return {"metrics": dict(result.metrics or {}), "ray_path": result.path}
 

@@ -139,8 +139,16 @@ def rwr_loss(pred: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor, bet
     return {"loss": denoise + beta * kl, "denoise": denoise, "kl": kl}
 
 
-def rwr_terms(scheduler, pred: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
-              weights: torch.Tensor, beta: float = 0.0, ref_pred: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def rwr_terms(
+    scheduler,
+    pred: torch.Tensor,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+    weights: torch.Tensor,
+    beta: float = 0.0,
+    ref_pred: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """:func:`rwr_loss` on raw UNet outputs (``pred``, ``ref_pred``: noise, v or x0 as the scheduler's
     ``prediction_type`` says) at noisy latents ``noisy`` = x_t: both converted to epsilon first, the
     target is the drawn ``noise``. The same value for an epsilon model and its v-parameterized twin."""

@@ -35,10 +35,22 @@ log = logging.getLogger(__name__)
 
 
 def eval_table(scores: pd.DataFrame, base: pd.DataFrame) -> pd.DataFrame:
-    counts = win_counts(scores, base) if len(scores) else pd.DataFrame(columns=["step", "reward", "wins", "images", "mean", "base_mean"])
+    counts = (
+        win_counts(scores, base)
+        if len(scores)
+        else pd.DataFrame(columns=["step", "reward", "wins", "images", "mean", "base_mean"])
+    )
     base_rows = base.groupby("reward")["value"].agg(["mean", "size"]).reset_index()
-    zero = pd.DataFrame({"step": 0, "reward": base_rows["reward"], "wins": 0, "images": base_rows["size"],
-                         "mean": base_rows["mean"], "base_mean": base_rows["mean"]})
+    zero = pd.DataFrame(
+        {
+            "step": 0,
+            "reward": base_rows["reward"],
+            "wins": 0,
+            "images": base_rows["size"],
+            "mean": base_rows["mean"],
+            "base_mean": base_rows["mean"],
+        }
+    )
     table = pd.concat([zero, counts], ignore_index=True)[["step", "reward", "mean", "wins", "images", "base_mean"]]
     return table.sort_values(["step", "reward"]).reset_index(drop=True)
 
@@ -63,8 +75,14 @@ def plot_curves(table: pd.DataFrame, train_reward: str, column: str, flags: list
     ax = axes[-1]
     for reward in rewards:
         rows = table[(table["reward"] == reward) & (table["step"] > 0)]
-        ax.plot(rows["step"], rows["wins"], marker="o", linewidth=2.5 if reward == column else 1,
-                color="tab:red" if reward == train_reward else None, label=reward + (" (selects)" if reward == column else ""))
+        ax.plot(
+            rows["step"],
+            rows["wins"],
+            marker="o",
+            linewidth=2.5 if reward == column else 1,
+            color="tab:red" if reward == train_reward else None,
+            label=reward + (" (selects)" if reward == column else ""),
+        )
     rule = "the paper's rule" if column == train_reward else "select_by override"
     ax.set_title(f"images beating the base model; selected by {column} ({rule})", fontsize=8)
     ax.legend(fontsize=7)
@@ -79,17 +97,26 @@ def plot_curves(table: pd.DataFrame, train_reward: str, column: str, flags: list
     return buf.getvalue()
 
 
-def write_grids(store: Store, prompts: Sequence[str], seeds: Sequence[int], steps: Sequence[int], cell: int = 96) -> list[str]:
+def write_grids(
+    store: Store, prompts: Sequence[str], seeds: Sequence[int], steps: Sequence[int], cell: int = 96
+) -> list[str]:
     from tn_ray.analysis.image_grids import prompt_grid
 
     rels = []
     for pid, prompt in enumerate(prompts):
+
         def image_of(row: str, step: int, pid: int = pid) -> bytes:
             folder = "eval/base" if step == 0 else f"eval/{step_name(step)}"
             return store.read_bytes(f"{folder}/{pid:05d}-{row.split()[-1]}.png")
 
-        grid = prompt_grid(prompt, [f"seed {s}" for s in seeds], [0, *steps], image_of, cell,
-                           column_label=lambda s: "base" if s == 0 else f"step {s}")
+        grid = prompt_grid(
+            prompt,
+            [f"seed {s}" for s in seeds],
+            [0, *steps],
+            image_of,
+            cell,
+            column_label=lambda s: "base" if s == 0 else f"step {s}",
+        )
         buf = io.BytesIO()
         grid.save(buf, format="PNG")
         rel = f"grids/{pid:05d}.png"
@@ -98,7 +125,9 @@ def write_grids(store: Store, prompts: Sequence[str], seeds: Sequence[int], step
     return rels
 
 
-def write_human_eval(store: Store, prompts: Sequence[str], seeds: Sequence[int], selected: int, seed: int = 0) -> tuple[str, str]:
+def write_human_eval(
+    store: Store, prompts: Sequence[str], seeds: Sequence[int], selected: int, seed: int = 0
+) -> tuple[str, str]:
     """Blinded pages comparing, per prompt, the selected checkpoint's evaluation images with the base model's."""
     from tn_ray.analysis.human_eval import export
 
@@ -109,11 +138,28 @@ def write_human_eval(store: Store, prompts: Sequence[str], seeds: Sequence[int],
         for i, s in enumerate(seeds):
             for reward, sample, folder in ((base, i, "eval/base"), (chosen, k + i, f"eval/{step_name(selected)}")):
                 sel_rows.append({"n": k, "k": k, "reward": reward, "prompt_id": pid, "rank": i, "sample": sample})
-                image_rows.append({"prompt_id": pid, "sample": sample, "prompt": prompt,
-                                   "image_id": f"{folder.split('/')[-1]}-{pid:05d}-{s}", "image": f"{folder}/{pid:05d}-{s}.png"})
+                image_rows.append(
+                    {
+                        "prompt_id": pid,
+                        "sample": sample,
+                        "prompt": prompt,
+                        "image_id": f"{folder.split('/')[-1]}-{pid:05d}-{s}",
+                        "image": f"{folder}/{pid:05d}-{s}.png",
+                    }
+                )
     with tempfile.TemporaryDirectory() as tmp:
         out_dir, key = Path(tmp) / "human_eval", Path(tmp) / "human_eval_key.csv"
-        export(pd.DataFrame(sel_rows), pd.DataFrame(image_rows), [(chosen, base)], k, k, seed, out_dir, key, store.read_bytes)
+        export(
+            pd.DataFrame(sel_rows),
+            pd.DataFrame(image_rows),
+            [(chosen, base)],
+            k,
+            k,
+            seed,
+            out_dir,
+            key,
+            store.read_bytes,
+        )
         for f in out_dir.rglob("*"):
             if f.is_file():
                 store.write_bytes(f"human_eval/{f.relative_to(out_dir).as_posix()}", f.read_bytes())
@@ -131,8 +177,13 @@ def write_outputs(cfg: FineTuneConfig, train_prompts: Sequence[str]) -> dict[str
         raise FileNotFoundError(f"{store.uri('eval/base.parquet')}: the run has no evaluation yet")
     table = eval_table(scores, base)
     store.write_text("eval.csv", table.to_csv(index=False))
-    paths: dict[str, Any] = {"out": store.uri(""), "config": store.uri("config.yaml"), "eval_csv": store.uri("eval.csv"),
-                             "checkpoints": store.uri("checkpoints"), "tensorboard": store.uri("tensorboard")}
+    paths: dict[str, Any] = {
+        "out": store.uri(""),
+        "config": store.uri("config.yaml"),
+        "eval_csv": store.uri("eval.csv"),
+        "checkpoints": store.uri("checkpoints"),
+        "tensorboard": store.uri("tensorboard"),
+    }
     flags = json.loads(store.read_text("monitor_flags.json")) if store.exists("monitor_flags.json") else []
     column = cfg.selection_column
     steps = sorted(scores["step"].unique().tolist()) if len(scores) else []
@@ -154,7 +205,9 @@ def write_outputs(cfg: FineTuneConfig, train_prompts: Sequence[str]) -> dict[str
     if steps:
         write_grids(store, prompts, cfg.eval.seeds, steps)
         paths["grids"] = store.uri("grids")
-        paths["human_eval"], paths["human_eval_key"] = write_human_eval(store, prompts, cfg.eval.seeds, selected, cfg.seed)
+        paths["human_eval"], paths["human_eval_key"] = write_human_eval(
+            store, prompts, cfg.eval.seeds, selected, cfg.seed
+        )
     if flags:
         paths["monitor_flags"] = store.uri("monitor_flags.json")
     return paths

@@ -114,7 +114,9 @@ class Policy:
         """The adapter's weights (peft names, CPU copies)."""
         from peft.utils import get_peft_model_state_dict
 
-        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.unet, adapter_name=ADAPTER).items()}
+        return {
+            k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.unet, adapter_name=ADAPTER).items()
+        }
 
     def load_lora_state(self, state: dict[str, torch.Tensor]) -> None:
         """Put saved adapter weights into the one active adapter (never a second adapter)."""
@@ -123,8 +125,10 @@ class Policy:
         result = set_peft_model_state_dict(self.unet, state, adapter_name=ADAPTER)
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
         if unexpected:
-            raise ValueError(f"LoRA state does not fit this policy: unexpected keys {unexpected[:3]} "
-                             f"(rank / target_modules changed since the checkpoint?)")
+            raise ValueError(
+                f"LoRA state does not fit this policy: unexpected keys {unexpected[:3]} "
+                f"(rank / target_modules changed since the checkpoint?)"
+            )
         missing = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k]
         if missing:
             raise ValueError(f"LoRA state lacks {len(missing)} adapter weights, e.g. {missing[:3]}")

@@ -44,38 +44,69 @@ SET_NAME = "rwr"
 
 
 class PretrainBlock(StrictModel):
-    folder: str = Field(..., description="folder of real images with captions.json {file name: caption} (Lee et al.'s pre-training data)")
-    weight: float = Field(1.0, ge=0, description="gamma: weight of the plain denoising loss on these images, added to eq. 4's loss")
+    folder: str = Field(..., description="folder of real images with captions.json {file name: caption} (Lee et al.'s "
+                                         "pre-training data)")
+    weight: float = Field(1.0, ge=0, description="gamma: weight of the plain denoising loss on these images, added to "
+                                                 "eq. 4's loss")
     batch_size: int = Field(4, ge=1, description="real images per step and worker (images)")
 
 
 class RwrConfig(FineTuneConfig):
-    out: OutputLocation = Field("results/rwr", description="run folder or cloud URI: config, generation, cache, data, checkpoints, eval, reports")
-    prompts: list[str] | None = Field(None, description="training prompts; None = every prompt of reward.contrast's sets")
+    out: OutputLocation = Field("results/rwr", description="run folder or cloud URI: config, generation, cache, data, "
+                                                           "checkpoints, eval, reports")
+    prompts: list[str] | None = Field(None, description="training prompts; None = every prompt of reward.contrast's "
+                                                        "sets")
     max_prompts: int | None = Field(None, ge=1, description="first N training prompts only (count); None = all")
     generation: GenerationConfig = Field(default_factory=lambda: GenerationConfig(samples_per_prompt=100),
-                                         description="the base model's images to learn from (paper: 100 per prompt, 50 steps, guidance 7.5); pipeline defaults to policy.pipeline")
-    top_k: int = Field(10, ge=1, description="images kept per prompt, the best by the training reward (images; paper: 10 of 100)")
-    weighting: Weighting = Field("value", description="w_i of eq. 4: value (the reward), minmax (per prompt), softmax (over kept images, mean 1)")
+                                         description="the base model's images to learn from (paper: 100 per prompt, 50 "
+                                                     "steps, guidance 7.5); pipeline defaults to policy.pipeline")
+    top_k: int = Field(10, ge=1, description="images kept per prompt, the best by the training reward (images; paper: "
+                                             "10 of 100)")
+    weighting: Weighting = Field("value", description="w_i of eq. 4: value (the reward), minmax (per prompt), softmax "
+                                                      "(over kept images, mean 1)")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of weighting: softmax (reward units)")
-    latents: Literal["encode", "regenerate"] = Field("encode", description="training latents of the kept images: encode = VAE-encode the stored images (Lee et al.; the VAE round trip is near lossless for SD); regenerate = rerun the base model for each kept (prompt, seed) and take the sampler's own latents (exact; about top_k / samples_per_prompt of the generation cost; needed when the VAE is not a faithful autoencoder, as the random tiny pipeline's)")
-    beta: float = Field(0.5, ge=0, description="KL coefficient: weight of mean_d (eps_theta - eps_theta0)^2, noise predictions in epsilon space for every parameterization (unitless; the paper's grid: 0, .25, .5, .75, 1; 0.5 is tn_ray's choice, the paper does not say which it selected)")
-    batch_size: int = Field(32, ge=1, description="images per optimizer step over all workers (Table 4: 32); split evenly across workers")
-    pretrain: PretrainBlock | None = Field(None, description="optional pre-training term on real images (Lee et al.); None = off")
-    optimizer: OptimizerBlock = Field(default_factory=OptimizerBlock, description="AdamW (Table 4, RWR: lr 1e-5, weight decay 1e-2, betas (0.9, 0.999), eps 1e-8, max grad norm 1.0)")
+    latents: Literal["encode", "regenerate"] = Field("encode", description="training latents of the kept images: "
+                                                                           "encode = VAE-encode the stored images (Lee "
+                                                                           "et al.; the VAE round trip is near "
+                                                                           "lossless for SD); regenerate = rerun the "
+                                                                           "base model for each kept (prompt, seed) "
+                                                                           "and take the sampler's own latents (exact; "
+                                                                           "about top_k / samples_per_prompt of the "
+                                                                           "generation cost; needed when the VAE is "
+                                                                           "not a faithful autoencoder, as the random "
+                                                                           "tiny pipeline's)")
+    beta: float = Field(0.5, ge=0, description="KL coefficient: weight of mean_d (eps_theta - eps_theta0)^2, noise "
+                                               "predictions in epsilon space for every parameterization (unitless; the "
+                                               "paper's grid: 0, .25, .5, .75, 1; 0.5 is tn_ray's choice, the paper "
+                                               "does not say which it selected)")
+    batch_size: int = Field(32, ge=1, description="images per optimizer step over all workers (Table 4: 32); split "
+                                                  "evenly across workers")
+    pretrain: PretrainBlock | None = Field(None, description="optional pre-training term on real images (Lee et al.); "
+                                                             "None = off")
+    optimizer: OptimizerBlock = Field(
+        default_factory=OptimizerBlock,
+        description="AdamW (Table 4, RWR: lr 1e-5, weight decay 1e-2, betas (0.9, 0.999), eps 1e-8, max grad norm 1.0)",
+    )
 
     @model_validator(mode="after")
     def _rwr(self) -> RwrConfig:
         if "pipeline" not in self.generation.model_fields_set:
             self.generation.pipeline = self.policy.pipeline
         if self.generation.pipeline != self.policy.pipeline:
-            raise ValueError(f"generation.pipeline '{self.generation.pipeline}' differs from policy.pipeline "
-                             f"'{self.policy.pipeline}': RWR learns from the base model's own images")
+            raise ValueError(
+                f"generation.pipeline '{self.generation.pipeline}' differs from policy.pipeline "
+                f"'{self.policy.pipeline}': RWR learns from the base model's own images"
+            )
         if self.top_k > self.generation.samples_per_prompt:
-            raise ValueError(f"top_k ({self.top_k}) exceeds generation.samples_per_prompt ({self.generation.samples_per_prompt})")
+            raise ValueError(
+                f"top_k ({self.top_k}) exceeds generation.samples_per_prompt ({self.generation.samples_per_prompt})"
+            )
         require_prompts(bool(self.prompts), self.reward)
         if self.batch_size % self.scaling.num_workers:
-            raise ValueError(f"batch_size ({self.batch_size}) must split evenly over scaling.num_workers ({self.scaling.num_workers})")
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must split evenly over scaling.num_workers "
+                f"({self.scaling.num_workers})"
+            )
         return self
 
 
@@ -86,13 +117,18 @@ class RwrConfig(FineTuneConfig):
 
 def score_items(manifest: pd.DataFrame, texts: dict[str, list[str]]) -> pd.DataFrame:
     """Rows for ``score_matrices``: content-addressed image keys, ``[x0, x1..xm]`` per image."""
-    return pd.DataFrame({
-        "set": SET_NAME, "prompt": manifest["prompt"].astype(str).to_numpy(), "image_id": manifest["image_id"].to_numpy(),
-        "prompt_id": manifest["prompt_id"].astype("int64").to_numpy(), "sample": manifest["sample"].astype("int64").to_numpy(),
-        "image_key": [f"{SET_NAME}/{i}/{h}" for i, h in zip(manifest["image_id"], manifest["sha256"])],
-        "image": manifest["image"].to_numpy(),
-        "texts": [texts[p] for p in manifest["prompt"]],
-    })
+    return pd.DataFrame(
+        {
+            "set": SET_NAME,
+            "prompt": manifest["prompt"].astype(str).to_numpy(),
+            "image_id": manifest["image_id"].to_numpy(),
+            "prompt_id": manifest["prompt_id"].astype("int64").to_numpy(),
+            "sample": manifest["sample"].astype("int64").to_numpy(),
+            "image_key": [f"{SET_NAME}/{i}/{h}" for i, h in zip(manifest["image_id"], manifest["sha256"])],
+            "image": manifest["image"].to_numpy(),
+            "texts": [texts[p] for p in manifest["prompt"]],
+        }
+    )
 
 
 def prepare_data(cfg: RwrConfig, prompts: list[str], texts: list[list[str]] | None = None) -> pd.DataFrame:
@@ -111,20 +147,30 @@ def prepare_data(cfg: RwrConfig, prompts: list[str], texts: list[list[str]] | No
     items = score_items(manifest, texts)
     matrices = score_matrices(items, cfg.reward.models, join_uri(cfg.out, "cache"), cfg.scoring)
     keys = items[["set", "prompt", "image_id"]]
-    reward = cfg.reward.column({m: matrices[m].align(keys).values for m in cfg.reward.models},
-                               reward_groups(cfg.reward, list(items["prompt"])))
+    reward = cfg.reward.column(
+        {m: matrices[m].align(keys).values for m in cfg.reward.models}, reward_groups(cfg.reward, list(items["prompt"]))
+    )
     keep = top_k_per_group(reward, items["prompt_id"].to_numpy(), cfg.top_k)
     data = items.iloc[keep][["prompt_id", "prompt", "sample", "image_id", "image"]].reset_index(drop=True)
     data["seed"] = manifest["seed"].to_numpy()[keep]
     data["reward"] = reward[keep]
-    data["weight"] = reward_weights(data["reward"].to_numpy(), data["prompt_id"].to_numpy(), cfg.weighting, cfg.temperature)
+    data["weight"] = reward_weights(
+        data["reward"].to_numpy(), data["prompt_id"].to_numpy(), cfg.weighting, cfg.temperature
+    )
     all_rewards = pd.DataFrame({"prompt_id": items["prompt_id"], "sample": items["sample"], "reward": reward})
     import pyarrow as pa
 
     store.write_table("data.parquet", pa.Table.from_pandas(data, preserve_index=False))
     store.write_table("rewards.parquet", pa.Table.from_pandas(all_rewards, preserve_index=False))
-    log.info("RWR data: %d prompts, %d images kept of %d (top %d), mean reward kept %.4g vs all %.4g", len(prompts),
-             len(data), len(items), cfg.top_k, data["reward"].mean(), np.mean(reward))
+    log.info(
+        "RWR data: %d prompts, %d images kept of %d (top %d), mean reward kept %.4g vs all %.4g",
+        len(prompts),
+        len(data),
+        len(items),
+        cfg.top_k,
+        data["reward"].mean(),
+        np.mean(reward),
+    )
     return data
 
 
@@ -204,10 +250,19 @@ def regenerate_latents(policy, frame: pd.DataFrame, gen: GenerationConfig, check
             rows = list(zip(frame["prompt"], frame["seed"]))
             for i in range(0, len(rows), gen.pipeline_batch_size):
                 chunk = rows[i : i + gen.pipeline_batch_size]
-                kwargs = {"negative_prompt": [gen.negative_prompt] * len(chunk)} if gen.negative_prompt is not None else {}
-                latents = pipe(prompt=[p for p, _ in chunk], generator=[torch.Generator("cpu").manual_seed(int(s)) for _, s in chunk],
-                               num_inference_steps=gen.num_inference_steps, guidance_scale=gen.guidance_scale,
-                               height=gen.height, width=gen.width, output_type="latent", **kwargs).images
+                kwargs = (
+                    {"negative_prompt": [gen.negative_prompt] * len(chunk)} if gen.negative_prompt is not None else {}
+                )
+                latents = pipe(
+                    prompt=[p for p, _ in chunk],
+                    generator=[torch.Generator("cpu").manual_seed(int(s)) for _, s in chunk],
+                    num_inference_steps=gen.num_inference_steps,
+                    guidance_scale=gen.guidance_scale,
+                    height=gen.height,
+                    width=gen.width,
+                    output_type="latent",
+                    **kwargs,
+                ).images
                 out.append(latents.float().cpu())
             latents = torch.cat(out)
             n = min(check_images, len(latents))
@@ -215,12 +270,19 @@ def regenerate_latents(policy, frame: pd.DataFrame, gen: GenerationConfig, check
                 vae = pipe.vae
                 decoded = vae.decode(latents[:n].to(policy.device, vae.dtype) / vae.config.scaling_factor).sample
                 decoded = pipe.image_processor.postprocess(decoded, output_type="pt").float().cpu()
-                stored = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)
-                                      for im in _pil(list(frame["image"][:n]))])
+                stored = torch.stack(
+                    [
+                        torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)
+                        for im in _pil(list(frame["image"][:n]))
+                    ]
+                )
                 err = float((decoded - stored).abs().mean())
                 if err > 0.02:
-                    raise InputError(f"latents: regenerate: the rerun base model does not reproduce the stored images "
-                                     f"(mean pixel error {err:.3f}); were the generation parameters changed? use latents: encode")
+                    raise InputError(
+                        f"latents: regenerate: the rerun base model does not reproduce the stored images "
+                        f"(mean pixel error {err:.3f}); were the generation parameters changed? use "
+                        "latents: encode"
+                    )
     finally:
         pipe.scheduler = own_scheduler
     return latents
@@ -256,8 +318,11 @@ class RwrMethod(Method):
         self.pretrain = None
         if data.get("pretrain") is not None:
             pre = data["pretrain"]
-            self.pretrain = _Examples(policy, encode_latents(policy, list(pre["image"]), seed_of(cfg.seed, "vae-pretrain")),
-                                      list(pre["prompt"]))
+            self.pretrain = _Examples(
+                policy,
+                encode_latents(policy, list(pre["image"]), seed_of(cfg.seed, "vae-pretrain")),
+                list(pre["prompt"]),
+            )
         self.scheduler = DDPMScheduler.from_config(policy.pipe.scheduler.config)
         self.per_worker = cfg.batch_size // ctx.world_size
 
@@ -284,16 +349,30 @@ class RwrMethod(Method):
         noisy, t, noise = self._noisy(x0, gen)
         pred = self.policy.noise_pred(noisy, t, embeds.to(self.policy.device))
         ref = self.policy.reference_pred(noisy, t, embeds.to(self.policy.device)) if cfg.beta > 0 else None
-        terms = rwr_terms(self.scheduler, pred, noisy, t, noise, self.weights[rows].to(self.policy.device), cfg.beta, ref)
+        terms = rwr_terms(
+            self.scheduler, pred, noisy, t, noise, self.weights[rows].to(self.policy.device), cfg.beta, ref
+        )
         loss = terms["loss"]
-        metrics = {"denoise": terms["denoise"].item(), "kl": terms["kl"].item(), "weight_mean": float(self.weights[rows].mean())}
+        metrics = {
+            "denoise": terms["denoise"].item(),
+            "kl": terms["kl"].item(),
+            "weight_mean": float(self.weights[rows].mean()),
+        }
         if self.pretrain is not None and cfg.pretrain is not None:
-            pre_rows = global_rows(len(self.pretrain), cfg.pretrain.batch_size * self.ctx.world_size, step, seed_of(cfg.seed, "pretrain"))
+            pre_rows = global_rows(
+                len(self.pretrain), cfg.pretrain.batch_size * self.ctx.world_size, step, seed_of(cfg.seed, "pretrain")
+            )
             pre_rows = pre_rows[self.ctx.rank * cfg.pretrain.batch_size : (self.ctx.rank + 1) * cfg.pretrain.batch_size]
             px0, pemb = self.pretrain.batch(pre_rows)
             pnoisy, pt, pnoise = self._noisy(px0, gen)
-            pre = rwr_terms(self.scheduler, self.policy.noise_pred(pnoisy, pt, pemb.to(self.policy.device)), pnoisy, pt, pnoise,
-                            torch.ones(len(pre_rows), device=self.policy.device))["denoise"]
+            pre = rwr_terms(
+                self.scheduler,
+                self.policy.noise_pred(pnoisy, pt, pemb.to(self.policy.device)),
+                pnoisy,
+                pt,
+                pnoise,
+                torch.ones(len(pre_rows), device=self.policy.device),
+            )["denoise"]
             loss = loss + cfg.pretrain.weight * pre
             metrics["pretrain"] = pre.item()
         return loss, metrics
@@ -311,9 +390,12 @@ class RwrMethod(Method):
 
     def load_state_dict(self, state: dict) -> None:
         if state and (state.get("examples"), state.get("batch_size")) != (len(self.examples), self.cfg.batch_size):
-            raise InputError(f"checkpoint was trained on {state.get('examples')} images with batch {state.get('batch_size')}, "
-                             f"this run has {len(self.examples)} with batch {self.cfg.batch_size}: the data position "
-                             "would not continue; use a new `out`")
+            raise InputError(
+                f"checkpoint was trained on {state.get('examples')} images with batch "
+                f"{state.get('batch_size')}, "
+                f"this run has {len(self.examples)} with batch {self.cfg.batch_size}: the data position "
+                "would not continue; use a new `out`"
+            )
 
 
 # --------------------------------------------------------------------------------------
@@ -341,6 +423,10 @@ def run(cfg: RwrConfig, allow_provenance_change: bool = False) -> dict[str, Any]
     init_ray(cfg.ray)
     data = prepare_data(cfg, prompts, texts)
     result = fit(cfg, RwrMethod, {"examples": data, "pretrain": pretrain})
-    paths = write_outputs(cfg, prompts) if cfg.eval.enabled else {"out": store.uri(""), "checkpoints": store.uri("checkpoints")}
+    paths = (
+        write_outputs(cfg, prompts)
+        if cfg.eval.enabled
+        else {"out": store.uri(""), "checkpoints": store.uri("checkpoints")}
+    )
     paths["ray_result"] = result["ray_path"]
     return paths

@@ -33,15 +33,25 @@ class Tracker:
         if block.tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb_dir = Path(self.store.path("tensorboard")) if self.store.local else Path(tempfile.mkdtemp(prefix="tn_ray_tb_"))
+            self.tb_dir = (
+                Path(self.store.path("tensorboard"))
+                if self.store.local
+                else Path(tempfile.mkdtemp(prefix="tn_ray_tb_"))
+            )
             self.tb_dir.mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(logdir=str(self.tb_dir), purge_step=start_step + 1 if start_step else None)
         if block.wandb_project is not None and block.wandb_mode != "disabled":
             from ray.air.integrations.wandb import setup_wandb
 
             os.environ["WANDB_MODE"] = block.wandb_mode
-            self.wandb = setup_wandb(config=run_config or {}, project=block.wandb_project, name=run_name,
-                                     mode=block.wandb_mode, dir=self._wandb_dir(), resume="allow")
+            self.wandb = setup_wandb(
+                config=run_config or {},
+                project=block.wandb_project,
+                name=run_name,
+                mode=block.wandb_mode,
+                dir=self._wandb_dir(),
+                resume="allow",
+            )
         if block.progress_bar:
             from tqdm.auto import tqdm
 

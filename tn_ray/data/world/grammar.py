@@ -20,7 +20,12 @@ import numpy as np
 from tn_ray.data.world.scenes import COLORS, MAX_OBJECTS, SHAPES, Scene
 
 KINDS = ("counting", "colours", "composition", "spatial")
-TIA2_SET = {"counting": "counting", "composition": "composition", "colours": "comprehensive", "spatial": "comprehensive"}
+TIA2_SET = {
+    "counting": "counting",
+    "composition": "composition",
+    "colours": "comprehensive",
+    "spatial": "comprehensive",
+}
 RELATIONS = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 COUNTING_MAX = 5
@@ -52,7 +57,9 @@ class WorldPrompt:
             raise ValueError(f"unknown prompt kind {self.kind!r}")
         if len({s.key for s in self.slots}) != len(self.slots):
             raise ValueError(f"slots repeat a (colour, shape): {self.slots}")
-        if (self.relation is not None) != (self.kind == "spatial") or (self.relation and self.relation not in RELATIONS):
+        if (self.relation is not None) != (self.kind == "spatial") or (
+            self.relation and self.relation not in RELATIONS
+        ):
             raise ValueError(f"relation {self.relation!r} does not fit kind {self.kind!r}")
 
     @property

@@ -56,7 +56,9 @@ def make(root: Path, per_kind: int = 6, images_per_prompt: int = 16, size: int =
                          "match": truth, "errors": ",".join(verdict.errors), "drawn_error": sample.error or "",
                          "scene": json.dumps(sample.scene.to_dict())})
     for set_name in labels:
-        (tia2_dir / "human_annotations" / f"human_labels_{set_name}.json").write_text(json.dumps(labels[set_name], indent=1))
+        (tia2_dir / "human_annotations" / f"human_labels_{set_name}.json").write_text(
+            json.dumps(labels[set_name], indent=1)
+        )
         (tia2_dir / "prompts" / f"prompt_set_{set_name}.json").write_text(json.dumps(sets[set_name], indent=1))
     subcats = {p.text: p.kind for p in prompts if grammar.TIA2_SET[p.kind] == "comprehensive"}
     (tia2_dir / "comprehensive_subcategories.json").write_text(json.dumps(subcats, indent=1))

@@ -27,7 +27,8 @@ APPLICABLE = {"counting": ("count", "colour", "shape"), "colours": ("count", "co
 
 
 class SamplerConfig(StrictModel):
-    p_match: float = Field(0.3, ge=0, le=1, description="probability that a drawn scene matches its prompt (probability)")
+    p_match: float = Field(0.3, ge=0, le=1, description="probability that a drawn scene matches its prompt "
+                                                        "(probability)")
     error_weights: dict[str, float] = Field(
         default_factory=lambda: {e: 1.0 for e in SAMPLED_ERRORS},
         description="relative weight of each error type given a mismatch (count, colour, shape, missing, relation); "

@@ -120,7 +120,8 @@ def sweep_step(out: Path) -> dict[str, Path]:
     best = yaml.safe_load(Path(paths["best"]).read_text())
     baseline = evaluate_tia2({"tau": 1.0}, prepare_tia2(Tia2SweepOptions(**cfg.options), cfg))["objective"]
     print(f"tau sweep of textnorm(worldclip), objective = mean AP@5/10/25 per set ({best['trials']} trials): "
-          f"best tau {best['params']['tau']:.4g} -> {best['value']:.4f}; tau = 1 (the evaluation above) -> {baseline:.4f}")
+          f"best tau {best['params']['tau']:.4g} -> {best['value']:.4f}; tau = 1 (the evaluation above) -> "
+          f"{baseline:.4f}")
     return {k: Path(v) for k, v in paths.items()}
 
 
@@ -149,7 +150,8 @@ def rwr_step(out: Path) -> dict[str, Path]:
     paths = run(settings("rwr_tiny.yaml", RwrConfig, out=str(out / "rwr")))
     selection = json.loads(Path(paths["selection"]).read_text())
     print("RWR (tiny, brightness reward, clip:tiny judge): " + "\n".join(describe_selection(selection)))
-    print(f"  curves: {paths['curves']}\n  selected checkpoint: {paths['selected_checkpoint']}\n  eval table: {paths['eval_csv']}")
+    print(f"  curves: {paths['curves']}\n  selected checkpoint: {paths['selected_checkpoint']}\n  eval table: "
+          f"{paths['eval_csv']}")
     return {k: Path(v) for k, v in paths.items()}  # a local run: every output is a local path
 
 
@@ -166,7 +168,8 @@ def ddpo_step(out: Path) -> dict[str, Path]:
     print(f"DDPO (tiny, brightness reward, clip:tiny judge): training reward per epoch "
           f"{', '.join(f'{v:.4f}' for v in curve['reward_mean'])}")
     print("  " + "\n".join(describe_selection(selection, unit="epoch")))
-    print(f"  curves: {paths['curves']}\n  selected checkpoint: {paths['selected_checkpoint']}\n  eval table: {paths['eval_csv']}")
+    print(f"  curves: {paths['curves']}\n  selected checkpoint: {paths['selected_checkpoint']}\n  eval table: "
+          f"{paths['eval_csv']}")
     return {k: Path(v) for k, v in paths.items() if isinstance(v, str)}
 
 

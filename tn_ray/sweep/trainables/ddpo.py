@@ -26,8 +26,14 @@ from tn_ray.sweep.trainables.finetune import (
 )
 
 # swept parameter -> DDPOConfig key
-KEYS = {"kl_coef": "train.kl_coef", "lr": "optimizer.lr", "clip_range": "train.clip_range", "lora_rank": "policy.lora.rank",
-        "tau": "reward.textnorm.tau", "lam": "reward.textnorm.lam"}
+KEYS = {
+    "kl_coef": "train.kl_coef",
+    "lr": "optimizer.lr",
+    "clip_range": "train.clip_range",
+    "lora_rank": "policy.lora.rank",
+    "tau": "reward.textnorm.tau",
+    "lam": "reward.textnorm.lam",
+}
 PARAMS = tuple(KEYS)
 
 
@@ -62,6 +68,12 @@ def check_param(options: FineTuneSweepOptions, name: str, value: Any) -> str | N
 
 
 DDPO = SweepTrainable(
-    name="ddpo", kind="train", fn=train, options=FineTuneSweepOptions, prepare=prepare, check_param=check_param,
-    description="DDPO fine-tuning with LoRA (kl_coef, lr, clip_range, lora_rank, tau, lam); a report + checkpoint per evaluation",
+    name="ddpo",
+    kind="train",
+    fn=train,
+    options=FineTuneSweepOptions,
+    prepare=prepare,
+    check_param=check_param,
+    description="DDPO fine-tuning with LoRA (kl_coef, lr, clip_range, lora_rank, tau, lam); a report + checkpoint per "
+    "evaluation",
 )

@@ -81,7 +81,9 @@ def check_reward_param(models: list[str], name: str, value: Any) -> str | None:
     if name == "lam":
         return None if isinstance(value, (int, float)) and value >= 0 else f"lambda must be >= 0, got {value!r}"
     if name == "kind":
-        return None if value in ENSEMBLE_KINDS else f"ensemble kind must be one of {list(ENSEMBLE_KINDS)}, got {value!r}"
+        return (
+            None if value in ENSEMBLE_KINDS else f"ensemble kind must be one of {list(ENSEMBLE_KINDS)}, got {value!r}"
+        )
     if name == "normalize":
         return None if value in ("textnorm", "raw") else f"normalize must be 'textnorm' or 'raw', got {value!r}"
     if name == "members":
@@ -104,11 +106,23 @@ def _split(params: dict[str, Any]) -> tuple[int | None, str]:
 
 class Tia2SweepOptions(StrictModel):
     run_dir: str = Field(..., description="output folder of `tn-ray tia2 eval` (holds scores/ and rewards.parquet)")
-    labels: str | None = Field(None, description="Parquet file with set, prompt, image_id, binary, fine; None = <run_dir>/rewards.parquet")
-    models: list[str] | None = Field(None, min_length=1, description="models whose matrices are loaded (model ids); None = every matrix in <run_dir>/scores")
-    sets: list[str] | None = Field(None, min_length=1, description="prompt sets evaluated; None = every set in the labels")
-    objective: list[str] = Field(default_factory=lambda: ["ap@5", "ap@10", "ap@25"], min_length=1,
-                                 description="metrics averaged per set, then over sets, into `objective` (names of tn_ray.analysis.metrics.METRICS)")
+    labels: str | None = Field(
+        None, description="Parquet file with set, prompt, image_id, binary, fine; None = <run_dir>/rewards.parquet"
+    )
+    models: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="models whose matrices are loaded (model ids); None = every matrix in <run_dir>/scores",
+    )
+    sets: list[str] | None = Field(
+        None, min_length=1, description="prompt sets evaluated; None = every set in the labels"
+    )
+    objective: list[str] = Field(
+        default_factory=lambda: ["ap@5", "ap@10", "ap@25"],
+        min_length=1,
+        description="metrics averaged per set, then over sets, into `objective` (names of "
+        "tn_ray.analysis.metrics.METRICS)",
+    )
 
     @field_validator("objective")
     @classmethod
@@ -142,8 +156,9 @@ def evaluate_tia2(params: dict[str, Any], data: Tia2Data) -> dict[str, float]:
         keep &= sub
     idx = s.index[keep]
     mask = idx >= 0
-    per_prompt = fast_metrics.prompt_metrics(gather(reward, idx, np.nan), s.binary[keep], s.fine[keep], mask,
-                                             data.objective)
+    per_prompt = fast_metrics.prompt_metrics(
+        gather(reward, idx, np.nan), s.binary[keep], s.fine[keep], mask, data.objective
+    )
     sets = s.prompt_set[keep]
     out: dict[str, float] = {"n_prompts": float(keep.sum())}
     set_objectives = []
@@ -151,8 +166,10 @@ def evaluate_tia2(params: dict[str, Any], data: Tia2Data) -> dict[str, float]:
         rows = sets == i
         if not rows.any():
             continue
-        vals = [float(np.nanmean(per_prompt[m][rows])) if np.isfinite(per_prompt[m][rows]).any() else np.nan
-                for m in data.objective]
+        vals = [
+            float(np.nanmean(per_prompt[m][rows])) if np.isfinite(per_prompt[m][rows]).any() else np.nan
+            for m in data.objective
+        ]
         for metric, v in zip(data.objective, vals):
             out[f"{name}/{metric}"] = v
         out[f"{name}/objective"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else np.nan
@@ -170,9 +187,15 @@ def check_tia2(options: Tia2SweepOptions, name: str, value: Any) -> str | None:
 
 
 TIA2_TEXTNORM = SweepTrainable(
-    name="tia2_textnorm", kind="evaluate", fn=evaluate_tia2, options=Tia2SweepOptions, prepare=prepare_tia2,
-    check_param=check_tia2, supports_folds=True,
-    description="TextNorm tau / lambda / ensemble on stored TIA2 score matrices vs human labels (objective: mean AP@5/10/25 per set)",
+    name="tia2_textnorm",
+    kind="evaluate",
+    fn=evaluate_tia2,
+    options=Tia2SweepOptions,
+    prepare=prepare_tia2,
+    check_param=check_tia2,
+    supports_folds=True,
+    description="TextNorm tau / lambda / ensemble on stored TIA2 score matrices vs human labels (objective: mean "
+    "AP@5/10/25 per set)",
 )
 
 
@@ -182,18 +205,36 @@ TIA2_TEXTNORM = SweepTrainable(
 
 
 class BestOfNSweepOptions(StrictModel):
-    run_dir: str = Field(..., description="best-of-n run folder holding scores/<model_slug>.parquet (keys: prompt_id, sample)")
-    heldout_models: list[str] = Field(..., min_length=1, description="judges: reward models (model ids) that score the selected images; never selectors")
-    selector_models: list[str] | None = Field(None, min_length=1, description="models the selecting reward may use (model ids); None = every other matrix of the run")
-    pool_size: int | None = Field(None, ge=1, description="select among the samples with index < pool_size (nested pools 16 < 64 < 256); None = all")
-    scale: Literal["zscore", "raw"] = Field("zscore", description="judge scores averaged raw, or z-scored per judge over the pool (comparable across judges)")
+    run_dir: str = Field(
+        ..., description="best-of-n run folder holding scores/<model_slug>.parquet (keys: prompt_id, sample)"
+    )
+    heldout_models: list[str] = Field(
+        ...,
+        min_length=1,
+        description="judges: reward models (model ids) that score the selected images; never selectors",
+    )
+    selector_models: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="models the selecting reward may use (model ids); None = every other matrix of the run",
+    )
+    pool_size: int | None = Field(
+        None,
+        ge=1,
+        description="select among the samples with index < pool_size (nested pools 16 < 64 < 256); None = all",
+    )
+    scale: Literal["zscore", "raw"] = Field(
+        "zscore",
+        description="judge scores averaged raw, or z-scored per judge over the pool (comparable across judges)",
+    )
 
 
 def prepare_bestofn(options: BestOfNSweepOptions, sweep) -> BestOfNScores:
     folds = sweep.heldout.folds if sweep.heldout else None
     seed = sweep.heldout.seed if sweep.heldout else 0
-    return load_bestofn(options.run_dir, options.selector_models, options.heldout_models, options.pool_size,
-                        options.scale, folds, seed)
+    return load_bestofn(
+        options.run_dir, options.selector_models, options.heldout_models, options.pool_size, options.scale, folds, seed
+    )
 
 
 def evaluate_bestofn(params: dict[str, Any], data: BestOfNScores) -> dict[str, float]:
@@ -214,7 +255,9 @@ def evaluate_bestofn(params: dict[str, Any], data: BestOfNScores) -> dict[str, f
     scaled = data.judge_scaled[:, chosen].mean(axis=1)
     out["objective"] = float(scaled.mean())
     # what a random pick from the pool scores on average: the baseline selection must beat
-    pooled = np.stack([np.where(pool, gather(data.judge_scaled[j], idx, np.nan), np.nan) for j in range(len(data.judges))])
+    pooled = np.stack(
+        [np.where(pool, gather(data.judge_scaled[j], idx, np.nan), np.nan) for j in range(len(data.judges))]
+    )
     out["random_objective"] = float(np.nanmean(np.nanmean(pooled, axis=2), axis=1).mean())
     return out
 
@@ -231,7 +274,12 @@ def check_bestofn(options: BestOfNSweepOptions, name: str, value: Any) -> str | 
 
 
 BESTOFN_SELECTION = SweepTrainable(
-    name="bestofn_selection", kind="evaluate", fn=evaluate_bestofn, options=BestOfNSweepOptions,
-    prepare=prepare_bestofn, check_param=check_bestofn, supports_folds=True,
+    name="bestofn_selection",
+    kind="evaluate",
+    fn=evaluate_bestofn,
+    options=BestOfNSweepOptions,
+    prepare=prepare_bestofn,
+    check_param=check_bestofn,
+    supports_folds=True,
     description="tau / lambda of the reward that selects the best of n samples, judged by held-out reward models",
 )

@@ -22,7 +22,8 @@ from tn_ray.config import StrictModel, apply_overrides
 class FineTuneSweepOptions(StrictModel):
     config: str = Field(..., description="the RWR or DDPO YAML every trial starts from (RwrConfig / DDPOConfig)")
     overrides: dict[str, Any] = Field(default_factory=dict,
-                                      description="dotted keys overriding the YAML for every trial, e.g. {max_steps: 200}")
+                                      description="dotted keys overriding the YAML for every trial, e.g. {max_steps: "
+                                                  "200}")
 
 
 @dataclass
@@ -54,7 +55,9 @@ def trial_config(params: Mapping[str, Any], data: FineTuneSweepData):
 
     raw = copy.deepcopy(data.cfg)
     overrides = {data.keys[k]: v for k, v in params.items() if k in data.keys}
-    overrides.update({"out": join_uri(raw["out"], "trials", trial_slug(params, data.keys)), "logging.progress_bar": False})
+    overrides.update(
+        {"out": join_uri(raw["out"], "trials", trial_slug(params, data.keys)), "logging.progress_bar": False}
+    )
     return data.config_class.model_validate(apply_overrides(raw, overrides, source="sweep trial"))
 
 

@@ -21,8 +21,10 @@ SEARCHABLE = {"lr": float, "weight_decay": float, "hidden": int, "layers": int, 
 
 
 class RewardHeadOptions(StrictModel):
-    config: str = Field(..., description="a `tn-ray reward train` YAML: data, backbone, feature cache and the defaults of every parameter")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys of that YAML set for this sweep, e.g. {train.epochs: 40}")
+    config: str = Field(..., description="a `tn-ray reward train` YAML: data, backbone, feature cache and the defaults "
+                                         "of every parameter")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys of that YAML set for this sweep, "
+                                                                        "e.g. {train.epochs: 40}")
 
 
 class HeadData:
@@ -83,5 +85,6 @@ def check_param(options: RewardHeadOptions, name: str, value: Any) -> str | None
 
 REWARD_HEAD = SweepTrainable(
     name="reward_head", kind="train", fn=run_trial, options=RewardHeadOptions, prepare=prepare, check_param=check_param,
-    description="reward head on cached backbone embeddings (lr, hidden, aux_weight, ...); reports validation AUROC per epoch, checkpoints",
+    description="reward head on cached backbone embeddings (lr, hidden, aux_weight, ...); reports validation AUROC per "
+                "epoch, checkpoints",
 )

@@ -91,5 +91,6 @@ def check_param(options: FineTuneSweepOptions, name: str, value: Any) -> str | N
 
 RWR = SweepTrainable(
     name="rwr", kind="train", fn=train, options=FineTuneSweepOptions, prepare=prepare, check_param=check_param,
-    description="RWR fine-tuning with LoRA (beta, lr, weighting, temperature, lora_rank); a report + checkpoint per evaluation",
+    description="RWR fine-tuning with LoRA (beta, lr, weighting, temperature, lora_rank); a report + checkpoint per "
+                "evaluation",
 )

@@ -139,5 +139,6 @@ def check_param(options: ToyOptions, name: str, value: Any) -> str | None:
 
 TOY_REGRESSION = SweepTrainable(
     name="toy_regression", kind="train", fn=train, options=ToyOptions, prepare=prepare, check_param=check_param,
-    description="tiny MLP fitted to a 1-d function with a KL-style penalty to its reference (lr, kl, hidden); reports per epoch, checkpoints",
+    description="tiny MLP fitted to a 1-d function with a KL-style penalty to its reference (lr, kl, hidden); reports "
+                "per epoch, checkpoints",
 )
