@@ -621,8 +621,9 @@ def measure_ddpo(plan: Plan, pipes: Pipes, budget: Budget, out: dict, skipped: l
     from tn_ray.diffusion.sampling import decode_images, sample_chains
     from tn_ray.rewards import build
     from tn_ray.training.advantages import shared_advantages
-    from tn_ray.training.ddpo import DDPO, DDPOConfig, DDPOData, row_seeds
-    from tn_ray.training.evaluation import pad_rows
+    from tn_ray.diffusion.seeds import seeds_of
+    from tn_ray.scoring.matrix import pad_rows
+    from tn_ray.training.ddpo import DDPO, DDPOConfig, DDPOData
     from tn_ray.training.loop import WorkerContext
     from tn_ray.training.optim import Optimization
 
@@ -663,7 +664,7 @@ def measure_ddpo(plan: Plan, pipes: Pipes, budget: Budget, out: dict, skipped: l
     pipe.unet.eval()
     for b in range(batches):
         ids = [(b * s.batch_size + i) % len(PROMPTS) for i in range(s.batch_size)]
-        gens = [torch.Generator("cpu").manual_seed(x) for x in row_seeds(0, 1, 0, b, 1, n=s.batch_size)]
+        gens = [torch.Generator("cpu").manual_seed(x) for x in seeds_of(0, 1, 0, b, 1, n=s.batch_size)]
         t = time.perf_counter()
         chains = sample_chains(
             pipe,
@@ -689,7 +690,7 @@ def measure_ddpo(plan: Plan, pipes: Pipes, budget: Budget, out: dict, skipped: l
     t = time.perf_counter()
     column = cfg.reward.column({spec: pad_rows(rows)})
     adv = shared_advantages(
-        np.asarray(ids_all), np.asarray(column, dtype=np.float64), method.tracker, cfg.train.adv_clip_max
+        np.asarray(ids_all), np.asarray(column, dtype=np.float64), method.stat_tracker, cfg.train.adv_clip_max
     )
     metrics = method.train_epoch(1, chains, torch.as_tensor(adv, dtype=torch.float32, device=chains.latents.device))
     sync()
