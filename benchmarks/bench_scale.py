@@ -619,10 +619,10 @@ def measure_ddpo(plan: Plan, pipes: Pipes, budget: Budget, out: dict, skipped: l
     import torch
 
     from tn_ray.diffusion.sampling import decode_images, sample_chains
-    from tn_ray.rewards import build
-    from tn_ray.training.advantages import shared_advantages
     from tn_ray.diffusion.seeds import seeds_of
+    from tn_ray.rewards import build
     from tn_ray.scoring.matrix import pad_rows
+    from tn_ray.training.advantages import shared_advantages
     from tn_ray.training.ddpo import DDPO, DDPOConfig, DDPOData
     from tn_ray.training.loop import WorkerContext
     from tn_ray.training.optim import Optimization

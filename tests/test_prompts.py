@@ -806,8 +806,7 @@ def test_paper_examples_are_table_19_verbatim():
     from tn_ray.prompts.instruction import PAPER_EXAMPLES, PAPER_SYSTEM
 
     paper = next(Path(__file__).resolve().parents[2].joinpath("shared", "papers").glob("000_*.txt"), None)
-    if paper is None:
-        pytest.skip("the paper's text is not in ../shared/papers")
+    assert paper is not None, "the paper's text (000_*.txt) is not in ../shared/papers beside the checkout"
     text = paper.read_text()
     assert f'"content": "{PAPER_SYSTEM}"' in text
     assert set(PAPER_EXAMPLES) == {
