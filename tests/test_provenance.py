@@ -182,6 +182,18 @@ def test_a_run_folder_of_the_old_format_refuses_in_one_line_naming_both_versions
     assert record(tmp_path, Cfg())["format_version"] == 2
 
 
+def test_a_training_run_from_before_provenance_records_is_format_1_and_refused(tmp_path):
+    """A folder with checkpoints but no provenance.json was written before run format 2 (before records
+    existed): resuming it would mix the two seed schemes, so it is refused; a folder without
+    checkpoints (e.g. a best-of-n folder, whose images did not change) just gets its record."""
+    (tmp_path / "run" / "checkpoints" / "step-000002").mkdir(parents=True)
+    with pytest.raises(provenance.RunFormatChanged, match="format version 1"):
+        record(tmp_path / "run", Cfg(), allow_change=True)
+    assert not (tmp_path / "run" / FILENAME).exists()
+    (tmp_path / "other" / "images").mkdir(parents=True)
+    assert record(tmp_path / "other", Cfg())["format_version"] == 2
+
+
 def test_cli_ddpo_into_an_old_format_folder_is_one_line_before_ray(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("tn_ray.cluster.init_ray", lambda *a, **k: pytest.fail("Ray started"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

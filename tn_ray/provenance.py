@@ -49,6 +49,7 @@ FILENAME = "provenance.json"
 # in 1, DDPO drew its samples' prompts and noise from numpy SeedSequence seeds, so a resumed DDPO run
 # would draw other images than its first epochs did.
 FORMAT_VERSION = 2
+CHECKPOINTS = "checkpoints"  # a run folder holding these without a provenance.json was written by format 1
 FORMAT_CHANGES = {2: "per-row seeds became sha256 hashes: DDPO draws other prompts and noise"}
 # import name -> distribution name
 PACKAGES = {"torch": "torch", "diffusers": "diffusers", "transformers": "transformers", "ray": "ray", "peft": "peft",
@@ -201,6 +202,8 @@ def record(
 
     store = Store(str(location))
     new = collect(cfg, revisions)
+    if not store.exists(FILENAME) and store.exists(CHECKPOINTS):
+        check_format({}, store.uri(""))  # a training run from before provenance records: format 1, not resumable
     if store.exists(FILENAME):
         try:
             old = json.loads(store.read_text(FILENAME))
