@@ -122,6 +122,14 @@ def test_a_changed_package_version_refuses(tmp_path, monkeypatch):
         record(tmp_path, Cfg())
 
 
+def tiny_config(path, out, **method_keys):
+    """A tiny RWR or DDPO run config (brightness reward, no evaluation) with the method's own keys, as YAML."""
+    cfg = {"out": str(out), "prompts": ["a cat"], "max_steps": 2, "policy": {"pipeline": "tiny"},
+           "reward": {"models": ["brightness"], "use": "brightness"}, "eval": {"enabled": False}, **method_keys}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def test_cli_resume_with_changed_record_is_one_line_before_ray_and_the_flag_continues(tmp_path, monkeypatch, capsys):
     """`tn-ray rwr` into a run folder whose provenance.json differs: one line naming the difference,
     before Ray starts; with --allow-provenance-change it goes on to Ray (patched to stop there)."""
@@ -135,19 +143,8 @@ def test_cli_resume_with_changed_record_is_one_line_before_ray_and_the_flag_cont
     monkeypatch.setattr("tn_ray.cluster.init_ray", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "run"
-    cfg = {
-        "out": str(out),
-        "prompts": ["a cat"],
-        "max_steps": 2,
-        "policy": {"pipeline": "tiny"},
-        "reward": {"models": ["brightness"], "use": "brightness"},
-        "eval": {"enabled": False},
-        "generation": {"samples_per_prompt": 2, "num_inference_steps": 2, "height": 32, "width": 32},
-        "top_k": 1,
-        "batch_size": 1,
-    }
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = tiny_config(tmp_path / "r.yaml", out, generation={"samples_per_prompt": 2, "num_inference_steps": 2,
+                                                             "height": 32, "width": 32}, top_k=1, batch_size=1)
     with pytest.raises(RayStarted):  # first run: the record is written, then work starts
         main(["rwr", str(path)])
     written = json.loads((out / FILENAME).read_text())
@@ -198,18 +195,8 @@ def test_cli_ddpo_into_an_old_format_folder_is_one_line_before_ray(tmp_path, mon
     monkeypatch.setattr("tn_ray.cluster.init_ray", lambda *a, **k: pytest.fail("Ray started"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "run"
-    cfg = {
-        "out": str(out),
-        "prompts": ["a cat"],
-        "max_steps": 2,
-        "policy": {"pipeline": "tiny"},
-        "reward": {"models": ["brightness"], "use": "brightness"},
-        "eval": {"enabled": False},
-        "sample": {"num_steps": 2, "batch_size": 2, "num_batches_per_epoch": 1},
-        "train": {"batch_size": 2},
-    }
-    path = tmp_path / "d.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = tiny_config(tmp_path / "d.yaml", out, sample={"num_steps": 2, "batch_size": 2, "num_batches_per_epoch": 1},
+                       train={"batch_size": 2})
     out.mkdir()
     (out / FILENAME).write_text(json.dumps({"config": {}, "packages": {}, "tn_ray": {}, "revisions": {}}))  # format 1
     assert main(["ddpo", str(path), "--allow-provenance-change"]) == 2
