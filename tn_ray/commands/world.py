@@ -1,4 +1,4 @@
-"""``tn-ray world run|labels|train``: the synthetic world with exact truth (docs/world.md)."""
+"""``tn-ray world run|labels|train|train-generator``: the synthetic world with exact truth (docs/world.md)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,6 +33,17 @@ def add_parser(sub) -> None:
     t = s.add_parser("train", help="train (or find in the cache) world proxy rewards, e.g. worldclip worldclip:seed=1")
     t.add_argument("models", nargs="*", default=["worldclip"], help="worldclip specs")
     t.set_defaults(func=train)
+
+    g = s.add_parser("train-generator", help="train the world text-to-image pipeline (autoencoder, text encoder, "
+                                             "UNet), evaluate it on held-out prompts, write a diffusers folder")
+    g.add_argument("config", nargs="?", help="YAML (WorldGeneratorConfig; sweeps/world_generator.yaml holds the "
+                                             "shipped weights' settings); flags override it")
+    g.add_argument("--work", default="results/world/generator/work", help="resumable training state (state.pt, "
+                                                                         "log.jsonl)")
+    g.add_argument("--out", default="results/world/generator/pipeline", help="the trained folder; "
+                   "tn_ray/diffusion/world/weights is the one the package ships")
+    add_run_options(g, "train.steps=100", provenance=False)
+    g.set_defaults(func=train_generator)
 
 
 def run(args) -> int:
@@ -80,4 +91,15 @@ def train(args) -> int:
             raise InputError(f"'{m}' is not a world proxy (worldclip[:source])")
         path = ensure(parse_source(spec.source))
         print(f"{spec}: {path}\n  {json.dumps(json.loads(path.with_suffix('.json').read_text()))}")
+    return 0
+
+
+def train_generator(args) -> int:
+    from tn_ray.commands.options import load
+    from tn_ray.diffusion.world.build import build
+    from tn_ray.diffusion.world.settings import WorldGeneratorConfig
+
+    cfg = load(args, WorldGeneratorConfig)
+    rec = build(cfg, Path(args.work), Path(args.out))
+    print(f"world pipeline: {args.out} (training {rec['training_wall_s']:.0f} s; record in {args.out}/training.json)")
     return 0

@@ -16,6 +16,7 @@ from tn_ray.errors import TnRayError
 
 DEFAULT_PIPELINE = "stabilityai/stable-diffusion-2-1"  # the paper's generator (-base for fine-tuning)
 TINY = "tiny"
+WORLD = "world"  # the small Stable Diffusion trained on the synthetic world, shipped with the package
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
@@ -47,12 +48,20 @@ def check_source(source: str, revision: str | None = None) -> None:
     """Fail fast (before any actor starts) when the weights (at ``revision``) cannot be found offline."""
     if source == TINY:
         return
+    if source == WORLD:
+        from tn_ray.diffusion.world.package import check_weights
+
+        check_weights()
+        return
     local = Path(source)
     if local.exists():
         if not (local / "model_index.json").is_file():
             raise PipelineLoadError(f"pipeline folder {local} has no model_index.json (a diffusers pipeline folder is "
                                     "expected)")
         return
+    if "/" not in source:
+        raise PipelineLoadError(f"unknown pipeline {source!r}: use {TINY!r}, {WORLD!r}, a Hugging Face id "
+                                "(owner/name, e.g. stabilityai/stable-diffusion-2-1) or a local diffusers folder")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         from huggingface_hub import try_to_load_from_cache
 
@@ -148,6 +157,10 @@ def load_pipeline(
     torch_dtype = resolve_dtype(dtype, dev)
     if source == TINY:
         pipe = tiny_pipeline()
+    elif source == WORLD:
+        from tn_ray.diffusion.world.package import load
+
+        pipe = load()
     else:
         check_source(source, revision)
         try:
@@ -161,7 +174,7 @@ def load_pipeline(
     if scheduler is not None:
         check_scheduler(scheduler)
         pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
-    if pipe.dtype != torch_dtype:  # only `tiny`: hub/local weights load in torch_dtype
+    if pipe.dtype != torch_dtype:  # `tiny` (built in float32): hub/local/world weights load in torch_dtype
         pipe = pipe.to(dev, torch_dtype)
     else:
         pipe = pipe.to(dev)
@@ -175,6 +188,10 @@ def pipeline_revision(source: str, requested: str | None = None) -> str:
 
     if source == TINY:
         return "random-init"
+    if source == WORLD:
+        from tn_ray.diffusion.world.package import revision
+
+        return revision()
     if Path(source).expanduser().exists():
         return "local"
     return hub_revision(source, "model_index.json", requested)
