@@ -3,6 +3,7 @@
 ``source`` is ``tiny`` (same class, small config, random weights), a model id, or a local
 path; none means the paper's default weights. Other issues add models with ``@register``.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -21,6 +22,7 @@ _REGISTRY: dict[str, str] = {
     "brightness": "tn_ray.rewards.brightness:BrightnessReward",  # mean pixel value: a cheap learnable reward (tests)
     # small CLIP trained on the synthetic world (docs/world.md)
     "worldclip": "tn_ray.rewards.worldclip:WorldClipReward",
+    "worldjudge": "tn_ray.rewards.worldjudge:WorldJudgeReward",  # the world's exact judge: 1 = a match, else 0
     "learned": "tn_ray.rewards.learned:LearnedReward",  # learned:<folder>: a head trained by `tn-ray reward train`
 }
 _FACTORIES: dict[str, Callable[..., RewardModel]] = {}

@@ -6,6 +6,7 @@ and PickScore, as PickScore's authors compute PickScore), while the paper's figu
 values (PickScore 0.232, CLIP 0.385): a tau of 0.01 on cosines is tau = 1 here. Light (no
 torch): configs and the release's parameters are converted before any model loads.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ UNITS: dict[str, Unit] = {
     "blip2-itm": Unit("log-odds of BLIP-2's image-text-matching head", None),
     "imagereward": Unit("ImageReward score (its head's output standardized by the released mean and std)", None),
     "worldclip": Unit("logit_scale x cosine with the world CLIP's learned logit_scale (at most 100)", None),
+    "worldjudge": Unit("1 if the image, read back into a scene, matches the prompt (the world's oracle), else 0", None),
     "brightness": Unit("mean pixel value in [0, 1]", None),
     "learned": Unit("a learned head's logit (docs/reward_learning.md)", None),
 }
