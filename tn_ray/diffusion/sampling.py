@@ -14,13 +14,13 @@ initial latents and every step's noise are drawn in the same order with ``randn_
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
-from tn_ray.diffusion.ddim import ddim_step
+from tn_ray.diffusion.ddim import StepOutput, ddim_step
 
 
 @dataclass
@@ -97,14 +97,27 @@ def decode_images(pipe, latents: torch.Tensor) -> np.ndarray:
     return (arr * 255).round().astype(np.uint8)
 
 
-def sample_chains(pipe, prompts: Sequence[str], prompt_ids: Sequence[int], *, num_steps: int, guidance: float,
-                  eta: float, generator: torch.Generator | list[torch.Generator] | None = None,
-                  autocast=None) -> Chains:
+def sample_chains(
+    pipe,
+    prompts: Sequence[str],
+    prompt_ids: Sequence[int],
+    *,
+    num_steps: int,
+    guidance: float,
+    eta: float,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    autocast=None,
+    height: int | None = None,
+    width: int | None = None,
+    on_step: Callable[[StepOutput], None] | None = None,
+) -> Chains:
     """Sample one image per prompt with the pipeline's UNet (adapters as they are), recording the chain.
 
     ``generator``: one CPU generator per row for reproducible rows (as ``tn_ray.diffusion.
     generation``). ``autocast``: a context for mixed precision (e.g. ``torch.autocast('cuda',
-    torch.float16)``); the step itself always runs in float32.
+    torch.float16)``); the step itself always runs in float32. ``height``, ``width``: pixels (None =
+    the pipeline's default). ``on_step``: called with every step's :class:`StepOutput` in order (its
+    ``mean`` and ``std`` are the policy's Gaussian step at the recorded state: the evaluation's path KL).
     """
     from diffusers import DDIMScheduler
 
@@ -116,11 +129,12 @@ def sample_chains(pipe, prompts: Sequence[str], prompt_ids: Sequence[int], *, nu
     sched.set_timesteps(num_steps, device=device)
     embeds, negative = encode_prompts(pipe, prompts)
     n = len(prompts)
+    default = pipe.unet.config.sample_size * pipe.vae_scale_factor
     latents = pipe.prepare_latents(
         n,
         pipe.unet.config.in_channels,
-        pipe.unet.config.sample_size * pipe.vae_scale_factor,
-        pipe.unet.config.sample_size * pipe.vae_scale_factor,
+        height or default,
+        width or default,
         embeds.dtype,
         device,
         generator,
@@ -131,6 +145,8 @@ def sample_chains(pipe, prompts: Sequence[str], prompt_ids: Sequence[int], *, nu
             x_in = sched.scale_model_input(latents, t)
             eps = guided_noise(pipe.unet, x_in, t.reshape(1).to(device), embeds, negative, guidance)
             out = ddim_step(sched, eps, t, latents, eta, generator=generator)
+            if on_step is not None:
+                on_step(out)
             latents = out.prev_sample
             chain.append(latents)
             log_probs.append(out.log_prob)
@@ -160,3 +176,26 @@ def step_log_prob(
     x_in = scheduler.scale_model_input(latents, timesteps)
     eps = guided_noise(unet, x_in, timesteps, embeds, negative_embeds, guidance)
     return ddim_step(scheduler, eps, timesteps, latents, eta, prev_sample=next_latents).log_prob, eps
+
+
+def chain_means(
+    unet, scheduler, chains: Chains, guidance: float, eta: float, autocast=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(means, stds) of every recorded step of ``chains`` under ``unet`` as it is now, no gradients:
+    (B, T, C, h, w) and (B, T), float32. Each step x_t -> x_{t-1} is recomputed as :func:`sample_chains`
+    computed it (the step's one timestep for the whole batch, the same guidance batching and step
+    formulas), so on the weights that sampled the chain the means equal the sampled ones bit for bit;
+    inside :meth:`tn_ray.training.policy.Policy.reference` they are the base model's on the policy's
+    states. ``scheduler`` has the sampling timesteps (``set_timesteps``)."""
+    means, stds = [], []
+    with torch.no_grad(), autocast or contextlib.nullcontext():
+        for i in range(chains.timesteps.shape[1]):
+            ts = chains.timesteps[:, i]
+            t = ts[:1] if bool((ts == ts[0]).all()) else ts
+            x_t = chains.states[:, i]
+            x_in = scheduler.scale_model_input(x_t, t)
+            eps = guided_noise(unet, x_in, t, chains.prompt_embeds, chains.negative_embeds, guidance)
+            out = ddim_step(scheduler, eps, t.cpu(), x_t, eta, prev_sample=chains.next_latents[:, i])
+            means.append(out.mean)
+            stds.append(out.std.reshape(-1).expand(x_t.shape[0]))
+    return torch.stack(means, dim=1), torch.stack(stds, dim=1)

@@ -156,6 +156,21 @@ class EvalBlock(StrictModel):
         None, ge=8, multiple_of=8, description="evaluation image width (pixels); None = the pipeline's default"
     )
     batch_size: int = Field(8, ge=1, description="images per diffusers call during evaluation (images)")
+    path_kl: bool = Field(
+        True,
+        description="measure the path KL to the base model at every evaluation (metric eval_path_kl, nats: the "
+        "mean over evaluation images of the KL between the policy's and the base model's DDIM chains, estimated "
+        "on one policy chain per (prompt, seed); per image in eval/path_kl/). Costs one extra stochastic "
+        "sampling pass (num_inference_steps guided UNet forwards) plus one base-model forward per step, per "
+        "evaluation image: about twice the UNet work of the evaluation images themselves",
+    )
+    kl_eta: float = Field(
+        1.0,
+        gt=0,
+        description="DDIM eta of the path-KL chains (unitless, > 0; 1.0 = DDPO's sampling): the step noise "
+        "sigma_t = eta * the DDPM posterior std; path KLs compare only at the same eta (they grow without bound "
+        "as eta -> 0)",
+    )
     judges: list[JudgeBlock] = Field(
         default_factory=list, description="held-out judge rewards, each a reward config; its column name is its `use`"
     )

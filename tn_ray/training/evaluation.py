@@ -8,11 +8,21 @@ per reward model, shared by the training reward and the judges) against ``[x0, x
 and each reward column comes from :meth:`tn_ray.textnorm.columns.RewardConfig.column`: the
 one implementation of TextNorm and ensembles.
 
+With ``eval.path_kl`` (default on) every evaluation also measures how far the policy has moved
+from the base model: per (prompt, seed) one stochastic DDIM chain of the policy (eta =
+``eval.kl_eta``, the evaluation's steps and guidance, the image's seed), each step's Gaussian
+recomputed by the base model (the same UNet, adapters disabled) on the same state, and the sum
+over steps of the two steps' KL (:func:`tn_ray.training.losses.path_kl`, nats): the KL between
+the two chains' path laws, estimated on one policy chain. Its mean is ``eval_path_kl``; the
+base model's is 0 by definition. The per-image values go to a sibling folder, so
+:func:`read_scores` and checkpoint selection see the same tables as without it.
+
 Storage under ``out``::
 
     eval/base/<prompt_id>-<seed>.png, eval/base.parquet     the base model's images and scores
     eval/step-000100/<prompt_id>-<seed>.png                 a checkpoint's images
     eval/scores/step-000100.parquet                          step, prompt_id, seed, prompt, reward, value
+    eval/path_kl/step-000100.parquet                         prompt_id, seed, prompt, step, path_kl (nats)
     eval/prompts.json                                        the evaluation prompts (prompt_id order)
     monitor_flags.json                                       overoptimization flags, if any
 """
@@ -91,6 +101,57 @@ def generate_images(
                 buf = io.BytesIO()
                 im.save(buf, format="PNG")
                 out.append(buf.getvalue())
+    return out
+
+
+def path_kls(policy, prompts: Sequence[str], seeds: Sequence[int], block) -> list[float]:
+    """Path KL (nats) from the policy to the base model of every (prompt, seed), prompt-major as
+    :func:`generate_images`: one stochastic DDIM chain of the policy per image (eta = ``block.kl_eta``,
+    ``block``'s steps, guidance and size; one CPU generator per row seeded by its seed), the base
+    model's step means recomputed on the chain's states (:meth:`Policy.reference`), summed step KLs
+    (:func:`tn_ray.training.losses.path_kl`). Costs one sampling pass plus one base-model forward per
+    step per image; a DDIM scheduler built from the pipeline's config samples, so the pipeline's own
+    scheduler (and its timesteps) is left as it was."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    from tn_ray.diffusion.sampling import chain_means, sample_chains
+    from tn_ray.training.losses import path_kl
+
+    pipe = policy.pipe
+    own = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(own.config)
+    pairs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
+    out: list[float] = []
+    try:
+        for k in range(0, len(pairs), block.batch_size):
+            chunk = pairs[k : k + block.batch_size]
+            means, stds = [], []
+
+            def record(step, means=means, stds=stds) -> None:
+                means.append(step.mean)
+                stds.append(step.std)
+
+            chains = sample_chains(
+                pipe,
+                [p for _, p, _ in chunk],
+                [i for i, _, _ in chunk],
+                num_steps=block.num_inference_steps,
+                guidance=block.guidance_scale,
+                eta=block.kl_eta,
+                generator=[torch.Generator("cpu").manual_seed(s) for _, _, s in chunk],
+                autocast=policy.autocast(),
+                height=block.height,
+                width=block.width,
+                on_step=record,
+            )
+            with policy.reference():
+                ref, _ = chain_means(
+                    pipe.unet, pipe.scheduler, chains, block.guidance_scale, block.kl_eta, policy.autocast()
+                )
+            out.extend(path_kl(torch.stack(means, dim=1), ref, torch.stack(stds, dim=1)).tolist())
+    finally:
+        pipe.scheduler = own
     return out
 
 
@@ -173,7 +234,9 @@ class Evaluator:
         column's mean (key = its name) and ``<name>/wins``; ``eval_reward`` and ``eval_reward_wins``
         (the training reward's mean and win count); ``eval_wins`` (the win count of the selection
         column: the training reward, the paper's rule, unless ``eval.select_by`` names a judge);
-        with judges, ``eval_judge`` and ``eval_judge_wins`` (the first judge's mean and win count)."""
+        with judges, ``eval_judge`` and ``eval_judge_wins`` (the first judge's mean and win count);
+        with ``eval.path_kl``, ``eval_path_kl`` (the mean path KL to the base model over the evaluation
+        images, nats; per image in ``eval/path_kl/<step>.parquet``)."""
         from tn_ray.training.checkpoint import step_name
 
         images = generate_images(policy, self.prompts, self.seeds, self.cfg.eval)
@@ -196,6 +259,22 @@ class Evaluator:
         if self.cfg.eval.judges:
             judge = self.cfg.judge_names()[0]
             out.update(eval_judge=out[judge], eval_judge_wins=out[f"{judge}/wins"])
+        if self.cfg.eval.path_kl:
+            kls = path_kls(policy, self.prompts, self.seeds, self.cfg.eval)
+            n = len(self.seeds)
+            frame = pd.DataFrame(
+                {
+                    "prompt_id": [i // n for i in range(len(kls))],
+                    "seed": [self.seeds[i % n] for i in range(len(kls))],
+                    "prompt": [self.prompts[i // n] for i in range(len(kls))],
+                    "step": int(step),
+                    "path_kl": kls,
+                }
+            )
+            self.store.write_table(
+                f"eval/path_kl/{step_name(step)}.parquet", pa.Table.from_pandas(frame, preserve_index=False)
+            )
+            out["eval_path_kl"] = float(np.mean(kls))
         return out
 
     def evaluated_steps(self) -> list[int]:
@@ -235,3 +314,14 @@ def read_scores(out: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     )
     base = store.read_table("eval/base.parquet").to_pandas() if store.exists("eval/base.parquet") else None
     return scores, base
+
+
+PATH_KL_COLUMNS = ["prompt_id", "seed", "prompt", "step", "path_kl"]
+
+
+def read_path_kl(out: str) -> pd.DataFrame:
+    """Every evaluated checkpoint's per-image path KL to the base model (nats; columns prompt_id, seed,
+    prompt, step, path_kl); empty when the run measured none (``eval.path_kl: false``, or older runs)."""
+    store = Store(out)
+    parts = [store.read_table(rel).to_pandas() for rel in store.list_files("eval/path_kl", ".parquet")]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=PATH_KL_COLUMNS)

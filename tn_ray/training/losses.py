@@ -25,6 +25,9 @@ the per-timestep weight ``w_t`` of :func:`ddpm_kl_weight` (DDPM steps, RWR's tim
 timesteps sampled uniformly), as DPOK's code does: it is the KL up to a *t-dependent* factor,
 not a constant one. Both predictions are evaluated on the same noisy latents;
 ``eps_theta0`` is the same UNet with its LoRA adapters disabled.
+
+Evaluation measures the exact KL instead (:func:`gaussian_step_kl` per step, :func:`path_kl` over a
+sampled DDIM chain, in nats): ``eval_path_kl`` of :class:`tn_ray.training.evaluation.Evaluator`.
 """
 from __future__ import annotations
 
@@ -108,6 +111,38 @@ def per_sample_sq_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
     return (a.float() - b.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def gaussian_step_kl(mean_p: torch.Tensor, mean_r: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
+    """``KL(N(mean_p, std^2 I) || N(mean_r, std^2 I)) = sum_d (mean_p - mean_r)^2 / (2 std^2)`` per row, in nats
+    (float32, shape (batch,)): the exact KL of one denoising step of the policy and of the base model, which
+    share the step's variance. ``std`` is one value per row ((batch,) or (batch, 1, ..., 1), as
+    :func:`tn_ray.diffusion.ddim.ddim_step` returns it) or a scalar. The squared distance is
+    :func:`per_sample_sq_error` times the number of latent dims: for DDIM steps without x0 clipping this is
+    ``ddim_kl_weight * sum_d (eps_p - eps_r)^2``, the KL that :func:`kl_surrogate` approximates without ``w_t``."""
+    dims = mean_p[0].numel()
+    std = torch.as_tensor(std, dtype=torch.float32, device=mean_p.device)
+    std = std.reshape(-1) if std.numel() > 1 else std.reshape(()).expand(mean_p.shape[0])
+    if std.shape[0] != mean_p.shape[0]:
+        raise ValueError(f"std has {std.shape[0]} values for a batch of {mean_p.shape[0]} (one per row)")
+    return per_sample_sq_error(mean_p, mean_r) * dims / (2 * std**2)
+
+
+def path_kl(means_p: torch.Tensor, means_r: torch.Tensor, stds: torch.Tensor) -> torch.Tensor:
+    """The KL (nats) between the policy's and the base model's laws of a whole denoising chain, estimated on
+    one chain per row: ``sum_t gaussian_step_kl(mean_p[t], mean_r[t], std[t])``, shape (batch,). By the chain
+    rule the path KL is ``E_policy[sum_t KL(p_theta(.|x_t) || p_0(.|x_t))]`` (the initial noise is shared),
+    and each term is exact for a given state x_t, so a chain sampled from the policy gives an unbiased
+    estimate. ``means_p``, ``means_r``: (batch, T, C, h, w) step means on the same states x_t; ``stds``:
+    (batch, T) or (batch, T, 1, 1, 1)."""
+    if means_p.shape != means_r.shape:
+        raise ValueError(f"shapes differ: {tuple(means_p.shape)} vs {tuple(means_r.shape)}")
+    b, t = means_p.shape[:2]
+    stds = torch.as_tensor(stds).reshape(b, t, -1)
+    if stds.shape[-1] != 1:
+        raise ValueError(f"stds must be one value per (row, step), got shape {tuple(stds.shape)}")
+    step = gaussian_step_kl(means_p.flatten(0, 1), means_r.flatten(0, 1), stds.reshape(b * t))
+    return step.reshape(b, t).sum(dim=1)
 
 
 def weighted_denoising(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

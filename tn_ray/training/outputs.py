@@ -2,12 +2,14 @@
 
 Written under ``out`` (through :class:`tn_ray.storage.Store`: local folder or cloud URI)::
 
-    eval.csv                 step, reward, mean, wins, images, base_mean (step 0 = the base model)
+    eval.csv                 step, reward, mean, wins, images, base_mean (step 0 = the base model), and with
+                             eval.path_kl path_kl: the step's mean path KL to the base model (nats; 0 at step 0)
     selection.json           the selected step by the paper's rule (wins under the training reward; or the
                              eval.select_by override, labelled as such), its checkpoint and counts per step,
                              and each judge's own view (its earliest-maximum step, its counts at the selected one)
     selected/pytorch_lora_weights.safetensors   the selected checkpoint's LoRA (load_lora_weights)
-    curves.png               each reward column's mean over steps (training reward vs judges), wins
+    curves.png               each reward column's mean over steps (training reward vs judges), wins, and with
+                             path KL each column's wins against the path KL to the base model
     grids/<prompt_id>.png    an evaluation prompt's images (rows = seeds) across checkpoints
     human_eval/index.html    blinded side-by-side pages: the selected checkpoint vs the base model
     human_eval_key.csv       the answer key (outside the exported folder)
@@ -28,7 +30,7 @@ from tn_ray.storage import Store
 from tn_ray.training.checkpoint import Checkpoints, step_name
 from tn_ray.training.checkpoint_selection import describe_selection, selection_summary, win_counts
 from tn_ray.training.config import FineTuneConfig
-from tn_ray.training.evaluation import read_scores
+from tn_ray.training.evaluation import read_path_kl, read_scores
 from tn_ray.training.policy import LORA_FILE
 
 log = logging.getLogger(__name__)
@@ -55,15 +57,29 @@ def eval_table(scores: pd.DataFrame, base: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values(["step", "reward"]).reset_index(drop=True)
 
 
+def with_path_kl(table: pd.DataFrame, path_kl: pd.DataFrame) -> pd.DataFrame:
+    """``table`` (:func:`eval_table`) with a ``path_kl`` column: each step's mean path KL to the base model
+    over the evaluation images (nats; 0 at step 0, the base model, by definition; NaN at a step without
+    one). ``path_kl``: :func:`tn_ray.training.evaluation.read_path_kl`; empty = ``table`` unchanged."""
+    if not len(path_kl):
+        return table
+    means = path_kl.groupby("step")["path_kl"].mean()
+    means.loc[0] = 0.0
+    return table.assign(path_kl=table["step"].map(means).astype("float64"))
+
+
 def plot_curves(table: pd.DataFrame, train_reward: str, column: str, flags: list[dict], selected: int | None) -> bytes:
-    """Each column's mean over steps, and every column's wins over the base model (``column`` selects)."""
+    """Each column's mean over steps, and every column's wins over the base model (``column`` selects);
+    with a ``path_kl`` column (:func:`with_path_kl`), every column's wins against the path KL to the base model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rewards = [train_reward, *[r for r in dict.fromkeys(table["reward"]) if r != train_reward]]
-    fig, axes = plt.subplots(1, len(rewards) + 1, figsize=(4 * (len(rewards) + 1), 3.2))
+    kl = "path_kl" in table.columns and table["path_kl"].notna().any()
+    panels = len(rewards) + 1 + int(kl)
+    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 3.2))
     for ax, reward in zip(axes, rewards):
         rows = table[table["reward"] == reward]
         ax.plot(rows["step"], rows["mean"], marker="o", color="tab:red" if reward == train_reward else "tab:blue")
@@ -72,7 +88,24 @@ def plot_curves(table: pd.DataFrame, train_reward: str, column: str, flags: list
         ax.set_ylabel("mean over evaluation images")
         for f in flags:
             ax.axvline(f["step"], color="orange", linestyle="--", linewidth=1)
-    ax = axes[-1]
+    if kl:  # wins share one scale across columns (means do not); points in step order, labelled by step
+        ax = axes[-1]
+        for reward in rewards:
+            rows = table[(table["reward"] == reward) & table["path_kl"].notna()].sort_values("step")
+            ax.plot(
+                rows["path_kl"],
+                rows["wins"],
+                marker="o",
+                linewidth=2.5 if reward == column else 1,
+                color="tab:red" if reward == train_reward else None,
+                label=reward + (" (selects)" if reward == column else ""),
+            )
+            for step, x, y in rows[["step", "path_kl", "wins"]].itertuples(index=False):
+                ax.annotate(str(int(step)), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        ax.set_title("images beating the base model vs path KL (labels: step)", fontsize=8)
+        ax.set_xlabel("path KL to the base model (nats)")
+        ax.legend(fontsize=7)
+    ax = axes[len(rewards)]
     for reward in rewards:
         rows = table[(table["reward"] == reward) & (table["step"] > 0)]
         ax.plot(
@@ -175,7 +208,7 @@ def write_outputs(cfg: FineTuneConfig, train_prompts: Sequence[str]) -> dict[str
     scores, base = read_scores(cfg.out)
     if base is None:
         raise FileNotFoundError(f"{store.uri('eval/base.parquet')}: the run has no evaluation yet")
-    table = eval_table(scores, base)
+    table = with_path_kl(eval_table(scores, base), read_path_kl(cfg.out))
     store.write_text("eval.csv", table.to_csv(index=False))
     paths: dict[str, Any] = {
         "out": store.uri(""),
