@@ -1,4 +1,4 @@
-"""``tn-ray world run|labels|train``: the synthetic world with exact truth (docs/world.md)."""
+"""``tn-ray world run|labels|train|finetune``: the synthetic world with exact truth (docs/world.md)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,6 +33,25 @@ def add_parser(sub) -> None:
     t = s.add_parser("train", help="train (or find in the cache) world proxy rewards, e.g. worldclip worldclip:seed=1")
     t.add_argument("models", nargs="*", default=["worldclip"], help="worldclip specs")
     t.set_defaults(func=train)
+
+    f = s.add_parser(
+        "finetune",
+        help="fine-tune with RWR and DDPO over training rewards x KL coefficients x seeds, judge every evaluation "
+        "image with exact truth, report",
+    )
+    f.add_argument(
+        "config",
+        help="YAML grid (GridConfig), e.g. sweeps/world_finetune.yaml; rerunning the same command skips finished "
+        "cells and resumes the unfinished one",
+    )
+    f.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate every cell's config, print the grid (each cell and its state) and the cell count; run nothing",
+    )
+    f.add_argument("--report-only", action="store_true", help="write the report from the finished cells; run nothing")
+    add_run_options(f, "overrides.max_steps=20")
+    f.set_defaults(func=finetune)
 
 
 def run(args) -> int:
@@ -80,4 +99,24 @@ def train(args) -> int:
             raise InputError(f"'{m}' is not a world proxy (worldclip[:source])")
         path = ensure(parse_source(spec.source))
         print(f"{spec}: {path}\n  {json.dumps(json.loads(path.with_suffix('.json').read_text()))}")
+    return 0
+
+
+def finetune(args) -> int:
+    from tn_ray.commands.options import allow_change, load
+    from tn_ray.experiments import world_finetune
+    from tn_ray.storage import read_any
+
+    grid = load(args, world_finetune.GridConfig)
+    if args.dry_run:
+        for line in world_finetune.describe(grid, world_finetune.plan(grid, args.config)):
+            print(line)
+        return 0
+    if args.report_only:
+        paths = world_finetune.write_report(grid)
+    else:
+        paths = world_finetune.run(grid, args.config, allow_provenance_change=allow_change(args))
+    print(read_any(paths["report_md"]).decode())
+    for k, v in paths.items():
+        print(f"{k:>24}: {v}")
     return 0

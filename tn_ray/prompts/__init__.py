@@ -1,4 +1,4 @@
-"""Sources of contrastive prompts for TextNorm, by name: ``released``, ``rules``, ``llm``.
+"""Sources of contrastive prompts for TextNorm, by name: ``released``, ``rules``, ``llm``, ``world``.
 
 ``build(name, cfg)`` returns a source whose ``generate(x0s)`` gives one
 :class:`ContrastSet` per x0 (prompts, the source that made them, an error or a fallback
@@ -19,6 +19,7 @@ SOURCES: dict[str, tuple[str, str | None]] = {
     "released": ("tn_ray.prompts.released:ReleasedSource", "released"),
     "rules": ("tn_ray.prompts.rules:RulesSource", "rules"),
     "llm": ("tn_ray.prompts.llm:LlmSource", "llm"),
+    "world": ("tn_ray.prompts.world:WorldSource", None),
 }
 
 
