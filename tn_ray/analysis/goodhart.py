@@ -8,6 +8,7 @@ With the images sorted by score and a tie group at sorted positions a..b (1-base
 image lies in the group with probability ``(C(N-a+1, n) - C(N-b, n)) / C(N, n)``, and is then
 any member of the group alike.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -67,33 +68,42 @@ def curves(table: pd.DataFrame, selectors: Sequence[str], ns: Sequence[int]) -> 
     return pd.DataFrame(rows)
 
 
+def mean_ci(
+    x: Sequence[float] | np.ndarray, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of ``x`` with a percentile bootstrap CI (``scipy.stats.bootstrap``,
+    ``resamples`` resamples drawn from ``numpy.random.default_rng(seed)``); fewer than two values, or
+    all equal, give the mean as both bounds. The one CI of this module (and of the fine-tuning report)."""
+    x = np.asarray(x, dtype=float)
+    mean = float(x.mean())
+    if len(x) < 2 or np.ptp(x) == 0:
+        return mean, mean, mean
+    ci = stats.bootstrap(
+        (x,),
+        np.mean,
+        confidence_level=confidence,
+        n_resamples=resamples,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    ).confidence_interval
+    return mean, float(ci.low), float(ci.high)
+
+
 def bootstrap_summary(
     per_prompt: pd.DataFrame, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
 ) -> pd.DataFrame:
     """Mean accuracy over prompts per (selector, n) with a percentile bootstrap CI over prompts."""
     rows = []
     for (sel, n), g in per_prompt.groupby(["selector", "n"], sort=False):
-        x = g["accuracy"].to_numpy()
-        if len(x) > 1 and np.ptp(x) > 0:
-            ci = stats.bootstrap(
-                (x,),
-                np.mean,
-                confidence_level=confidence,
-                n_resamples=resamples,
-                method="percentile",
-                rng=np.random.default_rng(seed),
-            ).confidence_interval
-            lo, hi = float(ci.low), float(ci.high)
-        else:
-            lo = hi = float(x.mean())
+        mean, lo, hi = mean_ci(g["accuracy"].to_numpy(), confidence, resamples, seed)
         rows.append(
             {
                 "selector": sel,
                 "n": int(n),
-                "accuracy": float(x.mean()),
+                "accuracy": mean,
                 "ci_low": lo,
                 "ci_high": hi,
-                "n_prompts": len(x),
+                "n_prompts": len(g),
             }
         )
     return pd.DataFrame(rows)
@@ -105,18 +115,7 @@ def paired_difference(
     """Mean over prompts of accuracy(a) - accuracy(b) at pool size n, with a percentile
     bootstrap CI over prompts (paired: both selectors on the same prompts and pools)."""
     at = per_prompt[per_prompt["n"] == n].pivot(index="prompt", columns="selector", values="accuracy")
-    d = (at[a] - at[b]).to_numpy()
-    if len(d) < 2 or np.ptp(d) == 0:
-        return float(d.mean()), float(d.mean()), float(d.mean())
-    ci = stats.bootstrap(
-        (d,),
-        np.mean,
-        confidence_level=confidence,
-        n_resamples=resamples,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    ).confidence_interval
-    return float(d.mean()), float(ci.low), float(ci.high)
+    return mean_ci((at[a] - at[b]).to_numpy(), confidence, resamples, seed)
 
 
 def overoptimization(

@@ -1,4 +1,4 @@
-"""``tn-ray world run|labels|train|train-generator``: the synthetic world with exact truth (docs/world.md)."""
+"""``tn-ray world run|labels|train|train-generator|finetune``: the synthetic world with exact truth (docs/world.md)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -44,6 +44,25 @@ def add_parser(sub) -> None:
                    "tn_ray/diffusion/world/weights is the one the package ships")
     add_run_options(g, "train.steps=100", provenance=False)
     g.set_defaults(func=train_generator)
+
+    f = s.add_parser(
+        "finetune",
+        help="fine-tune with RWR and DDPO over training rewards x KL coefficients x seeds, judge every evaluation "
+        "image with exact truth, report",
+    )
+    f.add_argument(
+        "config",
+        help="YAML grid (GridConfig), e.g. sweeps/world_finetune.yaml; rerunning the same command skips finished "
+        "cells and resumes the unfinished one",
+    )
+    f.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate every cell's config, print the grid (each cell and its state) and the cell count; run nothing",
+    )
+    f.add_argument("--report-only", action="store_true", help="write the report from the finished cells; run nothing")
+    add_run_options(f, "overrides.max_steps=20")
+    f.set_defaults(func=finetune)
 
 
 def run(args) -> int:
@@ -102,4 +121,24 @@ def train_generator(args) -> int:
     cfg = load(args, WorldGeneratorConfig)
     rec = build(cfg, Path(args.work), Path(args.out))
     print(f"world pipeline: {args.out} (training {rec['training_wall_s']:.0f} s; record in {args.out}/training.json)")
+    return 0
+
+
+def finetune(args) -> int:
+    from tn_ray.commands.options import allow_change, load
+    from tn_ray.experiments import world_finetune
+    from tn_ray.storage import read_any
+
+    grid = load(args, world_finetune.GridConfig)
+    if args.dry_run:
+        for line in world_finetune.describe(grid, world_finetune.plan(grid, args.config)):
+            print(line)
+        return 0
+    if args.report_only:
+        paths = world_finetune.write_report(grid)
+    else:
+        paths = world_finetune.run(grid, args.config, allow_provenance_change=allow_change(args))
+    print(read_any(paths["report_md"]).decode())
+    for k, v in paths.items():
+        print(f"{k:>24}: {v}")
     return 0
