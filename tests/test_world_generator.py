@@ -49,12 +49,17 @@ def test_settings_that_cannot_build_a_model_are_named(change, message):
         WorldGeneratorConfig(**change)
 
 
-def test_the_shipped_yaml_is_the_settings_default():
+def shipped_settings() -> WorldGeneratorConfig:
     from pathlib import Path
 
     from tn_ray.config import load_config
 
-    assert load_config(Path("sweeps/world_generator.yaml"), WorldGeneratorConfig) == WorldGeneratorConfig()
+    return load_config(Path("sweeps/world_generator.yaml"), WorldGeneratorConfig)
+
+
+def test_the_shipped_yaml_is_the_settings_default_but_where_it_stops():
+    assert shipped_settings().model_copy(update={"train": shipped_settings().train.model_copy(
+        update={"stop_at": None})}) == WorldGeneratorConfig()
 
 
 def test_training_resumes_after_a_crash_to_the_same_weights(tmp_path):
@@ -111,7 +116,7 @@ def test_the_shipped_pipeline_loads_with_plain_diffusers_and_matches_its_record(
     assert ours.unet.dtype == torch.float32
     assert pipeline_revision("world") == package.revision()
     assert pipeline_revision("world").startswith("world@")
-    assert WorldGeneratorConfig(**rec["settings"]) == WorldGeneratorConfig()
+    assert WorldGeneratorConfig(**rec["settings"]) == shipped_settings()
 
 
 def test_an_unknown_pipeline_name_is_one_line_before_any_work():

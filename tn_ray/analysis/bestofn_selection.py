@@ -103,3 +103,22 @@ def summary_markdown(table: pd.DataFrame) -> str:
         wide.columns = [f"n={c}" for c in wide.columns]
         lines += [f"## judged by {judge}", "", wide.reset_index().to_markdown(index=False, floatfmt=".4g"), ""]
     return "\n".join(lines)
+
+
+def gain_over_base(
+    rewards: pd.DataFrame, selections: pd.DataFrame, selector: str, judge: str, n: int, confidence: float = 0.95
+) -> tuple[float, float, float, float, float]:
+    """(base, top-1, gain, low, high): the judge's mean over prompts of the base model's images (every
+    sample of the pool: the expected value of one unselected image), of the top-1 image ``selector``
+    picks from the first ``n``, and their paired difference over prompts with a bootstrap CI
+    (:func:`tn_ray.analysis.goodhart.mean_ci`)."""
+    from tn_ray.analysis.goodhart import mean_ci
+
+    base = rewards.groupby("prompt_id")[judge].mean()
+    top = selections[(selections["reward"] == selector) & (selections["n"] == n) & (selections["k"] == 1)
+                     & (selections["rank"] == 0)]
+    picked = top.merge(rewards[["prompt_id", "sample", judge]], on=["prompt_id", "sample"])
+    picked = picked.set_index("prompt_id")[judge]
+    diff = (picked - base.reindex(picked.index)).sort_index()
+    mean, lo, hi = mean_ci(diff.to_numpy(), confidence)
+    return float(base.mean()), float(picked.mean()), mean, lo, hi

@@ -33,7 +33,7 @@ from tn_ray.diffusion.generation import GenerationConfig, generate
 from tn_ray.diffusion.pipelines import pipeline_revisions
 from tn_ray.errors import InputError
 from tn_ray.experiments.bestofn_stream import generate_and_score, image_key
-from tn_ray.prompts.contrast import load_contrast, texts_for
+from tn_ray.prompts.contrast import generates, load_contrast, sets_for, texts_for
 from tn_ray.rewards import parse
 from tn_ray.rewards.revisions import reward_revisions
 from tn_ray.scoring.matrix import ScoreMatrix
@@ -114,6 +114,9 @@ class BestOfNConfig(StrictModel):
             raise ValueError("prompts_per_set: takes the first N prompts of each TIA2 set, so it needs contrast "
                              f"'released' and no `prompts` (got contrast '{self.contrast}'"
                              f"{', prompts given' if self.prompts else ''})")
+        if generates(self.contrast) and not self.prompts:
+            raise ValueError(f"prompts: required when contrast is '{self.contrast}', a source that makes sets "
+                             "for given prompts (only a set file or 'released' lists prompts of its own)")
         if max(self.top_k) > min(self.pools):
             raise ValueError(f"top_k {self.top_k} exceeds the smallest pool {min(self.pools)}")
         object.__setattr__(self, "ensembles", check_ensembles(self.ensembles, self.models))
@@ -190,7 +193,10 @@ def run(cfg: BestOfNConfig, generate_only: bool = False, allow_provenance_change
     from tn_ray.storage import check_output_dir, read_any
 
     # everything a user can get wrong is checked before Ray starts or a model loads
-    contrast = load_contrast(cfg.contrast, tia2_dir=cfg.tia2_dir)
+    if generates(cfg.contrast):  # a source that makes sets (rules, llm, world) for the given prompts
+        contrast = sets_for(cfg.contrast, cfg.prompts)
+    else:
+        contrast = load_contrast(cfg.contrast, tia2_dir=cfg.tia2_dir)
     prompts = resolve_prompts(cfg, contrast)
     if any(e.per_group for e in cfg.ensembles):
         tia2.sets_of(prompts, tia2.resolve_dir(cfg.tia2_dir))  # a kind per TIA2 set needs each prompt's set

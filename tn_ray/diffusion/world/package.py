@@ -59,7 +59,7 @@ def load(folder: Path = WEIGHTS, dtype=None):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype or torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype or torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -50,6 +50,15 @@ class DenoiserTraining(StrictModel):
     uncond_prob: float = Field(0.1, ge=0, lt=1, description="probability a caption is replaced by '' (for "
                                                             "classifier-free guidance)")
     checkpoint_every: int = Field(100, ge=1, description="steps between resumable checkpoints")
+    stop_at: int | None = Field(None, ge=1, description="end training at this step of the `steps`-step schedule "
+                                                        "(the learning-rate schedule still spans `steps`); None = "
+                                                        "`steps`. A work folder may be continued with another value")
+
+    @model_validator(mode="after")
+    def _stop(self):
+        if self.stop_at is not None and self.stop_at > self.steps:
+            raise ValueError(f"train.stop_at ({self.stop_at}) is past train.steps ({self.steps})")
+        return self
 
 
 class SamplingDefaults(StrictModel):

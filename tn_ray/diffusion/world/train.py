@@ -61,6 +61,14 @@ def ddpm_loss(unet, scheduler, latents, hidden, generator):
 OBJECTIVES = {"ddpm": ddpm_loss}
 
 
+def trajectory(cfg: WorldGeneratorConfig) -> dict:
+    """The settings a training run's path depends on (all but where it stops): a work folder resumes only
+    under equal ones."""
+    out = cfg.model_dump(mode="json")
+    out["train"].pop("stop_at")
+    return out
+
+
 def encode_text(tokenizer, text_encoder, texts):
     """As ``StableDiffusionPipeline.encode_prompt``: max-length padding, no attention mask, the
     last hidden state."""
@@ -120,7 +128,7 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema else None,
             "scaling_factor": self.vae.config.scaling_factor,
             "rng": self.rng.bit_generator.state, "gen": self.gen.get_state(), "torch": torch.get_rng_state(),
-            "config": self.cfg.model_dump(mode="json"),
+            "config": trajectory(self.cfg),
         }
         tmp = self.work / "state.pt.tmp"
         torch.save(state, tmp)
@@ -133,7 +141,7 @@ class Trainer:
         if not path.exists():
             return
         state = torch.load(path, weights_only=False)
-        if state["config"] != self.cfg.model_dump(mode="json"):
+        if state["config"] != trajectory(self.cfg):
             from tn_ray.errors import InputError
 
             raise InputError(f"{path} was written with other settings; use another --work folder or delete it")
@@ -200,7 +208,7 @@ class Trainer:
 
         done = 0
         phases = [("autoencoder", self.cfg.autoencoder.steps, self.autoencoder_step),
-                  ("denoiser", self.cfg.train.steps, self.denoiser_step)]
+                  ("denoiser", self.cfg.train.stop_at or self.cfg.train.steps, self.denoiser_step)]
         for name, total, step_fn in phases:
             if name == "autoencoder" and self.phase != "autoencoder":
                 continue

@@ -10,13 +10,16 @@ Steps, in the order they run (each returns the paths of its outputs):
 3. :func:`prompts_step` -- contrastive sets built by the ``rules`` source on Ray Data, and their
    overlap with the benchmark's own sets.
 4. :func:`sweep_step` -- a tau sweep (Ray Tune + Optuna) on the score matrices of step 1.
-5. :func:`bestofn_step` -- best-of-n with the tiny diffusion pipeline: generate -> score -> select.
-6. :func:`rwr_step` -- a tiny RWR run (LoRA, Ray Train): curves and the selected checkpoint.
-7. :func:`ddpo_step` -- a tiny DDPO run (LoRA, asynchronous reward actors): the same outputs.
+5. :func:`bestofn_step` -- best-of-n with the world pipeline (a small Stable Diffusion trained on the world,
+   shipped): generate -> score -> select, judged by ``worldjudge`` (exact truth).
+6. :func:`rwr_step` -- RWR on the world pipeline (LoRA, Ray Train): curves, the selected checkpoint, the
+   judge's accuracy before and after with a paired CI.
+7. :func:`ddpo_step` -- DDPO on the world pipeline (LoRA, asynchronous reward actors): the same outputs.
 
-Steps 5-7 read their settings from YAML files shipped in this package (``bestofn_tiny.yaml``,
-``rwr_tiny.yaml``, ``ddpo_tiny.yaml``; ``sweeps/`` links to the same files, which the docs
-show), only their ``out`` (and best-of-n's ``contrast``) set to the quickstart's folders.
+Steps 5-7 read their settings from YAML files shipped in this package (``bestofn_world.yaml``,
+``rwr_world.yaml``, ``ddpo_world.yaml``; ``sweeps/`` links to the same files, which the docs
+show), only their ``out`` set to the quickstart's folders. A line whose CI covers 0 says it is a
+smoke run, not a result.
 
 :func:`run` runs them in that order and prints where everything is.
 """
@@ -125,49 +128,81 @@ def sweep_step(out: Path) -> dict[str, Path]:
     return {k: Path(v) for k, v in paths.items()}
 
 
+def paired_line(what: str, base: float, after: float, diff: float, lo: float, hi: float, unit: str) -> str:
+    """``what``: base -> after, the paired difference with its 95% CI; when the CI covers 0 the line says
+    the run is a smoke run, not a result."""
+    verdict = ("the CI covers 0: a smoke run, not a result" if lo <= 0 <= hi
+               else "an improvement" if lo > 0 else "a loss")
+    return (f"{what}: {base:.1%} -> {after:.1%} (paired difference {diff:+.1%}, 95% CI [{lo:+.1%}, {hi:+.1%}] over "
+            f"{unit}; {verdict})")
+
+
 def bestofn_step(out: Path) -> dict[str, Path]:
-    """Best-of-n with the tiny pipeline (``bestofn_tiny.yaml``): 3 prompts, n = 16 (pools 4 and 16), 32 px."""
+    """Best-of-n on the world pipeline (``bestofn_world.yaml``): 8 prompts, n = 4 and 16, selected by worldclip raw
+    and with TextNorm and by worldjudge, judged by worldjudge (exact truth)."""
+    from tn_ray.analysis.bestofn_selection import gain_over_base
     from tn_ray.experiments.bestofn import BestOfNConfig, run
 
-    cfg = settings("bestofn_tiny.yaml", BestOfNConfig, out=str(out / "bestofn"),
-                   contrast=str(SETTINGS / "bestofn_tiny_contrast.json"))
+    cfg = settings("bestofn_world.yaml", BestOfNConfig, out=str(out / "bestofn"))
     paths = run(cfg)
-    table = pd.read_csv(paths["summary_csv"])
-    judge = "ensemble-uncertainty"
-    wide = table[table["judge"] == judge].pivot_table(index="selector", columns="n", values="mean", sort=False)
-    wide.columns = [f"n={c}" for c in wide.columns]
-    print(f"best-of-n, top-1 image judged by {judge} (random tiny models: the numbers only show the flow):")
-    print(wide.reset_index().to_markdown(index=False, floatfmt=".4f"))
+    rewards, selections = pd.read_parquet(paths["rewards"]), pd.read_parquet(paths["selections"])
+    n = max(cfg.pools)
+    print(f"best-of-n on the world pipeline, top-1 of n = {n} judged by worldjudge (exact truth; base = one "
+          "unselected image):")
+    for selector in ("worldclip", "textnorm(worldclip)", "worldjudge"):
+        base, top, diff, lo, hi = gain_over_base(rewards, selections, selector, "worldjudge", n)
+        print("  " + paired_line(f"selected by {selector}", base, top, diff, lo, hi, f"{rewards['prompt_id'].nunique()}"
+                                 " prompts"))
     return paths
 
 
-def rwr_step(out: Path) -> dict[str, Path]:
-    """A tiny RWR run (``rwr_tiny.yaml``: LoRA, brightness reward, clip:tiny judge) on Ray Train: curves,
-    selected checkpoint."""
+def finetune_lines(out: str, method: str) -> list[str]:
+    """The quickstart's report of a fine-tuning run: worldjudge accuracy of the base model vs the checkpoint the
+    paper's rule selected, paired by (prompt, eval seed)."""
+    from tn_ray.analysis.finetune_report import cell_images
+    from tn_ray.analysis.goodhart import mean_ci
+    from tn_ray.storage import read_json
     from tn_ray.training.checkpoint_selection import describe_selection
+    from tn_ray.training.evaluation import read_scores
+
+    selection = read_json(Path(out) / "selection.json")
+    scores, base = read_scores(out)
+    images = cell_images(scores, base, train=selection["training_reward"]["column"], truth="worldjudge")
+    step = int(selection["step"])
+    at = images[images["step"] == step]
+    diff, lo, hi = mean_ci((at["truth"] - at["truth_base"]).to_numpy())
+    return [*describe_selection(selection, unit="epoch" if method == "DDPO" else "step"),
+            paired_line(f"worldjudge accuracy, base -> selected {step}", float(at["truth_base"].mean()),
+                        float(at["truth"].mean()), diff, lo, hi, f"{len(at)} images (prompt x eval seed)")]
+
+
+def rwr_step(out: Path) -> dict[str, Path]:
+    """RWR on the world pipeline (``rwr_world.yaml``: LoRA, textnorm(worldclip) reward, worldjudge judge) on Ray
+    Train: curves, the selected checkpoint, the judge's accuracy before and after."""
     from tn_ray.training.rwr import RwrConfig, run
 
-    paths = run(settings("rwr_tiny.yaml", RwrConfig, out=str(out / "rwr")))
-    selection = json.loads(Path(paths["selection"]).read_text())
-    print("RWR (tiny, brightness reward, clip:tiny judge): " + "\n".join(describe_selection(selection)))
+    cfg = settings("rwr_world.yaml", RwrConfig, out=str(out / "rwr"))
+    paths = run(cfg)
+    print(f"RWR (world pipeline, reward {cfg.reward.use}, judge worldjudge):")
+    for line in finetune_lines(cfg.out, "RWR"):
+        print("  " + line)
     print(f"  curves: {paths['curves']}\n  selected checkpoint: {paths['selected_checkpoint']}\n  eval table: "
           f"{paths['eval_csv']}")
     return {k: Path(v) for k, v in paths.items()}  # a local run: every output is a local path
 
 
 def ddpo_step(out: Path) -> dict[str, Path]:
-    """A tiny DDPO run (``ddpo_tiny.yaml``: LoRA, rewards on reward actors, KL to base): curves, selected
-    checkpoint."""
-    from tn_ray.training.checkpoint_selection import describe_selection
+    """DDPO on the world pipeline (``ddpo_world.yaml``: LoRA, rewards on reward actors, KL to base): curves, the
+    selected checkpoint, the judge's accuracy before and after."""
     from tn_ray.training.ddpo import DDPOConfig, epoch_rewards, run
 
-    cfg = settings("ddpo_tiny.yaml", DDPOConfig, out=str(out / "ddpo"))
+    cfg = settings("ddpo_world.yaml", DDPOConfig, out=str(out / "ddpo"))
     paths = run(cfg)
-    selection = json.loads(Path(paths["selection"]).read_text())
     curve = epoch_rewards(cfg.out)
-    print(f"DDPO (tiny, brightness reward, clip:tiny judge): training reward per epoch "
+    print(f"DDPO (world pipeline, reward {cfg.reward.use}, judge worldjudge): training reward per epoch "
           f"{', '.join(f'{v:.4f}' for v in curve['reward_mean'])}")
-    print("  " + "\n".join(describe_selection(selection, unit="epoch")))
+    for line in finetune_lines(cfg.out, "DDPO"):
+        print("  " + line)
     print(f"  curves: {paths['curves']}\n  selected checkpoint: {paths['selected_checkpoint']}\n  eval table: "
           f"{paths['eval_csv']}")
     return {k: Path(v) for k, v in paths.items() if isinstance(v, str)}
@@ -178,9 +213,9 @@ STEPS: list[tuple[str, Callable[[Path], dict]]] = [
     ("the world: proxy rewards vs exact truth, best-of-n oracle accuracy (docs/world.md)", world_step),
     ("contrastive sets by rules on Ray Data (+ overlap with the benchmark's sets)", prompts_step),
     ("tau sweep on the stored score matrices (Ray Tune + Optuna)", sweep_step),
-    ("best-of-n: tiny diffusion pipeline, 3 prompts, n = 16 (generate -> score -> select)", bestofn_step),
-    ("RWR fine-tuning with LoRA, tiny (docs/rwr.md)", rwr_step),
-    ("DDPO fine-tuning with LoRA, tiny (docs/ddpo.md)", ddpo_step),
+    ("best-of-n on the world pipeline, judged by exact truth (generate -> score -> select)", bestofn_step),
+    ("RWR fine-tuning with LoRA on the world pipeline, judged by exact truth (docs/rwr.md)", rwr_step),
+    ("DDPO fine-tuning with LoRA on the world pipeline, judged by exact truth (docs/ddpo.md)", ddpo_step),
 ]
 
 

@@ -1,0 +1,126 @@
+"""Fine-tuning learns what the paper claims, judged by exact truth: RWR and DDPO trained on ``worldjudge``
+raise the judge's accuracy of fresh samples of the world pipeline over the base model.
+
+Fresh samples: seeds the training never drew, the same for the base model (adapters disabled) and the
+fine-tuned one, so each (prompt, seed) is a pair; the tests ask for a mean paired gain of more than 3
+standard errors. The judge is exact (docs/world.md), so this is the world's ground truth, not the
+optimized reward judging itself on its own samples.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+PROMPTS = ["a photo of two red circles", "a photo of a blue square and a yellow triangle"]
+FRESH = list(range(5000, 5032))  # 32 fresh seeds per prompt
+STEPS, GUIDANCE = 20, 3.0
+
+
+def accuracy(policy, seeds, reference: bool = False) -> np.ndarray:
+    """1/0 per (prompt, seed), prompt-major: does the image match its prompt (worldjudge)."""
+    from tn_ray.data.world.judge import judge
+    from tn_ray.training.config import EvalBlock
+    from tn_ray.training.evaluation import generate_images
+
+    block = EvalBlock(num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=32, width=32, batch_size=64)
+    images = generate_images(policy, PROMPTS, seeds, block, reference=reference)
+    verdicts = judge([Image.open(io.BytesIO(b)) for b in images], [p for p in PROMPTS for _ in seeds])
+    return np.array([v.match for v in verdicts], dtype=float)
+
+
+def paired(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
+    diff = after - before
+    return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
+
+
+def test_rwr_on_worldjudge_raises_judge_accuracy_of_fresh_samples(tmp_path):
+    """RWR with the exact judge as its reward (Lee et al.'s setting with a perfect labeller): 32 base
+    samples per prompt, the matching ones kept with weight 1, LoRA fine-tuning on them; fresh samples of
+    the fine-tuned model match more often than the base model's, paired by (prompt, seed)."""
+    from tn_ray.data.world.judge import judge
+    from tn_ray.training.config import EvalBlock, PolicyBlock
+    from tn_ray.training.evaluation import generate_images
+    from tn_ray.training.loop import Trainer, WorkerContext
+    from tn_ray.training.policy import Policy
+    from tn_ray.training.rwr import RwrConfig, RwrMethod
+
+    torch.set_num_threads(2)
+    block = PolicyBlock(pipeline="world", lora={"rank": 8})
+    policy = Policy.load(block, device="cpu")
+    sampling = EvalBlock(num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=32, width=32, batch_size=64)
+    seeds = list(range(32))
+    images = generate_images(policy, PROMPTS, seeds, sampling)
+    texts = [p for p in PROMPTS for _ in seeds]
+    match = np.array([v.match for v in judge([Image.open(io.BytesIO(b)) for b in images], texts)])
+    kept = pd.DataFrame({"image": images, "prompt": texts, "prompt_id": [i // len(seeds) for i in range(len(texts))],
+                         "seed": seeds * len(PROMPTS)})[match].assign(reward=1.0, weight=1.0).reset_index(drop=True)
+    assert kept["prompt_id"].nunique() == len(PROMPTS), f"a prompt has no matching base sample: {match.reshape(2, -1)}"
+    cfg = RwrConfig.model_validate(dict(
+        out=str(tmp_path / "rwr"), prompts=PROMPTS, seed=0, max_steps=RWR_STEPS, policy=block.model_dump(),
+        optimizer={"lr": 1e-3}, reward={"models": ["worldjudge"], "use": "worldjudge"},
+        generation={"pipeline": "world", "samples_per_prompt": len(seeds), "num_inference_steps": STEPS,
+                    "guidance_scale": GUIDANCE, "height": 32, "width": 32},
+        top_k=len(seeds), weighting="value", beta=0.0, batch_size=8, latents="regenerate",
+        eval={"enabled": False}, checkpoint={"every": RWR_STEPS}, logging={"progress_bar": False}))
+    Trainer(cfg, RwrMethod, {"examples": kept}, WorkerContext(0, 1, torch.device("cpu"), cfg.out), lambda r: None).run()
+    from tn_ray.training.checkpoint import Checkpoints
+
+    trained = Policy.load(block, device="cpu")
+    ckpts = Checkpoints(cfg.out)
+    trained.load_lora_state(ckpts.load(ckpts.latest())["lora"])
+    before, after = accuracy(trained, FRESH, reference=True), accuracy(trained, FRESH)
+    gain, se = paired(before, after)
+    print(f"RWR on worldjudge: base {before.mean():.3f} -> {after.mean():.3f}, paired gain {gain:+.3f} +- {se:.3f}")
+    assert gain > 3 * se, (before.mean(), after.mean(), gain, se)
+
+
+RWR_STEPS = 150
+
+
+@pytest.fixture(scope="module")
+def judge_actors(ray_session):
+    from tn_ray.config import ScoringConfig
+    from tn_ray.scoring.workers import RewardPool
+
+    pool = RewardPool("worldjudge", ScoringConfig(cpus_per_actor=0.25, num_actors=1))
+    yield {"worldjudge": pool}
+    pool.shutdown()
+
+
+def test_ddpo_on_worldjudge_raises_judge_accuracy_of_fresh_samples(tmp_path, judge_actors):
+    """DDPO with the exact judge as its reward (0/1, per-prompt advantages, KL 0): fresh samples of
+    the fine-tuned model match more often than the base model's, paired by (prompt, seed)."""
+    from tn_ray.training.ddpo import DDPO, DDPOConfig, DDPOData
+    from tn_ray.training.loop import WorkerContext
+    from tn_ray.training.optim import Optimization
+    from tn_ray.training.policy import Policy
+
+    torch.set_num_threads(2)
+    cfg = DDPOConfig.model_validate(dict(
+        out=str(tmp_path / "ddpo"), prompts=PROMPTS, seed=0, max_steps=DDPO_EPOCHS,
+        policy={"pipeline": "world", "lora": {"rank": 8}}, optimizer={"lr": 1e-3},
+        reward={"models": ["worldjudge"], "use": "worldjudge"},
+        sample={"num_steps": 10, "guidance_scale": GUIDANCE, "batch_size": 16, "num_batches_per_epoch": 2},
+        train={"batch_size": 16, "clip_range": 1e-4, "kl_coef": 0.0, "stat_buffer_size": 32, "stat_min_count": 8},
+        eval={"enabled": False}, checkpoint={"every": DDPO_EPOCHS},
+        logging={"progress_bar": False, "tensorboard": False}))
+    torch.manual_seed(cfg.seed)
+    policy = Policy.load(cfg.policy, "cpu", seed=cfg.seed)
+    optim = Optimization(policy.trainable_parameters(), cfg.optimizer, cfg.max_steps, torch.device("cpu"),
+                         policy.amp_dtype)
+    data = DDPOData(list(PROMPTS), [[p] for p in PROMPTS], judge_actors)
+    method = DDPO(cfg, policy, optim, WorkerContext(0, 1, torch.device("cpu"), cfg.out), data)
+    curve = [method.step(epoch)["reward_mean"] for epoch in range(1, DDPO_EPOCHS + 1)]
+    before, after = accuracy(policy, FRESH, reference=True), accuracy(policy, FRESH)
+    gain, se = paired(before, after)
+    print(f"DDPO on worldjudge: training reward per epoch {np.round(curve, 3).tolist()}; fresh samples base "
+          f"{before.mean():.3f} -> {after.mean():.3f}, paired gain {gain:+.3f} +- {se:.3f}")
+    assert gain > 3 * se, (before.mean(), after.mean(), gain, se)
+
+
+DDPO_EPOCHS = 10
