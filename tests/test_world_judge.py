@@ -143,7 +143,8 @@ def autoencoder_round_trips(vae, n: int, seed: int) -> tuple[list[scenes.Scene],
     """``n`` random scenes (3 in 4 drawn for a random prompt, as the generator's training data is; 1 in 4 of
     0-6 random objects) rendered at 32 px and passed through ``vae``: the latent mean decoded, clamped to
     [-1, 1] and rounded to uint8 as the pipeline writes images."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     rng = np.random.default_rng(seed)
     truth = []
     for i in range(n):
@@ -165,12 +166,10 @@ def autoencoder_round_trips(vae, n: int, seed: int) -> tuple[list[scenes.Scene],
 def test_autoencoder_round_trips_read_back():
     """500 random scenes through the shipped world generator's AutoencoderKL (encode, latent mean, decode):
     at least 99% read back exactly, and none as another scene (the others are unparseable)."""
-    folder = package.WEIGHTS / "vae"
-    if not folder.is_dir():
-        pytest.skip(f"the world generator's weights are not in the package yet ({folder})")
-    torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
-    vae = diffusers.AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    import diffusers
+    import torch
+
+    vae = diffusers.AutoencoderKL.from_pretrained(package.WEIGHTS / "vae", dtype=torch.float32).eval()
     truth, images = autoencoder_round_trips(vae, 500, 2027)
     readings = read_scenes(list(images))
     wrong = [(r.scene, s) for r, s in zip(readings, truth) if r.parsed and r.scene != s]

@@ -71,7 +71,9 @@ def save(pipe, folder: Path, info: dict) -> dict:
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
-    half = copy.deepcopy(pipe).to(torch_dtype=torch.float16)
+    half = copy.deepcopy(pipe)
+    for component in (half.unet, half.vae, half.text_encoder):
+        component.to(torch.float16)
     half.save_pretrained(folder, safe_serialization=True)
     rec = {**info, "sha256": file_hashes(folder)}
     (folder / RECORD).write_text(json.dumps(rec, indent=1) + "\n")
