@@ -109,6 +109,9 @@ def test_quickstart_steps_read_the_packaged_yamls_the_docs_show():
         ("bestofn_tiny.yaml", BestOfNConfig),
         ("rwr_tiny.yaml", RwrConfig),
         ("ddpo_tiny.yaml", DDPOConfig),
+        ("bestofn_world.yaml", BestOfNConfig),
+        ("rwr_world.yaml", RwrConfig),
+        ("ddpo_world.yaml", DDPOConfig),
     ):
         packaged = quickstart.SETTINGS / name
         assert (REPO / "sweeps" / name).resolve() == packaged.resolve(), f"sweeps/{name} is not the packaged file"

@@ -138,7 +138,7 @@ def paired_line(what: str, base: float, after: float, diff: float, lo: float, hi
 
 
 def bestofn_step(out: Path) -> dict[str, Path]:
-    """Best-of-n on the world pipeline (``bestofn_world.yaml``): 8 prompts, n = 4 and 16, selected by worldclip raw
+    """Best-of-n on the world pipeline (``bestofn_world.yaml``): 8 prompts, n = 4 and 8, selected by worldclip raw
     and with TextNorm and by worldjudge, judged by worldjudge (exact truth)."""
     from tn_ray.analysis.bestofn_selection import gain_over_base
     from tn_ray.experiments.bestofn import BestOfNConfig, run
