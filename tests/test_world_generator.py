@@ -111,7 +111,11 @@ def test_the_shipped_pipeline_loads_with_plain_diffusers_and_matches_its_record(
     assert (type(pipe.unet), type(pipe.vae), type(pipe.text_encoder), type(pipe.tokenizer),
             type(pipe.scheduler)) == (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer,
                                       DDIMScheduler)
-    assert pipe.unet.dtype == torch.float16  # stored as fp16
+    from safetensors import safe_open
+
+    for name in rec["sha256"]:  # stored as fp16
+        with safe_open(str(package.WEIGHTS / name), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}, name
     ours = load_pipeline("world")
     assert ours.unet.dtype == torch.float32
     assert pipeline_revision("world") == package.revision()
