@@ -58,12 +58,28 @@ def file_digests(root: Path) -> dict[tuple[int, int], str]:
     return out
 
 
+def _descends_from_us(pid: int) -> bool:
+    """Whether ``pid`` is a descendant of this test process (its Ray session's workers are): another job's
+    generation actors on the same machine are not ours."""
+    me = os.getpid()
+    while pid > 1:
+        try:
+            pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return False
+        if pid == me:
+            return True
+    return False
+
+
 def generation_actor_processes() -> list[int]:
+    """Generation actor processes of this test session's Ray (not of another job running beside the suite)."""
     pids = []
     for d in filter(str.isdigit, os.listdir("/proc")):
         try:
             if open(f"/proc/{d}/cmdline").read().startswith("ray::MapWorker(MapBatches(GenerationWorker"):
-                pids.append(int(d))
+                if _descends_from_us(int(d)):
+                    pids.append(int(d))
         except OSError:
             pass
     return pids
