@@ -181,16 +181,14 @@ def test_autoencoder_round_trips_read_back():
 
 
 # --- robust: never a wrong scene, never a silently dropped object -------------------------------------------
+def extra_object(alpha):
+    """Hypothesis cases of a scene with one more object drawn in a free cell, blended by ``alpha``."""
+    return given(scene=scene_st(), size=SIZES, seed=SEEDS, pick=st.integers(0, 8), alpha=alpha,
+                 shape=st.sampled_from(scenes.SHAPES), color=st.sampled_from(list(scenes.COLORS)))
+
+
 @HYP
-@given(
-    scene=scene_st(),
-    size=SIZES,
-    seed=SEEDS,
-    pick=st.integers(0, 8),
-    alpha=st.floats(0.2, 0.5),
-    shape=st.sampled_from(scenes.SHAPES),
-    color=st.sampled_from(list(scenes.COLORS)),
-)
+@extra_object(alpha=st.floats(0.2, 0.5))
 def test_a_faint_extra_object_is_unparseable(scene, size, seed, pick, alpha, shape, color):
     """An object blended 20-50% into the background makes the image unparseable, naming its cell."""
     im = scenes.render(scene, size, seed)
@@ -202,15 +200,7 @@ def test_a_faint_extra_object_is_unparseable(scene, size, seed, pick, alpha, sha
 
 
 @HYP
-@given(
-    scene=scene_st(),
-    size=SIZES,
-    seed=SEEDS,
-    pick=st.integers(0, 8),
-    alpha=st.floats(0.05, 1.0),
-    shape=st.sampled_from(scenes.SHAPES),
-    color=st.sampled_from(list(scenes.COLORS)),
-)
+@extra_object(alpha=st.floats(0.05, 1.0))
 def test_an_extra_object_at_any_strength_is_counted_or_unparseable(scene, size, seed, pick, alpha, shape, color):
     """Blended at any strength, an extra object is counted (read as a scene that holds it) or makes the image
     unparseable; the image is never read as the scene without it unless it is all but invisible."""

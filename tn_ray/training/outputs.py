@@ -68,6 +68,13 @@ def with_path_kl(table: pd.DataFrame, path_kl: pd.DataFrame) -> pd.DataFrame:
     return table.assign(path_kl=table["step"].map(means).astype("float64"))
 
 
+def _wins_line(ax, x, wins, reward: str, column: str, train_reward: str) -> None:
+    """One reward's win counts against ``x`` (step or path KL): the selecting column bold, the training reward red."""
+    ax.plot(x, wins, marker="o", linewidth=2.5 if reward == column else 1,
+            color="tab:red" if reward == train_reward else None,
+            label=reward + (" (selects)" if reward == column else ""))
+
+
 def plot_curves(table: pd.DataFrame, train_reward: str, column: str, flags: list[dict], selected: int | None) -> bytes:
     """Each column's mean over steps, and every column's wins over the base model (``column`` selects);
     with a ``path_kl`` column (:func:`with_path_kl`), every column's wins against the path KL to the base model."""
@@ -92,14 +99,7 @@ def plot_curves(table: pd.DataFrame, train_reward: str, column: str, flags: list
         ax = axes[-1]
         for reward in rewards:
             rows = table[(table["reward"] == reward) & table["path_kl"].notna()].sort_values("step")
-            ax.plot(
-                rows["path_kl"],
-                rows["wins"],
-                marker="o",
-                linewidth=2.5 if reward == column else 1,
-                color="tab:red" if reward == train_reward else None,
-                label=reward + (" (selects)" if reward == column else ""),
-            )
+            _wins_line(ax, rows["path_kl"], rows["wins"], reward, column, train_reward)
             for step, x, y in rows[["step", "path_kl", "wins"]].itertuples(index=False):
                 ax.annotate(str(int(step)), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
         ax.set_title("images beating the base model vs path KL (labels: step)", fontsize=8)
@@ -108,14 +108,7 @@ def plot_curves(table: pd.DataFrame, train_reward: str, column: str, flags: list
     ax = axes[len(rewards)]
     for reward in rewards:
         rows = table[(table["reward"] == reward) & (table["step"] > 0)]
-        ax.plot(
-            rows["step"],
-            rows["wins"],
-            marker="o",
-            linewidth=2.5 if reward == column else 1,
-            color="tab:red" if reward == train_reward else None,
-            label=reward + (" (selects)" if reward == column else ""),
-        )
+        _wins_line(ax, rows["step"], rows["wins"], reward, column, train_reward)
     rule = "the paper's rule" if column == train_reward else "select_by override"
     ax.set_title(f"images beating the base model; selected by {column} ({rule})", fontsize=8)
     ax.legend(fontsize=7)

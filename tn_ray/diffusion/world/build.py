@@ -24,10 +24,9 @@ def build(cfg: WorldGeneratorConfig, work: Path, out: Path, progress=print) -> d
     progress(f"trained in {trainer.elapsed:.0f} s of wall time (both phases); evaluating on held-out prompts")
     prompts = data.held_out_prompts(cfg.eval_per_kind, cfg.held_out, seed=cfg.seed)
     t0 = time.perf_counter()
-    # evaluate the fp16 weights as shipped (loaded back in float32), not the float32 ones in memory
-    staged = Path(work) / "pipeline"
-    package.save(pipe, staged, {})
-    shipped = package.load(staged)
+    # evaluate the fp16 weights as shipped (written once, loaded back in float32), not the float32 ones in memory
+    package.save(pipe, Path(out), {})
+    shipped = package.load(Path(out))
     result = evaluate(shipped, prompts, cfg.eval_images, cfg.sampling.steps, cfg.sampling.guidance, seed=cfg.seed)
     info = {
         "settings": cfg.model_dump(mode="json"),
@@ -40,7 +39,7 @@ def build(cfg: WorldGeneratorConfig, work: Path, out: Path, progress=print) -> d
                           "accuracy": result},
         "log": log,
     }
-    rec = package.save(pipe, Path(out), info)
+    rec = package.write_record(Path(out), info)
     for kind, r in result.items():
         progress(f"  {kind:>12}: {r['match']:6.1%} match, {r['unparseable']:6.1%} unparseable (n={r['n']})")
     return rec

@@ -65,7 +65,7 @@ def load(folder: Path = WEIGHTS, dtype=None):
 
 
 def save(pipe, folder: Path, info: dict) -> dict:
-    """Write ``pipe`` as fp16 safetensors with its record; returns the record."""
+    """Write ``pipe`` as fp16 safetensors with its record (:func:`write_record`); returns the record."""
     import copy
 
     import torch
@@ -75,6 +75,11 @@ def save(pipe, folder: Path, info: dict) -> dict:
     for component in (half.unet, half.vae, half.text_encoder):
         component.to(torch.float16)
     half.save_pretrained(folder, safe_serialization=True)
+    return write_record(folder, info)
+
+
+def write_record(folder: Path, info: dict) -> dict:
+    """``training.json`` in ``folder``: ``info`` and the weight files' sha256; returns it."""
     rec = {**info, "sha256": file_hashes(folder)}
     (folder / RECORD).write_text(json.dumps(rec, indent=1) + "\n")
     return rec

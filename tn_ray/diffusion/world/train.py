@@ -167,15 +167,13 @@ class Trainer:
 
     # --- phases -------------------------------------------------------------------------------
     def autoencoder_step(self) -> float:
-        import torch
         import torch.nn.functional as F
 
         a = self.cfg.autoencoder
         images, _ = data.training_pairs(a.batch, self.cfg.held_out, self.cfg.size, self.rng)
         x = data.to_tensor(images)
         dist = self.vae.encode(x).latent_dist
-        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=self.gen)
-        recon = self.vae.decode(z).sample
+        recon = self.vae.decode(dist.sample(generator=self.gen)).sample
         loss = F.mse_loss(recon, x) + a.kl_weight * dist.kl().mean()
         return loss
 
@@ -187,8 +185,7 @@ class Trainer:
         drop = self.rng.random(len(texts)) < t.uncond_prob
         texts = ["" if d else s for d, s in zip(drop, texts)]
         with torch.no_grad():
-            dist = self.vae.encode(data.to_tensor(images)).latent_dist
-            latents = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=self.gen))
+            latents = self.vae.encode(data.to_tensor(images)).latent_dist.sample(generator=self.gen)
             latents = latents * self.vae.config.scaling_factor
         hidden = encode_text(self.tokenizer, self.text, texts)
         return OBJECTIVES[t.objective](self.unet, self.scheduler, latents, hidden, self.gen)
