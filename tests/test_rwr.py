@@ -99,8 +99,10 @@ def test_kl_term_keeps_the_policy_closer_to_the_base_model(tmp_path, examples):
 
 def test_epsilon_model_and_its_v_twin_give_the_same_loss_terms(tmp_path, examples):
     """RwrMethod on a tiny epsilon UNet and on its exact v-prediction twin (the same weights, outputs
-    v, a v_prediction scheduler): the same denoising term, KL term and loss, because both terms are
-    computed in epsilon space. On the raw outputs (v space) the KL would be larger by 1 / alpha_bar_t."""
+    v, a v_prediction scheduler): with ``denoise_space: epsilon`` the same denoising term, KL term and loss,
+    because both terms are computed in epsilon space; with ``native`` (the default) the same KL term and a
+    larger denoising term for the twin (velocity space weighs each sample by 1 / alpha_bar_t). On the raw
+    outputs (v space) the KL would be larger by 1 / alpha_bar_t."""
     from diffusers import DDIMScheduler
     from v_twin import VTwin
 
@@ -109,7 +111,9 @@ def test_epsilon_model_and_its_v_twin_give_the_same_loss_terms(tmp_path, example
     from tn_ray.training.policy import Policy
 
     torch.set_num_threads(1)
-    cfg = _cfg(tmp_path / "twin", beta=0.5, batch_size=4)
+    cfg = _cfg(tmp_path / "twin", beta=0.5, batch_size=4, denoise_space="epsilon")
+    native = _cfg(tmp_path / "twin-native", beta=0.5, batch_size=4)
+    assert native.denoise_space == "native"
     policy = Policy.load(cfg.policy, "cpu", seed=0)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # move the adapter off B = 0 so the policy differs from the base model
@@ -118,21 +122,23 @@ def test_epsilon_model_and_its_v_twin_give_the_same_loss_terms(tmp_path, example
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
     ctx = WorkerContext(0, 1, torch.device("cpu"), cfg.out)
 
-    def terms(step: int):
-        optim = Optimization(policy.trainable_parameters(), cfg.optimizer, cfg.max_steps, torch.device("cpu"))
+    def terms(step: int, c=cfg):
+        optim = Optimization(policy.trainable_parameters(), c.optimizer, c.max_steps, torch.device("cpu"))
         with torch.no_grad():
-            return RwrMethod(cfg, policy, optim, ctx, {"examples": examples}).terms(step)[1]
+            return RwrMethod(c, policy, optim, ctx, {"examples": examples}).terms(step)[1]
 
     eps_terms = [terms(s) for s in (1, 2, 3)]
+    assert [terms(s, native) for s in (1, 2, 3)] == eps_terms  # an epsilon model: native space is epsilon space
     unet, sched = policy.unet, policy.pipe.scheduler
     twin = VTwin(unet, sched.alphas_cumprod)
     policy.unet = policy.train_unet = twin
     policy.pipe.scheduler = DDIMScheduler.from_config(sched.config, prediction_type="v_prediction")
     v_terms = [terms(s) for s in (1, 2, 3)]
-    for e, v in zip(eps_terms, v_terms):
+    for e, v, n in zip(eps_terms, v_terms, [terms(s, native) for s in (1, 2, 3)]):
         assert e["kl"] > 1e-6
         for key in ("kl", "denoise"):
             assert v[key] == pytest.approx(e[key], rel=1e-4), (key, e, v)
+        assert n["kl"] == pytest.approx(e["kl"], rel=1e-4) and n["denoise"] > 1.5 * e["denoise"], (e, n)
     # the raw outputs differ: the same comparison on v would weigh each sample by 1 / alpha_bar_t
     x = torch.randn(2, 4, 16, 16, generator=g)
     t = torch.tensor([50, 950])

@@ -234,6 +234,37 @@ def test_to_epsilon_inverts_v_and_x0_predictions_and_v_space_reweights_by_one_ov
         to_epsilon(odd, v, t, x_t)
 
 
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_native_denoising_term_is_the_training_target_loss_and_epsilon_space_reweights_it(kind):
+    """``rwr_terms(space='native')``: the raw output against what the model trains on, by hand
+    (v = sqrt(a) eps - sqrt(1 - a) x0, Salimans & Ho 2022); ``epsilon``: the same outputs converted to noise,
+    which for v-prediction is the native per-sample error times a_t (so the noisiest steps count ~0)."""
+    from tn_ray.training.losses import rwr_terms, training_target
+
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([3, 300, 700, 990])
+    sched = _sd_ddpm(prediction_type=kind)
+    a = sched.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    by_hand = {"epsilon": eps, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0, "sample": x0}[kind]
+    torch.testing.assert_close(training_target(sched, x0, eps, t), by_hand, atol=1e-5, rtol=0)
+    out = by_hand + 0.1 * torch.randn(x0.shape, generator=g)
+    w = torch.tensor([1.0, 0.5, 2.0, 0.0])
+    native = rwr_terms(sched, out, x_t, t, eps, w, space="native", x0=x0)["denoise"]
+    assert float(native) == pytest.approx(float((w * (out - by_hand).pow(2).flatten(1).mean(1)).mean()), rel=1e-5)
+    in_eps = rwr_terms(sched, out, x_t, t, eps, w, space="epsilon")["denoise"]
+    if kind == "v_prediction":
+        per = (out - by_hand).pow(2).flatten(1).mean(1) * a.flatten()
+        assert float(in_eps) == pytest.approx(float((w * per).mean()), rel=1e-3)
+    if kind == "epsilon":
+        assert float(in_eps) == float(native)
+    with pytest.raises(ValueError, match="x0"):
+        rwr_terms(_sd_ddpm(prediction_type="v_prediction"), out, x_t, t, eps, w, space="native")
+    with pytest.raises(ValueError, match="denoising space"):
+        rwr_terms(sched, out, x_t, t, eps, w, space="pixel", x0=x0)
+
+
 @pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
 def test_ddpm_kl_weight_is_the_exact_kl_of_two_gaussian_steps(variance_type):
     """diffusers' own DDPM step (same noise draw for both predictions, so the outputs differ by exactly the
@@ -291,11 +322,12 @@ def inputs():
     return torch.randn(2, 4, 16, 16, generator=g), torch.tensor([50, 700]), torch.randn(2, 4, 16, 16, generator=g)
 
 
-def _policy(seed: int = 0):
+def _policy(seed: int = 0, targets: list[str] | None = None):
     from tn_ray.training.config import PolicyBlock
     from tn_ray.training.policy import Policy
 
-    return Policy.load(PolicyBlock(pipeline="tiny", lora={"rank": 4}), device="cpu", seed=seed)
+    lora = {"rank": 4} | ({"target_modules": targets} if targets else {})
+    return Policy.load(PolicyBlock(pipeline="tiny", lora=lora), device="cpu", seed=seed)
 
 
 def _train(policy, inputs, steps: int, lr: float = 1e-2):
@@ -331,11 +363,17 @@ def test_only_lora_changes_and_reference_is_the_untouched_base(inputs):
     assert (trained - base).abs().max() > 1e-3  # the adapter is active outside reference()
 
 
-def test_checkpoint_loads_into_plain_pipeline_and_resumes_the_trained_adapter(tmp_path, inputs):
-    from tn_ray.diffusion.pipelines import tiny_pipeline
+@pytest.mark.parametrize("targets", ["attention", "world"])
+def test_checkpoint_loads_into_plain_pipeline_and_resumes_the_trained_adapter(tmp_path, inputs, targets):
+    """Attention-only LoRA and the world's LoRA (attention, feed-forward, conv and time projections): a plain
+    pipeline's ``load_lora_weights`` gives exactly the trained UNet. (Saved in diffusers' older key format,
+    the mixed adapter lost every attention weight on loading: 112 of 234 on the world UNet.)"""
+    from tn_ray.diffusion.pipelines import WORLD_LORA_TARGETS, tiny_pipeline
     from tn_ray.training.checkpoint import Checkpoints, rng_state, set_rng_state
 
-    policy = _policy()
+    policy = _policy(targets=WORLD_LORA_TARGETS if targets == "world" else None)
+    if targets == "world":
+        assert any("conv1.lora_A" in n for n in policy.trainable_names())
     emb, optim = _train(policy, inputs, steps=2)
     x, t, _ = inputs
     with torch.no_grad():
@@ -351,7 +389,7 @@ def test_checkpoint_loads_into_plain_pipeline_and_resumes_the_trained_adapter(tm
         torch.testing.assert_close(plain.unet(x, t, encoder_hidden_states=emb).sample, trained, rtol=0, atol=1e-5)
 
     # resume into a fresh policy (trl issue 2505: the loaded LoRA must be the active one, not the base)
-    fresh = _policy()
+    fresh = _policy(targets=WORLD_LORA_TARGETS if targets == "world" else None)
     state = ckpts.load(2)
     fresh.load_lora_state(state["lora"])
     with torch.no_grad():

@@ -6,14 +6,17 @@ fine-tuned one, so each (prompt, seed) is a pair; the tests ask for a mean paire
 standard errors. The judge is exact (docs/world.md), so this is the world's ground truth, not the
 optimized reward judging itself on its own samples.
 
-NOT YET PASSING, so opt-in (``TN_RAY_LEARNING=1``; about 6 minutes on 2 cores): measured 2026-12-06 on
-the shipped world pipeline, prompts with base accuracy ~0.3:
-- RWR (32 base samples per prompt, the matching ones kept, LoRA rank 8): 150 steps lr 1e-3: 0.320 ->
-  0.273 (-0.047 +- 0.035); 300 steps lr 3e-3 (sampler latents): 0.320 -> 0.312 (-0.008 +- 0.042); the
-  same with VAE-encoded latents: 0.359 -> 0.354 (-0.005 +- 0.038): no effect.
-- DDPO (32 samples per epoch, 10 steps, KL 0): clip 1e-4 lr 1e-3, 10 epochs: +0.000 +- 0.019; clip 0.2
-  lr 3e-3, 12 epochs: 0.320 -> 0.391 (+0.070 +- 0.032, 2.2 s.e.); 16 epochs: 0.359 -> 0.271
-  (-0.089 +- 0.034; the training reward fell in the last epochs).
+RWR passes (about 4 minutes on 2 cores; measured: base 0.359 -> 0.568, paired gain +0.208 +- 0.044, 4.7
+standard errors, 192 pairs; with 64 base samples per prompt instead of 128: +0.125 +- 0.045). Two things made it learn (measured 2026-12-06, 200 steps, lr 1e-3,
+48 fresh seeds per prompt): the denoising loss in the model's own (velocity) space rather than epsilon space
+(+0.23 vs +0.10), and LoRA on every attention, feed-forward, conv and time projection of the small UNet rather
+than attention only (+0.23 vs +0.06; the full UNet: +0.25). Before both, RWR had no effect at any setting.
+
+DDPO does NOT yet pass, so it is opt-in (``TN_RAY_LEARNING=1``): with the broad LoRA, lr 1e-3 collapses the
+policy within 4 epochs (training reward 0.41 -> 0.06, fresh accuracy -0.27), lr 5e-4 and 2e-4 leave fresh
+samples where they were after 16 epochs (+0.000 +- 0.030, +0.031 +- 0.018); the noisy 32-sample policy
+gradient moves every LoRA weight by about the learning rate per Adam step. Earlier, attention-only LoRA,
+clip 0.2, lr 3e-3: +0.070 +- 0.032 after 12 epochs, -0.089 after 16. docs/world.md ("Fine-tuning it").
 """
 from __future__ import annotations
 
@@ -29,8 +32,6 @@ from PIL import Image
 PROMPTS = ["a photo of three green circles", "a photo of a yellow circle to the left of a red triangle"]  # base ~0.3
 FRESH = list(range(5000, 5096))  # 96 fresh seeds per prompt: 192 pairs
 STEPS, GUIDANCE = 20, 3.0
-pytestmark = pytest.mark.skipif(os.environ.get("TN_RAY_LEARNING") != "1", reason="opt-in (TN_RAY_LEARNING=1): "
-                                "RWR and DDPO do not yet raise the world judge's accuracy (see the module docstring)")
 
 
 def accuracy(policy, seeds, reference: bool = False) -> np.ndarray:
@@ -51,9 +52,10 @@ def paired(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
 
 
 def test_rwr_on_worldjudge_raises_judge_accuracy_of_fresh_samples(tmp_path):
-    """RWR with the exact judge as its reward (Lee et al.'s setting with a perfect labeller): 32 base
-    samples per prompt, the matching ones kept with weight 1, LoRA fine-tuning on them; fresh samples of
-    the fine-tuned model match more often than the base model's, paired by (prompt, seed)."""
+    """RWR with the exact judge as its reward (Lee et al.'s setting with a perfect labeller): 128 base
+    samples per prompt, the matching ones kept with weight 1, LoRA fine-tuning on them (the world's default
+    targets, rank 16, velocity-space loss); fresh samples of the fine-tuned model match more often than the
+    base model's, paired by (prompt, seed)."""
     from tn_ray.data.world.judge import judge
     from tn_ray.training.config import EvalBlock, PolicyBlock
     from tn_ray.training.evaluation import generate_images
@@ -62,10 +64,10 @@ def test_rwr_on_worldjudge_raises_judge_accuracy_of_fresh_samples(tmp_path):
     from tn_ray.training.rwr import RwrConfig, RwrMethod
 
     torch.set_num_threads(2)
-    block = PolicyBlock(pipeline="world", lora={"rank": 8})
+    block = PolicyBlock(pipeline="world", lora={"rank": 16})
     policy = Policy.load(block, device="cpu")
     sampling = EvalBlock(num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=32, width=32, batch_size=64)
-    seeds = list(range(32))
+    seeds = list(range(128))
     images = generate_images(policy, PROMPTS, seeds, sampling)
     texts = [p for p in PROMPTS for _ in seeds]
     match = np.array([v.match for v in judge([Image.open(io.BytesIO(b)) for b in images], texts)])
@@ -74,10 +76,10 @@ def test_rwr_on_worldjudge_raises_judge_accuracy_of_fresh_samples(tmp_path):
     assert kept["prompt_id"].nunique() == len(PROMPTS), f"a prompt has no matching base sample: {match.reshape(2, -1)}"
     cfg = RwrConfig.model_validate(dict(
         out=str(tmp_path / "rwr"), prompts=PROMPTS, seed=0, max_steps=RWR_STEPS, policy=block.model_dump(),
-        optimizer={"lr": 3e-3}, reward={"models": ["worldjudge"], "use": "worldjudge"},
+        optimizer={"lr": 1e-3}, reward={"models": ["worldjudge"], "use": "worldjudge"},
         generation={"pipeline": "world", "samples_per_prompt": len(seeds), "num_inference_steps": STEPS,
                     "guidance_scale": GUIDANCE, "height": 32, "width": 32},
-        top_k=len(seeds), weighting="value", beta=0.0, batch_size=8, latents="encode",
+        top_k=len(seeds), weighting="value", beta=0.0, batch_size=16, latents="encode",
         eval={"enabled": False}, checkpoint={"every": RWR_STEPS}, logging={"progress_bar": False}))
     Trainer(cfg, RwrMethod, {"examples": kept}, WorkerContext(0, 1, torch.device("cpu"), cfg.out), lambda r: None).run()
     from tn_ray.training.checkpoint import Checkpoints
@@ -91,7 +93,7 @@ def test_rwr_on_worldjudge_raises_judge_accuracy_of_fresh_samples(tmp_path):
     assert gain > 3 * se, (before.mean(), after.mean(), gain, se)
 
 
-RWR_STEPS = 300
+RWR_STEPS = 200
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +106,8 @@ def judge_actors(ray_session):
     pool.shutdown()
 
 
+@pytest.mark.skipif(os.environ.get("TN_RAY_LEARNING") != "1", reason="opt-in (TN_RAY_LEARNING=1): DDPO does not yet "
+                    "raise the world judge's accuracy on a CPU budget (see the module docstring)")
 def test_ddpo_on_worldjudge_raises_judge_accuracy_of_fresh_samples(tmp_path, judge_actors):
     """DDPO with the exact judge as its reward (0/1, per-prompt advantages, KL 0): fresh samples of
     the fine-tuned model match more often than the base model's, paired by (prompt, seed)."""
@@ -115,7 +119,7 @@ def test_ddpo_on_worldjudge_raises_judge_accuracy_of_fresh_samples(tmp_path, jud
     torch.set_num_threads(2)
     cfg = DDPOConfig.model_validate(dict(
         out=str(tmp_path / "ddpo"), prompts=PROMPTS, seed=0, max_steps=DDPO_EPOCHS,
-        policy={"pipeline": "world", "lora": {"rank": 8}}, optimizer={"lr": 3e-3},
+        policy={"pipeline": "world", "lora": {"rank": 16}}, optimizer={"lr": 1e-3},
         reward={"models": ["worldjudge"], "use": "worldjudge"},
         sample={"num_steps": 10, "guidance_scale": GUIDANCE, "batch_size": 16, "num_batches_per_epoch": 2},
         train={"batch_size": 16, "clip_range": 0.2, "kl_coef": 0.0, "stat_buffer_size": 32, "stat_min_count": 8},

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from tn_ray.config import OutputLocation, RayConfig, ScoringConfig, StrictModel
-from tn_ray.diffusion.pipelines import DEFAULT_PIPELINE, DTYPES
+from tn_ray.diffusion.pipelines import DEFAULT_PIPELINE, DTYPES, WORLD, WORLD_LORA_TARGETS
 from tn_ray.textnorm.columns import RewardConfig
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # UNet attention projections (diffusers' LoRA example)
@@ -61,7 +61,9 @@ class LoraBlock(StrictModel):
     target_modules: list[str] = Field(
         default_factory=lambda: list(LORA_TARGETS),
         min_length=1,
-        description="UNet module names adapted (peft target_modules)",
+        description="UNet module names adapted (peft target_modules); default: the attention projections, or for "
+                    "policy.pipeline 'world' every attention, feed-forward, conv and time projection "
+                    "(tn_ray.diffusion.pipelines.WORLD_LORA_TARGETS: attention-only LoRA barely moves that small UNet)",
     )
     init: Literal["gaussian", "default"] = Field(
         "gaussian",
@@ -101,6 +103,12 @@ class PolicyBlock(StrictModel):
     gradient_checkpointing: bool = Field(
         False, description="recompute UNet activations in backward (less memory, about 30 % more time)"
     )
+
+    @model_validator(mode="after")
+    def _world_targets(self) -> PolicyBlock:
+        if self.pipeline == WORLD and "target_modules" not in self.lora.model_fields_set:
+            self.lora.target_modules = list(WORLD_LORA_TARGETS)
+        return self
 
 
 class OptimizerBlock(StrictModel):

@@ -4,12 +4,15 @@ Shapes: ``pred``, ``target``, ``ref_pred`` are (batch, C, H, W) noise prediction
 ``weights`` is (batch,). Every squared norm is a mean over the latent dimensions (as the
 diffusers training scripts and DPOK do), so values do not grow with the image size.
 
-**Both terms are in epsilon space, for every parameterization.** A UNet's output is first
+**The KL term is in epsilon space, for every parameterization.** A UNet's output is first
 converted to its noise prediction with :func:`to_epsilon` (the scheduler's ``alphas_cumprod``;
-for v-prediction ``eps = sqrt(a_t) v + sqrt(1 - a_t) x_t``), so an epsilon model and its exact
-v-parameterized twin give the same loss and beta means the same for both. (In v space the
-squared difference is ``||eps_1 - eps_2||^2 / a_t``: up to 1 / a_999 = 214x larger at the
-noisiest step of Stable Diffusion's schedule.)
+for v-prediction ``eps = sqrt(a_t) v + sqrt(1 - a_t) x_t``), so beta means the same for an epsilon
+model and its exact v-parameterized twin. (In v space the squared difference is
+``||eps_1 - eps_2||^2 / a_t``: up to 1 / a_999 = 214x larger at the noisiest step of Stable
+Diffusion's schedule.) **The denoising term is in the model's native space by default**
+(:func:`training_target`: velocity for v-prediction, as the model was trained): in epsilon space a
+v-model's per-sample error is weighted by a_t, ~0 at the noisy steps where a scene's layout is decided
+(on the world pipeline's cosine schedule RWR then learned half as much; docs/rwr.md, "Which space").
 
 RWR (the paper's eq. 4, Lee et al. 2023), on noisy latents ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``::
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 import torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+DENOISE_SPACES = ("native", "epsilon")
 
 
 def alpha_bar(scheduler, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -183,10 +187,39 @@ def rwr_terms(
     weights: torch.Tensor,
     beta: float = 0.0,
     ref_pred: torch.Tensor | None = None,
+    space: str = "native",
+    x0: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`rwr_loss` on raw UNet outputs (``pred``, ``ref_pred``: noise, v or x0 as the scheduler's
-    ``prediction_type`` says) at noisy latents ``noisy`` = x_t: both converted to epsilon first, the
-    target is the drawn ``noise``. The same value for an epsilon model and its v-parameterized twin."""
+    ``prediction_type`` says) at noisy latents ``noisy`` = x_t made from the clean latents ``x0`` and the drawn
+    ``noise``. The KL term is always in epsilon space (both outputs converted with :func:`to_epsilon`). The
+    denoising term is in ``space``: ``epsilon`` = the noise prediction against ``noise`` (an epsilon model and
+    its v-parameterized twin give the same value); ``native`` = the raw output against the target the model was
+    trained on (:func:`training_target`, as diffusers' training scripts do), the same as ``epsilon`` for an
+    epsilon model, ``1 / a_t`` times it per sample for a v-prediction one, so the noisy timesteps where a
+    scene's layout is decided keep their weight (in epsilon space a v-model's cosine schedule weighs them ~0)."""
+    if space not in DENOISE_SPACES:
+        raise ValueError(f"unknown denoising space {space!r} ({', '.join(DENOISE_SPACES)})")
     eps = to_epsilon(scheduler, pred, timesteps, noisy)
     ref = to_epsilon(scheduler, ref_pred, timesteps, noisy) if ref_pred is not None else None
-    return rwr_loss(eps, noise, weights, beta, ref)
+    terms = rwr_loss(eps, noise, weights, beta, ref)
+    if space == "native" and scheduler.config.prediction_type != "epsilon":
+        if x0 is None:
+            raise ValueError("space='native' for a non-epsilon model needs the clean latents x0")
+        native = weighted_denoising(pred, training_target(scheduler, x0, noise, timesteps), weights)
+        terms = {"loss": native + beta * terms["kl"], "denoise": native, "kl": terms["kl"]}
+    return terms
+
+
+def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to output at ``x_t = add_noise(x0, noise, t)`` (float32), as diffusers'
+    training scripts: the noise for ``epsilon``, ``scheduler.get_velocity(x0, noise, t)`` =
+    ``sqrt(a_t) noise - sqrt(1 - a_t) x0`` for ``v_prediction``, ``x0`` for ``sample``."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise.float()
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0.float(), noise.float(), torch.as_tensor(timesteps).to(x0.device))
+    if kind == "sample":
+        return x0.float()
+    raise ValueError(f"unsupported prediction_type {kind!r} ({', '.join(PREDICTION_TYPES)})")

@@ -135,13 +135,15 @@ class Policy:
         self.unet.set_adapter(ADAPTER)
 
     def save_lora(self, folder: str | Path) -> Path:
-        """Write ``pytorch_lora_weights.safetensors`` (diffusers format) into ``folder``."""
+        """Write ``pytorch_lora_weights.safetensors`` into ``folder``: peft's key names under ``unet.``, which
+        ``pipe.load_lora_weights(folder)`` loads as they are. (Converted to diffusers' older ``lora.down/up``
+        names first, as its training scripts do, an adapter on conv as well as attention layers lost every
+        attention weight on loading: tests/test_training_core.py.)"""
         from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, adapter_name=ADAPTER))
+        layers = get_peft_model_state_dict(self.unet, adapter_name=ADAPTER)
         StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
         return folder / LORA_FILE

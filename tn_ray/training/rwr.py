@@ -15,10 +15,12 @@ latents ``x_t = add_noise(x0, eps, t)``, and
          + beta * (1/B) sum_i ||eps_theta(x_t,i, t_i, c_i) - eps_theta0(x_t,i, t_i, c_i)||^2
          [+ gamma * (1/B') sum_j ||eps_j - eps_theta(x_t,j, t_j, c_j)||^2   on real images (pretrain)]
 
-with ``eps_theta0`` the same UNet with adapters disabled (computed only when beta > 0). Every
-term is in epsilon space: for v-prediction models (SD 2.1 at 768 px) the UNet's v output is
-converted to its noise prediction first (:func:`tn_ray.training.losses.to_epsilon`), so beta
-means the same for an epsilon model and a v-prediction one (docs/rwr.md, "Which space").
+with ``eps_theta0`` the same UNet with adapters disabled (computed only when beta > 0), written for an
+epsilon model (SD 1.5, the paper's). For a v-prediction model (SD 2.1 at 768 px, the world pipeline) the
+denoising terms compare the v output with the velocity target by default (``denoise_space: native``, as
+diffusers' training scripts; ``epsilon`` converts first, which weighs the noisiest steps ~0), while the
+KL term is always in epsilon space (:func:`tn_ray.training.losses.to_epsilon`), so beta's term means the
+same for an epsilon model and a v-prediction one (docs/rwr.md, "Which space").
 """
 from __future__ import annotations
 
@@ -75,6 +77,13 @@ class RwrConfig(FineTuneConfig):
                                                                            "generation cost; needed when the VAE is "
                                                                            "not a faithful autoencoder, as the random "
                                                                            "tiny pipeline's)")
+    denoise_space: Literal["native", "epsilon"] = Field(
+        "native", description="space of the denoising terms (eq. 4's likelihood and the pre-training term): native = "
+                              "the UNet's own training target (noise for epsilon models, velocity for v-prediction: "
+                              "diffusers' training scripts; the same as epsilon for SD 1.5, the paper's model); "
+                              "epsilon = the output converted to a noise prediction, which for a v-model weighs "
+                              "timestep t by a_t relative to native, ~0 at the noisy steps that decide a scene's "
+                              "layout (measured on the world pipeline: RWR then learns nothing; docs/rwr.md)")
     beta: float = Field(0.5, ge=0, description="KL coefficient: weight of mean_d (eps_theta - eps_theta0)^2, noise "
                                                "predictions in epsilon space for every parameterization (unitless; the "
                                                "paper's grid: 0, .25, .5, .75, 1; 0.5 is tn_ray's choice, the paper "
@@ -329,16 +338,18 @@ class RwrMethod(Method):
     def train_prompts(self) -> list[str]:
         return self.prompts
 
-    def _noisy(self, x0: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x_t, t, eps): noise and timesteps drawn from ``gen``; the target of every term is eps."""
+    def _noisy(self, x0: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """``rwr_terms``' tensors {noisy, timesteps, noise, x0} on the policy's device: noise and timesteps drawn
+        from ``gen``, ``noisy = add_noise(x0, noise, t)``."""
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen)
         dev = self.policy.device
         x0, noise, t = x0.to(dev), noise.to(dev), t.to(dev)
-        return self.scheduler.add_noise(x0, noise, t), t, noise
+        return {"noisy": self.scheduler.add_noise(x0, noise, t), "timesteps": t, "noise": noise, "x0": x0}
 
     def terms(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """Step ``step``'s loss (with its graph) and metrics, every term in epsilon space."""
+        """Step ``step``'s loss (with its graph) and metrics: the denoising terms in ``denoise_space``, the KL in
+        epsilon space."""
         from tn_ray.training.losses import rwr_terms
 
         cfg: RwrConfig = self.cfg
@@ -346,12 +357,12 @@ class RwrMethod(Method):
         rows = rows[self.ctx.rank * self.per_worker : (self.ctx.rank + 1) * self.per_worker]
         gen = torch.Generator("cpu").manual_seed(seed_of(cfg.seed, step, self.ctx.rank))
         x0, embeds = self.examples.batch(rows)
-        noisy, t, noise = self._noisy(x0, gen)
-        pred = self.policy.noise_pred(noisy, t, embeds.to(self.policy.device))
-        ref = self.policy.reference_pred(noisy, t, embeds.to(self.policy.device)) if cfg.beta > 0 else None
-        terms = rwr_terms(
-            self.scheduler, pred, noisy, t, noise, self.weights[rows].to(self.policy.device), cfg.beta, ref
-        )
+        z = self._noisy(x0, gen)
+        emb = embeds.to(self.policy.device)
+        pred = self.policy.noise_pred(z["noisy"], z["timesteps"], emb)
+        ref = self.policy.reference_pred(z["noisy"], z["timesteps"], emb) if cfg.beta > 0 else None
+        terms = rwr_terms(self.scheduler, pred, weights=self.weights[rows].to(self.policy.device), beta=cfg.beta,
+                          ref_pred=ref, space=cfg.denoise_space, **z)
         loss = terms["loss"]
         metrics = {
             "denoise": terms["denoise"].item(),
@@ -364,15 +375,11 @@ class RwrMethod(Method):
             )
             pre_rows = pre_rows[self.ctx.rank * cfg.pretrain.batch_size : (self.ctx.rank + 1) * cfg.pretrain.batch_size]
             px0, pemb = self.pretrain.batch(pre_rows)
-            pnoisy, pt, pnoise = self._noisy(px0, gen)
-            pre = rwr_terms(
-                self.scheduler,
-                self.policy.noise_pred(pnoisy, pt, pemb.to(self.policy.device)),
-                pnoisy,
-                pt,
-                pnoise,
-                torch.ones(len(pre_rows), device=self.policy.device),
-            )["denoise"]
+            pz = self._noisy(px0, gen)
+            pre = rwr_terms(self.scheduler, self.policy.noise_pred(pz["noisy"], pz["timesteps"],
+                                                                   pemb.to(self.policy.device)),
+                            weights=torch.ones(len(pre_rows), device=self.policy.device),
+                            space=cfg.denoise_space, **pz)["denoise"]
             loss = loss + cfg.pretrain.weight * pre
             metrics["pretrain"] = pre.item()
         return loss, metrics
