@@ -7,16 +7,17 @@ standard errors. The judge is exact (docs/world.md), so this is the world's grou
 optimized reward judging itself on its own samples.
 
 RWR passes (about 4 minutes on 2 cores; measured: base 0.359 -> 0.568, paired gain +0.208 +- 0.044, 4.7
-standard errors, 192 pairs; with 64 base samples per prompt instead of 128: +0.125 +- 0.045). Two things made it learn (measured 2026-12-06, 200 steps, lr 1e-3,
-48 fresh seeds per prompt): the denoising loss in the model's own (velocity) space rather than epsilon space
-(+0.23 vs +0.10), and LoRA on every attention, feed-forward, conv and time projection of the small UNet rather
-than attention only (+0.23 vs +0.06; the full UNet: +0.25). Before both, RWR had no effect at any setting.
+standard errors, 192 pairs; with 64 base samples per prompt instead of 128: +0.125 +- 0.045). Two things made
+it learn (measured 2026-12-06, 200 steps, lr 1e-3, 48 fresh seeds per prompt): the denoising loss in the
+model's own (velocity) space rather than epsilon space (+0.23 vs +0.10), and LoRA on every attention, feed-
+forward, conv and time projection of the small UNet rather than attention only (+0.23 vs +0.06; the full UNet:
++0.25). Before both, RWR had no effect at any setting.
 
 DDPO does NOT yet pass, so it is opt-in (``TN_RAY_LEARNING=1``): with the broad LoRA, lr 1e-3 collapses the
 policy within 4 epochs (training reward 0.41 -> 0.06, fresh accuracy -0.27), lr 5e-4 and 2e-4 leave fresh
 samples where they were after 16 epochs (+0.000 +- 0.030, +0.031 +- 0.018); the noisy 32-sample policy
 gradient moves every LoRA weight by about the learning rate per Adam step. Earlier, attention-only LoRA,
-clip 0.2, lr 3e-3: +0.070 +- 0.032 after 12 epochs, -0.089 after 16. docs/world.md ("Fine-tuning it").
+clip 0.2, lr 3e-3: +0.070 +- 0.032 after 12 epochs, -0.089 after 16. docs/world.md ("Learning on the world").
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ WORLD = "world"  # the small Stable Diffusion trained on the synthetic world, sh
 # LoRA targets of the world UNet: every attention, feed-forward, conv and time projection of its blocks (0.93 M
 # parameters at rank 16). Its attention sits at 8x8 and coarser only, and attention-only LoRA (Stable Diffusion's
 # default) barely moved it: RWR on the exact judge, 200 steps, fresh-sample accuracy +0.07 (attention only, rank 8)
-# vs +0.23 (these, rank 16) vs +0.25 (the full UNet). Measured 2026-12-06, docs/world.md ("Fine-tuning it").
+# vs +0.23 (these, rank 16) vs +0.25 (the full UNet). Measured 2026-12-06, docs/world.md ("Learning on the world").
 WORLD_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                       "conv1", "conv2", "time_emb_proj"]
 DTYPES = ("auto", "float16", "bfloat16", "float32")
