@@ -280,10 +280,19 @@ def test_mixed_colour_objects_are_unparseable(scene, size, seed, pick, shapes, c
     shape=st.sampled_from(scenes.SHAPES),
 )
 def test_objects_off_their_cell_or_too_small_are_unparseable(scene, size, seed, pick, shift, sign, tiny, shape):
+    """An object pushed 0.3-0.6 of a cell off its centre is unparseable or, when it still reads as an object of
+    its cell, counted there: never silently dropped (the issue's rule). The second case exists: CI found a blue
+    circle shifted 0.3 cell (3.2 px at 32 px) whose overflow touched a blue square in the next cell; it was read
+    as a blue circle in its cell. A too-small object is always unparseable."""
     cell = free_cell(scene, pick)
     im = scenes.render(scene, size, seed)
     draw_shape(im, shape, "blue", cell, dx=sign * shift * size / scenes.GRID)
-    unparseable(im, scene)
+    r = read_scene(im)
+    if r.scene is not None:
+        assert (shape, "blue", cell) in {(o.shape, o.color, o.cell) for o in r.scene.objects}, (r, scene)
+        assert r.scene != scene
+    else:
+        assert r.problem
     im = scenes.render(scene, size, seed)
     before = np.asarray(im).copy()
     draw_shape(im, shape, "red", cell, scale=tiny)
