@@ -168,13 +168,17 @@ def rwr_loss(pred: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor, bet
              ref_pred: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Eq. 4's objective on one batch of *noise predictions* (epsilon space): ``{"loss", "denoise", "kl"}``
     (``kl`` is logged even when beta = 0 if ``ref_pred`` is given; beta > 0 requires it)."""
-    denoise = weighted_denoising(pred, noise, weights)
-    if ref_pred is None:
+    return _with_kl(weighted_denoising(pred, noise, weights), pred, ref_pred, beta)
+
+
+def _with_kl(denoise: torch.Tensor, eps: torch.Tensor, ref_eps: torch.Tensor | None, beta: float) -> dict:
+    """``{"loss", "denoise", "kl"}`` from a denoising term and the batch's noise predictions (epsilon space)."""
+    if ref_eps is None:
         if beta > 0:
             raise ValueError("beta > 0 needs the base model's prediction ref_pred")
         kl = torch.zeros((), dtype=denoise.dtype, device=denoise.device)
     else:
-        kl = kl_surrogate(pred, ref_pred).mean()
+        kl = kl_surrogate(eps, ref_eps).mean()
     return {"loss": denoise + beta * kl, "denoise": denoise, "kl": kl}
 
 
@@ -201,23 +205,23 @@ def rwr_terms(
     if space not in DENOISE_SPACES:
         raise ValueError(f"unknown denoising space {space!r} ({', '.join(DENOISE_SPACES)})")
     eps = to_epsilon(scheduler, pred, timesteps, noisy)
+    if space == "native":
+        out, target = pred.float(), training_target(scheduler, x0, noise, timesteps)
+    else:
+        out, target = eps, noise
     ref = to_epsilon(scheduler, ref_pred, timesteps, noisy) if ref_pred is not None else None
-    terms = rwr_loss(eps, noise, weights, beta, ref)
-    if space == "native" and scheduler.config.prediction_type != "epsilon":
-        if x0 is None:
-            raise ValueError("space='native' for a non-epsilon model needs the clean latents x0")
-        native = weighted_denoising(pred, training_target(scheduler, x0, noise, timesteps), weights)
-        terms = {"loss": native + beta * terms["kl"], "denoise": native, "kl": terms["kl"]}
-    return terms
+    return _with_kl(weighted_denoising(out, target, weights), eps, ref, beta)
 
 
-def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def training_target(scheduler, x0: torch.Tensor | None, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """What the UNet is trained to output at ``x_t = add_noise(x0, noise, t)`` (float32), as diffusers'
     training scripts: the noise for ``epsilon``, ``scheduler.get_velocity(x0, noise, t)`` =
     ``sqrt(a_t) noise - sqrt(1 - a_t) x0`` for ``v_prediction``, ``x0`` for ``sample``."""
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return noise.float()
+    if x0 is None:
+        raise ValueError(f"the {kind} target needs the clean latents x0")
     if kind == "v_prediction":
         return scheduler.get_velocity(x0.float(), noise.float(), torch.as_tensor(timesteps).to(x0.device))
     if kind == "sample":
