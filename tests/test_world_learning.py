@@ -15,9 +15,10 @@ forward, conv and time projection of the small UNet rather than attention only (
 
 DDPO does NOT yet pass, so it is opt-in (``TN_RAY_LEARNING=1``): with the broad LoRA, lr 1e-3 collapses the
 policy within 4 epochs (training reward 0.41 -> 0.06, fresh accuracy -0.27), lr 5e-4 and 2e-4 leave fresh
-samples where they were after 16 epochs (+0.000 +- 0.030, +0.031 +- 0.018); the noisy 32-sample policy
-gradient moves every LoRA weight by about the learning rate per Adam step. Earlier, attention-only LoRA,
-clip 0.2, lr 3e-3: +0.070 +- 0.032 after 12 epochs, -0.089 after 16. docs/world.md ("Learning on the world").
+samples where they were after 16 epochs (+0.000 +- 0.030, +0.031 +- 0.018). 2026-12-07: 256 samples per epoch
+(Table 4) at lr 3e-4 left them unchanged after 1,024 samples (-0.010 +- 0.018); two independent 64-chain
+policy gradients have cosine similarity -0.045, i.e. the gradient is mostly noise at test sizes.
+docs/world.md ("Learning on the world").
 """
 from __future__ import annotations
 
