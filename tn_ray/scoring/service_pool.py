@@ -1,0 +1,75 @@
+"""The reward service as a :class:`RewardPool` backend: ``reward: {service: URL}`` sends a run's
+scoring to a warm ``tn-ray serve rewards`` instead of starting reward actors.
+
+Requests go over HTTP (:class:`tn_ray.client.RewardClient`, JSON, images as lossless PNG / the
+given PNG/JPEG bytes) from a few threads, so submit / collect keep their meaning: submit returns at
+once with futures, collect waits for them in submit order. The token, when the service needs one,
+comes from ``TN_RAY_SERVE_TOKEN`` (never from a config file). Only ``score`` is served: reward
+learning's embeddings need in-process actors.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from tn_ray.config import ScoringConfig
+from tn_ray.errors import InputError
+from tn_ray.scoring.workers import RewardPool
+
+TOKEN_ENV = "TN_RAY_SERVE_TOKEN"
+
+
+class ServicePool(RewardPool):
+    """A :class:`RewardPool` whose workers are ``connections`` HTTP connections to the reward
+    service at ``url`` (its base URL); the service must serve ``spec``."""
+
+    def __init__(self, spec: str, url: str, cfg: ScoringConfig | None = None, token: str | None = None,
+                 connections: int = 4):
+        from tn_ray.rewards import parse
+
+        self.url = url
+        self.token = token if token is not None else os.environ.get(TOKEN_ENV)
+        self.connections = connections
+        self._executor: ThreadPoolExecutor | None = None
+        super().__init__(str(parse(spec)), cfg)
+
+    # --- backend ----------------------------------------------------------------------------
+    def _start(self) -> list:
+        from tn_ray.client import RewardClient
+
+        client = RewardClient(self.url, self.token)
+        served = client.rewards()["models"]
+        if self.spec not in served:
+            raise InputError(f"reward service {self.url} does not serve {self.spec}; it serves {served}")
+        self.revision = client.rewards()["revisions"][self.spec]
+        return [client] * self.connections
+
+    def _pool_threads(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.connections, thread_name_prefix="reward-service")
+        return self._executor
+
+    def _call(self, worker: int, method: str, *args) -> Future:
+        if method != "score":
+            raise InputError(f"reward service {self.url}: '{method}' is not served (reward learning's embeddings "
+                             "need in-process reward actors: leave out reward.service)")
+        return self._pool_threads().submit(self.workers[worker].score_rows, self.spec, *args)
+
+    def _wait(self, futures: list) -> list:
+        return [[np.asarray(row, dtype=np.float32) for row in f.result()] for f in futures]
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self.workers = []
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_executor": None}
+
+
+def reward_pool(spec: str, cfg: ScoringConfig | None = None, service: str | None = None) -> RewardPool:
+    """The pool of one reward model: the reward service at ``service`` when given, else Ray actors."""
+    return ServicePool(spec, service, cfg) if service else RewardPool(spec, cfg)
