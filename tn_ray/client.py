@@ -21,6 +21,8 @@ from typing import Any
 
 from tn_ray.errors import TnRayError
 
+TOKEN_ENV = "TN_RAY_SERVE_TOKEN"  # the service's token: read by the service and by its clients
+
 
 class ServiceError(TnRayError, RuntimeError):
     """The service refused a request (4xx: the message names the problem) or failed (5xx), or cannot
@@ -66,11 +68,13 @@ def as_uint8_hwc(image: Any):
 
 class RewardClient:
     """The reward service at ``url`` (its base, e.g. ``http://127.0.0.1:8000``); ``token`` when the
-    service requires one (sent as ``Authorization: Bearer``)."""
+    service requires one (sent as ``Authorization: Bearer``; default: ``TN_RAY_SERVE_TOKEN`` if set).
+    A request that gets no answer or a 5xx is retried ``retries`` times (scoring is pure: a retry
+    cannot change a value); a 4xx never is."""
 
     def __init__(self, url: str, token: str | None = None, timeout_s: float = 300.0, retries: int = 2):
         self.url = url.rstrip("/")
-        self.token = token
+        self.token = token if token is not None else os.environ.get(TOKEN_ENV)
         self.timeout_s = timeout_s
         self.retries = retries
 

@@ -14,11 +14,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from tn_ray.client import TOKEN_ENV
 from tn_ray.config import ScoringConfig
 from tn_ray.errors import InputError
 from tn_ray.scoring.workers import RewardPool
-
-TOKEN_ENV = "TN_RAY_SERVE_TOKEN"
 
 
 class ServicePool(RewardPool):
@@ -30,7 +29,7 @@ class ServicePool(RewardPool):
         from tn_ray.rewards import parse
 
         self.url = url
-        self.token = token if token is not None else os.environ.get(TOKEN_ENV)
+        self.token = token if token is not None else os.environ.get(TOKEN_ENV)  # never from a config file
         self.connections = connections
         self._executor: ThreadPoolExecutor | None = None
         super().__init__(str(parse(spec)), cfg)

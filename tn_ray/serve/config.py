@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
+from tn_ray.client import TOKEN_ENV
 from tn_ray.config import RayConfig, StrictModel
 from tn_ray.labeling.security import needs_token
 from tn_ray.textnorm.columns import EnsembleSpec, SetParams, check_ensembles, reward_names
@@ -156,3 +157,16 @@ class ServeConfig(StrictModel):
     @property
     def token_required(self) -> bool:
         return self.require_token or needs_token(self.host)
+
+
+def service_token(cfg: ServeConfig) -> tuple[str | None, bool]:
+    """(token, whether it was generated here) for ``cfg``: None when none is required; else
+    ``TN_RAY_SERVE_TOKEN`` when set, or a fresh random one (32 url-safe characters) to print once."""
+    import os
+    import secrets
+
+    if not cfg.token_required:
+        return None, False
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV], False
+    return secrets.token_urlsafe(24), True
