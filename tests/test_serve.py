@@ -285,6 +285,46 @@ def test_reward_pool_backend_and_reward_fn(service, local_workers):
     assert info["revisions"] == {"clip:tiny": "random-init"} and info["reward"] == "textnorm(clip:tiny)"
 
 
+def test_a_replica_killed_mid_load_every_request_answered_once(service, local_workers):
+    """A model replica killed while 4 clients score: Serve starts another; the requests it held fail
+    with a 5xx that the client retries, so every request is answered, with the in-process values."""
+    import time
+
+    import ray
+
+    from tn_ray.client import RewardClient
+
+    url, _, _ = service
+    client = RewardClient(url, TOKEN, retries=6)
+    answers: dict[tuple[int, int], dict] = {}
+    errors: list[BaseException] = []
+
+    def run(t: int) -> None:
+        try:
+            for k in range(6):
+                answers[(t, k)] = client.score(*request(1000 + t * 6 + k), reward=COLUMNS, contrast=SETS)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    workers = [threading.Thread(target=run, args=(t,)) for t in range(4)]
+    for w in workers:
+        w.start()
+    time.sleep(0.5)
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if "reward0_clip_tiny" in a["name"] and a["name"].startswith("SERVE_REPLICA")]
+    assert len(names) == 1, names
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    for w in workers:
+        w.join(timeout=300)
+    assert not errors, errors[:3]
+    assert len(answers) == 24
+    print(f"\nreplica killed mid-load: 24 requests answered, {client.retried} sent again by the client")
+    for (t, k), out in answers.items():
+        want = in_process(local_workers, *request(1000 + t * 6 + k))
+        for col in COLUMNS:
+            np.testing.assert_allclose(out["columns"][col], want[col], rtol=1e-5, err_msg=f"{(t, k)} {col}")
+
+
 # --- the config, no Serve -------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
@@ -77,6 +78,7 @@ class RewardClient:
         self.token = token if token is not None else os.environ.get(TOKEN_ENV)
         self.timeout_s = timeout_s
         self.retries = retries
+        self.retried = 0  # requests sent again after no answer or a 5xx (a counter for tests and logs)
 
     def _request(self, method: str, path: str, payload: Any = None) -> Any:
         data = None if payload is None else json.dumps(payload).encode()
@@ -84,7 +86,10 @@ class RewardClient:
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         last: Exception | None = None
-        for _ in range(self.retries + 1):
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.retried += 1
+                time.sleep(min(0.5 * 2 ** (attempt - 1), 5.0))  # a replica that died is being replaced
             req = urllib.request.Request(f"{self.url}{path}", data=data, method=method, headers=headers)
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:

@@ -23,6 +23,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayActorError
 
 from tn_ray.labeling.security import LOOPBACK_HOSTS, token_ok
 from tn_ray.serve.config import ReplicaConfig, ServeConfig
@@ -164,7 +165,10 @@ class RewardFront:
         for m, contrast in job.models.items():
             texts = job.texts if contrast else [[p] for p in job.prompts]
             calls[m] = self.handles[m].score.remote(job.images, texts)
-        rows = {m: await c for m, c in calls.items()}
+        try:
+            rows = {m: await c for m, c in calls.items()}
+        except RayActorError as err:  # a replica died with the request: Serve replaces it; the client retries
+            return _error(f"a model replica died while scoring ({type(err).__name__}); retry the request", 503)
         return answer(job, rows, self.cfg, self.revisions)
 
     @api.post("/v1/score_rows")
@@ -179,7 +183,10 @@ class RewardFront:
             model, images, texts = await asyncio.to_thread(self._parse_rows, body)
         except RequestError as err:
             return _error(str(err), err.status)
-        rows = await self.handles[model].score.remote(images, texts)
+        try:
+            rows = await self.handles[model].score.remote(images, texts)
+        except RayActorError as err:
+            return _error(f"a model replica died while scoring ({type(err).__name__}); retry the request", 503)
         return {"model": model, "revision": self.revisions[model],
                 "rows": [[float(x) for x in r] for r in rows]}
 
