@@ -279,6 +279,8 @@ def test_reward_pool_backend_and_reward_fn(service, local_workers):
             pool.submit_embed(images, prompts)
     finally:
         pool.shutdown()
+    with pytest.raises(ValueError, match="does not serve imagereward"):
+        ServicePool("imagereward:random", url, token=TOKEN)
     reward_fn = RewardClient(url, TOKEN).reward_fn("textnorm(clip:tiny)", contrast=SETS)
     scores, info = reward_fn(images, prompts, [{} for _ in prompts])
     np.testing.assert_allclose(scores, in_process(local_workers, images, prompts)["textnorm(clip:tiny)"], rtol=1e-5)
@@ -358,3 +360,20 @@ def test_the_shipped_config_loads_with_tiny_models_on_loopback():
     cfg = load_config(Path(__file__).resolve().parents[1] / "sweeps" / "serve_rewards.yaml", ServeConfig)
     assert cfg.host == "127.0.0.1" and not cfg.token_required
     assert all(m.endswith(":tiny") for m in cfg.models)
+
+
+def test_reward_service_key_of_a_reward_config():
+    """``reward: {service: URL}`` picks the HTTP backend; anything but an http(s) URL is refused."""
+    from tn_ray.config import ConfigError, validate
+    from tn_ray.scoring.service_pool import ServicePool, reward_pool
+    from tn_ray.textnorm.columns import RewardConfig
+
+    rc = RewardConfig(models=["clip:tiny"], use="clip:tiny", service="http://127.0.0.1:1")
+    assert rc.service == "http://127.0.0.1:1"
+    with pytest.raises(ConfigError, match="expected an http:// or https:// URL"):
+        validate(RewardConfig, {"models": ["clip:tiny"], "use": "clip:tiny", "service": "/tmp/socket"}, "r.yaml")
+    from tn_ray.client import ServiceError
+
+    with pytest.raises(ServiceError, match="no answer"):  # the service is asked what it serves at once
+        reward_pool("clip:tiny", service="http://127.0.0.1:1")
+    assert ServicePool.__mro__[1].__name__ == "RewardPool"

@@ -39,10 +39,10 @@ class ServicePool(RewardPool):
         from tn_ray.client import RewardClient
 
         client = RewardClient(self.url, self.token)
-        served = client.rewards()["models"]
-        if self.spec not in served:
-            raise InputError(f"reward service {self.url} does not serve {self.spec}; it serves {served}")
-        self.revision = client.rewards()["revisions"][self.spec]
+        info = client.rewards()
+        if self.spec not in info["models"]:
+            raise InputError(f"reward service {self.url} does not serve {self.spec}; it serves {info['models']}")
+        self.revision = info["revisions"][self.spec]  # the weights the service scores with
         return [client] * self.connections
 
     def _pool_threads(self) -> ThreadPoolExecutor:

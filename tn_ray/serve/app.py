@@ -40,36 +40,68 @@ def _images_in(requests: Sequence[tuple[list, list]]) -> int:
 
 
 class RewardReplica:
-    """One replica of one reward model: a :class:`RewardWorker` behind Serve's dynamic batching."""
+    """One replica of one reward model: a :class:`RewardWorker` behind Serve's dynamic batching.
+
+    ``@serve.batch`` gathers the requests that arrive within ``batch_wait_timeout_s`` of each other;
+    Serve forms its next batch at once, even while the model is busy, so under load it would queue
+    many small batches. The one model loop here therefore merges every batch waiting when the model
+    becomes free (up to ``max_batch_size`` images) into one model call: requests that arrive during
+    a long forward pass are scored together in the next one.
+    """
 
     def __init__(self, spec: str, replica: dict[str, Any]):
         from tn_ray.scoring.workers import RewardWorker
 
         rc = ReplicaConfig.model_validate(replica)
         self.spec = spec
+        self.max_images = rc.max_batch_size
         self.worker = RewardWorker(spec, rc.text_batch_size)
         self._batched.set_max_batch_size(rc.max_batch_size)
         self._batched.set_batch_wait_timeout_s(rc.batch_wait_timeout_s)
         self.counts = {"requests": 0, "model_calls": 0, "images": 0}
+        self._waiting: list[tuple[list[tuple[list, list]], asyncio.Future]] = []  # Serve batches, not yet scored
+        self._loop_task: asyncio.Task | None = None
 
     async def score(self, images: Sequence[Any], texts_per_image: Sequence[Sequence[str]]) -> list[np.ndarray]:
         """One request's rows (one per image, over its own texts); batched with concurrent ones."""
         self.counts["requests"] += 1
         return await self._batched((list(images), [list(t) for t in texts_per_image]))
 
-    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.02, batch_size_fn=_images_in)
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.02, batch_size_fn=_images_in, max_concurrent_batches=64)
     async def _batched(self, requests: list[tuple[list, list]]) -> list[list[np.ndarray]]:
-        images = [im for ims, _ in requests for im in ims]
-        texts = [t for _, ts in requests for t in ts]
-        # in a thread: the replica keeps queueing requests (the next batch) while the model runs
-        rows = await asyncio.to_thread(self.worker.score, images, texts)
-        self.counts["model_calls"] += 1
-        self.counts["images"] += len(images)
-        out, k = [], 0
-        for ims, _ in requests:
-            out.append(rows[k : k + len(ims)])
-            k += len(ims)
-        return out
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((requests, future))
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.create_task(self._model_loop())
+        return await future
+
+    async def _model_loop(self) -> None:
+        """While batches wait: take as many as fit ``max_images`` (at least one), score them in one
+        model call (in a thread, so the replica keeps queueing), hand each request its rows."""
+        while self._waiting:
+            take, n = [], 0
+            while self._waiting and (not take or n + _images_in(self._waiting[0][0]) <= self.max_images):
+                batch, future = self._waiting.pop(0)
+                take.append((batch, future))
+                n += _images_in(batch)
+            requests = [r for batch, _ in take for r in batch]
+            images = [im for ims, _ in requests for im in ims]
+            texts = [t for _, ts in requests for t in ts]
+            try:
+                rows = await asyncio.to_thread(self.worker.score, images, texts)
+            except Exception as err:  # every waiting request gets the error; the loop goes on
+                for _, future in take:
+                    future.set_exception(err)
+                continue
+            self.counts["model_calls"] += 1
+            self.counts["images"] += len(images)
+            k = 0
+            for batch, future in take:
+                out = []
+                for ims, _ in batch:
+                    out.append(rows[k : k + len(ims)])
+                    k += len(ims)
+                future.set_result(out)
 
     def stats(self) -> dict[str, int]:
         return {**self.counts, **self.worker.stats()}

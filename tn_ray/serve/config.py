@@ -67,7 +67,7 @@ class ServeConfig(StrictModel):
         description="bind address of Serve's HTTP proxy; anything but 127.0.0.1 / ::1 / localhost needs a token "
         "(TN_RAY_SERVE_TOKEN or a printed random one)",
     )
-    port: int = Field(8000, ge=0, le=65535, description="TCP port of Serve's HTTP proxy")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port of Serve's HTTP proxy")
     route_prefix: str = Field("/", description="URL path the application answers under (e.g. '/' -> /v1/score)")
     app_name: str = Field("tn_ray_rewards", description="the Serve application's name")
     require_token: bool = Field(
