@@ -327,6 +327,39 @@ def test_a_replica_killed_mid_load_every_request_answered_once(service, local_wo
             np.testing.assert_allclose(out["columns"][col], want[col], rtol=1e-5, err_msg=f"{(t, k)} {col}")
 
 
+def test_run_evaluation_scores_through_the_service_as_in_process(service, local_workers, tmp_path, monkeypatch):
+    """``reward: {service: URL}`` in a fine-tuning config: the evaluation's pools are the HTTP backend
+    (token from TN_RAY_SERVE_TOKEN) and its reward column equals in-process scoring."""
+    from tn_ray.prompts.contrast import texts_for
+    from tn_ray.scoring.matrix import pad_rows
+    from tn_ray.scoring.service_pool import ServicePool
+    from tn_ray.textnorm.equations import textnorm
+    from tn_ray.training.config import FineTuneConfig
+    from tn_ray.training.evaluation import Evaluator
+
+    url, _, _ = service
+    monkeypatch.setenv("TN_RAY_SERVE_TOKEN", TOKEN)
+    (tmp_path / "sets.json").write_text(json.dumps(SETS))
+    prompts = list(SETS)
+    cfg = FineTuneConfig.model_validate({
+        "out": str(tmp_path / "run"),
+        "reward": {"models": ["clip:tiny"], "use": "textnorm(clip:tiny)", "contrast": str(tmp_path / "sets.json"),
+                   "service": url},
+        "eval": {"prompts": prompts, "seeds": [0, 1]},
+    })
+    evaluator = Evaluator(cfg, prompts)
+    images = [png(500 + i) for i in range(4)]  # (prompt, seed), prompt-major
+    try:
+        frame = evaluator.score(images)
+        assert all(isinstance(p, ServicePool) for p in evaluator._pools.values()) and evaluator._pools
+    finally:
+        evaluator.close()
+    texts = texts_for([prompts[i // 2] for i in range(4)], SETS, "sets")
+    want = textnorm(pad_rows(local_workers["clip:tiny"].score(images, texts)), 1.0)
+    got = frame[frame["reward"] == "textnorm(clip:tiny)"]["value"].to_numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 # --- the config, no Serve -------------------------------------------------------------------
 
 
