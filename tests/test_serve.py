@@ -378,6 +378,8 @@ def test_config_refuses_what_the_service_must_not_do(tmp_path):
           "ensembles": [{"name": "e", "members": ["clip:tiny", "pickscore:tiny"],
                          "kind": {"composition": "mean", "default": "uncertainty"}}]}, "per prompt group"),
         ({"models": ["nope"]}, "nope"),
+        ({"ssl_certfile": __file__}, "go together"),
+        ({"ssl_certfile": __file__, "ssl_keyfile": str(tmp_path / "key.pem")}, "ssl_keyfile: no file"),
     ]:
         with pytest.raises(ConfigError, match=named):
             validate(ServeConfig, {**base, **extra}, "serve.yaml")
@@ -410,3 +412,70 @@ def test_reward_service_key_of_a_reward_config():
     with pytest.raises(ServiceError, match="no answer"):  # the service is asked what it serves at once
         reward_pool("clip:tiny", service="http://127.0.0.1:1")
     assert ServicePool.__mro__[1].__name__ == "RewardPool"
+
+
+def test_the_command_refuses_a_bad_config_in_one_line_before_ray_starts(capsys):
+    from pathlib import Path
+
+    from tn_ray.cli import main
+
+    yaml = str(Path(__file__).resolve().parents[1] / "sweeps" / "serve_rewards.yaml")
+    code = main(["serve", "rewards", yaml, "--set", "contrast_sources=[llm]"])
+    err = capsys.readouterr().err
+    assert code == 2 and "contrast_sources" in err and "never calls an outside API" in err
+    code = main(["serve", "rewards", yaml, "--port", "0"])
+    assert code == 2 and "port" in capsys.readouterr().err
+
+
+def _self_signed(folder) -> tuple[str, str]:
+    """(certificate, key) PEM files of a self-signed certificate for 127.0.0.1, valid for a day."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    return str(folder / "cert.pem"), str(folder / "key.pem")
+
+
+def test_tls_from_the_config_last_it_restarts_serve(service, local_workers, tmp_path):
+    """``ssl_certfile`` / ``ssl_keyfile``: the service answers https:// only, the client verifies it
+    against the given CA file, and values are unchanged. Last of the module: Serve restarts with TLS."""
+    pytest.importorskip("cryptography")
+    from ray import serve
+
+    from tn_ray.client import RewardClient, ServiceError
+    from tn_ray.serve.app import start
+    from tn_ray.serve.config import ServeConfig
+
+    cert, key = _self_signed(tmp_path)
+    serve.shutdown()  # http options are fixed while Serve runs
+    cfg = ServeConfig(port=free_port(), models=["clip:tiny"], replica={"num_cpus": 0.5}, require_token=True,
+                      ssl_certfile=cert, ssl_keyfile=key)
+    url = start(cfg, token=TOKEN)
+    assert url.startswith("https://127.0.0.1:")
+    images, prompts = request(9, n=3)
+    out = RewardClient(url, TOKEN, cafile=cert).score(images, prompts, reward="textnorm(clip:tiny)", contrast=SETS)
+    np.testing.assert_allclose(out["scores"], in_process(local_workers, images, prompts)["textnorm(clip:tiny)"],
+                               rtol=1e-5)
+    with pytest.raises(ServiceError, match="CERTIFICATE_VERIFY_FAILED"):
+        RewardClient(url, TOKEN, retries=0).rewards()
+    with pytest.raises(ServiceError, match="no answer"):
+        RewardClient(url.replace("https://", "http://"), TOKEN, retries=0).rewards()
+    with pytest.raises(ServiceError, match="401"):
+        RewardClient(url, "wrong", cafile=cert).rewards()

@@ -73,8 +73,10 @@ class RewardClient:
     A request that gets no answer or a 5xx is retried ``retries`` times (scoring is pure: a retry
     cannot change a value); a 4xx never is."""
 
-    def __init__(self, url: str, token: str | None = None, timeout_s: float = 300.0, retries: int = 2):
+    def __init__(self, url: str, token: str | None = None, timeout_s: float = 300.0, retries: int = 2,
+                 cafile: str | None = None):
         self.url = url.rstrip("/")
+        self.cafile = cafile  # a CA bundle (PEM) to verify an https:// service against; None = the system's
         self.token = token if token is not None else os.environ.get(TOKEN_ENV)
         self.timeout_s = timeout_s
         self.retries = retries
@@ -92,7 +94,7 @@ class RewardClient:
                 time.sleep(min(0.5 * 2 ** (attempt - 1), 5.0))  # a replica that died is being replaced
             req = urllib.request.Request(f"{self.url}{path}", data=data, method=method, headers=headers)
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                with urllib.request.urlopen(req, timeout=self.timeout_s, context=self._tls()) as resp:
                     return json.loads(resp.read())
             except urllib.error.HTTPError as err:
                 text = err.read().decode(errors="replace")
@@ -106,6 +108,13 @@ class RewardClient:
             except (urllib.error.URLError, ConnectionError, TimeoutError) as err:  # retried: scoring is pure
                 last = ServiceError(f"{self.url}{path}: no answer ({getattr(err, 'reason', err)})")
         raise last  # type: ignore[misc]
+
+    def _tls(self):
+        if not self.url.startswith("https://"):
+            return None
+        import ssl
+
+        return ssl.create_default_context(cafile=self.cafile)
 
     def health(self) -> dict[str, Any]:
         return self._request("GET", "/v1/health")

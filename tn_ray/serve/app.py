@@ -282,7 +282,16 @@ def build_app(cfg: ServeConfig, token: str | None = None):
 def url_of(cfg: ServeConfig) -> str:
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     host = f"[{host}]" if ":" in host else host
-    return f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+    scheme = "https" if cfg.ssl_certfile else "http"
+    return f"{scheme}://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+
+
+def http_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Serve's ``http_options``: the bind, and TLS when the config names a certificate and key."""
+    out: dict[str, Any] = {"host": cfg.host, "port": cfg.port}
+    if cfg.ssl_certfile:
+        out.update(ssl_certfile=cfg.ssl_certfile, ssl_keyfile=cfg.ssl_keyfile)
+    return out
 
 
 def start(cfg: ServeConfig, token: str | None = None) -> str:
@@ -291,6 +300,6 @@ def start(cfg: ServeConfig, token: str | None = None) -> str:
     from tn_ray.cluster import init_ray
 
     init_ray(cfg.ray)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(http_options=http_options(cfg))
     serve.run(build_app(cfg, token), name=cfg.app_name, route_prefix=cfg.route_prefix)
     return url_of(cfg)

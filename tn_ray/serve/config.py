@@ -73,6 +73,11 @@ class ServeConfig(StrictModel):
     require_token: bool = Field(
         False, description="require the token on loopback too (always required off loopback)"
     )
+    ssl_certfile: str | None = Field(
+        None, description="TLS certificate (PEM file) of Serve's HTTP proxy: the service answers https:// "
+        "(with ssl_keyfile); None = plain HTTP (put TLS in front: docs/serve.md)"
+    )
+    ssl_keyfile: str | None = Field(None, description="TLS private key (PEM file) for ssl_certfile")
     models: list[str] = Field(
         ..., min_length=1, description="reward model specs served, one deployment each, e.g. clip:tiny, worldclip"
     )
@@ -124,6 +129,13 @@ class ServeConfig(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:
         from tn_ray.rewards import parse
+
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together: give both or neither")
+        for key in ("ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).expanduser().is_file():
+                raise ValueError(f"{key}: no file at {path!r}")
 
         models = [str(parse(m)) for m in self.models]
         if len(set(models)) != len(models):
