@@ -281,6 +281,15 @@ def test_reward_pool_backend_and_reward_fn(service, local_workers):
         pool.shutdown()
     with pytest.raises(ValueError, match="does not serve imagereward"):
         ServicePool("imagereward:random", url, token=TOKEN)
+    # inside the cluster: the Serve handle (no HTTP), through the same factory as `reward.service`
+    from tn_ray.scoring.service_pool import HandlePool, reward_pool
+
+    handle_pool = reward_pool("clip:tiny", service="serve:tn_ray_rewards")
+    assert isinstance(handle_pool, HandlePool)
+    for got, ref in zip(handle_pool.score(images, texts, chunk=2), local_workers["clip:tiny"].score(images, texts)):
+        np.testing.assert_allclose(got, ref, rtol=1e-5)
+    with pytest.raises(ValueError, match="no Serve application 'nope'"):
+        HandlePool("clip:tiny", "nope")
     reward_fn = RewardClient(url, TOKEN).reward_fn("textnorm(clip:tiny)", contrast=SETS)
     scores, info = reward_fn(images, prompts, [{} for _ in prompts])
     np.testing.assert_allclose(scores, in_process(local_workers, images, prompts)["textnorm(clip:tiny)"], rtol=1e-5)
@@ -405,6 +414,7 @@ def test_reward_service_key_of_a_reward_config():
 
     rc = RewardConfig(models=["clip:tiny"], use="clip:tiny", service="http://127.0.0.1:1")
     assert rc.service == "http://127.0.0.1:1"
+    assert RewardConfig(models=["clip:tiny"], use="clip:tiny", service="serve:rewards").service == "serve:rewards"
     with pytest.raises(ConfigError, match="expected an http:// or https:// URL"):
         validate(RewardConfig, {"models": ["clip:tiny"], "use": "clip:tiny", "service": "/tmp/socket"}, "r.yaml")
     from tn_ray.client import ServiceError

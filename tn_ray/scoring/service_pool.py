@@ -1,5 +1,7 @@
 """The reward service as a :class:`RewardPool` backend: ``reward: {service: URL}`` sends a run's
-scoring to a warm ``tn-ray serve rewards`` instead of starting reward actors.
+scoring to a warm ``tn-ray serve rewards`` instead of starting reward actors (:class:`ServicePool`,
+over HTTP), and ``reward: {service: serve:<app>}`` to the application in the same Ray cluster
+through its Serve handle (:class:`HandlePool`).
 
 Requests go over HTTP (:class:`tn_ray.client.RewardClient`, JSON, images as lossless PNG / the
 given PNG/JPEG bytes) from a few threads, so submit / collect keep their meaning: submit returns at
@@ -69,6 +71,48 @@ class ServicePool(RewardPool):
         return {**super().__getstate__(), "_executor": None}
 
 
+class HandlePool(RewardPool):
+    """A :class:`RewardPool` whose worker is the reward service's Serve application ``app`` in this
+    Ray cluster, reached through its handle (no HTTP, no token: inside the cluster): requests go to
+    the front's ``rows`` method, which hands them to the model's batched deployment."""
+
+    def __init__(self, spec: str, app: str, cfg: ScoringConfig | None = None):
+        from tn_ray.rewards import parse
+
+        self.app = app
+        super().__init__(str(parse(spec)), cfg)
+
+    def _start(self) -> list:
+        from ray import serve
+
+        from tn_ray import cluster
+
+        cluster.init_ray()
+        try:
+            handle = serve.get_app_handle(self.app)
+        except Exception as err:  # Serve raises RayServeException for an app that is not running
+            raise InputError(f"reward service: no Serve application {self.app!r} runs in this cluster "
+                             f"({err})") from None
+        return [handle]
+
+    def _call(self, worker: int, method: str, *args):
+        if method != "score":
+            raise InputError(f"reward service serve:{self.app}: '{method}' is not served (reward learning's "
+                             "embeddings need in-process reward actors: leave out reward.service)")
+        return self.workers[worker].rows.remote(self.spec, *args)
+
+    def _wait(self, futures: list) -> list:
+        return [f.result() for f in futures]
+
+    def shutdown(self) -> None:
+        self.workers = []  # the application keeps serving: it is not this pool's to stop
+
+
 def reward_pool(spec: str, cfg: ScoringConfig | None = None, service: str | None = None) -> RewardPool:
-    """The pool of one reward model: the reward service at ``service`` when given, else Ray actors."""
-    return ServicePool(spec, service, cfg) if service else RewardPool(spec, cfg)
+    """The pool of one reward model: the reward service at ``service`` when given (an http(s) URL, or
+    ``serve:<app name>`` for the application in this Ray cluster), else Ray actors."""
+    if not service:
+        return RewardPool(spec, cfg)
+    if service.startswith("serve:"):
+        return HandlePool(spec, service[len("serve:"):], cfg)
+    return ServicePool(spec, service, cfg)

@@ -9,7 +9,8 @@ and turns the rows into the requested reward columns with the one reward-columns
 
 Routes (docs/serve.md): ``POST /v1/score``, ``POST /v1/score_rows`` (one model's raw rows: the
 :class:`tn_ray.scoring.service_pool.ServicePool` backend), ``GET /v1/rewards``, ``GET /v1/stats``,
-``GET /v1/health``.
+``GET /v1/health``; inside the cluster, the front's ``rows`` method through a Serve handle
+(:class:`tn_ray.scoring.service_pool.HandlePool`).
 """
 # no `from __future__ import annotations`: FastAPI reads the route signatures (Request) at run time
 
@@ -221,6 +222,13 @@ class RewardFront:
             return _error(f"a model replica died while scoring ({type(err).__name__}); retry the request", 503)
         return {"model": model, "revision": self.revisions[model],
                 "rows": [[float(x) for x in r] for r in rows]}
+
+    async def rows(self, model: str, images: Sequence[Any], texts_per_image: Sequence[Sequence[str]]) -> list:
+        """One model's raw rows for a caller inside the cluster (a Serve handle, no HTTP): the images as
+        :func:`tn_ray.rewards.base.load_image` reads them; the backend of ``reward: {service: serve:<app>}``."""
+        if model not in self.handles:
+            raise RequestError(f"unknown reward model {model!r}; this service serves {self.cfg.models}")
+        return await self.handles[model].score.remote(list(images), [list(t) for t in texts_per_image])
 
     def _parse_rows(self, body: bytes) -> tuple[str, list[np.ndarray], list[list[str]]]:
         from tn_ray.rewards import parse

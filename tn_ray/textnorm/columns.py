@@ -208,14 +208,16 @@ class RewardConfig(StrictModel):
         None,
         description="base URL of a warm reward service (`tn-ray serve rewards`, docs/serve.md) that scores the "
         "models instead of in-process reward actors, e.g. http://127.0.0.1:8000 (its token, if any, from "
-        "TN_RAY_SERVE_TOKEN); None = reward actors. Used by DDPO's rewards and the evaluation of RWR / DDPO",
+        "TN_RAY_SERVE_TOKEN), or serve:<app name> for the application in the same Ray cluster (its Serve "
+        "handle); None = reward actors. Used by DDPO's rewards and the evaluation of RWR / DDPO",
     )
 
     @field_validator("service")
     @classmethod
     def _service_url(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError(f"service: expected an http:// or https:// URL, got {v!r}")
+        if v is not None and not (v.startswith(("http://", "https://")) or (v.startswith("serve:") and v[6:])):
+            raise ValueError(f"service: expected an http:// or https:// URL or serve:<Serve application name>, "
+                             f"got {v!r}")
         return v
 
     @model_validator(mode="after")
