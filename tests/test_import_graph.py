@@ -34,6 +34,7 @@ FLOORS = [
     "sweep",
     "experiments",
     "labeling",
+    "serve",
     "commands",
     "cli",
 ]

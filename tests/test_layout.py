@@ -10,6 +10,7 @@ TOP_LEVEL = {
     "__init__.py",
     "_version.py",
     "cli.py",
+    "client.py",
     "config.py",
     "storage.py",
     "cluster.py",

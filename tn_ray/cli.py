@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "tn_ray.commands.reward",
     "tn_ray.commands.rwr",
     "tn_ray.commands.ddpo",
+    "tn_ray.commands.serve",
 ]
 
 # OS errors that name a file the user gave (missing, not writable, a file where a folder goes)

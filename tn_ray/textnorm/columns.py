@@ -204,6 +204,21 @@ class RewardConfig(StrictModel):
         description="contrastive sets for TextNorm: a prompt source ('rules', 'llm', "
         "'released', 'released:<TIA2 set>') or a JSON file {x0: [x1..xm]}",
     )
+    service: str | None = Field(
+        None,
+        description="base URL of a warm reward service (`tn-ray serve rewards`, docs/serve.md) that scores the "
+        "models instead of in-process reward actors, e.g. http://127.0.0.1:8000 (its token, if any, from "
+        "TN_RAY_SERVE_TOKEN), or serve:<app name> for the application in the same Ray cluster (its Serve "
+        "handle); None = reward actors. Used by DDPO's rewards and the evaluation of RWR / DDPO",
+    )
+
+    @field_validator("service")
+    @classmethod
+    def _service_url(cls, v: str | None) -> str | None:
+        if v is not None and not (v.startswith(("http://", "https://")) or (v.startswith("serve:") and v[6:])):
+            raise ValueError(f"service: expected an http:// or https:// URL or serve:<Serve application name>, "
+                             f"got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> RewardConfig:

@@ -438,7 +438,7 @@ def prepare(cfg: DDPOConfig, allow_provenance_change: bool = False) -> DDPOData:
     """Driver side, before Ray Train starts: prompts, scoring texts (contrastive sets checked) and
     one :class:`tn_ray.scoring.workers.RewardPool` of long-lived actors per reward model."""
     from tn_ray.cluster import init_ray
-    from tn_ray.scoring.workers import RewardPool
+    from tn_ray.scoring.service_pool import reward_pool
     from tn_ray.training.config import resolve_prompts
     from tn_ray.training.preflight import check_run, record_provenance
 
@@ -446,7 +446,7 @@ def prepare(cfg: DDPOConfig, allow_provenance_change: bool = False) -> DDPOData:
     texts = check_run(cfg, prompts)  # every user error before Ray starts or a model loads
     record_provenance(cfg, allow_provenance_change)
     init_ray(cfg.ray)
-    return DDPOData(prompts, texts, {m: RewardPool(m, cfg.scoring) for m in cfg.reward.models})
+    return DDPOData(prompts, texts, {m: reward_pool(m, cfg.scoring, cfg.reward.service) for m in cfg.reward.models})
 
 
 def release(data: DDPOData) -> None:

@@ -165,7 +165,7 @@ class Evaluator:
         self.store = Store(cfg.out)
         self.rewards: dict[str, RewardConfig] = {cfg.reward.use: cfg.reward, **{j.use: j for j in cfg.eval.judges}}
         self.texts = {name: reward_texts(rc, self.prompts) for name, rc in self.rewards.items()}
-        self._pools: dict[str, object] = {}
+        self._pools: dict[tuple[str, str | None], object] = {}  # (model, service URL or None) -> its pool
         if self.store.exists("eval/prompts.json"):
             old = json.loads(self.store.read_text("eval/prompts.json"))
             if old != self.prompts:
@@ -177,12 +177,13 @@ class Evaluator:
             self.store.write_text("eval/prompts.json", json.dumps(self.prompts, indent=1))
 
     # --- scoring ------------------------------------------------------------------------
-    def _pool(self, model: str):
-        from tn_ray.scoring.workers import RewardPool
+    def _pool(self, model: str, service: str | None = None):
+        """The pool of ``model``: the reward service at ``service`` (a reward's ``service``), else Ray actors."""
+        from tn_ray.scoring.service_pool import reward_pool
 
-        if model not in self._pools:
-            self._pools[model] = RewardPool(model, self.cfg.scoring)
-        return self._pools[model]
+        if (model, service) not in self._pools:
+            self._pools[(model, service)] = reward_pool(model, self.cfg.scoring, service)
+        return self._pools[(model, service)]
 
     def score(self, images: Sequence[bytes]) -> pd.DataFrame:
         """Rows prompt_id, seed, prompt, reward, value for images in (prompt, seed) order."""
@@ -196,7 +197,7 @@ class Evaluator:
                 key = (model, json.dumps(self.texts[name]))
                 if key not in scored:
                     scored[key] = pad_rows(
-                        self._pool(model).score(list(images), texts, chunk=self.cfg.scoring.batch_size)
+                        self._pool(model, rc.service).score(list(images), texts, chunk=self.cfg.scoring.batch_size)
                     )
                 values[model] = scored[key]
             column = rc.column(values, reward_groups(rc, [self.prompts[i // n_seeds] for i in range(len(images))]))
