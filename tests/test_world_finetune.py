@@ -61,7 +61,7 @@ def test_cells_are_the_product_with_kl_seed_reward_and_truth_judge_at_their_keys
         assert (cfg.beta if k.kind == "rwr" else cfg.train.kl_coef) == k.kl and cfg.seed == k.seed
         assert cfg.out == str(tmp_path / "g" / "cells" / k.id) and cfg.policy.pipeline == "world"
         assert (cfg.max_steps, cfg.eval.every) == (7, 7)  # a nested override merges: eval's other keys stay
-        assert cfg.eval.seeds == [0, 1, 2, 3] and cfg.eval.guidance_scale == 3.0
+        assert cfg.eval.seeds == list(range(16 if k.kind == "rwr" else 4)) and cfg.eval.guidance_scale == 3.0
         assert cfg.reward.use == k.train == grid.rewards[k.reward].use
         # the truth is a held-out judge, unless the cell trains on it: then its training column is the truth's
         assert cfg.judge_names() == ([] if k.reward == "truth" else ["brightness"]) and k.truth == "brightness"
@@ -138,7 +138,7 @@ def test_grid_errors_name_the_key(change, expected):
         (
             {"overrides": {"top_k": 99}},
             "grid.yaml: cell 1/2 rwr-textnorm-kl0-s0 (sweeps/world_rwr.yaml): top_k (99) exceeds "
-            "generation.samples_per_prompt (16)",
+            "generation.samples_per_prompt (64)",
         ),
         (
             {"methods.rwr.config": "sweeps/nothing.yaml"},
@@ -508,15 +508,15 @@ def test_a_finished_cell_whose_config_changed_is_refused_or_continued(tmp_path, 
     lines = []
     wf.run(grid, "grid.yaml", echo=lines.append)
     wf.run(grid, "grid.yaml", echo=lines.append)
-    assert calls == [(100, False)] and lines[-2] == "cell 1/1 rwr-bright-kl1-s0: finished before, skipped"
+    assert calls == [(200, False)] and lines[-2] == "cell 1/1 rwr-bright-kl1-s0: finished before, skipped"
 
-    grid = validate(wf.GridConfig, {**data, "overrides": {**data["overrides"], "max_steps": 200}})
+    grid = validate(wf.GridConfig, {**data, "overrides": {**data["overrides"], "max_steps": 300}})
     with pytest.raises(
         ConfigError,
         match=r"cell 1/1 rwr-bright-kl1-s0: finished under another config "
-        r"\(config\.max_steps: 100 -> 200\)",
+        r"\(config\.max_steps: 200 -> 300\)",
     ):
         wf.run(grid, "grid.yaml", echo=lines.append)
     wf.run(grid, "grid.yaml", allow_provenance_change=True, echo=lines.append)
-    assert calls == [(100, False), (200, True)]
-    assert json.loads((tmp_path / "g/cells/rwr-bright-kl1-s0/done.json").read_text())["config"]["max_steps"] == 200
+    assert calls == [(200, False), (300, True)]
+    assert json.loads((tmp_path / "g/cells/rwr-bright-kl1-s0/done.json").read_text())["config"]["max_steps"] == 300
