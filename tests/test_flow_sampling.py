@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tn_ray.diffusion.flow_sampling import decode_flow_images, flow_step_log_prob, sample_flow_chains
+from tn_ray.diffusion.flow_sampling import (
+    decode_flow_images,
+    flow_chain_means,
+    flow_step_log_prob,
+    sample_flow_chains,
+)
 from tn_ray.diffusion.pipelines import TINY_SD3, load_pipeline
 
 PROMPTS = ["a red cube", "two blue balls", "a red cube"]
@@ -76,9 +81,11 @@ def test_ode_window_steps_do_not_need_a_noise_level_but_bad_ones_are_refused(pip
 
 def test_lora_reference_is_the_base_model_and_gradients_reach_the_adapter():
     """LoRA on the attention projections (B matrices made non-zero): the policy's samples differ from the
-    base model's; inside flow_reference they are the base model's exactly; the rescored log-prob has
-    gradients into the adapter only."""
+    base model's; inside flow_reference they are the base model's exactly; the path KL of the policy's chains
+    to the reference is positive (and 0 of the reference to itself); the rescored log-prob has gradients into
+    the adapter only."""
     from tn_ray.training.flow_policy import add_flow_lora, flow_reference
+    from tn_ray.training.grpo_loss import path_kl
 
     pipe = load_pipeline(TINY_SD3)
     kwargs = dict(num_steps=4, guidance=GUIDANCE, noise_level=0.7)
@@ -97,6 +104,12 @@ def test_lora_reference_is_the_base_model_and_gradients_reach_the_adapter():
     with flow_reference(pipe):
         ref = sample_flow_chains(pipe, PROMPTS, generator=gens(3), **kwargs)
     assert torch.equal(ref.latents, base.latents) and torch.equal(ref.log_probs, base.log_probs)
+    means, stds = flow_chain_means(pipe.transformer, pipe.scheduler, policy, GUIDANCE, 0.7)
+    with flow_reference(pipe):
+        ref_means, _ = flow_chain_means(pipe.transformer, pipe.scheduler, policy, GUIDANCE, 0.7)
+    assert means.shape == policy.latents[:, 1:].shape and stds.shape == policy.log_probs.shape
+    assert bool((path_kl(means, ref_means, stds) > 0).all())
+    assert path_kl(ref_means, ref_means, stds).tolist() == [0.0] * len(PROMPTS)
     out = flow_step_log_prob(pipe.transformer, pipe.scheduler, policy, 1, GUIDANCE, 0.7)
     torch.testing.assert_close(out.log_prob, policy.log_probs[:, 1], rtol=0, atol=0)
     out.log_prob.sum().backward()

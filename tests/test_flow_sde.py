@@ -93,6 +93,23 @@ def test_ratio_is_exactly_one_right_after_sampling():
             assert torch.equal(torch.exp(again.log_prob - out.log_prob), torch.ones(x.shape[0]))
 
 
+def test_per_row_step_indices_equal_row_by_row_steps():
+    """A batch whose rows sit at different steps (training minibatches) gives each row its own step's output."""
+    sched = scheduler()
+    x, v = inputs(6)
+    idx = torch.tensor([0, 3, 9, 3, 5])
+    prev = torch.randn_like(x)
+    batch = flow_sde_step(sched, v, idx, x, 0.7, prev_sample=prev)
+    for r, i in enumerate(idx.tolist()):
+        row = flow_sde_step(sched, v[r:r + 1], i, x[r:r + 1], 0.7, prev_sample=prev[r:r + 1])
+        torch.testing.assert_close(batch.log_prob[r:r + 1], row.log_prob, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(batch.mean[r:r + 1], row.mean, rtol=1e-6, atol=1e-6)
+    ode = flow_ode_step(sched, v, idx, x)
+    for r, i in enumerate(idx.tolist()):
+        row = flow_ode_step(sched, v[r:r + 1], i, x[r:r + 1])
+        torch.testing.assert_close(ode.prev_sample[r:r + 1], row.prev_sample)
+
+
 def test_gradients_flow_through_the_mean_only():
     sched = scheduler()
     x, v = inputs(4)

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from tn_ray.diffusion.flow_sde import flow_sde_step
-from tn_ray.training.grpo_loss import ADV_EPS, flow_grpo_kl, gaussian_step_kl, group_advantages, grpo_loss
+from tn_ray.training.grpo_loss import (
+    ADV_EPS,
+    flow_grpo_kl,
+    gaussian_step_kl,
+    group_advantages,
+    grpo_loss,
+    path_kl,
+    train_step_indices,
+)
 
 
 def test_group_advantages_by_hand():
@@ -129,3 +137,24 @@ def test_the_clipped_surrogate_is_ddpos():
     theirs = ddpo_loss(lp, old, adv, 1e-4, 5.0)
     for key in ("policy_loss", "approx_kl", "clip_frac"):
         assert torch.equal(ours[key], theirs[key])
+
+
+def test_path_kl_sums_the_steps_exact_kls():
+    """Two steps, D = 4: step 1 differs by 1 with std 0.5 (KL 4 * 1 / 0.5 = 8), step 2 by 2 with std 1
+    (4 * 4 / 2 = 8): path KL 16 for row 0; row 1 equal means: 0. No steps: 0."""
+    means = torch.zeros(2, 2, 1, 2, 2)
+    ref = means.clone()
+    ref[0, 0] += 1.0
+    ref[0, 1] += 2.0
+    stds = torch.tensor([[0.5, 1.0], [0.5, 1.0]])
+    assert path_kl(means, ref, stds).tolist() == [16.0, 0.0]
+    assert path_kl(means[:, :0], ref[:, :0], stds[:, :0]).tolist() == [0.0, 0.0]
+
+
+def test_train_step_indices_are_flow_grpos_first_steps():
+    """train_sd3.py: int(num_steps * timestep_fraction) first steps; 10 x 0.99 = 9 (its SD 3.5 configs)."""
+    assert train_step_indices(10, 0.99) == list(range(9))
+    assert train_step_indices(10, 1.0) == list(range(10))
+    assert train_step_indices(3, 0.1) == [0] and train_step_indices(0, 0.5) == []
+    with pytest.raises(ValueError, match="timestep_fraction must be in"):
+        train_step_indices(10, 0.0)

@@ -194,3 +194,21 @@ def flow_step_log_prob(transformer, scheduler, chains: FlowChains, j: int, guida
     v = guided_velocity(transformer, x, chains.timesteps[rows, idx], chains.prompt_embeds, chains.pooled_embeds,
                         chains.negative_embeds, chains.negative_pooled_embeds, guidance)
     return flow_sde_step(scheduler, v, idx, x, noise_level, prev_sample=chains.next_latents(j))
+
+
+def flow_chain_means(transformer, scheduler, chains: FlowChains, guidance: float, noise_level: float,
+                     autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(means, stds) of every stochastic step of ``chains`` under ``transformer`` as it is now, no gradients:
+    (B, S, C, h, w) and (B, S) float32, each step recomputed as sampled. Inside
+    :func:`tn_ray.training.flow_policy.flow_reference` they are the base model's on the policy's states: the
+    path KL (:func:`tn_ray.training.grpo_loss.path_kl`) compares the two."""
+    means, stds = [], []
+    with torch.no_grad(), autocast or contextlib.nullcontext():
+        for j in range(chains.steps.shape[1]):
+            out = flow_step_log_prob(transformer, scheduler, chains, j, guidance, noise_level)
+            means.append(out.mean)
+            stds.append(out.std.reshape(-1))
+    if not means:
+        empty = chains.latents[:, :0].to(torch.float32)
+        return empty, torch.zeros(len(chains), 0, device=chains.latents.device)
+    return torch.stack(means, dim=1), torch.stack(stds, dim=1)

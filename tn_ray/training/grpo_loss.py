@@ -78,6 +78,24 @@ def gaussian_step_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tens
     return sq / (2 * std.to(mean).reshape(-1) ** 2)
 
 
+def path_kl(means: torch.Tensor, ref_means: torch.Tensor, stds: torch.Tensor) -> torch.Tensor:
+    """(B,) the path KL of chains: the exact Gaussian KLs of every recorded step summed, from (B, S, ...) means
+    of the policy and the reference on the same states and the (B, S) step stds (zero for S = 0)."""
+    if means.shape[1] == 0:
+        return torch.zeros(means.shape[0], dtype=torch.float32, device=means.device)
+    b, s = means.shape[:2]
+    per_step = gaussian_step_kl(means.flatten(0, 1), ref_means.flatten(0, 1), stds.reshape(-1))
+    return per_step.reshape(b, s).sum(dim=1)
+
+
+def train_step_indices(num_stochastic: int, timestep_fraction: float) -> list[int]:
+    """Which of a chain's S stochastic steps are trained: the first ``int(S * timestep_fraction)``, as
+    flow_grpo's train_sd3.py (``range(num_train_timesteps)``, not a random subset); at least one."""
+    if not 0.0 < timestep_fraction <= 1.0:
+        raise ValueError(f"timestep_fraction must be in (0, 1], got {timestep_fraction!r}")
+    return list(range(max(1, int(num_stochastic * timestep_fraction)))) if num_stochastic else []
+
+
 def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float,
               adv_clip_max: float, beta: float = 0.0, mean: torch.Tensor | None = None,
               ref_mean: torch.Tensor | None = None, sigma_t: torch.Tensor | None = None,
