@@ -6,6 +6,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tn_ray.diffusion.flow_sde import flow_sde_step
 from tn_ray.training.grpo_loss import (
@@ -158,3 +160,24 @@ def test_train_step_indices_are_flow_grpos_first_steps():
     assert train_step_indices(3, 0.1) == [0] and train_step_indices(0, 0.5) == []
     with pytest.raises(ValueError, match="timestep_fraction must be in"):
         train_step_indices(10, 0.0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(2, 6), min_size=1, max_size=4), seed=st.integers(0, 2**16),
+       scale=st.floats(0.01, 100.0), shift=st.floats(-100.0, 100.0))
+def test_advantages_are_centred_per_group_and_invariant_to_affine_rewards(sizes, seed, scale, shift):
+    """Per group the advantages sum to 0 and (eps = 0) have unit population variance unless the group is
+    constant; a positive affine map of the rewards leaves them unchanged; global std: the same up to the factor
+    group std / global std."""
+    rng = np.random.default_rng(seed)
+    ids = np.repeat(np.arange(len(sizes)), sizes)
+    rng.shuffle(ids)
+    r = rng.normal(size=ids.size)
+    adv = group_advantages(r, ids, eps=0.0).numpy()
+    for g in range(len(sizes)):
+        a = adv[ids == g]
+        assert abs(a.sum()) < 1e-9 and abs(np.mean(a**2) - 1) < 1e-9
+    np.testing.assert_allclose(group_advantages(r * scale + shift, ids, eps=0.0).numpy(), adv, rtol=1e-6, atol=1e-6)
+    glob = group_advantages(r, ids, eps=0.0, global_std=True).numpy()
+    for g in range(len(sizes)):
+        np.testing.assert_allclose(glob[ids == g], adv[ids == g] * np.std(r[ids == g]) / np.std(r), rtol=1e-9)
