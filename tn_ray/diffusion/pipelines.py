@@ -1,10 +1,14 @@
-"""Text-to-image pipelines (diffusers): the paper's Stable Diffusion v2.1, a local copy, or ``tiny``.
+"""Text-to-image pipelines (diffusers): the paper's Stable Diffusion v2.1, a local copy, ``tiny`` or ``tiny-sd3``.
 
 ``tiny`` is a real :class:`diffusers.StableDiffusionPipeline` whose UNet, VAE, CLIP text
 encoder and scheduler are built from small configs with random weights (seeded, so every
 process builds the same one), with the real CLIP BPE tokenizer built offline. It runs the
 whole denoising loop in milliseconds per 32 px image on a CPU; its images are noise, but
 every code path (classifier-free guidance, per-row generators, VAE decoding) is the real one.
+``tiny-sd3`` is the same for flow matching: a real :class:`diffusers.StableDiffusion3Pipeline`
+(SD3Transformer2DModel, FlowMatchEulerDiscreteScheduler with SD 3's shift 3, two CLIP text encoders
+with projection; the T5 encoder left out, ``text_encoder_3=None``, as its tokenizer cannot be built
+offline: diffusers then feeds zeros in its place).
 """
 from __future__ import annotations
 
@@ -16,6 +20,11 @@ from tn_ray.errors import TnRayError
 
 DEFAULT_PIPELINE = "stabilityai/stable-diffusion-2-1"  # the paper's generator (-base for fine-tuning)
 TINY = "tiny"
+TINY_SD3 = "tiny-sd3"  # a tiny flow-matching (Stable Diffusion 3) pipeline, random weights
+# LoRA targets of an SD3 transformer: the joint attention's projections, image and text streams (diffusers'
+# train_dreambooth_lora_sd3.py and flow_grpo's train_sd3.py)
+SD3_LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
+                    "attn.to_out.0", "attn.to_q", "attn.to_v"]
 WORLD = "world"  # the small Stable Diffusion trained on the synthetic world, shipped with the package
 # LoRA targets of the world UNet: every attention, feed-forward, conv and time projection of its blocks (0.93 M
 # parameters at rank 16). Its attention sits at 8x8 and coarser only, and attention-only LoRA (Stable Diffusion's
@@ -52,7 +61,7 @@ def check_scheduler(name: str | None) -> None:
 
 def check_source(source: str, revision: str | None = None) -> None:
     """Fail fast (before any actor starts) when the weights (at ``revision``) cannot be found offline."""
-    if source == TINY:
+    if source in (TINY, TINY_SD3):
         return
     if source == WORLD:
         from tn_ray.diffusion.world.package import check_weights
@@ -67,7 +76,8 @@ def check_source(source: str, revision: str | None = None) -> None:
         return
     if "/" not in source:
         raise PipelineLoadError(f"unknown pipeline {source!r}: use {TINY!r}, {WORLD!r}, a Hugging Face id "
-                                "(owner/name, e.g. stabilityai/stable-diffusion-2-1) or a local diffusers folder")
+                                "(owner/name, e.g. stabilityai/stable-diffusion-2-1) or a local diffusers folder "
+                                f"({TINY_SD3!r}: the tiny flow-matching pipeline)")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         from huggingface_hub import try_to_load_from_cache
 
@@ -146,6 +156,69 @@ def tiny_pipeline():
     )
 
 
+def tiny_sd3_pipeline():
+    """A StableDiffusion3Pipeline from small configs (random weights, seed 0), T5 left out; 32 x 32 px by default."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from tn_ray.rewards.bpe import clip_vocab_and_merges
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, projection_dim=32, bos_token_id=49406, eos_token_id=49407,
+            pad_token_id=49407))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        transformer = SD3Transformer2DModel(
+            sample_size=16,
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=64,  # the two CLIPs' hidden states side by side (32 + 32), as T5's width in SD3
+            caption_projection_dim=16,
+            pooled_projection_dim=64,  # the two CLIPs' pooled projections (32 + 32)
+            pos_embed_max_size=16,
+        )
+        vae = AutoencoderKL(
+            sample_size=32,
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(16, 32),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            norm_num_groups=8,
+            scaling_factor=1.5305,  # SD 3's, with its shift: the decoding path is SD 3's
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+        text_encoder, text_encoder_2 = clip(), clip()
+    vocab, merges = clip_vocab_and_merges()
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
 def load_pipeline(
     source: str = DEFAULT_PIPELINE,
     scheduler: str | None = None,
@@ -163,6 +236,8 @@ def load_pipeline(
     torch_dtype = resolve_dtype(dtype, dev)
     if source == TINY:
         pipe = tiny_pipeline()
+    elif source == TINY_SD3:
+        pipe = tiny_sd3_pipeline()
     elif source == WORLD:
         from tn_ray.diffusion.world.package import load
 
@@ -180,7 +255,7 @@ def load_pipeline(
     if scheduler is not None:
         check_scheduler(scheduler)
         pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
-    if pipe.dtype != torch_dtype:  # `tiny` (built in float32): hub/local/world weights load in torch_dtype
+    if pipe.dtype != torch_dtype:  # `tiny`, `tiny-sd3` (built in float32): hub/local/world weights load in torch_dtype
         pipe = pipe.to(dev, torch_dtype)
     else:
         pipe = pipe.to(dev)
@@ -192,7 +267,7 @@ def pipeline_revision(source: str, requested: str | None = None) -> str:
     """Revision of a diffusers pipeline source: 'random-init' (tiny), 'local' (a folder), else the hub commit."""
     from tn_ray.provenance import hub_revision
 
-    if source == TINY:
+    if source in (TINY, TINY_SD3):
         return "random-init"
     if source == WORLD:
         from tn_ray.diffusion.world.package import revision
