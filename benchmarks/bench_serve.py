@@ -12,11 +12,17 @@ Model: a ViT-B/32-shaped CLIP with seeded random weights (``clip:ViT-B-32/random
 bench_scoring.py), so the model's compute and not only HTTP is measured; images 512 px JPEGs.
 ``--quick``: clip:tiny, 64 px, fewer requests (a check that the script runs).
 
+``--bestofn``: only best-of-n's time to its first scored image (``generate_and_score``, the tiny
+pipeline, 2 prompts x 4 samples, batches of 2, ``--model`` the reward): first with in-process reward
+actors on a fresh local Ray (generation and reward actors start, the model loads), then with
+``service`` set to a warm service started in the same Ray (generation actors start; the stage only
+sends requests). Last line: {"bestofn_first_scored_inprocess_s", "bestofn_first_scored_service_s",
+"bestofn_startup_saved_s"} (the difference).
+
 Last line: {"serve_over_inprocess_throughput": x (at concurrency 16), "rps_c1": x, "p50_ms_c1": x,
 "p99_ms_c1": x, ... "_c4", "_c16", "inprocess_rps": x, "reward_pool_startup_s": x,
-"service_first_rows_s": x, "bestofn_startup_saved_s": x}. ``bestofn_startup_saved_s`` is the
-reward pool's start-up that a warm service saves (best-of-n itself still scores through Ray Data's
-pools: docs/serve.md).
+"service_first_rows_s": x, "bestofn_startup_saved_s": x}. Here ``bestofn_startup_saved_s`` is the
+reward pool's start-up that a warm service saves; ``--bestofn`` measures it on best-of-n itself.
 """
 from __future__ import annotations
 
@@ -58,7 +64,11 @@ def main() -> None:
                     help="replica.max_batch_size (images per model call; at least --pairs): on CPUs a model call "
                          "of a few requests keeps the pipeline full, one of all of them makes every client wait")
     ap.add_argument("--quick", action="store_true", help="clip:tiny, 64 px, 8 requests per level")
+    ap.add_argument("--bestofn", action="store_true", help="only best-of-n's time to its first scored image, "
+                                                           "in-process reward actors vs a warm service")
     args = ap.parse_args()
+    if args.bestofn:
+        return bestofn_first_scored(args.model)
     if args.quick:
         args.model, args.size, args.requests = "clip:tiny", 64, 8
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -169,6 +179,49 @@ def main() -> None:
         "service_requests": stats["requests"],
     }
     print(json.dumps(result))
+
+
+def bestofn_first_scored(model: str) -> None:
+    """Best-of-n's seconds to its first scored batch: in-process reward actors, then a warm service."""
+    import tempfile
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from tn_ray.cluster import init_ray
+    from tn_ray.config import RayConfig, ScoringConfig
+    from tn_ray.diffusion.generation import GenerationConfig
+    from tn_ray.experiments.bestofn_stream import generate_and_score
+    from tn_ray.serve.app import start
+    from tn_ray.serve.config import ServeConfig
+
+    prompts = ["two red cubes", "a cat on a sofa"]
+    texts = {"two red cubes": ["two red cubes", "a red cube"], "a cat on a sofa": ["a cat on a sofa", "a dog"]}
+    cpus = os.cpu_count() or 2
+    init_ray(RayConfig(num_cpus=cpus))
+    first: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        def run(name: str, service: str | None) -> None:
+            gen = GenerationConfig(out=f"{tmp}/{name}/gen", pipeline="tiny", num_inference_steps=2, height=32,
+                                   width=32, samples_per_prompt=4, pipeline_batch_size=2, batch_size=2,
+                                   num_actors=1, cpus_per_actor=0.25)
+            t0 = time.perf_counter()
+
+            def on_batch(rows) -> None:
+                first.setdefault(name, time.perf_counter() - t0)
+
+            generate_and_score(prompts, texts, gen, [model], f"{tmp}/{name}/cache", ScoringConfig(batch_size=2),
+                               set_name="bestofn", score_below=4, on_batch=on_batch, service=service)
+            print(f"{name}: first scored batch after {first[name]:.2f} s", flush=True)
+
+        run("inprocess", None)
+        url = start(ServeConfig(port=free_port(), models=[model], replica={"num_cpus": 0.25}))
+        run("service", url)
+    from ray import serve
+
+    serve.shutdown()
+    print(json.dumps({"bestofn_first_scored_inprocess_s": round(first["inprocess"], 2),
+                      "bestofn_first_scored_service_s": round(first["service"], 2),
+                      "bestofn_startup_saved_s": round(first["inprocess"] - first["service"], 2), "model": model,
+                      "cpus": cpus}))
 
 
 if __name__ == "__main__":

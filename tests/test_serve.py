@@ -58,7 +58,8 @@ def service(ray_session, tmp_path_factory):
         port=free_port(),
         require_token=True,
         models=MODELS,
-        replica={"num_cpus": 0.5, "max_batch_size": 64, "batch_wait_timeout_s": 0.05},
+        # 0.25 CPU per replica: the commands' tests below need a whole CPU free for Ray Data's tasks
+        replica={"num_cpus": 0.25, "max_batch_size": 64, "batch_wait_timeout_s": 0.05},
         ensembles=[ENSEMBLE],
         image_roots=[str(root)],
         limits={"max_pairs": 16, "max_image_bytes": 64 * 1024, "max_request_bytes": 1024 * 1024},
@@ -367,6 +368,134 @@ def test_run_evaluation_scores_through_the_service_as_in_process(service, local_
     want = textnorm(pad_rows(local_workers["clip:tiny"].score(images, texts)), 1.0)
     got = frame[frame["reward"] == "textnorm(clip:tiny)"]["value"].to_numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+# --- tn_ray's own commands through the service (issue 25, item 3) -------------------------------
+
+
+def _gen(**kw) -> dict:
+    return {"pipeline": "tiny", "num_inference_steps": 2, "height": 32, "width": 32, "pipeline_batch_size": 2,
+            "batch_size": 2, "num_actors": 1, "cpus_per_actor": 0.25, **kw}
+
+
+def _textnorm_in_process(local_workers, images: list, prompts: list[str]) -> np.ndarray:
+    from tn_ray.scoring.matrix import pad_rows
+    from tn_ray.textnorm.equations import textnorm
+
+    rows = local_workers["clip:tiny"].score(images, [[p, *SETS[p]] for p in prompts])
+    return rows, textnorm(pad_rows(rows), 1.0)
+
+
+def test_bestofn_streams_its_scoring_through_the_service_as_in_process(service, local_workers, tmp_path, monkeypatch):
+    """``service: URL`` in a best-of-n config: the streaming stage sends each batch's images to the
+    service (no reward actor loads a model), the reward cache and score matrix hold the rows of
+    in-process scoring, and the TextNorm column of rewards.parquet equals in-process TextNorm."""
+    import pandas as pd
+
+    from tn_ray.experiments.bestofn import BestOfNConfig, run
+    from tn_ray.scoring.cache import RewardCache
+
+    url, _, _ = service
+    monkeypatch.setenv("TN_RAY_SERVE_TOKEN", TOKEN)
+    (tmp_path / "sets.json").write_text(json.dumps(SETS))
+    cfg = BestOfNConfig.model_validate({
+        "out": str(tmp_path / "run"), "contrast": str(tmp_path / "sets.json"), "pools": [2], "top_k": [1],
+        "models": ["clip:tiny"], "generation": _gen(samples_per_prompt=2), "scoring": {"batch_size": 2},
+        "grids": False, "human_eval": None, "service": url,
+    })
+    run(cfg)
+    rewards = pd.read_parquet(tmp_path / "run" / "rewards.parquet")
+    assert len(rewards) == 4
+    images = [open(p, "rb").read() for p in rewards["image"]]
+    rows, want = _textnorm_in_process(local_workers, images, list(rewards["prompt"]))
+    np.testing.assert_allclose(rewards["textnorm(clip:tiny)"], want, rtol=1e-5)
+    np.testing.assert_allclose(rewards["clip:tiny"], [r[0] for r in rows], rtol=1e-5)
+    cache = RewardCache(tmp_path / "run" / "cache", "clip:tiny").frame()
+    assert len(cache) == sum(len(r) for r in rows) and not cache.duplicated(["image_key", "text"]).any()
+    with pytest.raises(ValueError, match="serve:<Serve application name>"):
+        BestOfNConfig.model_validate({"service": "127.0.0.1:8000"})
+
+
+def test_rwr_scores_its_generated_images_through_the_service_as_in_process(service, local_workers, tmp_path,
+                                                                        monkeypatch):
+    """RWR's data (``reward.service``): every generated image's reward (rewards.parquet) and the kept
+    top-k (data.parquet) equal in-process scoring; the cache rows come from the service
+    (``score_matrices(service=...)``); the Serve handle (``serve:<app>``) gives the same matrix."""
+    import pandas as pd
+
+    from tn_ray.diffusion.generation import read_manifest
+    from tn_ray.scoring.batch_scoring import score_matrices
+    from tn_ray.storage import Store
+    from tn_ray.training.rwr import RwrConfig, prepare_data, score_items
+
+    url, _, _ = service
+    monkeypatch.setenv("TN_RAY_SERVE_TOKEN", TOKEN)
+    (tmp_path / "sets.json").write_text(json.dumps(SETS))
+    prompts = list(SETS)
+    cfg = RwrConfig.model_validate({
+        "out": str(tmp_path / "run"), "prompts": prompts, "policy": {"pipeline": "tiny"},
+        "reward": {"models": ["clip:tiny"], "use": "textnorm(clip:tiny)", "contrast": str(tmp_path / "sets.json"),
+                   "service": url},
+        "generation": _gen(samples_per_prompt=3), "top_k": 2, "eval": {"enabled": False},
+        "scoring": {"batch_size": 2},
+    })
+    data = prepare_data(cfg, prompts)
+    store = Store(str(tmp_path / "run" / "generation"))
+    manifest = read_manifest(store).sort_values(["prompt_id", "sample"]).reset_index(drop=True)
+    manifest["image"] = [store.uri(p) for p in manifest["path"]]
+    everything = pd.read_parquet(tmp_path / "run" / "rewards.parquet").sort_values(["prompt_id", "sample"])
+    images = [open(p, "rb").read() for p in manifest["image"]]
+    rows, want = _textnorm_in_process(local_workers, images, list(manifest["prompt"]))
+    np.testing.assert_allclose(everything["reward"], want, rtol=1e-5)
+    assert len(data) == 4
+    by_image = dict(zip(manifest["image"], want))
+    np.testing.assert_allclose(data["reward"], [by_image[p] for p in data["image"]], rtol=1e-5)
+    # the same items through the Serve handle, into a fresh cache
+    items = score_items(manifest, {p: [p, *SETS[p]] for p in prompts})
+    stats: dict = {}
+    handle = score_matrices(items, ["clip:tiny"], tmp_path / "cache2", service="serve:tn_ray_rewards", stats=stats)
+    assert stats["clip:tiny"]["computed"] == sum(len(r) for r in rows)
+    for got, ref in zip(handle["clip:tiny"].values, rows):
+        np.testing.assert_allclose(got[: len(ref)], ref, rtol=1e-5)
+
+
+def test_ddpo_end_to_end_rewards_through_the_service_equal_in_process(service, tmp_path, monkeypatch):
+    """A DDPO run of 2 epochs (tiny pipeline, 4 samples per epoch, seed 0) with ``reward.service``
+    and the same run with in-process reward actors: every epoch's sampled rewards are equal
+    (relative 1e-5), so the two runs take the same steps."""
+    import pandas as pd
+    import torch
+
+    from tn_ray.scoring.service_pool import ServicePool
+    from tn_ray.training import ddpo
+    from tn_ray.training.loop import Trainer, WorkerContext
+
+    url, _, _ = service
+    monkeypatch.setenv("TN_RAY_SERVE_TOKEN", TOKEN)
+    (tmp_path / "sets.json").write_text(json.dumps(SETS))
+    rewards = {}
+    for name, extra in (("service", {"service": url}), ("in_process", {})):
+        cfg = ddpo.DDPOConfig.model_validate({
+            "out": str(tmp_path / name), "prompts": list(SETS), "seed": 0, "max_steps": 2,
+            "policy": {"pipeline": "tiny", "lora": {"rank": 4}}, "optimizer": {"lr": 2e-2},
+            "reward": {"models": ["clip:tiny"], "use": "textnorm(clip:tiny)",
+                       "contrast": str(tmp_path / "sets.json"), **extra},
+            "sample": {"num_steps": 2, "batch_size": 4, "num_batches_per_epoch": 1},
+            "train": {"batch_size": 4, "stat_min_count": 2}, "eval": {"enabled": False},
+            "checkpoint": {"every": 2}, "logging": {"progress_bar": False, "tensorboard": False},
+            "scoring": {"cpus_per_actor": 0.25, "num_actors": 1},
+        })
+        data = ddpo.prepare(cfg)
+        assert isinstance(data.pools["clip:tiny"], ServicePool) == (name == "service")
+        try:
+            torch.manual_seed(0)
+            Trainer(cfg, ddpo.DDPO, data, WorkerContext(0, 1, torch.device("cpu"), cfg.out)).run()
+        finally:
+            ddpo.release(data)
+        frames = sorted((tmp_path / name / "samples").glob("epoch-*.parquet"))
+        assert len(frames) == 2
+        rewards[name] = pd.concat([pd.read_parquet(f) for f in frames])["reward"].to_numpy()
+    np.testing.assert_allclose(rewards["service"], rewards["in_process"], rtol=1e-5)
 
 
 # --- the config, no Serve -------------------------------------------------------------------

@@ -37,7 +37,14 @@ from tn_ray.prompts.contrast import generates, load_contrast, sets_for, texts_fo
 from tn_ray.rewards import parse
 from tn_ray.rewards.revisions import reward_revisions
 from tn_ray.scoring.matrix import ScoreMatrix
-from tn_ray.textnorm.columns import EnsembleSpec, SetParams, check_ensembles, reward_columns, reward_names
+from tn_ray.textnorm.columns import (
+    EnsembleSpec,
+    SetParams,
+    check_ensembles,
+    check_service,
+    reward_columns,
+    reward_names,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +96,15 @@ class BestOfNConfig(StrictModel):
                                                               "scoring.gpus_per_actor / cpus_per_actor is set; "
                                                               "generation gets what is left")
     ray: RayConfig = Field(default_factory=RayConfig, description="where Ray runs")
+    service: str | None = Field(None, description="a warm reward service that scores the images instead of reward "
+                                                  "actors (docs/serve.md): http(s)://host:port (its token, if any, "
+                                                  "from TN_RAY_SERVE_TOKEN) or serve:<app name> in the same Ray "
+                                                  "cluster; it must serve `models`. None = reward actors")
+
+    @field_validator("service")
+    @classmethod
+    def _service_url(cls, v: str | None) -> str | None:
+        return check_service(v)
 
     @field_validator("models")
     @classmethod
@@ -202,7 +218,7 @@ def run(cfg: BestOfNConfig, generate_only: bool = False, allow_provenance_change
         tia2.sets_of(prompts, tia2.resolve_dir(cfg.tia2_dir))  # a kind per TIA2 set needs each prompt's set
     check_source(cfg.generation.pipeline, cfg.generation.revision)
     check_scheduler(cfg.generation.scheduler)
-    if not generate_only:
+    if not generate_only and not cfg.service:  # a service scores with its own weights
         check_weights(cfg.models)
     out = check_output_dir(cfg.out)
     gen = cfg.generation.model_copy(update={"out": cfg.generation.out or str(out / "generation")})
@@ -234,6 +250,7 @@ def run(cfg: BestOfNConfig, generate_only: bool = False, allow_provenance_change
             score_below=n_max,
             reward_share=cfg.reward_share,
             ray_cfg=cfg.ray,
+            service=cfg.service,
         )
     else:
         manifest = generate(prompts, gen, cfg.ray)
@@ -243,7 +260,7 @@ def run(cfg: BestOfNConfig, generate_only: bool = False, allow_provenance_change
     manifest = manifest[manifest["sample"] < n_max].reset_index(drop=True)
     items = score_items(manifest, contrast, cfg.contrast)
     # after streaming: every reward is cached and nothing is computed; otherwise what is missing
-    matrices = score_matrices(items, cfg.models, cache_dir, cfg.scoring, out_dir=out / "scores")
+    matrices = score_matrices(items, cfg.models, cache_dir, cfg.scoring, out_dir=out / "scores", service=cfg.service)
     rewards = reward_table(items, matrices, cfg)
     names = cfg.reward_names()
     paths.update(

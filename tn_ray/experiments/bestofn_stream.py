@@ -65,7 +65,7 @@ class Pools(NamedTuple):
 
 
 def plan_pools(cluster: Mapping[str, float], gen: GenerationConfig, scoring: ScoringConfig, n_models: int,
-               n_units: int, reward_share: float) -> Pools:
+               n_units: int, reward_share: float, service: bool = False) -> Pools:
     """Actor counts and per-actor resources of the generation pool and of each model's reward
     pool when both run at once on a cluster with ``cluster`` resources (``ray.cluster_resources()``).
 
@@ -73,12 +73,15 @@ def plan_pools(cluster: Mapping[str, float], gen: GenerationConfig, scoring: Sco
     GPU; ``scoring.num_actors`` (default 1) per model. Generation: ``generation.num_actors``, else
     as many ``generation.gpus_per_actor`` actors as fit in the GPUs left (at least one). Without
     GPUs the same with CPUs (``*.cpus_per_actor``). Generation never gets more actors than work units.
+    With ``service`` (a warm reward service scores) a reward stage only sends requests and asks nothing.
     """
     gpus = float(cluster.get("GPU", 0))
     kind = "gpus" if gpus > 0 else "cpus"
     total = gpus if gpus > 0 else float(cluster.get("CPU", 1))
     set_fields = scoring.model_fields_set
     reward_each = getattr(scoring, f"{kind}_per_actor") if f"{kind}_per_actor" in set_fields else reward_share
+    if service:
+        reward_each = 0.0
     reward_n = scoring.num_actors or 1
     gen_each = getattr(gen, f"{kind}_per_actor")
     free = total - n_models * reward_n * reward_each
@@ -97,12 +100,15 @@ class ScoreStage:
     image against its prompt's texts, as ``width`` float columns (:func:`score_columns`; NaN past
     the prompt's texts, and for rows at or beyond ``score_below`` samples, which are not scored).
     Fixed float columns keep every block's schema the same whatever the batch holds. Images are
-    opened by their URI in the generation store."""
+    opened by their URI in the generation store. With ``pool`` (a started reward service's
+    :class:`tn_ray.scoring.workers.RewardPool`, handed over from the driver) the stage sends its
+    images there instead of loading the model."""
 
-    def __init__(self, spec: str, text_batch_size: int, root: str, texts: dict[str, list[str]], score_below: int):
+    def __init__(self, spec: str, text_batch_size: int, root: str, texts: dict[str, list[str]], score_below: int,
+                 pool=None):
         from tn_ray.scoring.workers import RewardWorker
 
-        self.worker = RewardWorker(spec, text_batch_size)
+        self.worker = pool if pool is not None else RewardWorker(spec, text_batch_size)
         self.store, self.texts, self.score_below = Store(root), texts, score_below
         self.columns = score_columns(spec, max(len(t) for t in texts.values()))
 
@@ -133,8 +139,9 @@ def cache_rows(rows: pd.DataFrame, spec: str, texts: Mapping[str, list[str]], se
 
 
 def _stream(todo: pd.DataFrame, texts: Mapping[str, list[str]], gen: GenerationConfig, models: Sequence[str],
-            scoring: ScoringConfig, pools: Pools, store: Store, score_below: int):
-    """The dataset: generation actor pool, then one reward actor pool per model."""
+            scoring: ScoringConfig, pools: Pools, store: Store, score_below: int, remote: Mapping | None = None):
+    """The dataset: generation actor pool, then one reward actor pool per model (``remote``: model ->
+    the reward service's pool, which its stage calls instead of loading the model)."""
     from ray.data import ActorPoolStrategy
 
     ds = gen_mod.generation_dataset(todo, gen, store, pools.generation_actors, pools.generation_resources)
@@ -142,7 +149,8 @@ def _stream(todo: pd.DataFrame, texts: Mapping[str, list[str]], gen: GenerationC
     for spec in models:
         ds = ds.map_batches(ScoreStage, fn_constructor_kwargs={"spec": spec, "text_batch_size": scoring.text_batch_size,
                                                                "root": store.uri(""), "texts": plain,
-                                                               "score_below": score_below},
+                                                               "score_below": score_below,
+                                                               "pool": (remote or {}).get(spec)},
                             batch_size=scoring.batch_size, batch_format="pandas",
                             compute=ActorPoolStrategy(size=pools.reward_actors), **pools.reward_resources)
     return ds
@@ -151,12 +159,14 @@ def _stream(todo: pd.DataFrame, texts: Mapping[str, list[str]], gen: GenerationC
 def generate_and_score(prompts: Sequence[str], texts: Mapping[str, list[str]], gen: GenerationConfig,
                        models: Sequence[str], cache_dir: str, scoring: ScoringConfig, *, set_name: str,
                        score_below: int, reward_share: float = 0.25, ray_cfg: RayConfig | None = None,
-                       on_batch: Callable[[pd.DataFrame], None] | None = None) -> pd.DataFrame:
+                       on_batch: Callable[[pd.DataFrame], None] | None = None,
+                       service: str | None = None) -> pd.DataFrame:
     """Make every missing image of ``prompts`` and score it with every model while generating
     (rewards of samples < ``score_below`` go to the reward cache under ``cache_dir``); returns the
     manifest of all images (as :func:`tn_ray.diffusion.generation.generate`). ``texts``: prompt ->
     [x0, x1, ..., xm]. ``on_batch(rows)`` is called with each batch's rows once its rewards are stored
-    (benchmarks, tests)."""
+    (benchmarks, tests). ``service``: a warm reward service (``http(s)://...`` or ``serve:<app>``) scores
+    instead of reward actors (:func:`tn_ray.scoring.service_pool.reward_pool`; same cache rows)."""
     import ray
 
     from tn_ray.cluster import init_ray
@@ -166,7 +176,7 @@ def generate_and_score(prompts: Sequence[str], texts: Mapping[str, list[str]], g
         return gen_mod.finish(store, wanted)
     init_ray(ray_cfg)
     n_units = len(gen_mod.work_units(todo, gen.pipeline_batch_size, gen.batch_size))
-    pools = plan_pools(ray.cluster_resources(), gen, scoring, len(models), n_units, reward_share)
+    pools = plan_pools(ray.cluster_resources(), gen, scoring, len(models), n_units, reward_share, bool(service))
     if not pools.concurrent:
         log.warning(
             "generation (%d actors, %s each) and %d reward pool(s) (%d actors, %s each) need %.2f of the "
@@ -183,6 +193,12 @@ def generate_and_score(prompts: Sequence[str], texts: Mapping[str, list[str]], g
         )
         return gen_mod.generate(prompts, gen, ray_cfg)
     caches = {spec: RewardCache(cache_dir, spec) for spec in models}
+    if service:
+        from tn_ray.scoring.service_pool import reward_pool
+
+        remote = {spec: reward_pool(spec, scoring, service) for spec in models}  # checks the service serves them
+    else:
+        remote = None
 
     def store_rewards(rows: pd.DataFrame) -> None:
         for spec, cache in caches.items():
@@ -198,11 +214,16 @@ def generate_and_score(prompts: Sequence[str], texts: Mapping[str, list[str]], g
         pools.reward_resources,
         list(models),
     )
-    gen_mod.record(
-        _stream(todo, texts, gen, models, scoring, pools, store, score_below),
-        store,
-        len(todo),
-        f"generating + scoring ({pools.generation_actors} + {pools.reward_actors * len(models)} actors)",
-        before_manifest=store_rewards,
-    )
+    try:
+        gen_mod.record(
+            _stream(todo, texts, gen, models, scoring, pools, store, score_below, remote),
+            store,
+            len(todo),
+            f"generating + scoring ({pools.generation_actors} + {pools.reward_actors * len(models)} actors"
+            + (f", reward service {service})" if service else ")"),
+            before_manifest=store_rewards,
+        )
+    finally:
+        for pool in (remote or {}).values():
+            pool.shutdown()
     return gen_mod.finish(store, wanted)

@@ -22,12 +22,15 @@ log = logging.getLogger(__name__)
 
 def score_matrices(items: pd.DataFrame, models: Sequence[str], cache_dir: str | Path,
                    cfg: ScoringConfig | None = None, out_dir: str | Path | None = None,
-                   stats: dict | None = None) -> dict[str, ScoreMatrix]:
+                   stats: dict | None = None, service: str | None = None) -> dict[str, ScoreMatrix]:
     """One :class:`ScoreMatrix` per model; only rewards missing from the cache are computed.
 
     Returns ``{model_id: matrix}``; with ``out_dir`` each matrix is also written there as
     ``<model>.parquet``. ``items`` columns: the key columns, image_key, image, texts.
-    ``stats``, if given, receives ``{model_id: {"computed": n, "cached": n}}``.
+    ``stats``, if given, receives ``{model_id: {"computed": n, "cached": n}}``. ``service``: a warm
+    reward service (``reward.service``: an http(s) URL or ``serve:<app>``) computes what is missing
+    instead of Ray Data's reward actors (:func:`tn_ray.scoring.service_pool.reward_pool`); the cache rows
+    are the same.
     """
     missing_cols = {"image_key", "image", "texts", *KEY_COLUMNS} - set(items.columns)
     if missing_cols:
@@ -36,13 +39,15 @@ def score_matrices(items: pd.DataFrame, models: Sequence[str], cache_dir: str | 
         dup = items.loc[items["image_key"].duplicated(), "image_key"].iloc[0]
         raise ValueError(f"image_key must be unique per image; '{dup}' repeats")
     specs = [str(parse(m)) for m in models]  # unknown names fail before any work
+    from tn_ray.scoring.service_pool import reward_pool
     from tn_ray.scoring.workers import score_into_cache
 
     out: dict[str, ScoreMatrix] = {}
     keys = items.drop(columns=["image", "texts", "image_key"])
     for spec in specs:
         cache = RewardCache(cache_dir, spec)
-        computed = score_into_cache(items[["image_key", "image", "texts"]], spec, cache, cfg)
+        pool = (lambda spec=spec: reward_pool(spec, cfg, service)) if service else None
+        computed = score_into_cache(items[["image_key", "image", "texts"]], spec, cache, cfg, pool=pool)
         cached = int(items["texts"].map(len).sum()) - computed
         log.info("%s: %d rewards computed, %d from cache", spec, computed, cached)
         if stats is not None:

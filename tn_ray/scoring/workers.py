@@ -8,7 +8,7 @@ reach a reward model (submit / collect). Metrics are never computed here.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,14 @@ def reward_pool_size(cfg: ScoringConfig, max_actors: int | None = None) -> tuple
     return cluster.actor_pool(cfg.num_actors, cfg.gpus_per_actor, cfg.cpus_per_actor, max_actors=max_actors)
 
 
+def cache_frame(image_keys: Sequence[str], texts: Sequence[Sequence[str]],
+                scores: Sequence[np.ndarray]) -> pd.DataFrame:
+    """The reward cache's rows (image_key, text, score) of one row of scores per image against its texts."""
+    keys = np.repeat(np.asarray(list(image_keys), dtype=object), [len(t) for t in texts])
+    return pd.DataFrame({"image_key": keys, "text": [x for t in texts for x in t],
+                         "score": np.concatenate(scores).astype(np.float64) if len(scores) else []})
+
+
 class RewardWorker:
     """One reward model in one process; text features cached for the worker's lifetime."""
 
@@ -36,10 +44,7 @@ class RewardWorker:
     # Ray Data: a pandas batch with image_key, image, texts -> one row per (image, text)
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         texts = [list(t) for t in batch["texts"]]
-        scores = self.model.score_rows(list(batch["image"]), texts)
-        keys = np.repeat(batch["image_key"].to_numpy(dtype=object), [len(t) for t in texts])
-        return pd.DataFrame({"image_key": keys, "text": [x for t in texts for x in t],
-                             "score": np.concatenate(scores).astype(np.float64) if scores else []})
+        return cache_frame(batch["image_key"], texts, self.model.score_rows(list(batch["image"]), texts))
 
     # long-lived actor API
     def score(self, images: Sequence[Any], texts_per_image: Sequence[Sequence[str]]) -> list[np.ndarray]:
@@ -57,11 +62,14 @@ class RewardWorker:
 
 
 def score_into_cache(requests: pd.DataFrame, spec: str, cache, cfg: ScoringConfig | None = None,
-                     desc: str = "scoring") -> int:
+                     desc: str = "scoring", pool: Callable[[], RewardPool] | None = None) -> int:
     """Compute the rewards of ``requests`` (image_key, image, texts) missing from ``cache``.
 
     Runs a Ray Data pipeline with an actor pool of :class:`RewardWorker` and writes each
-    finished batch to the cache as it arrives. Returns the number of rewards computed.
+    finished batch to the cache as it arrives. With ``pool`` (a function that starts a
+    :class:`RewardPool`, e.g. the reward service's, :func:`tn_ray.scoring.service_pool.reward_pool`),
+    the same batches go to that pool instead, called only when something is missing, and the pool is
+    shut down after. Returns the number of rewards computed.
     """
     import ray
     from ray.data import ActorPoolStrategy
@@ -74,6 +82,8 @@ def score_into_cache(requests: pd.DataFrame, spec: str, cache, cfg: ScoringConfi
     if requests.empty:
         log.info("%s: every reward of %s is cached", desc, spec)
         return 0
+    if pool is not None:
+        return _score_through_pool(requests, spec, cache, cfg, desc, pool())
     cluster.init_ray()
     n_actors, res = reward_pool_size(cfg, max_actors=-(-len(requests) // cfg.batch_size))
     frame = requests[["image_key", "image", "texts"]].reset_index(drop=True)
@@ -89,6 +99,29 @@ def score_into_cache(requests: pd.DataFrame, spec: str, cache, cfg: ScoringConfi
             cache.append(out)
             computed += len(out)
             bar.update(len(out))
+    return computed
+
+
+def _score_through_pool(requests: pd.DataFrame, spec: str, cache, cfg: ScoringConfig, desc: str,
+                        pool: RewardPool) -> int:
+    """:func:`score_into_cache` through a started pool: batches of ``cfg.batch_size`` images, as many
+    in flight as the pool has workers, each window's rows written to the cache as it is collected."""
+    from tqdm.auto import tqdm
+
+    frame = requests[["image_key", "image", "texts"]].reset_index(drop=True)
+    window = cfg.batch_size * max(1, len(pool.workers))
+    computed = 0
+    try:
+        with tqdm(total=int(frame["texts"].map(len).sum()), desc=f"{desc} {spec}", unit="pair") as bar:
+            for start in range(0, len(frame), window):
+                part = frame.iloc[start : start + window]
+                texts = [list(t) for t in part["texts"]]
+                out = cache_frame(part["image_key"], texts, pool.score(list(part["image"]), texts, cfg.batch_size))
+                cache.append(out)
+                computed += len(out)
+                bar.update(len(out))
+    finally:
+        pool.shutdown()
     return computed
 
 

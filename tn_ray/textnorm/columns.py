@@ -186,6 +186,15 @@ def reward_columns(
     return out
 
 
+def check_service(v: str | None) -> str | None:
+    """A reward service's address as a config gives it (``reward.service``, best-of-n's ``service``):
+    an http(s) URL or ``serve:<Serve application name>``."""
+    if v is not None and not (v.startswith(("http://", "https://")) or (v.startswith("serve:") and v[6:])):
+        raise ValueError(f"service: expected an http:// or https:// URL or serve:<Serve application name>, "
+                         f"got {v!r}")
+    return v
+
+
 class RewardConfig(StrictModel):
     """A reward to optimize or select with: reward models, their TextNorm, ensembles, and which column."""
 
@@ -209,16 +218,14 @@ class RewardConfig(StrictModel):
         description="base URL of a warm reward service (`tn-ray serve rewards`, docs/serve.md) that scores the "
         "models instead of in-process reward actors, e.g. http://127.0.0.1:8000 (its token, if any, from "
         "TN_RAY_SERVE_TOKEN), or serve:<app name> for the application in the same Ray cluster (its Serve "
-        "handle); None = reward actors. Used by DDPO's rewards and the evaluation of RWR / DDPO",
+        "handle); None = reward actors. Used by DDPO's rewards, RWR's scoring of the generated images and the "
+        "evaluation of RWR / DDPO (best-of-n: its top-level `service`)",
     )
 
     @field_validator("service")
     @classmethod
     def _service_url(cls, v: str | None) -> str | None:
-        if v is not None and not (v.startswith(("http://", "https://")) or (v.startswith("serve:") and v[6:])):
-            raise ValueError(f"service: expected an http:// or https:// URL or serve:<Serve application name>, "
-                             f"got {v!r}")
-        return v
+        return check_service(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> RewardConfig:

@@ -154,7 +154,8 @@ def prepare_data(cfg: RwrConfig, prompts: list[str], texts: list[list[str]] | No
     gen = cfg.generation.model_copy(update={"out": cfg.generation.out or join_uri(cfg.out, "generation")})
     manifest = generate(prompts, gen, cfg.ray)
     items = score_items(manifest, texts)
-    matrices = score_matrices(items, cfg.reward.models, join_uri(cfg.out, "cache"), cfg.scoring)
+    matrices = score_matrices(items, cfg.reward.models, join_uri(cfg.out, "cache"), cfg.scoring,
+                              service=cfg.reward.service)
     keys = items[["set", "prompt", "image_id"]]
     reward = cfg.reward.column(
         {m: matrices[m].align(keys).values for m in cfg.reward.models}, reward_groups(cfg.reward, list(items["prompt"]))
