@@ -77,11 +77,16 @@ def gather_rows(values: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat([p[:c] for p, c in zip(parts, counts)]).cpu(), start
 
 
+def gather_rewards(prompt_ids: np.ndarray, rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Every worker's (prompt ids, rewards) in rank order, and where this worker's rows start."""
+    ids, start = gather_rows(torch.as_tensor(np.asarray(prompt_ids), dtype=torch.long))
+    all_rewards, _ = gather_rows(torch.as_tensor(np.asarray(rewards), dtype=torch.float64))
+    return ids.numpy(), all_rewards.numpy(), start
+
+
 def shared_advantages(prompt_ids: np.ndarray, rewards: np.ndarray, stat_tracker: PerPromptStatTracker | None,
                       adv_clip_max: float) -> np.ndarray:
     """This worker's clipped advantages, computed from every worker's rewards (see module doc)."""
-    ids, start = gather_rows(torch.as_tensor(np.asarray(prompt_ids), dtype=torch.long))
-    all_rewards, _ = gather_rows(torch.as_tensor(np.asarray(rewards), dtype=torch.float64))
-    ids, all_rewards = ids.numpy(), all_rewards.numpy()
+    ids, all_rewards, start = gather_rewards(prompt_ids, rewards)
     adv = stat_tracker.update(ids, all_rewards) if stat_tracker is not None else batch_advantages(all_rewards)
     return np.clip(adv[start : start + len(rewards)], -adv_clip_max, adv_clip_max)

@@ -15,6 +15,7 @@ from tn_ray.config import OutputLocation, RayConfig, ScoringConfig, StrictModel
 from tn_ray.diffusion.pipelines import DEFAULT_PIPELINE, DTYPES, WORLD, WORLD_LORA_TARGETS
 from tn_ray.textnorm.columns import RewardConfig
 
+ADAPTER = "default"  # the name of the one LoRA adapter (peft) every policy carries
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # UNet attention projections (diffusers' LoRA example)
 
 

@@ -194,6 +194,9 @@ class DDPOConfig(FineTuneConfig):
 
     @model_validator(mode="after")
     def _ddpo(self) -> DDPOConfig:
+        from tn_ray.training.policy import check_policy_kind
+
+        check_policy_kind(self.policy.pipeline, flow=False, method="ddpo")
         require_prompts(bool(self.prompts or self.prompts_file), self.reward)
         per_worker = self.sample.batch_size * self.sample.num_batches_per_epoch
         if per_worker % self.train.batch_size:
@@ -270,7 +273,6 @@ class DDPO(Method):
     def sample_epoch(self, step: int):
         """(chains, prompt ids, reward column, seconds sampling, seconds waiting for rewards)."""
         from tn_ray.diffusion.sampling import Chains, decode_images, sample_chains
-        from tn_ray.scoring.matrix import pad_rows
 
         cfg, s = self.cfg, self.cfg.sample
         pipe = self.policy.pipe
@@ -295,19 +297,11 @@ class DDPO(Method):
                 autocast=self.policy.autocast(),
             )
             images, texts = decode_images(pipe, chains.latents[:, -1]), [self.data.texts[i] for i in ids]
-            for pool in self.data.pools.values():  # returns at once: the next batch samples while they score
-                pool.submit(images, texts)
+            submit_images(self.data, images, texts)  # returns at once: the next batch samples while they score
             parts.append(chains)
         t1 = time.perf_counter()
-        values = {m: pad_rows([row for rows in pool.collect() for row in rows]) for m, pool in self.data.pools.items()}
-        wait = time.perf_counter() - t1
         chains = Chains.cat(parts)
-        groups = reward_groups(cfg.reward, [self.data.prompts[i] for i in chains.prompt_ids.tolist()])
-        column = np.asarray(cfg.reward.column(values, groups), dtype=np.float64)
-        if not np.isfinite(column).all():
-            raise InputError(
-                f"reward '{cfg.reward.use}' is not finite for {int((~np.isfinite(column)).sum())} sampled images"
-            )
+        column, wait = collect_rewards(cfg, self.data, chains.prompt_ids.tolist())
         return chains, chains.prompt_ids.cpu().numpy(), column, t1 - t0, wait
 
     # --- 4: the policy-gradient passes ------------------------------------------------
@@ -413,28 +407,58 @@ class DDPO(Method):
         return metrics
 
     def record_samples(self, step: int, prompt_ids: np.ndarray, rewards: np.ndarray, advantages: np.ndarray) -> None:
-        """``samples/epoch-<step>-rank-<rank>.parquet``: prompt id, prompt, reward, advantage of every sample."""
-        import pandas as pd
-        import pyarrow as pa
+        record_samples(self.cfg, self.ctx.rank, self.data.prompts, step, prompt_ids, rewards, advantages)
 
-        from tn_ray.storage import Store
 
-        frame = pd.DataFrame(
-            {
-                "epoch": step,
-                "rank": self.ctx.rank,
-                "prompt_id": prompt_ids,
-                "prompt": [self.data.prompts[i] for i in prompt_ids],
-                "reward": rewards,
-                "advantage": advantages,
-            }
+# --- pieces GRPO (tn_ray.training.grpo) shares ------------------------------------------------
+def submit_images(data: DDPOData, images: np.ndarray, texts: list[list[str]]) -> None:
+    """Send a batch's decoded images to every reward model's actors (returns at once: futures)."""
+    for pool in data.pools.values():
+        pool.submit(images, texts)
+
+
+def collect_rewards(cfg: FineTuneConfig, data: DDPOData, prompt_ids: Sequence[int]) -> tuple[np.ndarray, float]:
+    """Every submitted batch's scores, in submission order, turned into the configured reward column
+    (``cfg.reward.column``: raw, TextNorm or an ensemble); (column, seconds waited). Non-finite rewards:
+    an :class:`~tn_ray.errors.InputError`."""
+    from tn_ray.scoring.matrix import pad_rows
+
+    t0 = time.perf_counter()
+    values = {m: pad_rows([row for rows in pool.collect() for row in rows]) for m, pool in data.pools.items()}
+    wait = time.perf_counter() - t0
+    groups = reward_groups(cfg.reward, [data.prompts[i] for i in prompt_ids])
+    column = np.asarray(cfg.reward.column(values, groups), dtype=np.float64)
+    if not np.isfinite(column).all():
+        raise InputError(
+            f"reward '{cfg.reward.use}' is not finite for {int((~np.isfinite(column)).sum())} sampled images"
         )
-        Store(self.cfg.out).write_table(
-            f"samples/epoch-{step:06d}-rank-{self.ctx.rank}.parquet", pa.Table.from_pandas(frame, preserve_index=False)
-        )
+    return column, wait
 
 
-def prepare(cfg: DDPOConfig, allow_provenance_change: bool = False) -> DDPOData:
+def record_samples(cfg: FineTuneConfig, rank: int, prompts: Sequence[str], step: int, prompt_ids: np.ndarray,
+                   rewards: np.ndarray, advantages: np.ndarray) -> None:
+    """``samples/epoch-<step>-rank-<rank>.parquet``: prompt id, prompt, reward, advantage of every sample."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from tn_ray.storage import Store
+
+    frame = pd.DataFrame(
+        {
+            "epoch": step,
+            "rank": rank,
+            "prompt_id": prompt_ids,
+            "prompt": [prompts[i] for i in prompt_ids],
+            "reward": rewards,
+            "advantage": advantages,
+        }
+    )
+    Store(cfg.out).write_table(
+        f"samples/epoch-{step:06d}-rank-{rank}.parquet", pa.Table.from_pandas(frame, preserve_index=False)
+    )
+
+
+def prepare(cfg: FineTuneConfig, allow_provenance_change: bool = False) -> DDPOData:
     """Driver side, before Ray Train starts: prompts, scoring texts (contrastive sets checked) and
     one :class:`tn_ray.scoring.workers.RewardPool` of long-lived actors per reward model."""
     from tn_ray.cluster import init_ray
@@ -459,6 +483,12 @@ def run(cfg: DDPOConfig, allow_provenance_change: bool = False, callbacks: Seque
     the output paths (see :func:`tn_ray.training.outputs.write_outputs`). A run folder whose
     provenance.json differs is refused unless ``allow_provenance_change``. ``callbacks``: Ray Train
     callbacks (:func:`tn_ray.training.loop.fit`)."""
+    return run_method(cfg, DDPO, allow_provenance_change, callbacks)
+
+
+def run_method(cfg: FineTuneConfig, method: type[Method], allow_provenance_change: bool = False,
+               callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """:func:`run` for any method on :class:`DDPOData` (DDPO, GRPO)."""
     import yaml
 
     from tn_ray.storage import Store
@@ -469,7 +499,7 @@ def run(cfg: DDPOConfig, allow_provenance_change: bool = False, callbacks: Seque
     data = prepare(cfg, allow_provenance_change)
     store.write_text("config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     try:
-        result = fit(cfg, DDPO, data, callbacks)
+        result = fit(cfg, method, data, callbacks)
     finally:
         release(data)
     paths = (

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tn_ray.training.policy import ADAPTER
+from tn_ray.training.config import ADAPTER
 
 
 def add_flow_lora(pipe, rank: int = 4, lora_alpha: float | None = None, target_modules: Sequence[str] | None = None,

@@ -1,4 +1,5 @@
-"""The policy: a text-to-image pipeline whose UNet carries one LoRA adapter (peft).
+"""The policy: a text-to-image pipeline whose UNet (`Policy`) or flow-matching transformer (`FlowPolicy`) carries one
+LoRA adapter (peft).
 
 As diffusers' own LoRA training example: every base weight is frozen, the adapter is added
 with ``unet.add_adapter(LoraConfig(...))`` on the attention projections, and the trainable
@@ -19,9 +20,8 @@ from pathlib import Path
 
 import torch
 
-from tn_ray.training.config import LoraBlock, PolicyBlock
+from tn_ray.training.config import ADAPTER, LoraBlock, PolicyBlock
 
-ADAPTER = "default"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
@@ -32,59 +32,121 @@ def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | 
     return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
+def is_flow_source(source: str) -> bool:
+    """Whether a ``policy.pipeline`` names a flow-matching (Stable Diffusion 3) pipeline, without loading it:
+    ``tiny-sd3``, a local diffusers folder whose ``model_index.json`` names a StableDiffusion3 class, or a hub
+    id containing ``stable-diffusion-3``."""
+    import json
+
+    from tn_ray.diffusion.pipelines import TINY_SD3
+
+    if source == TINY_SD3:
+        return True
+    index = Path(source) / "model_index.json"
+    if index.is_file():
+        return "StableDiffusion3" in str(json.loads(index.read_text()).get("_class_name", ""))
+    return "stable-diffusion-3" in source.lower()
+
+
+def check_policy_kind(source: str, flow: bool, method: str) -> None:
+    """ValueError (one line, naming ``policy.pipeline``) when a UNet pipeline is given where a flow-matching
+    one is needed (``flow``) or the other way round."""
+    if is_flow_source(source) != flow:
+        need, other = ("a flow-matching (SD 3) pipeline, e.g. 'tiny-sd3'", "a UNet pipeline") if flow else (
+            "a UNet pipeline, e.g. 'tiny'", "a flow-matching (SD 3) pipeline: use `tn-ray grpo`")
+        raise ValueError(f"policy.pipeline: {method} needs {need}; {source!r} is {other}")
+
+
 class Policy:
-    """A pipeline + LoRA on its UNet; ``pipe`` generates with the adapter enabled."""
+    """A pipeline + LoRA on its UNet; ``pipe`` generates with the adapter enabled.
+
+    :class:`FlowPolicy` is the same for a flow-matching pipeline's transformer; :meth:`load` picks the one
+    the pipeline needs. Shared code works on ``self.model`` (the UNet or the transformer) and
+    ``self.train_model`` (the module forwards with gradients go through: a DDP wrapper on several workers).
+    """
+
+    model_attr = "unet"
 
     def __init__(self, pipe, lora: LoraBlock, mixed_precision: str = "auto", seed: int = 0,
                  gradient_checkpointing: bool = False):
-        from peft import LoraConfig
-
         self.pipe = pipe
-        self.unet = pipe.unet
+        model = getattr(pipe, self.model_attr, None)
+        if model is None:
+            other = "Policy" if self.model_attr != "unet" else "FlowPolicy"
+            raise ValueError(f"{type(self).__name__} needs a pipeline with a {self.model_attr}; "
+                             f"{type(pipe).__name__} has none (use {other})")
+        self.model = model
         self.device = pipe.device
         self.amp_dtype = autocast_dtype(mixed_precision, self.device)
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        self._add_adapter(lora, seed)
+        if gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        self.model.train()
+        self.train_model = self.model
+
+    def _add_adapter(self, lora: LoraBlock, seed: int) -> None:
+        from peft import LoraConfig
+
+        for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
             module.requires_grad_(False)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)  # LoRA A matrices: the same in every worker and every resumed run
-            self.unet.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.lora_alpha, init_lora_weights=lora.init,
-                                             target_modules=list(lora.target_modules)), adapter_name=ADAPTER)
-        for p in self.unet.parameters():
+            self.model.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.lora_alpha, init_lora_weights=lora.init,
+                                              target_modules=list(lora.target_modules)), adapter_name=ADAPTER)
+        for p in self.model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-        if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        self.unet.train()
-        self.train_unet = self.unet  # the module forward passes that need gradients go through (DDP wrapper)
+
+    # the UNet names DDPO, RWR and evaluation use
+    @property
+    def unet(self):
+        return self.model
+
+    @unet.setter
+    def unet(self, module) -> None:
+        self.model = module
+
+    @property
+    def train_unet(self):
+        return self.train_model
+
+    @train_unet.setter
+    def train_unet(self, module) -> None:
+        self.train_model = module
 
     @classmethod
     def load(cls, block: PolicyBlock, device: str | None = None, seed: int = 0) -> Policy:
+        """The pipeline of ``block`` with its LoRA: a :class:`FlowPolicy` for a flow-matching pipeline."""
         from tn_ray.diffusion.pipelines import load_pipeline
 
         pipe = load_pipeline(block.pipeline, None, block.dtype, device, block.revision)
-        return cls(pipe, block.lora, block.mixed_precision, seed, block.gradient_checkpointing)
+        kind = FlowPolicy if getattr(pipe, "transformer", None) is not None else Policy
+        if cls is not Policy and kind is not cls:
+            raise ValueError(f"policy.pipeline: {block.pipeline!r} loads a {type(pipe).__name__}, not one "
+                             f"{cls.__name__} takes")
+        return kind(pipe, block.lora, block.mixed_precision, seed, block.gradient_checkpointing)
 
     # --- parameters and the reference model ---------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def trainable_names(self) -> list[str]:
-        return [n for n, p in self.unet.named_parameters() if p.requires_grad]
+        return [n for n, p in self.model.named_parameters() if p.requires_grad]
 
     @contextlib.contextmanager
     def reference(self):
-        """Within this block the UNet is the base model (adapters disabled)."""
-        self.unet.disable_adapters()
+        """Within this block the UNet (transformer) is the base model (adapters disabled)."""
+        self.model.disable_adapters()
         try:
             yield
         finally:
-            self.unet.enable_adapters()
+            self.model.enable_adapters()
 
     def wrap_ddp(self) -> None:
         """Data-parallel gradients of the adapter over Ray Train's process group (world size > 1)."""
         import ray.train.torch
 
-        self.train_unet = ray.train.torch.prepare_model(self.unet, move_to_device=False)
+        self.train_model = ray.train.torch.prepare_model(self.model, move_to_device=False)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -115,14 +177,14 @@ class Policy:
         from peft.utils import get_peft_model_state_dict
 
         return {
-            k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.unet, adapter_name=ADAPTER).items()
+            k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model, adapter_name=ADAPTER).items()
         }
 
     def load_lora_state(self, state: dict[str, torch.Tensor]) -> None:
         """Put saved adapter weights into the one active adapter (never a second adapter)."""
         from peft.utils import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(self.unet, state, adapter_name=ADAPTER)
+        result = set_peft_model_state_dict(self.model, state, adapter_name=ADAPTER)
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
         if unexpected:
             raise ValueError(
@@ -132,18 +194,50 @@ class Policy:
         missing = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k]
         if missing:
             raise ValueError(f"LoRA state lacks {len(missing)} adapter weights, e.g. {missing[:3]}")
-        self.unet.set_adapter(ADAPTER)
+        self.model.set_adapter(ADAPTER)
 
     def save_lora(self, folder: str | Path) -> Path:
         """Write ``pytorch_lora_weights.safetensors`` into ``folder``: peft's key names under ``unet.``, which
         ``pipe.load_lora_weights(folder)`` loads as they are. (Converted to diffusers' older ``lora.down/up``
         names first, as its training scripts do, an adapter on conv as well as attention layers lost every
         attention weight on loading: tests/test_training_core.py.)"""
-        from diffusers import StableDiffusionPipeline
         from peft.utils import get_peft_model_state_dict
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        layers = get_peft_model_state_dict(self.unet, adapter_name=ADAPTER)
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+        self._save_layers(folder, get_peft_model_state_dict(self.model, adapter_name=ADAPTER))
         return folder / LORA_FILE
+
+    def _save_layers(self, folder: Path, layers: dict) -> None:
+        from diffusers import StableDiffusionPipeline
+
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+
+
+class FlowPolicy(Policy):
+    """A flow-matching pipeline (``StableDiffusion3Pipeline``) + LoRA on its transformer, through
+    :func:`tn_ray.training.flow_policy.add_flow_lora` (targets: ``lora.target_modules`` when set, else
+    :data:`tn_ray.diffusion.pipelines.SD3_LORA_TARGETS`); the reference is the transformer with adapters
+    disabled (:func:`~tn_ray.training.flow_policy.flow_reference`); :meth:`save_lora` writes the LoRA under
+    ``transformer.``, which ``StableDiffusion3Pipeline.load_lora_weights(folder)`` loads."""
+
+    model_attr = "transformer"
+
+    def _add_adapter(self, lora: LoraBlock, seed: int) -> None:
+        from tn_ray.training.flow_policy import add_flow_lora
+
+        targets = list(lora.target_modules) if "target_modules" in lora.model_fields_set else None
+        add_flow_lora(self.pipe, lora.rank, lora.lora_alpha, targets, lora.init, seed)
+
+    @property
+    def transformer(self):
+        return self.model
+
+    @property
+    def unet(self):
+        raise AttributeError("a FlowPolicy has a transformer, not a UNet (DDPO and RWR need a UNet pipeline)")
+
+    def _save_layers(self, folder: Path, layers: dict) -> None:
+        from diffusers import StableDiffusion3Pipeline
+
+        StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=layers, safe_serialization=True)

@@ -1,0 +1,240 @@
+"""GRPO on the shared core (issue 24, second part): the flow-matching policy (LoRA on tiny-sd3's transformer,
+reference, state, save/load with plain diffusers), config errors before Ray, epochs through Ray Train with
+2 workers (advantages = one worker's), and exact resume."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+PROMPTS = ["a photo of a lighthouse", "a watercolor of a red circle"]
+
+
+def tiny_config(out, **overrides):
+    from tn_ray.training.grpo import GRPOConfig
+
+    base = dict(
+        out=str(out),
+        prompts=PROMPTS,
+        seed=0,
+        max_steps=2,
+        policy={"pipeline": "tiny-sd3", "lora": {"rank": 4}},
+        optimizer={"lr": 1e-2},
+        reward={"models": ["brightness"], "use": "brightness"},
+        sample={"num_steps": 3, "group_size": 4, "prompts_per_batch": 1, "num_batches_per_epoch": 2,
+                "height": 32, "width": 32},
+        train={"batch_size": 4, "clip_range": 0.2, "beta": 0.04},
+        checkpoint={"every": 1},
+        logging={"progress_bar": False, "tensorboard": False},
+        scoring={"cpus_per_actor": 0.25, "num_actors": 1},
+    )
+    for key, value in overrides.items():
+        base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return GRPOConfig.model_validate(base)
+
+
+def velocity(transformer, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    cfg = transformer.config
+    x = torch.randn(2, cfg.in_channels, 4, 4, generator=g)
+    e = torch.randn(2, 6, cfg.joint_attention_dim, generator=g)
+    pooled = torch.randn(2, cfg.pooled_projection_dim, generator=g)
+    with torch.no_grad():
+        return transformer(hidden_states=x, timestep=torch.tensor([700.0, 300.0]), encoder_hidden_states=e,
+                           pooled_projections=pooled, return_dict=False)[0]
+
+
+def test_flow_policy_lora_reference_state_and_diffusers_loading(tmp_path):
+    """Policy.load('tiny-sd3') is a FlowPolicy: LoRA on SD3_LORA_TARGETS only, B = 0 at start (the base model);
+    with B non-zero, reference() is the base transformer exactly; lora_state -> load_lora_state into a fresh
+    policy reproduces it exactly; save_lora loads into a plain StableDiffusion3Pipeline (load_lora_weights)
+    with the same outputs."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from tn_ray.diffusion.pipelines import SD3_LORA_TARGETS, load_pipeline
+    from tn_ray.training.config import PolicyBlock
+    from tn_ray.training.policy import LORA_FILE, FlowPolicy, Policy
+
+    torch.set_num_threads(1)
+    block = PolicyBlock(pipeline="tiny-sd3", lora={"rank": 4})
+    policy = Policy.load(block, "cpu", seed=0)
+    assert isinstance(policy, FlowPolicy) and policy.transformer is policy.pipe.transformer
+    names = policy.trainable_names()
+    assert names and all("lora_" in n and any(t in n for t in SD3_LORA_TARGETS) for n in names)
+    assert len(policy.trainable_parameters()) == len(names)
+    assert all(p.dtype == torch.float32 for p in policy.trainable_parameters())
+    base = load_pipeline("tiny-sd3", None, "float32", "cpu", None)
+    v_base = velocity(base.transformer)
+    assert torch.equal(velocity(policy.transformer), v_base)  # B = 0
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in policy.transformer.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    v_policy = velocity(policy.transformer)
+    assert (v_policy - v_base).abs().max() > 1e-3
+    with policy.reference():
+        assert torch.equal(velocity(policy.transformer), v_base)
+    assert torch.equal(velocity(policy.transformer), v_policy)  # adapters back on
+
+    fresh = FlowPolicy.load(block, "cpu", seed=0)
+    fresh.load_lora_state(policy.lora_state())
+    assert torch.equal(velocity(fresh.transformer), v_policy)
+
+    path = policy.save_lora(tmp_path / "lora")
+    assert path.name == LORA_FILE and path.is_file()
+    assert isinstance(base, StableDiffusion3Pipeline)
+    base.load_lora_weights(tmp_path / "lora")
+    torch.testing.assert_close(velocity(base.transformer), v_policy, rtol=0, atol=1e-6)
+
+
+def test_unet_and_flow_pipelines_are_not_swapped():
+    """A UNet pipeline where a flow pipeline is needed (and the reverse): one-line ValueErrors."""
+    from tn_ray.diffusion.pipelines import load_pipeline
+    from tn_ray.training.config import LoraBlock, PolicyBlock
+    from tn_ray.training.policy import FlowPolicy, Policy, check_policy_kind
+
+    unet = load_pipeline("tiny", None, "float32", "cpu", None)
+    with pytest.raises(ValueError, match="needs a pipeline with a transformer") as e:
+        FlowPolicy(unet, LoraBlock())
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="not one FlowPolicy takes"):
+        FlowPolicy.load(PolicyBlock(pipeline="tiny"), "cpu")
+    assert type(Policy.load(PolicyBlock(pipeline="tiny"), "cpu")) is Policy
+    with pytest.raises(AttributeError, match="not a UNet"):
+        _ = FlowPolicy(load_pipeline("tiny-sd3", None, "float32", "cpu", None), LoraBlock()).unet
+    check_policy_kind("tiny-sd3", flow=True, method="grpo")
+    check_policy_kind("stabilityai/stable-diffusion-3.5-medium", flow=True, method="grpo")
+    with pytest.raises(ValueError, match="policy.pipeline: grpo needs a flow-matching"):
+        check_policy_kind("tiny", flow=True, method="grpo")
+    with pytest.raises(ValueError, match="policy.pipeline: ddpo needs a UNet pipeline"):
+        check_policy_kind("tiny-sd3", flow=False, method="ddpo")
+
+
+@pytest.mark.parametrize(
+    "command, bad, message",
+    [
+        ("grpo", {"sample": {"group_size": 1}}, "sample.group_size': GRPO needs a group of G >= 2"),
+        ("grpo", {"policy": {"pipeline": "tiny"}}, "policy.pipeline: grpo needs a flow-matching"),
+        ("grpo", {"sample": {"noise_level": 1.5}}, "noise_level must be in (0, 1]"),
+        ("grpo", {"sample": {"noise_level": 0.0}}, "noise_level must be in (0, 1]"),
+        ("grpo", {"train": {"batch_size": 3}}, "train.batch_size: 3 does not divide the 8 samples"),
+        ("grpo", {"eval": {"enabled": True}}, "GRPO evaluation is not supported yet"),
+        ("ddpo", {"policy": {"pipeline": "tiny-sd3"}}, "policy.pipeline: ddpo needs a UNet pipeline"),
+    ],
+)
+def test_bad_configs_fail_in_one_line_before_ray(tmp_path, capsys, monkeypatch, command, bad, message):
+    import yaml
+
+    import tn_ray.cluster
+    from tn_ray.cli import main
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(tn_ray.cluster, "init_ray", no_ray)
+    cfg = {"prompts": PROMPTS, "policy": {"pipeline": "tiny-sd3"}, "reward": {"models": ["brightness"],
+                                                                           "use": "brightness"},
+           "sample": {"group_size": 4, "num_batches_per_epoch": 2}, "train": {"batch_size": 4}}
+    if command == "ddpo":
+        cfg = {"prompts": PROMPTS, "reward": cfg["reward"], "sample": {"batch_size": 8, "num_batches_per_epoch": 1},
+               "train": {"batch_size": 8}}
+    for key, value in bad.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    path = tmp_path / f"{command}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main([command, str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    header, *lines = err.splitlines()  # the CLI's "invalid configuration in FILE:", then one line per error
+    assert str(path) in header and len(lines) <= 1, err
+
+
+@pytest.fixture(scope="module")
+def actors(ray_session):
+    from tn_ray.config import ScoringConfig
+    from tn_ray.scoring.workers import RewardPool
+
+    pool = RewardPool("brightness", ScoringConfig(cpus_per_actor=0.25, num_actors=1))
+    yield {"brightness": pool}
+    pool.shutdown()
+
+
+def test_resume_equals_uninterrupted(tmp_path, actors):
+    """The core's loop in-process on tiny-sd3: a run stopped after epoch 1 and rerun ends with the same LoRA
+    weights and optimizer state as a run that never stopped (tolerance 0); the LoRA trained; the first
+    minibatch after sampling has ratio 1 (approx-KL 0); the KL to the reference is logged and positive."""
+    from tn_ray.training.checkpoint import Checkpoints
+    from tn_ray.training.ddpo import DDPOData, epoch_rewards
+    from tn_ray.training.grpo import GRPO
+    from tn_ray.training.loop import Trainer, WorkerContext
+
+    torch.set_num_threads(1)
+    data = DDPOData(list(PROMPTS), [[p] for p in PROMPTS], actors)
+    finals = {}
+    for name, stops in (("straight", [None]), ("resumed", [1, None])):
+        for stop in stops:
+            cfg = tiny_config(tmp_path / name, max_steps=2, stop_after_steps=stop)
+            Trainer(cfg, GRPO, data, WorkerContext(0, 1, torch.device("cpu"), cfg.out)).run()
+        ckpt = Checkpoints(cfg.out)
+        assert ckpt.steps() == [1, 2]
+        finals[name] = ckpt.load(2)
+    a, b = finals["straight"], finals["resumed"]
+    assert a["lora"].keys() == b["lora"].keys()
+    assert all(torch.equal(a["lora"][k], b["lora"][k]) for k in a["lora"])
+    assert any(float(v.abs().max()) > 0 for k, v in a["lora"].items() if "lora_B" in k)
+    straight, resumed = epoch_rewards(str(tmp_path / "straight")), epoch_rewards(str(tmp_path / "resumed"))
+    assert straight["reward_mean"].tolist() == resumed["reward_mean"].tolist()
+    assert straight["samples"].tolist() == [8, 8]
+
+
+def test_first_step_ratio_one_and_kl_positive(tmp_path, actors):
+    """One GRPO epoch by hand: the first rescored minibatch has ratio exactly 1 (approx-KL 0), later ones
+    move; with beta > 0 the KL to the reference is positive after an update; only LoRA weights change."""
+    from tn_ray.training.ddpo import DDPOData
+    from tn_ray.training.grpo import GRPO
+    from tn_ray.training.loop import WorkerContext
+    from tn_ray.training.optim import Optimization
+    from tn_ray.training.policy import Policy
+
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path / "one", train={"batch_size": 2, "num_inner_epochs": 2})
+    torch.manual_seed(cfg.seed)
+    policy = Policy.load(cfg.policy, "cpu", seed=cfg.seed)
+    optim = Optimization(policy.trainable_parameters(), cfg.optimizer, cfg.max_steps, torch.device("cpu"),
+                         policy.amp_dtype)
+    method = GRPO(cfg, policy, optim, WorkerContext(0, 1, torch.device("cpu"), cfg.out),
+                  DDPOData(list(PROMPTS), [[p] for p in PROMPTS], actors))
+    frozen = {n: p.detach().clone() for n, p in policy.transformer.named_parameters() if not p.requires_grad}
+    metrics = method.step(1)
+    assert metrics["first_approx_kl"] == 0.0
+    assert metrics["optimizer_steps"] == 2 and metrics["trained_steps"] == 2  # int(3 x 0.99)
+    assert metrics["kl"] > 0 and np.isfinite(metrics["kl_exact"]) and metrics["kl_exact"] > 0
+    params = dict(policy.transformer.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in frozen.items())
+
+
+def test_two_ray_train_workers_share_group_advantages(tmp_path, ray_session):
+    """`grpo.run` through Ray Train with 2 CPU workers, 2 epochs: every worker's advantages equal
+    group_advantages of all workers' rewards in rank order (what one worker with all rows computes)."""
+    import pandas as pd
+
+    from tn_ray.storage import Store
+    from tn_ray.training.checkpoint import Checkpoints
+    from tn_ray.training.grpo import run
+    from tn_ray.training.grpo_loss import group_advantages
+
+    cfg = tiny_config(tmp_path / "two", sample={"num_batches_per_epoch": 1},
+                      scaling={"num_workers": 2, "cpus_per_worker": 0.5}, ray={"num_cpus": 2})
+    paths = run(cfg)
+    store = Store(cfg.out)
+    frame = pd.concat([store.read_table(r).to_pandas() for r in store.list_files("samples", ".parquet")])
+    assert sorted(frame["rank"].unique()) == [0, 1] and sorted(frame["epoch"].unique()) == [1, 2]
+    for epoch in (1, 2):
+        rows = frame[frame["epoch"] == epoch].sort_values("rank", kind="stable")
+        expected = group_advantages(rows["reward"].to_numpy().copy(), rows["prompt_id"].to_numpy().copy(),
+                                    global_std=True)
+        np.testing.assert_allclose(rows["advantage"].to_numpy(), expected.numpy(), rtol=0, atol=1e-12)
+    lora = Checkpoints(cfg.out).load(2)["lora"]
+    assert any(float(v.abs().max()) > 0 for k, v in lora.items() if "lora_B" in k)
+    assert paths["checkpoints"]
