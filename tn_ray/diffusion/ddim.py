@@ -29,8 +29,29 @@ class StepOutput:
     std: torch.Tensor  # (B, 1, 1, 1) float32: sigma_t = eta * sqrt(variance)
 
 
-def _per_row(values: torch.Tensor, ndim: int) -> torch.Tensor:
+def per_row(values: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A (B,) tensor shaped to broadcast over (B, ...) of ``ndim`` dims."""
     return values.reshape(values.shape + (1,) * (ndim - values.ndim))
+
+
+def gaussian_step(mean: torch.Tensor, std: torch.Tensor, noise_like: torch.Tensor, dtype: torch.dtype, generator=None,
+                  prev_sample: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_prev, elementwise log N(x_prev; mean, std^2))`` of one Gaussian policy step, float32.
+
+    ``prev_sample`` given: it is scored (detached). Otherwise it is drawn as diffusers' schedulers
+    draw (``randn_tensor`` with ``generator``, of ``noise_like``'s shape, device and dtype: the model
+    output's) and rounded to ``dtype`` (the sample's) before it is scored: the log-prob is that of
+    the latent the chain records, so a recomputed ratio is exactly 1. Shared by the DDIM step (DDPO)
+    and the flow-matching SDE step (GRPO)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    if prev_sample is None:
+        noise = randn_tensor(noise_like.shape, generator=generator, device=noise_like.device, dtype=noise_like.dtype)
+        prev = (mean + std * noise.to(torch.float32)).to(dtype).to(torch.float32)
+    else:
+        prev = prev_sample.to(torch.float32)
+    prev = prev.detach()
+    return prev, -((prev - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
 
 
 def alphas_at(scheduler, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,8 +81,6 @@ def ddim_step(scheduler, model_output: torch.Tensor, timestep: torch.Tensor | in
     ``generator`` exactly as ``DDIMScheduler.step`` draws it (``randn_tensor``). Computed in
     float32 whatever the model's dtype.
     """
-    from diffusers.utils.torch_utils import randn_tensor
-
     if eta <= 0:
         raise ValueError(f"eta must be > 0 for a stochastic step with a log-probability, got {eta}")
     if prev_sample is not None and generator is not None:
@@ -71,7 +90,7 @@ def ddim_step(scheduler, model_output: torch.Tensor, timestep: torch.Tensor | in
     x_t = sample.to(torch.float32)
     out = model_output.to(torch.float32)
     t = torch.as_tensor(timestep, device="cpu").reshape(-1).expand(x_t.shape[0])
-    a_t, a_prev = (_per_row(a, x_t.ndim).to(device) for a in alphas_at(scheduler, t))
+    a_t, a_prev = (per_row(a, x_t.ndim).to(device) for a in alphas_at(scheduler, t))
     b_t = 1 - a_t
     if cfg.prediction_type == "epsilon":
         x0 = (x_t - b_t**0.5 * out) / a_t**0.5
@@ -93,13 +112,6 @@ def ddim_step(scheduler, model_output: torch.Tensor, timestep: torch.Tensor | in
     variance = ((1 - a_prev) / b_t) * (1 - a_t / a_prev)  # sigma_t^2 / eta^2
     std = eta * variance**0.5
     mean = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
-    if prev_sample is None:
-        noise = randn_tensor(model_output.shape, generator=generator, device=device, dtype=model_output.dtype)
-        # rounded to the sample's dtype first: the log-prob is that of the latent the chain records
-        prev = (mean + std * noise.to(torch.float32)).to(sample.dtype).to(torch.float32)
-    else:
-        prev = prev_sample.to(torch.float32)
-    prev = prev.detach()
-    log_prob = -((prev - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    prev, log_prob = gaussian_step(mean, std, model_output, sample.dtype, generator, prev_sample)
     log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
     return StepOutput(prev.to(sample.dtype), log_prob, mean, std)

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tn_ray.diffusion.ddim import gaussian_step, per_row
+
 FLOW_GRPO_COMMIT = "ac4c86e8cae021841f1fde853d340e0db67690dd"
 MAX_NOISE_LEVEL = 1.0  # tn_ray's bound: Flow-GRPO uses 0.7; see check_noise_level
 
@@ -60,10 +62,6 @@ def check_noise_level(noise_level: float) -> float:
         raise ValueError(f"noise_level must be in (0, {MAX_NOISE_LEVEL:g}] (Flow-GRPO's a, 0.7 in its configs; "
                          f"0 is the ODE: leave the step out of the stochastic window), got {noise_level!r}")
     return a
-
-
-def _per_row(values: torch.Tensor, ndim: int) -> torch.Tensor:
-    return values.reshape(values.shape + (1,) * (ndim - values.ndim))
 
 
 def step_sigmas(scheduler, step_index: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,8 +105,6 @@ def flow_sde_step(scheduler, model_output: torch.Tensor, step_index: torch.Tenso
     one generator per row allowed) and rounded to the sample's dtype before it is scored, so the
     recorded latent is the one whose log-probability is returned. Computed in float32.
     """
-    from diffusers.utils.torch_utils import randn_tensor
-
     a = check_noise_level(noise_level)
     if prev_sample is not None and generator is not None:
         raise ValueError("give either a generator (draw x_{t+dt}) or prev_sample (score it), not both")
@@ -120,16 +116,10 @@ def flow_sde_step(scheduler, model_output: torch.Tensor, step_index: torch.Tenso
     t_next = t_next.expand(x.shape[0]) if t_next.numel() == 1 else t_next
     sigma_max = float(scheduler.sigmas[1]) if len(scheduler.sigmas) > 1 else 0.0
     sig = sde_sigma(t, sigma_max, a)
-    t, dt, sig = (_per_row(z, x.ndim).to(device) for z in (t, t_next - t, sig))
+    t, dt, sig = (per_row(z, x.ndim).to(device) for z in (t, t_next - t, sig))
     mean = x + (v + sig**2 / (2 * t) * (x + (1 - t) * v)) * dt
     std = sig * torch.sqrt(-dt)
-    if prev_sample is None:
-        noise = randn_tensor(model_output.shape, generator=generator, device=device, dtype=model_output.dtype)
-        prev = (mean + std * noise.to(torch.float32)).to(sample.dtype).to(torch.float32)
-    else:
-        prev = prev_sample.to(torch.float32)
-    prev = prev.detach()
-    elementwise = -((prev - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    prev, elementwise = gaussian_step(mean, std, model_output, sample.dtype, generator, prev_sample)
     dims = tuple(range(1, elementwise.ndim))
     return FlowStepOutput(prev.to(sample.dtype), elementwise.mean(dim=dims), elementwise.sum(dim=dims), mean, std,
                           sig, dt)
@@ -144,9 +134,9 @@ def flow_ode_step(scheduler, model_output: torch.Tensor, step_index: torch.Tenso
     if t.numel() == 1:  # one step for the batch: the scheduler's 0-dim dt and its very arithmetic (dtype promotion)
         dt = (t_next - t).reshape(())
         prev = x + dt * model_output
-        dt_rows = _per_row(dt.reshape(1).expand(x.shape[0]), x.ndim).to(x.device)
+        dt_rows = per_row(dt.reshape(1).expand(x.shape[0]), x.ndim).to(x.device)
     else:
-        dt_rows = _per_row(t_next - t, x.ndim).to(x.device)
+        dt_rows = per_row(t_next - t, x.ndim).to(x.device)
         prev = x + dt_rows * model_output
     zero = torch.zeros_like(dt_rows)
     return FlowStepOutput(prev.to(model_output.dtype), None, None, prev.to(torch.float32), zero, zero, dt_rows)

@@ -25,6 +25,10 @@ TINY_SD3 = "tiny-sd3"  # a tiny flow-matching (Stable Diffusion 3) pipeline, ran
 # train_dreambooth_lora_sd3.py and flow_grpo's train_sd3.py)
 SD3_LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
                     "attn.to_out.0", "attn.to_q", "attn.to_v"]
+# the tiny pipelines' VAE (tiny and tiny-sd3: 32 px images, 8 x 8 x 4 latents)
+TINY_VAE = dict(sample_size=32, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                norm_num_groups=8)
 WORLD = "world"  # the small Stable Diffusion trained on the synthetic world, shipped with the package
 # LoRA targets of the world UNet: every attention, feed-forward, conv and time projection of its blocks (0.93 M
 # parameters at rank 16). Its attention sits at 8x8 and coarser only, and attention-only LoRA (Stable Diffusion's
@@ -111,16 +115,7 @@ def tiny_pipeline():
             attention_head_dim=8,
             norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            sample_size=32,
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            block_out_channels=(16, 32),
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            norm_num_groups=8,
-        )
+        vae = AutoencoderKL(**TINY_VAE)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=49408,
@@ -191,14 +186,7 @@ def tiny_sd3_pipeline():
             pos_embed_max_size=16,
         )
         vae = AutoencoderKL(
-            sample_size=32,
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            block_out_channels=(16, 32),
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            norm_num_groups=8,
+            **TINY_VAE,
             scaling_factor=1.5305,  # SD 3's, with its shift: the decoding path is SD 3's
             shift_factor=0.0609,
             use_quant_conv=False,
