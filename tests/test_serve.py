@@ -660,6 +660,59 @@ def test_the_command_refuses_a_bad_config_in_one_line_before_ray_starts(capsys):
     assert code == 2 and "port" in capsys.readouterr().err
 
 
+def _deployments(app) -> dict[str, dict]:
+    """Each deployment of a reward-service application (the front, then its models) as Serve's schema."""
+    from ray.serve.deployment import deployment_to_schema
+
+    front = app._bound_deployment
+    models = [h._bound_deployment for h in front.init_args[2].values()]
+    return {d.name: deployment_to_schema(d).model_dump(exclude_unset=True) for d in [front, *models]}
+
+
+def test_write_deploy_writes_serve_config_of_the_same_application(tmp_path, capsys, monkeypatch):
+    """``--write-deploy FILE``: Serve's config file, nothing started; its import_path is the builder, which
+    builds from its args the deployments (names, replicas, autoscaling, actor options) the command runs."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from tn_ray.cli import main
+    from tn_ray.config import load_config
+    from tn_ray.serve.app import app_builder, build_app
+    from tn_ray.serve.config import ServeConfig
+
+    config = str(Path(__file__).resolve().parents[1] / "sweeps" / "serve_rewards.yaml")
+    sets = ["replica.max_replicas=3", "replicas={pickscore:tiny: {num_cpus: 0.25}}", "require_token=true"]
+    out = tmp_path / "deploy.yaml"
+    argv = ["serve", "rewards", config, "--port", "8123", *[a for s in sets for a in ("--set", s)]]
+    assert main([*argv, "--write-deploy", str(out)]) == 0
+    assert "TN_RAY_SERVE_TOKEN" in capsys.readouterr().out
+    doc = yaml.safe_load(out.read_text())
+    ServeDeploySchema.model_validate(doc)
+    assert doc["http_options"] == {"host": "127.0.0.1", "port": 8123}
+    (app,) = doc["applications"]
+    assert (app["name"], app["route_prefix"]) == ("tn_ray_rewards", "/") and "ray" not in app["args"]
+    module, _, attr = app["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module), attr)
+    assert builder is app_builder
+    with pytest.raises(ValueError, match="set TN_RAY_SERVE_TOKEN where Serve builds"):
+        monkeypatch.delenv("TN_RAY_SERVE_TOKEN", raising=False)
+        builder(app["args"])
+    monkeypatch.setenv("TN_RAY_SERVE_TOKEN", TOKEN)
+    built = builder(app["args"])
+    cfg = load_config(config, ServeConfig, {"port": 8123, "replica.max_replicas": 3,
+                                            "replicas": {"pickscore:tiny": {"num_cpus": 0.25}}, "require_token": True})
+    want = _deployments(build_app(cfg, TOKEN))
+    assert _deployments(built) == want and len(want) == 3
+    assert want["reward0_clip_tiny"]["autoscaling_config"]["max_replicas"] == 3
+    assert want["reward1_pickscore_tiny"]["ray_actor_options"]["num_cpus"] == 0.25
+    front, command_front = built._bound_deployment, build_app(cfg, TOKEN)._bound_deployment
+    assert front.init_args[1] == TOKEN
+    assert {**front.init_args[0], "ray": None} == {**command_front.init_args[0], "ray": None}
+
+
 def _self_signed(folder) -> tuple[str, str]:
     """(certificate, key) PEM files of a self-signed certificate for 127.0.0.1, valid for a day."""
     import datetime
