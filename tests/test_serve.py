@@ -701,7 +701,9 @@ def test_write_deploy_writes_serve_config_of_the_same_application(tmp_path, caps
         monkeypatch.delenv("TN_RAY_SERVE_TOKEN", raising=False)
         builder(app["args"])
     monkeypatch.setenv("TN_RAY_SERVE_TOKEN", TOKEN)
-    built = builder(app["args"])
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    built = call_user_app_builder_with_args_if_necessary(builder, app["args"])  # as `serve run/deploy` calls it
     cfg = load_config(config, ServeConfig, {"port": 8123, "replica.max_replicas": 3,
                                             "replicas": {"pickscore:tiny": {"num_cpus": 0.25}}, "require_token": True})
     want = _deployments(build_app(cfg, TOKEN))
