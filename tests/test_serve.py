@@ -179,6 +179,7 @@ def test_image_uri_under_a_store_root_scores_as_its_bytes(service, s3, local_wor
                                                "reward": "clip:tiny"})
         assert status in (400, 403) and named in body["error"] and body["error"].startswith("images[0]: "), body
     client = RewardClient(url, TOKEN)
+    assert client.rewards()["image_uris"] is True
     np.testing.assert_allclose(client.score([ok], ["two red cubes"], reward="clip:tiny")["scores"], [want], rtol=1e-5)
     pool = ServicePool("clip:tiny", url, token=TOKEN)
     try:

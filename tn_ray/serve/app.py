@@ -176,6 +176,7 @@ class RewardFront:
             "ensembles": [e.model_dump() for e in self.cfg.ensembles],
             "limits": self.cfg.limits.model_dump(),
             "image_paths": bool(self.cfg.image_roots),
+            "image_uris": bool(self.cfg.uri_roots),
         }
 
     @api.get("/v1/stats")
@@ -289,9 +290,6 @@ def build_app(cfg: ServeConfig, token: str | None = None):
     return front.bind(cfg.model_dump(mode="json"), token, handles)
 
 
-BUILDER = "tn_ray.serve.app:app_builder"  # the import_path of a Serve config file (deploy_config)
-
-
 def app_builder(args: dict[str, Any]):
     """Serve's application builder (``import_path: tn_ray.serve.app:app_builder``, ``args``: a
     :class:`ServeConfig`'s fields, as :func:`deploy_config` writes them): the application ``tn-ray serve
@@ -304,6 +302,9 @@ def app_builder(args: dict[str, Any]):
                          "builds the application (the cluster's environment, or the application's runtime_env "
                          "env_vars)")
     return build_app(cfg, token)
+
+
+BUILDER = f"{app_builder.__module__}:{app_builder.__qualname__}"  # the import_path of deploy_config's file
 
 
 def deploy_config(cfg: ServeConfig) -> dict[str, Any]:
