@@ -45,8 +45,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def service(ray_session, tmp_path_factory):
-    """(url, cfg): the reward service on 127.0.0.1 for this module; Serve shut down after."""
+def service(ray_session, tmp_path_factory, s3):
+    """(url, cfg, local image root): the reward service on 127.0.0.1 for this module, reading images
+    under a local folder and under s3://bucket/serve_images (moto); Serve shut down after."""
     from ray import serve
 
     from tn_ray.serve.app import start
@@ -54,6 +55,10 @@ def service(ray_session, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("image_root")
     (root / "ok.png").write_bytes(png(7))
+    s3fs, uri = s3
+    for key in ("serve_images/ok.png", "serve_images-evil/ok.png", "elsewhere/ok.png"):
+        with s3fs.open_output_stream(f"bucket/{key}") as f:
+            f.write(png(7))
     cfg = ServeConfig(
         port=free_port(),
         require_token=True,
@@ -61,7 +66,7 @@ def service(ray_session, tmp_path_factory):
         # 0.25 CPU per replica: the commands' tests below need a whole CPU free for Ray Data's tasks
         replica={"num_cpus": 0.25, "max_batch_size": 64, "batch_wait_timeout_s": 0.05},
         ensembles=[ENSEMBLE],
-        image_roots=[str(root)],
+        image_roots=[str(root), uri("serve_images")],
         limits={"max_pairs": 16, "max_image_bytes": 64 * 1024, "max_request_bytes": 1024 * 1024},
     )
     url = start(cfg, token=TOKEN)
@@ -143,6 +148,45 @@ def test_named_source_and_image_path(service, local_workers):
     want = textnorm(np.asarray(local_workers["clip:tiny"].score([png(7)], texts)), 1.0)
     np.testing.assert_allclose(out["scores"], want, rtol=1e-5)
     assert out["contrast"] == "rules"
+
+
+def test_image_uri_under_a_store_root_scores_as_its_bytes(service, s3, local_workers):
+    """``{"path": "s3://..."}`` under a URI image root is read through the root's store and scores as
+    the same bytes sent inline; outside the root, traversal, a prefix trick or other options are
+    each a 403 naming the problem, and the service answers afterwards. The client sends a URI as a path."""
+    from tn_ray.client import RewardClient
+    from tn_ray.scoring.service_pool import ServicePool
+
+    url, _, _ = service
+    _, uri = s3
+    inline = base64.b64encode(png(7)).decode()
+    ok, bare = uri("serve_images/ok.png"), uri("serve_images/ok.png").split("?")[0]
+    status, out = post(url, "/v1/score", {"images": [{"path": ok}, {"path": bare}, inline],
+                                          "prompts": ["two red cubes"] * 3, "reward": "clip:tiny"})
+    assert status == 200, out
+    want = local_workers["clip:tiny"].score([png(7)], [["two red cubes"]])[0][0]
+    np.testing.assert_allclose(out["scores"], [want] * 3, rtol=1e-5)
+    query = ok.split("?")[1]
+    for path, named in [
+        (uri("elsewhere/ok.png"), "outside the image roots"),
+        (f"s3://bucket/serve_images/../elsewhere/ok.png?{query}", "the segment '..'"),
+        (f"s3://bucket/serve_images/%2E%2E/elsewhere/ok.png?{query}", "the segment '..'"),
+        (uri("serve_images-evil/ok.png"), "outside the image roots"),
+        ("s3://bucket/serve_images/ok.png?endpoint_override=169.254.169.254:80&scheme=http", "options"),
+        (uri("serve_images/missing.png"), "no image object at"),
+    ]:
+        status, body = post(url, "/v1/score", {"images": [{"path": path}], "prompts": ["two red cubes"],
+                                               "reward": "clip:tiny"})
+        assert status in (400, 403) and named in body["error"] and body["error"].startswith("images[0]: "), body
+    client = RewardClient(url, TOKEN)
+    assert client.rewards()["image_uris"] is True
+    np.testing.assert_allclose(client.score([ok], ["two red cubes"], reward="clip:tiny")["scores"], [want], rtol=1e-5)
+    pool = ServicePool("clip:tiny", url, token=TOKEN)
+    try:
+        rows = pool.score([ok, png(7)], [["two red cubes"]] * 2)
+        np.testing.assert_allclose([r[0] for r in rows], [want] * 2, rtol=1e-5)
+    finally:
+        pool.shutdown()
 
 
 def test_concurrent_clients_all_answered_and_batched(service, local_workers):
@@ -524,6 +568,57 @@ def test_config_refuses_what_the_service_must_not_do(tmp_path):
     assert not ServeConfig(**base).token_required and ServeConfig(**base, host="0.0.0.0").token_required
 
 
+ROOTS = ["s3://bucket/prefix?endpoint_override=127.0.0.1:9000&scheme=http", "gs://other/imgs"]
+
+
+@pytest.mark.parametrize(
+    ("uri", "named"),
+    [
+        ("s3://bucket/prefix/a/x.png", None),
+        ("s3://bucket/prefix/x.png?scheme=http&endpoint_override=127.0.0.1:9000", None),  # the root's options
+        ("gs://other/imgs/x.png", None),
+        ("s3://bucket/prefix/../secret/x.png", "the segment '..'"),
+        ("s3://bucket/prefix/%2e%2e/secret/x.png", "the segment '..'"),
+        ("s3://bucket/prefix/a%2F..%2F..%2Fx.png", "the segment '..'"),
+        ("s3://bucket/prefix/%252e%252e/x.png", "percent-encoded twice"),
+        ("s3://bucket/prefix/./x.png", "the segment '.'"),
+        ("s3://bucket/prefix//x.png", "the segment ''"),
+        ("s3://bucket/prefix-evil/x.png", "outside the image roots"),
+        ("s3://bucket/prefix", "outside the image roots"),
+        ("s3://bucket2/prefix/x.png", "outside the image roots"),
+        ("gs://bucket/prefix/x.png", "outside the image roots"),
+        ("s3://bucket/prefix/x.png?endpoint_override=169.254.169.254:80", "options (after '?') differ"),
+        ("s3://key:secret@bucket/prefix/x.png", "credentials"),
+        ("s3://bucket/prefix/x.png#frag", "fragment"),
+        ("s3://bucket/prefix/x\\y.png", "backslash"),
+        ("https://bucket/prefix/x.png", "URLs are never fetched"),
+    ],
+)
+def test_image_uri_checked_against_the_uri_roots(uri, named):
+    """The pure check of a client-named store URI (no Serve, no store): inside a root or a 403 saying why."""
+    from tn_ray.serve.inputs import RequestError, uri_under_roots
+
+    if named is None:
+        root, rel = uri_under_roots(uri, ROOTS, "images[0]")
+        assert root == ROOTS[uri.startswith("gs://")] and rel.endswith("x.png") and ".." not in rel
+        return
+    with pytest.raises(RequestError, match="^images\\[0\\]: ") as err:
+        uri_under_roots(uri, ROOTS, "images[0]")
+    assert err.value.status == 403 and named in str(err.value), str(err.value)
+
+
+def test_uri_image_roots_in_the_config(tmp_path):
+    from tn_ray.config import ConfigError, validate
+    from tn_ray.serve.config import ServeConfig
+
+    cfg = ServeConfig(models=["clip:tiny"], image_roots=[str(tmp_path), "s3://bucket/prefix/?region=us-east-1"])
+    assert cfg.uri_roots == ["s3://bucket/prefix?region=us-east-1"] and cfg.local_roots == [str(tmp_path.resolve())]
+    for root, named in [("file:///tmp", "give a local folder as a path"), ("s3://bucket/a/../b", "the segment '..'"),
+                        ("s3:///prefix", "no scheme or no bucket")]:
+        with pytest.raises(ConfigError, match=named):
+            validate(ServeConfig, {"models": ["clip:tiny"], "image_roots": [root]}, "serve.yaml")
+
+
 def test_the_shipped_config_loads_with_tiny_models_on_loopback():
     from pathlib import Path
 
@@ -564,6 +659,61 @@ def test_the_command_refuses_a_bad_config_in_one_line_before_ray_starts(capsys):
     assert code == 2 and "contrast_sources" in err and "never calls an outside API" in err
     code = main(["serve", "rewards", yaml, "--port", "0"])
     assert code == 2 and "port" in capsys.readouterr().err
+
+
+def _deployments(app) -> dict[str, dict]:
+    """Each deployment of a reward-service application (the front, then its models) as Serve's schema."""
+    from ray.serve.deployment import deployment_to_schema
+
+    front = app._bound_deployment
+    models = [h._bound_deployment for h in front.init_args[2].values()]
+    return {d.name: deployment_to_schema(d).model_dump(exclude_unset=True) for d in [front, *models]}
+
+
+def test_write_deploy_writes_serve_config_of_the_same_application(tmp_path, capsys, monkeypatch):
+    """``--write-deploy FILE``: Serve's config file, nothing started; its import_path is the builder, which
+    builds from its args the deployments (names, replicas, autoscaling, actor options) the command runs."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from tn_ray.cli import main
+    from tn_ray.config import load_config
+    from tn_ray.serve.app import app_builder, build_app
+    from tn_ray.serve.config import ServeConfig
+
+    config = str(Path(__file__).resolve().parents[1] / "sweeps" / "serve_rewards.yaml")
+    sets = ["replica.max_replicas=3", "replicas={pickscore:tiny: {num_cpus: 0.25}}", "require_token=true"]
+    out = tmp_path / "deploy.yaml"
+    argv = ["serve", "rewards", config, "--port", "8123", *[a for s in sets for a in ("--set", s)]]
+    assert main([*argv, "--write-deploy", str(out)]) == 0
+    assert "TN_RAY_SERVE_TOKEN" in capsys.readouterr().out
+    doc = yaml.safe_load(out.read_text())
+    ServeDeploySchema.model_validate(doc)
+    assert doc["http_options"] == {"host": "127.0.0.1", "port": 8123}
+    (app,) = doc["applications"]
+    assert (app["name"], app["route_prefix"]) == ("tn_ray_rewards", "/") and "ray" not in app["args"]
+    module, _, attr = app["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module), attr)
+    assert builder is app_builder
+    with pytest.raises(ValueError, match="set TN_RAY_SERVE_TOKEN where Serve builds"):
+        monkeypatch.delenv("TN_RAY_SERVE_TOKEN", raising=False)
+        builder(app["args"])
+    monkeypatch.setenv("TN_RAY_SERVE_TOKEN", TOKEN)
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    built = call_user_app_builder_with_args_if_necessary(builder, app["args"])  # as `serve run/deploy` calls it
+    cfg = load_config(config, ServeConfig, {"port": 8123, "replica.max_replicas": 3,
+                                            "replicas": {"pickscore:tiny": {"num_cpus": 0.25}}, "require_token": True})
+    want = _deployments(build_app(cfg, TOKEN))
+    assert _deployments(built) == want and len(want) == 3
+    assert want["reward0_clip_tiny"]["autoscaling_config"]["max_replicas"] == 3
+    assert want["reward1_pickscore_tiny"]["ray_actor_options"]["num_cpus"] == 0.25
+    front, command_front = built._bound_deployment, build_app(cfg, TOKEN)._bound_deployment
+    assert front.init_args[1] == TOKEN
+    assert {**front.init_args[0], "ray": None} == {**command_front.init_args[0], "ray": None}
 
 
 def _self_signed(folder) -> tuple[str, str]:

@@ -52,6 +52,15 @@ def encode_image(image: Any) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def image_item(image: Any) -> str | dict[str, str]:
+    """One image as a request carries it: a store URI (``s3://bucket/key``, ``gs://...``) as
+    ``{"path": uri}``, which the service reads only under its configured image roots; anything else
+    as base64 text (:func:`encode_image`)."""
+    if isinstance(image, str) and "://" in image:  # tn_ray.storage's test of a URI (not imported: stdlib only)
+        return {"path": image}
+    return encode_image(image)
+
+
 def as_uint8_hwc(image: Any):
     """An HWC uint8 array of an array or torch tensor: CHW is transposed, floats are taken as [0, 1]
     (as trainers hand decoded images) and rounded to 8 bits."""
@@ -141,7 +150,7 @@ class RewardClient:
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         payload: dict[str, Any] = {
-            "images": [encode_image(im) for im in images],
+            "images": [image_item(im) for im in images],
             "prompts": list(prompts),
             "reward": reward if isinstance(reward, str) else list(reward),
         }
@@ -151,7 +160,7 @@ class RewardClient:
 
     def score_rows(self, model: str, images: Sequence[Any], texts_per_image: Sequence[Sequence[str]]) -> list[list]:
         """One model's raw rewards of each image against its own texts (a row per image)."""
-        payload = {"model": model, "images": [encode_image(im) for im in images],
+        payload = {"model": model, "images": [image_item(im) for im in images],
                    "texts": [list(t) for t in texts_per_image]}
         return self._request("POST", "/v1/score_rows", payload)["rows"]
 

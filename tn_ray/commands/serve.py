@@ -17,6 +17,10 @@ def add_parser(sub) -> None:
     r.add_argument("--detach", action="store_true",
                    help="deploy and return (the application lives as long as its Ray cluster, e.g. one joined "
                         "with --set ray.address=auto); default: serve until Ctrl-C")
+    r.add_argument("--write-deploy", metavar="FILE",
+                   help="write Serve's config file of this application (http_options, import_path of its builder, "
+                        "args: the config) to FILE for `serve deploy FILE` / `serve run FILE`, and exit without "
+                        "starting anything")
     r.set_defaults(func=rewards)
 
 
@@ -28,6 +32,8 @@ def rewards(args) -> int:
     from tn_ray.serve.config import TOKEN_ENV, ServeConfig, service_token
 
     cfg = load(args, ServeConfig, host=args.host, port=args.port)
+    if args.write_deploy:
+        return write_deploy(cfg, args.write_deploy)
     token, generated = service_token(cfg)  # every check before Ray starts
     from ray import serve
 
@@ -52,4 +58,23 @@ def rewards(args) -> int:
     except KeyboardInterrupt:
         print("stopping the reward service")
         serve.delete(cfg.app_name)
+    return 0
+
+
+def write_deploy(cfg, path: str) -> int:
+    """Write Serve's config file of ``cfg``'s application (:func:`tn_ray.serve.app.deploy_config`) to ``path``."""
+    import yaml
+
+    from tn_ray.serve.app import deploy_config
+    from tn_ray.serve.config import TOKEN_ENV
+    from tn_ray.storage import check_output_file
+
+    out = check_output_file(path)
+    head = (f"# Serve's config of the reward service {cfg.app_name!r} (tn-ray serve rewards --write-deploy): "
+            f"serve deploy {out.name}\n")
+    out.write_text(head + yaml.safe_dump(deploy_config(cfg), sort_keys=False))
+    print(f"wrote {out}: `serve deploy {out}` on a running cluster (or `serve run {out}`)")
+    if cfg.token_required:
+        print(f"the application needs {TOKEN_ENV} where Serve builds it (the cluster's environment or the "
+              "application's runtime_env env_vars); it is not written in the file")
     return 0

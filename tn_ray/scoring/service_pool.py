@@ -4,7 +4,8 @@ over HTTP), and ``reward: {service: serve:<app>}`` to the application in the sam
 through its Serve handle (:class:`HandlePool`).
 
 Requests go over HTTP (:class:`tn_ray.client.RewardClient`, JSON, images as lossless PNG / the
-given PNG/JPEG bytes) from a few threads, so submit / collect keep their meaning: submit returns at
+given PNG/JPEG bytes, a store URI as ``{"path": uri}`` for the service to read under its image roots)
+from a few threads, so submit / collect keep their meaning: submit returns at
 once with futures, collect waits for them in submit order. The token, when the service needs one,
 comes from ``TN_RAY_SERVE_TOKEN`` (never from a config file). Only ``score`` is served: reward
 learning's embeddings need in-process actors.

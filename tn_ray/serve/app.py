@@ -16,6 +16,7 @@ Routes (docs/serve.md): ``POST /v1/score``, ``POST /v1/score_rows`` (one model's
 
 import asyncio
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -26,6 +27,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import RayActorError
 
+from tn_ray.client import TOKEN_ENV
 from tn_ray.labeling.security import LOOPBACK_HOSTS, token_ok
 from tn_ray.serve.config import ReplicaConfig, ServeConfig
 from tn_ray.serve.inputs import RequestError, answer, check_prompt, decode_image, image_bytes, parse_json, parse_request
@@ -174,6 +176,7 @@ class RewardFront:
             "ensembles": [e.model_dump() for e in self.cfg.ensembles],
             "limits": self.cfg.limits.model_dump(),
             "image_paths": bool(self.cfg.image_roots),
+            "image_uris": bool(self.cfg.uri_roots),
         }
 
     @api.get("/v1/stats")
@@ -285,6 +288,39 @@ def build_app(cfg: ServeConfig, token: str | None = None):
         name="front", ray_actor_options={"num_cpus": cfg.front_num_cpus}, max_ongoing_requests=256
     )
     return front.bind(cfg.model_dump(mode="json"), token, handles)
+
+
+def app_builder(args: dict[str, Any]):
+    """Serve's application builder (``import_path: tn_ray.serve.app:app_builder``, ``args``: a
+    :class:`ServeConfig`'s fields, as :func:`deploy_config` writes them): the application ``tn-ray serve
+    rewards`` runs. The token, when the config needs one, comes from ``TN_RAY_SERVE_TOKEN`` where Serve
+    builds the application (it is never written in the config file)."""
+    cfg = ServeConfig.model_validate(args)
+    token = os.environ.get(TOKEN_ENV) or None
+    if cfg.token_required and not token:
+        raise ValueError(f"binding to {cfg.host} (or require_token) needs a token: set {TOKEN_ENV} where Serve "
+                         "builds the application (the cluster's environment, or the application's runtime_env "
+                         "env_vars)")
+    return build_app(cfg, token)
+
+
+BUILDER = f"{app_builder.__module__}:{app_builder.__qualname__}"  # the import_path of deploy_config's file
+
+
+def deploy_config(cfg: ServeConfig) -> dict[str, Any]:
+    """Serve's config file (``serve deploy FILE`` / ``serve run FILE``) of the application :func:`start`
+    runs: ``http_options`` from the config, one application (``app_name``, ``route_prefix``) built by
+    :func:`app_builder` from ``args`` (the config less ``ray``: Serve deploys to the cluster it is given).
+    Checked against Serve's own schema."""
+    from ray.serve.schema import ServeDeploySchema
+
+    doc = {
+        "http_options": http_options(cfg),
+        "applications": [{"name": cfg.app_name, "route_prefix": cfg.route_prefix, "import_path": BUILDER,
+                          "args": cfg.model_dump(mode="json", exclude={"ray"})}],
+    }
+    ServeDeploySchema.model_validate(doc)
+    return doc
 
 
 def url_of(cfg: ServeConfig) -> str:

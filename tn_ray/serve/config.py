@@ -4,7 +4,9 @@ reward columns it computes (TextNorm, ensembles), which contrastive-set sources 
 client may name, and the limits of one request."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
@@ -16,6 +18,50 @@ from tn_ray.textnorm.columns import EnsembleSpec, SetParams, check_ensembles, re
 # a named source the service may resolve for a client; `llm` never (it would call an outside API
 # with the service's credentials on a client's behalf), nor a JSON file (a client-chosen path)
 NAMED_SOURCES = ("rules", "released")
+
+
+@dataclass(frozen=True)
+class StoreUri:
+    """A store URI split for comparison: ``scheme://[credentials@]location/parts...?options``. ``parts``
+    are the path's segments once percent-decoded (as pyarrow decodes them), ``options`` the query's
+    (key, value) pairs sorted; ``credentials`` whether the URI carries user information."""
+
+    scheme: str
+    location: str  # bucket, or host[:port] (hdfs)
+    parts: tuple[str, ...]
+    options: tuple[tuple[str, str], ...]
+    credentials: bool
+
+    def inside(self, root: StoreUri) -> bool:
+        """Whether this URI names an object strictly inside ``root``: the same scheme and location, and
+        the root's segments as its first ones (``prefix-evil/x`` is not inside ``prefix``); options aside."""
+        return (self.scheme == root.scheme and self.location == root.location
+                and len(self.parts) > len(root.parts) and self.parts[: len(root.parts)] == root.parts)
+
+
+def split_store_uri(text: str) -> StoreUri:
+    """``text`` split as a :class:`StoreUri`; ValueError naming the problem for anything that is not a
+    plain store URI: no scheme or location, a fragment, a ``.`` / ``..`` / empty segment (also when
+    percent-encoded), percent-encoding twice, a backslash or a control character."""
+    if not isinstance(text, str) or "://" not in text:
+        raise ValueError("not a URI (expected scheme://bucket/path)")
+    if any(ord(c) < 32 or c in "\\\x7f" for c in text):
+        raise ValueError("a control character or a backslash")
+    parts = urlsplit(text)
+    if parts.fragment or text.endswith("#"):
+        raise ValueError("a fragment (#...)")
+    userinfo, _, location = parts.netloc.rpartition("@")
+    if not parts.scheme or not location:
+        raise ValueError("no scheme or no bucket (expected scheme://bucket/path)")
+    path = unquote(parts.path)
+    if unquote(path) != path:
+        raise ValueError("percent-encoded twice")
+    segments = tuple(path.strip("/").split("/")) if path.strip("/") else ()
+    bad = [s for s in segments if s in ("", ".", "..") or "\\" in s or any(ord(c) < 32 for c in s)]
+    if bad or "//" in path.rstrip("/"):
+        raise ValueError(f"the segment {bad[0] if bad else ''!r} (no '.', '..' or empty segments)")
+    options = tuple(sorted(parse_qsl(parts.query, keep_blank_values=True)))
+    return StoreUri(parts.scheme.lower(), location, segments, options, bool(userinfo))
 
 
 class ReplicaConfig(StrictModel):
@@ -97,8 +143,9 @@ class ServeConfig(StrictModel):
     )
     image_roots: list[str] = Field(
         default_factory=list,
-        description="folders whose files a client may name by path (resolved, symlinks followed); empty = only "
-        "images sent as base64 bytes",
+        description="folders whose files a client may name by path (resolved, symlinks followed), and store URIs "
+        "(s3://bucket/prefix, gs://...; any pyarrow filesystem, options after '?') whose objects a client may name "
+        "by URI; empty = only images sent as base64 bytes",
     )
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="limits of one request")
     ray: RayConfig = Field(default_factory=RayConfig, description="the Ray cluster to start or join")
@@ -120,11 +167,24 @@ class ServeConfig(StrictModel):
     def _roots(cls, v: list[str]) -> list[str]:
         out = []
         for r in v:
+            if "://" in r:
+                out.append(_uri_root(r))
+                continue
             p = Path(r).expanduser().resolve()
             if not p.is_dir():
                 raise ValueError(f"image root {r!r} is not a folder")
             out.append(str(p))
         return out
+
+    @property
+    def uri_roots(self) -> list[str]:
+        """The image roots that are store URIs."""
+        return [r for r in self.image_roots if "://" in r]
+
+    @property
+    def local_roots(self) -> list[str]:
+        """The image roots that are local folders (resolved)."""
+        return [r for r in self.image_roots if "://" not in r]
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:
@@ -169,6 +229,18 @@ class ServeConfig(StrictModel):
     @property
     def token_required(self) -> bool:
         return self.require_token or needs_token(self.host)
+
+
+def _uri_root(text: str) -> str:
+    """A store URI image root, checked (:func:`split_store_uri`) and without a trailing '/'."""
+    if text.lower().startswith("file://"):
+        raise ValueError(f"image root {text!r}: give a local folder as a path (resolved, symlinks followed)")
+    try:
+        split_store_uri(text)
+    except ValueError as err:
+        raise ValueError(f"image root {text!r} is not a plain store URI: {err}") from None
+    head, sep, query = text.partition("?")
+    return head.rstrip("/") + sep + query
 
 
 def service_token(cfg: ServeConfig) -> tuple[str | None, bool]:

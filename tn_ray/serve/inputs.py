@@ -2,9 +2,11 @@
 contrastive sets and every image; each problem a :class:`RequestError` with its HTTP status and a
 message naming the field and the value (docs/serve.md lists the rules).
 
-Images come as base64 PNG / JPEG bytes, or as ``{"path": ...}`` under a configured image root only:
-nothing else is read (no other file, no URL). Each image is decoded here, once, into an RGB array
-that the model replicas score as is (the same pixels ``load_image`` gives in-process).
+Images come as base64 PNG / JPEG bytes, or as ``{"path": ...}`` naming a file under a configured
+local image root or an object under a configured store URI root (``s3://bucket/prefix``, read through
+:class:`tn_ray.storage.Store`): nothing else is read (no other file, no URL). Each image is decoded
+here, once, into an RGB array that the model replicas score as is (the same pixels ``load_image``
+gives in-process).
 """
 from __future__ import annotations
 
@@ -14,13 +16,14 @@ import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tn_ray.errors import InputError
-from tn_ray.serve.config import LimitsConfig, ServeConfig
+from tn_ray.serve.config import LimitsConfig, ServeConfig, split_store_uri
 
 
 class RequestError(InputError):
@@ -126,10 +129,12 @@ def _read_path(path: Any, where: str, cfg: ServeConfig) -> bytes:
     if not cfg.image_roots:
         raise RequestError(f"{where}: image paths are not served here (the service has no image_roots); send the "
                            "image bytes as base64", 403)
-    if not isinstance(path, str) or not path or "\x00" in path or "://" in path:
-        raise RequestError(f"{where}: {json.dumps(path)[:80]} is not a file path (URLs are never fetched)", 403)
+    if isinstance(path, str) and "://" in path:
+        return _read_uri(path, where, cfg)
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise RequestError(f"{where}: {json.dumps(path)[:80]} is not a file path", 403)
     resolved = Path(path).expanduser().resolve()
-    if not any(resolved.is_relative_to(root) for root in cfg.image_roots):
+    if not any(resolved.is_relative_to(root) for root in cfg.local_roots):
         raise RequestError(f"{where}: path {path!r} is outside the image roots this service reads", 403)
     if not resolved.is_file():
         raise RequestError(f"{where}: no image file at {path!r}")
@@ -138,6 +143,55 @@ def _read_path(path: Any, where: str, cfg: ServeConfig) -> bytes:
         raise RequestError(f"{where}: image too large ({size} bytes; the limit is {cfg.limits.max_image_bytes} bytes)",
                            413)
     return resolved.read_bytes()
+
+
+def uri_under_roots(uri: str, roots: Sequence[str], where: str) -> tuple[str, str]:
+    """(root, path relative to it) of a store URI a client named, when it lies inside one of the URI
+    image ``roots`` (:meth:`StoreUri.inside`) with that root's options or none; else a 403
+    :class:`RequestError` naming the URI and why."""
+    try:
+        asked = split_store_uri(uri)
+    except ValueError as err:
+        raise RequestError(f"{where}: {uri[:200]!r} is refused: {err}", 403) from None
+    if asked.credentials:
+        raise RequestError(f"{where}: {uri[:200]!r} is refused: credentials in an image URI", 403)
+    if asked.scheme in ("http", "https", "ftp"):
+        raise RequestError(f"{where}: {uri[:200]!r} is a URL; URLs are never fetched", 403)
+    for root in roots:
+        base = split_store_uri(root)
+        if asked.inside(base):
+            if asked.options not in ((), base.options):
+                raise RequestError(f"{where}: {uri[:200]!r} is refused: its options (after '?') differ from its "
+                                   "image root's (the service reads with the root's)", 403)
+            return root, "/".join(asked.parts[len(base.parts):])
+    raise RequestError(f"{where}: URI {uri[:200]!r} is outside the image roots this service reads", 403)
+
+
+@lru_cache(maxsize=32)
+def _root_store(root: str):
+    from tn_ray.storage import Store
+
+    return Store(root)
+
+
+def _read_uri(uri: str, where: str, cfg: ServeConfig) -> bytes:
+    """The bytes of an object under a URI image root, read through the root's :class:`Store` (its
+    filesystem and options, never the request's)."""
+    from pyarrow import ArrowException
+    from pyarrow.fs import FileType
+
+    root, rel = uri_under_roots(uri, cfg.uri_roots, where)
+    store = _root_store(root)
+    try:
+        info = store.fs.get_file_info(store.path(rel))
+        if info.type != FileType.File:
+            raise RequestError(f"{where}: no image object at {uri!r}")
+        if info.size is not None and info.size > cfg.limits.max_image_bytes:
+            raise RequestError(f"{where}: image too large ({info.size} bytes; the limit is "
+                               f"{cfg.limits.max_image_bytes} bytes)", 413)
+        return store.read_bytes(rel)
+    except (OSError, ArrowException) as err:
+        raise RequestError(f"{where}: cannot read {uri!r} ({str(err).splitlines()[0][:200]})", 502) from None
 
 
 def decode_image(data: bytes, where: str, limits: LimitsConfig) -> np.ndarray:
