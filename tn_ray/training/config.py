@@ -180,6 +180,12 @@ class EvalBlock(StrictModel):
         "sigma_t = eta * the DDPM posterior std; path KLs compare only at the same eta (they grow without bound "
         "as eta -> 0)",
     )
+    kl_noise_level: float = Field(
+        0.7,
+        description="noise level a of the path-KL chains of a flow-matching policy (GRPO; unitless, in (0, 1]; "
+        "Flow-GRPO's sample.noise_level 0.7): every step of the chain is the Flow-GRPO SDE with sigma_t = "
+        "a sqrt(t / (1 - t)); path KLs compare only at the same a. UNet policies use kl_eta instead",
+    )
     judges: list[JudgeBlock] = Field(
         default_factory=list, description="held-out judge rewards, each a reward config; its column name is its `use`"
     )
@@ -191,6 +197,13 @@ class EvalBlock(StrictModel):
         "override, reported as not the paper's rule; judges are monitors "
         "either way and selection.json gives each judge's own view",
     )
+
+    @field_validator("kl_noise_level")
+    @classmethod
+    def _kl_noise_level(cls, a: float) -> float:
+        from tn_ray.diffusion.flow_sde import check_noise_level
+
+        return check_noise_level(a)
 
 
 class CheckpointBlock(StrictModel):
