@@ -289,3 +289,35 @@ def test_evaluation_writes_ddpo_s_artifacts_with_path_kl(tmp_path, actors):
     assert selection["paper_rule"] and selection["selected_by"] == "brightness" and selection["step"] in (1, 2)
     assert set(selection["judges"]) == {judge}
     assert selection["checkpoint"] == Checkpoints(cfg.out).uri(selection["step"])
+
+
+def test_sweep_trainable_and_kl_grid_resolve():
+    """``trainable: grpo`` is DDPO's trainable with GRPO's config and method: sweeps/grpo_kl.yaml loads and checks
+    (a beta grid holding Flow-GRPO's 0, 0.01, 0.04), each trial's parameters land in its GRPOConfig and its own
+    run folder, bad values are refused in one line; the shipped GRPO YAMLs validate."""
+    from tn_ray.config import load_config
+    from tn_ray.sweep import registry
+    from tn_ray.sweep.runner import check, load
+    from tn_ray.sweep.trainables.ddpo import train as ddpo_train
+    from tn_ray.sweep.trainables.finetune import FineTuneSweepOptions, trial_config
+    from tn_ray.sweep.trainables.grpo import GRPO as TRAINABLE
+    from tn_ray.sweep.trainables.grpo import check_param, prepare
+    from tn_ray.training.grpo import GRPO, GRPOConfig
+
+    sweep = load("sweeps/grpo_kl.yaml")
+    entry, _ = check(sweep, "sweeps/grpo_kl.yaml")
+    assert entry is registry.get("grpo") is TRAINABLE and TRAINABLE.fn is ddpo_train
+    assert sweep.space["beta"].grid == [0.0, 0.01, 0.04]
+    data = prepare(FineTuneSweepOptions(**sweep.options))
+    assert data.config_class is GRPOConfig and data.method is GRPO and data.fingerprint.startswith("grpo-")
+    cfg = trial_config({"beta": 0.01, "lr": 1e-3, "noise_level": 0.5, "lora_rank": 8, "clip_range": 0.1}, data)
+    assert (cfg.train.beta, cfg.optimizer.lr, cfg.sample.noise_level, cfg.policy.lora.rank, cfg.train.clip_range) == (
+        0.01, 1e-3, 0.5, 8, 0.1)
+    assert "beta=0.01" in cfg.out and cfg.max_steps == 2 and cfg.eval.enabled and cfg.checkpoint.every == cfg.eval.every
+    assert check_param(None, "beta", 0.0) is None and check_param(None, "noise_level", 1.0) is None
+    for name, value, message in (("beta", -0.1, "beta must be >= 0"), ("noise_level", 1.5, "noise_level must be in"),
+                                 ("kl_coef", 1.0, "unknown parameter 'kl_coef'"), ("lr", 0, "lr must be > 0")):
+        error = check_param(None, name, value)
+        assert error and message in error and "\n" not in error, (name, error)
+    for path in ("sweeps/grpo_tiny.yaml", "sweeps/grpo_sd35.yaml"):
+        assert load_config(path, GRPOConfig, {}).eval.enabled
