@@ -168,17 +168,18 @@ class EvalBlock(StrictModel):
     path_kl: bool = Field(
         True,
         description="measure the path KL to the base model at every evaluation (metric eval_path_kl, nats: the "
-        "mean over evaluation images of the KL between the policy's and the base model's DDIM chains, estimated "
+        "mean over evaluation images of the KL between the policy's and the base model's stochastic chains (DDIM "
+        "at kl_eta for a UNet policy, the Flow-GRPO SDE at kl_noise_level for a flow-matching one), estimated "
         "on one policy chain per (prompt, seed); per image in eval/path_kl/). Costs one extra stochastic "
-        "sampling pass (num_inference_steps guided UNet forwards) plus one base-model forward per step, per "
-        "evaluation image: about twice the UNet work of the evaluation images themselves",
+        "sampling pass (num_inference_steps guided forwards) plus one base-model forward per step, per "
+        "evaluation image: about twice the model work of the evaluation images themselves",
     )
     kl_eta: float = Field(
         1.0,
         gt=0,
-        description="DDIM eta of the path-KL chains (unitless, > 0; 1.0 = DDPO's sampling): the step noise "
-        "sigma_t = eta * the DDPM posterior std; path KLs compare only at the same eta (they grow without bound "
-        "as eta -> 0)",
+        description="DDIM eta of the path-KL chains of a UNet policy (unitless, > 0; 1.0 = DDPO's sampling): the "
+        "step noise sigma_t = eta * the DDPM posterior std; path KLs compare only at the same eta (they grow "
+        "without bound as eta -> 0); flow-matching policies use kl_noise_level",
     )
     kl_noise_level: float = Field(
         0.7,
