@@ -85,7 +85,7 @@ def test_lora_reference_is_the_base_model_and_gradients_reach_the_adapter():
     to the reference is positive (and 0 of the reference to itself); the rescored log-prob has gradients into
     the adapter only."""
     from tn_ray.training.flow_policy import add_flow_lora, flow_reference
-    from tn_ray.training.grpo_loss import path_kl
+    from tn_ray.training.losses import path_kl
 
     pipe = load_pipeline(TINY_SD3)
     kwargs = dict(num_steps=4, guidance=GUIDANCE, noise_level=0.7)

@@ -13,12 +13,11 @@ from tn_ray.diffusion.flow_sde import flow_sde_step
 from tn_ray.training.grpo_loss import (
     ADV_EPS,
     flow_grpo_kl,
-    gaussian_step_kl,
     group_advantages,
     grpo_loss,
-    path_kl,
     train_step_indices,
 )
+from tn_ray.training.losses import gaussian_step_kl, path_kl
 
 
 def test_group_advantages_by_hand():

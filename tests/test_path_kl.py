@@ -198,3 +198,89 @@ def test_evaluation_logs_path_kl_beside_unchanged_scores(tmp_path, monkeypatch):
     ev_off = Evaluator(cfg_off, PROMPTS)
     ev_off.base(policy)
     assert "eval_path_kl" not in ev_off.evaluate(2, policy) and read_path_kl(cfg_off.out).empty
+
+
+# --- flow-matching policies (GRPO): the flow SDE's steps, the same path_kl ------------------------
+def test_flow_path_kl_of_identical_policies_is_zero_and_a_mean_shift_matches_a_hand_computation():
+    """Flow-GRPO SDE steps (no model: velocities given) on FlowMatchEulerDiscreteScheduler(shift=3), 4 steps,
+    a = 0.7. The reference's velocity is the policy's + delta on every dim, on the same states: the step mean
+    moves by c delta with c = dt (1 + sigma_t^2 (1 - t) / (2 t)), std = sigma_t sqrt(|dt|) is shared, so each
+    step's KL is D (c delta)^2 / (2 std^2); sigma_t = a sqrt(t / (1 - t')), t' = t except t = 1 -> sigmas[1].
+    Identical velocities: path KL exactly 0."""
+    import math
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from tn_ray.diffusion.flow_sde import flow_sde_step
+
+    a, delta, steps = 0.7, 0.1, 4
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(steps)
+    sigmas = [float(s) for s in sched.sigmas]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 2, 2, generator=g)
+    means, ref_means, stds, expected = [], [], [], 0.0
+    for i in range(steps):
+        v = torch.randn(x.shape, generator=g)
+        pol = flow_sde_step(sched, v, i, x, a, generator=g)
+        ref = flow_sde_step(sched, v + delta, i, x, a, prev_sample=pol.prev_sample)
+        torch.testing.assert_close(ref.std, pol.std, rtol=0, atol=0)
+        means.append(pol.mean)
+        ref_means.append(ref.mean)
+        stds.append(pol.std.reshape(-1))
+        t, dt = sigmas[i], sigmas[i + 1] - sigmas[i]
+        sigma_t = a * math.sqrt(t / (1 - (sigmas[1] if t == 1.0 else t)))
+        c = dt * (1 + sigma_t**2 * (1 - t) / (2 * t))
+        expected += x[0].numel() * (c * delta) ** 2 / (2 * sigma_t**2 * abs(dt))
+        x = pol.prev_sample
+    assert sigmas[0] == 1.0  # the clamp is exercised
+    means, ref_means, stds = torch.stack(means, 1), torch.stack(ref_means, 1), torch.stack(stds, 1)
+    assert path_kl(means, means.clone(), stds).tolist() == [0.0, 0.0]
+    torch.testing.assert_close(path_kl(means, ref_means, stds), torch.full((2,), expected, dtype=torch.float32),
+                               rtol=1e-4, atol=0)
+
+
+def _flow_policy():
+    from tn_ray.training.config import PolicyBlock
+    from tn_ray.training.policy import FlowPolicy, Policy
+
+    torch.set_num_threads(1)
+    policy = Policy.load(PolicyBlock(pipeline="tiny-sd3", lora={"rank": 4}), device="cpu", seed=0)
+    assert isinstance(policy, FlowPolicy)
+    return policy
+
+
+def _perturb_model(policy, scale: float) -> None:
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def test_flow_policy_path_kl_is_zero_for_fresh_adapters_and_positive_once_they_move():
+    """The evaluation's path_kls on a FlowPolicy (tiny-sd3): flow SDE chains at eval.kl_noise_level, the base
+    transformer's step means on the same states. LoRA B = 0: exactly 0; moved: > 0, growing with the move, the
+    same per image whatever the batch size; a larger noise level gives a smaller KL (std grows with a)."""
+    from tn_ray.training.evaluation import path_kls
+
+    policy = _flow_policy()
+    block = _block(guidance_scale=4.5, num_inference_steps=3)
+    assert path_kls(policy, PROMPTS, SEEDS, block) == [0.0] * 4
+    _perturb_model(policy, 0.05)
+    small = path_kls(policy, PROMPTS, SEEDS, block)
+    assert all(v > 0 for v in small), small
+    assert path_kls(policy, PROMPTS, SEEDS, _block(guidance_scale=4.5, num_inference_steps=3, batch_size=1)) == (
+        pytest.approx(small, rel=1e-4))
+    noisier = path_kls(policy, PROMPTS, SEEDS, _block(guidance_scale=4.5, num_inference_steps=3, kl_noise_level=1.0))
+    assert sum(noisier) < sum(small), (small, noisier)
+    _perturb_model(policy, 0.2)
+    assert sum(path_kls(policy, PROMPTS, SEEDS, block)) > sum(small)
+
+
+def test_eval_kl_noise_level_is_checked():
+    from tn_ray.training.config import EvalBlock
+
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="noise_level must be in"):
+            EvalBlock(kl_noise_level=bad)

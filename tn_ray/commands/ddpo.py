@@ -15,20 +15,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from tn_ray.commands.options import allow_change, load
+    from tn_ray.commands.options import allow_change, load, print_run
     from tn_ray.training.ddpo import DDPOConfig
     from tn_ray.training.ddpo import run as ddpo_run
 
     cfg = load(args, DDPOConfig, out=args.out, max_steps=args.max_steps)
     paths = ddpo_run(cfg, allow_provenance_change=allow_change(args))
-    for k, v in paths.items():
-        print(f"{k:>20}: {v}")
-    if "selection" in paths:
-        import json
-
-        from tn_ray.storage import read_any
-        from tn_ray.training.checkpoint_selection import describe_selection
-
-        for line in describe_selection(json.loads(read_any(paths["selection"])), unit="epoch"):
-            print(line)
+    print_run(paths, unit="epoch")
     return 0

@@ -16,12 +16,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from tn_ray.commands.options import allow_change, load
+    from tn_ray.commands.options import allow_change, load, print_run
     from tn_ray.training.grpo import GRPOConfig
     from tn_ray.training.grpo import run as grpo_run
 
     cfg = load(args, GRPOConfig, out=args.out, max_steps=args.max_steps)
     paths = grpo_run(cfg, allow_provenance_change=allow_change(args))
-    for k, v in paths.items():
-        print(f"{k:>20}: {v}")
+    print_run(paths, unit="epoch")
     return 0

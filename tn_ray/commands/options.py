@@ -4,7 +4,8 @@
 ``add_run_options(parser, example)`` registers both; ``overrides(args, **flags)`` merges a
 command's own flags (``--out``, ``--max-steps``, ...; None = not given) with the ``--set`` items,
 ``--set`` winning, as dotted keys for :func:`tn_ray.config.load_config`; ``load(args, Model, **flags)``
-reads the config file (or defaults) with both applied.
+reads the config file (or defaults) with both applied. ``print_run(paths, unit)`` prints a fine-tuning
+run's output paths and, when it selected a checkpoint, the selection (rwr, ddpo, grpo).
 """
 from __future__ import annotations
 
@@ -54,3 +55,17 @@ def load(args, model, path: str | None = None, **flags: Any):
 def allow_change(args) -> bool:
     """Whether ``--allow-provenance-change`` was given."""
     return bool(getattr(args, "allow_provenance_change", False))
+
+
+def print_run(paths: dict[str, Any], unit: str) -> None:
+    """A fine-tuning run's output paths, then its checkpoint selection when it made one (``unit``: step / epoch)."""
+    for k, v in paths.items():
+        print(f"{k:>20}: {v}")
+    if "selection" in paths:
+        import json
+
+        from tn_ray.storage import read_any
+        from tn_ray.training.checkpoint_selection import describe_selection
+
+        for line in describe_selection(json.loads(read_any(paths["selection"])), unit=unit):
+            print(line)

@@ -14,20 +14,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from tn_ray.commands.options import allow_change, load
+    from tn_ray.commands.options import allow_change, load, print_run
     from tn_ray.training.rwr import RwrConfig
     from tn_ray.training.rwr import run as rwr_run
 
     cfg = load(args, RwrConfig, out=args.out, max_steps=args.max_steps)
     paths = rwr_run(cfg, allow_provenance_change=allow_change(args))
-    for k, v in paths.items():
-        print(f"{k:>20}: {v}")
-    if "selection" in paths:
-        import json
-
-        from tn_ray.storage import read_any
-        from tn_ray.training.checkpoint_selection import describe_selection
-
-        for line in describe_selection(json.loads(read_any(paths["selection"])), unit="step"):
-            print(line)
+    print_run(paths, unit="step")
     return 0

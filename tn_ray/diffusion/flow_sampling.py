@@ -201,7 +201,7 @@ def flow_chain_means(transformer, scheduler, chains: FlowChains, guidance: float
     """(means, stds) of every stochastic step of ``chains`` under ``transformer`` as it is now, no gradients:
     (B, S, C, h, w) and (B, S) float32, each step recomputed as sampled. Inside
     :func:`tn_ray.training.flow_policy.flow_reference` they are the base model's on the policy's states: the
-    path KL (:func:`tn_ray.training.grpo_loss.path_kl`) compares the two."""
+    path KL (:func:`tn_ray.training.losses.path_kl`) compares the two."""
     means, stds = [], []
     with torch.no_grad(), autocast or contextlib.nullcontext():
         for j in range(chains.steps.shape[1]):

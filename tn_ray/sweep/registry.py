@@ -19,6 +19,7 @@ _REGISTRY: dict[str, str | SweepTrainable] = {
     "reward_head": "tn_ray.sweep.trainables.reward_head:REWARD_HEAD",
     "rwr": "tn_ray.sweep.trainables.rwr:RWR",
     "ddpo": "tn_ray.sweep.trainables.ddpo:DDPO",
+    "grpo": "tn_ray.sweep.trainables.grpo:GRPO",
 }
 
 

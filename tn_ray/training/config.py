@@ -168,17 +168,24 @@ class EvalBlock(StrictModel):
     path_kl: bool = Field(
         True,
         description="measure the path KL to the base model at every evaluation (metric eval_path_kl, nats: the "
-        "mean over evaluation images of the KL between the policy's and the base model's DDIM chains, estimated "
+        "mean over evaluation images of the KL between the policy's and the base model's stochastic chains (DDIM "
+        "at kl_eta for a UNet policy, the Flow-GRPO SDE at kl_noise_level for a flow-matching one), estimated "
         "on one policy chain per (prompt, seed); per image in eval/path_kl/). Costs one extra stochastic "
-        "sampling pass (num_inference_steps guided UNet forwards) plus one base-model forward per step, per "
-        "evaluation image: about twice the UNet work of the evaluation images themselves",
+        "sampling pass (num_inference_steps guided forwards) plus one base-model forward per step, per "
+        "evaluation image: about twice the model work of the evaluation images themselves",
     )
     kl_eta: float = Field(
         1.0,
         gt=0,
-        description="DDIM eta of the path-KL chains (unitless, > 0; 1.0 = DDPO's sampling): the step noise "
-        "sigma_t = eta * the DDPM posterior std; path KLs compare only at the same eta (they grow without bound "
-        "as eta -> 0)",
+        description="DDIM eta of the path-KL chains of a UNet policy (unitless, > 0; 1.0 = DDPO's sampling): the "
+        "step noise sigma_t = eta * the DDPM posterior std; path KLs compare only at the same eta (they grow "
+        "without bound as eta -> 0); flow-matching policies use kl_noise_level",
+    )
+    kl_noise_level: float = Field(
+        0.7,
+        description="noise level a of the path-KL chains of a flow-matching policy (GRPO; unitless, in (0, 1]; "
+        "Flow-GRPO's sample.noise_level 0.7): every step of the chain is the Flow-GRPO SDE with sigma_t = "
+        "a sqrt(t / (1 - t)); path KLs compare only at the same a. UNet policies use kl_eta instead",
     )
     judges: list[JudgeBlock] = Field(
         default_factory=list, description="held-out judge rewards, each a reward config; its column name is its `use`"
@@ -191,6 +198,13 @@ class EvalBlock(StrictModel):
         "override, reported as not the paper's rule; judges are monitors "
         "either way and selection.json gives each judge's own view",
     )
+
+    @field_validator("kl_noise_level")
+    @classmethod
+    def _kl_noise_level(cls, a: float) -> float:
+        from tn_ray.diffusion.flow_sde import check_noise_level
+
+        return check_noise_level(a)
 
 
 class CheckpointBlock(StrictModel):

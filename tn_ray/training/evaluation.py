@@ -9,11 +9,15 @@ and each reward column comes from :meth:`tn_ray.textnorm.columns.RewardConfig.co
 one implementation of TextNorm and ensembles.
 
 With ``eval.path_kl`` (default on) every evaluation also measures how far the policy has moved
-from the base model: per (prompt, seed) one stochastic DDIM chain of the policy (eta =
-``eval.kl_eta``, the evaluation's steps and guidance, the image's seed), each step's Gaussian
-recomputed by the base model (the same UNet, adapters disabled) on the same state, and the sum
+from the base model: per (prompt, seed) one stochastic chain of the policy (the evaluation's steps
+and guidance, the image's seed; a UNet policy: DDIM at eta = ``eval.kl_eta``; a flow-matching
+policy: Flow-GRPO's SDE at noise level ``eval.kl_noise_level``), each step's Gaussian recomputed by
+the base model (the same UNet or transformer, adapters disabled) on the same state, and the sum
 over steps of the two steps' KL (:func:`tn_ray.training.losses.path_kl`, nats): the KL between
-the two chains' path laws, estimated on one policy chain. Its mean is ``eval_path_kl``; the
+the two chains' path laws, estimated on one policy chain. The policy says how its chains are
+sampled (:meth:`tn_ray.training.policy.Policy.path_kl_means`); everything else here is the same
+for RWR, DDPO and GRPO. Evaluation images are the pipeline's own sampling (``pipe(...)``: DDIM or
+the UNet pipeline's scheduler; the flow ODE for SD 3, as Flow-GRPO evaluates). Its mean is ``eval_path_kl``; the
 base model's is 0 by definition. The per-image values go to a sibling folder, so
 :func:`read_scores` and checkpoint selection see the same tables as without it.
 
@@ -106,52 +110,22 @@ def generate_images(
 
 def path_kls(policy, prompts: Sequence[str], seeds: Sequence[int], block) -> list[float]:
     """Path KL (nats) from the policy to the base model of every (prompt, seed), prompt-major as
-    :func:`generate_images`: one stochastic DDIM chain of the policy per image (eta = ``block.kl_eta``,
-    ``block``'s steps, guidance and size; one CPU generator per row seeded by its seed), the base
-    model's step means recomputed on the chain's states (:meth:`Policy.reference`), summed step KLs
-    (:func:`tn_ray.training.losses.path_kl`). Costs one sampling pass plus one base-model forward per
-    step per image; a DDIM scheduler built from the pipeline's config samples, so the pipeline's own
-    scheduler (and its timesteps) is left as it was."""
+    :func:`generate_images`: in batches of ``block.batch_size``, one stochastic chain of the policy per image
+    (one CPU generator per row seeded by its seed) and the base model's step means on its states, from
+    :meth:`Policy.path_kl_means` (a UNet policy: DDIM chains at ``block.kl_eta``; a flow-matching policy: the
+    flow SDE at ``block.kl_noise_level``), the step KLs summed (:func:`tn_ray.training.losses.path_kl`).
+    Costs one sampling pass plus one base-model forward per step per image."""
     import torch
-    from diffusers import DDIMScheduler
 
-    from tn_ray.diffusion.sampling import chain_means, sample_chains
     from tn_ray.training.losses import path_kl
 
-    pipe = policy.pipe
-    own = pipe.scheduler
-    pipe.scheduler = DDIMScheduler.from_config(own.config)
     pairs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
     out: list[float] = []
-    try:
-        for k in range(0, len(pairs), block.batch_size):
-            chunk = pairs[k : k + block.batch_size]
-            means, stds = [], []
-
-            def record(step, means=means, stds=stds) -> None:
-                means.append(step.mean)
-                stds.append(step.std)
-
-            chains = sample_chains(
-                pipe,
-                [p for _, p, _ in chunk],
-                [i for i, _, _ in chunk],
-                num_steps=block.num_inference_steps,
-                guidance=block.guidance_scale,
-                eta=block.kl_eta,
-                generator=[torch.Generator("cpu").manual_seed(s) for _, _, s in chunk],
-                autocast=policy.autocast(),
-                height=block.height,
-                width=block.width,
-                on_step=record,
-            )
-            with policy.reference():
-                ref, _ = chain_means(
-                    pipe.unet, pipe.scheduler, chains, block.guidance_scale, block.kl_eta, policy.autocast()
-                )
-            out.extend(path_kl(torch.stack(means, dim=1), ref, torch.stack(stds, dim=1)).tolist())
-    finally:
-        pipe.scheduler = own
+    for k in range(0, len(pairs), block.batch_size):
+        chunk = pairs[k : k + block.batch_size]
+        generators = [torch.Generator("cpu").manual_seed(s) for _, _, s in chunk]
+        means, ref, stds = policy.path_kl_means([p for _, p, _ in chunk], [i for i, _, _ in chunk], generators, block)
+        out.extend(path_kl(means, ref, stds).tolist())
     return out
 
 

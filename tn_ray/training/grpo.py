@@ -21,7 +21,10 @@ One GRPO epoch per core step (:class:`tn_ray.training.loop.Method`), in every Ra
    the transformer with adapters disabled), accumulated into ``train.updates_per_inner_epoch`` optimizer
    steps, clipped to ``optimizer.max_grad_norm`` (:class:`tn_ray.training.optim.Optimization`).
 
-Checkpoints, exact resume, logging and Ray Train are the core's (:mod:`tn_ray.training.loop`). Randomness
+Checkpoints, exact resume, logging, Ray Train and evaluation (held-out judges, the path KL, the paper's
+checkpoint rule, the overoptimization monitor: :mod:`tn_ray.training.evaluation`, with the flow-matching
+policy's chains of :meth:`tn_ray.training.policy.FlowPolicy.path_kl_means`) are the core's
+(:mod:`tn_ray.training.loop`). Randomness
 comes from generators seeded by (seed, epoch, rank, ...), so a resumed run repeats an uninterrupted one.
 """
 from __future__ import annotations
@@ -46,10 +49,6 @@ GRPO_PIPELINE = "stabilityai/stable-diffusion-3.5-medium"  # Flow-GRPO's SD 3.5 
 class GRPOSampleBlock(StrictModel):
     num_steps: int = Field(
         10, ge=1, description="denoising steps T of every sampled chain (count; Flow-GRPO sample.num_steps: 10)"
-    )
-    eval_num_steps: int = Field(
-        40, ge=1, description="steps of evaluation images, ODE (count; Flow-GRPO sample.eval_num_steps: 40); "
-        "kept for the configs: GRPO evaluation is not wired yet (docs/grpo.md)"
     )
     guidance_scale: float = Field(
         4.5, ge=0, description="classifier-free guidance when sampling and rescoring (unitless; <= 1: none; "
@@ -158,8 +157,10 @@ class GRPOConfig(FineTuneConfig):
         description="AdamW (Flow-GRPO base.py: lr 3e-4, weight decay 1e-4, max grad norm 1)",
     )
     eval: EvalBlock = Field(
-        default_factory=lambda: EvalBlock(enabled=False),
-        description="must stay disabled for now: the core's evaluation samples UNet pipelines (docs/grpo.md)",
+        default_factory=lambda: EvalBlock(num_inference_steps=40, guidance_scale=4.5),
+        description="periodic evaluation on fixed prompts and seeds (every `every` epochs): ODE images (the "
+        "pipeline's own sampling; Flow-GRPO sample.eval_num_steps: 40, guidance 4.5), judges, the path KL (flow "
+        "SDE chains at kl_noise_level), checkpoint selection",
     )
     prompts: list[str] | None = Field(
         None, description="training prompts; each group draws one uniformly; None (and no prompts_file) = every "
@@ -182,9 +183,6 @@ class GRPOConfig(FineTuneConfig):
 
         check_policy_kind(self.policy.pipeline, flow=True, method="grpo")
         require_prompts(bool(self.prompts or self.prompts_file), self.reward)
-        if self.eval.enabled:
-            raise ValueError("eval.enabled: GRPO evaluation is not supported yet (the core's evaluator samples UNet "
-                             "pipelines); set eval: {enabled: false}")
         per_worker = self.sample.batch_images * self.sample.num_batches_per_epoch
         if per_worker % self.train.batch_size:
             raise ValueError(f"train.batch_size: {self.train.batch_size} does not divide the {per_worker} samples per "

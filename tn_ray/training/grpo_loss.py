@@ -14,7 +14,7 @@ same transformer with its LoRA adapters disabled) between the two Gaussian steps
 
 Two KLs, and how they relate (D latent dimensions)::
 
-    exact:      KL = sum_d (mean_d - ref_mean_d)^2 / (2 std^2)           (gaussian_step_kl)
+    exact:      KL = sum_d (mean_d - ref_mean_d)^2 / (2 std^2)           (losses.gaussian_step_kl)
     Flow-GRPO:  K  = mean_d (mean_d - ref_mean_d)^2 / (2 sigma_t^2)      (flow_grpo_kl)
                 K  = KL * |dt| / D
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from tn_ray.training.ddpo_loss import clipped_surrogate
+from tn_ray.training.losses import gaussian_step_kl  # the exact KL, one implementation for every method
 
 ADV_EPS = 1e-4  # flow_grpo's PerPromptStatTracker: std + 1e-4
 
@@ -69,23 +70,6 @@ def flow_grpo_kl(mean: torch.Tensor, ref_mean: torch.Tensor, sigma_t: torch.Tens
     the reference mean is a constant)."""
     sq = ((mean - ref_mean.detach().to(mean)) ** 2).mean(dim=_row_dims(mean))
     return sq / (2 * sigma_t.to(mean).reshape(-1) ** 2)
-
-
-def gaussian_step_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """(B,) the exact KL(N(mean, std^2 I) || N(ref_mean, std^2 I)) = ``sum_d (mean - ref_mean)^2 / (2 std^2)``,
-    ``std`` the step's standard deviation sigma_t sqrt(|dt|). Summed over a chain's steps: the path KL."""
-    sq = ((mean - ref_mean.detach().to(mean)) ** 2).sum(dim=_row_dims(mean))
-    return sq / (2 * std.to(mean).reshape(-1) ** 2)
-
-
-def path_kl(means: torch.Tensor, ref_means: torch.Tensor, stds: torch.Tensor) -> torch.Tensor:
-    """(B,) the path KL of chains: the exact Gaussian KLs of every recorded step summed, from (B, S, ...) means
-    of the policy and the reference on the same states and the (B, S) step stds (zero for S = 0)."""
-    if means.shape[1] == 0:
-        return torch.zeros(means.shape[0], dtype=torch.float32, device=means.device)
-    b, s = means.shape[:2]
-    per_step = gaussian_step_kl(means.flatten(0, 1), ref_means.flatten(0, 1), stds.reshape(-1))
-    return per_step.reshape(b, s).sum(dim=1)
 
 
 def train_step_indices(num_stochastic: int, timestep_fraction: float) -> list[int]:

@@ -138,10 +138,12 @@ def path_kl(means_p: torch.Tensor, means_r: torch.Tensor, stds: torch.Tensor) ->
     rule the path KL is ``E_policy[sum_t KL(p_theta(.|x_t) || p_0(.|x_t))]`` (the initial noise is shared),
     and each term is exact for a given state x_t, so a chain sampled from the policy gives an unbiased
     estimate. ``means_p``, ``means_r``: (batch, T, C, h, w) step means on the same states x_t; ``stds``:
-    (batch, T) or (batch, T, 1, 1, 1)."""
+    (batch, T) or (batch, T, 1, 1, 1). A chain with no stochastic step (T = 0) has path KL 0."""
     if means_p.shape != means_r.shape:
         raise ValueError(f"shapes differ: {tuple(means_p.shape)} vs {tuple(means_r.shape)}")
     b, t = means_p.shape[:2]
+    if t == 0:
+        return torch.zeros(b, dtype=torch.float32, device=means_p.device)
     stds = torch.as_tensor(stds).reshape(b, t, -1)
     if stds.shape[-1] != 1:
         raise ValueError(f"stds must be one value per (row, step), got shape {tuple(stds.shape)}")

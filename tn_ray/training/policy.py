@@ -171,6 +171,32 @@ class Policy:
         with self.reference(), self.autocast():
             return self.unet(latents, timesteps, encoder_hidden_states=embeds).sample
 
+    # --- the path KL of evaluation -----------------------------------------------------------
+    @torch.no_grad()
+    def path_kl_means(self, prompts: list[str], prompt_ids: list[int], generators: list[torch.Generator], block):
+        """(means, base means, stds) of one stochastic DDIM chain per prompt (eta = ``block.kl_eta``, ``block``'s
+        steps, guidance and size; (B, T, C, h, w), (B, T, C, h, w), (B, T)): the policy's step means as sampled
+        and the base model's (adapters disabled) on the same states, for :func:`tn_ray.training.losses.path_kl`.
+        A DDIM scheduler built from the pipeline's config samples; the pipeline's own is left as it was."""
+        from diffusers import DDIMScheduler
+
+        from tn_ray.diffusion.sampling import chain_means, sample_chains
+
+        pipe, own = self.pipe, self.pipe.scheduler
+        pipe.scheduler = DDIMScheduler.from_config(own.config)
+        means, stds = [], []
+        try:
+            chains = sample_chains(pipe, prompts, prompt_ids, num_steps=block.num_inference_steps,
+                                   guidance=block.guidance_scale, eta=block.kl_eta, generator=generators,
+                                   autocast=self.autocast(), height=block.height, width=block.width,
+                                   on_step=lambda step: (means.append(step.mean), stds.append(step.std)))
+            with self.reference():
+                ref, _ = chain_means(pipe.unet, pipe.scheduler, chains, block.guidance_scale, block.kl_eta,
+                                     self.autocast())
+        finally:
+            pipe.scheduler = own
+        return torch.stack(means, dim=1), ref, torch.stack(stds, dim=1)
+
     # --- adapter state -----------------------------------------------------------------
     def lora_state(self) -> dict[str, torch.Tensor]:
         """The adapter's weights (peft names, CPU copies)."""
@@ -232,6 +258,30 @@ class FlowPolicy(Policy):
     @property
     def transformer(self):
         return self.model
+
+    @torch.no_grad()
+    def path_kl_means(self, prompts: list[str], prompt_ids: list[int], generators: list[torch.Generator], block):
+        """(means, base means, stds) of one Flow-GRPO SDE chain per prompt, every step stochastic (noise level
+        ``block.kl_noise_level``, ``block``'s steps, guidance and size; (B, T, C, h, w), (B, T, C, h, w), (B, T)):
+        the policy's step means as sampled and the base transformer's (adapters disabled) on the same states
+        (:func:`tn_ray.diffusion.flow_sampling.flow_chain_means`). The steps share their std (sigma_t does not
+        depend on the model), so each step's KL is ``|mean - base mean|^2 / (2 std^2)``."""
+        from tn_ray.diffusion.flow_sampling import flow_chain_means, sample_flow_chains
+
+        means, stds = [], []
+
+        def record(i, step) -> None:
+            means.append(step.mean)
+            stds.append(step.std.reshape(-1))
+
+        chains = sample_flow_chains(self.pipe, prompts, prompt_ids, num_steps=block.num_inference_steps,
+                                    guidance=block.guidance_scale, noise_level=block.kl_noise_level,
+                                    generator=generators, height=block.height, width=block.width,
+                                    autocast=self.autocast(), on_step=record)
+        with self.reference():
+            ref, _ = flow_chain_means(self.model, self.pipe.scheduler, chains, block.guidance_scale,
+                                      block.kl_noise_level, self.autocast())
+        return torch.stack(means, dim=1), ref, torch.stack(stds, dim=1)
 
     @property
     def unet(self):

@@ -1,4 +1,5 @@
-"""``ddpo``: DDPO as a sweep training trainable (``trainable: ddpo`` in a sweep YAML).
+"""``ddpo``: DDPO as a sweep training trainable (``trainable: ddpo`` in a sweep YAML), and what every method on
+DDPO's driver (:func:`tn_ray.training.ddpo.run_method`: DDPO, GRPO) shares as a trainable.
 
 ``options: {config: <a DDPO YAML>, overrides: {...}}`` fixes everything but the swept
 parameters. Each trial starts its own long-lived reward actors, runs a Ray Train
@@ -10,10 +11,14 @@ ASHA may stop a trial between evaluations. A trial's run folder is
 ``--resume`` continues each trial from its newest checkpoint.
 
 Swept parameters: ``kl_coef`` (eq. 5's lambda), ``lr``, ``clip_range``, ``lora_rank``, and
-the reward's TextNorm ``tau`` and ensemble ``lam``.
+the reward's TextNorm ``tau`` and ensemble ``lam``. The ``grpo`` trainable
+(:mod:`tn_ray.sweep.trainables.grpo`) is :func:`prepare_method`, :func:`train` and :func:`check_number`
+with GRPO's config, method and keys.
 """
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from tn_ray.sweep.trainable import SweepTrainable
@@ -37,34 +42,57 @@ KEYS = {
 PARAMS = tuple(KEYS)
 
 
-def prepare(options: FineTuneSweepOptions, sweep=None) -> FineTuneSweepData:
+@dataclass
+class MethodSweepData(FineTuneSweepData):
+    """:class:`FineTuneSweepData` plus the :class:`tn_ray.training.loop.Method` every trial runs on DDPO's driver."""
+
+    method: type | None = None  # DDPO or GRPO
+
+
+def prepare_method(options: FineTuneSweepOptions, config_class: type, method: type, keys: Mapping[str, str],
+                   name: str) -> MethodSweepData:
+    """The sweep's data for a method on DDPO's driver: the base config (a missing prompts file fails before any
+    trial starts), its class, the method and the parameters' keys; ``name`` prefixes the resume fingerprint."""
     from tn_ray.training.config import resolve_prompts
-    from tn_ray.training.ddpo import DDPOConfig
 
-    cfg = base_config(options, DDPOConfig)
-    resolve_prompts(cfg)  # a missing prompts file fails before any trial starts
-    return FineTuneSweepData(cfg.model_dump(mode="json"), DDPOConfig, KEYS, fingerprint=f"ddpo-{cfg.model_dump_json()}")
+    cfg = base_config(options, config_class)
+    resolve_prompts(cfg)
+    return MethodSweepData(cfg.model_dump(mode="json"), config_class, keys,
+                           fingerprint=f"{name}-{cfg.model_dump_json()}", method=method)
 
 
-def train(config: dict[str, Any], data: FineTuneSweepData) -> None:
+def prepare(options: FineTuneSweepOptions, sweep=None) -> MethodSweepData:
+    from tn_ray.training.ddpo import DDPO, DDPOConfig
+
+    return prepare_method(options, DDPOConfig, DDPO, KEYS, "ddpo")
+
+
+def train(config: dict[str, Any], data: MethodSweepData) -> None:
     """The Tune function: reward actors, a TorchTrainer whose reports reach Tune, reports written when done."""
-    from tn_ray.training.ddpo import run
+    from tn_ray.training.ddpo import run_method
 
-    run(trial_config(config, data), callbacks=tune_callbacks())
+    run_method(trial_config(config, data), data.method, callbacks=tune_callbacks())
 
 
-def check_param(options: FineTuneSweepOptions, name: str, value: Any) -> str | None:
-    if name not in PARAMS:
-        return f"unknown parameter '{name}'; expected one of {list(PARAMS)}"
+def check_number(name: str, value: Any, params: Collection[str], non_negative: Collection[str] = (),
+                 positive: Collection[str] = ()) -> str | None:
+    """The one-line error of a swept value, or None: an unknown name, a ``lora_rank`` that is not an integer >= 1,
+    a value that is not a number, below 0 (``non_negative``) or not above 0 (``positive``)."""
+    if name not in params:
+        return f"unknown parameter '{name}'; expected one of {list(params)}"
     if name == "lora_rank":
         return None if isinstance(value, int) and value >= 1 else f"lora_rank must be an integer >= 1, got {value!r}"
     if not isinstance(value, (int, float)):
         return f"{name} must be a number, got {value!r}"
-    if name in ("kl_coef", "lam") and value < 0:
+    if name in non_negative and value < 0:
         return f"{name} must be >= 0, got {value!r}"
-    if name in ("lr", "clip_range", "tau") and value <= 0:
+    if name in positive and value <= 0:
         return f"{name} must be > 0, got {value!r}"
     return None
+
+
+def check_param(options: FineTuneSweepOptions, name: str, value: Any) -> str | None:
+    return check_number(name, value, PARAMS, non_negative=("kl_coef", "lam"), positive=("lr", "clip_range", "tau"))
 
 
 DDPO = SweepTrainable(

@@ -1,4 +1,4 @@
-"""What the ``rwr`` and ``ddpo`` trainables share: a trial's parameters mapped onto config keys.
+"""What the ``rwr``, ``ddpo`` and ``grpo`` trainables share: a trial's parameters mapped onto config keys.
 
 Each trainable declares ``KEYS``, a mapping of its swept parameters onto dotted keys of its
 config (``{"lr": "optimizer.lr", "tau": "reward.textnorm.tau", ...}``); :func:`trial_config`
@@ -20,7 +20,8 @@ from tn_ray.config import StrictModel, apply_overrides
 
 
 class FineTuneSweepOptions(StrictModel):
-    config: str = Field(..., description="the RWR or DDPO YAML every trial starts from (RwrConfig / DDPOConfig)")
+    config: str = Field(..., description="the RWR, DDPO or GRPO YAML every trial starts from (RwrConfig / DDPOConfig / "
+                        "GRPOConfig)")
     overrides: dict[str, Any] = Field(default_factory=dict,
                                       description="dotted keys overriding the YAML for every trial, e.g. {max_steps: "
                                                   "200}")
@@ -31,7 +32,7 @@ class FineTuneSweepData:
     """The sweep's shared data: the base config (JSON), its class, and the parameters' config keys."""
 
     cfg: dict
-    config_class: type  # RwrConfig or DDPOConfig
+    config_class: type  # RwrConfig, DDPOConfig or GRPOConfig
     keys: Mapping[str, str] = field(default_factory=dict)  # parameter -> dotted config key
     fingerprint: str = ""
 
