@@ -162,10 +162,12 @@ def actors(ray_session):
 
 
 def test_resume_equals_uninterrupted(tmp_path, actors):
-    """The core's loop in-process on tiny-sd3: a run stopped after epoch 1 and rerun ends with the same LoRA
-    weights and optimizer state as a run that never stopped (tolerance 0); the LoRA trained; the first
-    minibatch after sampling has ratio 1 (approx-KL 0); the KL to the reference is logged and positive."""
-    from tn_ray.training.checkpoint import Checkpoints
+    """The core's loop in-process on tiny-sd3 with the EMA on: a run stopped after epoch 1 and rerun ends with
+    the same LoRA weights, optimizer state and EMA state as a run that never stopped (tolerance 0); the LoRA
+    trained; the checkpoint's LoRA file holds the EMA weights, its resume state the trained ones."""
+    from safetensors.torch import load_file
+
+    from tn_ray.training.checkpoint import LORA_FILE, Checkpoints
     from tn_ray.training.ddpo import DDPOData, epoch_rewards
     from tn_ray.training.grpo import GRPO
     from tn_ray.training.loop import Trainer, WorkerContext
@@ -175,7 +177,8 @@ def test_resume_equals_uninterrupted(tmp_path, actors):
     finals = {}
     for name, stops in (("straight", [None]), ("resumed", [1, None])):
         for stop in stops:
-            cfg = tiny_config(tmp_path / name, max_steps=2, stop_after_steps=stop)
+            cfg = tiny_config(tmp_path / name, max_steps=2, stop_after_steps=stop,
+                              ema={"enabled": True, "decay": 0.5, "every": 1})
             Trainer(cfg, GRPO, data, WorkerContext(0, 1, torch.device("cpu"), cfg.out)).run()
         ckpt = Checkpoints(cfg.out)
         assert ckpt.steps() == [1, 2]
@@ -184,6 +187,13 @@ def test_resume_equals_uninterrupted(tmp_path, actors):
     assert a["lora"].keys() == b["lora"].keys()
     assert all(torch.equal(a["lora"][k], b["lora"][k]) for k in a["lora"])
     assert any(float(v.abs().max()) > 0 for k, v in a["lora"].items() if "lora_B" in k)
+    ema_a, ema_b = a["method"]["ema"], b["method"]["ema"]
+    assert ema_a["steps"] == ema_b["steps"] == 2
+    assert all(torch.equal(x, y) for x, y in zip(ema_a["average"], ema_b["average"], strict=True))
+    exported = load_file(tmp_path / "straight" / "checkpoints" / "step-000002" / LORA_FILE)
+    for key, average in zip(a["lora"], ema_a["average"], strict=True):
+        assert torch.equal(exported[f"transformer.{key}"], average), key
+    assert any(not torch.equal(a["lora"][k], v) for k, v in zip(a["lora"], ema_a["average"]) if "lora_B" in k)
     straight, resumed = epoch_rewards(str(tmp_path / "straight")), epoch_rewards(str(tmp_path / "resumed"))
     assert straight["reward_mean"].tolist() == resumed["reward_mean"].tolist()
     assert straight["samples"].tolist() == [8, 8]
