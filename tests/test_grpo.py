@@ -122,6 +122,10 @@ def test_unet_and_flow_pipelines_are_not_swapped():
         ("grpo", {"train": {"batch_size": 3}}, "train.batch_size: 3 does not divide the 8 samples"),
         ("grpo", {"eval": {"kl_noise_level": 1.5}}, "noise_level must be in (0, 1]"),
         ("ddpo", {"policy": {"pipeline": "tiny-sd3"}}, "policy.pipeline: ddpo needs a UNet pipeline"),
+        ("grpo", {"ema": {"decay": 1.0}}, "ema.decay"),
+        ("grpo", {"reward": {"models": ["brightness", "clip:tiny"], "use": "u", "ensembles": [
+            {"name": "u", "kind": "uncertainty", "columns": ["textnorm(clip:tiny)", "brightness"]}]}},
+         "multi-reward 'u': 'brightness' is not a TextNorm column"),
     ],
 )
 def test_bad_configs_fail_in_one_line_before_ray(tmp_path, capsys, monkeypatch, command, bad, message):
@@ -149,6 +153,15 @@ def test_bad_configs_fail_in_one_line_before_ray(tmp_path, capsys, monkeypatch, 
     assert message in err
     header, *lines = err.splitlines()  # the CLI's "invalid configuration in FILE:", then one line per error
     assert str(path) in header and len(lines) <= 1, err
+
+
+def test_a_grpo_config_with_a_multi_reward_and_ema_validates():
+    """Flow-GRPO's reward_fn dict as a weighted multi-reward in GRPO's reward block, and its EMA block."""
+    cfg = tiny_config("unused", ema={"enabled": True}, reward={
+        "models": ["brightness", "clip:tiny"], "use": "mix",
+        "ensembles": [{"name": "mix", "columns": {"textnorm(clip:tiny)": 0.7, "brightness": 0.3}}]})
+    assert cfg.reward.use == "mix" and cfg.reward.needs_contrast
+    assert (cfg.ema.enabled, cfg.ema.decay, cfg.ema.every, cfg.ema.warmup) == (True, 0.9, 8, True)
 
 
 @pytest.fixture(scope="module")
