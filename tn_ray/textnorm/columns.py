@@ -304,11 +304,11 @@ def _columns(
     ranking: bool = False,
 ) -> dict[str, np.ndarray]:
     plain = [e for e in ensembles if isinstance(e, EnsembleSpec)]
+    multis = [e for e in ensembles if isinstance(e, MultiRewardSpec)]
     out = _model_columns(values, params, plain, group, ranking)
-    units = _model_columns(values, params, plain, group) if ranking else out  # multi-rewards: reward units
-    for spec in ensembles:
-        if isinstance(spec, MultiRewardSpec):
-            out[spec.name] = multi_reward([units[c] for c in spec.names], spec.weights, spec.kind, params.lam)
+    units = _model_columns(values, params, plain, group) if ranking and multis else out  # multi-rewards: reward units
+    for spec in multis:
+        out[spec.name] = multi_reward([units[c] for c in spec.names], spec.weights, spec.kind, params.lam)
     return {name: out[name] for name in [*values, *(f"textnorm({m})" for m in values), *(e.name for e in ensembles)]}
 
 
