@@ -1,4 +1,4 @@
-"""Fine-tuning costs, measured side by side in one run: RWR and DDPO keys.
+"""Fine-tuning costs, measured side by side in one run: RWR, DDPO and GRPO keys.
 
 RWR, on the tiny pipeline's UNet (CPU here; the same code on GPU), batch 8 of 64 px images:
 
@@ -21,7 +21,24 @@ DDPO (tiny pipeline; see :func:`ddpo_sampling` and :func:`ddpo_epochs`):
   reward actors (aim <= 0.1), next to ``ddpo_sync_scoring_fraction`` (waiting for every batch);
 - ``ddpo_epoch_seconds_tiny``: one tiny DDPO epoch of 32 samples.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_train.py [--repeats 5] [--steps 4] [--part all|rwr|ddpo]
+GRPO (the ``tiny-sd3`` flow-matching pipeline, 32 px; see :func:`grpo_sampling`, :func:`grpo_step_timing`,
+:func:`grpo_peak_memory` and :func:`grpo_epochs`):
+
+- ``grpo_sampling_logprob_over_plain``: Flow-GRPO SDE sampling with recorded chains and log-probs
+  (``sample_flow_chains`` + ``decode_flow_images``) over ``StableDiffusion3Pipeline.__call__``, same
+  prompts, steps, size, batch, guidance and generators (aim <= 1.15);
+- ``grpo_step_kl_over_nokl``: seconds of one GRPO optimizer step (``GRPO.train_epoch`` on fixed chains)
+  with the KL term (beta > 0: one reference forward per trained step, adapters disabled, no graph) over
+  beta = 0 (aim <= 1.6);
+- ``grpo_peak_mem_kl_over_nokl``: peak memory of those steps with beta > 0 over beta = 0, each in a
+  fresh process: CUDA's max_memory_allocated on a GPU, else the peak resident set (VmHWM, reset after
+  setup and a warm-up step) above the process's RSS after imports: weights + optimizer + activations
+  (:func:`grpo_peak_memory_child`; tracemalloc would not see torch's tensor allocations); next to
+  ``grpo_transformer_mb``, what a second transformer for the reference would add (aim <= 1.05);
+- ``grpo_async_reward_idle_fraction``: share of a GRPO epoch's wall time the trainer waits in
+  ``collect_rewards`` for rewards scored on 2 reward actors while it sampled (aim <= 0.1).
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_train.py [--repeats 5] [--steps 4] [--part all|rwr|ddpo|grpo]
 """
 from __future__ import annotations
 
@@ -195,6 +212,34 @@ def ddpo_sampling(repeats: int, batch: int = 8, steps: int = 20) -> dict[str, fl
     return {"ddpo_sampling_s": o, "plain_pipeline_s": p, "ddpo_sampling_logprob_over_plain": o / p}
 
 
+def method_epochs(method_cls, cfg, reward: str, epochs: int):
+    """``epochs`` + 1 epochs of a DDPO-core method (DDPO, GRPO) in this process, one worker, ``reward``
+    scored on ``cfg.scoring``'s reward actors; (the metrics of every epoch after the first, the pool, the
+    policy). The first epoch (actors loading the reward model) is the warm-up."""
+    from tn_ray.cluster import init_ray
+    from tn_ray.config import RayConfig
+    from tn_ray.scoring.workers import RewardPool
+    from tn_ray.training.ddpo import DDPOData
+    from tn_ray.training.loop import WorkerContext
+    from tn_ray.training.optim import Optimization
+    from tn_ray.training.policy import Policy
+
+    init_ray(RayConfig())
+    pool = RewardPool(reward, cfg.scoring)
+    policy = Policy.load(cfg.policy, seed=0)
+    optim = Optimization(policy.trainable_parameters(), cfg.optimizer, cfg.max_steps, policy.device, policy.amp_dtype)
+    prompts = list(cfg.prompts)
+    method = method_cls(
+        cfg,
+        policy,
+        optim,
+        WorkerContext(0, 1, policy.device, cfg.out),
+        DDPOData(prompts, [[p] for p in prompts], {reward: pool}),
+    )
+    rows = [method.step(s) for s in range(1, epochs + 2)][1:]
+    return rows, pool, policy
+
+
 def ddpo_epochs(folder: Path, epochs: int = 3, reward: str = "clip:ViT-B-32/random") -> dict[str, float]:
     """Tiny DDPO epochs (32 samples in 8 batches of 4, 10 steps, half the timesteps trained) with 2
     reward actors of a ViT-B/32-shaped CLIP (random weights; a realistic scoring cost):
@@ -208,16 +253,9 @@ def ddpo_epochs(folder: Path, epochs: int = 3, reward: str = "clip:ViT-B-32/rand
     import numpy as np
     import torch
 
-    from tn_ray.cluster import init_ray
-    from tn_ray.config import RayConfig
     from tn_ray.diffusion.sampling import decode_images, sample_chains
-    from tn_ray.scoring.workers import RewardPool
-    from tn_ray.training.ddpo import DDPO, DDPOConfig, DDPOData
-    from tn_ray.training.loop import WorkerContext
-    from tn_ray.training.optim import Optimization
-    from tn_ray.training.policy import Policy
+    from tn_ray.training.ddpo import DDPO, DDPOConfig
 
-    init_ray(RayConfig())
     prompts = ["a photo of a lighthouse", "a watercolor of a red circle"]
     cfg = DDPOConfig.model_validate(
         dict(
@@ -233,17 +271,7 @@ def ddpo_epochs(folder: Path, epochs: int = 3, reward: str = "clip:ViT-B-32/rand
             scoring={"cpus_per_actor": 0.25, "num_actors": 2},
         )
     )
-    pool = RewardPool(reward, cfg.scoring)
-    policy = Policy.load(cfg.policy, seed=0)
-    optim = Optimization(policy.trainable_parameters(), cfg.optimizer, cfg.max_steps, policy.device, policy.amp_dtype)
-    method = DDPO(
-        cfg,
-        policy,
-        optim,
-        WorkerContext(0, 1, policy.device, cfg.out),
-        DDPOData(prompts, [[p] for p in prompts], {reward: pool}),
-    )
-    rows = [method.step(s) for s in range(1, epochs + 2)][1:]
+    rows, pool, policy = method_epochs(DDPO, cfg, reward, epochs)
     b = cfg.sample.batch_size
     chains = sample_chains(
         policy.pipe,
@@ -269,20 +297,261 @@ def ddpo_epochs(folder: Path, epochs: int = 3, reward: str = "clip:ViT-B-32/rand
     }
 
 
+# --------------------------------------------------------------------------------------
+# GRPO
+# --------------------------------------------------------------------------------------
+
+GRPO_PROMPTS = ["a photo of a lighthouse", "a watercolor of a red circle"]
+GRPO_BETA = 0.04  # Flow-GRPO's GenEval / OCR weight
+
+
+def grpo_config(folder: Path, beta: float, reward: str = "brightness", sample: dict | None = None,
+                train: dict | None = None, **extra):
+    """A GRPOConfig on ``tiny-sd3`` (32 px, LoRA rank 4, no evaluation) with ``train.beta = beta``."""
+    from tn_ray.training.grpo import GRPOConfig
+
+    return GRPOConfig.model_validate(
+        dict(
+            out=str(folder / f"grpo-{beta}"),
+            prompts=GRPO_PROMPTS,
+            max_steps=1000,
+            policy={"pipeline": "tiny-sd3", "lora": {"rank": 4}},
+            reward={"models": [reward], "use": reward},
+            optimizer={"lr": 1e-2},
+            sample={"num_steps": 4, "group_size": 4, "prompts_per_batch": 2, "num_batches_per_epoch": 1,
+                    "height": 32, "width": 32, **(sample or {})},
+            train={"batch_size": 8, "beta": beta, **(train or {})},
+            eval={"enabled": False},
+            logging={"progress_bar": False, "tensorboard": False},
+            **extra,
+        )
+    )
+
+
+def grpo_sampling(repeats: int, batch: int = 8, steps: int = 10, size: int = 32) -> dict[str, float]:
+    """``grpo_sampling_logprob_over_plain``: :func:`~tn_ray.diffusion.flow_sampling.sample_flow_chains` (every
+    step by the SDE, noise level 0.7: chain, log-probs) + ``decode_flow_images`` over the plain
+    ``StableDiffusion3Pipeline(..., output_type='np')`` call (its ODE), tiny-sd3, same prompts, steps, size,
+    batch, guidance 4.5 and generators; interleaved repeats after a warm-up round, medians."""
+    import torch
+
+    from tn_ray.diffusion.flow_sampling import decode_flow_images, sample_flow_chains
+    from tn_ray.diffusion.pipelines import load_pipeline
+
+    pipe = load_pipeline("tiny-sd3")
+    prompts = [f"a photo of object {i}" for i in range(batch)]
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(batch)]  # noqa: E731
+    ours, plain = [], []
+    for r in range(repeats + 1):
+        t0 = time.perf_counter()
+        chains = sample_flow_chains(pipe, prompts, num_steps=steps, guidance=4.5, noise_level=0.7, generator=gens(),
+                                    height=size, width=size)
+        decode_flow_images(pipe, chains.latents[:, -1])
+        t1 = time.perf_counter()
+        pipe(prompts, num_inference_steps=steps, guidance_scale=4.5, generator=gens(), height=size, width=size,
+             output_type="np")
+        t2 = time.perf_counter()
+        if r:
+            ours.append(t1 - t0)
+            plain.append(t2 - t1)
+    o, p = statistics.median(ours), statistics.median(plain)
+    return {"grpo_sampling_s": o, "sd3_plain_pipeline_s": p, "grpo_sampling_logprob_over_plain": o / p}
+
+
+def make_grpo(beta: float, folder: Path):
+    """A GRPO method (tiny-sd3, beta) with no reward actors and its fixed training input: 8 chains of 4 SDE
+    steps sampled by its own pipeline (so its scheduler holds their schedule; the same generators give every
+    method the same chains) and fixed advantages. One ``train_epoch`` on them is one optimizer step over
+    one minibatch of 8 and int(0.99 x 4) = 3 trained steps (3 backward passes)."""
+    import torch
+
+    from tn_ray.diffusion.flow_sampling import sample_flow_chains
+    from tn_ray.training.ddpo import DDPOData
+    from tn_ray.training.grpo import GRPO
+    from tn_ray.training.loop import WorkerContext
+    from tn_ray.training.optim import Optimization
+    from tn_ray.training.policy import Policy
+
+    cfg = grpo_config(folder, beta)
+    policy = Policy.load(cfg.policy, device="cuda" if torch.cuda.is_available() else "cpu", seed=0)
+    optim = Optimization(policy.trainable_parameters(), cfg.optimizer, cfg.max_steps, policy.device, policy.amp_dtype)
+    method = GRPO(cfg, policy, optim, WorkerContext(0, 1, policy.device, cfg.out),
+                  DDPOData(list(GRPO_PROMPTS), [[p] for p in GRPO_PROMPTS], {}))
+    s, n = cfg.sample, cfg.sample.batch_images
+    ids = [i % len(GRPO_PROMPTS) for i in range(n)]
+    chains = sample_flow_chains(policy.pipe, [GRPO_PROMPTS[i] for i in ids], ids, num_steps=s.num_steps,
+                                guidance=s.guidance_scale, noise_level=s.noise_level,
+                                generator=[torch.Generator().manual_seed(i) for i in range(n)], height=s.height,
+                                width=s.width, autocast=policy.autocast())
+    adv = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(chains.latents.device)
+    return method, chains, adv
+
+
+def grpo_step_timing(repeats: int, steps: int, folder: Path) -> dict[str, float]:
+    """``grpo_step_kl_over_nokl``: seconds per GRPO optimizer step (:func:`make_grpo`) with beta = 0.04 over
+    beta = 0; interleaved repeats of ``steps`` steps after a warm-up step, medians (as RWR's)."""
+    import torch
+
+    made = {beta: make_grpo(beta, folder) for beta in (0.0, GRPO_BETA)}
+    for method, chains, adv in made.values():
+        method.train_epoch(1, chains, adv)  # warm-up
+    times: dict[float, list[float]] = {b: [] for b in made}
+    step = 2
+    for _ in range(repeats):
+        for beta, (method, chains, adv) in made.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(steps):
+                method.train_epoch(step, chains, adv)
+                step += 1
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[beta].append((time.perf_counter() - start) / steps)
+    nokl, kl = statistics.median(times[0.0]), statistics.median(times[GRPO_BETA])
+    return {"grpo_step_seconds_nokl": nokl, "grpo_step_seconds_kl": kl, "grpo_step_kl_over_nokl": kl / nokl}
+
+
+def _hwm_mb() -> float | None:
+    """The process's peak resident set (VmHWM, MB) since the last :func:`_reset_hwm`; None where unreadable."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _reset_hwm() -> bool:
+    """Reset the peak resident set to the current one (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def grpo_peak_memory_child(beta: float, steps: int, folder: str) -> None:
+    """Run in a fresh process: print the peak memory (MB) of ``steps`` GRPO optimizer steps.
+
+    On a GPU: ``torch.cuda.max_memory_allocated`` over the steps (weights, optimizer, activations). On CPU:
+    the peak resident set over the steps above the RSS after imports (every library the pipeline and LoRA
+    load, diffusers' lazy modules included), so weights + optimizer state + the steps' activations; the peak
+    is reset (``/proc/self/clear_refs``) after building the pipeline, sampling the chains and one warm-up step,
+    so construction transients do not count (else ``ru_maxrss`` since start)."""
+    import torch
+    from diffusers import (  # noqa: F401
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from peft import LoraConfig  # noqa: F401
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer  # noqa: F401
+
+    import tn_ray.diffusion.flow_sampling  # noqa: F401  (imports before the baseline)
+    import tn_ray.training.grpo  # noqa: F401
+    import tn_ray.training.optim  # noqa: F401
+    import tn_ray.training.policy  # noqa: F401
+
+    baseline = _rss_mb()
+    method, chains, adv = make_grpo(beta, Path(folder))
+    method.train_epoch(1, chains, adv)  # warm-up: the optimizer's state exists from here on
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    setup = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mb()
+    reset = _reset_hwm()
+    for s in range(2, steps + 2):
+        method.train_epoch(s, chains, adv)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        print(json.dumps({"peak_mb": peak, "above_setup_mb": peak - setup}))
+    else:
+        hwm = _hwm_mb() if reset else None
+        peak = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB
+        print(json.dumps({"peak_mb": peak - baseline, "above_setup_mb": peak - setup}))
+
+
+def grpo_peak_memory(steps: int, folder: Path) -> dict[str, float]:
+    """``grpo_peak_mem_kl_over_nokl`` (see the module's docstring and :func:`grpo_peak_memory_child`);
+    ``grpo_step_mem_above_setup_mb_*``: the part of each peak above the memory after setup and the warm-up
+    step (what the steps' activations and gradients add); ``grpo_transformer_mb``: the tiny transformer's
+    weights, what a second transformer for the reference would have added."""
+    from tn_ray.diffusion.pipelines import load_pipeline
+
+    out = {}
+    for beta in (0.0, GRPO_BETA):
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child-method", "grpo", "--child-beta", str(beta), "--steps", str(steps),
+             "--folder", str(folder)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        out[beta] = json.loads(proc.stdout.strip().splitlines()[-1])
+    transformer = load_pipeline("tiny-sd3", device="cpu").transformer
+    return {
+        "grpo_peak_mem_mb_nokl": out[0.0]["peak_mb"],
+        "grpo_peak_mem_mb_kl": out[GRPO_BETA]["peak_mb"],
+        "grpo_peak_mem_kl_over_nokl": out[GRPO_BETA]["peak_mb"] / out[0.0]["peak_mb"],
+        "grpo_step_mem_above_setup_mb_nokl": out[0.0]["above_setup_mb"],
+        "grpo_step_mem_above_setup_mb_kl": out[GRPO_BETA]["above_setup_mb"],
+        "grpo_transformer_mb": sum(p.numel() * p.element_size() for p in transformer.parameters()) / 2**20,
+    }
+
+
+def grpo_epochs(folder: Path, epochs: int = 3, reward: str = "clip:ViT-B-32/random") -> dict[str, float]:
+    """Tiny GRPO epochs (tiny-sd3, 32 px: 8 sampling calls of one prompt x a group of 4 = 32 samples, 10 SDE
+    steps, 5 trained (timestep fraction 0.5), minibatches of 16, beta 0.04, one update) with 2 reward actors of
+    a ViT-B/32-shaped CLIP (random weights), as DDPO's (:func:`ddpo_epochs`):
+
+    - ``grpo_async_reward_idle_fraction``: share of an epoch's wall time the trainer waits in
+      ``collect_rewards`` after sampling (``GRPO.step``'s ``reward_idle_fraction``; medians over the epochs
+      after a warm-up epoch that loads the actors);
+    - ``grpo_epoch_seconds_tiny``: one epoch's wall time (sampling, rewards, advantages, training).
+    """
+    import numpy as np
+
+    from tn_ray.training.grpo import GRPO
+
+    cfg = grpo_config(
+        folder, GRPO_BETA, reward,
+        sample={"num_steps": 10, "group_size": 4, "prompts_per_batch": 1, "num_batches_per_epoch": 8},
+        train={"batch_size": 16, "timestep_fraction": 0.5},
+        scoring={"cpus_per_actor": 0.25, "num_actors": 2},
+    )
+    rows, pool, _ = method_epochs(GRPO, cfg, reward, epochs)
+    pool.shutdown()
+    return {
+        "grpo_async_reward_idle_fraction": float(np.median([r["reward_idle_fraction"] for r in rows])),
+        "grpo_reward_wait_s": float(np.median([r["reward_wait_s"] for r in rows])),
+        "grpo_sample_s": float(np.median([r["sample_s"] for r in rows])),
+        "grpo_epoch_seconds_tiny": float(np.median([r["epoch_s"] for r in rows])),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--part", choices=["all", "rwr", "ddpo"], default="all", help="which method's keys to measure")
+    parser.add_argument("--part", choices=["all", "rwr", "ddpo", "grpo"], default="all",
+                        help="which method's keys to measure")
+    parser.add_argument("--only", choices=["rwr", "ddpo", "grpo"], help="the same as --part")
     parser.add_argument("--child-beta", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--child-method", choices=["rwr", "grpo"], default="rwr", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.only:
+        args.part = args.only
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     if args.child_beta is not None:
-        peak_memory_child(args.child_beta, args.steps, args.folder)
+        child = grpo_peak_memory_child if args.child_method == "grpo" else peak_memory_child
+        child(args.child_beta, args.steps, args.folder)
         return
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -294,6 +563,11 @@ def main() -> None:
         if args.part in ("all", "ddpo"):
             result.update(ddpo_sampling(args.repeats))
             result.update(ddpo_epochs(folder))
+        if args.part in ("all", "grpo"):
+            result.update(grpo_sampling(3 * args.repeats))  # a round takes < 1 s here: more rounds, a steadier median
+            result.update(grpo_step_timing(args.repeats, args.steps, folder))
+            result.update(grpo_peak_memory(args.steps, folder))
+            result.update(grpo_epochs(folder))
     for k, v in result.items():
         print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
