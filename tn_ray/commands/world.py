@@ -52,8 +52,8 @@ def add_parser(sub) -> None:
     )
     f.add_argument(
         "config",
-        help="YAML grid (StudyConfig, as `tn-ray study`), e.g. sweeps/world_finetune.yaml; rerunning the same command skips finished "
-        "cells and resumes the unfinished one",
+        help="YAML grid (StudyConfig, as `tn-ray study`), e.g. sweeps/world_finetune.yaml; rerunning the same "
+        "command skips finished cells and resumes the unfinished one",
     )
     f.add_argument(
         "--dry-run",

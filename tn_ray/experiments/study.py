@@ -954,7 +954,10 @@ def write_report(grid: StudyConfig) -> dict[str, str]:
         curve = fr.curve(images, r.confidence, r.resamples, r.seed)
         cells = fr.cell_table(images, selected)
         summary = fr.selection_table(images, cells, r.confidence, r.resamples, r.seed)
-        sections.append(fr.markdown(summary, curve, grid.truth, r.confidence, header))
+        text = fr.markdown(summary, curve, grid.truth, r.confidence, header)
+        if runs:  # one report of both: the title says so
+            text = f"# Study: best-of-n and fine-tuning against {grid.truth}" + text[text.index("\n") :]
+        sections.append(text)
         store.write_text("report.csv", summary.to_csv(index=False))
         store.write_text("curve.csv", curve.to_csv(index=False))
         store.write_text("cells.csv", cells.to_csv(index=False))
@@ -966,7 +969,7 @@ def write_report(grid: StudyConfig) -> dict[str, str]:
             store.write_bytes("accuracy_vs_path_kl.png", kl_png)
             names.append("accuracy_vs_path_kl.png")
     else:
-        sections.append("\n".join([f"# Study against {grid.truth}", "", *header, ""]))
+        sections.append("\n".join([f"# Study: best-of-n against {grid.truth}", "", *header, ""]))
     if ran:
         picks = pd.concat([bestofn_tables(grid, k) for k in ran], ignore_index=True)
         rows = sr.table(picks, r.confidence, r.resamples, r.seed)
