@@ -66,13 +66,9 @@ def test_shipped_studies_validate_and_price(name, runs, cells, hours, tmp_path, 
 
 
 def write(tmp_path: Path, change: dict) -> str:
-    data = yaml.safe_load(TINY.read_text())
-    for dotted, value in change.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+    from tn_ray.config import apply_overrides
+
+    data = apply_overrides(yaml.safe_load(TINY.read_text()), change)
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump({**data, "out": str(tmp_path / "s")}))
     return str(path)
