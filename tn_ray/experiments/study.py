@@ -919,15 +919,18 @@ def write_report(grid: StudyConfig) -> dict[str, str]:
     if not finished and not ran:
         raise InputError(f"{grid.out}: no finished cell (none has {DONE}) to report on; run the grid first")
     r = grid.report
+    done_part = f"{len(finished)} of {len(keys)} cells finished" + (
+        f" (not yet: {', '.join(missing)})" if missing else ""
+    )
     header = [
-        f"Grid `{grid.out}`: {len(finished)} of {len(keys)} cells finished"
-        + (f" (not yet: {', '.join(missing)})" if missing else "")
-        + f"; truth column `{grid.truth}`; training rewards: "
+        f"Grid `{grid.out}`: "
+        + (done_part + "; " if keys else "")
+        + f"truth column `{grid.truth}`; training rewards: "
         + ", ".join(f"{row} = `{rc.use}`" for row, rc in grid.rewards.items())
         + "."
     ]
     if runs:
-        header[0] = header[0].replace("cells finished", "fine-tuning cells finished", 1)
+        header[0] = header[0].replace("cells finished", "fine-tuning cells finished", 1) if keys else header[0]
         header.append(
             f"Best-of-n: {len(ran)} of {len(runs)} runs finished (one generation per seed, shared by its reward x n "
             "cells)"
