@@ -1,4 +1,4 @@
-"""The fine-tuning grid against exact truth (``tn-ray study``, ``tn-ray world finetune``): its tables and plots, pure pandas.
+"""The fine-tuning grid against exact truth (``tn-ray study``, ``world finetune``): its tables and plots, pure pandas.
 
 A cell of the grid is one fine-tuning run (method x training reward x KL coefficient x seed). Its
 evaluations hold, per checkpoint step and per evaluation image (prompt_id, eval_seed), the value of
