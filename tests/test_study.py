@@ -181,3 +181,69 @@ def test_a_killed_study_resumes_without_rerunning_finished_runs_and_reports_thei
     assert report["truth_base"] == pytest.approx(base.loc[base["reward"] == "brightness", "value"].mean())
     assert "1 of 1 fine-tuning cells finished" in md and "Best-of-n: 1 of 1 runs finished" in md
     assert (out / "truth_vs_n.png").stat().st_size > 0 and (out / "accuracy_vs_step.png").stat().st_size > 0
+
+
+def test_bestofn_tables_equal_an_independent_recomputation():
+    """study_report.table and .versus on hand-made picks: means over seeds of per-seed means, paired differences
+    from the smallest n, the random image and the first reward row, bootstrap CIs as scipy computes them."""
+    from scipy import stats
+
+    from tn_ray.analysis import study_report as sr
+
+    rng = np.random.default_rng(4)
+    units = [(s, p) for s in (0, 1) for p in range(5)]
+    pool = {u: rng.uniform(0.2, 0.6) for u in units}
+    picks = pd.DataFrame(
+        [
+            {
+                "method": "bestofn",
+                "reward": r,
+                "n": n,
+                "seed": s,
+                "prompt_id": p,
+                "truth": float(rng.integers(0, 2)),
+                "truth_pool": pool[(s, p)],
+            }
+            for r in ("raw", "tn")
+            for n in (1, 4)
+            for s, p in units
+        ]
+    ).sample(frac=1, random_state=1)  # row order must not matter
+
+    def ci(d):
+        d = np.asarray(d, dtype=float)
+        if np.ptp(d) == 0:
+            return d.mean(), d.mean(), d.mean()
+        res = stats.bootstrap(
+            (d,), np.mean, confidence_level=0.9, n_resamples=500, method="percentile", rng=np.random.default_rng(2)
+        ).confidence_interval
+        return d.mean(), res.low, res.high
+
+    def at(r, n):
+        return picks[(picks["reward"] == r) & (picks["n"] == n)].set_index(["seed", "prompt_id"])["truth"].sort_index()
+
+    rows = sr.table(picks, 0.9, 500, 2).set_index(["reward", "n"])
+    pairs = sr.versus(picks, "raw", 0.9, 500, 2).set_index(["reward", "n"])
+    for r in ("raw", "tn"):
+        for n in (1, 4):
+            got = rows.loc[(r, n)]
+            assert got["truth"] == pytest.approx(at(r, n).groupby(level=0).mean().mean(), abs=1e-12)
+            np.testing.assert_allclose(
+                got[["vs_first", "vs_first_low", "vs_first_high"]].to_numpy(dtype=float),
+                ci(at(r, n) - at(r, 1)),
+                atol=1e-12,
+            )
+            rand = at(r, n) - pd.Series(pool).rename_axis(["seed", "prompt_id"]).sort_index()
+            np.testing.assert_allclose(
+                got[["vs_pool", "vs_pool_low", "vs_pool_high"]].to_numpy(dtype=float), ci(rand), atol=1e-12
+            )
+            if r == "tn":
+                np.testing.assert_allclose(
+                    pairs.loc[("tn", n), ["diff", "low", "high"]].to_numpy(dtype=float),
+                    ci(at("tn", n) - at("raw", n)),
+                    atol=1e-12,
+                )
+    assert list(pairs.index) == [("tn", 1), ("tn", 4)] and set(pairs["pairs"]) == {10}
+    md = sr.markdown(sr.table(picks, 0.9, 500, 2), "judge", 0.9, sr.versus(picks, "raw", 0.9, 500, 2))
+    d = ci(at("tn", 4) - at("raw", 4))
+    assert "### Each reward vs `raw` at the same n" in md and f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" in md

@@ -10,7 +10,9 @@ column and n). Nothing here reads a file: the runner (:mod:`tn_ray.experiments.s
 - :func:`table`: per (method, reward, n): ``seeds``, ``prompts``, ``truth`` (mean over seeds of each seed's mean
   over prompts: :func:`tn_ray.analysis.bestofn_selection.summary`'s number per seed), the paired difference from
   the same reward's smallest n (``vs_first``: n=1 in the shipped grids) and from the random image (``vs_pool``),
-  each with a bootstrap CI over (seed, prompt) (:func:`tn_ray.analysis.goodhart.mean_ci`).
+  each with a bootstrap CI over (seed, prompt) (:func:`tn_ray.analysis.goodhart.mean_ci`);
+- :func:`versus`: per (method, n, reward), the paired difference of its picked image's truth from the reference
+  row's (the study's first reward row) on the same (seed, prompt), with its CI: TextNorm vs raw at equal n.
 """
 
 from __future__ import annotations
@@ -91,12 +93,42 @@ def table(images: pd.DataFrame, confidence: float = 0.95, resamples: int = 2000,
     return out
 
 
+def versus(
+    images: pd.DataFrame, reference: str, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> pd.DataFrame:
+    """Per (method, n, reward other than ``reference``) from :func:`picked` rows of every run: ``pairs`` (the
+    (seed, prompt) units both rows picked in), ``diff`` [``low``, ``high``]: mean of truth - the reference row's
+    truth over those units, bootstrap CI resampled in (seed, prompt_id) order."""
+    unit = ["method", "n", "seed", "prompt_id"]
+    ref = images[images["reward"] == reference].set_index(unit)["truth"]
+    rows = []
+    for (method, n, reward), g in images[images["reward"] != reference].groupby(["method", "n", "reward"], sort=True):
+        g = g.sort_values(["seed", "prompt_id"])
+        base = ref.reindex(pd.MultiIndex.from_frame(g[unit])).to_numpy()
+        keep = ~pd.isna(base)
+        diff, lo, hi = mean_ci((g["truth"].to_numpy()[keep] - base[keep]), confidence, resamples, seed)
+        rows.append(
+            {
+                "method": method,
+                "n": int(n),
+                "reward": reward,
+                "reference": reference,
+                "pairs": int(keep.sum()),
+                "diff": diff,
+                "low": lo,
+                "high": hi,
+            }
+        )
+    return pd.DataFrame(rows, columns=["method", "n", "reward", "reference", "pairs", "diff", "low", "high"])
+
+
 def _ci(mean: float, lo: float, hi: float) -> str:
     return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
-def markdown(rows: pd.DataFrame, truth: str, confidence: float) -> str:
-    """The best-of-n section of report.md, every number formatted from ``rows`` (:func:`table`)."""
+def markdown(rows: pd.DataFrame, truth: str, confidence: float, pairs: pd.DataFrame | None = None) -> str:
+    """The best-of-n section of report.md, every number formatted from ``rows`` (:func:`table`) and ``pairs``
+    (:func:`versus`; None or empty: no such table)."""
     pct = int(round(confidence * 100))
     first = rows.groupby(["method", "reward"])["n"].transform("min")
     shown = pd.DataFrame(
@@ -127,8 +159,30 @@ def markdown(rows: pd.DataFrame, truth: str, confidence: float) -> str:
             "",
             shown.to_markdown(index=False, disable_numparse=True),
             "",
+            *_versus_lines(pairs, truth, pct),
         ]
     )
+
+
+def _versus_lines(pairs: pd.DataFrame | None, truth: str, pct: int) -> list[str]:
+    if pairs is None or pairs.empty:
+        return []
+    ref = pairs["reference"].iloc[0]
+    shown = pd.DataFrame(
+        {
+            "method": pairs["method"],
+            "n": pairs["n"].astype(str),
+            "reward": pairs["reward"],
+            "pairs": pairs["pairs"].astype(str),
+            f"truth minus {ref}'s [{pct}% CI]": [_ci(*r) for r in pairs[["diff", "low", "high"]].to_numpy()],
+        }
+    )
+    return [
+        f"### Each reward vs `{ref}` at the same n ({truth} of the picked images, paired per (seed, prompt))",
+        "",
+        shown.to_markdown(index=False, disable_numparse=True),
+        "",
+    ]
 
 
 def plot(rows: pd.DataFrame, truth: str) -> bytes:

@@ -904,7 +904,8 @@ def write_report(grid: StudyConfig) -> dict[str, str]:
     """The report of the finished runs (those with done.json) under ``grid.out``: report.md and report.json, and
     for fine-tuning cells report.csv (one row per method, reward row and kl), curve.csv (per step), cells.csv (per
     cell), accuracy_vs_step.png and, when cells recorded path KL, accuracy_vs_path_kl.png; for best-of-n cells
-    bestofn.csv (per method, reward row and n), bestofn_cells.csv (per seed too) and truth_vs_n.png."""
+    bestofn.csv (per method, reward row and n), bestofn_cells.csv (per seed too), bestofn_versus.csv (each row vs
+    the first row at equal n) and truth_vs_n.png."""
     import pandas as pd
 
     from tn_ray.analysis import finetune_report as fr
@@ -977,12 +978,16 @@ def write_report(grid: StudyConfig) -> dict[str, str]:
         picks = pd.concat([bestofn_tables(grid, k) for k in ran], ignore_index=True)
         rows = sr.table(picks, r.confidence, r.resamples, r.seed)
         per_seed = picks.groupby([*sr.KEYS, "seed"], sort=True)["truth"].mean().reset_index()
-        sections.append(sr.markdown(rows, grid.truth, r.confidence))
+        pairs = sr.versus(picks, next(iter(grid.rewards)), r.confidence, r.resamples, r.seed)
+        sections.append(sr.markdown(rows, grid.truth, r.confidence, pairs))
         store.write_text("bestofn.csv", rows.to_csv(index=False))
+        store.write_text("bestofn_versus.csv", pairs.to_csv(index=False))
         store.write_text("bestofn_cells.csv", per_seed.to_csv(index=False))
         store.write_bytes("truth_vs_n.png", sr.plot(rows, grid.truth))
-        report.update({"bestofn": _records(rows), "bestofn_cells": _records(per_seed)})
-        names += ["bestofn.csv", "bestofn_cells.csv", "truth_vs_n.png"]
+        report.update(
+            {"bestofn": _records(rows), "bestofn_cells": _records(per_seed), "bestofn_versus": _records(pairs)}
+        )
+        names += ["bestofn.csv", "bestofn_cells.csv", "bestofn_versus.csv", "truth_vs_n.png"]
     store.write_text("report.md", "\n".join(sections))
     store.write_text("report.json", json.dumps(report, indent=1))
     return {name.replace(".", "_"): store.uri(name) for name in names}
