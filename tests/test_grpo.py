@@ -122,6 +122,10 @@ def test_unet_and_flow_pipelines_are_not_swapped():
         ("grpo", {"train": {"batch_size": 3}}, "train.batch_size: 3 does not divide the 8 samples"),
         ("grpo", {"eval": {"kl_noise_level": 1.5}}, "noise_level must be in (0, 1]"),
         ("ddpo", {"policy": {"pipeline": "tiny-sd3"}}, "policy.pipeline: ddpo needs a UNet pipeline"),
+        ("grpo", {"ema": {"decay": 1.0}}, "ema.decay"),
+        ("grpo", {"reward": {"models": ["brightness", "clip:tiny"], "use": "u", "ensembles": [
+            {"name": "u", "kind": "uncertainty", "columns": ["textnorm(clip:tiny)", "brightness"]}]}},
+         "multi-reward 'u': 'brightness' is not a TextNorm column"),
     ],
 )
 def test_bad_configs_fail_in_one_line_before_ray(tmp_path, capsys, monkeypatch, command, bad, message):
@@ -151,6 +155,39 @@ def test_bad_configs_fail_in_one_line_before_ray(tmp_path, capsys, monkeypatch, 
     assert str(path) in header and len(lines) <= 1, err
 
 
+def test_a_grpo_config_with_a_multi_reward_and_ema_validates():
+    """Flow-GRPO's reward_fn dict as a weighted multi-reward in GRPO's reward block, and its EMA block."""
+    cfg = tiny_config("unused", ema={"enabled": True}, reward={
+        "models": ["brightness", "clip:tiny"], "use": "mix",
+        "ensembles": [{"name": "mix", "columns": {"textnorm(clip:tiny)": 0.7, "brightness": 0.3}}]})
+    assert cfg.reward.use == "mix" and cfg.reward.needs_contrast
+    assert (cfg.ema.enabled, cfg.ema.decay, cfg.ema.every, cfg.ema.warmup) == (True, 0.9, 8, True)
+
+
+def test_grpo_collects_a_multi_reward_as_the_hand_combination():
+    """GRPO's rewards (DDPO's collect_rewards, scores from stand-in reward pools) under `use: <weighted
+    multi-reward>`: 0.7 x TextNorm(clip) (eq. 1, tau 1, by hand) + 0.3 x raw brightness."""
+    import math
+
+    from tn_ray.training.ddpo import DDPOData, collect_rewards
+
+    class Pool:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def collect(self):
+            return [self.rows]
+
+    cfg = tiny_config("unused", reward={"models": ["brightness", "clip:tiny"], "use": "mix", "ensembles": [
+        {"name": "mix", "columns": {"textnorm(clip:tiny)": 0.7, "brightness": 0.3}}]})
+    pools = {"brightness": Pool([np.array([0.2]), np.array([0.9])]),
+             "clip:tiny": Pool([np.array([1.0, 0.0, 2.0]), np.array([0.5, 0.5, -1.0])])}
+    column, _ = collect_rewards(cfg, DDPOData(list(PROMPTS), [[p] for p in PROMPTS], pools), [0, 1])
+    e = math.exp
+    hand = [0.7 * e(1) / (e(1) + e(0) + e(2)) + 0.3 * 0.2, 0.7 * e(0.5) / (2 * e(0.5) + e(-1)) + 0.3 * 0.9]
+    np.testing.assert_allclose(column, hand, rtol=1e-12)
+
+
 @pytest.fixture(scope="module")
 def actors(ray_session):
     from tn_ray.config import ScoringConfig
@@ -162,10 +199,12 @@ def actors(ray_session):
 
 
 def test_resume_equals_uninterrupted(tmp_path, actors):
-    """The core's loop in-process on tiny-sd3: a run stopped after epoch 1 and rerun ends with the same LoRA
-    weights and optimizer state as a run that never stopped (tolerance 0); the LoRA trained; the first
-    minibatch after sampling has ratio 1 (approx-KL 0); the KL to the reference is logged and positive."""
-    from tn_ray.training.checkpoint import Checkpoints
+    """The core's loop in-process on tiny-sd3 with the EMA on: a run stopped after epoch 1 and rerun ends with
+    the same LoRA weights, optimizer state and EMA state as a run that never stopped (tolerance 0); the LoRA
+    trained; the checkpoint's LoRA file holds the EMA weights, its resume state the trained ones."""
+    from safetensors.torch import load_file
+
+    from tn_ray.training.checkpoint import LORA_FILE, Checkpoints
     from tn_ray.training.ddpo import DDPOData, epoch_rewards
     from tn_ray.training.grpo import GRPO
     from tn_ray.training.loop import Trainer, WorkerContext
@@ -175,7 +214,8 @@ def test_resume_equals_uninterrupted(tmp_path, actors):
     finals = {}
     for name, stops in (("straight", [None]), ("resumed", [1, None])):
         for stop in stops:
-            cfg = tiny_config(tmp_path / name, max_steps=2, stop_after_steps=stop)
+            cfg = tiny_config(tmp_path / name, max_steps=2, stop_after_steps=stop,
+                              ema={"enabled": True, "decay": 0.5, "every": 1})
             Trainer(cfg, GRPO, data, WorkerContext(0, 1, torch.device("cpu"), cfg.out)).run()
         ckpt = Checkpoints(cfg.out)
         assert ckpt.steps() == [1, 2]
@@ -184,9 +224,58 @@ def test_resume_equals_uninterrupted(tmp_path, actors):
     assert a["lora"].keys() == b["lora"].keys()
     assert all(torch.equal(a["lora"][k], b["lora"][k]) for k in a["lora"])
     assert any(float(v.abs().max()) > 0 for k, v in a["lora"].items() if "lora_B" in k)
+    ema_a, ema_b = a["method"]["ema"], b["method"]["ema"]
+    assert ema_a["steps"] == ema_b["steps"] == 2
+    assert all(torch.equal(x, y) for x, y in zip(ema_a["average"], ema_b["average"], strict=True))
+    exported = load_file(tmp_path / "straight" / "checkpoints" / "step-000002" / LORA_FILE)
+    for key, average in zip(a["lora"], ema_a["average"], strict=True):
+        assert torch.equal(exported[f"transformer.{key}"], average), key
+    assert any(not torch.equal(a["lora"][k], v) for k, v in zip(a["lora"], ema_a["average"]) if "lora_B" in k)
     straight, resumed = epoch_rewards(str(tmp_path / "straight")), epoch_rewards(str(tmp_path / "resumed"))
     assert straight["reward_mean"].tolist() == resumed["reward_mean"].tolist()
     assert straight["samples"].tolist() == [8, 8]
+
+
+def test_evaluation_sees_the_ema_weights_and_training_the_trained_ones(tmp_path, actors, monkeypatch):
+    """The core's loop with the EMA on and a stand-in evaluator recording the LoRA weights it is given: at each
+    evaluation they are the EMA average, and after it the trained weights are back (the checkpoint's state)."""
+    import tn_ray.training.evaluation as evaluation
+    from tn_ray.training.checkpoint import Checkpoints
+    from tn_ray.training.ddpo import DDPOData
+    from tn_ray.training.grpo import GRPO
+    from tn_ray.training.loop import Trainer, WorkerContext
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, cfg, prompts):
+            self.use = cfg.reward.use
+
+        def base(self, policy):
+            return {self.use: 0.0}
+
+        def evaluated_steps(self):
+            return []
+
+        def evaluate(self, step, policy):
+            seen[step] = policy.lora_state()
+            return {self.use: float(step)}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(evaluation, "Evaluator", Recorder)
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path / "ema", max_steps=2, ema={"enabled": True, "decay": 0.5, "every": 1},
+                      eval={"enabled": True, "every": 1})
+    Trainer(cfg, GRPO, DDPOData(list(PROMPTS), [[p] for p in PROMPTS], actors),
+            WorkerContext(0, 1, torch.device("cpu"), cfg.out)).run()
+    assert sorted(seen) == [1, 2]
+    for step in (1, 2):
+        state = Checkpoints(cfg.out).load(step)
+        average = state["method"]["ema"]["average"]
+        assert all(torch.equal(seen[step][k], a) for k, a in zip(seen[step], average, strict=True))
+        assert any(not torch.equal(seen[step][k], v) for k, v in state["lora"].items() if "lora_B" in k)
 
 
 def test_first_step_ratio_one_and_kl_positive(tmp_path, actors):

@@ -768,3 +768,25 @@ def test_tls_from_the_config_last_it_restarts_serve(service, local_workers, tmp_
         RewardClient(url.replace("https://", "http://"), TOKEN, retries=0).rewards()
     with pytest.raises(ServiceError, match="401"):
         RewardClient(url, "wrong", cafile=cert).rewards()
+
+
+def test_a_multi_reward_column_is_served_through_the_one_columns_function():
+    """models_of and answer (no Serve): a multi-reward needs its columns' models (contrast for TextNorm
+    ones) and its ensembles, and answers the hand combination."""
+    from tn_ray.serve.config import ServeConfig
+    from tn_ray.serve.inputs import ScoreJob, answer, models_of
+    from tn_ray.textnorm.columns import SetParams, reward_columns
+
+    cfg = ServeConfig(models=["clip:tiny", "pickscore:tiny"], ensembles=[
+        {"name": "raw-mean", "members": ["clip:tiny", "pickscore:tiny"], "textnorm": False},
+        {"name": "mix", "columns": {"textnorm(clip:tiny)": 0.7, "raw-mean": 0.3}}])
+    assert "mix" in cfg.columns
+    models = models_of(["mix"], cfg)
+    assert models == {"clip:tiny": True, "pickscore:tiny": False}
+    rows = {"clip:tiny": [np.array([1.0, 0.0, 2.0]), np.array([0.5, 0.5])], "pickscore:tiny": [np.array([3.0]),
+                                                                                               np.array([-1.0])]}
+    job = ScoreJob([np.zeros((2, 2, 3))] * 2, ["a", "b"], ["mix"], models, None, "inline")
+    got = answer(job, rows, cfg, {"clip:tiny": "x", "pickscore:tiny": "y"})["columns"]["mix"]
+    values = {"clip:tiny": np.array([[1.0, 0.0, 2.0], [0.5, 0.5, np.nan]]), "pickscore:tiny": np.array([[3.0], [-1.0]])}
+    tn = reward_columns(values, SetParams())["textnorm(clip:tiny)"]
+    np.testing.assert_allclose(got, 0.7 * tn + 0.3 * np.array([2.0, -0.25]))

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from tn_ray.textnorm.columns import EnsembleSpec, SetParams, combine, reward_columns
+from tn_ray.textnorm.columns import EnsembleSpec, MultiRewardSpec, SetParams, combine, multi_reward, reward_columns
 from tn_ray.textnorm.equations import ensemble, log_textnorm, textnorm
 
 rewards = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False)
@@ -191,3 +191,103 @@ def test_per_image_temperatures_and_lambdas_equal_rowwise_computation():
     for i in range(5):
         one = combine({k: v[i : i + 1] for k, v in values.items()}, ["a", "b"], [taus[i]] * 2, "uncertainty", lams[i])
         assert got[i] == pytest.approx(one[0], rel=1e-12)
+
+
+# --- multi-rewards (issue 24 part 4): weighted sums and uncertainty ensembles of reward columns -----------
+
+
+def _two_models() -> dict[str, np.ndarray]:
+    return {"clip:tiny": np.array([[2.0, 1.0, np.nan], [0.5, 0.0, 3.0], [1.0, 1.0, 1.0]]),
+            "pickscore:tiny": np.array([[0.0, 3.0, 1.0], [1.0, 1.0, np.nan], [2.0, 0.0, 0.0]])}
+
+
+def test_multi_rewards_equal_a_hand_computation():
+    """Weighted sum (flow_grpo's reward_fn dict: sum of weight x score) and mean - lambda x population
+    variance across TextNorm columns, written out row by row; the ranking form keeps reward units."""
+    values = _two_models()
+    specs = [MultiRewardSpec(name="mix", columns={"textnorm(clip:tiny)": 0.7, "pickscore:tiny": 0.3}),
+             MultiRewardSpec(name="cautious", kind="uncertainty",
+                             columns=["textnorm(clip:tiny)", "textnorm(pickscore:tiny)"]),
+             EnsembleSpec(name="raw", members=["clip:tiny", "pickscore:tiny"], textnorm=False),
+             MultiRewardSpec(name="of-ensemble", columns={"raw": 2.0, "clip:tiny": -1.0})]
+    params = SetParams(tau=1.0, tau_per_model={"pickscore": 2.0}, lam=0.5)
+    got = reward_columns(values, params, specs)
+    assert list(got)[-4:] == ["mix", "cautious", "raw", "of-ensemble"]
+    a, b = values["clip:tiny"], values["pickscore:tiny"]
+    for i in range(3):
+        ta = reference([x for x in a[i] if not np.isnan(x)], 1.0)
+        tb = reference([x for x in b[i] if not np.isnan(x)], 2.0)
+        np.testing.assert_allclose(got["mix"][i], 0.7 * ta + 0.3 * b[i, 0], rtol=1e-12)
+        mean = (ta + tb) / 2
+        var = ((ta - mean) ** 2 + (tb - mean) ** 2) / 2  # ddof = 0, as eq. 3's ensemble
+        np.testing.assert_allclose(got["cautious"][i], mean - 0.5 * var, rtol=1e-12)
+        np.testing.assert_allclose(got["of-ensemble"][i], 2.0 * (a[i, 0] + b[i, 0]) / 2 - a[i, 0], rtol=1e-12)
+    ranked = reward_columns(values, params, specs, ranking=True)
+    np.testing.assert_allclose(ranked["mix"], got["mix"], rtol=1e-12)
+    np.testing.assert_allclose(ranked["cautious"], got["cautious"], rtol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(arrays(np.float64, (3, 5), elements=st.floats(-10, 10)), st.floats(0, 10), st.floats(-5, 5))
+def test_multi_reward_invariants(cols, lam, c):
+    """Weighted: linear in the weights; uncertainty: <= the mean, equal to it at lambda 0 and for equal
+    columns, and shifting every column by c shifts it by c."""
+    w = [0.5, -1.0, 2.0]
+    np.testing.assert_allclose(multi_reward(cols, [2 * x for x in w]), 2 * multi_reward(cols, w), atol=1e-9)
+    unc = multi_reward(cols, w, "uncertainty", lam)
+    assert np.all(unc <= cols.mean(axis=0) + 1e-9)
+    np.testing.assert_allclose(multi_reward(cols, w, "uncertainty", 0.0), cols.mean(axis=0), atol=1e-12)
+    np.testing.assert_allclose(multi_reward(cols + c, w, "uncertainty", lam), unc + c, atol=1e-6)
+    same = np.repeat(cols[:1], 3, axis=0)
+    np.testing.assert_allclose(multi_reward(same, w, "uncertainty", lam), cols[0], atol=1e-9)
+
+
+@pytest.mark.parametrize(("spec", "match"), [
+    ({"name": "u", "kind": "uncertainty", "columns": ["textnorm(clip:tiny)", "pickscore:tiny"]},
+     "'pickscore:tiny' is not a TextNorm column"),
+    ({"name": "u", "kind": "uncertainty", "columns": ["textnorm(clip:tiny)", "mean"]}, "'mean' is not a TextNorm"),
+    ({"name": "u", "kind": "uncertainty", "columns": {"textnorm(clip:tiny)": 1.0, "textnorm(pickscore:tiny)": 1.0}},
+     "kind uncertainty needs a list of two or more columns"),
+    ({"name": "u", "kind": "uncertainty", "columns": ["textnorm(clip:tiny)"]}, "two or more"),
+    ({"name": "u", "columns": ["clip:tiny", "pickscore:tiny"]}, "kind weighted needs columns as a map"),
+    ({"name": "u", "columns": {"imagereward": 1.0}}, "'imagereward' is not a reward column"),
+    ({"name": "u", "kind": "uncertainty", "columns": ["textnorm(clip:tiny)", "textnorm(clip:tiny)"]}, "listed twice"),
+    ({"name": "u", "columns": {"textnorm(nosuchmodel)": 1.0}}, "multi-reward 'u'"),
+    ({"name": "u", "columns": {"other": 1.0}}, "'other' is not a reward column"),
+    ({"name": "clip:tiny", "columns": {"textnorm(clip:tiny)": 1.0}}, "clashes"),
+    ({"name": "u", "columns": {}}, "columns"),
+])
+def test_multi_reward_config_errors_name_the_column(spec, match):
+    from pydantic import ValidationError
+
+    from tn_ray.textnorm.columns import RewardConfig
+
+    ens = [{"name": "mean", "members": ["clip:tiny", "pickscore:tiny"]}, spec,
+           {"name": "other", "columns": {"clip:tiny": 1.0}}]
+    with pytest.raises(ValidationError, match=match):
+        RewardConfig(models=["clip:tiny", "pickscore:tiny"], use=spec["name"], ensembles=ens)
+
+
+def test_a_multi_reward_is_a_reward_config_column():
+    """`use: <multi-reward>` in a reward block: the contrast and group flags
+    through its columns, and `column` equal to the hand combination."""
+    from tn_ray.textnorm.columns import RewardConfig, column_models, specs_for
+
+    rc = RewardConfig(models=["clip:tiny", "pickscore:tiny"], use="mix",
+                      ensembles=[{"name": "mix", "columns": {"textnorm(clip:tiny)": 0.7, "pickscore:tiny": 0.3}}])
+    assert rc.ensembles[0].columns == {"textnorm(clip:tiny)": 0.7, "pickscore:tiny": 0.3}
+    assert rc.needs_contrast and not rc.per_group
+    assert column_models("mix", rc.models, rc.ensembles) == {"clip:tiny": True, "pickscore:tiny": False}
+    values = _two_models()
+    tn = reward_columns(values, rc.textnorm)
+    hand = 0.7 * tn["textnorm(clip:tiny)"] + 0.3 * values["pickscore:tiny"][:, 0]
+    np.testing.assert_allclose(rc.column(values), hand)
+    raw = RewardConfig(models=["clip:tiny", "pickscore:tiny"], use="raw-mix",
+                       ensembles=[{"name": "raw-mix", "columns": {"clip:tiny": 1.0, "pickscore:tiny": 1.0}}])
+    assert not raw.needs_contrast
+    paper = RewardConfig(models=["clip:tiny", "pickscore:tiny"], use="mix", ensembles=[
+        {"name": "paper", "members": ["clip:tiny", "pickscore:tiny"], "kind": {"composition": "mean",
+                                                                             "default": "uncertainty"}},
+        {"name": "mix", "columns": {"paper": 1.0, "clip:tiny": 0.1}}])
+    assert paper.per_group
+    assert [e.name for e in specs_for(["mix"], paper.ensembles)] == ["paper", "mix"]

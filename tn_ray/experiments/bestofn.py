@@ -38,7 +38,7 @@ from tn_ray.rewards import parse
 from tn_ray.rewards.revisions import reward_revisions
 from tn_ray.scoring.matrix import ScoreMatrix
 from tn_ray.textnorm.columns import (
-    EnsembleSpec,
+    ColumnSpec,
     SetParams,
     check_ensembles,
     check_service,
@@ -77,7 +77,7 @@ class BestOfNConfig(StrictModel):
                                                                                                        "pickscore:tiny")
     textnorm: SetParams = Field(default_factory=SetParams, description="TextNorm temperature(s) and the ensembles' "
                                                                        "lambda")
-    ensembles: list[EnsembleSpec] = Field(default_factory=list, description="ensembles selected with next to the "
+    ensembles: list[ColumnSpec] = Field(default_factory=list, description="ensembles selected with next to the "
                                                                             "single models")
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="text-to-image generation; "
                                                                                        "samples_per_prompt defaults to "

@@ -29,7 +29,7 @@ from tn_ray.rewards.units import Reading
 from tn_ray.scoring.images import check_images
 from tn_ray.scoring.matrix import ScoreMatrix
 from tn_ray.storage import Store
-from tn_ray.textnorm.columns import EnsembleSpec, SetParams, check_ensembles, reward_columns
+from tn_ray.textnorm.columns import ColumnSpec, SetParams, check_ensembles, reward_columns
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Tia2EvalConfig(StrictModel):
         default_factory=lambda: {"default": SetParams()},
         description="TextNorm parameters per set name; 'default' for the rest",
     )
-    ensembles: list[EnsembleSpec] = Field(
+    ensembles: list[ColumnSpec] = Field(
         default_factory=list, description="ensembles to evaluate next to the single models"
     )
     release_params: list[Reading] = Field(

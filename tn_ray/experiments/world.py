@@ -27,7 +27,7 @@ from tn_ray.data.world import grammar, labels, oracle, sampler, scenes
 from tn_ray.data.world.sampler import SamplerConfig
 from tn_ray.prompts.contrast import texts_for
 from tn_ray.rewards.revisions import reward_revisions
-from tn_ray.textnorm.columns import EnsembleSpec, SetParams, check_ensembles, reward_columns
+from tn_ray.textnorm.columns import ColumnSpec, EnsembleSpec, SetParams, check_ensembles, reward_columns
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class WorldConfig(StrictModel):
         default_factory=lambda: SetParams(tau=1.0, lam=1.0),
         description="TextNorm temperature and the uncertainty ensemble's lambda",
     )
-    ensembles: list[EnsembleSpec] | None = Field(
+    ensembles: list[ColumnSpec] | None = Field(
         None, description="ensembles; None = mean and uncertainty over every model when there are two or more"
     )
     contrasts: list[str] = Field(

@@ -13,7 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from tn_ray.client import TOKEN_ENV
 from tn_ray.config import RayConfig, StrictModel
 from tn_ray.labeling.security import needs_token
-from tn_ray.textnorm.columns import EnsembleSpec, SetParams, check_ensembles, reward_names
+from tn_ray.textnorm.columns import ColumnSpec, SetParams, check_ensembles, reward_names
 
 # a named source the service may resolve for a client; `llm` never (it would call an outside API
 # with the service's credentials on a client's behalf), nor a JSON file (a client-chosen path)
@@ -135,7 +135,10 @@ class ServeConfig(StrictModel):
     textnorm: SetParams = Field(
         default_factory=SetParams, description="TextNorm temperatures and the ensembles' lambda"
     )
-    ensembles: list[EnsembleSpec] = Field(default_factory=list, description="ensembles over the models, by name")
+    ensembles: list[ColumnSpec] = Field(
+        default_factory=list,
+        description="ensembles over the models and multi-rewards over their columns, by name (as reward.ensembles)",
+    )
     contrast_sources: list[str] = Field(
         default_factory=lambda: list(NAMED_SOURCES),
         description="named contrastive-set sources a client may ask for: 'rules', 'released', 'released:<TIA2 set>' "

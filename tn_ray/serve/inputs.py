@@ -81,16 +81,12 @@ def canonical_column(name: Any, cfg: ServeConfig) -> str:
 
 def models_of(columns: Sequence[str], cfg: ServeConfig) -> dict[str, bool]:
     """Model -> whether it must score the contrastive prompts too, for the requested ``columns``."""
+    from tn_ray.textnorm.columns import column_models
+
     out: dict[str, bool] = {}
     for col in columns:
-        if col in cfg.models:
-            out.setdefault(col, False)
-        elif col.startswith("textnorm("):
-            out[col[len("textnorm(") : -1]] = True
-        else:
-            ens = next(e for e in cfg.ensembles if e.name == col)
-            for m in ens.members:
-                out[m] = out.get(m, False) or ens.textnorm
+        for m, contrast in column_models(col, cfg.models, cfg.ensembles).items():
+            out[m] = out.get(m, False) or contrast
     return out
 
 
@@ -315,10 +311,10 @@ def answer(job: ScoreJob, rows: Mapping[str, Sequence[np.ndarray]], cfg: ServeCo
            revisions: Mapping[str, str]) -> dict[str, Any]:
     """The JSON answer: every requested column (through the one reward-columns function), the first
     as ``scores``, and the revision of every model that scored."""
-    from tn_ray.textnorm.columns import reward_columns
+    from tn_ray.textnorm.columns import reward_columns, specs_for
 
     values = job_values(job, rows)
-    ensembles = [e for e in cfg.ensembles if e.name in job.columns]
+    ensembles = specs_for(job.columns, cfg.ensembles)
     cols = reward_columns(values, cfg.textnorm, ensembles)
     out = {c: [float(x) if np.isfinite(x) else None for x in cols[c]] for c in job.columns}
     return {

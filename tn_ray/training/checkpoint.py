@@ -82,12 +82,15 @@ class Checkpoints:
         return steps[-1] if steps else None
 
     def save(self, step: int, policy: Policy, state: dict) -> str:
-        """Write the LoRA weights and ``state`` (plus the step) as checkpoint ``step``; returns its URI."""
+        """Write the policy's LoRA weights (the LoRA file) and ``state`` (plus the step, and the LoRA weights
+        as ``lora`` unless ``state`` has them: the trained weights when the file holds an EMA) as checkpoint
+        ``step``; returns its URI."""
         with tempfile.TemporaryDirectory() as tmp:
             lora = policy.save_lora(tmp)
             self.store.write_bytes(self.rel(step, LORA_FILE), lora.read_bytes())
         buf = io.BytesIO()
-        torch.save({**state, "step": int(step), "lora": policy.lora_state()}, buf)
+        lora = state["lora"] if "lora" in state else policy.lora_state()
+        torch.save({**state, "step": int(step), "lora": lora}, buf)
         self.store.write_bytes(self.rel(step, STATE_FILE), buf.getvalue())
         self.store.write_text(self.rel(step, DONE_FILE), json.dumps({"step": int(step)}))
         return self.uri(step)

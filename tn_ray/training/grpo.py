@@ -41,6 +41,7 @@ from pydantic import Field, field_validator, model_validator
 from tn_ray.config import OutputLocation, StrictModel
 from tn_ray.diffusion.seeds import seeds_of
 from tn_ray.training.config import EvalBlock, FineTuneConfig, OptimizerBlock, PolicyBlock, require_prompts
+from tn_ray.training.ema import EMABlock
 from tn_ray.training.loop import Method
 
 GRPO_PIPELINE = "stabilityai/stable-diffusion-3.5-medium"  # Flow-GRPO's SD 3.5 configs
@@ -176,6 +177,10 @@ class GRPOConfig(FineTuneConfig):
         default_factory=GRPOTrainBlock, description="policy-gradient training: minibatches, inner epochs, "
         "timestep fraction, clipping, KL, advantages"
     )
+    ema: EMABlock = Field(
+        default_factory=EMABlock, description="an EMA of the LoRA weights (tn_ray/training/ema.py): updated every "
+        "`every` optimizer steps; evaluation and the checkpoints' LoRA files use it (Flow-GRPO train.ema)"
+    )
 
     @model_validator(mode="after")
     def _grpo(self) -> GRPOConfig:
@@ -209,10 +214,26 @@ class GRPO(Method):
 
     def __init__(self, cfg: GRPOConfig, policy, optim, ctx, data):
         from tn_ray.diffusion.flow_sampling import check_flow_pipeline
+        from tn_ray.training.ema import EMA
 
         super().__init__(cfg, policy, optim, ctx, data)
         check_flow_pipeline(policy.pipe)
         policy.pipe.set_progress_bar_config(disable=True)
+        self.ema = EMA(policy.trainable_parameters(), cfg.ema) if cfg.ema.enabled else None
+
+    # --- the EMA of the LoRA weights: evaluated, exported, resumed ---------------------------
+    def evaluation_weights(self):
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema.state_dict()} if self.ema is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.ema is None:
+            return
+        if "ema" not in state:
+            raise ValueError("ema.enabled: the checkpoint has no EMA state (it was written with ema disabled)")
+        self.ema.load_state_dict(state["ema"])
 
     def train_prompts(self) -> list[str]:
         return list(self.data.prompts)
@@ -300,6 +321,8 @@ class GRPO(Method):
                         first_kl = float(loss["approx_kl"])
                     if last:
                         updates.append(self.optim.step())
+                        if self.ema is not None:
+                            self.ema.step()
         metrics = {key: float(np.mean(v)) for key, v in logs.items()}
         metrics.update(beta=tr.beta, lr=updates[-1]["lr"], grad_norm=float(np.mean([u["grad_norm"] for u in updates])),
                        first_approx_kl=first_kl, optimizer_steps=len(updates), trained_steps=len(trained))

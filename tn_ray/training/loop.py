@@ -9,13 +9,14 @@ Train (a sweep trial passes Ray Tune's ``TuneReportCallback`` to :func:`fit` to 
 this module knows nothing about Tune).
 
 Resume is exact: a checkpoint holds the LoRA weights, optimizer, schedule, loss scaler,
-global RNG states, the method's own state (data position, buffers) and the monitor; a
+global RNG states, the method's own state (data position, buffers, GRPO's EMA) and the monitor; a
 method should draw its randomness from generators seeded by (seed, step, rank), so a run
 that resumes at step s computes bit-identical steps s+1.. to a run that never stopped.
 """
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import logging
 import os
@@ -64,6 +65,11 @@ class Method(abc.ABC):
 
     def load_state_dict(self, state: dict) -> None:
         return None
+
+    def evaluation_weights(self) -> contextlib.AbstractContextManager:
+        """Within this block the policy holds the weights to evaluate and export in checkpoints' LoRA
+        files (GRPO with ``ema.enabled``: the EMA of the LoRA weights); by default the trained ones."""
+        return contextlib.nullcontext()
 
 
 def evaluation_steps(cfg: FineTuneConfig) -> list[int]:
@@ -148,7 +154,8 @@ class Trainer:
                 report = {**metrics, "step": step}
                 stop = False
                 if step in eval_at and evaluator is not None:
-                    result = evaluator.evaluate(step, policy)
+                    with method.evaluation_weights():
+                        result = evaluator.evaluate(step, policy)
                     evaluated.add(step)
                     tracker.log(step, result, prefix="eval")
                     report.update(result)
@@ -161,12 +168,14 @@ class Trainer:
                 if step in eval_at or step % cfg.checkpoint.every == 0 or step == end or stop:
                     if ctx.rank == 0:
                         state = {
+                            "lora": policy.lora_state(),  # the trained weights: resume
                             "optim": optim.state_dict(),
                             "method": method.state_dict(),
                             "monitor": monitor.state_dict(),
                             "rng": rng_state(),
                         }
-                        report["checkpoint"] = checkpoints.save(step, policy, state)
+                        with method.evaluation_weights():  # the LoRA file: the evaluated weights
+                            report["checkpoint"] = checkpoints.save(step, policy, state)
                         checkpoints.prune(self.cfg.checkpoint.keep_last, evaluated)
                         tracker.sync()
                     self.report(report)
