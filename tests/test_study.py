@@ -54,7 +54,10 @@ def test_dry_run_prints_runs_and_counted_cost_and_starts_nothing(tmp_path, capsy
 
 @pytest.mark.parametrize(
     ("name", "runs", "cells", "hours"),
-    [("study_world", 51, 84, "estimated 10.1 h on 2 CPU cores"), ("study_sd21", 93, 135, "on 1 A100 GPU (estimated)")],
+    [
+        ("study_world", 51, 84, " h on 2 CPU cores (image_step_s 0.035"),
+        ("study_sd21", 93, 135, "on 1 A100 GPU (estimated)"),
+    ],
 )
 def test_shipped_studies_validate_and_price(name, runs, cells, hours, tmp_path, capsys, no_ray):
     from tn_ray.cli import main

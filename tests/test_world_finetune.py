@@ -138,9 +138,9 @@ def test_grid_errors_name_the_key(change, expected):
             "grid.yaml: cell 1/2 rwr-textnorm-kl0-s0 (sweeps/world_rwr.yaml): key 'generation.nonsense': unknown key",
         ),
         (
-            {"overrides": {"top_k": 99}},
-            "grid.yaml: cell 1/2 rwr-textnorm-kl0-s0 (sweeps/world_rwr.yaml): top_k (99) exceeds "
-            "generation.samples_per_prompt (64)",
+            {"overrides": {"top_k": 9999}},  # more than the base config's samples, whatever they are now
+            "grid.yaml: cell 1/2 rwr-textnorm-kl0-s0 (sweeps/world_rwr.yaml): top_k (9999) exceeds "
+            "generation.samples_per_prompt (",
         ),
         (
             {"methods.rwr.config": "sweeps/nothing.yaml"},
