@@ -16,7 +16,7 @@ from scipy import stats
 
 from tn_ray.config import ConfigError, load_config, validate
 from tn_ray.errors import InputError
-from tn_ray.experiments import world_finetune as wf
+from tn_ray.experiments import study as wf
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = REPO / "sweeps" / "world_finetune.yaml"
@@ -96,7 +96,9 @@ def test_dry_run_prints_the_grid_and_runs_nothing(tmp_path, capsys):
     out = tmp_path / "g"
     assert main(["world", "finetune", str(TINY), "--dry-run", "--set", f"out={out}"]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[-1] == "2 cells" and printed[1].startswith("cell 1/2 rwr-textnorm-kl1-s0: rwr")
+    assert printed[-1].startswith("2 runs, 2 cells: 12 images sampled") and printed[1].startswith(
+        "cell 1/2 rwr-textnorm-kl1-s0: rwr"
+    )
     assert printed[2].startswith("cell 2/2 ddpo-textnorm-kl1-s0: ddpo") and printed[2].endswith(": new")
     assert not out.exists()
 
@@ -136,9 +138,9 @@ def test_grid_errors_name_the_key(change, expected):
             "grid.yaml: cell 1/2 rwr-textnorm-kl0-s0 (sweeps/world_rwr.yaml): key 'generation.nonsense': unknown key",
         ),
         (
-            {"overrides": {"top_k": 99}},
-            "grid.yaml: cell 1/2 rwr-textnorm-kl0-s0 (sweeps/world_rwr.yaml): top_k (99) exceeds "
-            "generation.samples_per_prompt (64)",
+            {"overrides": {"top_k": 9999}},  # more than the base config's samples, whatever they are now
+            "grid.yaml: cell 1/2 rwr-textnorm-kl0-s0 (sweeps/world_rwr.yaml): top_k (9999) exceeds "
+            "generation.samples_per_prompt (",
         ),
         (
             {"methods.rwr.config": "sweeps/nothing.yaml"},

@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "tn_ray.commands.rwr",
     "tn_ray.commands.ddpo",
     "tn_ray.commands.grpo",
+    "tn_ray.commands.study",
     "tn_ray.commands.serve",
 ]
 

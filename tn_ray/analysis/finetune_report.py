@@ -1,4 +1,4 @@
-"""The fine-tuning grid against exact truth (``tn-ray world finetune``): its tables and plots, pure pandas.
+"""The fine-tuning grid against exact truth (``tn-ray study``, ``world finetune``): its tables and plots, pure pandas.
 
 A cell of the grid is one fine-tuning run (method x training reward x KL coefficient x seed). Its
 evaluations hold, per checkpoint step and per evaluation image (prompt_id, eval_seed), the value of
@@ -6,7 +6,7 @@ the training reward and of the truth column (a judge that is 1 when the image ma
 0 when not; its mean is the accuracy); step 0 is the base model, whose images share the prompts and
 eval seeds of every checkpoint's, so each image is paired with the base model's image of the same
 (prompt, eval seed). Nothing here reads a file or loads a model: the runner
-(:mod:`tn_ray.experiments.world_finetune`) reads the cells' folders and passes the tables in.
+(:mod:`tn_ray.experiments.study`) reads the cells' folders and passes the tables in.
 
 Tables (``KEYS`` = method, reward (the row's name), kl: one combination of the grid; ``seed``: the cell's training
 seed):

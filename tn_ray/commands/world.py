@@ -52,8 +52,8 @@ def add_parser(sub) -> None:
     )
     f.add_argument(
         "config",
-        help="YAML grid (GridConfig), e.g. sweeps/world_finetune.yaml; rerunning the same command skips finished "
-        "cells and resumes the unfinished one",
+        help="YAML grid (StudyConfig, as `tn-ray study`), e.g. sweeps/world_finetune.yaml; rerunning the same "
+        "command skips finished cells and resumes the unfinished one",
     )
     f.add_argument(
         "--dry-run",
@@ -125,20 +125,9 @@ def train_generator(args) -> int:
 
 
 def finetune(args) -> int:
-    from tn_ray.commands.options import allow_change, load
-    from tn_ray.experiments import world_finetune
-    from tn_ray.storage import read_any
+    """`tn-ray study` on a grid of fine-tuning methods (the same code); a rerun resumes, as it always has."""
+    from tn_ray.commands.options import allow_change, overrides
+    from tn_ray.commands.study import run_study
+    from tn_ray.experiments.study import load_study
 
-    grid = load(args, world_finetune.GridConfig)
-    if args.dry_run:
-        for line in world_finetune.describe(grid, world_finetune.plan(grid, args.config)):
-            print(line)
-        return 0
-    if args.report_only:
-        paths = world_finetune.write_report(grid)
-    else:
-        paths = world_finetune.run(grid, args.config, allow_provenance_change=allow_change(args))
-    print(read_any(paths["report_md"]).decode())
-    for k, v in paths.items():
-        print(f"{k:>24}: {v}")
-    return 0
+    return run_study(load_study(args.config, overrides(args)), args, True, allow_change(args))

@@ -1,0 +1,252 @@
+"""``tn-ray study`` (docs/study.md): the dry run's grid and counted cost with no Ray, bad input named in one line
+before Ray starts, and the tiny study (one best-of-n run of 2 cells + one RWR cell, tiny pipeline) killed after its
+best-of-n run, resumed with --resume without rerunning it, and reported with the cells' own numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "sweeps" / "study_tiny.yaml"
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    import tn_ray.cluster
+
+    def refuse(*a, **k):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(tn_ray.cluster, "init_ray", refuse)
+    monkeypatch.chdir(REPO)  # the studies name their base configs from the repository root
+
+
+def test_dry_run_prints_runs_and_counted_cost_and_starts_nothing(tmp_path, capsys, no_ray):
+    import ray
+
+    from tn_ray.cli import main
+
+    out = tmp_path / "s"
+    was_up = ray.is_initialized()
+    assert main(["study", str(TINY), "--dry-run", "--set", f"out={out}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"study {out}: 2 runs, 3 cells (1 rewards x [bestofn (n [1, 4]); rwr (beta [0.5])]")
+    assert lines[1].startswith("best-of-n run 1/1 bestofn-s0: bestofn (sweeps/bestofn_tiny.yaml), 2 cells")
+    assert lines[1].endswith("4 images, 0 eval images, ~0 s: new")
+    assert lines[2].startswith("cell 1/1 rwr-clip-kl0.5-s0: rwr")
+    assert lines[2].endswith("4 images, 2 eval images, ~0 s: new")
+    # counted by hand: best-of-n 1 prompt x 4 samples x 3 steps = 12 image-steps, 4 images x 2 models scored; RWR
+    # 4 images x 3 steps + (base + 1 evaluation) x 1 prompt x 1 seed x 3 steps = 18, 1 step x batch 2 trained,
+    # 4 x 1 model + 2 eval images x 2 models scored; 30 x 0.01 + 2 x 0.03 + 16 x 0.005 = 0.44 s
+    assert lines[-1] == (
+        "2 runs, 3 cells: 8 images sampled (30 image-steps with evaluation), 1 optimizer steps (2 trained "
+        "image-steps), 2 evaluation images, 16 reward scores; estimated 0 s on 2 CPU cores (image_step_s 0.01, "
+        "train_step_s 0.03, score_s 0.005)"
+    )
+    assert not out.exists() and ray.is_initialized() == was_up
+
+
+@pytest.mark.parametrize(
+    ("name", "runs", "cells", "hours"),
+    [
+        ("study_world", 51, 84, " h on 2 CPU cores (image_step_s 0.035"),
+        ("study_sd21", 93, 135, "on 1 A100 GPU (estimated)"),
+    ],
+)
+def test_shipped_studies_validate_and_price(name, runs, cells, hours, tmp_path, capsys, no_ray):
+    from tn_ray.cli import main
+
+    assert main(["study", f"sweeps/{name}.yaml", "--dry-run", "--set", f"out={tmp_path / 's'}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith(f"{runs} runs, {cells} cells: ") and hours in lines[-1]
+    assert len(lines) == runs + 2
+
+
+def write(tmp_path: Path, change: dict) -> str:
+    from tn_ray.config import apply_overrides
+
+    data = apply_overrides(yaml.safe_load(TINY.read_text()), change)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({**data, "out": str(tmp_path / "s")}))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            {"rewards.clip": {"models": ["clip:tiny"], "use": "pickscore:tiny"}},
+            "key 'rewards.clip': use: 'pickscore:tiny' is not a reward column of this config",
+        ),
+        ({"methods.bestofn.kl": [0, 1]}, "methods.bestofn.kl: best-of-n has no KL coefficient"),
+        ({"methods.rwr.kl": None}, "methods.rwr.kl: rwr needs its KL grid"),
+        ({"methods.rwr.n": [4]}, "methods.rwr.n: an n list is for best-of-n; rwr takes a KL grid"),
+        ({"methods.bestofn.overrides.pools": [8]}, "methods.bestofn.overrides: 'pools' is set per run by the study"),
+        ({"truth": "nomodel"}, "truth: unknown reward model 'nomodel'"),
+        (
+            {"methods.bestofn.overrides.generation": {"samples_per_prompt": 2}},
+            "methods.bestofn.n: n = 4 is larger than the samples per prompt (generation.samples_per_prompt = 2",
+        ),
+        (
+            {
+                "rewards.tn": {"models": ["clip:tiny"], "use": "textnorm(clip:tiny)", "contrast": "rules"},
+                "rewards.tn2": {"models": ["pickscore:tiny"], "use": "textnorm(pickscore:tiny)", "contrast": "world"},
+            },
+            "rewards.tn2.contrast: 'world' differs from rewards.tn.contrast 'rules'",
+        ),
+        ({"methods.bestofn.config": "sweeps/nothing.yaml"}, "methods.bestofn.config: config file not found"),
+    ],
+)
+def test_bad_input_is_one_line_naming_it_before_ray_starts(change, expected, tmp_path, capsys, no_ray):
+    from tn_ray.cli import main
+
+    assert main(["study", write(tmp_path, change)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert expected in err and "\n" not in err, err
+    assert not (tmp_path / "s").exists()
+
+
+# --- the tiny study, killed and resumed (Ray) -------------------------------------------------------------
+
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_killed_study_resumes_without_rerunning_finished_runs_and_reports_their_numbers(
+    ray_session, tmp_path, monkeypatch, capsys
+):
+    import tn_ray.experiments.bestofn
+    import tn_ray.training.rwr
+    from tn_ray.cli import main
+
+    calls = {"bestofn": 0, "rwr": 0}
+    killed = {"rwr": True}
+    for name, module in (("bestofn", tn_ray.experiments.bestofn), ("rwr", tn_ray.training.rwr)):
+
+        def counted(cfg, allow_provenance_change=False, _run=module.run, _name=name):
+            calls[_name] += 1
+            if killed.get(_name):
+                raise KeyboardInterrupt  # the study killed while this cell starts
+            return _run(cfg, allow_provenance_change=allow_provenance_change)
+
+        monkeypatch.setattr(module, "run", counted)
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "s"
+    argv = ["study", str(TINY), "--set", f"out={out}"]
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    assert calls == {"bestofn": 1, "rwr": 1}
+    run_dir, cell_dir = out / "cells" / "bestofn-s0", out / "cells" / "rwr-clip-kl0.5-s0"
+    assert (run_dir / "done.json").is_file() and not (cell_dir / "done.json").exists()
+    capsys.readouterr()
+
+    assert main(argv) != 0  # without --resume a started study is refused, naming the flag
+    assert "add --resume to continue the study" in capsys.readouterr().err
+
+    killed["rwr"] = False
+    before = _mtimes(run_dir)
+    assert main([*argv, "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "best-of-n run 1/1 bestofn-s0: finished before, skipped" in printed
+    assert "cell 1/1 rwr-clip-kl0.5-s0: starting" in printed
+    assert calls == {"bestofn": 1, "rwr": 2} and _mtimes(run_dir) == before
+
+    before = _mtimes(out / "cells")
+    assert main([*argv, "--resume"]) == 0
+    assert calls == {"bestofn": 1, "rwr": 2} and _mtimes(out / "cells") == before
+    capsys.readouterr()
+
+    # the report's numbers are the cells' own: best-of-n per seed = the run's summary.csv (brightness of clip:tiny's
+    # pick at each n); RWR = the truth's mean over the cell's evaluation images at the base model and selected step
+    md = (out / "report.md").read_text()
+    summary = pd.read_csv(run_dir / "summary.csv")
+    per_seed = pd.read_csv(out / "bestofn_cells.csv")
+    rows = pd.read_csv(out / "bestofn.csv")
+    assert sorted(per_seed["n"]) == [1, 4] and len(rows) == 2
+    for n in (1, 4):
+        own = summary[(summary["selector"] == "clip:tiny") & (summary["judge"] == "brightness") & (summary["n"] == n)]
+        mine = per_seed[(per_seed["reward"] == "clip") & (per_seed["n"] == n)]["truth"]
+        np.testing.assert_allclose(mine.to_numpy(), own["mean"].to_numpy()[:1], rtol=1e-12)
+        row = rows[rows["n"] == n].iloc[0]
+        assert row["truth"] == pytest.approx(float(mine.iloc[0]), rel=1e-12) and f"| {row['truth']:.3f} " in md
+    report = pd.read_csv(out / "report.csv").iloc[0]
+    selected = json.loads((cell_dir / "selection.json").read_text())["paper_rule_step"]
+    at_step = pd.read_parquet(cell_dir / f"eval/scores/step-{selected:06d}.parquet")
+    base = pd.read_parquet(cell_dir / "eval/base.parquet")
+    assert report["truth_selected"] == pytest.approx(at_step.loc[at_step["reward"] == "brightness", "value"].mean())
+    assert report["truth_base"] == pytest.approx(base.loc[base["reward"] == "brightness", "value"].mean())
+    assert "1 of 1 fine-tuning cells finished" in md and "Best-of-n: 1 of 1 runs finished" in md
+    assert (out / "truth_vs_n.png").stat().st_size > 0 and (out / "accuracy_vs_step.png").stat().st_size > 0
+
+
+def test_bestofn_tables_equal_an_independent_recomputation():
+    """study_report.table and .versus on hand-made picks: means over seeds of per-seed means, paired differences
+    from the smallest n, the random image and the first reward row, bootstrap CIs as scipy computes them."""
+    from scipy import stats
+
+    from tn_ray.analysis import study_report as sr
+
+    rng = np.random.default_rng(4)
+    units = [(s, p) for s in (0, 1) for p in range(5)]
+    pool = {u: rng.uniform(0.2, 0.6) for u in units}
+    picks = pd.DataFrame(
+        [
+            {
+                "method": "bestofn",
+                "reward": r,
+                "n": n,
+                "seed": s,
+                "prompt_id": p,
+                "truth": float(rng.integers(0, 2)),
+                "truth_pool": pool[(s, p)],
+            }
+            for r in ("raw", "tn")
+            for n in (1, 4)
+            for s, p in units
+        ]
+    ).sample(frac=1, random_state=1)  # row order must not matter
+
+    def ci(d):
+        d = np.asarray(d, dtype=float)
+        if np.ptp(d) == 0:
+            return d.mean(), d.mean(), d.mean()
+        res = stats.bootstrap(
+            (d,), np.mean, confidence_level=0.9, n_resamples=500, method="percentile", rng=np.random.default_rng(2)
+        ).confidence_interval
+        return d.mean(), res.low, res.high
+
+    def at(r, n):
+        return picks[(picks["reward"] == r) & (picks["n"] == n)].set_index(["seed", "prompt_id"])["truth"].sort_index()
+
+    rows = sr.table(picks, 0.9, 500, 2).set_index(["reward", "n"])
+    pairs = sr.versus(picks, "raw", 0.9, 500, 2).set_index(["reward", "n"])
+    for r in ("raw", "tn"):
+        for n in (1, 4):
+            got = rows.loc[(r, n)]
+            assert got["truth"] == pytest.approx(at(r, n).groupby(level=0).mean().mean(), abs=1e-12)
+            np.testing.assert_allclose(
+                got[["vs_first", "vs_first_low", "vs_first_high"]].to_numpy(dtype=float),
+                ci(at(r, n) - at(r, 1)),
+                atol=1e-12,
+            )
+            rand = at(r, n) - pd.Series(pool).rename_axis(["seed", "prompt_id"]).sort_index()
+            np.testing.assert_allclose(
+                got[["vs_pool", "vs_pool_low", "vs_pool_high"]].to_numpy(dtype=float), ci(rand), atol=1e-12
+            )
+            if r == "tn":
+                np.testing.assert_allclose(
+                    pairs.loc[("tn", n), ["diff", "low", "high"]].to_numpy(dtype=float),
+                    ci(at("tn", n) - at("raw", n)),
+                    atol=1e-12,
+                )
+    assert list(pairs.index) == [("tn", 1), ("tn", 4)] and set(pairs["pairs"]) == {10}
+    md = sr.markdown(sr.table(picks, 0.9, 500, 2), "judge", 0.9, sr.versus(picks, "raw", 0.9, 500, 2))
+    d = ci(at("tn", 4) - at("raw", 4))
+    assert "### Each reward vs `raw` at the same n" in md and f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" in md
