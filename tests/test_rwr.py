@@ -477,3 +477,55 @@ def test_pretrain_term_adds_a_plain_denoising_loss_on_real_images(tmp_path, exam
     last = reports[-1]
     assert last["pretrain"] > 0
     assert last["loss"] == pytest.approx(last["denoise"] + 0.25 * last["kl"] + 0.5 * last["pretrain"], rel=1e-5)
+
+
+def test_pretrain_config_errors():
+    from pydantic import ValidationError
+
+    from tn_ray.training.rwr import PretrainBlock
+
+    for bad in ({}, {"folder": "real", "world": 8}):
+        with pytest.raises(ValidationError, match="exactly one of folder / world"):
+            PretrainBlock(**bad)
+    with pytest.raises(ValidationError, match="pretrain.world needs policy.pipeline 'world'.*'tiny'"):
+        _cfg(Path("unused"), pretrain={"world": 8})
+    world = dict(policy={"pipeline": "world"}, generation={"samples_per_prompt": 4, "height": 32, "width": 48})
+    with pytest.raises(ValidationError, match=r"generation.width \(48\) differs from generation.height \(32\)"):
+        _cfg(Path("unused"), pretrain={"world": 8}, **world)
+    world["generation"]["width"] = 32
+    cfg = _cfg(Path("unused"), pretrain={"world": 8, "batch_size": 2}, **world)
+    assert (cfg.pretrain.world, cfg.pretrain.folder, cfg.pretrain.batch_size) == (8, None, 2)
+
+
+def test_world_pretrain_draws_training_renders_without_held_out_prompts():
+    import io
+
+    from tn_ray.data.world import grammar
+    from tn_ray.diffusion.world import package
+    from tn_ray.diffusion.world.data import is_held_out
+    from tn_ray.training.rwr import PretrainBlock, load_pretrain
+
+    share = package.record()["settings"]["held_out"]
+    frame = load_pretrain(PretrainBlock(world=12), seed=3, size=32)
+    assert len(frame) == 12
+    for png, caption in zip(frame["image"], frame["prompt"]):
+        with Image.open(io.BytesIO(png)) as im:
+            assert (im.format, im.size, im.mode) == ("PNG", (32, 32), "RGB")
+        assert grammar.parse(caption) is not None, caption
+        assert not is_held_out(caption, share), caption
+    again = load_pretrain(PretrainBlock(world=12), seed=3, size=32)
+    assert list(again["image"]) == list(frame["image"]) and list(again["prompt"]) == list(frame["prompt"])
+    other = load_pretrain(PretrainBlock(world=12), seed=4, size=32)
+    assert list(other["image"]) != list(frame["image"])
+
+
+def test_pretrain_term_takes_png_bytes(tmp_path, examples):
+    """World pre-training images reach RwrMethod as PNG bytes (as generated images); tiny policy, so the
+    frame is handed in directly."""
+    from tn_ray.training.rwr import world_pretrain
+
+    cfg = _cfg(tmp_path / "pre", max_steps=1, checkpoint={"every": 1}, pretrain={"folder": "unused", "batch_size": 2})
+    reports = []
+    Trainer(cfg, RwrMethod, {"examples": examples, "pretrain": world_pretrain(4, seed=0, size=32)},
+            WorkerContext(0, 1, torch.device("cpu"), cfg.out), reports.append).run()
+    assert reports[-1]["pretrain"] > 0

@@ -35,6 +35,7 @@ from pydantic import Field, model_validator
 
 from tn_ray.config import OutputLocation, StrictModel
 from tn_ray.diffusion.generation import GenerationConfig
+from tn_ray.diffusion.pipelines import WORLD
 from tn_ray.diffusion.seeds import seed_of
 from tn_ray.errors import InputError
 from tn_ray.training.config import FineTuneConfig, OptimizerBlock, require_prompts, resolve_prompts
@@ -46,11 +47,24 @@ SET_NAME = "rwr"
 
 
 class PretrainBlock(StrictModel):
-    folder: str = Field(..., description="folder of real images with captions.json {file name: caption} (Lee et al.'s "
-                                         "pre-training data)")
+    folder: str | None = Field(None, description="folder of real images with captions.json {file name: caption} (Lee "
+                                                 "et al.'s pre-training data); exactly one of folder / world")
+    world: int | None = Field(None, ge=1, description="N (render, caption) pairs drawn from the world generator's own "
+                                                      "training distribution (images; tn_ray.diffusion.world.data."
+                                                      "training_pairs: held-out prompts excluded, size = "
+                                                      "generation.height, seeded by the run's seed); needs "
+                                                      "policy.pipeline 'world'; exactly one of folder / world")
     weight: float = Field(1.0, ge=0, description="gamma: weight of the plain denoising loss on these images, added to "
                                                  "eq. 4's loss")
-    batch_size: int = Field(4, ge=1, description="real images per step and worker (images)")
+    batch_size: int = Field(4, ge=1, description="real images per step and worker (images), on top of the kept "
+                                                 "images' batch_size / num_workers")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PretrainBlock:
+        if (self.folder is None) == (self.world is None):
+            raise ValueError(f"pretrain: give exactly one of folder / world (got folder={self.folder!r}, "
+                             f"world={self.world!r})")
+        return self
 
 
 class RwrConfig(FineTuneConfig):
@@ -111,6 +125,13 @@ class RwrConfig(FineTuneConfig):
                 f"top_k ({self.top_k}) exceeds generation.samples_per_prompt ({self.generation.samples_per_prompt})"
             )
         require_prompts(bool(self.prompts), self.reward)
+        if self.pretrain is not None and self.pretrain.world is not None:
+            if self.policy.pipeline != WORLD:
+                raise ValueError(f"pretrain.world needs policy.pipeline '{WORLD}' (got policy.pipeline "
+                                 f"'{self.policy.pipeline}'): the renders are the world generator's training data")
+            if self.generation.width != self.generation.height:
+                raise ValueError(f"pretrain.world: generation.width ({self.generation.width}) differs from "
+                                 f"generation.height ({self.generation.height}); the world renders are square")
         if self.batch_size % self.scaling.num_workers:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must split evenly over scaling.num_workers "
@@ -184,7 +205,12 @@ def prepare_data(cfg: RwrConfig, prompts: list[str], texts: list[list[str]] | No
     return data
 
 
-def load_pretrain(block: PretrainBlock) -> pd.DataFrame:
+def load_pretrain(block: PretrainBlock, seed: int = 0, size: int | None = None) -> pd.DataFrame:
+    """The pre-training term's images: a frame (image, prompt), images as paths (``folder``) or PNG bytes
+    (``world``: :func:`world_pretrain`, seeded by ``seed``, ``size`` pixels square; None = the generator's own
+    training size)."""
+    if block.world is not None:
+        return world_pretrain(block.world, seed, size)
     folder = Path(block.folder)
     captions = folder / "captions.json"
     if not captions.is_file():
@@ -198,6 +224,30 @@ def load_pretrain(block: PretrainBlock) -> pd.DataFrame:
     if missing:
         raise InputError(f"{captions}: images not found in {folder}: {missing[:3]}")
     return pd.DataFrame({"image": [str(folder / f) for f in mapping], "prompt": [str(c) for c in mapping.values()]})
+
+
+def world_pretrain(n: int, seed: int, size: int | None = None) -> pd.DataFrame:
+    """``n`` (render, caption) pairs of the world generator's training distribution
+    (:func:`tn_ray.diffusion.world.data.training_pairs` with the shipped generator's ``held_out`` share, so no
+    held-out prompt appears), ``size`` pixels square (None = the generator's training size), as PNG bytes;
+    the draw is seeded by ``seed_of(seed, "pretrain-world")``."""
+    import io
+
+    from PIL import Image
+
+    from tn_ray.diffusion.world import package
+    from tn_ray.diffusion.world.data import training_pairs
+
+    settings = package.record()["settings"]
+    rng = np.random.default_rng(seed_of(seed, "pretrain-world"))
+    images, texts = training_pairs(n, float(settings["held_out"]), int(size or settings["size"]), rng)
+    png = []
+    for im in images:
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="PNG")
+        png.append(buf.getvalue())
+    log.info("pre-training term: %d world renders (%d px)", n, images.shape[1])
+    return pd.DataFrame({"image": png, "prompt": texts})
 
 
 # --------------------------------------------------------------------------------------
@@ -425,7 +475,7 @@ def run(cfg: RwrConfig, allow_provenance_change: bool = False) -> dict[str, Any]
     prompts = resolve_prompts(cfg)
     texts = check_run(cfg, prompts)  # every user error before Ray starts or a model loads
     record_provenance(cfg, allow_provenance_change)
-    pretrain = load_pretrain(cfg.pretrain) if cfg.pretrain is not None else None
+    pretrain = load_pretrain(cfg.pretrain, cfg.seed, cfg.generation.height) if cfg.pretrain is not None else None
     store = Store(cfg.out)
     store.write_text("config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     init_ray(cfg.ray)

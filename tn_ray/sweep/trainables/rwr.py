@@ -49,7 +49,7 @@ def prepare(options: FineTuneSweepOptions, sweep=None) -> RwrSweepData:
     cfg = base_config(options, RwrConfig)
     prompts = resolve_prompts(cfg)
     check_run(cfg, prompts)
-    pretrain = load_pretrain(cfg.pretrain) if cfg.pretrain is not None else None
+    pretrain = load_pretrain(cfg.pretrain, cfg.seed, cfg.generation.height) if cfg.pretrain is not None else None
     init_ray(sweep.ray if sweep is not None else cfg.ray)
     data = prepare_data(cfg, prompts)
     return RwrSweepData(cfg.model_dump(mode="json"), RwrConfig, KEYS, fingerprint=f"rwr-{cfg.model_dump_json()}",
