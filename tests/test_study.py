@@ -250,3 +250,70 @@ def test_bestofn_tables_equal_an_independent_recomputation():
     md = sr.markdown(sr.table(picks, 0.9, 500, 2), "judge", 0.9, sr.versus(picks, "raw", 0.9, 500, 2))
     d = ci(at("tn", 4) - at("raw", 4))
     assert "### Each reward vs `raw` at the same n" in md and f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" in md
+
+
+def _two_rwr_cells(tmp_path: Path) -> str:
+    """The tiny study without best-of-n and with two RWR cells of seed 0 (kl 0.5 and 1)."""
+    data = yaml.safe_load(TINY.read_text())
+    del data["methods"]["bestofn"]
+    data["methods"]["rwr"]["kl"] = [0.5, 1]
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump({**data, "out": str(tmp_path / "s")}))
+    return str(path)
+
+
+def test_rwr_cells_of_a_seed_share_one_generation_and_the_dry_run_counts_it_once(
+    ray_session, tmp_path, monkeypatch, capsys
+):
+    import tn_ray.diffusion.generation as generation
+    import tn_ray.scoring.workers as workers
+    from tn_ray.cli import main
+    from tn_ray.experiments.study import load_study, plan
+
+    monkeypatch.chdir(REPO)
+    config = _two_rwr_cells(tmp_path)
+    out = tmp_path / "s"
+    first, second = plan(load_study(config))
+    shared = first.config.generation.out
+    assert shared == second.config.generation.out and shared.startswith(str(out / "shared" / "rwr-generation-seed0-"))
+    assert first.config.cache_dir == second.config.cache_dir == str(out / "shared" / "rwr-cache")
+    # another generation block (here: its steps) is another folder, never the same one
+    other = plan(load_study(config, {"methods.rwr.overrides.generation.num_inference_steps": 2}))[0]
+    assert other.config.generation.out != shared
+
+    # dry run: the second cell's generation is counted 0 times, its training images' scores too (cached)
+    assert main(["study", config, "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].endswith("4 images, 2 eval images, ~0 s: new")
+    assert lines[2].endswith("0 images (reuses rwr-clip-kl0.5-s0's generation), 2 eval images, ~0 s: new")
+    # 4 images x 3 steps once + 2 x (base + 1 evaluation) x 3 steps = 24 image-steps; 4 x 1 model once + 2 x 2 eval
+    # images x 2 models = 12 scores; 2 x 2 trained image-steps; 24 x 0.01 + 4 x 0.03 + 12 x 0.005 = 0.42 s
+    assert lines[-1] == (
+        "2 runs, 2 cells: 4 images sampled (24 image-steps with evaluation), 2 optimizer steps (4 trained "
+        "image-steps), 4 evaluation images, 12 reward scores; estimated 0 s on 2 CPU cores (image_step_s 0.01, "
+        "train_step_s 0.03, score_s 0.005)"
+    )
+
+    made, computed = [], []
+    prepare, score = generation.prepare, workers.score_into_cache
+
+    def counted_prepare(prompts, cfg):
+        store, wanted, todo = prepare(prompts, cfg)
+        made.append((cfg.out, len(todo)))
+        return store, wanted, todo
+
+    def counted_score(*a, **k):
+        computed.append(score(*a, **k))
+        return computed[-1]
+
+    monkeypatch.setattr(generation, "prepare", counted_prepare)
+    monkeypatch.setattr(workers, "score_into_cache", counted_score)
+    assert main(["study", config]) == 0
+    assert made == [(shared, 4), (shared, 0)]  # the second cell makes 0 new images
+    assert computed[0] == 4 and computed[1] == 0  # and scores none: the shared cache has them
+    frames = [pd.read_parquet(out / "cells" / c / "data.parquet") for c in ("rwr-clip-kl0.5-s0", "rwr-clip-kl1-s0")]
+    assert frames[0]["image"].tolist() == frames[1]["image"].tolist()  # built from the same images
+    assert all(p.startswith(shared) for p in frames[0]["image"])
+    pd.testing.assert_frame_equal(frames[0], frames[1])  # one reward: the same kept images and weights
+    assert not any((out / "cells" / c / "generation").exists() for c in ("rwr-clip-kl0.5-s0", "rwr-clip-kl1-s0"))
+    assert len(list((Path(shared) / "images").rglob("*.png"))) == 4

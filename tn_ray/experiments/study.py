@@ -12,7 +12,10 @@ Runs (the units that execute; :func:`plan`):
 - a fine-tuning cell is method x reward x kl x seed; its config is the method's YAML + ``overrides`` + the
   method's ``overrides`` + ``{reward: <row>, <kl_key>: kl, seed: s, out: <out>/cells/<cell id>}``, with the truth
   added to ``eval.judges`` as a held-out judge unless the row trains on it (then the training reward's column is
-  the truth's);
+  the truth's); an RWR cell also gets ``generation.out: <out>/shared/<method>-generation-seed<g>-<tag>`` and
+  ``cache_dir: <out>/shared/rwr-cache`` (unless set), so RWR cells whose base-model images are the same (same
+  generation block, prompts and pipeline: :func:`generation_tag`; the reward, KL and cell seed do not enter)
+  share one generation and one reward cache;
 - a best-of-n run is one per (best-of-n entry, seed): its cells (reward x n) share one generation. Its config is
   the entry's YAML + the entry's ``overrides`` + ``{models: every row's models and the truth, ensembles: every
   row's, pools: n, top_k: [1], generation.seed: s, out: <out>/cells/<entry>-s<seed>, cache_dir: <out>/cache,
@@ -22,9 +25,10 @@ Every run's config is validated, and every unfinished run passes its preflight, 
 one after another in one Ray session (:func:`run`; the methods' ``run`` functions start Ray only when it is not
 up), seed-major. A run that returned gets ``done.json`` and is skipped by ``--resume``; an unfinished one is
 entered again and resumes from its own checkpoints / generation cache. :func:`estimate` counts each run's
-sampled image-steps, trained image-steps and reward scores and prices them with the study's ``cost`` block
-(``--dry-run``). The report (:func:`write_report`) joins :mod:`tn_ray.analysis.finetune_report` (fine-tuning
-cells) and :mod:`tn_ray.analysis.study_report` (best-of-n cells).
+sampled image-steps, trained image-steps and reward scores, a shared RWR generation (and its cached scores)
+once, and prices them with the study's ``cost`` block (``--dry-run``). The report (:func:`write_report`) joins
+:mod:`tn_ray.analysis.finetune_report` (fine-tuning cells) and :mod:`tn_ray.analysis.study_report` (best-of-n
+cells).
 """
 
 from __future__ import annotations
@@ -168,8 +172,8 @@ class StudyConfig(StrictModel):
 
     out: OutputLocation = Field(
         "results/study",
-        description="study folder: cells/<run id>/ (each run's folder), cache/ (best-of-n score cache), grid.yaml, "
-        "the report",
+        description="study folder: cells/<run id>/ (each run's folder), cache/ (best-of-n score cache), shared/ "
+        "(RWR cells' shared generations and reward cache), grid.yaml, the report",
     )
     truth: str = Field(
         ...,
@@ -492,6 +496,47 @@ def _plan_bestofn(grid: StudyConfig, run: CellKey, base: dict, source: str) -> C
     return Cell(run, cfg, None, entry.config, bestofn_cells(grid, run))
 
 
+def generation_tag(cfg: Any) -> str:
+    """What fixes an RWR cell's base-model images, as a short digest: the generation fingerprint (pipeline,
+    scheduler, steps, guidance, size, negative prompt, dtype, generation.seed, pipeline batch), the pipeline's
+    revision and the training prompts (listed, their file, or the contrastive source and counts they are drawn
+    from; a prompt list that still differs is refused by the generation's prompts.json check, never mixed).
+    ``samples_per_prompt`` is left out: samples are nested (a larger n adds samples to the same folder)."""
+    import hashlib
+
+    gen = cfg.generation
+    prompts = {
+        "prompts": cfg.prompts,
+        "max_prompts": cfg.max_prompts,
+        "prompts_file": getattr(cfg, "prompts_file", None),
+        "prompts_per_set": getattr(cfg, "prompts_per_set", None),
+        "contrast": None if cfg.prompts or getattr(cfg, "prompts_file", None) else cfg.reward.contrast,
+    }
+    what = {**gen.fingerprint(), "revision": gen.revision, **prompts}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _share_rwr_generation(grid: StudyConfig, key: CellKey, raw: dict, cfg: Any, cls: type) -> Any:
+    """The RWR cell's config with ``generation.out`` = ``<out>/shared/<method>-generation-seed<g>-<tag>`` and
+    ``cache_dir`` = ``<out>/shared/rwr-cache`` (unless its YAML or overrides set them): the base model's images
+    depend on :func:`generation_tag`'s inputs only, never on the reward, the KL or the cell's ``seed``, so every
+    RWR cell with the same tag reuses one generation (the generation resumes from the images on disk and refuses a
+    folder made with other parameters), and the content-addressed reward cache scores each image once per model
+    and text. The folder name is a function of the config, so provenance and ``--resume`` see the same path."""
+    from tn_ray.storage import join_uri
+
+    updates = {}
+    if cfg.generation.out is None:
+        name = f"{key.method}-generation-seed{cfg.generation.seed}-{generation_tag(cfg)}"
+        updates["generation.out"] = join_uri(grid.out, "shared", name)
+    if cfg.cache_dir is None:
+        updates["cache_dir"] = join_uri(grid.out, "shared", "rwr-cache")
+    if not updates:
+        return cfg
+    apply_overrides(raw, updates)
+    return cls.model_validate(raw)
+
+
 def plan(grid: StudyConfig, source: str = "grid") -> list[Cell]:
     """Every run with its validated config (best-of-n runs first, then the fine-tuning cells, each seed-major);
     the first bad one is a :class:`ConfigError` of one line naming the grid file, the run and the key (e.g. a
@@ -518,6 +563,8 @@ def plan(grid: StudyConfig, source: str = "grid") -> list[Cell]:
             raw["eval"]["judges"] = judges
         try:
             cfg = cls.model_validate(raw)
+            if key.kind == "rwr":
+                cfg = _share_rwr_generation(grid, key, raw, cfg, cls)
         except ValidationError as err:
             raise ConfigError(_one_line(err, source, f"{key.label} ({entry.config})")) from None
         if not cfg.eval.enabled:
@@ -559,10 +606,12 @@ def _count_prompts(cfg: Any) -> int:
     return min(n, getattr(cfg, "max_prompts", None) or n)
 
 
-def counts(cell: Cell) -> dict[str, int]:
+def counts(cell: Cell, seen: set | None = None) -> dict[str, int]:
     """The work of one run: ``images`` (sampled or generated), ``image_steps`` (their denoising steps, evaluation
     included), ``train_steps`` (optimizer steps), ``trained_image_steps`` (image x trained timestep, forward +
-    backward), ``eval_images`` and ``scores`` (image x reward model, evaluation included)."""
+    backward), ``eval_images`` and ``scores`` (image x reward model, evaluation included). With ``seen`` (one set
+    passed through the runs in order) an RWR generation folder already counted adds no images, and a (generation
+    folder, reward cache, model, texts) already scored adds no scores: shared work is counted once."""
     cfg, kind = cell.config, cell.key.kind
     prompts = _count_prompts(cfg)
     if kind == "bestofn":
@@ -577,11 +626,21 @@ def counts(cell: Cell) -> dict[str, int]:
         }
     workers = cfg.scaling.num_workers
     if kind == "rwr":
-        images = prompts * cfg.generation.samples_per_prompt
+        pool = prompts * cfg.generation.samples_per_prompt
+        folder = cfg.generation.out or cell.key.out
+        cache = cfg.cache_dir or cell.key.out
+        texts = cfg.reward.contrast if cfg.reward.needs_contrast else None
+        images = 0 if seen is not None and ("generation", folder) in seen else pool
+        pool_scores = sum(
+            pool for m in cfg.reward.models if seen is None or ("scores", folder, cache, m, texts) not in seen
+        )
+        if seen is not None:
+            seen.update([("generation", folder), *(("scores", folder, cache, m, texts) for m in cfg.reward.models)])
         image_steps = images * cfg.generation.num_inference_steps
         trained = cfg.max_steps * cfg.batch_size
     else:
         s, tr = cfg.sample, cfg.train
+        pool_scores = None
         per_epoch = (
             s.batch_size * s.num_batches_per_epoch if kind == "ddpo" else s.batch_images * s.num_batches_per_epoch
         )
@@ -599,7 +658,7 @@ def counts(cell: Cell) -> dict[str, int]:
         "train_steps": cfg.max_steps,
         "trained_image_steps": trained,
         "eval_images": eval_images,
-        "scores": images * len(cfg.reward.models) + eval_images * eval_models,
+        "scores": (images * len(cfg.reward.models) if pool_scores is None else pool_scores) + eval_images * eval_models,
     }
 
 
@@ -660,13 +719,20 @@ def describe(grid: StudyConfig, cells: list[Cell]) -> list[str]:
     lines = [f"study {grid.out}: {len(cells)} runs, {n_cells} cells ({_shape(grid)}); truth: {grid.truth}"]
     total = dict.fromkeys(("images", "image_steps", "train_steps", "trained_image_steps", "eval_images", "scores"), 0)
     seconds = 0.0
+    seen: set = set()
+    first: dict[str, str] = {}  # RWR generation folder -> the first cell that makes it
     for cell in cells:
         k, cfg = cell.key, cell.config
-        work = counts(cell)
+        work = counts(cell, seen)
         secs = estimate(grid.cost, work)
         total = {key: total[key] + work[key] for key in total}
         seconds += secs
-        cost = f"{work['images']} images, {work['eval_images']} eval images, ~{_hours(secs)}"
+        images = f"{work['images']} images"
+        if k.kind == "rwr":
+            folder = cfg.generation.out or k.out
+            if first.setdefault(folder, k.id) != k.id:
+                images += f" (reuses {first[folder]}'s generation)"
+        cost = f"{images}, {work['eval_images']} eval images, ~{_hours(secs)}"
         if k.kind == "bestofn":
             rows = list(dict.fromkeys(c.reward for c in cell.cells))
             lines.append(

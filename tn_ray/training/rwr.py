@@ -76,6 +76,9 @@ class RwrConfig(FineTuneConfig):
     generation: GenerationConfig = Field(default_factory=lambda: GenerationConfig(samples_per_prompt=100),
                                          description="the base model's images to learn from (paper: 100 per prompt, 50 "
                                                      "steps, guidance 7.5); pipeline defaults to policy.pipeline")
+    cache_dir: str | None = Field(None, description="reward cache folder or URI (scores keyed by model, content-"
+                                                    "addressed image and text, so runs may share one); None = "
+                                                    "<out>/cache")
     top_k: int = Field(10, ge=1, description="images kept per prompt, the best by the training reward (images; paper: "
                                              "10 of 100)")
     weighting: Weighting = Field("value", description="w_i of eq. 4: value (the reward), minmax (per prompt), softmax "
@@ -175,7 +178,7 @@ def prepare_data(cfg: RwrConfig, prompts: list[str], texts: list[list[str]] | No
     gen = cfg.generation.model_copy(update={"out": cfg.generation.out or join_uri(cfg.out, "generation")})
     manifest = generate(prompts, gen, cfg.ray)
     items = score_items(manifest, texts)
-    matrices = score_matrices(items, cfg.reward.models, join_uri(cfg.out, "cache"), cfg.scoring,
+    matrices = score_matrices(items, cfg.reward.models, cfg.cache_dir or join_uri(cfg.out, "cache"), cfg.scoring,
                               service=cfg.reward.service)
     keys = items[["set", "prompt", "image_id"]]
     reward = cfg.reward.column(
