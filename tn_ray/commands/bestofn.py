@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tn_ray.commands.options import add_run_options
+from tn_ray.commands.options import add_run_options, allow_change, load
 
 
 def add_parser(sub) -> None:
@@ -18,7 +18,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from tn_ray.commands.options import allow_change, load
     from tn_ray.experiments.bestofn import BestOfNConfig
     from tn_ray.experiments.bestofn import run as bestofn_run
 

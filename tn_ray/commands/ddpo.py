@@ -1,7 +1,7 @@
 """``tn-ray ddpo CONFIG``: DDPO policy-gradient fine-tuning with LoRA and a KL regularizer (resumes a killed run)."""
 from __future__ import annotations
 
-from tn_ray.commands.options import add_run_options
+from tn_ray.commands.options import add_run_options, allow_change, load, print_run
 
 
 def add_parser(sub) -> None:
@@ -15,7 +15,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from tn_ray.commands.options import allow_change, load, print_run
     from tn_ray.training.ddpo import DDPOConfig
     from tn_ray.training.ddpo import run as ddpo_run
 

@@ -2,7 +2,7 @@
 model, on the same core as DDPO (resumes a killed run)."""
 from __future__ import annotations
 
-from tn_ray.commands.options import add_run_options
+from tn_ray.commands.options import add_run_options, allow_change, load, print_run
 
 
 def add_parser(sub) -> None:
@@ -16,7 +16,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from tn_ray.commands.options import allow_change, load, print_run
     from tn_ray.training.grpo import GRPOConfig
     from tn_ray.training.grpo import run as grpo_run
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tn_ray.errors import InputError
+
 
 def _task_args(p) -> None:
     src = p.add_mutually_exclusive_group(required=True)
@@ -62,7 +64,6 @@ def _load(args):
 
 
 def serve(args) -> int:
-    from tn_ray.errors import InputError
     from tn_ray.labeling.app import serve as run_server
     from tn_ray.labeling.security import needs_token, new_token
     from tn_ray.labeling.store import AnswerStore
@@ -78,7 +79,6 @@ def serve(args) -> int:
 def export(args) -> int:
     import pandas as pd
 
-    from tn_ray.errors import InputError
     from tn_ray.labeling.export import tia2_labels, write_json
     from tn_ray.labeling.store import open_answers
 
@@ -96,7 +96,6 @@ def export(args) -> int:
 
 
 def tally(args) -> int:
-    from tn_ray.errors import InputError
     from tn_ray.labeling import tally as t
     from tn_ray.labeling.store import open_answers
 

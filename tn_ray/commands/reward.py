@@ -1,7 +1,7 @@
 """``tn-ray reward train CONFIG.yaml``: learn a reward from good/bad labels (docs/reward_learning.md)."""
 from __future__ import annotations
 
-from tn_ray.commands.options import add_run_options
+from tn_ray.commands.options import add_run_options, allow_change, load
 
 
 def add_parser(sub) -> None:
@@ -15,7 +15,6 @@ def add_parser(sub) -> None:
 
 
 def train(args) -> int:
-    from tn_ray.commands.options import allow_change, load
     from tn_ray.reward_learning.config import RewardTrainConfig
     from tn_ray.reward_learning.pipeline import run
 

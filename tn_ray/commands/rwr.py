@@ -1,7 +1,7 @@
 """``tn-ray rwr CONFIG``: reward-weighted regression fine-tuning with LoRA (resumes a killed run)."""
 from __future__ import annotations
 
-from tn_ray.commands.options import add_run_options
+from tn_ray.commands.options import add_run_options, allow_change, load, print_run
 
 
 def add_parser(sub) -> None:
@@ -14,7 +14,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from tn_ray.commands.options import allow_change, load, print_run
     from tn_ray.training.rwr import RwrConfig
     from tn_ray.training.rwr import run as rwr_run
 

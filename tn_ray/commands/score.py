@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tn_ray.errors import InputError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("score", help="score images listed in a manifest; write score matrices and TextNorm")
@@ -19,8 +21,6 @@ def add_parser(sub) -> None:
 def read_manifest(manifest: Path):
     """The manifest's rows with absolute image paths; errors name the file, the line, the column."""
     import pandas as pd
-
-    from tn_ray.errors import InputError
 
     if not manifest.is_file():
         raise InputError(f"manifest not found: {manifest}" if not manifest.exists() else f"manifest {manifest} is not "
@@ -49,7 +49,6 @@ def read_manifest(manifest: Path):
 
 def run(args) -> int:
     from tn_ray.config import ScoringConfig, validate
-    from tn_ray.errors import InputError
     from tn_ray.prompts.contrast import load_contrast, texts_for
     from tn_ray.rewards import parse
     from tn_ray.rewards.availability import check_weights

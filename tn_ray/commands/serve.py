@@ -1,7 +1,7 @@
 """``tn-ray serve rewards CONFIG``: the reward service on Ray Serve (docs/serve.md)."""
 from __future__ import annotations
 
-from tn_ray.commands.options import add_run_options
+from tn_ray.commands.options import add_run_options, load
 
 
 def add_parser(sub) -> None:
@@ -28,7 +28,6 @@ def rewards(args) -> int:
     import signal
     import time
 
-    from tn_ray.commands.options import load
     from tn_ray.serve.config import TOKEN_ENV, ServeConfig, service_token
 
     cfg = load(args, ServeConfig, host=args.host, port=args.port)

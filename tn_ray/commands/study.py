@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tn_ray.commands.options import add_run_options
+from tn_ray.commands.options import add_run_options, allow_change, overrides
 
 
 def add_parser(sub) -> None:
@@ -29,7 +29,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from tn_ray.commands.options import allow_change, overrides
     from tn_ray.experiments.study import load_study
 
     return run_study(load_study(args.config, overrides(args)), args, args.resume, allow_change(args))

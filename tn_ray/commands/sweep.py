@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tn_ray.commands.options import add_run_options
+from tn_ray.commands.options import add_run_options, allow_change, overrides
 
 
 def add_parser(sub) -> None:
@@ -29,7 +29,6 @@ def run(args) -> int:
             entry = registry.get(name)
             print(f"  {name:<20} [{entry.kind}] {entry.description}")
         return 0 if args.list else 2
-    from tn_ray.commands.options import allow_change, overrides
 
     given = overrides(args, num_samples=args.num_samples, storage_path=args.storage_path, out=args.out)
     paths = load_and_run(args.config, resume=args.resume, overrides=given, allow_provenance_change=allow_change(args))

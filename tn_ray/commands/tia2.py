@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tn_ray.commands.options import add_run_options
+from tn_ray.commands.options import add_run_options, allow_change, load
 
 
 def add_parser(sub) -> None:
@@ -66,7 +66,6 @@ def paper_table(args) -> int:
 
 
 def evaluate(args) -> int:
-    from tn_ray.commands.options import allow_change, load
     from tn_ray.experiments.tia2_eval import Tia2EvalConfig, run
 
     cfg = load(

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tn_ray.commands.options import add_run_options
+from tn_ray.commands.options import add_run_options, allow_change, load, overrides
+from tn_ray.commands.study import run_study
+from tn_ray.errors import InputError
 
 
 def add_parser(sub) -> None:
@@ -66,7 +68,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from tn_ray.commands.options import allow_change, load
     from tn_ray.experiments.world import WorldConfig
     from tn_ray.experiments.world import run as run_world
 
@@ -80,7 +81,6 @@ def run(args) -> int:
 
 def write_labels(args) -> int:
     from tn_ray.data.world.labels import make
-    from tn_ray.errors import InputError
 
     if not 32 <= args.size <= 128:
         raise InputError(f"--size {args.size}: the world renders 32..128 px")
@@ -100,7 +100,6 @@ def write_labels(args) -> int:
 def train(args) -> int:
     import json
 
-    from tn_ray.errors import InputError
     from tn_ray.rewards import parse
     from tn_ray.rewards.worldclip import ensure, parse_source
 
@@ -114,7 +113,6 @@ def train(args) -> int:
 
 
 def train_generator(args) -> int:
-    from tn_ray.commands.options import load
     from tn_ray.diffusion.world.build import build
     from tn_ray.diffusion.world.settings import WorldGeneratorConfig
 
@@ -126,8 +124,6 @@ def train_generator(args) -> int:
 
 def finetune(args) -> int:
     """`tn-ray study` on a grid of fine-tuning methods (the same code); a rerun resumes, as it always has."""
-    from tn_ray.commands.options import allow_change, overrides
-    from tn_ray.commands.study import run_study
     from tn_ray.experiments.study import load_study
 
     return run_study(load_study(args.config, overrides(args)), args, True, allow_change(args))

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tn_ray.data.sets import validate_sets
 from tn_ray.errors import TnRayError
 
 log = logging.getLogger(__name__)
@@ -122,8 +123,6 @@ def labels_frame(raw: dict, set_name: str, path: Path | str) -> pd.DataFrame:
 
 @lru_cache(maxsize=16)
 def load_prompt_sets(set_name: str, root: Path) -> dict[str, list[str]]:
-    from tn_ray.data.sets import validate_sets
-
     check_sets([set_name])
     path = root / "prompts" / f"prompt_set_{set_name}.json"
     return validate_sets(_read_json(path), str(path))

@@ -16,14 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tn_ray.storage import local_cache
+
 log = logging.getLogger(__name__)
 
 FILE_NAME = "llm_answers.jsonl"
 
 
 def default_dir() -> Path:
-    from tn_ray.storage import local_cache
-
     return local_cache("prompts")
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from tn_ray.prompts.quantities import parse
+
 CATEGORIES = ("text", "style", "composition", "counting", "creative", "location", "colors", "spatial")
 
 _NUMBERS = ("one two three four five six seven eight nine ten eleven twelve dozen dozens several "
@@ -60,6 +62,5 @@ def categorize(prompt: str) -> list[str]:
     found = [c for c in CATEGORIES if _CUES[c].search(prompt)]
     if found:
         return found
-    from tn_ray.prompts.quantities import parse
 
     return ["counting"] if parse(prompt) is not None else ["creative"]

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from tn_ray.data.sets import validate_sets
 from tn_ray.errors import InputError
+from tn_ray.prompts import SOURCES
+from tn_ray.storage import read_json
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,6 @@ def load_contrast(
             for x0, xs in tia2.load_prompt_sets(s, root).items():
                 merged.setdefault(x0, xs)
         return merged
-    from tn_ray.storage import read_json
 
     path = Path(source.format(set=set_name) if set_name and "{set}" in source else source)
     return validate_sets(read_json(path, "contrastive-set file"), str(path))
@@ -49,7 +50,6 @@ def load_contrast(
 def generates(source: str) -> bool:
     """Whether ``source`` is a prompt source that makes sets for given prompts (``rules``, ``llm``)
     rather than a stored set file (``released...``, a JSON file)."""
-    from tn_ray.prompts import SOURCES
 
     return source in SOURCES and source != "released"
 

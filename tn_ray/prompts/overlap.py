@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tn_ray.data.tia2 import load_prompt_sets, load_subcategories
 from tn_ray.prompts.base import normalize
+from tn_ray.prompts.categories import categorize
 from tn_ray.prompts.quantities import parse
 from tn_ray.prompts.rules import contrast
 from tn_ray.prompts.settings import RulesConfig
@@ -26,8 +28,6 @@ def jaccard(a, b) -> float:
 
 
 def per_prompt(root: Path, sets=SETS, cfg: RulesConfig | None = None) -> pd.DataFrame:
-    from tn_ray.data.tia2 import load_prompt_sets
-
     rows = []
     for set_name in sets:
         for x0, released in load_prompt_sets(set_name, Path(root)).items():
@@ -54,8 +54,6 @@ def per_set(table: pd.DataFrame) -> pd.DataFrame:
 
 def category_agreement(root: Path) -> pd.DataFrame:
     """Per TIA2 subcategory: prompts, share whose categories include it, share where it comes first."""
-    from tn_ray.data.tia2 import load_subcategories
-    from tn_ray.prompts.categories import categorize
 
     rows = [{"subcategory": c, "found": c in categorize(p), "first": categorize(p)[0] == c,
              "n_categories": len(categorize(p))}

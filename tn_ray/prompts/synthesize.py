@@ -21,9 +21,12 @@ import pandas as pd
 from pydantic import Field, SecretStr, field_validator
 
 from tn_ray.config import RayConfig, StrictModel
+from tn_ray.errors import InputError
 from tn_ray.prompts import SOURCES, build
 from tn_ray.prompts.base import ContrastSet
+from tn_ray.prompts.llm import LlmError
 from tn_ray.prompts.settings import SourcesConfig
+from tn_ray.storage import check_output_file, read_json
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +63,6 @@ class SynthesisConfig(StrictModel):
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """Unique prompts of ``path`` in file order (see ``SynthesisConfig.input``); errors name the file."""
-    from tn_ray.errors import InputError
-    from tn_ray.storage import read_json
 
     path = Path(path)
     if not path.is_file():
@@ -116,8 +117,6 @@ class SynthesisWorker:
         self.source = build(source, cfg, **extra)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from tn_ray.prompts.llm import LlmError
-
         sets, fatal = [], ""
         for x0 in (str(x) for x in batch["x0"]):
             if not fatal:
@@ -157,7 +156,6 @@ def _run_ray(cfg: SynthesisConfig, x0s: list[str], kwargs: dict) -> pd.DataFrame
     from tqdm.auto import tqdm
 
     from tn_ray.cluster import init_ray
-    from tn_ray.prompts.llm import LlmError
 
     init_ray(cfg.ray)
     workers = min(cfg.workers, -(-len(x0s) // cfg.batch_size))
@@ -184,7 +182,6 @@ def _run_ray(cfg: SynthesisConfig, x0s: list[str], kwargs: dict) -> pd.DataFrame
 
 def synthesize(cfg: SynthesisConfig) -> dict[str, Path]:
     """Write the sets and the report of ``cfg.input``; returns {"sets": path, "report": path}."""
-    from tn_ray.storage import check_output_file
 
     start = time.time()
     x0s = read_prompts(cfg.input)

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tn_ray.rewards.base import ModelLoadError, RewardSpec
+from tn_ray.rewards.clip import resolve
+from tn_ray.rewards.imagereward import CHECKPOINT_NAME, DEFAULT_REPO
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -34,8 +36,6 @@ def in_hub_cache(repo: str, filename: str) -> bool:
 
 def _clip(spec: RewardSpec) -> str | None:
     from open_clip.pretrained import get_pretrained_cfg
-
-    from tn_ray.rewards.clip import resolve
 
     arch, pretrained = resolve(spec.source)
     if arch.startswith("hf-hub:"):
@@ -77,8 +77,6 @@ def _pickscore(spec: RewardSpec) -> str | None:
 
 
 def _imagereward(spec: RewardSpec) -> str | None:
-    from tn_ray.rewards.imagereward import CHECKPOINT_NAME, DEFAULT_REPO
-
     return _hub_model(DEFAULT_REPO, (CHECKPOINT_NAME,))(spec)
 
 

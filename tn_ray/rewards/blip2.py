@@ -29,6 +29,7 @@ from PIL import Image
 
 from tn_ray.rewards.base import ModelLoadError, RewardModel, RewardSpec, check_tokenizer, seeded_init
 from tn_ray.rewards.cross import TokenBatch, pad_tokens, score_pairs
+from tn_ray.rewards.wordpiece import bert_tokenizer
 
 DEFAULT_MODEL = "Salesforce/blip2-itm-vit-g"
 MAX_TEXT_TOKENS = 32
@@ -38,8 +39,6 @@ def tiny_parts(seed: int = 0) -> tuple[Any, Any, Any]:
     """(model, image processor, tokenizer): small config (32 px, 2 layers of 64, 4 queries),
     random weights, BERT-style tokenizer built offline."""
     from transformers import Blip2Config, Blip2ForImageTextRetrieval, BlipImageProcessor
-
-    from tn_ray.rewards.wordpiece import bert_tokenizer
 
     tokenizer = bert_tokenizer()
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})  # as the released BLIP-2 tokenizer

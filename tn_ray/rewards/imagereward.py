@@ -35,6 +35,7 @@ from torch import nn
 
 from tn_ray.rewards.base import ModelLoadError, RewardModel, RewardSpec, check_tokenizer, seeded_init
 from tn_ray.rewards.cross import TokenBatch, pad_tokens, score_pairs
+from tn_ray.rewards.wordpiece import bert_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -326,8 +327,6 @@ def blip_tokenizer(base):
 def _tokenizer_for(folder: Path | None):
     from transformers import BertTokenizer
 
-    from tn_ray.rewards.wordpiece import bert_tokenizer
-
     if folder is not None and (folder / "vocab.txt").is_file():
         return blip_tokenizer(bert_tokenizer(folder / "vocab.txt"))
     try:
@@ -345,7 +344,6 @@ def _tokenizer_for(folder: Path | None):
 def tiny_parts(seed: int = 0) -> tuple[ImageRewardNet, Any]:
     """The same classes with a small config and seeded random weights: ViT of 2 layers of
     width 128 (2 heads of 64, as the real one's head size) on 32 px, BERT of 2 layers of 64."""
-    from tn_ray.rewards.wordpiece import bert_tokenizer
 
     tokenizer = blip_tokenizer(bert_tokenizer())
     med = {
@@ -365,7 +363,6 @@ def tiny_parts(seed: int = 0) -> tuple[ImageRewardNet, Any]:
 def random_full_size_parts(seed: int = 0) -> tuple[ImageRewardNet, Any]:
     """ImageReward's real shapes (ViT-L/16 at 224, BERT-base with cross-attention) with
     seeded random weights (``imagereward:random``), for benchmarks."""
-    from tn_ray.rewards.wordpiece import bert_tokenizer
 
     tokenizer = blip_tokenizer(bert_tokenizer())
     with seeded_init(seed):

@@ -14,7 +14,9 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from tn_ray.errors import InputError
 from tn_ray.rewards.base import RewardModel, RewardSpec
+from tn_ray.rewards.learned_head import load
 
 
 class LearnedReward(RewardModel):
@@ -24,8 +26,6 @@ class LearnedReward(RewardModel):
 
     def __init__(self, spec: RewardSpec, device: str | None = None, text_batch_size: int = 64, *, build=None):
         super().__init__(spec, device, text_batch_size)
-        from tn_ray.errors import InputError
-        from tn_ray.rewards.learned_head import load
 
         if build is None:
             raise TypeError("LearnedReward is built through tn_ray.rewards.build, which passes `build`")

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tn_ray.errors import InputError
+
 WEIGHTS, META = "head.safetensors", "head.json"
 
 
@@ -89,7 +91,6 @@ def load(folder: str) -> tuple[RewardHead, dict]:
     """(head in eval mode, its meta) from a local folder or a URI."""
     from safetensors.torch import load as load_bytes
 
-    from tn_ray.errors import InputError
     from tn_ray.storage import Store
 
     store = Store(folder)

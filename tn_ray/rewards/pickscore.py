@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tn_ray.rewards.base import ModelLoadError, RewardModel, RewardSpec, check_tokenizer, seeded_init
+from tn_ray.rewards.bpe import clip_vocab_and_merges
 
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -26,8 +27,6 @@ def tiny_clip_model_and_processor():
     """A transformers CLIPModel from a small config (random weights) and a processor
     whose tokenizer is OpenAI CLIP's real BPE (from the file open_clip ships)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    from tn_ray.rewards.bpe import clip_vocab_and_merges
 
     config = CLIPConfig(
         text_config=dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -33,8 +33,11 @@ from pydantic import Field, ValidationError
 from torch import nn
 
 from tn_ray.config import StrictModel
+from tn_ray.data.world import grammar, sampler, scenes
+from tn_ray.data.world.grammar import vocabulary
 from tn_ray.errors import InputError
 from tn_ray.rewards.base import RewardModel, RewardSpec
+from tn_ray.storage import local_cache
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +84,6 @@ def parse_source(source: str | None) -> WorldClipConfig:
 
 # --- tokenizer -------------------------------------------------------------------------
 def _vocab() -> dict[str, int]:
-    from tn_ray.data.world.grammar import vocabulary
-
     return {w: i + 2 for i, w in enumerate(vocabulary())}  # 0 = padding, 1 = unknown word
 
 
@@ -148,7 +149,6 @@ def to_tensor(images: Sequence, size: int) -> torch.Tensor:
 def training_batch(cfg: WorldClipConfig, rng: np.random.Generator) -> tuple[list, list[str]]:
     """``cfg.batch`` (image, caption) pairs with distinct captions: a prompt of a random kind
     and a scene that matches it."""
-    from tn_ray.data.world import grammar, sampler, scenes
 
     images, texts, seen = [], [], set()
     while len(texts) < cfg.batch:
@@ -217,8 +217,6 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
 
 
 def cache_dir() -> Path:
-    from tn_ray.storage import local_cache
-
     return local_cache("world")
 
 

@@ -16,6 +16,8 @@ from tn_ray.config import ScoringConfig
 from tn_ray.rewards import parse
 from tn_ray.scoring.cache import RewardCache
 from tn_ray.scoring.matrix import KEY_COLUMNS, ScoreMatrix, model_slug
+from tn_ray.scoring.service_pool import reward_pool
+from tn_ray.scoring.workers import score_into_cache
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,6 @@ def score_matrices(items: pd.DataFrame, models: Sequence[str], cache_dir: str | 
         dup = items.loc[items["image_key"].duplicated(), "image_key"].iloc[0]
         raise ValueError(f"image_key must be unique per image; '{dup}' repeats")
     specs = [str(parse(m)) for m in models]  # unknown names fail before any work
-    from tn_ray.scoring.service_pool import reward_pool
-    from tn_ray.scoring.workers import score_into_cache
 
     out: dict[str, ScoreMatrix] = {}
     keys = items.drop(columns=["image", "texts", "image_key"])

@@ -17,7 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from tn_ray.client import TOKEN_ENV
+from tn_ray import cluster
+from tn_ray.client import TOKEN_ENV, RewardClient
 from tn_ray.config import ScoringConfig
 from tn_ray.errors import InputError
 from tn_ray.scoring.workers import RewardPool
@@ -39,8 +40,6 @@ class ServicePool(RewardPool):
 
     # --- backend ----------------------------------------------------------------------------
     def _start(self) -> list:
-        from tn_ray.client import RewardClient
-
         client = RewardClient(self.url, self.token)
         info = client.rewards()
         if self.spec not in info["models"]:
@@ -85,8 +84,6 @@ class HandlePool(RewardPool):
 
     def _start(self) -> list:
         from ray import serve
-
-        from tn_ray import cluster
 
         cluster.init_ray()
         try:

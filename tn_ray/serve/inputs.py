@@ -22,8 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from tn_ray.data.sets import validate_sets
 from tn_ray.errors import InputError
+from tn_ray.prompts.contrast import sets_for, texts_for
 from tn_ray.serve.config import LimitsConfig, ServeConfig, split_store_uri
+from tn_ray.storage import Store
+from tn_ray.textnorm.columns import column_models, reward_columns, specs_for
 
 
 class RequestError(InputError):
@@ -81,7 +85,6 @@ def canonical_column(name: Any, cfg: ServeConfig) -> str:
 
 def models_of(columns: Sequence[str], cfg: ServeConfig) -> dict[str, bool]:
     """Model -> whether it must score the contrastive prompts too, for the requested ``columns``."""
-    from tn_ray.textnorm.columns import column_models
 
     out: dict[str, bool] = {}
     for col in columns:
@@ -165,8 +168,6 @@ def uri_under_roots(uri: str, roots: Sequence[str], where: str) -> tuple[str, st
 
 @lru_cache(maxsize=32)
 def _root_store(root: str):
-    from tn_ray.storage import Store
-
     return Store(root)
 
 
@@ -240,8 +241,6 @@ def pairs_of(data: Mapping[str, Any], limits: LimitsConfig) -> tuple[list[Any], 
 
 def contrast_sets(given: Any, prompts: Sequence[str], cfg: ServeConfig) -> tuple[dict[str, list[str]], str]:
     """The contrastive sets of ``given``: inline ``{x0: [x1..xm]}`` or a source name the config allows."""
-    from tn_ray.data.sets import validate_sets
-    from tn_ray.prompts.contrast import sets_for
 
     if given is None:
         raise RequestError("contrast: this reward needs contrastive sets: give them inline {prompt: [contrastive "
@@ -272,7 +271,6 @@ def contrast_sets(given: Any, prompts: Sequence[str], cfg: ServeConfig) -> tuple
 
 def parse_request(body: bytes, cfg: ServeConfig) -> ScoreJob:
     """A checked :class:`ScoreJob` from the raw body of ``POST /v1/score``."""
-    from tn_ray.prompts.contrast import texts_for
 
     data = parse_json(body, cfg.limits)
     unknown = sorted(set(data) - {"pairs", "images", "prompts", "reward", "contrast"})
@@ -311,7 +309,6 @@ def answer(job: ScoreJob, rows: Mapping[str, Sequence[np.ndarray]], cfg: ServeCo
            revisions: Mapping[str, str]) -> dict[str, Any]:
     """The JSON answer: every requested column (through the one reward-columns function), the first
     as ``scores``, and the revision of every model that scored."""
-    from tn_ray.textnorm.columns import reward_columns, specs_for
 
     values = job_values(job, rows)
     ensembles = specs_for(job.columns, cfg.ensembles)

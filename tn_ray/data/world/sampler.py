@@ -18,7 +18,7 @@ from pydantic import Field, field_validator
 from tn_ray.config import StrictModel
 from tn_ray.data.world.grammar import COMPOSITION_MAX, WorldPrompt
 from tn_ray.data.world.oracle import holds
-from tn_ray.data.world.scenes import CELLS, COLORS, MAX_OBJECTS, SHAPES, Scene, place
+from tn_ray.data.world.scenes import CELLS, COLORS, MAX_OBJECTS, SHAPES, Obj, Scene, place
 
 SAMPLED_ERRORS = ("count", "colour", "shape", "missing", "relation")
 APPLICABLE = {"counting": ("count", "colour", "shape"), "colours": ("count", "colour", "shape"),
@@ -65,7 +65,6 @@ def _cells(rng: np.random.Generator, n: int) -> list[int]:
 
 def _matching_cells(prompt: WorldPrompt, rng: np.random.Generator) -> list[int]:
     """Cells for the slots' objects (slot by slot), the relation holding for spatial prompts."""
-    from tn_ray.data.world.scenes import Obj
 
     while True:
         cells = _cells(rng, prompt.n_objects)

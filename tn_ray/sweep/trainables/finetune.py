@@ -16,7 +16,8 @@ from typing import Any
 
 from pydantic import Field
 
-from tn_ray.config import StrictModel, apply_overrides
+from tn_ray.config import StrictModel, apply_overrides, load_config
+from tn_ray.storage import join_uri
 
 
 class FineTuneSweepOptions(StrictModel):
@@ -39,7 +40,6 @@ class FineTuneSweepData:
 
 def base_config(options: FineTuneSweepOptions, config_class: type):
     """The YAML with its overrides; every report carries the evaluation metrics Tune and ASHA compare."""
-    from tn_ray.config import load_config
 
     cfg = load_config(options.config, config_class, options.overrides)
     return cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"every": cfg.eval.every})})
@@ -52,7 +52,6 @@ def trial_slug(params: Mapping[str, Any], keys: Mapping[str, str]) -> str:
 
 def trial_config(params: Mapping[str, Any], data: FineTuneSweepData):
     """The trial's validated config: ``data.cfg`` with each parameter set at its key in ``data.keys``."""
-    from tn_ray.storage import join_uri
 
     raw = copy.deepcopy(data.cfg)
     overrides = {data.keys[k]: v for k, v in params.items() if k in data.keys}

@@ -13,7 +13,9 @@ from typing import Any
 
 from pydantic import Field
 
-from tn_ray.config import StrictModel
+from tn_ray.config import StrictModel, load_config
+from tn_ray.reward_learning.train import epochs
+from tn_ray.storage import join_uri
 from tn_ray.sweep.trainable import SweepTrainable
 
 SEARCHABLE = {"lr": float, "weight_decay": float, "hidden": int, "layers": int, "dropout": float, "aux_weight": float,
@@ -37,11 +39,9 @@ class HeadData:
 
 def prepare(options: RewardHeadOptions, sweep=None) -> HeadData:
     from tn_ray.cluster import init_ray
-    from tn_ray.config import load_config
     from tn_ray.reward_learning import data, features, train
     from tn_ray.reward_learning.config import RewardTrainConfig
     from tn_ray.reward_learning.pipeline import build_arrays
-    from tn_ray.storage import join_uri
 
     cfg = load_config(options.config, RewardTrainConfig, options.overrides)
     frame = data.load(cfg.data)
@@ -53,8 +53,6 @@ def prepare(options: RewardHeadOptions, sweep=None) -> HeadData:
 def run_trial(config: dict[str, Any], data: HeadData) -> None:
     """The Tune function trainable: the shared epoch loop with ``tune.report`` and its checkpoints."""
     from ray import tune
-
-    from tn_ray.reward_learning.train import epochs
 
     params = {**data.params, **config}
 

@@ -26,6 +26,7 @@ from tn_ray.sweep.trainables.finetune import (
     trial_config,
     tune_callbacks,
 )
+from tn_ray.training.sample_weights import reward_weights
 
 # swept parameter -> RwrConfig key
 KEYS = {"beta": "beta", "lr": "optimizer.lr", "weighting": "weighting", "temperature": "temperature",
@@ -61,7 +62,6 @@ def train(config: dict[str, Any], data: RwrSweepData) -> None:
     from tn_ray.training.loop import fit
     from tn_ray.training.outputs import write_outputs
     from tn_ray.training.rwr import RwrMethod
-    from tn_ray.training.sample_weights import reward_weights
 
     cfg = trial_config(config, data)
     examples = data.examples.copy()
