@@ -519,8 +519,8 @@ def generation_tag(cfg: Any) -> str:
 def _share_rwr_generation(grid: StudyConfig, key: CellKey, raw: dict, cfg: Any, cls: type) -> Any:
     """The RWR cell's config with ``generation.out`` = ``<out>/shared/<method>-generation-seed<g>-<tag>`` and
     ``cache_dir`` = ``<out>/shared/rwr-cache`` (unless its YAML or overrides set them): the base model's images
-    depend on :func:`generation_tag`'s inputs only, never on the reward, the KL or the cell's ``seed``, so every
-    RWR cell with the same tag reuses one generation (the generation resumes from the images on disk and refuses a
+    depend on :func:`generation_tag`'s inputs only (``generation.seed`` is the cell's seed), never on the reward or
+    the KL, so every RWR cell of a seed with the same tag reuses one generation (the generation resumes from the images on disk and refuses a
     folder made with other parameters), and the content-addressed reward cache scores each image once per model
     and text. The folder name is a function of the config, so provenance and ``--resume`` see the same path."""
     from tn_ray.storage import join_uri
@@ -554,6 +554,8 @@ def plan(grid: StudyConfig, source: str = "grid") -> list[Cell]:
         apply_overrides(raw, entry.overrides, f"{source}: {key.label}: methods.{key.method}.overrides")
         raw["reward"] = grid.rewards[key.reward].model_dump(mode="json")
         apply_overrides(raw, {entry.kl_key: key.kl, "seed": key.seed, "out": key.out})
+        if key.kind == "rwr":  # a seed replicates the image pool too: on the world, which images are drawn moved the
+            apply_overrides(raw, {"generation.seed": key.seed})  # judge's gain by 0.2 (docs/world.md, "The pilots")
         if key.truth != key.train:
             if not isinstance(raw.get("eval"), dict):
                 raw["eval"] = cls.model_fields["eval"].get_default(call_default_factory=True).model_dump(mode="json")
