@@ -520,9 +520,10 @@ def _share_rwr_generation(grid: StudyConfig, key: CellKey, raw: dict, cfg: Any, 
     """The RWR cell's config with ``generation.out`` = ``<out>/shared/<method>-generation-seed<g>-<tag>`` and
     ``cache_dir`` = ``<out>/shared/rwr-cache`` (unless its YAML or overrides set them): the base model's images
     depend on :func:`generation_tag`'s inputs only (``generation.seed`` is the cell's seed), never on the reward or
-    the KL, so every RWR cell of a seed with the same tag reuses one generation (the generation resumes from the images on disk and refuses a
-    folder made with other parameters), and the content-addressed reward cache scores each image once per model
-    and text. The folder name is a function of the config, so provenance and ``--resume`` see the same path."""
+    the KL, so every RWR cell of a seed with the same tag reuses one generation (the generation resumes from the
+    images on disk and refuses a folder made with other parameters), and the content-addressed reward cache scores
+    each image once per model and text. The folder name is a function of the config, so provenance and
+    ``--resume`` see the same path."""
     from tn_ray.storage import join_uri
 
     updates = {}
