@@ -266,7 +266,7 @@ def test_rwr_cells_of_a_seed_share_one_generation_and_the_dry_run_counts_it_once
     ray_session, tmp_path, monkeypatch, capsys
 ):
     import tn_ray.diffusion.generation as generation
-    import tn_ray.scoring.workers as workers
+    import tn_ray.scoring.batch_scoring as batch_scoring
     from tn_ray.cli import main
     from tn_ray.experiments.study import load_study, plan
 
@@ -295,7 +295,7 @@ def test_rwr_cells_of_a_seed_share_one_generation_and_the_dry_run_counts_it_once
     )
 
     made, computed = [], []
-    prepare, score = generation.prepare, workers.score_into_cache
+    prepare, score = generation.prepare, batch_scoring.score_into_cache
 
     def counted_prepare(prompts, cfg):
         store, wanted, todo = prepare(prompts, cfg)
@@ -307,7 +307,7 @@ def test_rwr_cells_of_a_seed_share_one_generation_and_the_dry_run_counts_it_once
         return computed[-1]
 
     monkeypatch.setattr(generation, "prepare", counted_prepare)
-    monkeypatch.setattr(workers, "score_into_cache", counted_score)
+    monkeypatch.setattr(batch_scoring, "score_into_cache", counted_score)  # where the scoring calls it
     assert main(["study", config]) == 0
     assert made == [(shared, 4), (shared, 0)]  # the second cell makes 0 new images
     assert computed[0] == 4 and computed[1] == 0  # and scores none: the shared cache has them
