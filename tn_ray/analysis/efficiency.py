@@ -100,7 +100,7 @@ def table(costs: pd.DataFrame, gains: pd.DataFrame) -> pd.DataFrame:
     out["gain_per_device_h"] = out["truth_gain"] / out["device_h"]
     out["kl"] = out["kl"].where(out["kl"] >= 0)
     out["n"] = out["n"].where(out["n"] >= 0).astype("Int64")
-    order = {"finetune": 1, "bestofn": 0}
+    order = {"finetune": 0, "bestofn": 1}
     out = out.sort_values(keys, key=lambda c: c.map(order) if c.name == "kind" else c, kind="mergesort")
     return out[COLUMNS].reset_index(drop=True)
 

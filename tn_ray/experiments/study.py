@@ -1104,7 +1104,8 @@ def paper_sections(grid: StudyConfig, finished: list[CellKey], ran: list[CellKey
     human = wl.human(outcomes) if len(outcomes) else None
     unread = f" Not read: {'; '.join(problems)}." if problems else ""
     if human is not None:
-        note = f"{len(outcomes)} answers.{unread}"
+        answered = outcomes[["method", "reward", "kl", "seed", "question", "annotator"]].drop_duplicates()
+        note = f"{len(answered)} answers from {outcomes['annotator'].nunique()} annotators.{unread}"
         files["human_winloss.csv"] = human.to_csv(index=False)
         records["human_winloss"] = _records(human)
     elif finished:
@@ -1116,7 +1117,7 @@ def paper_sections(grid: StudyConfig, finished: list[CellKey], ran: list[CellKey
     else:
         note = "No human answers: only fine-tuning cells export a comparison (`human_eval/`); none has finished."
     lines += wl.human_markdown(human, note)
-    records["human_answers"] = int(len(outcomes))
+    records["human_answers"] = 0 if human is None else int(len(answered))
     cost_cols = ["kind", "method", "reward", "kl", "n", "seed", "prompts", "samples_per_prompt", "samples"]
     per = ef.table(pd.DataFrame(costs).reindex(columns=[*cost_cols, "eval_images", "device_s"]), pd.concat(gains))
     uncounted = sorted(k for k, cfg in configs.items() if cfg is None)
