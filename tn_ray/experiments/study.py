@@ -1133,7 +1133,8 @@ def write_report(grid: StudyConfig) -> dict[str, str]:
     for fine-tuning cells report.csv (one row per method, reward row and kl), curve.csv (per step), cells.csv (per
     cell), accuracy_vs_step.png and, when cells recorded path KL, accuracy_vs_path_kl.png; for best-of-n cells
     bestofn.csv (per method, reward row and n), bestofn_cells.csv (per seed too), bestofn_versus.csv (each row vs
-    the first row at equal n) and truth_vs_n.png."""
+    the first row at equal n) and truth_vs_n.png; and :func:`paper_sections`' winloss.csv, efficiency.csv and,
+    when some cell has human answers, human_winloss.csv."""
     import pandas as pd
 
     from tn_ray.analysis import finetune_report as fr
