@@ -413,3 +413,79 @@ def test_report_tallies_human_answers_from_the_labelling_app(tmp_path, monkeypat
     md = (Path(grid.out) / "report.md").read_text()
     assert "No human answers yet" not in md and "12 answers from 2 annotators." in md
     assert json.loads((Path(grid.out) / "report.json").read_text())["human_answers"] == 12
+
+
+def test_report_bestofn_rows_read_the_runs_and_count_n_samples_per_prompt(tmp_path, monkeypatch):
+    """Best-of-n runs (hand-made rewards.parquet and the real selection of it): the pick vs sample 0 and the rows
+    vs each other under the truth, recomputed by hand; the cost of a cell at n is n images per prompt."""
+    from tn_ray.analysis.bestofn_selection import select
+    from tn_ray.config import read_yaml
+
+    monkeypatch.chdir(REPO)
+    data = read_yaml(str(REPO / "sweeps/study_tiny.yaml"))
+    data.update(out=str(tmp_path / "g"), seeds=[0, 1], report={"resamples": 200, "seed": 1})
+    entry = data["methods"]["bestofn"]
+    data["methods"] = {"bestofn": {**entry, "n": [1, 4], "overrides": {**entry["overrides"], "max_prompts": 4}}}
+    data["rewards"] = {
+        "clip": {"models": ["clip:tiny"], "use": "clip:tiny"},
+        "bright": {"models": [TRUTH], "use": TRUTH},
+    }
+    grid = validate(study.StudyConfig, data)
+    runs = {c.key.id: c for c in study.plan(grid)}
+    rng = np.random.default_rng(7)
+    truth, picked = {}, {}
+    for run in study.bestofn_runs(grid):
+        cfg = runs[run.id].config
+        prompts = study._count_prompts(cfg)
+        rewards = pd.DataFrame(
+            [
+                {"prompt_id": p, "sample": s, "clip:tiny": float(rng.normal()), TRUTH: float(rng.integers(0, 2))}
+                for p in range(prompts)
+                for s in range(cfg.generation.samples_per_prompt)
+            ]
+        )
+        out = Path(run.out)
+        out.mkdir(parents=True)
+        rewards.to_parquet(out / "rewards.parquet", index=False)
+        select(rewards, ["clip:tiny", TRUTH], [1, 4], [1]).to_parquet(out / "selections.parquet", index=False)
+        (out / "done.json").write_text(json.dumps({"cell": run.id, "config": cfg.model_dump(mode="json")}))
+        for p, g in rewards.groupby("prompt_id"):
+            pool = g[g["sample"] < 4]
+            truth[(run.seed, p)] = g.loc[g["sample"] == 0, TRUTH].item()
+            picked[("clip", run.seed, p)] = pool.sort_values(["clip:tiny", "sample"], ascending=[False, True])[
+                TRUTH
+            ].iloc[0]
+            picked[("bright", run.seed, p)] = pool[TRUTH].max()
+    study.write_report(grid)
+    got = pd.read_csv(Path(grid.out) / "winloss.csv")
+    assert set(got["kind"]) == {"bestofn"} and set(got["column"]) == {TRUTH}
+    assert study._count_prompts(runs["bestofn-s0"].config) >= 3 and set(got["pairs"]) == {len(truth)}
+    units = sorted(truth)
+
+    def signs(a, b):
+        return np.sign(np.array(a) - np.array(b))
+
+    want = {
+        ("clip", wl.RANDOM, 4): signs([picked[("clip", *u)] for u in units], [truth[u] for u in units]),
+        ("bright", wl.RANDOM, 4): signs([picked[("bright", *u)] for u in units], [truth[u] for u in units]),
+        ("clip", "bright", 1): np.zeros(len(units)),
+        ("clip", "bright", 4): signs([picked[("clip", *u)] for u in units], [picked[("bright", *u)] for u in units]),
+    }
+    assert len(got) == len(want)
+    for r in got.itertuples():
+        s = want[(r.a, r.b, r.n)]
+        assert (r.pairs, r.wins, r.ties, r.losses) == (len(s), (s > 0).sum(), (s == 0).sum(), (s < 0).sum())
+        np.testing.assert_allclose([r.net, r.net_low, r.net_high], ci(s), atol=1e-12)
+    eff = pd.read_csv(Path(grid.out) / "efficiency.csv").set_index(["reward", "n"])
+    cfg = runs["bestofn-s0"].config
+    prompts, steps = study._count_prompts(cfg), cfg.generation.num_inference_steps
+    for (reward, n), row in eff.iterrows():
+        models = 2 if reward == "clip" else 1  # the row's models and the truth
+        seconds = prompts * n * steps * grid.cost.image_step_s + prompts * n * models * grid.cost.score_s
+        assert (row["samples_per_prompt"], row["samples"], row["cells"]) == (n, prompts * n, 2)
+        assert row["device_h"] == pytest.approx(seconds / 3600)
+        gain = np.mean([picked[(reward, *u)] - truth[u] for u in units]) if n == 4 else 0.0
+        assert row["truth_gain"] == pytest.approx(gain)
+    md = (Path(grid.out) / "report.md").read_text()
+    assert "### Best-of-n: each reward's top-1 pick vs the n = 1 image" in md
+    assert "No human answers: only fine-tuning cells export a comparison" in md
