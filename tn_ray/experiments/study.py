@@ -1060,7 +1060,8 @@ def write_report(grid: StudyConfig) -> dict[str, str]:
         names += ["bestofn.csv", "bestofn_cells.csv", "bestofn_versus.csv", "truth_vs_n.png"]
     from tn_ray.experiments.study_figures import write_figures, write_html
 
-    figures, figure_files = write_figures(grid, finished, ran, [n for n in names if n.endswith(".png")])  # Fig. 4, 5
+    plots = [n for n in names if n.endswith(".png")]
+    figures, figure_files = write_figures(grid, finished, ran, plots, cell_tables, bestofn_tables)  # Fig. 4, 5
     sections.append(figures)
     names += [*figure_files, "report.html"]
     store.write_text("report.md", "\n".join(sections))
