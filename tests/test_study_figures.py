@@ -249,6 +249,10 @@ def test_report_html_holds_every_table_and_every_figure_by_relative_path(tmp_pat
         assert f"]({rel})" in md
     assert "<h2>Figures</h2>" in page and page.startswith("<!doctype html>")
 
+    # the moved folder's report is made again: best-of-n images found in the run's own generation, where it is now
+    again = study.write_report(grid.model_copy(update={"out": str(moved)}))
+    assert again["figures/bestofn_00001_png"] == str(moved / "figures/bestofn_00001.png")
+
 
 def test_a_selected_step_without_images_is_one_line_naming_its_folder(tmp_path):
     grid, _, _ = make_study(tmp_path)

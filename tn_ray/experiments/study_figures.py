@@ -58,17 +58,20 @@ def _bestofn_grid(grid: Any, run: Any, ns: Sequence[int], pid: int, title: str, 
     """One prompt's Fig. 4: ``at`` = the run's picks by (prompt_id, reward row, n), ``image`` = its image paths by
     (prompt_id, sample)."""
     from tn_ray.analysis.image_grids import prompt_grid
-    from tn_ray.storage import read_any
+    from tn_ray.storage import join_uri, read_any
 
     def image_of(row: str, n: int) -> bytes:
-        path = image.get((pid, int(at.loc[(pid, row, n), "sample"])))
-        try:
-            return _decoded(read_any(path), f"{run.label}: {path}")
-        except FileNotFoundError:
-            raise InputError(
-                f"{run.label}: {path}: the image {row} picked at n = {n} for prompt {pid} is missing "
-                "(its generation folder was moved or deleted)"
-            ) from None
+        path = str(image.get((pid, int(at.loc[(pid, row, n), "sample"]))))
+        marker = f"/cells/{run.id}/"  # a study folder moved whole: the run's own generation, where it is now
+        for candidate in dict.fromkeys([path, join_uri(run.out, path.split(marker, 1)[1]) if marker in path else path]):
+            try:
+                return _decoded(read_any(candidate), f"{run.label}: {candidate}")
+            except FileNotFoundError:
+                continue
+        raise InputError(
+            f"{run.label}: {path}: the image {row} picked at n = {n} for prompt {pid} is missing "
+            "(its generation folder was moved or deleted)"
+        )
 
     def caption(row: str, n: int) -> str:
         return f"{grid.truth} {_value(at.loc[(pid, row, n), 'truth'])}"
