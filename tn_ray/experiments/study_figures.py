@@ -9,7 +9,7 @@ runs' stored images and writes, under ``<out>/figures/``,
   run of the study's first seed that finished;
 - per fine-tuning (method, kl) (Fig. 5): ``<method>_kl<kl>.png``, rows = the base model then each reward row's
   checkpoint the paper's rule selected (the cell's ``selection.json``), of the study's first seed with a finished
-  cell of that (method, kl); columns = the first eval seed of each of the first :data:`MAX_COLUMNS` evaluation
+  cell of that (method, kl); columns = the smallest eval seed of each of the first :data:`MAX_COLUMNS` evaluation
   prompts (the same in every row), each image from the cell's ``eval/base/`` or ``eval/step-XXXXXX/``.
 
 Every image is captioned with the truth's score of that image. The grids are drawn by
@@ -221,7 +221,7 @@ def finetune_figures(
             f"### {method}, kl {kl:g}: the base model and each reward's selected checkpoint (seed {seed})",
             "",
             f"Rows: the base model, then each reward row's checkpoint selected by the paper's rule; columns: the "
-            f"first eval seed of each of the first {len(columns)} evaluation prompts ({legend}); captions: the "
+            f"smallest eval seed of each of the first {len(columns)} evaluation prompts ({legend}); captions: the "
             f"truth ({grid.truth}) of each image.",
             "",
             f"![{method}, kl {kl:g}]({rel})",
