@@ -974,7 +974,8 @@ def write_report(grid: StudyConfig) -> dict[str, str]:
     for fine-tuning cells report.csv (one row per method, reward row and kl), curve.csv (per step), cells.csv (per
     cell), accuracy_vs_step.png and, when cells recorded path KL, accuracy_vs_path_kl.png; for best-of-n cells
     bestofn.csv (per method, reward row and n), bestofn_cells.csv (per seed too), bestofn_versus.csv (each row vs
-    the first row at equal n) and truth_vs_n.png."""
+    the first row at equal n) and truth_vs_n.png; figures/ (image grids: the paper's Fig. 4 and 5 on the study's
+    images, :mod:`tn_ray.experiments.study_figures`) and report.html (report.md rendered, figures inline)."""
     import pandas as pd
 
     from tn_ray.analysis import finetune_report as fr
@@ -1057,7 +1058,14 @@ def write_report(grid: StudyConfig) -> dict[str, str]:
             {"bestofn": _records(rows), "bestofn_cells": _records(per_seed), "bestofn_versus": _records(pairs)}
         )
         names += ["bestofn.csv", "bestofn_cells.csv", "bestofn_versus.csv", "truth_vs_n.png"]
+    from tn_ray.experiments.study_figures import write_figures, write_html
+
+    plots = [n for n in names if n.endswith(".png")]
+    figures, figure_files = write_figures(grid, finished, ran, plots, cell_tables, bestofn_tables)  # Fig. 4, 5
+    sections.append(figures)
+    names += [*figure_files, "report.html"]
     store.write_text("report.md", "\n".join(sections))
+    write_html(grid, "\n".join(sections))
     store.write_text("report.json", json.dumps(report, indent=1))
     return {name.replace(".", "_"): store.uri(name) for name in names}
 
