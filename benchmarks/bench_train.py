@@ -183,6 +183,18 @@ def lora_sizes(folder: Path) -> dict[str, float]:
 # --------------------------------------------------------------------------------------
 
 
+def interleaved_medians(ours, plain, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``ours()`` and ``plain()`` over ``repeats`` interleaved rounds after one warm-up round."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for r in range(repeats + 1):
+        for fn, out in zip((ours, plain), times):
+            t0 = time.perf_counter()
+            fn()
+            if r:
+                out.append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def ddpo_sampling(repeats: int, batch: int = 8, steps: int = 20) -> dict[str, float]:
     """``ddpo_sampling_logprob_over_plain``: our sampler (chain, log-probs, decode) over the plain
     ``pipe(..., eta=1, output_type='np')`` call, tiny pipeline, same prompts, steps, batch and
@@ -195,20 +207,17 @@ def ddpo_sampling(repeats: int, batch: int = 8, steps: int = 20) -> dict[str, fl
     pipe = load_pipeline("tiny")
     prompts = [f"a photo of object {i}" for i in range(batch)]
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(batch)]  # noqa: E731
-    ours, plain = [], []
-    for r in range(repeats + 1):
-        t0 = time.perf_counter()
+
+    def ours():
         chains = sample_chains(
             pipe, prompts, list(range(batch)), num_steps=steps, guidance=5.0, eta=1.0, generator=gens()
         )
         decode_images(pipe, chains.latents[:, -1])
-        t1 = time.perf_counter()
+
+    def plain():
         pipe(prompts, num_inference_steps=steps, guidance_scale=5.0, eta=1.0, generator=gens(), output_type="np")
-        t2 = time.perf_counter()
-        if r:
-            ours.append(t1 - t0)
-            plain.append(t2 - t1)
-    o, p = statistics.median(ours), statistics.median(plain)
+
+    o, p = interleaved_medians(ours, plain, repeats)
     return {"ddpo_sampling_s": o, "plain_pipeline_s": p, "ddpo_sampling_logprob_over_plain": o / p}
 
 
@@ -341,20 +350,17 @@ def grpo_sampling(repeats: int, batch: int = 8, steps: int = 10, size: int = 32)
     pipe = load_pipeline("tiny-sd3")
     prompts = [f"a photo of object {i}" for i in range(batch)]
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(batch)]  # noqa: E731
-    ours, plain = [], []
-    for r in range(repeats + 1):
-        t0 = time.perf_counter()
+
+    def ours():
         chains = sample_flow_chains(pipe, prompts, num_steps=steps, guidance=4.5, noise_level=0.7, generator=gens(),
                                     height=size, width=size)
         decode_flow_images(pipe, chains.latents[:, -1])
-        t1 = time.perf_counter()
+
+    def plain():
         pipe(prompts, num_inference_steps=steps, guidance_scale=4.5, generator=gens(), height=size, width=size,
              output_type="np")
-        t2 = time.perf_counter()
-        if r:
-            ours.append(t1 - t0)
-            plain.append(t2 - t1)
-    o, p = statistics.median(ours), statistics.median(plain)
+
+    o, p = interleaved_medians(ours, plain, repeats)
     return {"grpo_sampling_s": o, "sd3_plain_pipeline_s": p, "grpo_sampling_logprob_over_plain": o / p}
 
 

@@ -7,7 +7,8 @@ import pytest
 
 from tn_ray.config import ScoringConfig
 from tn_ray.diffusion.generation import GenerationConfig, image_id, read_manifest
-from tn_ray.experiments.bestofn_stream import generate_and_score, image_key, plan_pools
+from tn_ray.experiments.bestofn_stream import generate_and_score, plan_pools
+from tn_ray.scoring.batch_scoring import image_key
 from tn_ray.scoring.cache import RewardCache
 from tn_ray.storage import Store
 

@@ -55,7 +55,7 @@ def test_dry_run_prints_runs_and_counted_cost_and_starts_nothing(tmp_path, capsy
 @pytest.mark.parametrize(
     ("name", "runs", "cells", "hours"),
     [
-        ("study_world", 51, 84, " h on 2 CPU cores (image_step_s 0.035"),
+        ("study_world", 21, 45, " h on 2 CPU cores (image_step_s 0.035"),
         ("study_sd21", 93, 135, "on 1 A100 GPU (estimated)"),
     ],
 )

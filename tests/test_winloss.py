@@ -437,15 +437,24 @@ def test_report_bestofn_rows_read_the_runs_and_count_n_samples_per_prompt(tmp_pa
     for run in study.bestofn_runs(grid):
         cfg = runs[run.id].config
         prompts = study._count_prompts(cfg)
+        out = Path(run.out)
+        (out / "images").mkdir(parents=True)
         rewards = pd.DataFrame(
             [
-                {"prompt_id": p, "sample": s, "clip:tiny": float(rng.normal()), TRUTH: float(rng.integers(0, 2))}
+                {
+                    "prompt_id": p,
+                    "sample": s,
+                    "prompt": f"prompt {p}",
+                    "image": str(out / "images" / f"{p}-{s}.png"),  # the figures read the picked images
+                    "clip:tiny": float(rng.normal()),
+                    TRUTH: float(rng.integers(0, 2)),
+                }
                 for p in range(prompts)
                 for s in range(cfg.generation.samples_per_prompt)
             ]
         )
-        out = Path(run.out)
-        out.mkdir(parents=True)
+        for path in rewards["image"]:
+            Image.new("RGB", (4, 4), (9, 9, 9)).save(path)
         rewards.to_parquet(out / "rewards.parquet", index=False)
         select(rewards, ["clip:tiny", TRUTH], [1, 4], [1]).to_parquet(out / "selections.parquet", index=False)
         (out / "done.json").write_text(json.dumps({"cell": run.id, "config": cfg.model_dump(mode="json")}))

@@ -186,6 +186,18 @@ def _write(path: Path, frame: pd.DataFrame) -> None:
     frame.to_parquet(path, index=False)
 
 
+def _pngs(out: Path, step: int) -> None:
+    """The evaluation images of a step (0: the base model's) as a finished run leaves them, one tiny PNG each (the
+    report's figures read them)."""
+    from PIL import Image
+
+    folder = out / ("eval/base" if step == 0 else f"eval/step-{step:06d}")
+    folder.mkdir(parents=True, exist_ok=True)
+    for pid in range(len(PROMPTS)):
+        for s in EVAL_SEEDS:
+            Image.new("RGB", (4, 4), (40 * pid, 100, 50 * s + step % 200)).save(folder / f"{pid:05d}-{s}.png")
+
+
 def _images(rng, columns: list[str], truth: str, step: int | None) -> pd.DataFrame:
     rows = []
     for pid, prompt in enumerate(PROMPTS):
@@ -206,6 +218,8 @@ def make_cells(grid: wf.GridConfig, rng, skip: set[str], short: set[str]) -> dic
         columns = list(dict.fromkeys([key.train, key.truth, "clip:tiny"]))  # another judge the report ignores
         _write(out / "eval/base.parquet", _images(rng, columns, key.truth, None))
         steps = [10, 20] if key.id in short else [10, 20, 30]
+        for step in [0, *steps]:
+            _pngs(out, step)
         for step in steps:
             _write(out / f"eval/scores/step-{step:06d}.parquet", _images(rng, columns, key.truth, step))
         selected[key.id] = int(rng.choice(steps))
@@ -498,6 +512,8 @@ def test_a_finished_cell_whose_config_changed_is_refused_or_continued(tmp_path, 
         columns = list(dict.fromkeys([key.train, key.truth]))
         _write(out / "eval/base.parquet", _images(np.random.default_rng(0), columns, key.truth, None))
         _write(out / "eval/scores/step-000001.parquet", _images(np.random.default_rng(1), columns, key.truth, 1))
+        _pngs(out, 0)
+        _pngs(out, 1)
         (out / "selection.json").write_text(json.dumps({"paper_rule_step": 1}))
         return {"out": cfg.out}
 

@@ -32,10 +32,11 @@ from tn_ray.data import tia2
 from tn_ray.diffusion.generation import GenerationConfig, generate
 from tn_ray.diffusion.pipelines import pipeline_revisions
 from tn_ray.errors import InputError
-from tn_ray.experiments.bestofn_stream import generate_and_score, image_key
+from tn_ray.experiments.bestofn_stream import generate_and_score
 from tn_ray.prompts.contrast import generates, load_contrast, sets_for, texts_for
 from tn_ray.rewards import parse
 from tn_ray.rewards.revisions import reward_revisions
+from tn_ray.scoring.batch_scoring import generated_items
 from tn_ray.scoring.matrix import ScoreMatrix
 from tn_ray.textnorm.columns import (
     ColumnSpec,
@@ -170,18 +171,7 @@ def resolve_prompts(cfg: BestOfNConfig, contrast: dict[str, list[str]]) -> list[
 
 def score_items(manifest: pd.DataFrame, contrast: dict[str, list[str]], origin: str) -> pd.DataFrame:
     """The rows ``score_matrices`` takes; the image key is content-addressed (valid across runs)."""
-    return pd.DataFrame(
-        {
-            "set": SET_NAME,
-            "prompt": manifest["prompt"].astype(str).to_numpy(),
-            "image_id": manifest["image_id"].to_numpy(),
-            "prompt_id": manifest["prompt_id"].astype("int64").to_numpy(),
-            "sample": manifest["sample"].astype("int64").to_numpy(),
-            "image_key": [image_key(SET_NAME, i, h) for i, h in zip(manifest["image_id"], manifest["sha256"])],
-            "image": manifest["image"].to_numpy(),
-            "texts": texts_for([str(p) for p in manifest["prompt"]], contrast, origin),
-        }
-    )
+    return generated_items(manifest, SET_NAME, texts_for([str(p) for p in manifest["prompt"]], contrast, origin))
 
 
 def reward_table(items: pd.DataFrame, matrices: dict[str, ScoreMatrix], cfg: BestOfNConfig) -> pd.DataFrame:

@@ -38,15 +38,11 @@ import pandas as pd
 from tn_ray.config import RayConfig, ScoringConfig
 from tn_ray.diffusion import generation as gen_mod
 from tn_ray.diffusion.generation import GenerationConfig
+from tn_ray.scoring.batch_scoring import image_key
 from tn_ray.scoring.cache import RewardCache
 from tn_ray.storage import Store
 
 log = logging.getLogger(__name__)
-
-
-def image_key(set_name: str, image_id: str, sha256: str) -> str:
-    """The reward cache key of a generated image: content-addressed, so valid across runs."""
-    return f"{set_name}/{image_id}/{sha256}"
 
 
 def score_columns(spec: str, width: int) -> list[str]:

@@ -1133,8 +1133,9 @@ def write_report(grid: StudyConfig) -> dict[str, str]:
     for fine-tuning cells report.csv (one row per method, reward row and kl), curve.csv (per step), cells.csv (per
     cell), accuracy_vs_step.png and, when cells recorded path KL, accuracy_vs_path_kl.png; for best-of-n cells
     bestofn.csv (per method, reward row and n), bestofn_cells.csv (per seed too), bestofn_versus.csv (each row vs
-    the first row at equal n) and truth_vs_n.png; and :func:`paper_sections`' winloss.csv, efficiency.csv and,
-    when some cell has human answers, human_winloss.csv."""
+    the first row at equal n) and truth_vs_n.png; :func:`paper_sections`' winloss.csv, efficiency.csv and, when
+    some cell has human answers, human_winloss.csv; figures/ (image grids: the paper's Fig. 4 and 5 on the study's
+    images, :mod:`tn_ray.experiments.study_figures`) and report.html (report.md rendered, figures inline)."""
     import pandas as pd
 
     from tn_ray.analysis import finetune_report as fr
@@ -1223,7 +1224,14 @@ def write_report(grid: StudyConfig) -> dict[str, str]:
         store.write_text(name, body)
     report.update(records)
     names += list(files)
+    from tn_ray.experiments.study_figures import write_figures, write_html
+
+    plots = [n for n in names if n.endswith(".png")]
+    figures, figure_files = write_figures(grid, finished, ran, plots, cell_tables, bestofn_tables)  # Fig. 4, 5
+    sections.append(figures)
+    names += [*figure_files, "report.html"]
     store.write_text("report.md", "\n".join(sections))
+    write_html(grid, "\n".join(sections))
     store.write_text("report.json", json.dumps(report, indent=1))
     return {name.replace(".", "_"): store.uri(name) for name in names}
 

@@ -22,6 +22,28 @@ from tn_ray.scoring.workers import score_into_cache
 log = logging.getLogger(__name__)
 
 
+def image_key(set_name: str, image_id: str, sha256: str) -> str:
+    """The reward cache key of a generated image: content-addressed, so valid across runs."""
+    return f"{set_name}/{image_id}/{sha256}"
+
+
+def generated_items(manifest: pd.DataFrame, set_name: str, texts: Sequence[Sequence[str]]) -> pd.DataFrame:
+    """The rows :func:`score_matrices` takes for a generation manifest (``prompt``, ``image_id``, ``prompt_id``,
+    ``sample``, ``sha256``, ``image``): content-addressed image keys and each image's ``texts`` [x0, x1..xm]."""
+    return pd.DataFrame(
+        {
+            "set": set_name,
+            "prompt": manifest["prompt"].astype(str).to_numpy(),
+            "image_id": manifest["image_id"].to_numpy(),
+            "prompt_id": manifest["prompt_id"].astype("int64").to_numpy(),
+            "sample": manifest["sample"].astype("int64").to_numpy(),
+            "image_key": [image_key(set_name, i, h) for i, h in zip(manifest["image_id"], manifest["sha256"])],
+            "image": manifest["image"].to_numpy(),
+            "texts": list(texts),
+        }
+    )
+
+
 def score_matrices(items: pd.DataFrame, models: Sequence[str], cache_dir: str | Path,
                    cfg: ScoringConfig | None = None, out_dir: str | Path | None = None,
                    stats: dict | None = None, service: str | None = None) -> dict[str, ScoreMatrix]:

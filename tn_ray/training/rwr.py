@@ -38,6 +38,7 @@ from tn_ray.diffusion.generation import GenerationConfig
 from tn_ray.diffusion.pipelines import WORLD
 from tn_ray.diffusion.seeds import seed_of
 from tn_ray.errors import InputError
+from tn_ray.scoring.batch_scoring import generated_items
 from tn_ray.training.config import FineTuneConfig, OptimizerBlock, require_prompts, resolve_prompts
 from tn_ray.training.loop import Method, WorkerContext
 from tn_ray.training.sample_weights import Weighting
@@ -150,18 +151,7 @@ class RwrConfig(FineTuneConfig):
 
 def score_items(manifest: pd.DataFrame, texts: dict[str, list[str]]) -> pd.DataFrame:
     """Rows for ``score_matrices``: content-addressed image keys, ``[x0, x1..xm]`` per image."""
-    return pd.DataFrame(
-        {
-            "set": SET_NAME,
-            "prompt": manifest["prompt"].astype(str).to_numpy(),
-            "image_id": manifest["image_id"].to_numpy(),
-            "prompt_id": manifest["prompt_id"].astype("int64").to_numpy(),
-            "sample": manifest["sample"].astype("int64").to_numpy(),
-            "image_key": [f"{SET_NAME}/{i}/{h}" for i, h in zip(manifest["image_id"], manifest["sha256"])],
-            "image": manifest["image"].to_numpy(),
-            "texts": [texts[p] for p in manifest["prompt"]],
-        }
-    )
+    return generated_items(manifest, SET_NAME, [texts[p] for p in manifest["prompt"]])
 
 
 def prepare_data(cfg: RwrConfig, prompts: list[str], texts: list[list[str]] | None = None) -> pd.DataFrame:
