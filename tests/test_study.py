@@ -268,7 +268,8 @@ def test_rwr_cells_of_a_seed_share_one_generation_and_the_dry_run_counts_it_once
     import tn_ray.diffusion.generation as generation
     import tn_ray.scoring.batch_scoring as batch_scoring
     from tn_ray.cli import main
-    from tn_ray.experiments.study import load_study, plan
+    from tn_ray.experiments.study.config import load_study
+    from tn_ray.experiments.study.plan import plan
 
     monkeypatch.chdir(REPO)
     config = _two_rwr_cells(tmp_path)

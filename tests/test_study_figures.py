@@ -18,8 +18,10 @@ from PIL import Image
 
 from tn_ray.config import validate
 from tn_ray.errors import InputError
-from tn_ray.experiments import study
-from tn_ray.experiments import study_figures as sf
+from tn_ray.experiments.study import figures as sf
+from tn_ray.experiments.study.cell_keys import bestofn_runs, grid_cells
+from tn_ray.experiments.study.config import StudyConfig
+from tn_ray.experiments.study.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 TRUTH = "brightness"
@@ -49,7 +51,7 @@ def png(path: Path, colour: tuple[int, int, int]) -> None:
     Image.new("RGB", (8, 8), colour).save(path)
 
 
-def make_grid(tmp_path: Path) -> study.StudyConfig:
+def make_grid(tmp_path: Path) -> StudyConfig:
     data = {
         "out": str(tmp_path / "study"),
         "truth": TRUTH,
@@ -61,13 +63,13 @@ def make_grid(tmp_path: Path) -> study.StudyConfig:
         "seeds": [0, 1],
         "report": {"resamples": 100},
     }
-    return validate(study.StudyConfig, data)
+    return validate(StudyConfig, data)
 
 
 def make_bestofn(grid, colour: Colours, seed: int) -> dict:
     """A finished best-of-n run: 4 samples per prompt; row raw picks samples 1 (n=2) and 3 (n=4), row judge 0 and 2.
     Returns (prompt_id, row, n) -> (colour, truth) of the picked image."""
-    run = next(k for k in study.bestofn_runs(grid) if k.seed == seed)
+    run = next(k for k in bestofn_runs(grid) if k.seed == seed)
     out = Path(run.out)
     rng = np.random.default_rng(seed)
     images, selections, want = [], [], {}
@@ -139,7 +141,7 @@ def make_study(tmp_path: Path):
     colour = Colours()
     picks = make_bestofn(grid, colour, 0)  # bestofn-s1 not finished
     cells = {}
-    for key in study.grid_cells(grid):
+    for key in grid_cells(grid):
         if key.seed == 1 and key.reward == "judge":
             continue  # unfinished
         cells[(key.reward, key.seed)] = make_cell(key, colour, SELECTED[key.reward] if key.seed == 0 else 10)
@@ -189,7 +191,7 @@ def captions(monkeypatch):
 def test_figures_place_each_picked_and_selected_image_and_caption_it_with_its_truth(tmp_path, monkeypatch, captions):
     monkeypatch.setattr(sf, "MAX_COLUMNS", 2)  # 3 evaluation prompts: the first 2
     grid, picks, cells = make_study(tmp_path)
-    paths = study.write_report(grid)
+    paths = write_report(grid)
     out = Path(grid.out)
 
     # Fig. 4: one per prompt of seed 0's run; rows = reward rows, columns = n
@@ -224,7 +226,7 @@ def test_figures_place_each_picked_and_selected_image_and_caption_it_with_its_tr
 
 def test_report_html_holds_every_table_and_every_figure_by_relative_path(tmp_path):
     grid, _, _ = make_study(tmp_path)
-    paths = study.write_report(grid)
+    paths = write_report(grid)
     out = Path(grid.out)
     md = (out / "report.md").read_text()
     assert paths["report_html"] == str(out / "report.html")
@@ -250,29 +252,29 @@ def test_report_html_holds_every_table_and_every_figure_by_relative_path(tmp_pat
     assert "<h2>Figures</h2>" in page and page.startswith("<!doctype html>")
 
     # the moved folder's report is made again: best-of-n images found in the run's own generation, where it is now
-    again = study.write_report(grid.model_copy(update={"out": str(moved)}))
+    again = write_report(grid.model_copy(update={"out": str(moved)}))
     assert again["figures/bestofn_00001_png"] == str(moved / "figures/bestofn_00001.png")
 
 
 def test_a_selected_step_without_images_is_one_line_naming_its_folder(tmp_path):
     grid, _, _ = make_study(tmp_path)
-    key = next(k for k in study.grid_cells(grid) if k.id == "rwr-judge-kl0-s0")
+    key = next(k for k in grid_cells(grid) if k.id == "rwr-judge-kl0-s0")
     folder = Path(key.out) / "eval/step-000010"
     for p in folder.glob("*.png"):
         p.unlink()
     with pytest.raises(InputError) as err:
-        study.write_report(grid)
+        write_report(grid)
     msg = str(err.value)
     assert "\n" not in msg
     assert msg.startswith("cell 2/4 rwr-judge-kl0-s0: ") and f"{folder} holds no images of the selected step 10" in msg
 
     # a best-of-n image gone: one line naming it
     grid, _, _ = make_study(tmp_path / "again")
-    gone = Path(study.bestofn_runs(grid)[0].out) / "generation/00001-00003.png"
+    gone = Path(bestofn_runs(grid)[0].out) / "generation/00001-00003.png"
     gone.unlink()
     line = rf"^best-of-n run 1/2 bestofn-s0: {re.escape(str(gone))}: the image raw picked at n = 4 for prompt 1"
     with pytest.raises(InputError, match=line):
-        study.write_report(grid)
+        write_report(grid)
 
 
 def test_prompt_grid_without_captions_keeps_its_layout():

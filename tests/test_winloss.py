@@ -17,7 +17,11 @@ from scipy import stats
 from tn_ray.analysis import efficiency as ef
 from tn_ray.analysis import winloss as wl
 from tn_ray.config import validate
-from tn_ray.experiments import study
+from tn_ray.experiments.study.cell_keys import bestofn_runs, grid_cells
+from tn_ray.experiments.study.config import CostBlock, StudyConfig
+from tn_ray.experiments.study.cost import count_prompts, counts, estimate
+from tn_ray.experiments.study.plan import plan
+from tn_ray.experiments.study.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo of two red circles", "a photo of a green triangle", "a photo of a blue circle"]
@@ -167,10 +171,10 @@ def test_bestofn_rows_by_hand():
 
 
 def test_gain_per_sample_and_per_device_hour_arithmetic():
-    cost = study.CostBlock(image_step_s=0.035, train_step_s=0.05, score_s=0.01)
+    cost = CostBlock(image_step_s=0.035, train_step_s=0.05, score_s=0.01)
     work = ef.bestofn_work(prompts=8, n=4, steps=20, models=2)
     assert (work["images"], work["image_steps"], work["scores"]) == (32, 640, 64)
-    assert study.estimate(cost, work) == pytest.approx(640 * 0.035 + 64 * 0.01)  # 23.04 s
+    assert estimate(cost, work) == pytest.approx(640 * 0.035 + 64 * 0.01)  # 23.04 s
     costs = pd.DataFrame(
         [
             {
@@ -229,7 +233,7 @@ def test_gain_per_sample_and_per_device_hour_arithmetic():
 
 def grid_of(tmp_path: Path):
     return validate(
-        study.StudyConfig,
+        StudyConfig,
         {
             "out": str(tmp_path / "g"),
             "truth": TRUTH,
@@ -267,9 +271,9 @@ def make_cells(grid, rng) -> dict:
     from tn_ray.storage import Store
     from tn_ray.training.outputs import write_human_eval
 
-    configs = {c.key.id: c.config for c in study.plan(grid)}
+    configs = {c.key.id: c.config for c in plan(grid)}
     selected = {}
-    for key in study.grid_cells(grid):
+    for key in grid_cells(grid):
         out = Path(key.out)
         (out / "eval/scores").mkdir(parents=True)
         columns = [key.train, TRUTH, JUDGE]
@@ -292,14 +296,14 @@ def make_cells(grid, rng) -> dict:
 def independent_winloss(grid, selected: dict) -> dict:
     """Per (a, b, column): (wins, ties, losses, net CI), recomputed from the parquet files with plain pandas."""
     values = {}
-    for key in study.grid_cells(grid):
+    for key in grid_cells(grid):
         out = Path(key.out)
         frames = [pd.read_parquet(out / "eval/base.parquet").assign(step=0)]
         frames += [pd.read_parquet(p) for p in sorted((out / "eval/scores").glob("*.parquet"))]
         for row in pd.concat(frames).itertuples():
             values[(key.reward, key.seed, row.step, row.prompt_id, row.seed, row.reward)] = row.value
     units = [(s, p, e) for s in grid.seeds for p in range(len(PROMPTS)) for e in EVAL_SEEDS]
-    step = {(k.reward, k.seed): selected[k.id] for k in study.grid_cells(grid)}
+    step = {(k.reward, k.seed): selected[k.id] for k in grid_cells(grid)}
     out = {}
 
     def tally(signs):
@@ -349,7 +353,7 @@ def test_report_winloss_matches_an_independent_recomputation_and_says_no_human_a
     monkeypatch.chdir(REPO)
     grid = grid_of(tmp_path)
     selected = make_cells(grid, np.random.default_rng(5))
-    paths = study.write_report(grid)
+    paths = write_report(grid)
     out = Path(grid.out)
     assert {"winloss_csv", "efficiency_csv"} <= set(paths) and "human_winloss_csv" not in paths
 
@@ -375,11 +379,11 @@ def test_report_winloss_matches_an_independent_recomputation_and_says_no_human_a
 
     # per sample and per device-hour: each cell's counted work (the dry run's counts) at the study's cost
     eff = pd.read_csv(out / "efficiency.csv").set_index("reward")
-    cells = {c.key.id: c for c in study.plan(grid)}
+    cells = {c.key.id: c for c in plan(grid)}
     report = pd.read_csv(out / "report.csv").set_index("reward")
     for reward in grid.rewards:
-        works = [study.counts(cells[f"rwr-{reward}-kl0-s{s}"]) for s in grid.seeds]
-        seconds = np.mean([study.estimate(grid.cost, w) for w in works])
+        works = [counts(cells[f"rwr-{reward}-kl0-s{s}"]) for s in grid.seeds]
+        seconds = np.mean([estimate(grid.cost, w) for w in works])
         row = eff.loc[reward]
         assert row["device_h"] == pytest.approx(seconds / 3600)
         assert row["samples"] == works[0]["images"] + works[0]["eval_images"]
@@ -399,9 +403,9 @@ def test_report_tallies_human_answers_from_the_labelling_app(tmp_path, monkeypat
             return "checkpoint" if name == "ann" else "base"
         return "tie" if name == "ann" else ("checkpoint" if prompt_id == 0 else "base")
 
-    answered = sum(_answer_all(Path(k.out), prefer) for k in study.grid_cells(grid) if k.reward == "raw")
+    answered = sum(_answer_all(Path(k.out), prefer) for k in grid_cells(grid) if k.reward == "raw")
     assert answered == 2 * 3 * 2  # 2 cells x 3 questions (prompts) x 2 annotators
-    paths = study.write_report(grid)
+    paths = write_report(grid)
     assert "human_winloss_csv" in paths
     got = pd.read_csv(Path(grid.out) / "human_winloss.csv").set_index("criterion")
     assert set(got["reward"]) == {"raw"} and set(got["cells"]) == {2} and set(got["answers"]) == {12}
@@ -430,13 +434,13 @@ def test_report_bestofn_rows_read_the_runs_and_count_n_samples_per_prompt(tmp_pa
         "clip": {"models": ["clip:tiny"], "use": "clip:tiny"},
         "bright": {"models": [TRUTH], "use": TRUTH},
     }
-    grid = validate(study.StudyConfig, data)
-    runs = {c.key.id: c for c in study.plan(grid)}
+    grid = validate(StudyConfig, data)
+    runs = {c.key.id: c for c in plan(grid)}
     rng = np.random.default_rng(7)
     truth, picked = {}, {}
-    for run in study.bestofn_runs(grid):
+    for run in bestofn_runs(grid):
         cfg = runs[run.id].config
-        prompts = study._count_prompts(cfg)
+        prompts = count_prompts(cfg)
         out = Path(run.out)
         (out / "images").mkdir(parents=True)
         rewards = pd.DataFrame(
@@ -465,10 +469,10 @@ def test_report_bestofn_rows_read_the_runs_and_count_n_samples_per_prompt(tmp_pa
                 TRUTH
             ].iloc[0]
             picked[("bright", run.seed, p)] = pool[TRUTH].max()
-    study.write_report(grid)
+    write_report(grid)
     got = pd.read_csv(Path(grid.out) / "winloss.csv")
     assert set(got["kind"]) == {"bestofn"} and set(got["column"]) == {TRUTH}
-    assert study._count_prompts(runs["bestofn-s0"].config) >= 3 and set(got["pairs"]) == {len(truth)}
+    assert count_prompts(runs["bestofn-s0"].config) >= 3 and set(got["pairs"]) == {len(truth)}
     units = sorted(truth)
 
     def signs(a, b):
@@ -487,7 +491,7 @@ def test_report_bestofn_rows_read_the_runs_and_count_n_samples_per_prompt(tmp_pa
         np.testing.assert_allclose([r.net, r.net_low, r.net_high], ci(s), atol=1e-12)
     eff = pd.read_csv(Path(grid.out) / "efficiency.csv").set_index(["reward", "n"])
     cfg = runs["bestofn-s0"].config
-    prompts, steps = study._count_prompts(cfg), cfg.generation.num_inference_steps
+    prompts, steps = count_prompts(cfg), cfg.generation.num_inference_steps
     for (reward, n), row in eff.iterrows():
         models = 2 if reward == "clip" else 1  # the row's models and the truth
         seconds = prompts * n * steps * grid.cost.image_step_s + prompts * n * models * grid.cost.score_s

@@ -16,7 +16,11 @@ from scipy import stats
 
 from tn_ray.config import ConfigError, load_config, validate
 from tn_ray.errors import InputError
-from tn_ray.experiments import study as wf
+from tn_ray.experiments.study import runner
+from tn_ray.experiments.study.cell_keys import grid_cells
+from tn_ray.experiments.study.config import GridConfig
+from tn_ray.experiments.study.plan import plan
+from tn_ray.experiments.study.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = REPO / "sweeps" / "world_finetune.yaml"
@@ -46,8 +50,8 @@ def grid_dict(**changes) -> dict:
 
 
 def test_cells_are_the_product_with_kl_seed_reward_and_truth_judge_at_their_keys(tmp_path):
-    grid = validate(wf.GridConfig, grid_dict(out=str(tmp_path / "g"), overrides={"max_steps": 7, "eval": {"every": 7}}))
-    cells = wf.plan(grid)
+    grid = validate(GridConfig, grid_dict(out=str(tmp_path / "g"), overrides={"max_steps": 7, "eval": {"every": 7}}))
+    cells = plan(grid)
     assert len(cells) == (2 + 1) * 2 * 2
     assert [c.key.id for c in cells[:4]] == [
         "rwr-textnorm-kl0-s0",
@@ -80,8 +84,8 @@ def test_the_full_grid_is_48_cells(tmp_path):
     except KeyError:
         pass
     for extra in variants:
-        grid = load_config(FULL, wf.GridConfig, {"out": str(tmp_path / "g"), **extra})
-        cells = wf.plan(grid, str(FULL))
+        grid = load_config(FULL, GridConfig, {"out": str(tmp_path / "g"), **extra})
+        cells = plan(grid, str(FULL))
         assert len(cells) == 48 and len({c.key.id for c in cells}) == 48
         assert {c.key.id for c in cells if c.key.train == c.key.truth} == {
             f"{m}-worldjudge-kl{k}-s{s}" for m in ("rwr", "ddpo") for k in (0, 1) for s in (0, 1, 2)
@@ -126,7 +130,7 @@ def test_dry_run_prints_the_grid_and_runs_nothing(tmp_path, capsys):
 )
 def test_grid_errors_name_the_key(change, expected):
     with pytest.raises(ConfigError) as err:
-        validate(wf.GridConfig, grid_dict(**change), "grid.yaml")
+        validate(GridConfig, grid_dict(**change), "grid.yaml")
     assert expected in str(err.value)
 
 
@@ -164,12 +168,12 @@ def test_cell_errors_are_one_line_naming_the_cell_and_key_before_ray_starts(chan
     data = grid_dict(out=str(tmp_path / "g"), seeds=[0])
     data["methods"] = {"rwr": {"config": "sweeps/world_rwr.yaml", "kl_key": "beta", "kl": [0, 1]}}
     data["rewards"] = {"textnorm": data["rewards"]["textnorm"]}
-    grid = validate(wf.GridConfig, apply_overrides(data, change))
+    grid = validate(GridConfig, apply_overrides(data, change))
     if expected is None:  # a valid grid: the same checks pass (and nothing runs here)
-        assert [c.key.id for c in wf.plan(grid)] == ["rwr-textnorm-kl0-s0", "rwr-textnorm-kl1-s0"]
+        assert [c.key.id for c in plan(grid)] == ["rwr-textnorm-kl0-s0", "rwr-textnorm-kl1-s0"]
         return
     with pytest.raises(ConfigError) as err:
-        wf.run(grid, "grid.yaml", echo=lambda line: None)
+        runner.run(grid, "grid.yaml", echo=lambda line: None)
     assert expected in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "g").exists()
 
@@ -209,11 +213,11 @@ def _images(rng, columns: list[str], truth: str, step: int | None) -> pd.DataFra
     return frame if step is None else frame.assign(step=step)[["step", *frame.columns]]
 
 
-def make_cells(grid: wf.GridConfig, rng, skip: set[str], short: set[str]) -> dict:
+def make_cells(grid: GridConfig, rng, skip: set[str], short: set[str]) -> dict:
     """Cell folders as a finished run leaves them: eval/base.parquet, eval/scores/step-*.parquet (steps 10, 20,
     30; 10 and 20 only for ``short``), selection.json, done.json; ``skip``: cells left unfinished."""
     selected = {}
-    for key in wf.grid_cells(grid):
+    for key in grid_cells(grid):
         out = Path(key.out)
         columns = list(dict.fromkeys([key.train, key.truth, "clip:tiny"]))  # another judge the report ignores
         _write(out / "eval/base.parquet", _images(rng, columns, key.truth, None))
@@ -229,8 +233,8 @@ def make_cells(grid: wf.GridConfig, rng, skip: set[str], short: set[str]) -> dic
     return selected
 
 
-def add_path_kl(grid: wf.GridConfig, rng, cells: set[str]) -> None:
-    for key in wf.grid_cells(grid):
+def add_path_kl(grid: GridConfig, rng, cells: set[str]) -> None:
+    for key in grid_cells(grid):
         if key.id not in cells:
             continue
         for rel in (Path(key.out) / "eval/scores").glob("*.parquet"):
@@ -243,7 +247,7 @@ def add_path_kl(grid: wf.GridConfig, rng, cells: set[str]) -> None:
             _write(Path(key.out) / "eval/path_kl" / rel.name, kl)
 
 
-def independent(grid: wf.GridConfig, cells_done: list, selected: dict, boot: dict) -> tuple[dict, dict]:
+def independent(grid: GridConfig, cells_done: list, selected: dict, boot: dict) -> tuple[dict, dict]:
     """The report's numbers recomputed from the parquet files with plain pandas and scipy."""
 
     def ci(d: np.ndarray) -> tuple[float, float, float]:
@@ -332,18 +336,18 @@ def independent(grid: wf.GridConfig, cells_done: list, selected: dict, boot: dic
 def test_report_numbers_equal_an_independent_recomputation(tmp_path):
     data = grid_dict(out=str(tmp_path / "g"), truth="clip:tiny", report={"resamples": 300, "seed": 3})
     data["rewards"]["truth"] = {"models": ["clip:tiny"], "use": "clip:tiny"}  # this row trains on the truth
-    grid = validate(wf.GridConfig, data)
+    grid = validate(GridConfig, data)
     rng = np.random.default_rng(0)
     skip, short = {"ddpo-textnorm-kl0.5-s1"}, {"rwr-truth-kl1-s1"}
     selected = make_cells(grid, rng, skip, short)
-    done = [k for k in wf.grid_cells(grid) if k.id not in skip]
+    done = [k for k in grid_cells(grid) if k.id not in skip]
     boot = {"confidence": 0.95, "resamples": 300, "seed": 3}
     out = tmp_path / "g"
 
     for with_kl in (False, True):
         if with_kl:
             add_path_kl(grid, rng, {"rwr-textnorm-kl0-s0", "rwr-textnorm-kl0-s1"})
-        paths = wf.write_report(grid)
+        paths = write_report(grid)
         assert (out / "accuracy_vs_step.png").stat().st_size > 0
         assert (out / "accuracy_vs_path_kl.png").is_file() is with_kl and (
             "accuracy_vs_path_kl_png" in paths
@@ -412,9 +416,9 @@ def test_report_numbers_equal_an_independent_recomputation(tmp_path):
 
 
 def test_report_refuses_a_cell_without_its_truth_column(tmp_path):
-    grid = validate(wf.GridConfig, grid_dict(out=str(tmp_path / "g"), seeds=[0]))
+    grid = validate(GridConfig, grid_dict(out=str(tmp_path / "g"), seeds=[0]))
     make_cells(grid, np.random.default_rng(1), set(), set())
-    first = wf.grid_cells(grid)[0]
+    first = grid_cells(grid)[0]
     base = Path(first.out) / "eval/base.parquet"
     frame = pd.read_parquet(base)
     frame[frame["reward"] != "brightness"].to_parquet(base, index=False)
@@ -422,7 +426,7 @@ def test_report_refuses_a_cell_without_its_truth_column(tmp_path):
         InputError,
         match=r"cell 1/6 rwr-textnorm-kl0-s0: .*the truth column 'brightness' is missing at the base model's images",
     ):
-        wf.write_report(grid)
+        write_report(grid)
 
 
 # --- a killed grid resumes (Ray) --------------------------------------------------------------------
@@ -507,7 +511,7 @@ def test_a_finished_cell_whose_config_changed_is_refused_or_continued(tmp_path, 
 
     def fake_run(cfg, allow_provenance_change=False):
         calls.append((cfg.max_steps, allow_provenance_change))
-        key = next(k for k in wf.grid_cells(grid) if k.out == cfg.out)
+        key = next(k for k in grid_cells(grid) if k.out == cfg.out)
         out = Path(cfg.out)
         columns = list(dict.fromkeys([key.train, key.truth]))
         _write(out / "eval/base.parquet", _images(np.random.default_rng(0), columns, key.truth, None))
@@ -518,23 +522,23 @@ def test_a_finished_cell_whose_config_changed_is_refused_or_continued(tmp_path, 
         return {"out": cfg.out}
 
     monkeypatch.setattr(tn_ray.training.rwr, "run", fake_run)
-    monkeypatch.setattr(wf, "_start_ray", lambda todo: False)
+    monkeypatch.setattr(runner, "_start_ray", lambda todo: False)
     data = grid_dict(out=str(tmp_path / "g"), seeds=[0], overrides={"policy": {"pipeline": "tiny"}})
     data["methods"] = {"rwr": {"config": str(REPO / "sweeps/world_rwr.yaml"), "kl_key": "beta", "kl": [1]}}
     data["rewards"] = {"bright": {"models": ["brightness"], "use": "brightness"}}
-    grid = validate(wf.GridConfig, data)
+    grid = validate(GridConfig, data)
     lines = []
-    wf.run(grid, "grid.yaml", echo=lines.append)
-    wf.run(grid, "grid.yaml", echo=lines.append)
+    runner.run(grid, "grid.yaml", echo=lines.append)
+    runner.run(grid, "grid.yaml", echo=lines.append)
     assert calls == [(200, False)] and lines[-2] == "cell 1/1 rwr-bright-kl1-s0: finished before, skipped"
 
-    grid = validate(wf.GridConfig, {**data, "overrides": {**data["overrides"], "max_steps": 300}})
+    grid = validate(GridConfig, {**data, "overrides": {**data["overrides"], "max_steps": 300}})
     with pytest.raises(
         ConfigError,
         match=r"cell 1/1 rwr-bright-kl1-s0: finished under another config "
         r"\(config\.max_steps: 200 -> 300\)",
     ):
-        wf.run(grid, "grid.yaml", echo=lines.append)
-    wf.run(grid, "grid.yaml", allow_provenance_change=True, echo=lines.append)
+        runner.run(grid, "grid.yaml", echo=lines.append)
+    runner.run(grid, "grid.yaml", allow_provenance_change=True, echo=lines.append)
     assert calls == [(200, False), (300, True)]
     assert json.loads((tmp_path / "g/cells/rwr-bright-kl1-s0/done.json").read_text())["config"]["max_steps"] == 300

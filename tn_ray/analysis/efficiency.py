@@ -39,7 +39,7 @@ COLUMNS = [
 
 
 def bestofn_work(prompts: int, n: int, steps: int, models: int) -> dict[str, int]:
-    """The work of a best-of-n at ``n`` alone (:func:`tn_ray.experiments.study.counts`' keys): ``prompts`` x ``n``
+    """The work of a best-of-n at ``n`` alone (:func:`tn_ray.experiments.study.cost.counts`' keys): ``prompts`` x ``n``
     images of ``steps`` denoising steps, each scored by ``models`` reward models."""
     images = prompts * n
     return {

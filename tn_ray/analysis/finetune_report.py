@@ -6,7 +6,7 @@ the training reward and of the truth column (a judge that is 1 when the image ma
 0 when not; its mean is the accuracy); step 0 is the base model, whose images share the prompts and
 eval seeds of every checkpoint's, so each image is paired with the base model's image of the same
 (prompt, eval seed). Nothing here reads a file or loads a model: the runner
-(:mod:`tn_ray.experiments.study`) reads the cells' folders and passes the tables in.
+(:mod:`tn_ray.experiments.study.run_tables`) reads the cells' folders and passes the tables in.
 
 Tables (``KEYS`` = method, reward (the row's name), kl: one combination of the grid; ``seed``: the cell's training
 seed):

@@ -2,7 +2,7 @@
 
 A best-of-n run of the study (one per seed) leaves ``rewards.parquet`` (one row per image: prompt_id, sample and
 every reward column, the truth's among them) and ``selections.parquet`` (the top-1 sample per prompt, reward
-column and n). Nothing here reads a file: the runner (:mod:`tn_ray.experiments.study`) passes the tables in.
+column and n). Nothing here reads a file: the study (:mod:`tn_ray.experiments.study.run_tables`) passes the tables in.
 
 - :func:`picked`: one run's images, one row per (reward row, n, prompt_id) with the picked image's ``truth`` and
   ``truth_pool`` (the truth's mean over the prompt's whole pool of max(n) samples: the expected truth of one

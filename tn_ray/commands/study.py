@@ -29,24 +29,27 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from tn_ray.experiments.study import load_study
+    from tn_ray.experiments.study.config import load_study
 
     return run_study(load_study(args.config, overrides(args)), args, args.resume, allow_change(args))
 
 
 def run_study(grid, args, resume: bool, allow_provenance_change: bool) -> int:
     """The shared body of `tn-ray study` and `tn-ray world finetune`: dry run, report only, or run then report."""
-    from tn_ray.experiments import study
+    from tn_ray.experiments.study.dry_run import describe
+    from tn_ray.experiments.study.plan import plan
+    from tn_ray.experiments.study.report import write_report
+    from tn_ray.experiments.study.runner import run
     from tn_ray.storage import read_any
 
     if args.dry_run:
-        for line in study.describe(grid, study.plan(grid, args.config)):
+        for line in describe(grid, plan(grid, args.config)):
             print(line)
         return 0
     if args.report_only:
-        paths = study.write_report(grid)
+        paths = write_report(grid)
     else:
-        paths = study.run(grid, args.config, allow_provenance_change=allow_provenance_change, resume=resume)
+        paths = run(grid, args.config, allow_provenance_change=allow_provenance_change, resume=resume)
     print(read_any(paths["report_md"]).decode())
     for k, v in paths.items():
         print(f"{k:>24}: {v}")

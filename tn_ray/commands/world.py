@@ -124,6 +124,6 @@ def train_generator(args) -> int:
 
 def finetune(args) -> int:
     """`tn-ray study` on a grid of fine-tuning methods (the same code); a rerun resumes, as it always has."""
-    from tn_ray.experiments.study import load_study
+    from tn_ray.experiments.study.config import load_study
 
     return run_study(load_study(args.config, overrides(args)), args, True, allow_change(args))

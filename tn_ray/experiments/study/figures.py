@@ -1,11 +1,11 @@
 """The study report's image figures (the paper's Fig. 4 and 5, on the study's own images) and its HTML page.
 
-:func:`write_figures` is the one call :func:`tn_ray.experiments.study.write_report` makes: it reads the finished
+:func:`write_figures` is the one call :func:`tn_ray.experiments.study.report.write_report` makes: it reads the finished
 runs' stored images and writes, under ``<out>/figures/``,
 
 - per best-of-n entry and prompt (Fig. 4): ``<entry>_<prompt id>.png``, one row per reward row and one column per
   n, each image the row's top-1 among the prompt's first n samples (``selections.parquet`` via
-  ``study.bestofn_tables``, the image from ``rewards.parquet``'s ``image`` path), of the
+  ``run_tables.bestofn_tables``, the image from ``rewards.parquet``'s ``image`` path), of the
   run of the study's first seed that finished;
 - per fine-tuning (method, kl) (Fig. 5): ``<method>_kl<kl>.png``, rows = the base model then each reward row's
   checkpoint the paper's rule selected (the cell's ``selection.json``), of the study's first seed with a finished
@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tn_ray.errors import InputError
+from tn_ray.experiments.study.run_tables import bestofn_tables, cell_tables
 
 FIGURES = "figures"
 MAX_COLUMNS = 8  # evaluation images per fine-tuning figure
@@ -79,9 +80,7 @@ def _bestofn_grid(grid: Any, run: Any, ns: Sequence[int], pid: int, title: str, 
     return prompt_grid(title, list(grid.rewards), ns, image_of, CELL, caption=caption)
 
 
-def bestofn_figures(
-    grid: Any, ran: Sequence[Any], store: Any, bestofn_tables: Callable[[Any, Any], Any]
-) -> tuple[list[str], list[str]]:
+def bestofn_figures(grid: Any, ran: Sequence[Any], store: Any) -> tuple[list[str], list[str]]:
     """Fig. 4 of each best-of-n entry (see the module doc): (markdown lines, files written)."""
     from tn_ray.storage import Store
 
@@ -153,9 +152,7 @@ def _truths(images: Any, step: int) -> dict[tuple[int, int], float]:
     return {(int(p), int(s)): float(v) for p, s, v in at[["prompt_id", "eval_seed", "truth"]].to_numpy()}
 
 
-def finetune_figures(
-    grid: Any, finished: Sequence[Any], store: Any, cell_tables: Callable[[Any], tuple[Any, int]]
-) -> tuple[list[str], list[str]]:
+def finetune_figures(grid: Any, finished: Sequence[Any], store: Any) -> tuple[list[str], list[str]]:
     """Fig. 5 of each fine-tuning (method, kl) (see the module doc): (markdown lines, files written)."""
     from tn_ray.analysis.image_grids import prompt_grid
     from tn_ray.storage import Store
@@ -231,25 +228,19 @@ def finetune_figures(
 
 
 def write_figures(
-    grid: Any,
-    finished: Sequence[Any],
-    ran: Sequence[Any],
-    plots: Sequence[str],
-    cell_tables: Callable[[Any], tuple[Any, int]],
-    bestofn_tables: Callable[[Any, Any], Any],
+    grid: Any, finished: Sequence[Any], ran: Sequence[Any], plots: Sequence[str]
 ) -> tuple[str, list[str]]:
     """The report's "Figures" section (markdown: ``plots``, the report's own PNGs, then the image grids) and the
     files it wrote under ``<out>/figures/``. ``finished`` / ``ran``: the finished fine-tuning cells and best-of-n
-    runs; ``cell_tables`` / ``bestofn_tables``: the study's readers of their tables (passed in: the study imports
-    this module)."""
+    runs (their tables read by :mod:`tn_ray.experiments.study.run_tables`)."""
     from tn_ray.storage import Store
 
     store = Store(grid.out)
     lines = ["## Figures", ""]
     for rel in plots:
         lines += [f"![{rel}]({rel})", ""]
-    b_lines, b_files = bestofn_figures(grid, ran, store, bestofn_tables)
-    f_lines, f_files = finetune_figures(grid, finished, store, cell_tables)
+    b_lines, b_files = bestofn_figures(grid, ran, store)
+    f_lines, f_files = finetune_figures(grid, finished, store)
     return "\n".join([*lines, *b_lines, *f_lines]), [*b_files, *f_files]
 
 
