@@ -116,6 +116,10 @@ def test_flow_training_resumes_after_a_crash_to_the_same_weights(tmp_path):
     log = [json.loads(s) for s in (tmp_path / "crashed" / "log.jsonl").read_text().splitlines()]
     assert [(r["phase"], r["step"]) for r in log] == [("denoiser", i) for i in (1, 2, 3, 4)]
     assert all(r["loss"] > 0 for r in log)
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    processors = whole.pipeline().transformer.attn_processors.values()  # the shipped one: diffusers' own
+    assert all(type(p) is JointAttnProcessor2_0 for p in processors)
 
 
 def test_the_flow_pipeline_is_written_and_loads_with_plain_diffusers(tmp_path):
@@ -196,3 +200,43 @@ def test_the_flow_yaml_validates():
     cfg = load_config(Path("sweeps/world_generator_flow.yaml"), WorldGeneratorConfig)
     assert (cfg.denoiser, cfg.train.objective, cfg.parts_from) == ("transformer", "flow", "world")
     assert cfg.train.steps * cfg.train.batch == 1800 * 64  # the samples the shipped UNet saw
+
+
+def test_one_null_token_counted_256_times_is_the_pipelines_256_zero_tokens():
+    """Training feeds 1 zero token in T5's place and counts it 256 times in attention; sampling (plain diffusers)
+    feeds 256 zeros through diffusers' own processor: the same transformer output."""
+    import torch
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    from tn_ray.diffusion.world import models
+
+    cfg = WorldGeneratorConfig(**{**FLOW, "transformer": {"layers": 3, "heads": 2, "head_dim": 8}})
+    torch.manual_seed(0)
+    net = models.transformer(cfg)
+    for p in net.parameters():  # every weight non-zero (the output layers start at zero)
+        p.data.normal_(0, 0.3)
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([300.0, 900.0])
+    clip, pooled = torch.randn(2, 20, 256), torch.randn(2, 256)
+    zeros = torch.zeros(2, models.T5_TOKENS, 256)
+    with torch.no_grad():
+        assert all(type(p) is JointAttnProcessor2_0 for p in net.attn_processors.values())
+        full = net(
+            hidden_states=x, timestep=t, encoder_hidden_states=torch.cat([clip, zeros], 1), pooled_projections=pooled
+        ).sample
+        net.set_attn_processor(models.NullTokensAttnProcessor(models.T5_TOKENS))
+        one = net(
+            hidden_states=x,
+            timestep=t,
+            encoder_hidden_states=torch.cat([clip, zeros[:, :1]], 1),
+            pooled_projections=pooled,
+        ).sample
+        net.set_attn_processor(models.NullTokensAttnProcessor(1))
+        unweighted = net(
+            hidden_states=x,
+            timestep=t,
+            encoder_hidden_states=torch.cat([clip, zeros[:, :1]], 1),
+            pooled_projections=pooled,
+        ).sample
+    scale = full.abs().max()
+    assert (one - full).abs().max() < 1e-5 * scale  # float rounding (outputs of about 6 here)
+    assert (unweighted - full).abs().max() > 1e-2 * scale  # the count matters

@@ -93,7 +93,7 @@ def _ddpm(trainer, latents, texts):
 
 def _flow(trainer, latents, texts):
     t = trainer.cfg.train
-    return flow_loss(trainer.denoiser, trainer.scheduler, latents, encode_flow_text(trainer.encoder, texts),
+    return flow_loss(trainer.denoiser, trainer.scheduler, latents, encode_flow_text(trainer.encoder, texts, 1),
                      trainer.gen, t.timestep_density, t.logit_mean, t.logit_std)
 
 
@@ -125,16 +125,17 @@ def encode_text(tokenizer, text_encoder, texts):
     return text_encoder(ids)[0]
 
 
-def encode_flow_text(encoder, texts) -> dict:
+def encode_flow_text(encoder, texts, t5_tokens: int = models.T5_TOKENS) -> dict:
     """The transformer's text inputs as ``StableDiffusion3Pipeline`` computes them when sampling (its own
-    ``encode_prompt``: both CLIP encoders, ``models.T5_TOKENS`` zeros in the T5 encoder's place), no gradient
-    (the text encoder is frozen)."""
+    ``encode_prompt``: both CLIP encoders, ``t5_tokens`` zeros in the T5 encoder's place), no gradient (the
+    text encoder is frozen). Training passes 1 zero token and counts it ``models.T5_TOKENS`` times in
+    attention (:class:`models.NullTokensAttnProcessor`): the same function as the pipeline's 256 zeros."""
     import torch
 
     with torch.no_grad():
         embeds, _, pooled, _ = encoder.encode_prompt(prompt=list(texts), prompt_2=None, prompt_3=None,
                                                      device=torch.device("cpu"), do_classifier_free_guidance=False,
-                                                     max_sequence_length=models.T5_TOKENS)
+                                                     max_sequence_length=t5_tokens)
     return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
 
@@ -218,6 +219,7 @@ class Trainer:
 
             self.vae, self.text = load_parts(cfg)
             self.denoiser = models.transformer(cfg)
+            self.denoiser.set_attn_processor(models.NullTokensAttnProcessor(models.T5_TOKENS))  # 1 zero token = 256
             self.scheduler = models.flow_scheduler(cfg)
             self.phase = "denoiser"
             clip = models.text_encoder_with_projection(self.text).requires_grad_(False)
@@ -389,9 +391,11 @@ class Trainer:
         import copy
 
         from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+        from diffusers.models.attention_processor import JointAttnProcessor2_0
 
         if self.cfg.denoiser == "transformer":
             transformer = copy.deepcopy(self.denoiser)
+            transformer.set_attn_processor(JointAttnProcessor2_0())  # diffusers' own, on the pipeline's 256 zeros
             if ema and self.ema is not None:
                 self.ema.copy_to(list(transformer.parameters()))
             clip = copy.deepcopy(self.encoder.text_encoder)
