@@ -124,7 +124,8 @@ def test_flow_training_resumes_after_a_crash_to_the_same_weights(tmp_path):
 
 def test_the_flow_pipeline_is_written_and_loads_with_plain_diffusers(tmp_path):
     """build(): train, write the fp16 folder, evaluate it with the judge; plain StableDiffusion3Pipeline loads it
-    and draws 32 px images; tn_ray's GRPO LoRA targets (SD3_LORA_TARGETS) find the world transformer's modules."""
+    and draws 32 px images; tn_ray's GRPO sampler runs on it and its LoRA targets (SD3_LORA_TARGETS) find the
+    world transformer's modules."""
     import json
 
     import torch
@@ -165,6 +166,18 @@ def test_the_flow_pipeline_is_written_and_loads_with_plain_diffusers(tmp_path):
         generator=torch.Generator().manual_seed(0),
     ).images
     assert [im.size for im in images] == [(32, 32), (32, 32)]
+    from tn_ray.diffusion.flow_sampling import decode_flow_images, sample_flow_chains
+
+    chains = sample_flow_chains(  # GRPO's sampler: SDE steps with log-probs
+        pipe,
+        ["a photo of two red circles"] * 2,
+        num_steps=2,
+        guidance=3.0,
+        noise_level=0.7,
+        generator=[torch.Generator().manual_seed(i) for i in range(2)],
+    )
+    assert chains.latents.shape == (2, 3, 4, 16, 16) and chains.log_probs.shape == (2, 2)
+    assert decode_flow_images(pipe, chains.latents[:, -1]).shape == (2, 32, 32, 3)
     add_flow_lora(pipe, rank=2)
     adapted = {name for name, m in pipe.transformer.named_modules() if hasattr(m, "lora_A")}
     assert {t for t in SD3_LORA_TARGETS if any(n.endswith(t) for n in adapted)} == set(SD3_LORA_TARGETS)
