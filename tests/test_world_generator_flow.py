@@ -221,6 +221,7 @@ def test_one_null_token_counted_256_times_is_the_pipelines_256_zero_tokens():
     import torch
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
+    from tn_ray.diffusion.null_tokens import T5_TOKENS, NullTokensAttnProcessor
     from tn_ray.diffusion.world import models
 
     cfg = WorldGeneratorConfig(**{**FLOW, "transformer": {"layers": 3, "heads": 2, "head_dim": 8}})
@@ -230,20 +231,20 @@ def test_one_null_token_counted_256_times_is_the_pipelines_256_zero_tokens():
         p.data.normal_(0, 0.3)
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([300.0, 900.0])
     clip, pooled = torch.randn(2, 20, 256), torch.randn(2, 256)
-    zeros = torch.zeros(2, models.T5_TOKENS, 256)
+    zeros = torch.zeros(2, T5_TOKENS, 256)
     with torch.no_grad():
         assert all(type(p) is JointAttnProcessor2_0 for p in net.attn_processors.values())
         full = net(
             hidden_states=x, timestep=t, encoder_hidden_states=torch.cat([clip, zeros], 1), pooled_projections=pooled
         ).sample
-        net.set_attn_processor(models.NullTokensAttnProcessor(models.T5_TOKENS))
+        net.set_attn_processor(NullTokensAttnProcessor(T5_TOKENS))
         one = net(
             hidden_states=x,
             timestep=t,
             encoder_hidden_states=torch.cat([clip, zeros[:, :1]], 1),
             pooled_projections=pooled,
         ).sample
-        net.set_attn_processor(models.NullTokensAttnProcessor(1))
+        net.set_attn_processor(NullTokensAttnProcessor(1))
         unweighted = net(
             hidden_states=x,
             timestep=t,

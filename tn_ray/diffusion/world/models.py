@@ -60,48 +60,7 @@ def ddpm_scheduler(cfg: WorldGeneratorConfig):
 
 
 # --- the flow-matching variant (denoiser: transformer) ------------------------------------------
-# zeros in the T5 encoder's place: diffusers' StableDiffusion3Pipeline and tn_ray's flow sampling feed this many
-# (max_sequence_length's default) when text_encoder_3 is None, so training conditions on the same sequence
-T5_TOKENS = 256
-
-
-class NullTokensAttnProcessor:
-    """SD 3's joint attention (diffusers' ``JointAttnProcessor2_0``) for a context whose last token stands for
-    ``copies`` identical tokens: that key's logit gets + log(copies), so attention is what it is over the copies.
-
-    With the T5 encoder left out, StableDiffusion3Pipeline appends ``T5_TOKENS`` zero tokens to the CLIP tokens.
-    Context tokens carry no position, so identical inputs stay identical through every block, and attending
-    to n copies of one key is attending to it once with its weight times n. One zero token under this processor
-    therefore gives the transformer's output on 256 (tested to float rounding) at a quarter of the training cost
-    on the world's 64 image tokens. Training only: the shipped pipeline keeps diffusers' processor."""
-
-    def __init__(self, copies: int):
-        import math
-
-        self.log_copies = math.log(copies)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        import torch
-        import torch.nn.functional as F
-
-        b, n = hidden_states.shape[:2]
-
-        def split(x, norm=None):
-            x = x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-            return x if norm is None else norm(x)
-
-        e = encoder_hidden_states
-        q = torch.cat([split(attn.to_q(hidden_states), attn.norm_q), split(attn.add_q_proj(e), attn.norm_added_q)], 2)
-        k = torch.cat([split(attn.to_k(hidden_states), attn.norm_k), split(attn.add_k_proj(e), attn.norm_added_k)], 2)
-        v = torch.cat([split(attn.to_v(hidden_states)), split(attn.add_v_proj(e))], 2)
-        bias = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
-        bias[-1] = self.log_copies
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(1, 1, 1, -1), dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[3]).to(q.dtype)
-        image, context = out[:, :n], out[:, n:]
-        if not attn.context_pre_only:
-            context = attn.to_add_out(context)
-        return attn.to_out[1](attn.to_out[0](image)), context
+# the T5 encoder's zero tokens, trained as one token counted 256 times: tn_ray.diffusion.null_tokens
 
 
 def transformer(cfg: WorldGeneratorConfig):

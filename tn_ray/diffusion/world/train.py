@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tn_ray.diffusion.null_tokens import T5_TOKENS, NullTokensAttnProcessor
 from tn_ray.diffusion.world import data, models
 from tn_ray.diffusion.world.settings import WorldGeneratorConfig
 
@@ -125,11 +126,11 @@ def encode_text(tokenizer, text_encoder, texts):
     return text_encoder(ids)[0]
 
 
-def encode_flow_text(encoder, texts, t5_tokens: int = models.T5_TOKENS) -> dict:
+def encode_flow_text(encoder, texts, t5_tokens: int = T5_TOKENS) -> dict:
     """The transformer's text inputs as ``StableDiffusion3Pipeline`` computes them when sampling (its own
     ``encode_prompt``: both CLIP encoders, ``t5_tokens`` zeros in the T5 encoder's place), no gradient (the
-    text encoder is frozen). Training passes 1 zero token and counts it ``models.T5_TOKENS`` times in
-    attention (:class:`models.NullTokensAttnProcessor`): the same function as the pipeline's 256 zeros."""
+    text encoder is frozen). Training passes 1 zero token and counts it ``T5_TOKENS`` times in attention
+    (:class:`tn_ray.diffusion.null_tokens.NullTokensAttnProcessor`): the same function as the pipeline's 256 zeros."""
     import torch
 
     with torch.no_grad():
@@ -219,7 +220,7 @@ class Trainer:
 
             self.vae, self.text = load_parts(cfg)
             self.denoiser = models.transformer(cfg)
-            self.denoiser.set_attn_processor(models.NullTokensAttnProcessor(models.T5_TOKENS))  # 1 zero token = 256
+            self.denoiser.set_attn_processor(NullTokensAttnProcessor(T5_TOKENS))  # 1 zero token = 256
             self.scheduler = models.flow_scheduler(cfg)
             self.phase = "denoiser"
             clip = models.text_encoder_with_projection(self.text).requires_grad_(False)
