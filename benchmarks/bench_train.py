@@ -26,7 +26,9 @@ GRPO (the ``tiny-sd3`` flow-matching pipeline, 32 px; see :func:`grpo_sampling`,
 
 - ``grpo_sampling_logprob_over_plain``: Flow-GRPO SDE sampling with recorded chains and log-probs
   (``sample_flow_chains`` + ``decode_flow_images``) over ``StableDiffusion3Pipeline.__call__``, same
-  prompts, steps, size, batch, guidance and generators (aim <= 1.15);
+  prompts, steps, size, batch, guidance and generators, both on the 256 zero T5 tokens (aim <= 1.15); next
+  to ``grpo_sampling_fold_speedup``: that over GRPO's sampling with them folded into one token
+  (tn_ray.diffusion.null_tokens);
 - ``grpo_step_kl_over_nokl``: seconds of one GRPO optimizer step (``GRPO.train_epoch`` on fixed chains)
   with the KL term (beta > 0: one reference forward per trained step, adapters disabled, no graph) over
   beta = 0 (aim <= 1.6);
@@ -332,7 +334,10 @@ def grpo_sampling(repeats: int, batch: int = 8, steps: int = 10, size: int = 32)
     """``grpo_sampling_logprob_over_plain``: :func:`~tn_ray.diffusion.flow_sampling.sample_flow_chains` (every
     step by the SDE, noise level 0.7: chain, log-probs) + ``decode_flow_images`` over the plain
     ``StableDiffusion3Pipeline(..., output_type='np')`` call (its ODE), tiny-sd3, same prompts, steps, size,
-    batch, guidance 4.5 and generators; interleaved repeats after a warm-up round, medians."""
+    batch, guidance 4.5 and generators; interleaved repeats after a warm-up round, medians. Like for like,
+    the sampler there feeds the pipeline's 256 zero T5 tokens (``fold_null_tokens=False``); GRPO folds them
+    into one counted 256 times (:mod:`tn_ray.diffusion.null_tokens`: the same outputs to float rounding, not
+    bit for bit): ``grpo_sampling_folded_s`` times that, ``grpo_sampling_fold_speedup`` is unfolded / folded."""
     import torch
 
     from tn_ray.diffusion.flow_sampling import decode_flow_images, sample_flow_chains
@@ -341,21 +346,27 @@ def grpo_sampling(repeats: int, batch: int = 8, steps: int = 10, size: int = 32)
     pipe = load_pipeline("tiny-sd3")
     prompts = [f"a photo of object {i}" for i in range(batch)]
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(batch)]  # noqa: E731
-    ours, plain = [], []
+    ours, plain, folded = [], [], []
     for r in range(repeats + 1):
         t0 = time.perf_counter()
         chains = sample_flow_chains(pipe, prompts, num_steps=steps, guidance=4.5, noise_level=0.7, generator=gens(),
-                                    height=size, width=size)
+                                    height=size, width=size, fold_null_tokens=False)
         decode_flow_images(pipe, chains.latents[:, -1])
         t1 = time.perf_counter()
         pipe(prompts, num_inference_steps=steps, guidance_scale=4.5, generator=gens(), height=size, width=size,
              output_type="np")
         t2 = time.perf_counter()
+        chains = sample_flow_chains(pipe, prompts, num_steps=steps, guidance=4.5, noise_level=0.7, generator=gens(),
+                                    height=size, width=size)
+        decode_flow_images(pipe, chains.latents[:, -1])
+        t3 = time.perf_counter()
         if r:
             ours.append(t1 - t0)
             plain.append(t2 - t1)
-    o, p = statistics.median(ours), statistics.median(plain)
-    return {"grpo_sampling_s": o, "sd3_plain_pipeline_s": p, "grpo_sampling_logprob_over_plain": o / p}
+            folded.append(t3 - t2)
+    o, p, f = statistics.median(ours), statistics.median(plain), statistics.median(folded)
+    return {"grpo_sampling_s": o, "sd3_plain_pipeline_s": p, "grpo_sampling_logprob_over_plain": o / p,
+            "grpo_sampling_folded_s": f, "grpo_sampling_fold_speedup": o / f}
 
 
 def make_grpo(beta: float, folder: Path):
