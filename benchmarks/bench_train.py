@@ -26,7 +26,9 @@ GRPO (the ``tiny-sd3`` flow-matching pipeline, 32 px; see :func:`grpo_sampling`,
 
 - ``grpo_sampling_logprob_over_plain``: Flow-GRPO SDE sampling with recorded chains and log-probs
   (``sample_flow_chains`` + ``decode_flow_images``) over ``StableDiffusion3Pipeline.__call__``, same
-  prompts, steps, size, batch, guidance and generators (aim <= 1.15);
+  prompts, steps, size, batch, guidance and generators, both on the 256 zero T5 tokens (aim <= 1.15); next
+  to ``grpo_sampling_fold_speedup``: that over GRPO's sampling with them folded into one token
+  (tn_ray.diffusion.null_tokens);
 - ``grpo_step_kl_over_nokl``: seconds of one GRPO optimizer step (``GRPO.train_epoch`` on fixed chains)
   with the KL term (beta > 0: one reference forward per trained step, adapters disabled, no graph) over
   beta = 0 (aim <= 1.6);
@@ -183,16 +185,17 @@ def lora_sizes(folder: Path) -> dict[str, float]:
 # --------------------------------------------------------------------------------------
 
 
-def interleaved_medians(ours, plain, repeats: int) -> tuple[float, float]:
-    """Median seconds of ``ours()`` and ``plain()`` over ``repeats`` interleaved rounds after one warm-up round."""
-    times: tuple[list[float], list[float]] = ([], [])
+def interleaved_medians(fns, repeats: int) -> list[float]:
+    """Median seconds of each of ``fns`` (called in turn) over ``repeats`` interleaved rounds after one warm-up
+    round."""
+    times: list[list[float]] = [[] for _ in fns]
     for r in range(repeats + 1):
-        for fn, out in zip((ours, plain), times):
+        for fn, out in zip(fns, times):
             t0 = time.perf_counter()
             fn()
             if r:
                 out.append(time.perf_counter() - t0)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return [statistics.median(t) for t in times]
 
 
 def ddpo_sampling(repeats: int, batch: int = 8, steps: int = 20) -> dict[str, float]:
@@ -217,7 +220,7 @@ def ddpo_sampling(repeats: int, batch: int = 8, steps: int = 20) -> dict[str, fl
     def plain():
         pipe(prompts, num_inference_steps=steps, guidance_scale=5.0, eta=1.0, generator=gens(), output_type="np")
 
-    o, p = interleaved_medians(ours, plain, repeats)
+    o, p = interleaved_medians([ours, plain], repeats)
     return {"ddpo_sampling_s": o, "plain_pipeline_s": p, "ddpo_sampling_logprob_over_plain": o / p}
 
 
@@ -341,7 +344,10 @@ def grpo_sampling(repeats: int, batch: int = 8, steps: int = 10, size: int = 32)
     """``grpo_sampling_logprob_over_plain``: :func:`~tn_ray.diffusion.flow_sampling.sample_flow_chains` (every
     step by the SDE, noise level 0.7: chain, log-probs) + ``decode_flow_images`` over the plain
     ``StableDiffusion3Pipeline(..., output_type='np')`` call (its ODE), tiny-sd3, same prompts, steps, size,
-    batch, guidance 4.5 and generators; interleaved repeats after a warm-up round, medians."""
+    batch, guidance 4.5 and generators; interleaved repeats after a warm-up round, medians. Like for like,
+    the sampler there feeds the pipeline's 256 zero T5 tokens (``fold_null_tokens=False``); GRPO folds them
+    into one counted 256 times (:mod:`tn_ray.diffusion.null_tokens`: the same outputs to float rounding, not
+    bit for bit): ``grpo_sampling_folded_s`` times that, ``grpo_sampling_fold_speedup`` is unfolded / folded."""
     import torch
 
     from tn_ray.diffusion.flow_sampling import decode_flow_images, sample_flow_chains
@@ -353,15 +359,21 @@ def grpo_sampling(repeats: int, batch: int = 8, steps: int = 10, size: int = 32)
 
     def ours():
         chains = sample_flow_chains(pipe, prompts, num_steps=steps, guidance=4.5, noise_level=0.7, generator=gens(),
-                                    height=size, width=size)
+                                    height=size, width=size, fold_null_tokens=False)
         decode_flow_images(pipe, chains.latents[:, -1])
 
     def plain():
         pipe(prompts, num_inference_steps=steps, guidance_scale=4.5, generator=gens(), height=size, width=size,
              output_type="np")
 
-    o, p = interleaved_medians(ours, plain, repeats)
-    return {"grpo_sampling_s": o, "sd3_plain_pipeline_s": p, "grpo_sampling_logprob_over_plain": o / p}
+    def folded():
+        chains = sample_flow_chains(pipe, prompts, num_steps=steps, guidance=4.5, noise_level=0.7, generator=gens(),
+                                    height=size, width=size)
+        decode_flow_images(pipe, chains.latents[:, -1])
+
+    o, p, f = interleaved_medians([ours, plain, folded], repeats)
+    return {"grpo_sampling_s": o, "sd3_plain_pipeline_s": p, "grpo_sampling_logprob_over_plain": o / p,
+            "grpo_sampling_folded_s": f, "grpo_sampling_fold_speedup": o / f}
 
 
 def make_grpo(beta: float, folder: Path):

@@ -410,3 +410,33 @@ def test_sweep_trainable_and_kl_grid_resolve():
         assert error and message in error and "\n" not in error, (name, error)
     for path in ("sweeps/grpo_tiny.yaml", "sweeps/grpo_sd35.yaml"):
         assert load_config(path, GRPOConfig, {}).eval.enabled
+
+
+def test_first_rescored_step_ratio_is_one_on_folded_null_tokens(tmp_path):
+    """Without Ray: chains sampled by the policy's pipeline (tiny-sd3, no T5: its 256 zero tokens folded into
+    one counted 256 times) and GRPO.train_epoch on them: the first rescored minibatch has approx-KL exactly 0
+    (ratio 1: sampling and rescoring use the same embeddings and attention), with the KL term's reference
+    forward (adapters disabled) on the same folded tokens."""
+    from tn_ray.diffusion.flow_sampling import sample_flow_chains
+    from tn_ray.training.ddpo import DDPOData
+    from tn_ray.training.grpo import GRPO
+    from tn_ray.training.loop import WorkerContext
+    from tn_ray.training.optim import Optimization
+    from tn_ray.training.policy import Policy
+
+    cfg = tiny_config(tmp_path / "one", train={"batch_size": 2, "num_inner_epochs": 1})
+    torch.manual_seed(cfg.seed)
+    policy = Policy.load(cfg.policy, "cpu", seed=cfg.seed)
+    optim = Optimization(policy.trainable_parameters(), cfg.optimizer, cfg.max_steps, torch.device("cpu"),
+                         policy.amp_dtype)
+    method = GRPO(cfg, policy, optim, WorkerContext(0, 1, torch.device("cpu"), cfg.out),
+                  DDPOData(list(PROMPTS), [[p] for p in PROMPTS], {}))
+    s = cfg.sample
+    ids = [0, 0, 1, 1]
+    chains = sample_flow_chains(policy.pipe, [PROMPTS[i] for i in ids], ids, num_steps=s.num_steps,
+                                guidance=s.guidance_scale, noise_level=s.noise_level,
+                                generator=[torch.Generator().manual_seed(i) for i in ids], height=s.height,
+                                width=s.width, autocast=policy.autocast())
+    assert chains.null_copies.tolist() == [256] * 4 and chains.prompt_embeds.shape[1] == 77 + 1
+    metrics = method.train_epoch(1, chains, torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    assert metrics["first_approx_kl"] == 0.0 and metrics["trained_steps"] == 2

@@ -77,7 +77,7 @@ def test_training_resumes_after_a_crash_to_the_same_weights(tmp_path):
     resumed = Trainer(cfg, tmp_path / "crashed", progress=lines.append)
     assert lines == [f"resumed {tmp_path / 'crashed' / 'state.pt'}: denoiser phase, step 2"]
     resumed.run()
-    for a, b in [(whole.unet, resumed.unet), (whole.text, resumed.text), (whole.vae, resumed.vae)]:
+    for a, b in [(whole.denoiser, resumed.denoiser), (whole.text, resumed.text), (whole.vae, resumed.vae)]:
         for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
             assert torch.equal(x, y), name
     assert whole.ema.state_dict()["shadow_params"][0].equal(resumed.ema.state_dict()["shadow_params"][0])

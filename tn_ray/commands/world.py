@@ -37,9 +37,11 @@ def add_parser(sub) -> None:
     t.set_defaults(func=train)
 
     g = s.add_parser("train-generator", help="train the world text-to-image pipeline (autoencoder, text encoder, "
-                                             "UNet), evaluate it on held-out prompts, write a diffusers folder")
+                                             "UNet; or a flow-matching transformer on the shipped autoencoder and text "
+                                             "encoder), evaluate it on held-out prompts, write a diffusers folder")
     g.add_argument("config", nargs="?", help="YAML (WorldGeneratorConfig; sweeps/world_generator.yaml holds the "
-                                             "shipped weights' settings); flags override it")
+                                             "shipped weights' settings, sweeps/world_generator_flow.yaml the "
+                                             "flow-matching variant's); flags override it")
     g.add_argument("--work", default="results/world/generator/work", help="resumable training state (state.pt, "
                                                                          "log.jsonl)")
     g.add_argument("--out", default="results/world/generator/pipeline", help="the trained folder; "

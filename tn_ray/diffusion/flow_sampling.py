@@ -9,6 +9,12 @@ log-probability, the timesteps, prompt ids and text embeddings. With an empty wi
 pipeline's own ODE sampling (same generators, same latents). :func:`flow_step_log_prob` recomputes
 stochastic steps under the transformer as it is now, with the guidance of sampling, so on unchanged
 weights the importance ratio is exactly 1.
+
+Without a T5 encoder (``text_encoder_3 is None``: ``tiny-sd3``, ``world-flow``) the pipeline's 256 zero tokens
+in T5's place are fed as one zero token counted 256 times in attention (:mod:`tn_ray.diffusion.null_tokens`:
+the same function up to float rounding, about 4x faster on these small models); the chains record the folded
+embeddings and the count (``null_copies``), and every rescoring uses them the same way, so the ratio stays
+exactly 1. Pipelines with a T5 encoder are sampled as before.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import numpy as np
 import torch
 
 from tn_ray.diffusion.flow_sde import FlowStepOutput, check_window, flow_ode_step, flow_sde_step, in_window
+from tn_ray.diffusion.null_tokens import null_copies, null_token_attention
 
 
 @dataclass
@@ -35,9 +42,17 @@ class FlowChains:
     pooled_embeds: torch.Tensor  # (B, P)
     negative_embeds: torch.Tensor  # (B, L, D): of "" (the unconditional branch)
     negative_pooled_embeds: torch.Tensor  # (B, P)
+    null_copies: torch.Tensor  # (B,) long: how many zero tokens the embeddings' last token stands for (1: none)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
+
+    def copies(self) -> int:
+        """The count of the embeddings' last token in attention (:func:`null_token_attention`), one for all rows."""
+        counts = self.null_copies.unique().tolist()
+        if len(counts) != 1:
+            raise ValueError(f"chains with different null-token counts {counts} cannot be rescored together")
+        return int(counts[0])
 
     def states(self, j: int) -> torch.Tensor:
         """x_t of the j-th stochastic step, (B, C, h, w)."""
@@ -69,12 +84,16 @@ def check_flow_pipeline(pipe) -> None:
                          "sample_chains)")
 
 
-def encode_flow_prompts(pipe, prompts: Sequence[str], max_sequence_length: int = 256):
-    """(embeds, pooled, negative embeds of "", negative pooled) through the pipeline's ``encode_prompt``."""
+def encode_flow_prompts(pipe, prompts: Sequence[str], max_sequence_length: int = 256, copies: int = 1):
+    """(embeds, pooled, negative embeds of "", negative pooled) through the pipeline's ``encode_prompt``.
+    ``copies`` > 1 (a pipeline without T5: :func:`tn_ray.diffusion.null_tokens.null_copies`): the T5 zeros
+    folded to ``max_sequence_length // copies`` tokens, the last counted ``copies`` times when attended."""
+    if copies > 1 and getattr(pipe, "text_encoder_3", None) is not None:
+        raise ValueError("the T5 encoder's tokens differ: only a pipeline without T5 has zero tokens to fold")
     with torch.no_grad():
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
             prompt=list(prompts), prompt_2=None, prompt_3=None, device=pipe._execution_device,
-            do_classifier_free_guidance=True, max_sequence_length=max_sequence_length)
+            do_classifier_free_guidance=True, max_sequence_length=max_sequence_length // copies)
     return embeds, pooled, negative, negative_pooled
 
 
@@ -96,15 +115,17 @@ def set_flow_timesteps(pipe, num_steps: int, latents: torch.Tensor) -> torch.Ten
 
 def guided_velocity(transformer, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor,
                     pooled: torch.Tensor, negative_embeds: torch.Tensor, negative_pooled: torch.Tensor,
-                    guidance: float) -> torch.Tensor:
+                    guidance: float, copies: int = 1) -> torch.Tensor:
     """``v_u + g (v_c - v_u)`` in one batched forward, unconditional rows first (StableDiffusion3Pipeline's
-    order); g <= 1: the conditional velocity alone. ``timesteps``: (B,)."""
-    if guidance <= 1.0:
-        return transformer(hidden_states=latents, timestep=timesteps, encoder_hidden_states=embeds,
-                           pooled_projections=pooled, return_dict=False)[0]
-    out = transformer(hidden_states=torch.cat([latents, latents]), timestep=torch.cat([timesteps, timesteps]),
-                      encoder_hidden_states=torch.cat([negative_embeds, embeds]),
-                      pooled_projections=torch.cat([negative_pooled, pooled]), return_dict=False)[0]
+    order); g <= 1: the conditional velocity alone. ``timesteps``: (B,). ``copies``: the count of the
+    embeddings' last token in attention (:func:`tn_ray.diffusion.null_tokens.null_token_attention`)."""
+    with null_token_attention(transformer, copies):
+        if guidance <= 1.0:
+            return transformer(hidden_states=latents, timestep=timesteps, encoder_hidden_states=embeds,
+                               pooled_projections=pooled, return_dict=False)[0]
+        out = transformer(hidden_states=torch.cat([latents, latents]), timestep=torch.cat([timesteps, timesteps]),
+                          encoder_hidden_states=torch.cat([negative_embeds, embeds]),
+                          pooled_projections=torch.cat([negative_pooled, pooled]), return_dict=False)[0]
     uncond, cond = out.chunk(2)
     return uncond + guidance * (cond - uncond)
 
@@ -134,13 +155,16 @@ def sample_flow_chains(
     max_sequence_length: int = 256,
     autocast=None,
     on_step: Callable[[int, FlowStepOutput], None] | None = None,
+    fold_null_tokens: bool = True,
 ) -> FlowChains:
     """One image per prompt with the pipeline's transformer (adapters as they are), recording the chain.
 
     ``window``: (start, stop) step indices sampled by the SDE (None: all; (k, k): none, the pipeline's ODE).
     ``generator``: one CPU generator per row for reproducible rows; it draws the initial latents (unless
     ``latents`` are given) and then each stochastic step's noise. ``autocast``: a mixed-precision context;
-    the steps run in float32. ``on_step(i, out)``: every step's output in order.
+    the steps run in float32. ``on_step(i, out)``: every step's output in order. ``fold_null_tokens``
+    (without a T5 encoder): the ``max_sequence_length`` zero tokens as one counted that many times
+    (:mod:`tn_ray.diffusion.null_tokens`; False: the pipeline's own zero tokens, for comparisons).
     """
     from tn_ray.diffusion.flow_sde import check_noise_level
 
@@ -150,14 +174,15 @@ def sample_flow_chains(
     n = len(prompts)
     prompt_ids = list(range(n)) if prompt_ids is None else list(prompt_ids)
     device = pipe._execution_device
-    embeds, pooled, negative, negative_pooled = encode_flow_prompts(pipe, prompts, max_sequence_length)
+    copies = null_copies(pipe, max_sequence_length) if fold_null_tokens else 1
+    embeds, pooled, negative, negative_pooled = encode_flow_prompts(pipe, prompts, max_sequence_length, copies)
     default = pipe.default_sample_size * pipe.vae_scale_factor
     x = pipe.prepare_latents(n, pipe.transformer.config.in_channels, height or default, width or default,
                              embeds.dtype, device, generator, latents)
     sched = pipe.scheduler
     timesteps = set_flow_timesteps(pipe, num_steps, x)
     chain, log_probs, steps = [x], [], []
-    with torch.no_grad(), autocast or contextlib.nullcontext():
+    with torch.no_grad(), autocast or contextlib.nullcontext(), null_token_attention(pipe.transformer, copies):
         for i, t in enumerate(timesteps):
             v = guided_velocity(pipe.transformer, x, t.expand(n), embeds, pooled, negative, negative_pooled, guidance)
             if in_window(i, window, num_steps):
@@ -180,6 +205,7 @@ def sample_flow_chains(
         pooled_embeds=pooled,
         negative_embeds=negative,
         negative_pooled_embeds=negative_pooled,
+        null_copies=torch.full((n,), copies, dtype=torch.long, device=device),
     )
 
 
@@ -192,7 +218,7 @@ def flow_step_log_prob(transformer, scheduler, chains: FlowChains, j: int, guida
     idx = chains.steps[:, j]
     x = chains.states(j)
     v = guided_velocity(transformer, x, chains.timesteps[rows, idx], chains.prompt_embeds, chains.pooled_embeds,
-                        chains.negative_embeds, chains.negative_pooled_embeds, guidance)
+                        chains.negative_embeds, chains.negative_pooled_embeds, guidance, chains.copies())
     return flow_sde_step(scheduler, v, idx, x, noise_level, prev_sample=chains.next_latents(j))
 
 
@@ -203,7 +229,7 @@ def flow_chain_means(transformer, scheduler, chains: FlowChains, guidance: float
     :func:`tn_ray.training.flow_policy.flow_reference` they are the base model's on the policy's states: the
     path KL (:func:`tn_ray.training.losses.path_kl`) compares the two."""
     means, stds = [], []
-    with torch.no_grad(), autocast or contextlib.nullcontext():
+    with torch.no_grad(), autocast or contextlib.nullcontext(), null_token_attention(transformer, chains.copies()):
         for j in range(chains.steps.shape[1]):
             out = flow_step_log_prob(transformer, scheduler, chains, j, guidance, noise_level)
             means.append(out.mean)

@@ -8,7 +8,10 @@ every code path (classifier-free guidance, per-row generators, VAE decoding) is 
 ``tiny-sd3`` is the same for flow matching: a real :class:`diffusers.StableDiffusion3Pipeline`
 (SD3Transformer2DModel, FlowMatchEulerDiscreteScheduler with SD 3's shift 3, two CLIP text encoders
 with projection; the T5 encoder left out, ``text_encoder_3=None``, as its tokenizer cannot be built
-offline: diffusers then feeds zeros in its place).
+offline: diffusers then feeds zeros in its place). ``world`` and ``world-flow`` are the small
+pipelines trained on the synthetic world (tn_ray/diffusion/world, docs/world.md): a StableDiffusionPipeline
+and its flow-matching variant, a StableDiffusion3Pipeline (LoRA targets: ``SD3_LORA_TARGETS``, its
+transformer being an SD3Transformer2DModel; weights not shipped yet).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ TINY_VAE = dict(sample_size=32, in_channels=3, out_channels=3, latent_channels=4
                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                 norm_num_groups=8)
 WORLD = "world"  # the small Stable Diffusion trained on the synthetic world, shipped with the package
+WORLD_FLOW = "world-flow"  # its flow-matching variant (StableDiffusion3Pipeline; LoRA targets: SD3_LORA_TARGETS)
 # LoRA targets of the world UNet: every attention, feed-forward, conv and time projection of its blocks (0.93 M
 # parameters at rank 16). Its attention sits at 8x8 and coarser only, and attention-only LoRA (Stable Diffusion's
 # default) barely moved it: RWR on the exact judge, 200 steps, fresh-sample accuracy +0.07 (attention only, rank 8)
@@ -67,10 +71,10 @@ def check_source(source: str, revision: str | None = None) -> None:
     """Fail fast (before any actor starts) when the weights (at ``revision``) cannot be found offline."""
     if source in (TINY, TINY_SD3):
         return
-    if source == WORLD:
-        from tn_ray.diffusion.world.package import check_weights
+    if source in (WORLD, WORLD_FLOW):
+        from tn_ray.diffusion.world.package import WEIGHTS, WEIGHTS_FLOW, check_weights
 
-        check_weights()
+        check_weights(WEIGHTS if source == WORLD else WEIGHTS_FLOW)
         return
     local = Path(source)
     if local.exists():
@@ -81,7 +85,7 @@ def check_source(source: str, revision: str | None = None) -> None:
     if "/" not in source:
         raise PipelineLoadError(f"unknown pipeline {source!r}: use {TINY!r}, {WORLD!r}, a Hugging Face id "
                                 "(owner/name, e.g. stabilityai/stable-diffusion-2-1) or a local diffusers folder "
-                                f"({TINY_SD3!r}: the tiny flow-matching pipeline)")
+                                f"({TINY_SD3!r}: the tiny flow-matching pipeline; {WORLD_FLOW!r}: the world's)")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         from huggingface_hub import try_to_load_from_cache
 
@@ -226,10 +230,10 @@ def load_pipeline(
         pipe = tiny_pipeline()
     elif source == TINY_SD3:
         pipe = tiny_sd3_pipeline()
-    elif source == WORLD:
-        from tn_ray.diffusion.world.package import load
+    elif source in (WORLD, WORLD_FLOW):
+        from tn_ray.diffusion.world.package import WEIGHTS, WEIGHTS_FLOW, load
 
-        pipe = load()
+        pipe = load(WEIGHTS if source == WORLD else WEIGHTS_FLOW)
     else:
         check_source(source, revision)
         try:
@@ -257,10 +261,10 @@ def pipeline_revision(source: str, requested: str | None = None) -> str:
 
     if source in (TINY, TINY_SD3):
         return "random-init"
-    if source == WORLD:
-        from tn_ray.diffusion.world.package import revision
+    if source in (WORLD, WORLD_FLOW):
+        from tn_ray.diffusion.world.package import WEIGHTS, WEIGHTS_FLOW, revision
 
-        return revision()
+        return revision(WEIGHTS if source == WORLD else WEIGHTS_FLOW)
     if Path(source).expanduser().exists():
         return "local"
     return hub_revision(source, "model_index.json", requested)

@@ -34,13 +34,13 @@ def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | 
 
 def is_flow_source(source: str) -> bool:
     """Whether a ``policy.pipeline`` names a flow-matching (Stable Diffusion 3) pipeline, without loading it:
-    ``tiny-sd3``, a local diffusers folder whose ``model_index.json`` names a StableDiffusion3 class, or a hub
-    id containing ``stable-diffusion-3``."""
+    ``tiny-sd3``, ``world-flow``, a local diffusers folder whose ``model_index.json`` names a StableDiffusion3
+    class, or a hub id containing ``stable-diffusion-3``."""
     import json
 
-    from tn_ray.diffusion.pipelines import TINY_SD3
+    from tn_ray.diffusion.pipelines import TINY_SD3, WORLD_FLOW
 
-    if source == TINY_SD3:
+    if source in (TINY_SD3, WORLD_FLOW):
         return True
     index = Path(source) / "model_index.json"
     if index.is_file():

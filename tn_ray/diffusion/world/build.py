@@ -21,7 +21,8 @@ def build(cfg: WorldGeneratorConfig, work: Path, out: Path, progress=print) -> d
     trainer.run()
     log = [json.loads(line) for line in (Path(work) / "log.jsonl").read_text().splitlines()]
     pipe = trainer.pipeline(ema=True)
-    progress(f"trained in {trainer.elapsed:.0f} s of wall time (both phases); evaluating on held-out prompts")
+    phases = "both phases" if cfg.denoiser == "unet" else "the transformer"
+    progress(f"trained in {trainer.elapsed:.0f} s of wall time ({phases}); evaluating on held-out prompts")
     prompts = data.held_out_prompts(cfg.eval_per_kind, cfg.held_out, seed=cfg.seed)
     t0 = time.perf_counter()
     # evaluate the fp16 weights as shipped (written once, loaded back in float32), not the float32 ones in memory
@@ -30,6 +31,7 @@ def build(cfg: WorldGeneratorConfig, work: Path, out: Path, progress=print) -> d
     result = evaluate(shipped, prompts, cfg.eval_images, cfg.sampling.steps, cfg.sampling.guidance, seed=cfg.seed)
     info = {
         "settings": cfg.model_dump(mode="json"),
+        **({"parts_revision": trainer.parts} if trainer.parts else {}),
         "training_wall_s": round(trainer.elapsed, 1),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", torch {torch.__version__}, "
                    f"{cfg.threads} threads",

@@ -19,14 +19,15 @@ def generate(pipe, texts: Sequence[str], images: int, steps: int, guidance: floa
     import torch
 
     rows = [(t, i) for t in texts for i in range(images)]
+    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    side = denoiser.config.sample_size * pipe.vae_scale_factor
     out = []
     for start in range(0, len(rows), batch):
         chunk = rows[start:start + batch]
         gens = [torch.Generator().manual_seed(seed_of(seed, t, i)) for t, i in chunk]
         with torch.no_grad():
             out += pipe([t for t, _ in chunk], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                        height=pipe.unet.config.sample_size * pipe.vae_scale_factor,
-                        width=pipe.unet.config.sample_size * pipe.vae_scale_factor).images
+                        height=side, width=side).images
     return out
 
 

@@ -5,6 +5,11 @@
 ``diffusers.StableDiffusionPipeline.from_pretrained(path)`` loads it without tn_ray;
 ``training.json`` beside it holds the settings, the training log and time, the held-out
 evaluation and each weight file's sha256 (checked before a run uses them).
+
+``weights_flow/`` is the same for the flow-matching variant (pipeline ``world-flow``, a
+``StableDiffusion3Pipeline``: ``transformer/``, ``vae/``, ``text_encoder/``, ``text_encoder_2/``,
+``tokenizer/``, ``tokenizer_2/``, ``scheduler/``), once trained and committed; until then every use
+fails with one line naming the command that trains it.
 """
 from __future__ import annotations
 
@@ -15,7 +20,10 @@ from pathlib import Path
 from tn_ray.errors import TnRayError
 
 WEIGHTS = Path(__file__).parent / "weights"
+WEIGHTS_FLOW = Path(__file__).parent / "weights_flow"  # the flow-matching variant (pipeline world-flow)
 RECORD = "training.json"
+TRAIN_FLOW = ("tn-ray world train-generator sweeps/world_generator_flow.yaml --out "
+              "tn_ray/diffusion/world/weights_flow")
 
 
 class WorldWeightsError(TnRayError, RuntimeError):
@@ -30,6 +38,9 @@ def file_hashes(folder: Path) -> dict[str, str]:
 
 def record(folder: Path = WEIGHTS) -> dict:
     path = folder / RECORD
+    if not path.is_file() and Path(folder) == WEIGHTS_FLOW:
+        raise WorldWeightsError(f"the world-flow generator's weights are not shipped yet ({path} not found): train "
+                                f"them with `{TRAIN_FLOW}` (docs/world.md, 'The flow-matching variant')")
     if not path.is_file():
         raise WorldWeightsError(f"the world generator's weights are missing ({path} not found): reinstall tn_ray, or "
                                 "train them with `tn-ray world train-generator sweeps/world_generator.yaml`")
@@ -49,17 +60,24 @@ def check_weights(folder: Path = WEIGHTS) -> None:
 
 
 def revision(folder: Path = WEIGHTS) -> str:
-    """``world@<12 hex>``: a digest of the weight files' sha256 (what provenance records)."""
+    """``world@<12 hex>`` (``world-flow@`` for :data:`WEIGHTS_FLOW`): a digest of the weight files' sha256 (what
+    provenance records)."""
     digest = hashlib.sha256(json.dumps(record(folder)["sha256"], sort_keys=True).encode()).hexdigest()
-    return f"world@{digest[:12]}"
+    name = "world-flow" if Path(folder) == WEIGHTS_FLOW else "world"
+    return f"{name}@{digest[:12]}"
 
 
 def load(folder: Path = WEIGHTS, dtype=None):
-    """The pipeline (float32 unless ``dtype``), progress bars off."""
+    """The pipeline (float32 unless ``dtype``; the class ``model_index.json`` names: StableDiffusionPipeline, or
+    StableDiffusion3Pipeline with the T5 encoder left out, as diffusers documents it), progress bars off."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype or torch.float32)
+    if Path(folder) == WEIGHTS_FLOW:
+        record(folder)  # one line when not shipped yet
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    absent = {"text_encoder_3": None, "tokenizer_3": None} if "text_encoder_3" in index else {}
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype or torch.float32, **absent)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -72,8 +90,9 @@ def save(pipe, folder: Path, info: dict) -> dict:
 
     folder.mkdir(parents=True, exist_ok=True)
     half = copy.deepcopy(pipe)
-    for component in (half.unet, half.vae, half.text_encoder):
-        component.to(torch.float16)
+    for component in half.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.to(torch.float16)
     half.save_pretrained(folder, safe_serialization=True)
     return write_record(folder, info)
 

@@ -1,4 +1,5 @@
-"""Settings of the world generator and of its training (``sweeps/world_generator.yaml``)."""
+"""Settings of the world generator and of its training (``sweeps/world_generator.yaml``; the flow-matching
+variant: ``sweeps/world_generator_flow.yaml``)."""
 from __future__ import annotations
 
 from typing import Literal
@@ -35,13 +36,38 @@ class UNetSettings(StrictModel):
     heads: int = Field(4, ge=1, description="attention heads per cross-attention layer")
 
 
+class TransformerSettings(StrictModel):
+    """The flow-matching denoiser: an ``SD3Transformer2DModel`` (MMDiT, as Stable Diffusion 3.0)."""
+
+    patch_size: int = Field(2, ge=1, description="latent pixels per token side (a 16 x 16 latent at patch 2 is 8 x 8 "
+                                                 "= 64 image tokens)")
+    layers: int = Field(6, ge=1, description="joint transformer blocks (count)")
+    heads: int = Field(4, ge=1, description="attention heads per block (count)")
+    head_dim: int = Field(32, ge=4, description="channels per head; the model width is heads x head_dim (channels)")
+
+
 class DenoiserTraining(StrictModel):
-    objective: Literal["ddpm"] = Field("ddpm", description="the denoiser's training objective (a flow-matching "
-                                                           "objective plugs in here for the GRPO issue)")
-    prediction_type: Literal["epsilon", "v_prediction"] = Field("v_prediction", description="what the UNet predicts")
+    objective: Literal["ddpm", "flow"] = Field(
+        "ddpm", description="the denoiser's training objective: ddpm (the UNet: epsilon or v prediction, diffusers' "
+                            "text-to-image example) or flow (the transformer: rectified flow as diffusers' "
+                            "train_dreambooth_sd3.py, x_t = (1 - sigma) x0 + sigma noise, target noise - x0)")
+    prediction_type: Literal["epsilon", "v_prediction"] = Field("v_prediction", description="what the UNet predicts "
+                                                                                            "(ddpm only)")
     beta_schedule: Literal["scaled_linear", "squaredcos_cap_v2", "linear"] = Field(
         "squaredcos_cap_v2", description="noise schedule of the DDPM training and the DDIM sampler (the cosine "
-                                         "schedule suits small images)")
+                                         "schedule suits small images; ddpm only)")
+    timestep_density: Literal["logit_normal", "uniform"] = Field(
+        "logit_normal", description="flow only: how training draws u in [0, 1) (then sigma = the scheduler's "
+                                    "shifted sigma at index u x 1000): logit_normal = sigmoid(N(logit_mean, "
+                                    "logit_std)), SD 3's, more steps at mid noise; uniform = every noise level alike "
+                                    "(diffusers' compute_density_for_timestep_sampling 'logit_normal' / 'none')")
+    logit_mean: float = Field(0.0, description="flow, logit_normal: mean of the normal before the sigmoid (0 = centred "
+                                               "on u = 0.5)")
+    logit_std: float = Field(1.0, gt=0, description="flow, logit_normal: its standard deviation")
+    shift: float = Field(1.0, gt=0, description="flow only: FlowMatchEulerDiscreteScheduler's shift of the training "
+                                                "sigmas and of the sampler shipped with the pipeline, sigma' = s sigma "
+                                                "/ (1 + (s - 1) sigma); SD 3 uses 3.0 at 1024 px (more pixels need "
+                                                "more noise), the world's 16 x 16 latents 1.0 (no shift)")
     steps: int = Field(2400, ge=1, description="optimizer steps; samples seen = steps x batch")
     batch: int = Field(64, ge=1, description="(image, caption) pairs per step, drawn fresh each step")
     lr: float = Field(5e-4, gt=0, description="peak AdamW learning rate (linear warm-up, then cosine decay to 10%)")
@@ -62,7 +88,8 @@ class DenoiserTraining(StrictModel):
 
 
 class SamplingDefaults(StrictModel):
-    steps: int = Field(20, ge=1, description="DDIM steps the evaluation and the experiments sample with")
+    steps: int = Field(20, ge=1, description="sampler steps the evaluation and the experiments sample with (DDIM for "
+                                             "the UNet, flow-matching Euler for the transformer)")
     guidance: float = Field(3.0, ge=1, description="classifier-free guidance scale")
 
 
@@ -78,10 +105,38 @@ class WorldGeneratorConfig(StrictModel):
     autoencoder: AutoencoderSettings = AutoencoderSettings()
     text: TextSettings = TextSettings()
     unet: UNetSettings = UNetSettings()
+    denoiser: Literal["unet", "transformer"] = Field(
+        "unet", description="unet: a StableDiffusionPipeline, its UNet, text encoder and autoencoder all trained "
+                            "here (train.objective ddpm); transformer: a StableDiffusion3Pipeline whose "
+                            "SD3Transformer2DModel is the only part trained (train.objective flow), on the autoencoder "
+                            "and text encoder of `parts_from`, frozen")
+    transformer: TransformerSettings = TransformerSettings()
+    parts_from: str | None = Field(
+        None, description="denoiser transformer only: a world pipeline folder (a StableDiffusionPipeline written by "
+                          "this command; 'world' = the shipped one) whose autoencoder and text encoder the transformer "
+                          "trains on, frozen (no autoencoder phase); `autoencoder` and `text.hidden` must describe "
+                          "them. None for the UNet, which trains its own")
     train: DenoiserTraining = DenoiserTraining()
     sampling: SamplingDefaults = SamplingDefaults()
     eval_per_kind: int = Field(40, ge=1, description="held-out prompts per kind in the final evaluation")
     eval_images: int = Field(4, ge=1, description="images per evaluation prompt")
+
+    @model_validator(mode="after")
+    def _denoiser(self):
+        if self.denoiser == "unet":
+            if self.train.objective != "ddpm":
+                raise ValueError(f"train.objective '{self.train.objective}' needs denoiser: transformer (the UNet "
+                                 "trains with ddpm)")
+            if self.parts_from is not None:
+                raise ValueError("parts_from is for denoiser: transformer (the UNet trains its own autoencoder and "
+                                 "text encoder); remove it")
+        else:
+            if self.train.objective != "flow":
+                raise ValueError(f"denoiser 'transformer' needs train.objective: flow (got '{self.train.objective}')")
+            if self.parts_from is None:
+                raise ValueError("denoiser 'transformer' needs parts_from: a world pipeline folder ('world' = the "
+                                 "shipped one) whose autoencoder and text encoder it trains on")
+        return self
 
     @model_validator(mode="after")
     def _shapes(self):
@@ -89,6 +144,13 @@ class WorldGeneratorConfig(StrictModel):
             raise ValueError(f"text.heads ({self.text.heads}) must divide text.hidden ({self.text.hidden})")
         factor = 2 ** (len(self.autoencoder.channels) - 1)
         latent = self.size // factor
+        if self.denoiser == "transformer":
+            p = self.transformer.patch_size
+            if self.size % factor or latent % p:
+                raise ValueError(f"size {self.size} px with {len(self.autoencoder.channels)} autoencoder blocks gives "
+                                 f"a {self.size / factor:g} px latent, which transformer.patch_size {p} does not "
+                                 "divide")
+            return self
         if self.size % factor or latent % 2 ** (len(self.unet.channels) - 1):
             raise ValueError(f"size {self.size} px with {len(self.autoencoder.channels)} autoencoder blocks gives a "
                              f"{self.size / factor:g} px latent, which {len(self.unet.channels)} UNet blocks cannot "
