@@ -155,3 +155,17 @@ def test_past_start_up_concurrent_draws_depend_on_timing_even_without_a_kill(tmp
     first = {tuple(r.taus[:STARTUP]) for r in runs}
     assert len(first) == 1  # the random start-up draws are the same in every run
     assert len({tuple(sorted(r.taus)) for r in runs}) > 1  # the TPE draws after them are not
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x05\x95"])
+def test_an_empty_or_cut_searcher_state_restores_afresh_instead_of_restarting_the_experiment(tmp_path, content):
+    """A driver killed while Tune wrote or copied the searcher's state leaves it empty or cut short. Raising there
+    makes Tune restart the whole experiment (every trial from scratch, seen in CI); the searcher instead starts
+    Optuna afresh and draws again, so Tune's own restore resumes the trials from their checkpoints."""
+    cfg = SweepConfig.model_validate({"name": "s", "trainable": "tia2_textnorm",
+                                      "space": {"tau": {"loguniform": [0.01, 10.0]}}, "num_samples": 4, "seed": 0})
+    path = tmp_path / "searcher-state.pkl"
+    path.write_bytes(content)
+    searcher = make_searcher(cfg, str(tmp_path / "ledger"), "objective", "max")
+    searcher.restore(str(path))
+    assert 0.01 <= searcher.suggest("t1")["tau"] <= 10.0

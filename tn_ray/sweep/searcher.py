@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from typing import Any
 
 import optuna
@@ -113,7 +114,14 @@ class LedgerOptunaSearch(OptunaSearch):
         return config
 
     def restore(self, checkpoint_path: str):
-        super().restore(checkpoint_path)
+        try:
+            super().restore(checkpoint_path)
+        except (EOFError, pickle.UnpicklingError) as err:
+            # a driver killed while Tune copied or wrote this file leaves it empty or cut short; refusing it would
+            # make Tune restart the whole experiment (every trial from scratch), so Optuna starts afresh instead and
+            # the trials Tune restores resume from their checkpoints (the ledger, when on, replays the finished ones)
+            log.warning("searcher state %s is unreadable (%s: written when the driver was killed); Optuna's history "
+                        "starts afresh, the trials resume from their checkpoints", checkpoint_path, err)
         self._taken = {self._params_key(t.params) for t in self._ot_trials.values()}
         self._replays = set()
         self.replayed = []
