@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from tn_ray.analysis.goodhart import mean_ci
+from tn_ray.analysis.goodhart import format_ci, mean_ci
 
 KEYS = ["method", "reward", "kl"]
 IMAGE = ["step", "prompt_id", "eval_seed"]
@@ -199,10 +199,6 @@ def selection_table(
 # --- report ---------------------------------------------------------------------------------
 
 
-def _ci(mean: float, lo: float, hi: float) -> str:
-    return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-
-
 def _label(frame: pd.DataFrame) -> pd.Series:
     return frame["method"] + " / " + frame["reward"] + " / kl " + frame["kl"].map(lambda k: f"{k:g}")
 
@@ -227,7 +223,7 @@ def markdown(
             "selected steps": summary["selected_steps"],
             "truth at selected": summary["truth_selected"].map(lambda v: f"{v:.3f}"),
             f"vs base [{pct}% CI]": [
-                _ci(*r) for r in summary[["diff_selected", "diff_selected_low", "diff_selected_high"]].to_numpy()
+                format_ci(*r) for r in summary[["diff_selected", "diff_selected_low", "diff_selected_high"]].to_numpy()
             ],
             "truth's best steps": summary["best_steps"],
             "truth at best": summary["truth_best"].map(lambda v: f"{v:.3f}"),
@@ -235,7 +231,7 @@ def markdown(
             "final steps": summary["final_steps"],
             "truth at final": summary["truth_final"].map(lambda v: f"{v:.3f}"),
             f"final vs base [{pct}% CI]": [
-                _ci(*r) for r in summary[["diff_final", "diff_final_low", "diff_final_high"]].to_numpy()
+                format_ci(*r) for r in summary[["diff_final", "diff_final_low", "diff_final_high"]].to_numpy()
             ],
             "train wins at selected": summary["train_wins_selected"].map(lambda v: f"{v:.3f}"),
         }
@@ -247,7 +243,7 @@ def markdown(
         table.columns = ["base" if s == 0 else f"step {s}" for s in table.columns]
         return table.fillna("").reset_index().to_markdown(index=False, disable_numparse=True)
 
-    diff = [_ci(*r) for r in curve_rows[["truth_diff", "truth_diff_low", "truth_diff_high"]].to_numpy()]
+    diff = [format_ci(*r) for r in curve_rows[["truth_diff", "truth_diff_low", "truth_diff_high"]].to_numpy()]
     lines = [
         "# Fine-tuning against exact truth",
         "",

@@ -68,6 +68,11 @@ def curves(table: pd.DataFrame, selectors: Sequence[str], ns: Sequence[int]) -> 
     return pd.DataFrame(rows)
 
 
+def format_ci(mean: float, lo: float, hi: float) -> str:
+    """``+0.125 [-0.042, +0.292]``: a difference and its interval as every report prints them."""
+    return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
 def mean_ci(
     x: Sequence[float] | np.ndarray, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
 ) -> tuple[float, float, float]:

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
-from tn_ray.analysis.goodhart import mean_ci
+from tn_ray.analysis.goodhart import format_ci, mean_ci
 
 KEYS = ["method", "reward", "n"]
 
@@ -122,10 +122,6 @@ def versus(
     return pd.DataFrame(rows, columns=["method", "n", "reward", "reference", "pairs", "diff", "low", "high"])
 
 
-def _ci(mean: float, lo: float, hi: float) -> str:
-    return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-
-
 def markdown(rows: pd.DataFrame, truth: str, confidence: float, pairs: pd.DataFrame | None = None) -> str:
     """The best-of-n section of report.md, every number formatted from ``rows`` (:func:`table`) and ``pairs``
     (:func:`versus`; None or empty: no such table)."""
@@ -141,11 +137,11 @@ def markdown(rows: pd.DataFrame, truth: str, confidence: float, pairs: pd.DataFr
             f"truth ({truth})": rows["truth"].map(lambda v: f"{v:.3f}"),
             "random image": rows["truth_pool"].map(lambda v: f"{v:.3f}"),
             f"vs smallest n [{pct}% CI]": [
-                "" if n == f else _ci(*r)
+                "" if n == f else format_ci(*r)
                 for n, f, r in zip(rows["n"], first, rows[["vs_first", "vs_first_low", "vs_first_high"]].to_numpy())
             ],
             f"vs random image [{pct}% CI]": [
-                _ci(*r) for r in rows[["vs_pool", "vs_pool_low", "vs_pool_high"]].to_numpy()
+                format_ci(*r) for r in rows[["vs_pool", "vs_pool_low", "vs_pool_high"]].to_numpy()
             ],
         }
     )
@@ -174,7 +170,7 @@ def _versus_lines(pairs: pd.DataFrame | None, truth: str, pct: int) -> list[str]
             "n": pairs["n"].astype(str),
             "reward": pairs["reward"],
             "pairs": pairs["pairs"].astype(str),
-            f"truth minus {ref}'s [{pct}% CI]": [_ci(*r) for r in pairs[["diff", "low", "high"]].to_numpy()],
+            f"truth minus {ref}'s [{pct}% CI]": [format_ci(*r) for r in pairs[["diff", "low", "high"]].to_numpy()],
         }
     )
     return [

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from tn_ray.analysis.goodhart import mean_ci
+from tn_ray.analysis.goodhart import format_ci, mean_ci
 
 COLUMNS = [
     "kind",
@@ -254,7 +254,7 @@ def human(outcomes: pd.DataFrame) -> pd.DataFrame:
 
 
 def _ci(mean: float, lo: float, hi: float) -> str:
-    return "" if np.isnan(mean) else f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    return "" if np.isnan(mean) else format_ci(mean, lo, hi)
 
 
 def _share(v: float) -> str:

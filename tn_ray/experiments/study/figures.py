@@ -10,7 +10,7 @@ runs' stored images and writes, under ``<out>/figures/``,
 - per fine-tuning (method, kl) (Fig. 5): ``<method>_kl<kl>.png``, rows = the base model then each reward row's
   checkpoint the paper's rule selected (the cell's ``selection.json``), of the study's first seed with a finished
   cell of that (method, kl); columns = the smallest eval seed of each of the first :data:`MAX_COLUMNS` evaluation
-  prompts (the same in every row), each image from the cell's ``eval/base/`` or ``eval/step-XXXXXX/``.
+  prompts (the same in every row), each image from the cell's ``eval/base/`` or ``eval/step-<6-digit step>/``.
 
 Every image is captioned with the truth's score of that image. The grids are drawn by
 :func:`tn_ray.analysis.image_grids.prompt_grid` (the grid maker of best-of-n's own per-prompt grids). It returns
