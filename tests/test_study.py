@@ -122,45 +122,56 @@ def _mtimes(folder: Path) -> dict[str, int]:
 def test_a_killed_study_resumes_without_rerunning_finished_runs_and_reports_their_numbers(
     ray_session, tmp_path, monkeypatch, capsys
 ):
-    import tn_ray.experiments.bestofn
-    import tn_ray.training.rwr
     from tn_ray.cli import main
+    from tn_ray.experiments.study import runner
 
-    calls = {"bestofn": 0, "rwr": 0}
-    killed = {"rwr": True}
-    for name, module in (("bestofn", tn_ray.experiments.bestofn), ("rwr", tn_ray.training.rwr)):
+    # each run is a Tune trial in its own process: the wrapper (pickled by value) logs its calls to a file and
+    # "kills" the RWR cell as it starts while the flag file exists
+    log, kill = tmp_path / "calls.txt", tmp_path / "kill-rwr"
+    kill.touch()
 
-        def counted(cfg, allow_provenance_change=False, _run=module.run, _name=name):
-            calls[_name] += 1
-            if killed.get(_name):
-                raise KeyboardInterrupt  # the study killed while this cell starts
-            return _run(cfg, allow_provenance_change=allow_provenance_change)
+    def counted(cell, allow_provenance_change=False, _run=runner.run_cell, _log=str(log), _kill=str(kill)):
+        import os
 
-        monkeypatch.setattr(module, "run", counted)
+        with open(_log, "a") as f:
+            f.write(cell.key.kind + "\n")
+        if cell.key.kind == "rwr" and os.path.exists(_kill):
+            raise RuntimeError("killed while this cell starts")
+        return _run(cell, allow_provenance_change)
+
+    def calls() -> dict[str, int]:
+        kinds = log.read_text().split()
+        return {k: kinds.count(k) for k in ("bestofn", "rwr")}
+
+    monkeypatch.setattr(runner, "run_cell", counted)
     monkeypatch.chdir(REPO)
     out = tmp_path / "s"
     argv = ["study", str(TINY), "--set", f"out={out}"]
-    with pytest.raises(KeyboardInterrupt):
-        main(argv)
-    assert calls == {"bestofn": 1, "rwr": 1}
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert "1 of 2 runs failed (rwr-clip-kl0.5-s0: killed while this cell starts)" in err and "--resume" in err
+    assert calls() == {"bestofn": 1, "rwr": 1}
     run_dir, cell_dir = out / "cells" / "bestofn-s0", out / "cells" / "rwr-clip-kl0.5-s0"
     assert (run_dir / "done.json").is_file() and not (cell_dir / "done.json").exists()
-    capsys.readouterr()
+    assert (out / "tune" / "attempt-1").is_dir()  # the runs were the trials of one Tune experiment
 
     assert main(argv) != 0  # without --resume a started study is refused, naming the flag
     assert "add --resume to continue the study" in capsys.readouterr().err
 
-    killed["rwr"] = False
+    kill.unlink()
     before = _mtimes(run_dir)
     assert main([*argv, "--resume"]) == 0
     printed = capsys.readouterr().out
     assert "best-of-n run 1/1 bestofn-s0: finished before, skipped" in printed
     assert "cell 1/1 rwr-clip-kl0.5-s0: starting" in printed
-    assert calls == {"bestofn": 1, "rwr": 2} and _mtimes(run_dir) == before
+    assert "cell 1/1 rwr-clip-kl0.5-s0: done in" in printed
+    assert calls() == {"bestofn": 1, "rwr": 2} and _mtimes(run_dir) == before
+    assert (out / "tune" / "attempt-2" / "rwr-clip-kl0.5-s0").is_dir()  # a second experiment, of the one run left
 
     before = _mtimes(out / "cells")
     assert main([*argv, "--resume"]) == 0
-    assert calls == {"bestofn": 1, "rwr": 2} and _mtimes(out / "cells") == before
+    assert calls() == {"bestofn": 1, "rwr": 2} and _mtimes(out / "cells") == before
+    assert not (out / "tune" / "attempt-3").exists()  # nothing left to run: no experiment
     capsys.readouterr()
 
     # the report's numbers are the cells' own: best-of-n per seed = the run's summary.csv (brightness of clip:tiny's
@@ -265,8 +276,6 @@ def _two_rwr_cells(tmp_path: Path) -> str:
 def test_rwr_cells_of_a_seed_share_one_generation_and_the_dry_run_counts_it_once(
     ray_session, tmp_path, monkeypatch, capsys
 ):
-    import tn_ray.diffusion.generation as generation
-    import tn_ray.scoring.batch_scoring as batch_scoring
     from tn_ray.cli import main
     from tn_ray.experiments.study.config import load_study
     from tn_ray.experiments.study.plan import plan
@@ -295,21 +304,45 @@ def test_rwr_cells_of_a_seed_share_one_generation_and_the_dry_run_counts_it_once
         "train_step_s 0.03, score_s 0.005)"
     )
 
-    made, computed = [], []
-    prepare, score = generation.prepare, batch_scoring.score_into_cache
+    # each run is a Tune trial in its own process: the wrapper (pickled by value) counts, in that process, the images
+    # each run's generation makes and the scores it computes, into a file
+    from tn_ray.experiments.study import runner
 
-    def counted_prepare(prompts, cfg):
-        store, wanted, todo = prepare(prompts, cfg)
-        made.append((cfg.out, len(todo)))
-        return store, wanted, todo
+    log = tmp_path / "counts.jsonl"
 
-    def counted_score(*a, **k):
-        computed.append(score(*a, **k))
-        return computed[-1]
+    def counted_run(cell, allow_provenance_change=False, _run=runner.run_cell, _log=str(log)):
+        import json as _json
 
-    monkeypatch.setattr(generation, "prepare", counted_prepare)
-    monkeypatch.setattr(batch_scoring, "score_into_cache", counted_score)  # where the scoring calls it
+        import tn_ray.diffusion.generation as generation
+        import tn_ray.scoring.batch_scoring as batch_scoring
+
+        prepare, score = generation.prepare, batch_scoring.score_into_cache
+
+        def record(*row):
+            with open(_log, "a") as f:
+                f.write(_json.dumps(row) + "\n")
+
+        def counted_prepare(prompts, cfg):
+            store, wanted, todo = prepare(prompts, cfg)
+            record("made", cfg.out, len(todo))
+            return store, wanted, todo
+
+        def counted_score(*a, **k):
+            n = score(*a, **k)
+            record("scored", n)
+            return n
+
+        generation.prepare, batch_scoring.score_into_cache = counted_prepare, counted_score
+        try:
+            return _run(cell, allow_provenance_change)
+        finally:
+            generation.prepare, batch_scoring.score_into_cache = prepare, score
+
+    monkeypatch.setattr(runner, "run_cell", counted_run)
     assert main(["study", config]) == 0
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    made = [tuple(r[1:]) for r in rows if r[0] == "made"]
+    computed = [r[1] for r in rows if r[0] == "scored"]
     assert made == [(shared, 4), (shared, 0)]  # the second cell makes 0 new images
     assert computed[0] == 4 and computed[1] == 0  # and scores none: the shared cache has them
     frames = [pd.read_parquet(out / "cells" / c / "data.parquet") for c in ("rwr-clip-kl0.5-s0", "rwr-clip-kl1-s0")]

@@ -21,9 +21,9 @@ Runs (the units that execute; ``plan.plan``):
   row's, pools: n, top_k: [1], generation.seed: s, out: <out>/cells/<entry>-s<seed>, cache_dir: <out>/cache,
   human_eval: null}`` (the grid's ``overrides`` are the fine-tuning cells' only).
 
-Every run's config is validated, and every unfinished run passes its preflight, before Ray starts. The runs go
-one after another in one Ray session (``runner.run``; the methods' ``run`` functions start Ray only when it is not
-up), seed-major. A run that returned gets ``done.json`` and is skipped by ``--resume``; an unfinished one is
+Every run's config is validated, and every unfinished run passes its preflight, before Ray starts. The unfinished
+runs go as the trials of one Ray Tune experiment (``tune_runs``; a trial per run, in plan order, seed-major; the
+methods' ``run`` functions start Ray only when it is not up). A run that returned gets ``done.json`` and is skipped by ``--resume``; an unfinished one is
 entered again and resumes from its own checkpoints / generation cache. ``cost.counts`` counts each run's sampled
 image-steps, trained image-steps and reward scores, a shared RWR generation (and its cached scores) once, and
 ``cost.estimate`` prices them with the study's ``cost`` block (``--dry-run``). The report (``report.write_report``)
@@ -42,5 +42,6 @@ The modules, in the order a study goes through them (each imports only those abo
 - ``paper_sections``: win / tie / loss, the human raters' tallies, gains per sample and per device-hour;
 - ``figures``: the image figures (the paper's Fig. 4 and 5) and report.html;
 - ``report``: the report of the finished runs;
-- ``runner``: preflight, the runs in one Ray session, then the report.
+- ``tune_runs``: the unfinished runs as one Tune experiment, a trial per run;
+- ``runner``: preflight, the Tune experiment, then the report.
 """

@@ -129,6 +129,22 @@ class CostBlock(StrictModel):
     score_s: PositiveFloat = Field(0.005, description="seconds of one image scored by one reward model (s)")
 
 
+class TrialsBlock(StrictModel):
+    """How the unfinished runs execute: the trials of one Ray Tune experiment, a trial per run."""
+
+    max_concurrent: PositiveInt = Field(
+        1,
+        description="runs executing at once (Tune trials); each run holds its own Ray Train workers, generation "
+        "actors and reward actors (its config's scaling / scoring / generation blocks), so 1 on 2 CPU cores; on a "
+        "cluster about the cluster's GPUs / one run's (count)",
+    )
+    cpu: NonNegativeFloat = Field(
+        0.25,
+        description="CPUs a trial's function holds (count); it only waits on its run's workers and actors, which "
+        "reserve their own: trials x cpu + one run's reservations must fit the Ray cluster",
+    )
+
+
 class StudyConfig(StrictModel):
     """``tn-ray study CONFIG``: rewards x methods (best-of-n n list; RWR / DDPO / GRPO KL grid) x seeds, judged by
     one truth column. ``tn-ray world finetune CONFIG`` takes the same file (fine-tuning methods only)."""
@@ -168,6 +184,9 @@ class StudyConfig(StrictModel):
     )
     cost: CostBlock = Field(default_factory=CostBlock, description="per-unit seconds of the --dry-run estimate")
     report: ReportBlock = Field(default_factory=ReportBlock, description="the report's bootstrap intervals")
+    trials: TrialsBlock = Field(
+        default_factory=TrialsBlock, description="the runs as Tune trials: how many at once, each one's CPUs"
+    )
 
     @model_validator(mode="after")
     def _grid(self) -> StudyConfig:

@@ -1,5 +1,6 @@
-"""Running a study (:func:`run`): the plan checked, each unfinished run's preflight, then the runs one after
-another in one Ray session (:func:`run_cell` writes each one's ``done.json``), then the report."""
+"""Running a study (:func:`run`): the plan checked, each unfinished run's preflight, then the unfinished runs as
+the trials of one Ray Tune experiment (``tune_runs``; :func:`run_cell` is a trial's body and writes the run's
+``done.json``), then the report."""
 
 from __future__ import annotations
 
@@ -86,11 +87,11 @@ def run(
     echo=None,
     resume: bool = True,
 ) -> dict[str, Any]:
-    """Every run in turn in one Ray session, then the report. With ``resume`` a finished run is skipped and a
-    started one continued (a finished run whose config changed is an error, or with ``allow_provenance_change``
-    is continued under the new one); without it a study folder holding any started run is an error (``tn-ray
-    study`` without --resume). Progress lines (``cell 3/48 rwr-textnorm-kl1-s0: ...``) go to ``echo`` (default:
-    printed). Returns the report's paths."""
+    """The unfinished runs as one Tune experiment (a trial per run, ``grid.trials``), then the report. With
+    ``resume`` a finished run is skipped and a started one continued (a finished run whose config changed is an
+    error, or with ``allow_provenance_change`` is continued under the new one); without it a study folder holding
+    any started run is an error (``tn-ray study`` without --resume). Progress lines
+    (``cell 3/48 rwr-textnorm-kl1-s0: ...``) go to ``echo`` (default: printed). Returns the report's paths."""
     import yaml
 
     from tn_ray.storage import Store
@@ -120,26 +121,22 @@ def run(
     echo(describe(grid, cells)[0])
     if todo:
         preflight(todo)
-    started = _start_ray(todo)
     pending = {cell.key.id for cell in todo}
-    try:
-        for cell in cells:
-            if cell.key.id not in pending:
-                echo(f"{cell.key.label}: finished before, skipped")
-                continue
-            state = status(cell)
-            echo(f"{cell.key.label}: {'resuming' if state != 'new' else 'starting'}")
-            try:
-                done = run_cell(cell, allow_provenance_change)
-            except BaseException:
-                echo(f"{cell.key.label}: failed (rerun the same command to resume it)")
-                raise
-            echo(f"{cell.key.label}: done in {done['wall_s']:.0f} s; {_selected(done)}")
-    finally:
-        if started:
-            import ray
+    for cell in cells:
+        if cell.key.id not in pending:
+            echo(f"{cell.key.label}: finished before, skipped")
+    if todo:
+        from tn_ray.experiments.study.tune_runs import run_trials
 
-            ray.shutdown()
+        started = _start_ray(todo)
+        try:
+            run_trials(grid, todo, {c.key.id: status(c) for c in todo}, run_cell, _done_line, echo,
+                       allow_provenance_change)
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
     paths = write_report(grid)
     echo(f"report: {paths['report_md']}")
     return paths
@@ -157,6 +154,12 @@ def _start_ray(todo: list[Cell]) -> bool:
         return False
     init_ray(todo[0].config.ray)
     return True
+
+
+def _done_line(cell: Cell) -> str:
+    """``done in 212 s; the paper's rule selects step 50 (...)``: the run's ``done.json`` in a progress line."""
+    done = read_done(cell.key.out) or {}
+    return f"done in {done.get('wall_s', 0):.0f} s; {_selected(done)}" if done else "ended without done.json"
 
 
 def _selected(done: dict) -> str:
