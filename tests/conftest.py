@@ -43,6 +43,39 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture
+def study_runs(monkeypatch, tmp_path):
+    """A study's runs counted by method across the processes of its Tune trials (a file), with a kill switch per
+    method: after ``study_runs.kill("rwr")`` each RWR run fails as it starts, until ``study_runs.revive("rwr")``.
+    ``study_runs.counts()`` = {method: runs entered}. The wrapper is pickled by value into each trial."""
+    from tn_ray.experiments.study import runner
+
+    log, flags = tmp_path / "study-runs.txt", tmp_path / "study-kill"
+    flags.mkdir()
+
+    def counted(cell, allow_provenance_change=False, _run=runner.run_cell, _log=str(log), _flags=str(flags)):
+        with open(_log, "a") as f:
+            f.write(cell.key.kind + "\n")
+        if os.path.exists(os.path.join(_flags, cell.key.kind)):
+            raise RuntimeError("killed while this cell starts")
+        return _run(cell, allow_provenance_change)
+
+    monkeypatch.setattr(runner, "run_cell", counted)
+
+    class Runs:
+        def counts(self) -> dict[str, int]:
+            kinds = log.read_text().split() if log.exists() else []
+            return {k: kinds.count(k) for k in sorted(set(kinds))}
+
+        def kill(self, kind: str) -> None:
+            (flags / kind).touch()
+
+        def revive(self, kind: str) -> None:
+            (flags / kind).unlink()
+
+    return Runs()
+
+
 @pytest.fixture(scope="session")
 def s3():
     """An S3 API served by moto on 127.0.0.1 with one bucket: yields (pyarrow S3 filesystem,

@@ -120,37 +120,18 @@ def _mtimes(folder: Path) -> dict[str, int]:
 
 
 def test_a_killed_study_resumes_without_rerunning_finished_runs_and_reports_their_numbers(
-    ray_session, tmp_path, monkeypatch, capsys
+    ray_session, study_runs, tmp_path, monkeypatch, capsys
 ):
     from tn_ray.cli import main
-    from tn_ray.experiments.study import runner
 
-    # each run is a Tune trial in its own process: the wrapper (pickled by value) logs its calls to a file and
-    # "kills" the RWR cell as it starts while the flag file exists
-    log, kill = tmp_path / "calls.txt", tmp_path / "kill-rwr"
-    kill.touch()
-
-    def counted(cell, allow_provenance_change=False, _run=runner.run_cell, _log=str(log), _kill=str(kill)):
-        import os
-
-        with open(_log, "a") as f:
-            f.write(cell.key.kind + "\n")
-        if cell.key.kind == "rwr" and os.path.exists(_kill):
-            raise RuntimeError("killed while this cell starts")
-        return _run(cell, allow_provenance_change)
-
-    def calls() -> dict[str, int]:
-        kinds = log.read_text().split()
-        return {k: kinds.count(k) for k in ("bestofn", "rwr")}
-
-    monkeypatch.setattr(runner, "run_cell", counted)
+    study_runs.kill("rwr")  # the study killed as its RWR cell starts
     monkeypatch.chdir(REPO)
     out = tmp_path / "s"
     argv = ["study", str(TINY), "--set", f"out={out}"]
     assert main(argv) != 0
     err = capsys.readouterr().err
     assert "1 of 2 runs failed (rwr-clip-kl0.5-s0: killed while this cell starts)" in err and "--resume" in err
-    assert calls() == {"bestofn": 1, "rwr": 1}
+    assert study_runs.counts() == {"bestofn": 1, "rwr": 1}
     run_dir, cell_dir = out / "cells" / "bestofn-s0", out / "cells" / "rwr-clip-kl0.5-s0"
     assert (run_dir / "done.json").is_file() and not (cell_dir / "done.json").exists()
     assert (out / "tune" / "attempt-1").is_dir()  # the runs were the trials of one Tune experiment
@@ -158,19 +139,19 @@ def test_a_killed_study_resumes_without_rerunning_finished_runs_and_reports_thei
     assert main(argv) != 0  # without --resume a started study is refused, naming the flag
     assert "add --resume to continue the study" in capsys.readouterr().err
 
-    kill.unlink()
+    study_runs.revive("rwr")
     before = _mtimes(run_dir)
     assert main([*argv, "--resume"]) == 0
     printed = capsys.readouterr().out
     assert "best-of-n run 1/1 bestofn-s0: finished before, skipped" in printed
     assert "cell 1/1 rwr-clip-kl0.5-s0: starting" in printed
     assert "cell 1/1 rwr-clip-kl0.5-s0: done in" in printed
-    assert calls() == {"bestofn": 1, "rwr": 2} and _mtimes(run_dir) == before
+    assert study_runs.counts() == {"bestofn": 1, "rwr": 2} and _mtimes(run_dir) == before
     assert (out / "tune" / "attempt-2" / "rwr-clip-kl0.5-s0").is_dir()  # a second experiment, of the one run left
 
     before = _mtimes(out / "cells")
     assert main([*argv, "--resume"]) == 0
-    assert calls() == {"bestofn": 1, "rwr": 2} and _mtimes(out / "cells") == before
+    assert study_runs.counts() == {"bestofn": 1, "rwr": 2} and _mtimes(out / "cells") == before
     assert not (out / "tune" / "attempt-3").exists()  # nothing left to run: no experiment
     capsys.readouterr()
 

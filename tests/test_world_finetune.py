@@ -16,7 +16,7 @@ from scipy import stats
 
 from tn_ray.config import ConfigError, load_config, validate
 from tn_ray.errors import InputError
-from tn_ray.experiments.study import runner
+from tn_ray.experiments.study import runner, tune_runs
 from tn_ray.experiments.study.cell_keys import grid_cells
 from tn_ray.experiments.study.config import GridConfig
 from tn_ray.experiments.study.plan import plan
@@ -450,30 +450,20 @@ def _mtimes(folder: Path) -> dict[str, int]:
 
 
 def test_a_killed_grid_resumes_without_rerunning_finished_cells(
-    world_cache, ray_session, tmp_path, monkeypatch, capsys
+    world_cache, ray_session, study_runs, tmp_path, monkeypatch, capsys
 ):
     """The 2-cell tiny grid (RWR and DDPO on the tiny pipeline) runs; then its second cell is put back to where a
     kill after its first step leaves it; the rerun skips the first cell (its run function is not called, none of
     its files changes) and resumes the second from its step-1 checkpoint (kept as it was)."""
-    import tn_ray.training.ddpo
-    import tn_ray.training.rwr
     from tn_ray.cli import main
 
-    calls = {"rwr": 0, "ddpo": 0}
-    for name, module in (("rwr", tn_ray.training.rwr), ("ddpo", tn_ray.training.ddpo)):
-
-        def counted(cfg, allow_provenance_change=False, _run=module.run, _name=name):
-            calls[_name] += 1
-            return _run(cfg, allow_provenance_change=allow_provenance_change)
-
-        monkeypatch.setattr(module, "run", counted)
     monkeypatch.chdir(REPO)  # the grid names its base configs from the repository root
     out = tmp_path / "grid"
     argv = ["world", "finetune", str(TINY), "--set", f"out={out}"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "cell 1/2 rwr-textnorm-kl1-s0: starting" in printed and "cell 2/2 ddpo-textnorm-kl1-s0: done in" in printed
-    assert calls == {"rwr": 1, "ddpo": 1}
+    assert study_runs.counts() == {"ddpo": 1, "rwr": 1}
     first, second = out / "cells" / "rwr-textnorm-kl1-s0", out / "cells" / "ddpo-textnorm-kl1-s0"
     assert json.loads((first / "done.json").read_text())["paths"]["selection"].endswith("selection.json")
     curve = pd.read_csv(out / "curve.csv")
@@ -492,7 +482,7 @@ def test_a_killed_grid_resumes_without_rerunning_finished_cells(
     printed = capsys.readouterr().out
     assert "cell 1/2 rwr-textnorm-kl1-s0: finished before, skipped" in printed
     assert "cell 2/2 ddpo-textnorm-kl1-s0: resuming" in printed
-    assert calls == {"rwr": 1, "ddpo": 2}
+    assert study_runs.counts() == {"ddpo": 2, "rwr": 1}
     assert _mtimes(first) == before_first
     after = _mtimes(second)
     assert {rel: after.get(rel) for rel in kept} == kept  # step 1 was not trained or evaluated again
@@ -504,7 +494,7 @@ def test_a_killed_grid_resumes_without_rerunning_finished_cells(
 def test_a_finished_cell_whose_config_changed_is_refused_or_continued(tmp_path, monkeypatch):
     """done.json records the config a cell ran under: a rerun under another config names the cell and the key, and
     with --allow-provenance-change runs it again (the method resumes it from its checkpoints). No Ray: the method's
-    run is replaced by one that writes a finished cell's files."""
+    run is replaced by one that writes a finished cell's files, and Tune's trials by a loop in this process."""
     import tn_ray.training.rwr
 
     calls = []
@@ -521,8 +511,13 @@ def test_a_finished_cell_whose_config_changed_is_refused_or_continued(tmp_path, 
         (out / "selection.json").write_text(json.dumps({"paper_rule_step": 1}))
         return {"out": cfg.out}
 
+    def in_turn(grid, todo, states, run_cell, describe_done, echo, allow_provenance_change=False):
+        for cell in todo:  # the runs in this process, one after another, in place of Tune's trials
+            run_cell(cell, allow_provenance_change)
+
     monkeypatch.setattr(tn_ray.training.rwr, "run", fake_run)
     monkeypatch.setattr(runner, "_start_ray", lambda todo: False)
+    monkeypatch.setattr(tune_runs, "run_trials", in_turn)
     data = grid_dict(out=str(tmp_path / "g"), seeds=[0], overrides={"policy": {"pipeline": "tiny"}})
     data["methods"] = {"rwr": {"config": str(REPO / "sweeps/world_rwr.yaml"), "kl_key": "beta", "kl": [1]}}
     data["rewards"] = {"bright": {"models": ["brightness"], "use": "brightness"}}

@@ -23,12 +23,12 @@ Runs (the units that execute; ``plan.plan``):
 
 Every run's config is validated, and every unfinished run passes its preflight, before Ray starts. The unfinished
 runs go as the trials of one Ray Tune experiment (``tune_runs``; a trial per run, in plan order, seed-major; the
-methods' ``run`` functions start Ray only when it is not up). A run that returned gets ``done.json`` and is skipped by ``--resume``; an unfinished one is
-entered again and resumes from its own checkpoints / generation cache. ``cost.counts`` counts each run's sampled
-image-steps, trained image-steps and reward scores, a shared RWR generation (and its cached scores) once, and
-``cost.estimate`` prices them with the study's ``cost`` block (``--dry-run``). The report (``report.write_report``)
-joins :mod:`tn_ray.analysis.finetune_report` (fine-tuning cells) and :mod:`tn_ray.analysis.study_report` (best-of-n
-cells).
+methods' ``run`` functions start Ray only when it is not up). A run that returned gets ``done.json`` and is skipped
+by ``--resume``; an unfinished one is entered again and resumes from its own checkpoints / generation cache.
+``cost.counts`` counts each run's sampled image-steps, trained image-steps and reward scores, a shared RWR
+generation (and its cached scores) once, and ``cost.estimate`` prices them with the study's ``cost`` block
+(``--dry-run``). The report (``report.write_report``) joins :mod:`tn_ray.analysis.finetune_report` (fine-tuning
+cells) and :mod:`tn_ray.analysis.study_report` (best-of-n cells).
 
 The modules, in the order a study goes through them (each imports only those above it):
 
