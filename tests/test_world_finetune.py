@@ -330,7 +330,22 @@ def independent(grid: GridConfig, cells_done: list, selected: dict, boot: dict) 
             str(chosen[c]["selected"]) for c in sorted(chosen, key=lambda c: g.loc[g["cell"] == c, "seed"].iloc[0])
         )
         summary[group] = row
-    return curve, summary
+    # each reward row against the first, at each cell's selected step, image by image
+    first = next(iter(grid.rewards))
+    chosen = images[[selected[c] == st for c, st in zip(images["cell"], images["step"])]]
+    versus = {}
+    for (method, reward, kl), g in chosen.groupby("group"):
+        if reward == first:
+            continue
+        ref = chosen[chosen["group"] == (method, first, kl)]
+        m = g.merge(ref, on=["seed", "pid", "es"], suffixes=("", "_ref")).sort_values(["seed", "pid", "es"])
+        versus[(method, kl, reward)] = {
+            "pairs": len(m),
+            "truth": m["truth"].mean(),
+            "truth_reference": m["truth_ref"].mean(),
+            "ci": ci((m["truth"] - m["truth_ref"]).to_numpy()),
+        }
+    return curve, summary, versus
 
 
 def test_report_numbers_equal_an_independent_recomputation(tmp_path):
@@ -352,7 +367,7 @@ def test_report_numbers_equal_an_independent_recomputation(tmp_path):
         assert (out / "accuracy_vs_path_kl.png").is_file() is with_kl and (
             "accuracy_vs_path_kl_png" in paths
         ) is with_kl
-        curve, summary = independent(grid, done, selected, boot)
+        curve, summary, versus = independent(grid, done, selected, boot)
 
         got = pd.read_csv(out / "curve.csv")
         assert len(got) == len(curve)
@@ -409,7 +424,33 @@ def test_report_numbers_equal_an_independent_recomputation(tmp_path):
             d = want["diff_selected"]
             assert f"| {want['truth_selected']:.3f} " in line and f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" in line
 
+        # the reward rows against the first (textnorm), paired at the selected checkpoints; ddpo at kl 0.5 lacks
+        # textnorm's seed-1 cell, so only seed 0's images pair
+        pairs = pd.read_csv(out / "versus.csv")
+        assert sorted(zip(pairs["method"], pairs["kl"], pairs["reward"])) == sorted(versus)
+        for row in pairs.itertuples():
+            want = versus[(row.method, row.kl, row.reward)]
+            assert row.reference == "textnorm" and row.pairs == want["pairs"]
+            np.testing.assert_allclose(
+                [row.truth, row.truth_reference, row.diff, row.low, row.high],
+                [want["truth"], want["truth_reference"], *want["ci"]],
+                rtol=1e-12,
+                atol=1e-12,
+            )
+            d = want["ci"]
+            shown = [
+                [c.strip() for c in ln.strip("|").split("|")] for ln in md.splitlines() if ln.count("|") == 9
+            ]
+            assert [
+                row.method, f"{row.kl:g}", row.reward, "textnorm", str(want["pairs"]), f"{want['truth']:.3f}",
+                f"{want['truth_reference']:.3f}", f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]",
+            ] in shown
+        ddpo = pairs[pairs["method"] == "ddpo"].iloc[0]
+        rwr = pairs[pairs["method"] == "rwr"].iloc[0]
+        assert ddpo["pairs"] * 2 == rwr["pairs"]
+
         js = json.loads((out / "report.json").read_text())
+        pd.testing.assert_frame_equal(pd.DataFrame(js["versus"]), pairs, check_dtype=False)
         assert js["cells_missing"] == sorted(skip) and len(js["cells_finished"]) == 11 and js["truth"] == "clip:tiny"
         pd.testing.assert_frame_equal(pd.DataFrame(js["summary"]), report, check_dtype=False)
         assert "11 of 12 cells finished (not yet: ddpo-textnorm-kl0.5-s1)" in md

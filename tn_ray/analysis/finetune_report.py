@@ -22,7 +22,10 @@ seed):
   mean: an oracle no real run has) and the last one, with the truth's mean at each;
 - :func:`selection_table`: per KEYS, those means over seeds, the paired differences from the base
   model at each with their CIs, and the regret of the paper's rule (truth at the oracle's checkpoint
-  minus truth at the selected one).
+  minus truth at the selected one);
+- :func:`versus`: per (method, kl) and reward row, the paired difference in truth from a reference row (the
+  grid's first), each cell at the checkpoint the paper's rule selected, over the (seed, prompt, eval seed)
+  images both rows evaluated.
 
 CIs are :func:`tn_ray.analysis.goodhart.mean_ci` (percentile bootstrap, seeded).
 """
@@ -196,6 +199,51 @@ def selection_table(
     return pd.DataFrame(rows)
 
 
+VERSUS = ["method", "kl", "reward", "reference", "pairs", "truth", "truth_reference", "diff", "low", "high"]
+
+
+def versus(
+    images: pd.DataFrame,
+    cells: pd.DataFrame,
+    reference: str,
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Per (method, kl, reward other than ``reference``): each cell's images at its selected step
+    (:func:`cell_table`'s ``selected``) paired with the ``reference`` row's cell of the same method, kl and seed
+    at that cell's selected step, image by image on (prompt_id, eval_seed): ``pairs`` (the images both have),
+    the two rows' truth means over those, ``diff`` [``low``, ``high``]: mean of truth - the reference's truth,
+    bootstrap CI resampled in (seed, prompt_id, eval_seed) order. A (method, kl) without the reference row
+    has no rows."""
+    at = cells[[*KEYS, "seed", "selected"]].rename(columns={"selected": "step"})
+    chosen = images.merge(at, on=[*KEYS, "seed", "step"])[[*KEYS, "seed", "prompt_id", "eval_seed", "truth"]]
+    unit = ["method", "kl", "seed", "prompt_id", "eval_seed"]
+    ref = chosen[chosen["reward"] == reference].drop(columns="reward").rename(columns={"truth": "truth_reference"})
+    rows = []
+    others = chosen[chosen["reward"] != reference]
+    for (method, kl, reward), g in others.groupby(["method", "kl", "reward"], sort=True):
+        paired = g.merge(ref, on=unit).sort_values(["seed", "prompt_id", "eval_seed"])
+        if paired.empty:
+            continue
+        diff, lo, hi = mean_ci((paired["truth"] - paired["truth_reference"]).to_numpy(), confidence, resamples, seed)
+        rows.append(
+            {
+                "method": method,
+                "kl": kl,
+                "reward": reward,
+                "reference": reference,
+                "pairs": len(paired),
+                "truth": float(paired["truth"].mean()),
+                "truth_reference": float(paired["truth_reference"].mean()),
+                "diff": diff,
+                "low": lo,
+                "high": hi,
+            }
+        )
+    return pd.DataFrame(rows, columns=VERSUS)
+
+
 # --- report ---------------------------------------------------------------------------------
 
 
@@ -209,9 +257,11 @@ def markdown(
     truth: str,
     confidence: float,
     header: Sequence[str] = (),
+    pairs: pd.DataFrame | None = None,
 ) -> str:
-    """report.md: the selection table and the curves (truth, its paired difference, the training reward), every
-    number formatted from the tables given (the CSV / JSON files hold the same tables unformatted)."""
+    """report.md: the selection table, the reward rows against the first (``pairs``: :func:`versus`) and the
+    curves (truth, its paired difference, the training reward), every number formatted from the tables given
+    (the CSV / JSON files hold the same tables unformatted)."""
     pct = int(round(confidence * 100))
     sel = pd.DataFrame(
         {
@@ -258,6 +308,7 @@ def markdown(
         "",
         sel.to_markdown(index=False, disable_numparse=True),
         "",
+        *_versus_lines(pairs, truth, pct),
         f"## Truth ({truth}) vs step (mean over seeds; base = the base model)",
         "",
         pivot(curve_rows["truth"].map(lambda v: f"{v:.3f}")),
@@ -283,6 +334,33 @@ def markdown(
             "",
         ]
     return "\n".join(lines)
+
+
+def _versus_lines(pairs: pd.DataFrame | None, truth: str, pct: int) -> list[str]:
+    if pairs is None or pairs.empty:
+        return []
+    table = pd.DataFrame(
+        {
+            "method": pairs["method"],
+            "kl": pairs["kl"].map(lambda k: f"{k:g}"),
+            "reward": pairs["reward"],
+            "vs": pairs["reference"],
+            "paired images": pairs["pairs"].astype(str),
+            "truth": pairs["truth"].map(lambda v: f"{v:.3f}"),
+            "truth of vs": pairs["truth_reference"].map(lambda v: f"{v:.3f}"),
+            f"difference [{pct}% CI]": [format_ci(*r) for r in pairs[["diff", "low", "high"]].to_numpy()],
+        }
+    )
+    return [
+        f"## Reward rows against `{pairs['reference'].iloc[0]}`: truth ({truth}) at the selected checkpoints, paired",
+        "",
+        "Each cell at the checkpoint the paper's rule selected, paired image by image with the reference row's cell "
+        f"of the same method, kl and seed (same prompts and eval seeds); {pct}% percentile bootstrap CI over (seed, "
+        "prompt, eval seed).",
+        "",
+        table.to_markdown(index=False, disable_numparse=True),
+        "",
+    ]
 
 
 def _styles(curve_rows: pd.DataFrame) -> tuple[dict, dict]:

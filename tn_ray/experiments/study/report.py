@@ -76,16 +76,25 @@ def write_report(grid: StudyConfig) -> dict[str, str]:
         curve = fr.curve(images, r.confidence, r.resamples, r.seed)
         cells = fr.cell_table(images, selected)
         summary = fr.selection_table(images, cells, r.confidence, r.resamples, r.seed)
-        text = fr.markdown(summary, curve, grid.truth, r.confidence, header)
+        pairs = fr.versus(images, cells, next(iter(grid.rewards)), r.confidence, r.resamples, r.seed)
+        text = fr.markdown(summary, curve, grid.truth, r.confidence, header, pairs)
         if runs:  # one report of both: the title says so
             text = f"# Study: best-of-n and fine-tuning against {grid.truth}" + text[text.index("\n") :]
         sections.append(text)
         store.write_text("report.csv", summary.to_csv(index=False))
         store.write_text("curve.csv", curve.to_csv(index=False))
         store.write_text("cells.csv", cells.to_csv(index=False))
-        report.update({"summary": json_records(summary), "curve": json_records(curve), "cells": json_records(cells)})
+        store.write_text("versus.csv", pairs.to_csv(index=False))
+        report.update(
+            {
+                "summary": json_records(summary),
+                "curve": json_records(curve),
+                "cells": json_records(cells),
+                "versus": json_records(pairs),
+            }
+        )
         store.write_bytes("accuracy_vs_step.png", fr.plot_accuracy_vs_step(curve, grid.truth))
-        names += ["report.csv", "curve.csv", "cells.csv", "accuracy_vs_step.png"]
+        names += ["report.csv", "curve.csv", "cells.csv", "versus.csv", "accuracy_vs_step.png"]
         kl_png = fr.plot_accuracy_vs_path_kl(curve, grid.truth)
         if kl_png is not None:
             store.write_bytes("accuracy_vs_path_kl.png", kl_png)
