@@ -233,3 +233,38 @@ def test_pipelines_with_t5_keep_their_tokens():
     chains = FlowChains(*[torch.zeros(2, 1)] * 9, null_copies=torch.tensor([1, 256]))
     with pytest.raises(ValueError, match="different null-token counts"):
         chains.copies()
+
+
+def test_evaluation_images_fold_the_zero_tokens_and_match_the_pipelines_own():
+    """Evaluation images of a flow run (tn_ray.training.evaluation.generate_images) and the world generator's
+    held-out images come from the pipeline's own sampling with the prompt embeddings folded
+    (flow_sampling.pipeline_prompts): the same latents as the plain pipeline's 256 zeros to float rounding, the
+    same PNG images within one grey level; the transformer's processors are diffusers' again afterwards."""
+    import io
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from tn_ray.diffusion.flow_sampling import pipeline_prompts
+    from tn_ray.training.evaluation import generate_images
+
+    pipe = load_pipeline(TINY_SD3)
+    before = {k: type(v).__name__ for k, v in pipe.transformer.attn_processors.items()}
+    with pipeline_prompts(pipe, PROMPTS) as inputs:
+        assert inputs["prompt_embeds"].shape[1] == 77 + 1  # one zero token, counted 256 times
+        folded = pipe(**inputs, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=gens(),
+                      output_type="latent").images
+    assert {k: type(v).__name__ for k, v in pipe.transformer.attn_processors.items()} == before
+    plain = pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=gens(),
+                 output_type="latent").images
+    assert 0 < (folded - plain).abs().max() < 1e-4  # not the same computation, the same function
+
+    block = SimpleNamespace(batch_size=2, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=None,
+                            width=None)
+    pngs = generate_images(SimpleNamespace(pipe=pipe), PROMPTS[:2], [5, 6], block)
+    want = pipe([p for p in PROMPTS[:2] for _ in (5, 6)], num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                generator=[torch.Generator("cpu").manual_seed(s) for _ in PROMPTS[:2] for s in (5, 6)],
+                output_type="np").images
+    got = np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in pngs]).astype(int)
+    assert len(pngs) == 4 and (abs(got - (want * 255).round()) <= 1).all()

@@ -17,8 +17,10 @@ over steps of the two steps' KL (:func:`tn_ray.training.losses.path_kl`, nats): 
 the two chains' path laws, estimated on one policy chain. The policy says how its chains are
 sampled (:meth:`tn_ray.training.policy.Policy.path_kl_means`); everything else here is the same
 for RWR, DDPO and GRPO. Evaluation images are the pipeline's own sampling (``pipe(...)``: DDIM or
-the UNet pipeline's scheduler; the flow ODE for SD 3, as Flow-GRPO evaluates). Its mean is ``eval_path_kl``; the
-base model's is 0 by definition. The per-image values go to a sibling folder, so
+the UNet pipeline's scheduler; the flow ODE for SD 3, as Flow-GRPO evaluates); an SD 3 pipeline without T5
+(``tiny-sd3``, ``world-flow``) gets its prompt embeddings with the 256 zero tokens folded into one
+(:mod:`tn_ray.diffusion.null_tokens`: the same images up to float rounding, 3-4x faster). Its mean is
+``eval_path_kl``; the base model's is 0 by definition. The per-image values go to a sibling folder, so
 :func:`read_scores` and checkpoint selection see the same tables as without it.
 
 Storage under ``out``::
@@ -86,21 +88,24 @@ def generate_images(
 
     import torch
 
+    from tn_ray.diffusion.flow_sampling import pipeline_prompts
+
     out: list[bytes] = []
     ctx = policy.reference() if reference else contextlib.nullcontext()
     pairs = [(p, s) for p in prompts for s in seeds]
     with ctx, torch.no_grad():
         for i in range(0, len(pairs), block.batch_size):
             chunk = pairs[i : i + block.batch_size]
-            images = policy.pipe(
-                prompt=[p for p, _ in chunk],
-                generator=[torch.Generator("cpu").manual_seed(s) for _, s in chunk],
-                num_inference_steps=block.num_inference_steps,
-                guidance_scale=block.guidance_scale,
-                height=block.height,
-                width=block.width,
-                output_type="pil",
-            ).images
+            with pipeline_prompts(policy.pipe, [p for p, _ in chunk]) as inputs:
+                images = policy.pipe(
+                    **inputs,
+                    generator=[torch.Generator("cpu").manual_seed(s) for _, s in chunk],
+                    num_inference_steps=block.num_inference_steps,
+                    guidance_scale=block.guidance_scale,
+                    height=block.height,
+                    width=block.width,
+                    output_type="pil",
+                ).images
             for im in images:
                 buf = io.BytesIO()
                 im.save(buf, format="PNG")

@@ -18,6 +18,8 @@ def generate(pipe, texts: Sequence[str], images: int, steps: int, guidance: floa
     """``images`` PIL images per text (text-major), each from its own seeded generator."""
     import torch
 
+    from tn_ray.diffusion.flow_sampling import pipeline_prompts
+
     rows = [(t, i) for t in texts for i in range(images)]
     denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
     side = denoiser.config.sample_size * pipe.vae_scale_factor
@@ -25,8 +27,8 @@ def generate(pipe, texts: Sequence[str], images: int, steps: int, guidance: floa
     for start in range(0, len(rows), batch):
         chunk = rows[start:start + batch]
         gens = [torch.Generator().manual_seed(seed_of(seed, t, i)) for t, i in chunk]
-        with torch.no_grad():
-            out += pipe([t for t, _ in chunk], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+        with torch.no_grad(), pipeline_prompts(pipe, [t for t, _ in chunk]) as inputs:  # world-flow: zeros folded
+            out += pipe(**inputs, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
                         height=side, width=side).images
     return out
 
