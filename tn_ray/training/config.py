@@ -165,6 +165,14 @@ class EvalBlock(StrictModel):
         None, ge=8, multiple_of=8, description="evaluation image width (pixels); None = the pipeline's default"
     )
     batch_size: int = Field(8, ge=1, description="images per diffusers call during evaluation (images)")
+    base_images: OutputLocation | None = Field(
+        None,
+        description="a folder (or cloud URI) of base-model evaluation images shared by runs: read from "
+        "<base_images>/<tag>/ when all are there, else generated and written there, then copied into the run's "
+        "eval/base/ as always; <tag> digests what fixes them (the policy block without lora, the prompts, seeds, "
+        "steps, guidance, size and batch_size here), so runs share only identical images. None: each run "
+        "generates its own. `tn-ray study` sets <study out>/shared/eval-base for its fine-tuning cells",
+    )
     path_kl: bool = Field(
         True,
         description="measure the path KL to the base model at every evaluation (metric eval_path_kl, nats: the "

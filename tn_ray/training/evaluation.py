@@ -45,7 +45,7 @@ import pyarrow as pa
 
 from tn_ray.errors import InputError
 from tn_ray.scoring.matrix import pad_rows
-from tn_ray.storage import Store
+from tn_ray.storage import Store, join_uri
 from tn_ray.textnorm.columns import RewardConfig
 from tn_ray.training.checkpoint_selection import win_counts
 from tn_ray.training.config import FineTuneConfig
@@ -111,6 +111,22 @@ def generate_images(
                 im.save(buf, format="PNG")
                 out.append(buf.getvalue())
     return out
+
+
+def base_images_tag(cfg: FineTuneConfig, prompts: Sequence[str]) -> str:
+    """What fixes a run's base-model evaluation images, as a short digest: the policy block without its LoRA
+    settings (the base model is the policy with adapters disabled), the evaluation prompts and seeds and the
+    evaluation's sampling settings (steps, guidance, size, batch size)."""
+    import hashlib
+
+    e = cfg.eval
+    what = {
+        "policy": cfg.policy.model_dump(mode="json", exclude={"lora"}),
+        "prompts": list(prompts),
+        "seeds": list(e.seeds),
+        "sampling": [e.num_inference_steps, e.guidance_scale, e.height, e.width, e.batch_size],
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def path_kls(policy, prompts: Sequence[str], seeds: Sequence[int], block) -> list[float]:
@@ -196,13 +212,28 @@ class Evaluator:
         folder = "eval/base" if step is None else f"eval/{step_name(step)}"
         return f"{folder}/{prompt_id:05d}-{seed}.png"
 
+    def _base_images(self, policy) -> list[bytes]:
+        """The base model's images: generated, or read from / written to ``eval.base_images`` (shared by runs)."""
+        shared = self.cfg.eval.base_images
+        if shared is None:
+            return generate_images(policy, self.prompts, self.seeds, self.cfg.eval, reference=True)
+        store = Store(join_uri(shared, base_images_tag(self.cfg, self.prompts)))
+        names = [f"{pid:05d}-{seed}.png" for pid in range(len(self.prompts)) for seed in self.seeds]
+        if all(store.exists(name) for name in names):
+            log.info("base-model evaluation images read from %s", store.uri(""))
+            return [store.read_bytes(name) for name in names]
+        images = generate_images(policy, self.prompts, self.seeds, self.cfg.eval, reference=True)
+        for name, data in zip(names, images):
+            store.write_bytes(name, data)
+        return images
+
     def base_scores(self) -> pd.DataFrame:
         return self.store.read_table("eval/base.parquet").to_pandas()
 
     def base(self, policy) -> dict[str, float]:
         """Mean of each reward column over the base model's images (generated and scored once)."""
         if not self.store.exists("eval/base.parquet"):
-            images = generate_images(policy, self.prompts, self.seeds, self.cfg.eval, reference=True)
+            images = self._base_images(policy)
             self._save_images("eval/base", images)
             self.store.write_table("eval/base.parquet", pa.Table.from_pandas(self.score(images), preserve_index=False))
         base = self.base_scores()

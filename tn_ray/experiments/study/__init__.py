@@ -15,7 +15,9 @@ Runs (the units that execute; ``plan.plan``):
   the truth's); an RWR cell also gets ``generation.out: <out>/shared/<method>-generation-seed<g>-<tag>`` and
   ``cache_dir: <out>/shared/rwr-cache`` (unless set), so RWR cells whose base-model images are the same (same
   generation block, prompts and pipeline: ``plan.generation_tag``; the reward, KL and cell seed do not enter)
-  share one generation and one reward cache;
+  share one generation and one reward cache; every fine-tuning cell gets ``eval.base_images:
+  <out>/shared/eval-base`` (unless set), so cells whose base-model evaluation images are the same (same policy
+  without LoRA, evaluation prompts, seeds and sampling: ``training.evaluation.base_images_tag``) generate them once;
 - a best-of-n run is one per (best-of-n entry, seed): its cells (reward x n) share one generation. Its config is
   the entry's YAML + the entry's ``overrides`` + ``{models: every row's models and the truth, ensembles: every
   row's, pools: n, top_k: [1], generation.seed: s, out: <out>/cells/<entry>-s<seed>, cache_dir: <out>/cache,

@@ -149,6 +149,8 @@ def plan(grid: StudyConfig, source: str = "grid") -> list[Cell]:
     reward row the method's prompts cannot serve, an n larger than the samples, a bad override)."""
     import copy
 
+    from tn_ray.storage import join_uri
+
     bases = _read_bases(grid, source)
     cells = [_plan_bestofn(grid, run, bases[run.method], source) for run in bestofn_runs(grid)]
     tuned: list[Cell] = []
@@ -169,6 +171,10 @@ def plan(grid: StudyConfig, source: str = "grid") -> list[Cell]:
             if key.truth not in [j.get("use") for j in judges if isinstance(j, dict)]:
                 judges.append({"models": [key.truth], "use": key.truth})
             raw["eval"]["judges"] = judges
+        if isinstance(raw.get("eval"), dict) and raw["eval"].get("base_images") is None:
+            raw["eval"]["base_images"] = join_uri(grid.out, "shared", "eval-base")
+        elif raw.get("eval") is None:
+            raw["eval"] = {"base_images": join_uri(grid.out, "shared", "eval-base")}
         try:
             cfg = cls.model_validate(raw)
             if key.kind == "rwr":
