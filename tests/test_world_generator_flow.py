@@ -3,6 +3,8 @@ transformer on the shipped autoencoder and text encoder, the packaged StableDiff
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tn_ray.diffusion.world.settings import WorldGeneratorConfig
@@ -183,36 +185,48 @@ def test_the_flow_pipeline_is_written_and_loads_with_plain_diffusers(tmp_path):
     assert {t for t in SD3_LORA_TARGETS if any(n.endswith(t) for n in adapted)} == set(SD3_LORA_TARGETS)
 
 
-def test_world_flow_is_a_flow_pipeline_not_shipped_yet_in_one_line():
+def test_the_shipped_flow_pipeline_loads_with_plain_diffusers_and_matches_its_record():
+    """weights_flow/ (committed): its files' sha256 as recorded, at most 15 MB of fp16 safetensors, loadable by
+    plain diffusers without T5, a flow pipeline for `tn-ray grpo`, trained under sweeps/world_generator_flow.yaml
+    exactly, with its held-out evaluation recorded per kind."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from safetensors import safe_open
+
+    from tn_ray.config import load_config
     from tn_ray.diffusion.pipelines import check_source, load_pipeline, pipeline_revision
     from tn_ray.diffusion.world import package
     from tn_ray.training.policy import check_policy_kind, is_flow_source
 
-    assert not (package.WEIGHTS_FLOW / package.RECORD).exists(), "shipped now: replace this test by a load test"
     assert is_flow_source("world-flow")
     check_policy_kind("world-flow", flow=True, method="grpo")
-    line = (
-        "the world-flow generator's weights are not shipped yet .* train them with `tn-ray world train-generator "
-        "sweeps/world_generator_flow.yaml --out tn_ray/diffusion/world/weights_flow`"
-    )
-    for call in (
-        lambda: check_source("world-flow"),
-        lambda: load_pipeline("world-flow", device="cpu"),
-        lambda: pipeline_revision("world-flow"),
-    ):
-        with pytest.raises(package.WorldWeightsError, match=line) as err:
-            call()
-        assert "\n" not in str(err.value)
+    check_source("world-flow")
+    package.check_weights(package.WEIGHTS_FLOW)
+    rec = package.record(package.WEIGHTS_FLOW)
+    assert sum((package.WEIGHTS_FLOW / name).stat().st_size for name in rec["sha256"]) <= 15 * 2**20
+    for name in rec["sha256"]:
+        with safe_open(str(package.WEIGHTS_FLOW / name), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}, name
+    pipe = StableDiffusion3Pipeline.from_pretrained(package.WEIGHTS_FLOW, text_encoder_3=None, tokenizer_3=None)
+    assert type(pipe.transformer) is SD3Transformer2DModel and type(pipe.scheduler) is FlowMatchEulerDiscreteScheduler
+    assert pipe.transformer.config.patch_size == 1
+    ours = load_pipeline("world-flow", device="cpu")
+    assert ours.transformer.dtype == torch.float32
+    assert pipeline_revision("world-flow") == package.revision(package.WEIGHTS_FLOW)
+    assert pipeline_revision("world-flow").startswith("world-flow@")
+    shipped = load_config(Path(__file__).parents[1] / "sweeps/world_generator_flow.yaml", WorldGeneratorConfig)
+    assert WorldGeneratorConfig(**rec["settings"]) == shipped
+    accuracy = rec["held_out_eval"]["accuracy"]
+    assert set(accuracy) == {"overall", "counting", "colours", "composition", "spatial"}
+    assert accuracy["overall"]["n"] == 384
 
 
 def test_the_flow_yaml_validates():
-    from pathlib import Path
-
     from tn_ray.config import load_config
 
-    cfg = load_config(Path("sweeps/world_generator_flow.yaml"), WorldGeneratorConfig)
+    cfg = load_config(Path(__file__).parents[1] / "sweeps/world_generator_flow.yaml", WorldGeneratorConfig)
     assert (cfg.denoiser, cfg.train.objective, cfg.parts_from) == ("transformer", "flow", "world")
-    assert cfg.train.steps * cfg.train.batch == 1800 * 64  # the samples the shipped UNet saw
+    assert cfg.train.stop_at * cfg.train.batch == 1800 * 64  # the samples the shipped UNet saw
 
 
 def test_one_null_token_counted_256_times_is_the_pipelines_256_zero_tokens():

@@ -11,7 +11,7 @@ with projection; the T5 encoder left out, ``text_encoder_3=None``, as its tokeni
 offline: diffusers then feeds zeros in its place). ``world`` and ``world-flow`` are the small
 pipelines trained on the synthetic world (tn_ray/diffusion/world, docs/world.md): a StableDiffusionPipeline
 and its flow-matching variant, a StableDiffusion3Pipeline (LoRA targets: ``SD3_LORA_TARGETS``, its
-transformer being an SD3Transformer2DModel; weights not shipped yet).
+transformer being an SD3Transformer2DModel, patch size 1).
 """
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ def file_hashes(folder: Path) -> dict[str, str]:
 def record(folder: Path = WEIGHTS) -> dict:
     path = folder / RECORD
     if not path.is_file() and Path(folder) == WEIGHTS_FLOW:
-        raise WorldWeightsError(f"the world-flow generator's weights are not shipped yet ({path} not found): train "
+        raise WorldWeightsError(f"the world-flow generator's weights are missing ({path} not found): rebuild "
                                 f"them with `{TRAIN_FLOW}` (docs/world.md, 'The flow-matching variant')")
     if not path.is_file():
         raise WorldWeightsError(f"the world generator's weights are missing ({path} not found): reinstall tn_ray, or "
@@ -74,7 +74,7 @@ def load(folder: Path = WEIGHTS, dtype=None):
     from diffusers import DiffusionPipeline
 
     if Path(folder) == WEIGHTS_FLOW:
-        record(folder)  # one line when not shipped yet
+        record(folder)  # one line when missing
     index = json.loads((Path(folder) / "model_index.json").read_text())
     absent = {"text_encoder_3": None, "tokenizer_3": None} if "text_encoder_3" in index else {}
     pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype or torch.float32, **absent)
