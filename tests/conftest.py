@@ -10,6 +10,8 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+# reward actors stay loaded between the session's runs (tn_ray/scoring/warm_actors.py): each start costs ~12 s
+os.environ.setdefault("TN_RAY_KEEP_WARM_REWARDS", "1")
 # S3 tests talk to a moto server on 127.0.0.1 only; dummy credentials, no instance metadata
 os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                   AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")

@@ -30,7 +30,7 @@ def test_actor_sizing_follows_the_gpus(monkeypatch, ray_session):
 
 
 def test_long_lived_actors_score_like_the_local_model(ray_session):
-    pool = distributed.RewardPool("clip:tiny", ScoringConfig(num_actors=1))
+    pool = distributed.RewardPool("clip:tiny", ScoringConfig(num_actors=1, keep_warm=False))  # counts a fresh actor
     ims = arrays(5)
     texts = [["a dog", "two dogs"]] * 3 + [["a cat"]] * 2
     try:
@@ -49,7 +49,7 @@ def test_long_lived_actors_score_like_the_local_model(ray_session):
 def test_reward_pool_submit_returns_futures_and_collect_keeps_submit_order(ray_session):
     """submit returns at once with futures, parts spread over both actors; collect gives each submission's
     rows in submit order (equal to the model scored in this process), then nothing is pending."""
-    pool = distributed.RewardPool("clip:tiny", ScoringConfig(num_actors=2, cpus_per_actor=0.5))
+    pool = distributed.RewardPool("clip:tiny", ScoringConfig(num_actors=2, cpus_per_actor=0.5, keep_warm=False))
     ims = arrays(5, seed=1)
     texts = [["a dog", "two dogs"]] * 3 + [["a cat"]] * 2
     try:

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 # environment a worker needs to behave like the driver (offline hub, caches, data dirs,
 # and the testing-only fault hook of tn_ray.testing)
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_OFFLINE", "TN_RAY_TIA2_DIR",
-                 "TN_RAY_CACHE_DIR", "OMP_NUM_THREADS", "TN_RAY_TESTING_FAULTS", "WANDB_MODE", "WANDB_DIR")
+                 "TN_RAY_CACHE_DIR", "OMP_NUM_THREADS", "TN_RAY_TESTING_FAULTS", "WANDB_MODE", "WANDB_DIR",
+                 "TN_RAY_KEEP_WARM_REWARDS", "TN_RAY_MAX_WARM_REWARDS")
 
 
 def _quiet_local_workers() -> None:

@@ -161,3 +161,12 @@ class ScoringConfig(StrictModel):
     )
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per reward actor (count)")
     text_batch_size: int = Field(64, ge=1, description="prompts encoded per forward pass of the text tower (prompts)")
+    keep_warm: bool | None = Field(
+        None,
+        description="keep this run's reward actors loaded after it, for later runs of the same Ray cluster (a sweep's "
+        "trials, a study's cells) to borrow instead of starting their own: saves each actor's start-up and model load "
+        "(about 12 s on 2 CPU cores). Kept actors reserve no CPUs on a CPU-only cluster and their GPU share otherwise; "
+        "at most TN_RAY_MAX_WARM_REWARDS (default 6), least recently used evicted. None = the environment's choice "
+        "(TN_RAY_KEEP_WARM_REWARDS=1 turns it on; the test suite does); learned: heads are never kept "
+        "(tn_ray/scoring/warm_actors.py)",
+    )

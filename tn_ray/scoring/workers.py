@@ -16,6 +16,7 @@ import pandas as pd
 
 from tn_ray import cluster
 from tn_ray.config import ScoringConfig
+from tn_ray.scoring import warm_actors
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +126,13 @@ def _score_through_pool(requests: pd.DataFrame, spec: str, cache, cfg: ScoringCo
     return computed
 
 
-def _reward_actors(spec: str, cfg: ScoringConfig) -> list:
-    """Long-lived :class:`RewardWorker` actors, one per GPU (CPU actors without GPUs); the model loads
-    once per actor and stays loaded. Only :class:`RewardPool` starts them."""
+def start_reward_actors(spec: str, text_batch_size: int, n: int, resources: dict[str, float]) -> list:
+    """``n`` long-lived :class:`RewardWorker` actors of ``spec``, one per GPU (CPU actors without GPUs);
+    the model loads once per actor and stays loaded. Only :class:`RewardPool` starts them (directly or
+    through the warm-actor cache, :mod:`tn_ray.scoring.warm_actors`)."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    cluster.init_ray()
-    n, res = reward_pool_size(cfg)
     # restart without limit and retry calls on the restarted actor: a preempted spot node
     # must not exhaust a restart budget (a call that fails on its own still raises). The actors
     # are a shared service, never part of the caller's placement group: created from a Ray Train
@@ -140,10 +140,10 @@ def _reward_actors(spec: str, cfg: ScoringConfig) -> list:
     remote = ray.remote(RewardWorker).options(
         max_restarts=-1,
         max_task_retries=-1,
-        **res,
+        **resources,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
     )
-    return [remote.remote(spec, cfg.text_batch_size) for _ in range(n)]
+    return [remote.remote(spec, text_batch_size) for _ in range(n)]
 
 
 class RewardPool:
@@ -165,6 +165,7 @@ class RewardPool:
     def __init__(self, spec: str, cfg: ScoringConfig | None = None):
         self.spec = spec
         self.cfg = cfg or ScoringConfig()
+        self._warm_key: str | None = None  # set by _start when the actors are borrowed warm
         self.workers = self._start()
         self._next = 0  # round-robin position, across submissions
         self._pending: list[tuple[list, bool]] = []  # (futures of one submission, whether its parts are concatenated)
@@ -179,7 +180,12 @@ class RewardPool:
 
     # --- backend ----------------------------------------------------------------------------
     def _start(self) -> list:
-        return _reward_actors(self.spec, self.cfg)
+        cluster.init_ray()
+        n, res = reward_pool_size(self.cfg)
+        if warm_actors.enabled(self.spec, self.cfg):
+            self._warm_key, actors = warm_actors.borrow(self.spec, self.cfg, n, res, start_reward_actors)
+            return actors
+        return start_reward_actors(self.spec, self.cfg.text_batch_size, n, res)
 
     def _call(self, worker: int, method: str, *args):
         return getattr(self.workers[worker], method).remote(*args)
@@ -190,10 +196,14 @@ class RewardPool:
         return ray.get(futures)
 
     def shutdown(self) -> None:
+        """Kill the pool's actors, or give warm ones back to the cache (:mod:`~tn_ray.scoring.warm_actors`)."""
         import ray
 
-        for a in self.workers:
-            ray.kill(a)
+        if self.workers and self._warm_key is not None:
+            warm_actors.give_back(self._warm_key)
+        else:
+            for a in self.workers:
+                ray.kill(a)
         self.workers = []
 
     # --- requests ---------------------------------------------------------------------------
