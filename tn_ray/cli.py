@@ -16,6 +16,9 @@ import logging
 import os
 import sys
 
+from tn_ray import __version__
+from tn_ray.errors import InputError, TnRayError
+
 COMMAND_MODULES = [
     "tn_ray.commands.quickstart",
     "tn_ray.commands.tia2",
@@ -38,7 +41,6 @@ USER_OS_ERRORS = (FileNotFoundError, PermissionError, FileExistsError, NotADirec
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tn_ray import __version__
 
     parser = argparse.ArgumentParser(prog="tn-ray", description="TextNorm reward experiments on Ray")
     parser.add_argument("--version", action="version", version=f"tn-ray {__version__}")
@@ -51,7 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def user_error(err: BaseException) -> BaseException | None:
     """The user error behind ``err`` (unwrapping Ray's task/actor errors), or None for a bug."""
-    from tn_ray.errors import TnRayError
 
     seen = 0
     while err is not None and seen < 8:
@@ -74,7 +75,6 @@ def _remote_user_error(err: BaseException) -> BaseException | None:
     text. Its last ``module.Class: message`` line naming a :class:`TnRayError` is rebuilt."""
     import re
 
-    from tn_ray.errors import TnRayError
 
     if not type(err).__module__.startswith("ray."):
         return None
@@ -101,7 +101,6 @@ def check_finite(args: argparse.Namespace) -> None:
     'nan', which no option of tn-ray means (the config models refuse them too)."""
     import math
 
-    from tn_ray.errors import InputError
 
     for name, value in vars(args).items():
         for x in value if isinstance(value, (list, tuple)) else [value]:

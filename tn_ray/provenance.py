@@ -40,6 +40,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+import tn_ray
 from tn_ray.errors import TnRayError
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,6 @@ def package_versions() -> dict[str, str]:
 def code_version(root: Path | None = None) -> dict[str, Any]:
     """The tn_ray git commit (``commit``, ``dirty``) when the package is a git checkout, else its
     package version (``commit`` = ``"package <version>"``)."""
-    import tn_ray
 
     root = root or Path(tn_ray.__file__).resolve().parent.parent
     try:

@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
+from tn_ray.errors import InputError, OutputError
+
 TMP_SUFFIX = ".tmp"
 
 
@@ -163,7 +165,6 @@ def read_json(path_or_uri: str | os.PathLike, what: str = "file", hint: str = ""
     by ``hint`` (what to do) when given. The one JSON reader of user and run-folder files."""
     import json
 
-    from tn_ray.errors import InputError
 
     text = str(path_or_uri)
     tail = f"; {hint}" if hint else ""
@@ -237,7 +238,6 @@ def check_output_dir(path: str | os.PathLike) -> Path:
     work starts; :class:`tn_ray.errors.OutputError` naming it otherwise (a file in its place, a
     parent that is a file, no write permission). A cloud URI is checked by
     :func:`check_output_uri` and returned as given."""
-    from tn_ray.errors import OutputError
 
     if _is_uri(str(path)):
         return check_output_uri(str(path))  # type: ignore[return-value]
@@ -262,7 +262,6 @@ def check_output_uri(uri: str) -> str:
     """A cloud output folder that can be written (a probe object is written and deleted);
     :class:`tn_ray.errors.OutputError` naming it otherwise (an object in its place, a bucket
     that does not exist or refuses the credentials)."""
-    from tn_ray.errors import OutputError
 
     try:
         store = Store(uri)
@@ -281,7 +280,6 @@ def check_output_uri(uri: str) -> str:
 def check_output_file(path: str | os.PathLike) -> Path:
     """An output file that can be written: its folder is checked as :func:`check_output_dir`
     does, and the file itself must not be a folder."""
-    from tn_ray.errors import OutputError
 
     p = Path(path)
     if p.is_dir():

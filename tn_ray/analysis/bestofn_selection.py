@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from tn_ray.analysis.goodhart import mean_ci
+
 
 def check_table(rewards: pd.DataFrame, reward_names: Sequence[str], pools: Sequence[int]) -> None:
     missing = [c for c in ["prompt_id", "sample", *reward_names] if c not in rewards.columns]
@@ -112,7 +114,6 @@ def gain_over_base(
     sample of the pool: the expected value of one unselected image), of the top-1 image ``selector``
     picks from the first ``n``, and their paired difference over prompts with a bootstrap CI
     (:func:`tn_ray.analysis.goodhart.mean_ci`)."""
-    from tn_ray.analysis.goodhart import mean_ci
 
     base = rewards.groupby("prompt_id")[judge].mean()
     top = selections[(selections["reward"] == selector) & (selections["n"] == n) & (selections["k"] == 1)

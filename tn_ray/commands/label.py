@@ -4,6 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from tn_ray.errors import InputError
+from tn_ray.labeling.security import needs_token, new_token
+from tn_ray.labeling.store import AnswerStore, open_answers
+from tn_ray.labeling.tasks import load_comparison, load_folder, load_manifest, load_run
 
 
 def _task_args(p) -> None:
@@ -46,7 +49,6 @@ def add_parser(sub) -> None:
 
 
 def _load(args):
-    from tn_ray.labeling.tasks import load_comparison, load_folder, load_manifest, load_run
 
     if args.manifest:
         task = load_manifest(args.manifest)
@@ -65,8 +67,6 @@ def _load(args):
 
 def serve(args) -> int:
     from tn_ray.labeling.app import serve as run_server
-    from tn_ray.labeling.security import needs_token, new_token
-    from tn_ray.labeling.store import AnswerStore
 
     if args.per_item < 1:
         raise InputError(f"--per-item {args.per_item}: must be at least 1")
@@ -80,7 +80,6 @@ def export(args) -> int:
     import pandas as pd
 
     from tn_ray.labeling.export import tia2_labels, write_json
-    from tn_ray.labeling.store import open_answers
 
     task, db = _load(args)
     if task.kind != "label":
@@ -97,7 +96,6 @@ def export(args) -> int:
 
 def tally(args) -> int:
     from tn_ray.labeling import tally as t
-    from tn_ray.labeling.store import open_answers
 
     task, db = _load(args)
     if task.kind != "compare":

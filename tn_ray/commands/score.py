@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tn_ray.errors import InputError
+from tn_ray.scoring.images import check_images
 
 
 def add_parser(sub) -> None:
@@ -52,7 +53,6 @@ def run(args) -> int:
     from tn_ray.prompts.contrast import load_contrast, texts_for
     from tn_ray.rewards import parse
     from tn_ray.rewards.availability import check_weights
-    from tn_ray.scoring.images import check_images
     from tn_ray.storage import check_output_dir
     from tn_ray.textnorm.columns import SetParams, reward_columns
 

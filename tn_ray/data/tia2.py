@@ -20,6 +20,7 @@ import pandas as pd
 
 from tn_ray.data.sets import validate_sets
 from tn_ray.errors import TnRayError
+from tn_ray.storage import local_cache, read_json
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,6 @@ def check_sets(sets) -> list[str]:
 
 
 def default_cache() -> Path:
-    from tn_ray.storage import local_cache
 
     return local_cache("tia2", REPO_COMMIT[:12])
 
@@ -86,7 +86,6 @@ def resolve_dir(explicit: str | os.PathLike | None = None) -> Path:
 def _read_json(path: Path) -> dict:
     """A TIA2 file's content; missing file, bytes that are not UTF-8 and invalid JSON are errors
     naming the file (the one JSON reader, :func:`tn_ray.storage.read_json`)."""
-    from tn_ray.storage import read_json
 
     return read_json(path, "TIA2 file")
 

@@ -25,7 +25,14 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from tn_ray.diffusion.flow_sde import FlowStepOutput, check_window, flow_ode_step, flow_sde_step, in_window
+from tn_ray.diffusion.flow_sde import (
+    FlowStepOutput,
+    check_noise_level,
+    check_window,
+    flow_ode_step,
+    flow_sde_step,
+    in_window,
+)
 from tn_ray.diffusion.null_tokens import null_copies, null_token_attention
 
 
@@ -182,7 +189,6 @@ def sample_flow_chains(
     (without a T5 encoder): the ``max_sequence_length`` zero tokens as one counted that many times
     (:mod:`tn_ray.diffusion.null_tokens`; False: the pipeline's own zero tokens, for comparisons).
     """
-    from tn_ray.diffusion.flow_sde import check_noise_level
 
     check_flow_pipeline(pipe)
     window = check_window(window, num_steps)

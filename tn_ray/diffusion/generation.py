@@ -49,6 +49,7 @@ from tn_ray.config import RayConfig, StrictModel
 from tn_ray.diffusion.pipelines import DEFAULT_PIPELINE, DTYPES, check_scheduler, check_source
 from tn_ray.diffusion.seeds import seed_of
 from tn_ray.errors import InputError, TnRayError
+from tn_ray.scoring.images import image_problem
 from tn_ray.storage import PartTable, Store, read_json
 
 log = logging.getLogger(__name__)
@@ -308,7 +309,6 @@ def adopt_orphans(
 ) -> pd.DataFrame:
     """Manifest rows for complete image files that a killed driver never recorded (a file that
     does not decode, or one found damaged, is left out, and so made again)."""
-    from tn_ray.scoring.images import image_problem
 
     have = set(zip(manifest["prompt_id"].tolist(), manifest["sample"].tolist())) | set(damaged)
     rows = []

@@ -19,7 +19,9 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from tn_ray.diffusion.world.package import WEIGHTS, WEIGHTS_FLOW, check_weights, load, revision
 from tn_ray.errors import TnRayError
+from tn_ray.provenance import hub_revision
 
 DEFAULT_PIPELINE = "stabilityai/stable-diffusion-2-1"  # the paper's generator (-base for fine-tuning)
 TINY = "tiny"
@@ -72,7 +74,6 @@ def check_source(source: str, revision: str | None = None) -> None:
     if source in (TINY, TINY_SD3):
         return
     if source in (WORLD, WORLD_FLOW):
-        from tn_ray.diffusion.world.package import WEIGHTS, WEIGHTS_FLOW, check_weights
 
         check_weights(WEIGHTS if source == WORLD else WEIGHTS_FLOW)
         return
@@ -231,7 +232,6 @@ def load_pipeline(
     elif source == TINY_SD3:
         pipe = tiny_sd3_pipeline()
     elif source in (WORLD, WORLD_FLOW):
-        from tn_ray.diffusion.world.package import WEIGHTS, WEIGHTS_FLOW, load
 
         pipe = load(WEIGHTS if source == WORLD else WEIGHTS_FLOW)
     else:
@@ -257,12 +257,10 @@ def load_pipeline(
 
 def pipeline_revision(source: str, requested: str | None = None) -> str:
     """Revision of a diffusers pipeline source: 'random-init' (tiny), 'local' (a folder), else the hub commit."""
-    from tn_ray.provenance import hub_revision
 
     if source in (TINY, TINY_SD3):
         return "random-init"
     if source in (WORLD, WORLD_FLOW):
-        from tn_ray.diffusion.world.package import WEIGHTS, WEIGHTS_FLOW, revision
 
         return revision(WEIGHTS if source == WORLD else WEIGHTS_FLOW)
     if Path(source).expanduser().exists():

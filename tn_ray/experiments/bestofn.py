@@ -26,18 +26,21 @@ import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
 from tn_ray import provenance
-from tn_ray.analysis.human_eval import HumanEvalConfig
+from tn_ray.analysis.bestofn_selection import select, summary, summary_markdown
+from tn_ray.analysis.human_eval import HumanEvalConfig, export
 from tn_ray.config import RayConfig, ScoringConfig, StrictModel, dump_config
 from tn_ray.data import tia2
 from tn_ray.diffusion.generation import GenerationConfig, generate
-from tn_ray.diffusion.pipelines import pipeline_revisions
+from tn_ray.diffusion.pipelines import check_scheduler, check_source, pipeline_revisions
 from tn_ray.errors import InputError
 from tn_ray.experiments.bestofn_stream import generate_and_score
 from tn_ray.prompts.contrast import generates, load_contrast, sets_for, texts_for
 from tn_ray.rewards import parse
+from tn_ray.rewards.availability import check_weights
 from tn_ray.rewards.revisions import reward_revisions
 from tn_ray.scoring.batch_scoring import generated_items
 from tn_ray.scoring.matrix import ScoreMatrix
+from tn_ray.storage import check_output_dir, read_any
 from tn_ray.textnorm.columns import (
     ColumnSpec,
     SetParams,
@@ -189,14 +192,9 @@ def reward_table(items: pd.DataFrame, matrices: dict[str, ScoreMatrix], cfg: Bes
 
 
 def run(cfg: BestOfNConfig, generate_only: bool = False, allow_provenance_change: bool = False) -> dict[str, Path]:
-    from tn_ray.analysis.bestofn_selection import select, summary, summary_markdown
-    from tn_ray.analysis.human_eval import export
     from tn_ray.analysis.image_grids import prompt_grid, save_grid
     from tn_ray.cluster import init_ray
-    from tn_ray.diffusion.pipelines import check_scheduler, check_source
-    from tn_ray.rewards.availability import check_weights
     from tn_ray.scoring.batch_scoring import score_matrices
-    from tn_ray.storage import check_output_dir, read_any
 
     # everything a user can get wrong is checked before Ray starts or a model loads
     if generates(cfg.contrast):  # a source that makes sets (rules, llm, world) for the given prompts

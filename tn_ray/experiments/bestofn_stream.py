@@ -40,6 +40,8 @@ from tn_ray.diffusion import generation as gen_mod
 from tn_ray.diffusion.generation import GenerationConfig
 from tn_ray.scoring.batch_scoring import image_key
 from tn_ray.scoring.cache import RewardCache
+from tn_ray.scoring.service_pool import reward_pool
+from tn_ray.scoring.workers import RewardWorker
 from tn_ray.storage import Store
 
 log = logging.getLogger(__name__)
@@ -102,7 +104,6 @@ class ScoreStage:
 
     def __init__(self, spec: str, text_batch_size: int, root: str, texts: dict[str, list[str]], score_below: int,
                  pool=None):
-        from tn_ray.scoring.workers import RewardWorker
 
         self.worker = pool if pool is not None else RewardWorker(spec, text_batch_size)
         self.store, self.texts, self.score_below = Store(root), texts, score_below
@@ -190,7 +191,6 @@ def generate_and_score(prompts: Sequence[str], texts: Mapping[str, list[str]], g
         return gen_mod.generate(prompts, gen, ray_cfg)
     caches = {spec: RewardCache(cache_dir, spec) for spec in models}
     if service:
-        from tn_ray.scoring.service_pool import reward_pool
 
         remote = {spec: reward_pool(spec, scoring, service) for spec in models}  # checks the service serves them
     else:

@@ -24,11 +24,12 @@ from tn_ray.data import tia2
 from tn_ray.errors import InputError
 from tn_ray.prompts.contrast import load_contrast, texts_for
 from tn_ray.rewards import parse
+from tn_ray.rewards.availability import check_weights
 from tn_ray.rewards.revisions import reward_revisions
 from tn_ray.rewards.units import Reading
 from tn_ray.scoring.images import check_images
 from tn_ray.scoring.matrix import ScoreMatrix
-from tn_ray.storage import Store
+from tn_ray.storage import Store, check_output_dir
 from tn_ray.textnorm.columns import ColumnSpec, SetParams, check_ensembles, reward_columns
 
 log = logging.getLogger(__name__)
@@ -215,9 +216,7 @@ def reference(items: pd.DataFrame, cfg: Tia2EvalConfig) -> pd.DataFrame:
 
 def run(cfg: Tia2EvalConfig, allow_provenance_change: bool = False) -> dict[str, Path]:
     from tn_ray.cluster import init_ray
-    from tn_ray.rewards.availability import check_weights
     from tn_ray.scoring.batch_scoring import score_matrices
-    from tn_ray.storage import check_output_dir
 
     contrast_stats: dict[str, dict] = {}
     items = collect_items(cfg, contrast_stats)

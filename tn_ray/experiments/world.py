@@ -20,13 +20,18 @@ from pathlib import Path
 import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
+from tn_ray import prompts as sources
 from tn_ray import provenance
 from tn_ray.analysis import goodhart
 from tn_ray.config import RayConfig, ScoringConfig, StrictModel, dump_config
+from tn_ray.data import tia2
 from tn_ray.data.world import grammar, labels, oracle, sampler, scenes
 from tn_ray.data.world.sampler import SamplerConfig
+from tn_ray.data.world.scenes import COLORS, SHAPES
 from tn_ray.prompts.contrast import texts_for
+from tn_ray.rewards import parse
 from tn_ray.rewards.revisions import reward_revisions
+from tn_ray.rewards.worldclip import ensure, parse_source
 from tn_ray.textnorm.columns import ColumnSpec, EnsembleSpec, SetParams, check_ensembles, reward_columns
 
 log = logging.getLogger(__name__)
@@ -103,7 +108,6 @@ class WorldConfig(StrictModel):
 
     @model_validator(mode="after")
     def _models(self) -> WorldConfig:
-        from tn_ray.rewards import parse
 
         models = [str(parse(m)) for m in self.models]
         object.__setattr__(self, "models", models)
@@ -123,8 +127,6 @@ class WorldConfig(StrictModel):
 
 def rules_sets(prompts: list[str]) -> dict[str, list[str]]:
     """Contrastive sets of the ``rules`` source with the world's coloured shapes as its vocabulary."""
-    from tn_ray import prompts as sources
-    from tn_ray.data.world.scenes import COLORS, SHAPES
 
     cfg = sources.SourcesConfig(
         rules=sources.RulesConfig(max_count=6, vocabulary=[f"{c} {s}" for c in COLORS for s in SHAPES])
@@ -134,8 +136,6 @@ def rules_sets(prompts: list[str]) -> dict[str, list[str]]:
 
 def ensure_models(models: list[str]) -> None:
     """Train world proxies missing from the cache here, once, before Ray actors load them."""
-    from tn_ray.rewards import parse
-    from tn_ray.rewards.worldclip import ensure, parse_source
 
     for m in models:
         spec = parse(m)
@@ -188,7 +188,6 @@ def benchmark(
     cfg: WorldConfig, out: Path, tia2_dir: Path, images: Path, items: pd.DataFrame, cache: Path
 ) -> pd.DataFrame:
     """tia2 eval of the world's benchmark per contrast source; per-prompt metrics with kind and contrast."""
-    from tn_ray.data import tia2
     from tn_ray.experiments.tia2_eval import Tia2EvalConfig, run
 
     sets = list(dict.fromkeys(grammar.TIA2_SET.values()))

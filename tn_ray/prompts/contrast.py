@@ -18,6 +18,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from tn_ray.data import tia2
 from tn_ray.data.sets import validate_sets
 from tn_ray.errors import InputError
 from tn_ray.prompts import SOURCES
@@ -30,7 +31,6 @@ def load_contrast(
     source: str, *, tia2_dir: str | os.PathLike | None = None, set_name: str | None = None
 ) -> dict[str, list[str]]:
     """``{x0: [x1..xm]}`` from ``released``, ``released:<set>`` or a JSON file (validated)."""
-    from tn_ray.data import tia2
 
     if source == "released" or source.startswith("released:"):
         name = source.partition(":")[2] or set_name

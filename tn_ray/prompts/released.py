@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from tn_ray.data import tia2
 from tn_ray.prompts.base import ContrastSet, clean
 from tn_ray.prompts.settings import ReleasedConfig
 
@@ -11,7 +12,6 @@ class ReleasedSource:
     name = "released"
 
     def __init__(self, cfg: ReleasedConfig | None = None):
-        from tn_ray.data import tia2
 
         self.cfg = cfg or ReleasedConfig()
         root = tia2.resolve_dir(self.cfg.tia2_dir)

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from tn_ray.config import StrictModel
+from tn_ray.prompts.instruction import PAPER_MODEL, PAPER_PARAMS
 from tn_ray.prompts.vocabulary import VOCABULARY
 
 
@@ -116,7 +117,6 @@ class LlmConfig(StrictModel):
     def _paper_defaults(cls, data: Any) -> Any:
         """``preset: paper`` defaults the model and sampling parameters to the paper's (keys given win)."""
         if isinstance(data, dict) and data.get("preset") == "paper":
-            from tn_ray.prompts.instruction import PAPER_MODEL, PAPER_PARAMS
 
             data = {"model": PAPER_MODEL, **PAPER_PARAMS, **data}
         return data

@@ -24,7 +24,8 @@ from tn_ray.config import RayConfig, StrictModel
 from tn_ray.errors import InputError
 from tn_ray.prompts import SOURCES, build
 from tn_ray.prompts.base import ContrastSet
-from tn_ray.prompts.llm import LlmError
+from tn_ray.prompts.cache import AnswerCache
+from tn_ray.prompts.llm import LlmError, LlmSource, api_key_from_env, instruction_version, public_url, resolve_base_url
 from tn_ray.prompts.settings import SourcesConfig
 from tn_ray.storage import check_output_file, read_json
 
@@ -190,8 +191,6 @@ def synthesize(cfg: SynthesisConfig) -> dict[str, Path]:
     kwargs: dict[str, Any] = {"source": cfg.source, "sources": cfg.sources.model_dump(mode="json")}
     extra: dict[str, Any] = {}
     if cfg.source == "llm":
-        from tn_ray.prompts.cache import AnswerCache
-        from tn_ray.prompts.llm import LlmSource, api_key_from_env, instruction_version, public_url, resolve_base_url
 
         llm = cfg.sources.llm
         probe = LlmSource(llm, base_url=resolve_base_url(llm))

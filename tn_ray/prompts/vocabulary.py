@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tn_ray.data.tia2 import load_prompt_sets
 from tn_ray.prompts.quantities import parse
 
 CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -18,7 +19,6 @@ VOCABULARY = tuple(sorted(CIFAR10 + COCO15))
 
 def derive(root: Path) -> list[str]:
     """The singular nouns of TIA2's counting and composition prompts (x0s), sorted."""
-    from tn_ray.data.tia2 import load_prompt_sets
 
     nouns: set[str] = set()
     for set_name in ("counting", "composition"):

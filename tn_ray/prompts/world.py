@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from tn_ray.data.world import grammar
+from tn_ray.data.world.labels import contrast_sets
 from tn_ray.prompts.base import ContrastSet
 
 
@@ -16,8 +18,6 @@ class WorldSource:
     name = "world"
 
     def generate(self, x0s: Sequence[str]) -> list[ContrastSet]:
-        from tn_ray.data.world import grammar
-        from tn_ray.data.world.labels import contrast_sets
 
         out = []
         for x0 in x0s:

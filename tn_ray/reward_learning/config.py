@@ -22,6 +22,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from tn_ray.config import OutputLocation, RayConfig, ScoringConfig, StrictModel
+from tn_ray.rewards import parse
 from tn_ray.training.config import LoggingBlock, ScalingBlock
 
 # registered rewards known to score (image, text) jointly; any other non-dual encoder is refused
@@ -123,7 +124,6 @@ class RewardTrainConfig(StrictModel):
     @field_validator("backbone")
     @classmethod
     def _backbone(cls, value: str) -> str:
-        from tn_ray.rewards import parse
 
         spec = parse(value)
         if spec.name == "learned":

@@ -12,16 +12,18 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from tn_ray.data.tia2 import labels_frame
 from tn_ray.errors import InputError
+from tn_ray.prompts.contrast import sets_for, texts_for
 from tn_ray.reward_learning.config import DataBlock, SplitBlock
+from tn_ray.scoring.images import check_images
+from tn_ray.storage import Store, read_json
 
 PARTS = ("train", "val", "test")
 
 
 def read_labels(data: DataBlock) -> pd.DataFrame:
     """Every label file of ``data.sets`` as rows (no image is opened here)."""
-    from tn_ray.data.tia2 import labels_frame
-    from tn_ray.storage import Store, read_json
 
     frames = []
     for set_name, src in data.sets.items():
@@ -36,7 +38,6 @@ def read_labels(data: DataBlock) -> pd.DataFrame:
 
 def attach_texts(frame: pd.DataFrame, data: DataBlock) -> pd.DataFrame:
     """``frame`` with ``texts`` = [x0, x1..xm] per row (contrastive sets checked, errors name the prompt)."""
-    from tn_ray.prompts.contrast import sets_for, texts_for
 
     texts: list[list[str]] = [[] for _ in range(len(frame))]
     for set_name, rows in frame.groupby("set", sort=False).groups.items():
@@ -79,7 +80,6 @@ def split_by_prompt(frame: pd.DataFrame, split: SplitBlock) -> pd.Series:
 
 def load(data: DataBlock) -> pd.DataFrame:
     """Rows with texts and part, every image checked to exist and decode (before any model loads)."""
-    from tn_ray.scoring.images import check_images
 
     frame = read_labels(data)
     dup = frame["image_key"].duplicated()

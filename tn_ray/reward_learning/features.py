@@ -23,6 +23,7 @@ import pyarrow as pa
 from tn_ray.config import ScoringConfig
 from tn_ray.scoring.cache import RewardCache
 from tn_ray.scoring.matrix import model_slug
+from tn_ray.scoring.workers import RewardPool
 from tn_ray.storage import PartTable, Store, join_uri
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,6 @@ def compute(frame: pd.DataFrame, backbone: str, root: str, cfg: ScoringConfig | 
     stats = {"images_encoded": len(todo_img), "texts_encoded": len(todo_txt),
              "backbone_rewards_computed": sum(len(t) for t in todo_scores)}
     if len(todo_img) or todo_txt or stats["backbone_rewards_computed"]:
-        from tn_ray.scoring.workers import RewardPool
 
         pool = RewardPool(backbone, cfg)
         try:

@@ -20,8 +20,14 @@ import numpy as np
 
 from tn_ray import provenance
 from tn_ray.config import dump_config
+from tn_ray.reward_learning import data, features, report, train
+from tn_ray.reward_learning.calibration import plot_reliability
 from tn_ray.reward_learning.config import RewardTrainConfig
+from tn_ray.reward_learning.train import Arrays
+from tn_ray.rewards import learned_head
 from tn_ray.rewards.revisions import reward_revisions
+from tn_ray.scoring.matrix import pad_rows
+from tn_ray.storage import check_output_dir, join_uri
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +35,6 @@ LEARNED, ABLATION = "learned", "learned(no aux)"
 
 
 def build_arrays(frame, feats, target: str):
-    from tn_ray.reward_learning.train import Arrays
 
     keys = frame[["set", "prompt", "image_id", "binary", "fine", "part"]].reset_index(drop=True)
     y = (frame["binary"] if target == "binary" else frame["fine"]).to_numpy(dtype=np.float32)
@@ -47,11 +52,6 @@ def run_name(label: str, params: dict[str, Any], fingerprint: str) -> str:
 
 def run(cfg: RewardTrainConfig, allow_provenance_change: bool = False) -> dict[str, Any]:
     from tn_ray.cluster import init_ray
-    from tn_ray.reward_learning import data, features, report, train
-    from tn_ray.reward_learning.calibration import plot_reliability
-    from tn_ray.rewards import learned_head
-    from tn_ray.scoring.matrix import pad_rows
-    from tn_ray.storage import check_output_dir, join_uri
 
     frame = data.load(cfg.data)
     out = check_output_dir(cfg.out)

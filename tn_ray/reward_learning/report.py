@@ -17,6 +17,7 @@ import pandas as pd
 from tn_ray.analysis import metrics
 from tn_ray.reward_learning.calibration import expected_calibration_error, reliability
 from tn_ray.reward_learning.losses import probability
+from tn_ray.reward_learning.train import batch_rewards
 from tn_ray.textnorm.columns import SetParams, reward_columns
 
 KEYS = ["set", "prompt", "image_id", "binary", "fine"]
@@ -26,7 +27,6 @@ def head_matrix(head, arrays, rows: np.ndarray) -> np.ndarray:
     """(rows, 1 + max m) rewards of a head for each row's [x0, x1..xm], NaN-padded."""
     import torch
 
-    from tn_ray.reward_learning.train import batch_rewards
 
     head.eval()
     with torch.no_grad():

@@ -22,6 +22,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tn_ray.analysis.metrics import per_prompt
+from tn_ray.reward_learning.losses import total_loss
+from tn_ray.rewards.learned_head import RewardHead
+from tn_ray.training.config import LoggingBlock
+from tn_ray.training.tracking import Tracker
+
 log = logging.getLogger(__name__)
 
 # what a training run varies (a sweep trial overrides some of them)
@@ -90,7 +96,6 @@ def predict(head, arrays: Arrays, rows: np.ndarray) -> np.ndarray:
 
 def mean_auroc(keys: pd.DataFrame, reward: np.ndarray) -> float:
     """Mean per-prompt AUROC (prompts with both labels), NaN when there is none."""
-    from tn_ray.analysis.metrics import per_prompt
 
     if not len(keys):
         return float("nan")
@@ -101,7 +106,6 @@ def mean_auroc(keys: pd.DataFrame, reward: np.ndarray) -> float:
 def new_state(params: dict[str, Any], dim: int, device: str = "cpu") -> State:
     import torch
 
-    from tn_ray.rewards.learned_head import RewardHead
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(params["seed"]))
@@ -128,7 +132,6 @@ def fit_epoch(
     """One pass over the training rows; returns the epoch's metrics (validation included)."""
     import torch
 
-    from tn_ray.reward_learning.losses import total_loss
 
     model = model if model is not None else state.head
     epoch = state.epoch + 1
@@ -265,8 +268,6 @@ def worker_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from tn_ray.training.config import LoggingBlock
-    from tn_ray.training.tracking import Tracker
 
     arrays = config["data"]
     if type(arrays).__name__ == "ObjectRef":

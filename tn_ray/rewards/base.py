@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from tn_ray.errors import InputError, TnRayError
+from tn_ray.storage import read_any
 
 
 class ModelLoadError(TnRayError, RuntimeError):
@@ -90,7 +91,6 @@ def load_image(item: Any) -> Image.Image:
     if isinstance(item, Image.Image):
         return item.convert("RGB")
     if isinstance(item, str) and "://" in item:  # a cloud URI (s3://, gs://, ...)
-        from tn_ray.storage import read_any
 
         item = read_any(item)
     elif isinstance(item, (str, os.PathLike)):

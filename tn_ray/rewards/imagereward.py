@@ -36,6 +36,7 @@ from torch import nn
 from tn_ray.rewards.base import ModelLoadError, RewardModel, RewardSpec, check_tokenizer, seeded_init
 from tn_ray.rewards.cross import TokenBatch, pad_tokens, score_pairs
 from tn_ray.rewards.wordpiece import bert_tokenizer
+from tn_ray.storage import read_json
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +283,6 @@ def load_official_checkpoint(path: str | Path, med_config: str | Path | dict | N
     """An :class:`ImageRewardNet` holding the weights of an official ``ImageReward.pt``
     (every parameter must be present: nothing is left at random init)."""
     path = Path(path)
-    from tn_ray.storage import read_json  # a user's med_config.json: errors name the file
 
     med = (
         med_config

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from tn_ray.errors import InputError
+from tn_ray.storage import Store, join_uri
 
 WEIGHTS, META = "head.safetensors", "head.json"
 
@@ -75,7 +76,6 @@ def save(head: RewardHead, folder: str | Path, meta: dict) -> None:
 
 def export(head: RewardHead, out: str, meta: dict) -> str:
     """Save into ``<out>/model-<hash of weights and meta>`` (a local folder or a URI); returns it."""
-    from tn_ray.storage import Store, join_uri
 
     with tempfile.TemporaryDirectory() as tmp:
         save(head, tmp, meta)
@@ -91,7 +91,6 @@ def load(folder: str) -> tuple[RewardHead, dict]:
     """(head in eval mode, its meta) from a local folder or a URI."""
     from safetensors.torch import load as load_bytes
 
-    from tn_ray.storage import Store
 
     store = Store(folder)
     if not store.exists(META) or not store.exists(WEIGHTS):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from tn_ray.provenance import hub_revision
 from tn_ray.rewards.base import RewardSpec
+from tn_ray.rewards.clip import resolve
+from tn_ray.rewards.imagereward import CHECKPOINT_NAME, DEFAULT_REPO
 
 
 def reward_revisions(models: Iterable[str]) -> dict[str, str]:
@@ -40,7 +42,6 @@ def _reward_repo(spec) -> tuple[str, str] | None:
         from tn_ray.rewards.pickscore import DEFAULT_MODEL
         return source or DEFAULT_MODEL, "config.json"
     if spec.name == "imagereward":
-        from tn_ray.rewards.imagereward import CHECKPOINT_NAME, DEFAULT_REPO
         return source or DEFAULT_REPO, CHECKPOINT_NAME
     if spec.name in ("blip2", "blip2-itm"):
         from tn_ray.rewards.blip2 import DEFAULT_MODEL
@@ -48,7 +49,6 @@ def _reward_repo(spec) -> tuple[str, str] | None:
     if spec.name == "clip":
         from open_clip.pretrained import get_pretrained_cfg
 
-        from tn_ray.rewards.clip import resolve
 
         arch, pretrained = resolve(source)
         if arch.startswith("hf-hub:"):

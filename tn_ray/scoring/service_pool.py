@@ -21,6 +21,7 @@ from tn_ray import cluster
 from tn_ray.client import TOKEN_ENV, RewardClient
 from tn_ray.config import ScoringConfig
 from tn_ray.errors import InputError
+from tn_ray.rewards import parse
 from tn_ray.scoring.workers import RewardPool
 
 
@@ -30,7 +31,6 @@ class ServicePool(RewardPool):
 
     def __init__(self, spec: str, url: str, cfg: ScoringConfig | None = None, token: str | None = None,
                  connections: int = 4):
-        from tn_ray.rewards import parse
 
         self.url = url
         self.token = token if token is not None else os.environ.get(TOKEN_ENV)  # never from a config file
@@ -77,7 +77,6 @@ class HandlePool(RewardPool):
     the front's ``rows`` method, which hands them to the model's batched deployment."""
 
     def __init__(self, spec: str, app: str, cfg: ScoringConfig | None = None):
-        from tn_ray.rewards import parse
 
         self.app = app
         super().__init__(str(parse(spec)), cfg)

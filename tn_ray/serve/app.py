@@ -29,6 +29,9 @@ from ray.exceptions import RayActorError
 
 from tn_ray.client import TOKEN_ENV
 from tn_ray.labeling.security import LOOPBACK_HOSTS, token_ok
+from tn_ray.rewards import parse
+from tn_ray.rewards.revisions import reward_revision
+from tn_ray.scoring.workers import RewardWorker
 from tn_ray.serve.config import ReplicaConfig, ServeConfig
 from tn_ray.serve.inputs import RequestError, answer, check_prompt, decode_image, image_bytes, parse_json, parse_request
 
@@ -53,7 +56,6 @@ class RewardReplica:
     """
 
     def __init__(self, spec: str, replica: dict[str, Any]):
-        from tn_ray.scoring.workers import RewardWorker
 
         rc = ReplicaConfig.model_validate(replica)
         self.spec = spec
@@ -123,7 +125,6 @@ class RewardFront:
     """The HTTP front: access rule, request checks, fan-out to the model deployments, reward columns."""
 
     def __init__(self, cfg: dict[str, Any], token: str | None, handles: Mapping[str, Any]):
-        from tn_ray.rewards.revisions import reward_revision
 
         self.cfg = ServeConfig.model_validate(cfg)
         self.token = token
@@ -234,7 +235,6 @@ class RewardFront:
         return await self.handles[model].score.remote(list(images), [list(t) for t in texts_per_image])
 
     def _parse_rows(self, body: bytes) -> tuple[str, list[np.ndarray], list[list[str]]]:
-        from tn_ray.rewards import parse
 
         cfg = self.cfg
         data = parse_json(body, cfg.limits)

@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from tn_ray.client import TOKEN_ENV
 from tn_ray.config import RayConfig, StrictModel
 from tn_ray.labeling.security import needs_token
+from tn_ray.rewards import parse
 from tn_ray.textnorm.columns import ColumnSpec, SetParams, check_ensembles, reward_names
 
 # a named source the service may resolve for a client; `llm` never (it would call an outside API
@@ -191,7 +192,6 @@ class ServeConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:
-        from tn_ray.rewards import parse
 
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile and ssl_keyfile go together: give both or neither")

@@ -25,6 +25,8 @@ import numpy as np
 from tn_ray.data.sets import validate_sets
 from tn_ray.errors import InputError
 from tn_ray.prompts.contrast import sets_for, texts_for
+from tn_ray.rewards import parse
+from tn_ray.scoring.matrix import pad_rows
 from tn_ray.serve.config import LimitsConfig, ServeConfig, split_store_uri
 from tn_ray.storage import Store
 from tn_ray.textnorm.columns import column_models, reward_columns, specs_for
@@ -66,7 +68,6 @@ def parse_json(body: bytes, limits: LimitsConfig) -> dict[str, Any]:
 
 def canonical_column(name: Any, cfg: ServeConfig) -> str:
     """A requested column in canonical spelling (``textnorm(clip:tiny)``); unknown -> 400 naming it."""
-    from tn_ray.rewards import parse
 
     if not isinstance(name, str) or not name:
         raise RequestError(f"reward: expected a column name or a list of them, got {json.dumps(name)[:80]}")
@@ -300,7 +301,6 @@ def parse_request(body: bytes, cfg: ServeConfig) -> ScoreJob:
 
 def job_values(job: ScoreJob, rows: Mapping[str, Sequence[np.ndarray]]) -> dict[str, np.ndarray]:
     """Each model's score-matrix values (images, 1 + m) from its score rows (column 0 = x0)."""
-    from tn_ray.scoring.matrix import pad_rows
 
     return {m: pad_rows(rows[m]) for m in job.models}
 

@@ -14,6 +14,7 @@ import numpy as np
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from tn_ray.config import StrictModel
+from tn_ray.rewards import parse
 from tn_ray.textnorm.equations import ensemble, log_mean_ensemble, log_textnorm, textnorm
 
 
@@ -140,7 +141,6 @@ ColumnSpec = Annotated[
 def canonical_column(name: str, models: Sequence[str]) -> str:
     """``name`` with a model spec in canonical form (``textnorm(clip)`` -> ``textnorm(clip:<default>)``);
     other names (ensembles) unchanged; ``ValueError`` for an unknown model inside ``textnorm(...)``."""
-    from tn_ray.rewards import parse
 
     if name not in models and not name.startswith("textnorm("):
         try:
@@ -182,7 +182,6 @@ def check_ensembles(ensembles: Sequence[ColumnSpec], models: Sequence[str]) -> l
     """Ensembles with their members in canonical spec form and multi-rewards with canonical columns
     (over the models' columns and the ensembles); ``ValueError`` naming the ensemble whose members are
     not among ``models`` (for pydantic validators: the config fails to load)."""
-    from tn_ray.rewards import parse
 
     plain = []
     for ens in ensembles:
@@ -418,7 +417,6 @@ class RewardConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> RewardConfig:
-        from tn_ray.rewards import parse
 
         models = [str(parse(m)) for m in self.models]
         object.__setattr__(self, "models", models)

@@ -12,7 +12,11 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from tn_ray.config import OutputLocation, RayConfig, ScoringConfig, StrictModel
+from tn_ray.data import tia2
+from tn_ray.diffusion.flow_sde import check_noise_level
 from tn_ray.diffusion.pipelines import DEFAULT_PIPELINE, DTYPES, WORLD, WORLD_LORA_TARGETS
+from tn_ray.errors import InputError
+from tn_ray.prompts.contrast import generates, load_contrast
 from tn_ray.textnorm.columns import RewardConfig
 
 ADAPTER = "default"  # the name of the one LoRA adapter (peft) every policy carries
@@ -22,7 +26,6 @@ LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # UNet attention projection
 def require_prompts(given: bool, reward: RewardConfig) -> None:
     """``ValueError`` for a config without training prompts whose ``reward.contrast`` cannot list
     any: a prompt source (``rules``, ``llm``) makes sets for given prompts only."""
-    from tn_ray.prompts.contrast import generates
 
     if not given and generates(reward.contrast):
         raise ValueError(f"prompts: required when reward.contrast is '{reward.contrast}', a source that makes sets for "
@@ -37,7 +40,6 @@ def resolve_prompts(cfg: FineTuneConfig) -> list[str]:
     method has one). :class:`InputError` for a missing prompts file or no prompt at all."""
     from pathlib import Path
 
-    from tn_ray.errors import InputError
 
     prompts = list(getattr(cfg, "prompts", None) or [])
     prompts_file = getattr(cfg, "prompts_file", None)
@@ -210,7 +212,6 @@ class EvalBlock(StrictModel):
     @field_validator("kl_noise_level")
     @classmethod
     def _kl_noise_level(cls, a: float) -> float:
-        from tn_ray.diffusion.flow_sde import check_noise_level
 
         return check_noise_level(a)
 
@@ -350,8 +351,6 @@ class FineTuneConfig(StrictModel):
     def default_prompts(self) -> list[str]:
         """Training prompts when none are given: ``prompts_per_set`` of each TIA2 set, else every
         prompt of ``reward.contrast``'s sets (in its order)."""
-        from tn_ray.data import tia2
-        from tn_ray.prompts.contrast import load_contrast
 
         if self.prompts_per_set:
             return tia2.first_prompts(self.prompts_per_set, tia2.resolve_dir(None))

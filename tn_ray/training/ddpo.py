@@ -36,11 +36,28 @@ import torch
 from pydantic import Field, model_validator
 
 from tn_ray.config import OutputLocation, StrictModel
+from tn_ray.diffusion.sampling import Chains, decode_images, guided_noise, sample_chains, step_log_prob, use_ddim
 from tn_ray.diffusion.seeds import seeds_of
 from tn_ray.errors import InputError
-from tn_ray.training.config import EvalBlock, FineTuneConfig, OptimizerBlock, PolicyBlock, require_prompts
+from tn_ray.scoring.matrix import pad_rows
+from tn_ray.scoring.service_pool import reward_pool
+from tn_ray.storage import Store
+from tn_ray.training.advantages import PerPromptStatTracker, gather_rows, shared_advantages
+from tn_ray.training.config import (
+    EvalBlock,
+    FineTuneConfig,
+    OptimizerBlock,
+    PolicyBlock,
+    require_prompts,
+    resolve_prompts,
+)
+from tn_ray.training.ddpo_loss import ddpo_loss, kl_weight
 from tn_ray.training.evaluation import reward_groups
 from tn_ray.training.loop import Method
+from tn_ray.training.losses import to_epsilon
+from tn_ray.training.outputs import write_outputs
+from tn_ray.training.policy import check_policy_kind
+from tn_ray.training.preflight import check_run, record_provenance
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +211,6 @@ class DDPOConfig(FineTuneConfig):
 
     @model_validator(mode="after")
     def _ddpo(self) -> DDPOConfig:
-        from tn_ray.training.policy import check_policy_kind
 
         check_policy_kind(self.policy.pipeline, flow=False, method="ddpo")
         require_prompts(bool(self.prompts or self.prompts_file), self.reward)
@@ -248,8 +264,6 @@ class DDPO(Method):
     name = "ddpo"
 
     def __init__(self, cfg: DDPOConfig, policy, optim, ctx, data: DDPOData):
-        from tn_ray.diffusion.sampling import use_ddim
-        from tn_ray.training.advantages import PerPromptStatTracker
 
         super().__init__(cfg, policy, optim, ctx, data)
         use_ddim(policy.pipe)
@@ -272,7 +286,6 @@ class DDPO(Method):
     # --- 1-2: sampling while the actors score ------------------------------------------
     def sample_epoch(self, step: int):
         """(chains, prompt ids, reward column, seconds sampling, seconds waiting for rewards)."""
-        from tn_ray.diffusion.sampling import Chains, decode_images, sample_chains
 
         cfg, s = self.cfg, self.cfg.sample
         pipe = self.policy.pipe
@@ -307,17 +320,12 @@ class DDPO(Method):
     # --- 4: the policy-gradient passes ------------------------------------------------
     def base_eps(self, latents, timesteps, embeds, negative):
         """The base model's guided noise prediction at x_t (adapters off, no graph), in epsilon space."""
-        from tn_ray.diffusion.sampling import guided_noise
-        from tn_ray.training.losses import to_epsilon
 
         with torch.no_grad(), self.policy.reference(), self.policy.autocast():
             out = guided_noise(self.policy.unet, latents, timesteps, embeds, negative, self.cfg.sample.guidance_scale)
         return to_epsilon(self.policy.pipe.scheduler, out, timesteps, latents)
 
     def train_epoch(self, step: int, chains, advantages: torch.Tensor) -> dict[str, float]:
-        from tn_ray.diffusion.sampling import step_log_prob
-        from tn_ray.training.ddpo_loss import ddpo_loss, kl_weight
-        from tn_ray.training.losses import to_epsilon
 
         cfg, tr = self.cfg, self.cfg.train
         policy, unet = self.policy, self.policy.train_unet
@@ -383,7 +391,6 @@ class DDPO(Method):
 
     # --- one epoch ------------------------------------------------------------------------
     def step(self, step: int) -> dict[str, float]:
-        from tn_ray.training.advantages import gather_rows, shared_advantages
 
         t0 = time.perf_counter()
         chains, prompt_ids, rewards, sample_s, wait_s = self.sample_epoch(step)
@@ -421,7 +428,6 @@ def collect_rewards(cfg: FineTuneConfig, data: DDPOData, prompt_ids: Sequence[in
     """Every submitted batch's scores, in submission order, turned into the configured reward column
     (``cfg.reward.column``: raw, TextNorm or an ensemble); (column, seconds waited). Non-finite rewards:
     an :class:`~tn_ray.errors.InputError`."""
-    from tn_ray.scoring.matrix import pad_rows
 
     t0 = time.perf_counter()
     values = {m: pad_rows([row for rows in pool.collect() for row in rows]) for m, pool in data.pools.items()}
@@ -441,7 +447,6 @@ def record_samples(cfg: FineTuneConfig, rank: int, prompts: Sequence[str], step:
     import pandas as pd
     import pyarrow as pa
 
-    from tn_ray.storage import Store
 
     frame = pd.DataFrame(
         {
@@ -462,9 +467,6 @@ def prepare(cfg: FineTuneConfig, allow_provenance_change: bool = False) -> DDPOD
     """Driver side, before Ray Train starts: prompts, scoring texts (contrastive sets checked) and
     one :class:`tn_ray.scoring.workers.RewardPool` of long-lived actors per reward model."""
     from tn_ray.cluster import init_ray
-    from tn_ray.scoring.service_pool import reward_pool
-    from tn_ray.training.config import resolve_prompts
-    from tn_ray.training.preflight import check_run, record_provenance
 
     prompts = resolve_prompts(cfg)
     texts = check_run(cfg, prompts)  # every user error before Ray starts or a model loads
@@ -491,9 +493,7 @@ def run_method(cfg: FineTuneConfig, method: type[Method], allow_provenance_chang
     """:func:`run` for any method on :class:`DDPOData` (DDPO, GRPO)."""
     import yaml
 
-    from tn_ray.storage import Store
     from tn_ray.training.loop import fit
-    from tn_ray.training.outputs import write_outputs
 
     store = Store(cfg.out)
     data = prepare(cfg, allow_provenance_change)
@@ -516,7 +516,6 @@ def epoch_rewards(out: str) -> Any:
     """Per epoch: mean and std of the sampled images' training reward over all workers (from ``samples/``)."""
     import pandas as pd
 
-    from tn_ray.storage import Store
 
     store = Store(out)
     frame = pd.concat(

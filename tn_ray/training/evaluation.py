@@ -43,12 +43,18 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from tn_ray.data import tia2
+from tn_ray.diffusion.flow_sampling import pipeline_prompts
 from tn_ray.errors import InputError
+from tn_ray.prompts.contrast import sets_for, texts_for
 from tn_ray.scoring.matrix import pad_rows
+from tn_ray.scoring.service_pool import reward_pool
 from tn_ray.storage import Store, join_uri
 from tn_ray.textnorm.columns import RewardConfig
+from tn_ray.training.checkpoint import step_name
 from tn_ray.training.checkpoint_selection import win_counts
 from tn_ray.training.config import FineTuneConfig
+from tn_ray.training.losses import path_kl
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +70,6 @@ def reward_texts(reward: RewardConfig, prompts: Sequence[str]) -> list[list[str]
     """``[x0, x1..xm]`` per prompt when the used column needs contrastive prompts, else ``[x0]``."""
     if not reward.needs_contrast:
         return [[p] for p in prompts]
-    from tn_ray.prompts.contrast import sets_for, texts_for
 
     return texts_for(prompts, sets_for(reward.contrast, prompts), f"reward.contrast '{reward.contrast}'")
 
@@ -75,7 +80,6 @@ def reward_groups(reward: RewardConfig, prompts: Sequence[str]) -> list[str] | N
     error naming it (:func:`tn_ray.data.tia2.sets_of`)."""
     if not reward.per_group:
         return None
-    from tn_ray.data import tia2
 
     return tia2.sets_of(prompts, tia2.resolve_dir(None))
 
@@ -88,7 +92,6 @@ def generate_images(
 
     import torch
 
-    from tn_ray.diffusion.flow_sampling import pipeline_prompts
 
     out: list[bytes] = []
     ctx = policy.reference() if reference else contextlib.nullcontext()
@@ -138,7 +141,6 @@ def path_kls(policy, prompts: Sequence[str], seeds: Sequence[int], block) -> lis
     Costs one sampling pass plus one base-model forward per step per image."""
     import torch
 
-    from tn_ray.training.losses import path_kl
 
     pairs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
     out: list[float] = []
@@ -174,7 +176,6 @@ class Evaluator:
     # --- scoring ------------------------------------------------------------------------
     def _pool(self, model: str, service: str | None = None):
         """The pool of ``model``: the reward service at ``service`` (a reward's ``service``), else Ray actors."""
-        from tn_ray.scoring.service_pool import reward_pool
 
         if (model, service) not in self._pools:
             self._pools[(model, service)] = reward_pool(model, self.cfg.scoring, service)
@@ -207,7 +208,6 @@ class Evaluator:
             self.store.write_bytes(f"{folder}/{pid:05d}-{seed}.png", data)
 
     def image_rel(self, step: int | None, prompt_id: int, seed: int) -> str:
-        from tn_ray.training.checkpoint import step_name
 
         folder = "eval/base" if step is None else f"eval/{step_name(step)}"
         return f"{folder}/{prompt_id:05d}-{seed}.png"
@@ -248,7 +248,6 @@ class Evaluator:
         with judges, ``eval_judge`` and ``eval_judge_wins`` (the first judge's mean and win count);
         with ``eval.path_kl``, ``eval_path_kl`` (the mean path KL to the base model over the evaluation
         images, nats; per image in ``eval/path_kl/<step>.parquet``)."""
-        from tn_ray.training.checkpoint import step_name
 
         images = generate_images(policy, self.prompts, self.seeds, self.cfg.eval)
         self._save_images(f"eval/{step_name(step)}", images)

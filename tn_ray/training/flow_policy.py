@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from tn_ray.diffusion.pipelines import SD3_LORA_TARGETS
 from tn_ray.training.config import ADAPTER
 
 
@@ -23,7 +24,6 @@ def add_flow_lora(pipe, rank: int = 4, lora_alpha: float | None = None, target_m
     trainable (adapter) parameters, in float32. ``lora_alpha`` None = ``rank`` (scale 1)."""
     from peft import LoraConfig
 
-    from tn_ray.diffusion.pipelines import SD3_LORA_TARGETS
 
     if getattr(pipe, "transformer", None) is None:
         raise ValueError(f"{type(pipe).__name__} has no transformer: flow-matching LoRA needs an SD3-style pipeline")

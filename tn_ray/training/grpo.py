@@ -39,10 +39,22 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from tn_ray.config import OutputLocation, StrictModel
+from tn_ray.diffusion.flow_sampling import (
+    FlowChains,
+    check_flow_pipeline,
+    decode_flow_images,
+    flow_step_log_prob,
+    sample_flow_chains,
+)
+from tn_ray.diffusion.flow_sde import check_noise_level, check_window
 from tn_ray.diffusion.seeds import seeds_of
+from tn_ray.training.advantages import gather_rewards, gather_rows
 from tn_ray.training.config import EvalBlock, FineTuneConfig, OptimizerBlock, PolicyBlock, require_prompts
-from tn_ray.training.ema import EMABlock
+from tn_ray.training.ddpo import collect_rewards, record_samples, run_method, submit_images
+from tn_ray.training.ema import EMA, EMABlock
+from tn_ray.training.grpo_loss import group_advantages, grpo_loss, train_step_indices
 from tn_ray.training.loop import Method
+from tn_ray.training.policy import check_policy_kind
 
 GRPO_PIPELINE = "stabilityai/stable-diffusion-3.5-medium"  # Flow-GRPO's SD 3.5 configs
 
@@ -87,13 +99,11 @@ class GRPOSampleBlock(StrictModel):
     @field_validator("noise_level")
     @classmethod
     def _noise(cls, a: float) -> float:
-        from tn_ray.diffusion.flow_sde import check_noise_level
 
         return check_noise_level(a)
 
     @model_validator(mode="after")
     def _sample(self) -> GRPOSampleBlock:
-        from tn_ray.diffusion.flow_sde import check_window
 
         try:
             check_window(self.window, self.num_steps)
@@ -184,7 +194,6 @@ class GRPOConfig(FineTuneConfig):
 
     @model_validator(mode="after")
     def _grpo(self) -> GRPOConfig:
-        from tn_ray.training.policy import check_policy_kind
 
         check_policy_kind(self.policy.pipeline, flow=True, method="grpo")
         require_prompts(bool(self.prompts or self.prompts_file), self.reward)
@@ -213,8 +222,6 @@ class GRPO(Method):
     name = "grpo"
 
     def __init__(self, cfg: GRPOConfig, policy, optim, ctx, data):
-        from tn_ray.diffusion.flow_sampling import check_flow_pipeline
-        from tn_ray.training.ema import EMA
 
         super().__init__(cfg, policy, optim, ctx, data)
         check_flow_pipeline(policy.pipe)
@@ -241,8 +248,6 @@ class GRPO(Method):
     # --- 1-2: sampling groups while the actors score ------------------------------------
     def sample_epoch(self, step: int):
         """(chains, prompt ids, reward column, seconds sampling, seconds waiting for rewards)."""
-        from tn_ray.diffusion.flow_sampling import FlowChains, decode_flow_images, sample_flow_chains
-        from tn_ray.training.ddpo import collect_rewards, submit_images
 
         cfg, s = self.cfg, self.cfg.sample
         pipe = self.policy.pipe
@@ -269,8 +274,6 @@ class GRPO(Method):
     # --- 3: advantages from every worker's rewards --------------------------------------
     def advantages(self, prompt_ids: np.ndarray, rewards: np.ndarray) -> np.ndarray:
         """This worker's advantages, from all workers' rewards grouped by prompt (2 workers = 1 with the rows)."""
-        from tn_ray.training.advantages import gather_rewards
-        from tn_ray.training.grpo_loss import group_advantages
 
         ids, all_rewards, start = gather_rewards(prompt_ids, rewards)
         adv = group_advantages(all_rewards, ids, global_std=self.cfg.train.global_std)
@@ -278,8 +281,6 @@ class GRPO(Method):
 
     # --- 4: the policy-gradient passes ------------------------------------------------------
     def train_epoch(self, step: int, chains, advantages: torch.Tensor) -> dict[str, float]:
-        from tn_ray.diffusion.flow_sampling import flow_step_log_prob
-        from tn_ray.training.grpo_loss import grpo_loss, train_step_indices
 
         cfg, tr, s = self.cfg, self.cfg.train, self.cfg.sample
         policy, model = self.policy, self.policy.train_model
@@ -289,7 +290,8 @@ class GRPO(Method):
         minibatches = n // tr.batch_size
         per_update = minibatches // tr.updates_per_inner_epoch
         accum = per_update * len(trained)  # backward passes per optimizer step
-        keys = ("loss", "policy_loss", "kl", "kl_exact", "approx_kl", "clip_frac")
+        # kl_exact (logs only) needs the reference model's step: NaN without the KL term, so not logged then
+        keys = ("loss", "policy_loss", "kl", "approx_kl", "clip_frac") + (("kl_exact",) if tr.beta > 0 else ())
         logs: dict[str, list[float]] = {k: [] for k in keys}
         updates: list[dict[str, float]] = []
         first_kl = None
@@ -330,8 +332,6 @@ class GRPO(Method):
 
     # --- one epoch ----------------------------------------------------------------------------
     def step(self, step: int) -> dict[str, float]:
-        from tn_ray.training.advantages import gather_rows
-        from tn_ray.training.ddpo import record_samples
 
         t0 = time.perf_counter()
         chains, prompt_ids, rewards, sample_s, wait_s = self.sample_epoch(step)
@@ -351,6 +351,5 @@ class GRPO(Method):
 def run(cfg: GRPOConfig, allow_provenance_change: bool = False, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """The whole GRPO run: reward actors up, Ray Train fit (resuming from ``cfg.out``); the output paths.
     Shares DDPO's driver (:func:`tn_ray.training.ddpo.run_method`)."""
-    from tn_ray.training.ddpo import run_method
 
     return run_method(cfg, GRPO, allow_provenance_change, callbacks)

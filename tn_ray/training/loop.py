@@ -26,7 +26,13 @@ from typing import Any
 
 import torch
 
+from tn_ray.storage import join_uri
+from tn_ray.training.checkpoint import Checkpoints, rng_state, set_rng_state
 from tn_ray.training.config import FineTuneConfig
+from tn_ray.training.monitor import Monitor
+from tn_ray.training.optim import Optimization
+from tn_ray.training.policy import Policy
+from tn_ray.training.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +106,6 @@ class Trainer:
         self.report = report or (lambda metrics: None)
 
     def _resume(self, policy, optim, method, monitor, checkpoints) -> int:
-        from tn_ray.training.checkpoint import set_rng_state
 
         step = checkpoints.latest()
         if step is None:
@@ -115,11 +120,6 @@ class Trainer:
         return step
 
     def run(self) -> dict[str, Any]:
-        from tn_ray.training.checkpoint import Checkpoints, rng_state
-        from tn_ray.training.monitor import Monitor
-        from tn_ray.training.optim import Optimization
-        from tn_ray.training.policy import Policy
-        from tn_ray.training.tracking import Tracker
 
         cfg, ctx = self.cfg, self.ctx
         torch.manual_seed(cfg.seed)
@@ -210,7 +210,6 @@ def worker_loop(config: dict) -> None:
 def ray_storage(out: str) -> str:
     from pathlib import Path
 
-    from tn_ray.storage import join_uri
 
     return join_uri(out, "ray") if "://" in out else str(Path(out).resolve() / "ray")
 

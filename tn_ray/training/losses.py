@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import torch
 
+from tn_ray.diffusion.ddim import alphas_at
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 DENOISE_SPACES = ("native", "epsilon")
 
@@ -102,7 +104,6 @@ def ddim_kl_weight(scheduler, timesteps: torch.Tensor, eta: float) -> torch.Tens
     ``x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)``, so ``mu_1 - mu_2 = c_t (eps_1 - eps_2)`` with
     ``c_t = sqrt(1 - a_prev - sigma_t^2) - sqrt(a_prev (1 - a_t) / a_t)`` and
     ``w_t = c_t^2 / (2 sigma_t^2)`` (no x0 clipping, as every Stable Diffusion config). Float64, shape (B,)."""
-    from tn_ray.diffusion.ddim import alphas_at
 
     a_t, a_prev = (a.double() for a in alphas_at(scheduler, torch.as_tensor(timesteps).reshape(-1)))
     var = eta**2 * (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)

@@ -26,11 +26,12 @@ from typing import Any
 
 import pandas as pd
 
+from tn_ray.analysis.human_eval import export
 from tn_ray.storage import Store
 from tn_ray.training.checkpoint import Checkpoints, step_name
 from tn_ray.training.checkpoint_selection import describe_selection, selection_summary, win_counts
 from tn_ray.training.config import FineTuneConfig
-from tn_ray.training.evaluation import read_path_kl, read_scores
+from tn_ray.training.evaluation import eval_prompts, read_path_kl, read_scores
 from tn_ray.training.policy import LORA_FILE
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,6 @@ def write_human_eval(
     store: Store, prompts: Sequence[str], seeds: Sequence[int], selected: int, seed: int = 0
 ) -> tuple[str, str]:
     """Blinded pages comparing, per prompt, the selected checkpoint's evaluation images with the base model's."""
-    from tn_ray.analysis.human_eval import export
 
     k = len(seeds)
     chosen, base = f"step {selected}", "base"
@@ -195,7 +195,6 @@ def write_human_eval(
 
 def write_outputs(cfg: FineTuneConfig, train_prompts: Sequence[str]) -> dict[str, Any]:
     """Every report of the run at ``cfg.out``; returns name -> path/URI."""
-    from tn_ray.training.evaluation import eval_prompts
 
     store = Store(cfg.out)
     scores, base = read_scores(cfg.out)

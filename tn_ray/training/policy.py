@@ -20,7 +20,11 @@ from pathlib import Path
 
 import torch
 
+from tn_ray.diffusion.flow_sampling import flow_chain_means, sample_flow_chains
+from tn_ray.diffusion.pipelines import TINY_SD3, WORLD_FLOW
+from tn_ray.diffusion.sampling import chain_means, sample_chains
 from tn_ray.training.config import ADAPTER, LoraBlock, PolicyBlock
+from tn_ray.training.flow_policy import add_flow_lora
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -38,7 +42,6 @@ def is_flow_source(source: str) -> bool:
     class, or a hub id containing ``stable-diffusion-3``."""
     import json
 
-    from tn_ray.diffusion.pipelines import TINY_SD3, WORLD_FLOW
 
     if source in (TINY_SD3, WORLD_FLOW):
         return True
@@ -180,7 +183,6 @@ class Policy:
         A DDIM scheduler built from the pipeline's config samples; the pipeline's own is left as it was."""
         from diffusers import DDIMScheduler
 
-        from tn_ray.diffusion.sampling import chain_means, sample_chains
 
         pipe, own = self.pipe, self.pipe.scheduler
         pipe.scheduler = DDIMScheduler.from_config(own.config)
@@ -250,7 +252,6 @@ class FlowPolicy(Policy):
     model_attr = "transformer"
 
     def _add_adapter(self, lora: LoraBlock, seed: int) -> None:
-        from tn_ray.training.flow_policy import add_flow_lora
 
         targets = list(lora.target_modules) if "target_modules" in lora.model_fields_set else None
         add_flow_lora(self.pipe, lora.rank, lora.lora_alpha, targets, lora.init, seed)
@@ -266,7 +267,6 @@ class FlowPolicy(Policy):
         the policy's step means as sampled and the base transformer's (adapters disabled) on the same states
         (:func:`tn_ray.diffusion.flow_sampling.flow_chain_means`). The steps share their std (sigma_t does not
         depend on the model), so each step's KL is ``|mean - base mean|^2 / (2 std^2)``."""
-        from tn_ray.diffusion.flow_sampling import flow_chain_means, sample_flow_chains
 
         means, stds = [], []
 

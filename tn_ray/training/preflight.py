@@ -12,16 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from tn_ray import provenance
+from tn_ray.diffusion.pipelines import check_source, pipeline_revisions
+from tn_ray.rewards.availability import check_weights
+from tn_ray.rewards.revisions import reward_revisions
+from tn_ray.storage import check_output_dir
 from tn_ray.training.config import FineTuneConfig
+from tn_ray.training.evaluation import eval_prompts, reward_groups, reward_texts
 
 
 def check_run(cfg: FineTuneConfig, prompts: Sequence[str]) -> list[list[str]]:
     """Raise the first user error of ``cfg`` (a :class:`tn_ray.errors.TnRayError`); returns the
     training reward's ``[x0, x1..xm]`` per training prompt (:func:`reward_texts`)."""
-    from tn_ray.diffusion.pipelines import check_source
-    from tn_ray.rewards.availability import check_weights
-    from tn_ray.storage import check_output_dir
-    from tn_ray.training.evaluation import eval_prompts, reward_groups, reward_texts
 
     check_output_dir(cfg.out)
     check_source(cfg.policy.pipeline, cfg.policy.revision)
@@ -39,9 +41,6 @@ def check_run(cfg: FineTuneConfig, prompts: Sequence[str]) -> list[list[str]]:
 def record_provenance(cfg: FineTuneConfig, allow_change: bool = False) -> None:
     """``provenance.json`` of the run folder (:func:`tn_ray.provenance.record`), after the checks and
     before Ray starts: the training reward's and judges' models, the base pipeline at its revision."""
-    from tn_ray import provenance
-    from tn_ray.diffusion.pipelines import pipeline_revisions
-    from tn_ray.rewards.revisions import reward_revisions
 
     models = [*cfg.reward.models, *(m for j in cfg.eval.judges for m in j.models)]
     provenance.record(cfg.out, cfg, allow_change=allow_change,

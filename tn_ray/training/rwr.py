@@ -37,11 +37,19 @@ from tn_ray.config import OutputLocation, StrictModel
 from tn_ray.diffusion.generation import GenerationConfig
 from tn_ray.diffusion.pipelines import WORLD
 from tn_ray.diffusion.seeds import seed_of
+from tn_ray.diffusion.world import package
+from tn_ray.diffusion.world.data import training_pairs
 from tn_ray.errors import InputError
+from tn_ray.rewards.base import load_image
 from tn_ray.scoring.batch_scoring import generated_items
+from tn_ray.storage import Store, join_uri, read_any, read_json
 from tn_ray.training.config import FineTuneConfig, OptimizerBlock, require_prompts, resolve_prompts
+from tn_ray.training.evaluation import reward_groups, reward_texts
 from tn_ray.training.loop import Method, WorkerContext
-from tn_ray.training.sample_weights import Weighting
+from tn_ray.training.losses import rwr_terms
+from tn_ray.training.outputs import write_outputs
+from tn_ray.training.preflight import check_run, record_provenance
+from tn_ray.training.sample_weights import Weighting, reward_weights, top_k_per_group
 
 log = logging.getLogger(__name__)
 SET_NAME = "rwr"
@@ -159,9 +167,6 @@ def prepare_data(cfg: RwrConfig, prompts: list[str], texts: list[list[str]] | No
     (prompt_id, prompt, sample, image, reward, weight), also written to ``<out>/data.parquet``."""
     from tn_ray.diffusion.generation import generate
     from tn_ray.scoring.batch_scoring import score_matrices
-    from tn_ray.storage import Store, join_uri
-    from tn_ray.training.evaluation import reward_groups, reward_texts
-    from tn_ray.training.sample_weights import reward_weights, top_k_per_group
 
     store = Store(cfg.out)
     texts = dict(zip(prompts, texts if texts is not None else reward_texts(cfg.reward, prompts)))
@@ -208,7 +213,6 @@ def load_pretrain(block: PretrainBlock, seed: int = 0, size: int | None = None) 
     captions = folder / "captions.json"
     if not captions.is_file():
         raise InputError(f"pretrain.folder: {captions} not found (a JSON object {{image file name: caption}})")
-    from tn_ray.storage import read_json
 
     mapping = read_json(captions, "pretrain captions file")
     if not isinstance(mapping, dict) or not mapping:
@@ -228,8 +232,6 @@ def world_pretrain(n: int, seed: int, size: int | None = None) -> pd.DataFrame:
 
     from PIL import Image
 
-    from tn_ray.diffusion.world import package
-    from tn_ray.diffusion.world.data import training_pairs
 
     settings = package.record()["settings"]
     rng = np.random.default_rng(seed_of(seed, "pretrain-world"))
@@ -267,8 +269,6 @@ class _Examples:
 
 
 def _pil(images: list) -> list:
-    from tn_ray.rewards.base import load_image
-    from tn_ray.storage import read_any
 
     return [load_image(read_any(p) if isinstance(p, str) else p) for p in images]
 
@@ -394,7 +394,6 @@ class RwrMethod(Method):
     def terms(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Step ``step``'s loss (with its graph) and metrics: the denoising terms in ``denoise_space``, the KL in
         epsilon space."""
-        from tn_ray.training.losses import rwr_terms
 
         cfg: RwrConfig = self.cfg
         rows = global_rows(len(self.examples), cfg.batch_size, step, cfg.seed)
@@ -460,10 +459,7 @@ def run(cfg: RwrConfig, allow_provenance_change: bool = False) -> dict[str, Any]
     import yaml
 
     from tn_ray.cluster import init_ray
-    from tn_ray.storage import Store
     from tn_ray.training.loop import fit
-    from tn_ray.training.outputs import write_outputs
-    from tn_ray.training.preflight import check_run, record_provenance
 
     prompts = resolve_prompts(cfg)
     texts = check_run(cfg, prompts)  # every user error before Ray starts or a model loads

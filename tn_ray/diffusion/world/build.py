@@ -6,16 +6,16 @@ import platform
 import time
 from pathlib import Path
 
+from tn_ray.diffusion.world import data, package
+from tn_ray.diffusion.world.evaluate import evaluate
 from tn_ray.diffusion.world.settings import WorldGeneratorConfig
+from tn_ray.diffusion.world.train import Trainer
 
 
 def build(cfg: WorldGeneratorConfig, work: Path, out: Path, progress=print) -> dict:
     """Train (resuming from ``work``), evaluate, write ``out`` (a diffusers folder + training.json)."""
     import torch
 
-    from tn_ray.diffusion.world import data, package
-    from tn_ray.diffusion.world.evaluate import evaluate
-    from tn_ray.diffusion.world.train import Trainer
 
     trainer = Trainer(cfg, work, progress)
     trainer.run()

@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from tn_ray.diffusion.null_tokens import T5_TOKENS, NullTokensAttnProcessor
-from tn_ray.diffusion.world import data, models
+from tn_ray.diffusion.world import data, models, package
 from tn_ray.diffusion.world.settings import WorldGeneratorConfig
+from tn_ray.diffusion.world.tokenizer import world_tokenizer
+from tn_ray.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +144,6 @@ def encode_flow_text(encoder, texts, t5_tokens: int = T5_TOKENS) -> dict:
 
 def parts_folder(source: str) -> Path:
     """The folder ``parts_from`` names ('world' = the shipped weights, sha256-checked)."""
-    from tn_ray.diffusion.world import package
-    from tn_ray.errors import InputError
 
     if source == "world":
         package.check_weights(package.WEIGHTS)
@@ -163,7 +163,6 @@ def load_parts(cfg: WorldGeneratorConfig):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
 
-    from tn_ray.errors import InputError
 
     folder = parts_folder(cfg.parts_from)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
@@ -187,7 +186,6 @@ def parts_revision(cfg: WorldGeneratorConfig) -> str | None:
 
     if cfg.parts_from is None:
         return None
-    from tn_ray.diffusion.world import package
 
     folder = parts_folder(cfg.parts_from)
     files = {k: v for k, v in package.file_hashes(folder).items() if k.split("/")[0] in ("vae", "text_encoder")}
@@ -201,7 +199,6 @@ class Trainer:
     def __init__(self, cfg: WorldGeneratorConfig, work: Path, progress: Callable[[str], None] = print):
         import torch
 
-        from tn_ray.diffusion.world.tokenizer import world_tokenizer
 
         self.cfg, self.work, self.progress = cfg, Path(work), progress
         self.work.mkdir(parents=True, exist_ok=True)
@@ -281,7 +278,6 @@ class Trainer:
             return
         state = torch.load(path, weights_only=False)
         if state["config"] != self._trajectory():
-            from tn_ray.errors import InputError
 
             raise InputError(f"{path} was written with other settings; use another --work folder or delete it")
         self.phase = state["phase"]

@@ -35,6 +35,24 @@ from pathlib import Path
 import pandas as pd
 
 from tn_ray import provenance
+from tn_ray.analysis.bestofn_selection import gain_over_base
+from tn_ray.analysis.finetune_report import cell_images
+from tn_ray.analysis.goodhart import mean_ci
+from tn_ray.config import RayConfig, ScoringConfig, load_config
+from tn_ray.data.tia2 import load_prompt_sets
+from tn_ray.data.world.labels import make
+from tn_ray.data.world.scenes import COLORS, SHAPES
+from tn_ray.experiments.world import ensure_models, quickstart_step
+from tn_ray.prompts.overlap import per_prompt, per_set
+from tn_ray.prompts.settings import RulesConfig, SourcesConfig
+from tn_ray.prompts.synthesize import SynthesisConfig, synthesize
+from tn_ray.storage import read_json
+from tn_ray.sweep.config import SweepConfig
+from tn_ray.sweep.runner import run_sweep
+from tn_ray.sweep.trainables.evaluators import Tia2SweepOptions, evaluate_tia2, prepare_tia2
+from tn_ray.textnorm.columns import EnsembleSpec, SetParams
+from tn_ray.training.checkpoint_selection import describe_selection
+from tn_ray.training.evaluation import read_scores
 
 TINY_MODELS = ["clip:tiny", "pickscore:tiny"]
 WORLD_MODELS = ["worldclip", "clip:tiny"]  # worldclip: trained on the world on first use (cached)
@@ -45,24 +63,18 @@ SETTINGS = Path(__file__).parent  # the packaged YAMLs of the steps (sweeps/ lin
 
 def settings(name: str, model, **overrides):
     """The packaged ``name`` (e.g. ``rwr_tiny.yaml``) as ``model``, with dotted-key ``overrides``."""
-    from tn_ray.config import load_config
 
     return load_config(SETTINGS / name, model, overrides)
 
 
 def world_step(out: Path) -> dict[str, Path]:
-    from tn_ray.experiments.world import quickstart_step
 
     return quickstart_step(out)
 
 
 def tia2_step(out: Path) -> dict[str, Path]:
     """Score the world's labelled benchmark with worldclip and clip:tiny; TextNorm, ensembles, metrics."""
-    from tn_ray.config import RayConfig, ScoringConfig
-    from tn_ray.data.world.labels import make
     from tn_ray.experiments.tia2_eval import Tia2EvalConfig, run
-    from tn_ray.experiments.world import ensure_models
-    from tn_ray.textnorm.columns import EnsembleSpec, SetParams
 
     tia2_dir, images = make(out / "data", **WORLD_DATA)
     ensure_models(WORLD_MODELS)  # trains worldclip here once, not in each reward actor
@@ -79,13 +91,6 @@ def tia2_step(out: Path) -> dict[str, Path]:
 def prompts_step(out: Path) -> dict[str, Path]:
     """Rule-built contrastive sets for the benchmark's prompts on Ray Data (the substitution
     vocabulary is its own coloured shapes), and their overlap with the benchmark's sets."""
-    from tn_ray.config import RayConfig
-    from tn_ray.data.tia2 import load_prompt_sets
-    from tn_ray.data.world.labels import make
-    from tn_ray.data.world.scenes import COLORS, SHAPES
-    from tn_ray.prompts.overlap import per_prompt, per_set
-    from tn_ray.prompts.settings import RulesConfig, SourcesConfig
-    from tn_ray.prompts.synthesize import SynthesisConfig, synthesize
 
     tia2_dir = out / "data" / "tia2"
     if not (tia2_dir / "prompts").is_dir():
@@ -109,9 +114,6 @@ def sweep_step(out: Path) -> dict[str, Path]:
     """Tune TextNorm's tau of worldclip on the score matrices of the TIA2 step."""
     import yaml
 
-    from tn_ray.sweep.config import SweepConfig
-    from tn_ray.sweep.runner import run_sweep
-    from tn_ray.sweep.trainables.evaluators import Tia2SweepOptions, evaluate_tia2, prepare_tia2
 
     sweep_dir = out / "sweep"
     shutil.rmtree(sweep_dir, ignore_errors=True)  # the demo starts fresh on every run
@@ -140,7 +142,6 @@ def paired_line(what: str, base: float, after: float, diff: float, lo: float, hi
 def bestofn_step(out: Path) -> dict[str, Path]:
     """Best-of-n on the world pipeline (``bestofn_world.yaml``): 8 prompts, n = 4 and 8, selected by worldclip raw
     and with TextNorm and by worldjudge, judged by worldjudge (exact truth)."""
-    from tn_ray.analysis.bestofn_selection import gain_over_base
     from tn_ray.experiments.bestofn import BestOfNConfig, run
 
     cfg = settings("bestofn_world.yaml", BestOfNConfig, out=str(out / "bestofn"))
@@ -159,11 +160,6 @@ def bestofn_step(out: Path) -> dict[str, Path]:
 def finetune_lines(out: str, method: str) -> list[str]:
     """The quickstart's report of a fine-tuning run: worldjudge accuracy of the base model vs the checkpoint the
     paper's rule selected, paired by (prompt, eval seed)."""
-    from tn_ray.analysis.finetune_report import cell_images
-    from tn_ray.analysis.goodhart import mean_ci
-    from tn_ray.storage import read_json
-    from tn_ray.training.checkpoint_selection import describe_selection
-    from tn_ray.training.evaluation import read_scores
 
     selection = read_json(Path(out) / "selection.json")
     scores, base = read_scores(out)

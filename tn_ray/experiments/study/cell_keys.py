@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tn_ray.experiments.study.config import StudyConfig
+from tn_ray.storage import join_uri
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,6 @@ def bestofn_run_id(method: str, seed: int) -> str:
 def grid_cells(grid: StudyConfig) -> list[CellKey]:
     """Every fine-tuning cell, seed-major (seed, then method, reward row, kl), with its id
     ``<method>-<reward>-kl<kl>-s<seed>``; best-of-n cells are :func:`bestofn_cells`."""
-    from tn_ray.storage import join_uri
 
     combos = [
         (seed, name, entry, row, kl)
@@ -76,7 +76,6 @@ def grid_cells(grid: StudyConfig) -> list[CellKey]:
 
 def bestofn_runs(grid: StudyConfig) -> list[CellKey]:
     """One key per (best-of-n entry, seed), seed-major: the run whose generation its reward x n cells share."""
-    from tn_ray.storage import join_uri
 
     combos = [(s, m) for s in grid.seeds for m, e in grid.methods.items() if (e.method or m) == "bestofn"]
     return [

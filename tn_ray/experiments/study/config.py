@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from tn_ray.config import ConfigError, OutputLocation, StrictModel, apply_overrides, format_validation_error
+from tn_ray.config import ConfigError, OutputLocation, StrictModel, apply_overrides, format_validation_error, read_yaml
 from tn_ray.errors import TnRayError
 from tn_ray.textnorm.columns import RewardConfig
 
@@ -266,7 +266,6 @@ GridConfig = StudyConfig  # `tn-ray world finetune`'s name for the same config (
 def load_study(path: str, overrides: dict[str, Any] | None = None) -> StudyConfig:
     """The study in ``path`` with dotted ``overrides``; a bad key or value is one :class:`ConfigError` line naming
     the file and the key."""
-    from tn_ray.config import read_yaml
 
     data = apply_overrides(read_yaml(path), overrides, f"{path} (with overrides)")
     try:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from tn_ray.data.tia2 import SETS
 from tn_ray.experiments.study.config import CostBlock
 from tn_ray.experiments.study.plan import Cell
+from tn_ray.prompts.contrast import load_contrast
+from tn_ray.training.config import resolve_prompts
 
 
 def count_prompts(cfg: Any) -> int:
@@ -15,14 +18,11 @@ def count_prompts(cfg: Any) -> int:
     if listed:
         n = len(listed)
     elif getattr(cfg, "prompts_per_set", None):
-        from tn_ray.data.tia2 import SETS
 
         n = cfg.prompts_per_set * len(SETS)
     else:
-        from tn_ray.training.config import resolve_prompts
 
         if hasattr(cfg, "pools"):
-            from tn_ray.prompts.contrast import load_contrast
 
             n = len(load_contrast(cfg.contrast, tia2_dir=cfg.tia2_dir))
         else:

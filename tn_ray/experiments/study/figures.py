@@ -25,8 +25,11 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from tn_ray.analysis.report_html import markdown_to_html
 from tn_ray.errors import InputError
 from tn_ray.experiments.study.run_tables import bestofn_tables, cell_tables
+from tn_ray.storage import Store, join_uri, read_any
+from tn_ray.training.checkpoint import step_name
 
 FIGURES = "figures"
 MAX_COLUMNS = 8  # evaluation images per fine-tuning figure
@@ -59,7 +62,6 @@ def _bestofn_grid(grid: Any, run: Any, ns: Sequence[int], pid: int, title: str, 
     """One prompt's Fig. 4: ``at`` = the run's picks by (prompt_id, reward row, n), ``image`` = its image paths by
     (prompt_id, sample)."""
     from tn_ray.analysis.image_grids import prompt_grid
-    from tn_ray.storage import join_uri, read_any
 
     def image_of(row: str, n: int) -> bytes:
         path = str(image.get((pid, int(at.loc[(pid, row, n), "sample"]))))
@@ -82,7 +84,6 @@ def _bestofn_grid(grid: Any, run: Any, ns: Sequence[int], pid: int, title: str, 
 
 def bestofn_figures(grid: Any, ran: Sequence[Any], store: Any) -> tuple[list[str], list[str]]:
     """Fig. 4 of each best-of-n entry (see the module doc): (markdown lines, files written)."""
-    from tn_ray.storage import Store
 
     lines: list[str] = []
     files: list[str] = []
@@ -117,7 +118,6 @@ def bestofn_figures(grid: Any, ran: Sequence[Any], store: Any) -> tuple[list[str
 
 
 def _step_folder(step: int) -> str:
-    from tn_ray.training.checkpoint import step_name
 
     return "eval/base" if step == 0 else f"eval/{step_name(step)}"
 
@@ -125,7 +125,6 @@ def _step_folder(step: int) -> str:
 def _cell_reader(key: Any, step: int) -> Callable[[int, int], bytes]:
     """(prompt_id, eval seed) -> the cell's evaluation image at ``step``; an :class:`InputError` naming the folder
     when it holds no image at all (or the one image asked for is missing)."""
-    from tn_ray.storage import Store
 
     store, folder = Store(key.out), _step_folder(step)
     what = "the base model" if step == 0 else f"the selected step {step} (selection.json's paper_rule_step)"
@@ -155,7 +154,6 @@ def _truths(images: Any, step: int) -> dict[tuple[int, int], float]:
 def finetune_figures(grid: Any, finished: Sequence[Any], store: Any) -> tuple[list[str], list[str]]:
     """Fig. 5 of each fine-tuning (method, kl) (see the module doc): (markdown lines, files written)."""
     from tn_ray.analysis.image_grids import prompt_grid
-    from tn_ray.storage import Store
 
     lines: list[str] = []
     files: list[str] = []
@@ -233,7 +231,6 @@ def write_figures(
     """The report's "Figures" section (markdown: ``plots``, the report's own PNGs, then the image grids) and the
     files it wrote under ``<out>/figures/``. ``finished`` / ``ran``: the finished fine-tuning cells and best-of-n
     runs (their tables read by :mod:`tn_ray.experiments.study.run_tables`)."""
-    from tn_ray.storage import Store
 
     store = Store(grid.out)
     lines = ["## Figures", ""]
@@ -246,8 +243,6 @@ def write_figures(
 
 def write_html(grid: Any, markdown_text: str) -> str:
     """report.html beside report.md: ``markdown_text`` rendered (tables, figures inline by relative path)."""
-    from tn_ray.analysis.report_html import markdown_to_html
-    from tn_ray.storage import Store
 
     Store(grid.out).write_text("report.html", markdown_to_html(markdown_text, f"study report: {grid.out}"))
     return "report.html"

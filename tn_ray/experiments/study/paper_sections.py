@@ -8,6 +8,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from tn_ray.analysis import efficiency as ef
+from tn_ray.analysis import winloss as wl
+from tn_ray.analysis.efficiency import bestofn_work
 from tn_ray.errors import TnRayError
 from tn_ray.experiments.study.cell_keys import CellKey
 from tn_ray.experiments.study.config import StudyConfig, config_class
@@ -15,6 +18,11 @@ from tn_ray.experiments.study.cost import count_prompts, counts, estimate
 from tn_ray.experiments.study.plan import Cell, plan
 from tn_ray.experiments.study.run_tables import bestofn_tables, json_records
 from tn_ray.experiments.study.state import read_done
+from tn_ray.labeling.store import open_answers
+from tn_ray.labeling.tally import outcomes
+from tn_ray.labeling.tasks import load_comparison
+from tn_ray.storage import Store
+from tn_ray.training.evaluation import read_scores
 
 
 def _run_config(grid: StudyConfig, key: CellKey, planned: dict) -> Any:
@@ -40,7 +48,6 @@ def _cost_row(
     """One cell's counted work for :func:`tn_ray.analysis.efficiency.table` (a fine-tuning cell, or a best-of-n
     run's (reward, n) cell alone: n samples per prompt, scored by the row's models and the truth); only its keys
     when its config is not at hand or its prompts cannot be counted (``configs[run id]`` is then None)."""
-    from tn_ray.analysis.efficiency import bestofn_work
 
     row = {"kind": kind, "method": key.method, "reward": reward, "kl": kl, "n": n, "seed": key.seed}
     if key.id not in configs:
@@ -79,9 +86,6 @@ def _human_outcomes(keys: list[CellKey]) -> tuple[Any, list[str]]:
 
     import pandas as pd
 
-    from tn_ray.labeling.store import open_answers
-    from tn_ray.labeling.tally import outcomes
-    from tn_ray.labeling.tasks import load_comparison
 
     frames, problems = [], []
     for key in keys:
@@ -110,10 +114,6 @@ def paper_sections(grid: StudyConfig, finished: list[CellKey], ran: list[CellKey
     (:mod:`tn_ray.analysis.efficiency`). Returns (markdown, {file name: CSV text}, report.json records)."""
     import pandas as pd
 
-    from tn_ray.analysis import efficiency as ef
-    from tn_ray.analysis import winloss as wl
-    from tn_ray.storage import Store
-    from tn_ray.training.evaluation import read_scores
 
     r = grid.report
     boot = (r.confidence, r.resamples, r.seed)

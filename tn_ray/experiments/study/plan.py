@@ -10,9 +10,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tn_ray.config import ConfigError, apply_overrides
+from tn_ray.config import ConfigError, apply_overrides, read_yaml
 from tn_ray.experiments.study.cell_keys import CellKey, bestofn_cells, bestofn_runs, grid_cells
 from tn_ray.experiments.study.config import StudyConfig, config_class, one_line_error
+from tn_ray.storage import join_uri
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,6 @@ class Cell:
 
 
 def _read_bases(grid: StudyConfig, source: str) -> dict[str, dict]:
-    from tn_ray.config import read_yaml
 
     bases = {}
     for name, entry in grid.methods.items():
@@ -81,7 +81,6 @@ def _plan_bestofn(grid: StudyConfig, run: CellKey, base: dict, source: str) -> C
             f"{source}: methods.{run.method}.n: n = {max(entry.n)} is larger than the samples per prompt "
             f"(generation.samples_per_prompt = {samples} in {entry.config} with the entry's overrides)"
         )
-    from tn_ray.storage import join_uri
 
     raw.update(_selection_rewards(grid, source))
     raw.update(
@@ -129,7 +128,6 @@ def _share_rwr_generation(grid: StudyConfig, key: CellKey, raw: dict, cfg: Any, 
     images on disk and refuses a folder made with other parameters), and the content-addressed reward cache scores
     each image once per model and text. The folder name is a function of the config, so provenance and
     ``--resume`` see the same path."""
-    from tn_ray.storage import join_uri
 
     updates = {}
     if cfg.generation.out is None:
@@ -149,7 +147,6 @@ def plan(grid: StudyConfig, source: str = "grid") -> list[Cell]:
     reward row the method's prompts cannot serve, an n larger than the samples, a bad override)."""
     import copy
 
-    from tn_ray.storage import join_uri
 
     bases = _read_bases(grid, source)
     cells = [_plan_bestofn(grid, run, bases[run.method], source) for run in bestofn_runs(grid)]

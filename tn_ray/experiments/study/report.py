@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tn_ray.analysis import finetune_report as fr
+from tn_ray.analysis import study_report as sr
 from tn_ray.errors import InputError
 from tn_ray.experiments.study.cell_keys import bestofn_runs, grid_cells
 from tn_ray.experiments.study.config import StudyConfig
@@ -13,6 +15,7 @@ from tn_ray.experiments.study.figures import write_figures, write_html
 from tn_ray.experiments.study.paper_sections import paper_sections
 from tn_ray.experiments.study.run_tables import bestofn_tables, cell_tables, json_records
 from tn_ray.experiments.study.state import DONE, read_done
+from tn_ray.storage import Store
 
 
 def write_report(grid: StudyConfig) -> dict[str, str]:
@@ -26,9 +29,6 @@ def write_report(grid: StudyConfig) -> dict[str, str]:
     (report.md rendered, figures inline)."""
     import pandas as pd
 
-    from tn_ray.analysis import finetune_report as fr
-    from tn_ray.analysis import study_report as sr
-    from tn_ray.storage import Store
 
     store = Store(grid.out)
     keys, runs = grid_cells(grid), bestofn_runs(grid)

@@ -7,9 +7,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tn_ray.analysis.finetune_report import cell_images
+from tn_ray.analysis.study_report import picked
 from tn_ray.errors import InputError
 from tn_ray.experiments.study.cell_keys import CellKey
 from tn_ray.experiments.study.config import StudyConfig
+from tn_ray.storage import Store
+from tn_ray.training.evaluation import read_scores
 
 
 def cell_tables(key: CellKey) -> tuple[Any, int]:
@@ -17,9 +21,6 @@ def cell_tables(key: CellKey) -> tuple[Any, int]:
     paper rule selected); reads ``eval/``, ``eval/path_kl/`` (if any) and ``selection.json``."""
     import pandas as pd
 
-    from tn_ray.analysis.finetune_report import cell_images
-    from tn_ray.storage import Store
-    from tn_ray.training.evaluation import read_scores
 
     store = Store(key.out)
     scores, base = read_scores(key.out)
@@ -40,8 +41,6 @@ def cell_tables(key: CellKey) -> tuple[Any, int]:
 def bestofn_tables(grid: StudyConfig, run: CellKey) -> Any:
     """:func:`tn_ray.analysis.study_report.picked` of a finished best-of-n run, with ``method`` and ``seed``;
     reads its ``rewards.parquet`` and ``selections.parquet``."""
-    from tn_ray.analysis.study_report import picked
-    from tn_ray.storage import Store
 
     store = Store(run.out)
     if not (store.exists("rewards.parquet") and store.exists("selections.parquet")):

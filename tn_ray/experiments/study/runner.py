@@ -9,20 +9,23 @@ import time
 from typing import Any
 
 from tn_ray.config import ConfigError
+from tn_ray.diffusion.pipelines import check_scheduler, check_source
 from tn_ray.errors import InputError, TnRayError
 from tn_ray.experiments.study.config import METHODS, StudyConfig, load_target
 from tn_ray.experiments.study.dry_run import describe
 from tn_ray.experiments.study.plan import Cell, plan
 from tn_ray.experiments.study.report import write_report
 from tn_ray.experiments.study.state import DONE, changed, read_done, status
+from tn_ray.experiments.world import ensure_models
+from tn_ray.prompts.contrast import generates, load_contrast, sets_for
+from tn_ray.rewards.availability import check_weights
+from tn_ray.storage import Store, read_any
+from tn_ray.training.preflight import check_run
 
 
 def _preflight_bestofn(cfg: Any) -> None:
     """What ``tn-ray bestofn`` checks before Ray starts: prompts and contrastive sets, pipeline, weights."""
-    from tn_ray.diffusion.pipelines import check_scheduler, check_source
     from tn_ray.experiments.bestofn import resolve_prompts
-    from tn_ray.prompts.contrast import generates, load_contrast, sets_for
-    from tn_ray.rewards.availability import check_weights
 
     contrast = (
         sets_for(cfg.contrast, cfg.prompts)
@@ -39,9 +42,7 @@ def _preflight_bestofn(cfg: Any) -> None:
 def preflight(cells: list[Cell]) -> None:
     """Each unfinished run's preflight (pipeline and reward weights found, prompts and contrastive sets), and
     the world proxies trained here once (before Ray actors load them); an error names the run."""
-    from tn_ray.experiments.world import ensure_models
     from tn_ray.training.config import resolve_prompts
-    from tn_ray.training.preflight import check_run
 
     models = []
     for cell in cells:
@@ -60,7 +61,6 @@ def preflight(cells: list[Cell]) -> None:
 
 def run_cell(cell: Cell, allow_provenance_change: bool = False) -> dict[str, Any]:
     """The run of the cell's method (resuming from its folder), then its ``done.json``; returns the record."""
-    from tn_ray.storage import Store
 
     start = time.time()
     paths = load_target(METHODS[cell.key.kind][1])(cell.config, allow_provenance_change=allow_provenance_change)
@@ -94,7 +94,6 @@ def run(
     (``cell 3/48 rwr-textnorm-kl1-s0: ...``) go to ``echo`` (default: printed). Returns the report's paths."""
     import yaml
 
-    from tn_ray.storage import Store
 
     echo = echo or (lambda line: print(line, flush=True))
     cells = plan(grid, source)
@@ -168,7 +167,6 @@ def _selected(done: dict) -> str:
     path = done["paths"].get("selection")
     if not path:
         return "no checkpoint evaluated"
-    from tn_ray.storage import read_any
 
     sel = json.loads(read_any(path))
     return f"the paper's rule selects step {sel['paper_rule_step']} ({sel['training_reward']['column']})"

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 
 from tn_ray.experiments.study.plan import Cell
+from tn_ray.provenance import differences
+from tn_ray.storage import Store
 
 DONE = "done.json"
 
 
 def read_done(out: str) -> dict | None:
-    from tn_ray.storage import Store
 
     store = Store(out)
     return json.loads(store.read_text(DONE)) if store.exists(DONE) else None
@@ -20,7 +21,6 @@ def read_done(out: str) -> dict | None:
 def status(cell: Cell) -> str:
     """``done`` (its run returned: done.json), ``partial`` (a run started: checkpoints, provenance.json or a
     best-of-n generation) or ``new``."""
-    from tn_ray.storage import Store
 
     store = Store(cell.key.out)
     if store.exists(DONE):
@@ -31,6 +31,5 @@ def status(cell: Cell) -> str:
 
 def changed(cell: Cell, done: dict) -> list[str]:
     """How the config a finished cell ran under differs from the grid's now (provenance's comparison)."""
-    from tn_ray.provenance import differences
 
     return differences({"config": done.get("config", {})}, {"config": cell.config.model_dump(mode="json")})

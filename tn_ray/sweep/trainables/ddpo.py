@@ -29,6 +29,8 @@ from tn_ray.sweep.trainables.finetune import (
     trial_config,
     tune_callbacks,
 )
+from tn_ray.training.config import resolve_prompts
+from tn_ray.training.ddpo import run_method
 
 # swept parameter -> DDPOConfig key
 KEYS = {
@@ -53,7 +55,6 @@ def prepare_method(options: FineTuneSweepOptions, config_class: type, method: ty
                    name: str) -> MethodSweepData:
     """The sweep's data for a method on DDPO's driver: the base config (a missing prompts file fails before any
     trial starts), its class, the method and the parameters' keys; ``name`` prefixes the resume fingerprint."""
-    from tn_ray.training.config import resolve_prompts
 
     cfg = base_config(options, config_class)
     resolve_prompts(cfg)
@@ -69,7 +70,6 @@ def prepare(options: FineTuneSweepOptions, sweep=None) -> MethodSweepData:
 
 def train(config: dict[str, Any], data: MethodSweepData) -> None:
     """The Tune function: reward actors, a TorchTrainer whose reports reach Tune, reports written when done."""
-    from tn_ray.training.ddpo import run_method
 
     run_method(trial_config(config, data), data.method, callbacks=tune_callbacks())
 

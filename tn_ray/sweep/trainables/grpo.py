@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tn_ray.diffusion.flow_sde import check_noise_level
 from tn_ray.sweep.trainable import SweepTrainable
 from tn_ray.sweep.trainables.ddpo import MethodSweepData, check_number, prepare_method, train
 from tn_ray.sweep.trainables.finetune import FineTuneSweepOptions
@@ -38,7 +39,6 @@ def prepare(options: FineTuneSweepOptions, sweep=None) -> MethodSweepData:
 def check_param(options: FineTuneSweepOptions, name: str, value: Any) -> str | None:
     error = check_number(name, value, PARAMS, non_negative=("beta", "lam"), positive=("lr", "clip_range", "tau"))
     if error is None and name == "noise_level":
-        from tn_ray.diffusion.flow_sde import check_noise_level
 
         try:
             check_noise_level(value)

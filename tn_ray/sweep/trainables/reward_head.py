@@ -14,6 +14,9 @@ from typing import Any
 from pydantic import Field
 
 from tn_ray.config import StrictModel, load_config
+from tn_ray.reward_learning import data, features, train
+from tn_ray.reward_learning.config import RewardTrainConfig
+from tn_ray.reward_learning.pipeline import build_arrays
 from tn_ray.reward_learning.train import epochs
 from tn_ray.storage import join_uri
 from tn_ray.sweep.trainable import SweepTrainable
@@ -39,9 +42,6 @@ class HeadData:
 
 def prepare(options: RewardHeadOptions, sweep=None) -> HeadData:
     from tn_ray.cluster import init_ray
-    from tn_ray.reward_learning import data, features, train
-    from tn_ray.reward_learning.config import RewardTrainConfig
-    from tn_ray.reward_learning.pipeline import build_arrays
 
     cfg = load_config(options.config, RewardTrainConfig, options.overrides)
     frame = data.load(cfg.data)

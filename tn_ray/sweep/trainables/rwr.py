@@ -26,7 +26,11 @@ from tn_ray.sweep.trainables.finetune import (
     trial_config,
     tune_callbacks,
 )
-from tn_ray.training.sample_weights import reward_weights
+from tn_ray.training.config import resolve_prompts
+from tn_ray.training.outputs import write_outputs
+from tn_ray.training.preflight import check_run
+from tn_ray.training.rwr import RwrConfig, RwrMethod, load_pretrain, prepare_data
+from tn_ray.training.sample_weights import WEIGHTINGS, reward_weights
 
 # swept parameter -> RwrConfig key
 KEYS = {"beta": "beta", "lr": "optimizer.lr", "weighting": "weighting", "temperature": "temperature",
@@ -43,9 +47,6 @@ class RwrSweepData(FineTuneSweepData):
 
 def prepare(options: FineTuneSweepOptions, sweep=None) -> RwrSweepData:
     from tn_ray.cluster import init_ray
-    from tn_ray.training.config import resolve_prompts
-    from tn_ray.training.preflight import check_run
-    from tn_ray.training.rwr import RwrConfig, load_pretrain, prepare_data
 
     cfg = base_config(options, RwrConfig)
     prompts = resolve_prompts(cfg)
@@ -60,8 +61,6 @@ def prepare(options: FineTuneSweepOptions, sweep=None) -> RwrSweepData:
 def train(config: dict[str, Any], data: RwrSweepData) -> None:
     """The Tune function: a TorchTrainer whose reports reach Tune; reports written when done."""
     from tn_ray.training.loop import fit
-    from tn_ray.training.outputs import write_outputs
-    from tn_ray.training.rwr import RwrMethod
 
     cfg = trial_config(config, data)
     examples = data.examples.copy()
@@ -75,7 +74,6 @@ def check_param(options: FineTuneSweepOptions, name: str, value: Any) -> str | N
     if name not in PARAMS:
         return f"unknown parameter '{name}'; expected one of {list(PARAMS)}"
     if name == "weighting":
-        from tn_ray.training.sample_weights import WEIGHTINGS
 
         return None if value in WEIGHTINGS else f"weighting must be one of {list(WEIGHTINGS)}, got {value!r}"
     if name == "lora_rank":
