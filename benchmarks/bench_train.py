@@ -38,7 +38,9 @@ GRPO (the ``tiny-sd3`` flow-matching pipeline, 32 px; see :func:`grpo_sampling`,
   (:func:`grpo_peak_memory_child`; tracemalloc would not see torch's tensor allocations); next to
   ``grpo_transformer_mb``, what a second transformer for the reference would add (aim <= 1.05);
 - ``grpo_async_reward_idle_fraction``: share of a GRPO epoch's wall time the trainer waits in
-  ``collect_rewards`` for rewards scored on 2 reward actors while it sampled (aim <= 0.1).
+  ``collect_rewards`` for rewards scored on 2 reward actors while it sampled (aim <= 0.1), on the world's flow
+  generator against the world's proxy reward (sampling costs more than scoring, as at real size);
+  ``..._tiny_vitb32``: the same on the 0.1 MB tiny transformer against a ViT-B/32-sized CLIP (a stress case).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_train.py [--repeats 5] [--steps 4] [--part all|rwr|ddpo|grpo]
 """
@@ -318,16 +320,17 @@ GRPO_BETA = 0.04  # Flow-GRPO's GenEval / OCR weight
 
 
 def grpo_config(folder: Path, beta: float, reward: str = "brightness", sample: dict | None = None,
-                train: dict | None = None, **extra):
-    """A GRPOConfig on ``tiny-sd3`` (32 px, LoRA rank 4, no evaluation) with ``train.beta = beta``."""
+                train: dict | None = None, pipeline: str = "tiny-sd3", prompts: list[str] | None = None, **extra):
+    """A GRPOConfig on ``pipeline`` (default ``tiny-sd3``; 32 px, LoRA rank 4, no evaluation) with
+    ``train.beta = beta``."""
     from tn_ray.training.grpo import GRPOConfig
 
     return GRPOConfig.model_validate(
         dict(
-            out=str(folder / f"grpo-{beta}"),
-            prompts=GRPO_PROMPTS,
+            out=str(folder / f"grpo-{pipeline}-{beta}"),
+            prompts=prompts or GRPO_PROMPTS,
             max_steps=1000,
-            policy={"pipeline": "tiny-sd3", "lora": {"rank": 4}},
+            policy={"pipeline": pipeline, "lora": {"rank": 4}},
             reward={"models": [reward], "use": reward},
             optimizer={"lr": 1e-2},
             sample={"num_steps": 4, "group_size": 4, "prompts_per_batch": 2, "num_batches_per_epoch": 1,
@@ -520,33 +523,50 @@ def grpo_peak_memory(steps: int, folder: Path) -> dict[str, float]:
     }
 
 
-def grpo_epochs(folder: Path, epochs: int = 3, reward: str = "clip:ViT-B-32/random") -> dict[str, float]:
-    """Tiny GRPO epochs (tiny-sd3, 32 px: 8 sampling calls of one prompt x a group of 4 = 32 samples, 10 SDE
-    steps, 5 trained (timestep fraction 0.5), minibatches of 16, beta 0.04, one update) with 2 reward actors of
-    a ViT-B/32-shaped CLIP (random weights), as DDPO's (:func:`ddpo_epochs`):
+# the async-reward benchmark's pairs: (pipeline, reward, prompts, key suffix)
+GRPO_PAIRS = {
+    # the world's flow generator (a 32 px SD3Transformer2DModel, 11 MB) against the world's proxy reward: a generator
+    # and a reward of the proportions of real runs, where sampling costs far more than scoring (SD 3.5 Medium:
+    # 2 x 10 passes of a 2.2 B transformer per image; PickScore: one ViT-H/14 image pass)
+    "world": ("world-flow", "worldclip", ["a photo of three green circles", "a photo of a blue square"], ""),
+    # a stress case: the 0.1 MB tiny transformer against a ViT-B/32-sized CLIP (random weights), a reward far
+    # heavier than the generator, which no asynchrony can hide on 2 shared cores
+    "tiny_vitb32": ("tiny-sd3", "clip:ViT-B-32/random", None, "_tiny_vitb32"),
+}
 
-    - ``grpo_async_reward_idle_fraction``: share of an epoch's wall time the trainer waits in
+
+def grpo_epochs(folder: Path, pair: str = "world", epochs: int = 3) -> dict[str, float]:
+    """GRPO epochs of one of :data:`GRPO_PAIRS` (32 px: 8 sampling calls of one prompt x a group of 4 = 32
+    samples, 10 SDE steps, 5 trained (timestep fraction 0.5), minibatches of 16, beta 0.04, one update) with 2
+    reward actors, as DDPO's (:func:`ddpo_epochs`):
+
+    - ``grpo_async_reward_idle_fraction[suffix]``: share of an epoch's wall time the trainer waits in
       ``collect_rewards`` after sampling (``GRPO.step``'s ``reward_idle_fraction``; medians over the epochs
       after a warm-up epoch that loads the actors);
-    - ``grpo_epoch_seconds_tiny``: one epoch's wall time (sampling, rewards, advantages, training).
+    - ``grpo_epoch_seconds[suffix]``: one epoch's wall time (sampling, rewards, advantages, training), with
+      ``grpo_sample_s`` / ``grpo_reward_wait_s`` its sampling and waiting parts.
     """
     import numpy as np
 
     from tn_ray.training.grpo import GRPO
 
+    pipeline, reward, prompts, suffix = GRPO_PAIRS[pair]
     cfg = grpo_config(
-        folder, GRPO_BETA, reward,
-        sample={"num_steps": 10, "group_size": 4, "prompts_per_batch": 1, "num_batches_per_epoch": 8},
+        folder, GRPO_BETA, reward, pipeline=pipeline, prompts=prompts,
+        sample={"num_steps": 10, "group_size": 4, "prompts_per_batch": 1, "num_batches_per_epoch": 8,
+                **({"guidance_scale": 3.0} if pipeline == "world-flow" else {})},
         train={"batch_size": 16, "timestep_fraction": 0.5},
-        scoring={"cpus_per_actor": 0.25, "num_actors": 2},
+        scoring={"cpus_per_actor": 0.25, "num_actors": 2, "keep_warm": False},
     )
     rows, pool, _ = method_epochs(GRPO, cfg, reward, epochs)
     pool.shutdown()
+    med = {k: float(np.median([r[k] for r in rows])) for k in ("reward_idle_fraction", "reward_wait_s", "sample_s",
+                                                                "epoch_s")}
     return {
-        "grpo_async_reward_idle_fraction": float(np.median([r["reward_idle_fraction"] for r in rows])),
-        "grpo_reward_wait_s": float(np.median([r["reward_wait_s"] for r in rows])),
-        "grpo_sample_s": float(np.median([r["sample_s"] for r in rows])),
-        "grpo_epoch_seconds_tiny": float(np.median([r["epoch_s"] for r in rows])),
+        f"grpo_async_reward_idle_fraction{suffix}": med["reward_idle_fraction"],
+        f"grpo_reward_wait_s{suffix}": med["reward_wait_s"],
+        f"grpo_sample_s{suffix}": med["sample_s"],
+        f"grpo_epoch_seconds{suffix}": med["epoch_s"],
     }
 
 
@@ -585,7 +605,8 @@ def main() -> None:
             result.update(grpo_sampling(3 * args.repeats))  # a round takes < 1 s here: more rounds, a steadier median
             result.update(grpo_step_timing(args.repeats, args.steps, folder))
             result.update(grpo_peak_memory(args.steps, folder))
-            result.update(grpo_epochs(folder))
+            result.update(grpo_epochs(folder, "world"))
+            result.update(grpo_epochs(folder, "tiny_vitb32"))
     for k, v in result.items():
         print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
