@@ -84,3 +84,19 @@ def test_pipeline_scores_arrays_and_warns_nothing_of_ours(ray_session, tmp_path)
     ref = np.stack(build("clip:tiny").score_rows([Image.fromarray(a) for a in ims], list(req["texts"])))
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
     assert distributed.score_into_cache(req, "clip:tiny", cache) == 0
+
+
+def test_workers_of_a_local_cluster_ask_their_own_cluster_for_ray_state(ray_session):
+    """Ray Train's placement-group cleaner asks Ray's state API every second whether the run's controller lives.
+    With no address, the state API auto-detects "the" Ray instance of the machine; with another instance (with a
+    dashboard) beside ours, it would find no controller of ours there and remove our training's placement group.
+    init_ray gives every worker of a local cluster its own GCS address (RAY_ADDRESS), and leaves the driver's
+    environment as it was."""
+    import os
+
+    @ray_session.remote(num_cpus=0)
+    def address() -> str | None:
+        return os.environ.get("RAY_ADDRESS")
+
+    assert ray_session.get(address.remote()) == ray_session.get_runtime_context().gcs_address
+    assert "RAY_GCS_SERVER_PORT" not in os.environ
