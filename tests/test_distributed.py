@@ -1,4 +1,5 @@
 """Ray wiring: long-lived reward actors, actor sizing, and the Data pipeline's API use."""
+import os
 import warnings
 
 import numpy as np
@@ -86,17 +87,43 @@ def test_pipeline_scores_arrays_and_warns_nothing_of_ours(ray_session, tmp_path)
     assert distributed.score_into_cache(req, "clip:tiny", cache) == 0
 
 
-def test_workers_of_a_local_cluster_ask_their_own_cluster_for_ray_state(ray_session):
+def test_a_training_run_survives_another_ray_instance_with_a_dashboard_on_the_machine(ray_session, tmp_path):
     """Ray Train's placement-group cleaner asks Ray's state API every second whether the run's controller lives.
-    With no address, the state API auto-detects "the" Ray instance of the machine; with another instance (with a
-    dashboard) beside ours, it would find no controller of ours there and remove our training's placement group.
-    init_ray gives every worker of a local cluster its own GCS address (RAY_ADDRESS), and leaves the driver's
-    environment as it was."""
-    import os
+    Our local Ray has no dashboard; the state API would then find another instance's dashboard on this machine
+    (localhost:8265), see no controller of ours there and remove our run's placement group: the run dies with
+    "Destroying worker since its placement group was removed" (measured without init_ray's fix: the same run
+    beside the same instance died). init_ray tells the workers there is no state API server (one setting)."""
+    import subprocess
+    import sys
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from tn_ray.cluster import NO_STATE_API
 
     @ray_session.remote(num_cpus=0)
-    def address() -> str | None:
-        return os.environ.get("RAY_ADDRESS")
+    def api_server() -> str | None:
+        return os.environ.get("RAY_API_SERVER_ADDRESS")
 
-    assert ray_session.get(address.remote()) == ray_session.get_runtime_context().gcs_address
-    assert "RAY_GCS_SERVER_PORT" not in os.environ
+    assert ray_session.get(api_server.remote()) == NO_STATE_API
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ  # the driver's own environment is left as it was
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import ray, time; ray.init(address='local', num_cpus=1, include_dashboard=True); "
+         "print('up', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert other.stdout.readline().strip() == "up"
+
+        def loop(config):
+            import time
+
+            import ray.train
+
+            time.sleep(8)  # eight rounds of the cleaner's check
+            ray.train.report({"done": 1})
+
+        result = TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1),  # fit raises if a worker died
+                              run_config=RunConfig(storage_path=str(tmp_path), name="beside")).fit()
+        assert result.error is None
+    finally:
+        other.kill()
+        other.wait()

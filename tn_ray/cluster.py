@@ -27,21 +27,9 @@ def _quiet_local_workers() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
-GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
-
-
-def _node_ip() -> str:
-    from ray.util import get_node_ip_address
-
-    return get_node_ip_address()
+# where a local Ray's workers are told its state API server is: nowhere (port 1 refuses at once), as a local
+# Ray starts no dashboard
+NO_STATE_API = "http://127.0.0.1:1"
 
 
 def init_ray(cfg: RayConfig | None = None) -> None:
@@ -55,28 +43,18 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     # address None -> "local": a new local Ray even when another one runs on this machine
     # (plain None makes ray.init join the latest cluster listed in /tmp/ray)
     runtime_env: dict[str, Any] = {"env_vars": env} if env else {}
-    gcs_port = None
     if cfg.address is None:
         runtime_env["worker_process_setup_hook"] = _quiet_local_workers
-        # the workers' own cluster for Ray's state API: without it, a worker asking it (Ray Train's
-        # placement-group cleaner, every second) auto-detects "the" Ray instance of the machine, and when
-        # another instance with a dashboard runs beside this one (another run, a test cluster) the cleaner
-        # finds no controller of ours there, takes ours for dead and removes our training's placement group
-        gcs_port = _free_port()
-        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}),
-                                   "RAY_ADDRESS": f"{_node_ip()}:{gcs_port}"}
+        # a local Ray has no dashboard, so no state API: say so to its workers. Otherwise a worker asking
+        # the state API (Ray Train's placement-group cleaner, every second: is the run's controller alive?)
+        # finds the dashboard of another Ray instance on this machine (localhost:8265: another run, a test
+        # cluster), sees no controller of ours there, takes ours for dead and removes our run's placement group
+        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "RAY_API_SERVER_ADDRESS": NO_STATE_API}
     kwargs: dict[str, Any] = dict(address=cfg.address or "local", runtime_env=runtime_env or None,
                                   log_to_driver=True, include_dashboard=False if cfg.address is None else None)
     if cfg.address is None:
         kwargs.update(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
-    previous = os.environ.get(GCS_PORT_ENV)
-    if gcs_port is not None:
-        os.environ[GCS_PORT_ENV] = str(gcs_port)  # Ray's own knob for a new head's GCS port
-    try:
-        ray.init(**{k: v for k, v in kwargs.items() if v is not None})
-    finally:
-        if gcs_port is not None:
-            os.environ.pop(GCS_PORT_ENV) if previous is None else os.environ.__setitem__(GCS_PORT_ENV, previous)
+    ray.init(**{k: v for k, v in kwargs.items() if v is not None})
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
