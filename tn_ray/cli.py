@@ -41,7 +41,6 @@ USER_OS_ERRORS = (FileNotFoundError, PermissionError, FileExistsError, NotADirec
 
 
 def build_parser() -> argparse.ArgumentParser:
-
     parser = argparse.ArgumentParser(prog="tn-ray", description="TextNorm reward experiments on Ray")
     parser.add_argument("--version", action="version", version=f"tn-ray {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -75,7 +74,6 @@ def _remote_user_error(err: BaseException) -> BaseException | None:
     text. Its last ``module.Class: message`` line naming a :class:`TnRayError` is rebuilt."""
     import re
 
-
     if not type(err).__module__.startswith("ray."):
         return None
     found = None
@@ -100,7 +98,6 @@ def check_finite(args: argparse.Namespace) -> None:
     """Every float option given on the command line is finite: argparse's ``float`` takes 'inf' and
     'nan', which no option of tn-ray means (the config models refuse them too)."""
     import math
-
 
     for name, value in vars(args).items():
         for x in value if isinstance(value, (list, tuple)) else [value]:

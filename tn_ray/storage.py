@@ -165,7 +165,6 @@ def read_json(path_or_uri: str | os.PathLike, what: str = "file", hint: str = ""
     by ``hint`` (what to do) when given. The one JSON reader of user and run-folder files."""
     import json
 
-
     text = str(path_or_uri)
     tail = f"; {hint}" if hint else ""
     if not _is_uri(text):

@@ -49,7 +49,6 @@ def add_parser(sub) -> None:
 
 
 def _load(args):
-
     if args.manifest:
         task = load_manifest(args.manifest)
         db = args.db or Path(args.manifest).with_suffix(".answers.sqlite")

@@ -43,7 +43,6 @@ def check_sets(sets) -> list[str]:
 
 
 def default_cache() -> Path:
-
     return local_cache("tia2", REPO_COMMIT[:12])
 
 

@@ -104,7 +104,6 @@ class ScoreStage:
 
     def __init__(self, spec: str, text_batch_size: int, root: str, texts: dict[str, list[str]], score_below: int,
                  pool=None):
-
         self.worker = pool if pool is not None else RewardWorker(spec, text_batch_size)
         self.store, self.texts, self.score_below = Store(root), texts, score_below
         self.columns = score_columns(spec, max(len(t) for t in texts.values()))

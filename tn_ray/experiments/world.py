@@ -108,7 +108,6 @@ class WorldConfig(StrictModel):
 
     @model_validator(mode="after")
     def _models(self) -> WorldConfig:
-
         models = [str(parse(m)) for m in self.models]
         object.__setattr__(self, "models", models)
         ens = self.ensembles

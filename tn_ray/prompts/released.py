@@ -12,7 +12,6 @@ class ReleasedSource:
     name = "released"
 
     def __init__(self, cfg: ReleasedConfig | None = None):
-
         self.cfg = cfg or ReleasedConfig()
         root = tia2.resolve_dir(self.cfg.tia2_dir)
         self.sets: dict[str, list[str]] = {}

@@ -18,7 +18,6 @@ class WorldSource:
     name = "world"
 
     def generate(self, x0s: Sequence[str]) -> list[ContrastSet]:
-
         out = []
         for x0 in x0s:
             parsed = grammar.parse(x0)

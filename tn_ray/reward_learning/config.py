@@ -124,7 +124,6 @@ class RewardTrainConfig(StrictModel):
     @field_validator("backbone")
     @classmethod
     def _backbone(cls, value: str) -> str:
-
         spec = parse(value)
         if spec.name == "learned":
             raise ValueError("a learned reward cannot be the backbone of another head; name its backbone instead")

@@ -35,7 +35,6 @@ LEARNED, ABLATION = "learned", "learned(no aux)"
 
 
 def build_arrays(frame, feats, target: str):
-
     keys = frame[["set", "prompt", "image_id", "binary", "fine", "part"]].reset_index(drop=True)
     y = (frame["binary"] if target == "binary" else frame["fine"]).to_numpy(dtype=np.float32)
     digest = hashlib.sha1(json.dumps([list(frame["image_key"]), [list(t) for t in frame["texts"]], list(frame["part"]),

@@ -27,7 +27,6 @@ def head_matrix(head, arrays, rows: np.ndarray) -> np.ndarray:
     """(rows, 1 + max m) rewards of a head for each row's [x0, x1..xm], NaN-padded."""
     import torch
 
-
     head.eval()
     with torch.no_grad():
         r, mask = batch_rewards(head, arrays, rows)

@@ -106,7 +106,6 @@ def mean_auroc(keys: pd.DataFrame, reward: np.ndarray) -> float:
 def new_state(params: dict[str, Any], dim: int, device: str = "cpu") -> State:
     import torch
 
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(params["seed"]))
         head = RewardHead(dim, int(params["hidden"]), int(params["layers"]), float(params["dropout"])).to(device)
@@ -131,7 +130,6 @@ def fit_epoch(
 ) -> dict[str, float]:
     """One pass over the training rows; returns the epoch's metrics (validation included)."""
     import torch
-
 
     model = model if model is not None else state.head
     epoch = state.epoch + 1
@@ -267,7 +265,6 @@ def worker_loop(config: dict) -> None:
     import ray
     import ray.train
     import ray.train.torch
-
 
     arrays = config["data"]
     if type(arrays).__name__ == "ObjectRef":

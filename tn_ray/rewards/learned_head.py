@@ -91,7 +91,6 @@ def load(folder: str) -> tuple[RewardHead, dict]:
     """(head in eval mode, its meta) from a local folder or a URI."""
     from safetensors.torch import load as load_bytes
 
-
     store = Store(folder)
     if not store.exists(META) or not store.exists(WEIGHTS):
         raise InputError(f"{folder}: not a learned reward folder (needs {META} and {WEIGHTS}; `tn-ray reward train` "

@@ -49,7 +49,6 @@ def _reward_repo(spec) -> tuple[str, str] | None:
     if spec.name == "clip":
         from open_clip.pretrained import get_pretrained_cfg
 
-
         arch, pretrained = resolve(source)
         if arch.startswith("hf-hub:"):
             return arch.removeprefix("hf-hub:"), "open_clip_config.json"

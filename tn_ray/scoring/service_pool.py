@@ -31,7 +31,6 @@ class ServicePool(RewardPool):
 
     def __init__(self, spec: str, url: str, cfg: ScoringConfig | None = None, token: str | None = None,
                  connections: int = 4):
-
         self.url = url
         self.token = token if token is not None else os.environ.get(TOKEN_ENV)  # never from a config file
         self.connections = connections
@@ -77,7 +76,6 @@ class HandlePool(RewardPool):
     the front's ``rows`` method, which hands them to the model's batched deployment."""
 
     def __init__(self, spec: str, app: str, cfg: ScoringConfig | None = None):
-
         self.app = app
         super().__init__(str(parse(spec)), cfg)
 

@@ -82,12 +82,15 @@ class WarmActorCache:
             entry["loans"] = max(0, entry["loans"] - 1)
         self._evict()
 
-    def _evict(self) -> None:
+    def _evict(self, limit: int | None = None) -> None:
+        """Kill idle keys, least recently borrowed first, until at most ``limit`` (default ``max_actors``)
+        actors are kept or only keys on loan are left."""
         import ray
 
+        limit = self.max_actors if limit is None else limit
         total = sum(len(e["actors"]) for e in self.entries.values())
         for k in list(self.entries):
-            if total <= self.max_actors:
+            if total <= limit:
                 break
             entry = self.entries[k]
             if entry["loans"] == 0:
@@ -98,10 +101,8 @@ class WarmActorCache:
 
     def clear(self) -> int:
         """Kill every actor with no loan out; returns how many."""
-        limit, self.max_actors = self.max_actors, 0
         before = sum(len(e["actors"]) for e in self.entries.values())
-        self._evict()
-        self.max_actors = limit
+        self._evict(limit=0)
         return before - sum(len(e["actors"]) for e in self.entries.values())
 
     def state(self) -> dict[str, Any]:

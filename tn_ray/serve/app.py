@@ -56,7 +56,6 @@ class RewardReplica:
     """
 
     def __init__(self, spec: str, replica: dict[str, Any]):
-
         rc = ReplicaConfig.model_validate(replica)
         self.spec = spec
         self.max_images = rc.max_batch_size
@@ -125,7 +124,6 @@ class RewardFront:
     """The HTTP front: access rule, request checks, fan-out to the model deployments, reward columns."""
 
     def __init__(self, cfg: dict[str, Any], token: str | None, handles: Mapping[str, Any]):
-
         self.cfg = ServeConfig.model_validate(cfg)
         self.token = token
         self.handles = dict(handles)
@@ -235,7 +233,6 @@ class RewardFront:
         return await self.handles[model].score.remote(list(images), [list(t) for t in texts_per_image])
 
     def _parse_rows(self, body: bytes) -> tuple[str, list[np.ndarray], list[list[str]]]:
-
         cfg = self.cfg
         data = parse_json(body, cfg.limits)
         unknown = sorted(set(data) - {"model", "images", "texts"})

@@ -192,7 +192,6 @@ class ServeConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:
-
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile and ssl_keyfile go together: give both or neither")
         for key in ("ssl_certfile", "ssl_keyfile"):

@@ -417,7 +417,6 @@ class RewardConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> RewardConfig:
-
         models = [str(parse(m)) for m in self.models]
         object.__setattr__(self, "models", models)
         object.__setattr__(self, "ensembles", check_ensembles(self.ensembles, models))

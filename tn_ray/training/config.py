@@ -40,7 +40,6 @@ def resolve_prompts(cfg: FineTuneConfig) -> list[str]:
     method has one). :class:`InputError` for a missing prompts file or no prompt at all."""
     from pathlib import Path
 
-
     prompts = list(getattr(cfg, "prompts", None) or [])
     prompts_file = getattr(cfg, "prompts_file", None)
     if prompts_file:
@@ -212,7 +211,6 @@ class EvalBlock(StrictModel):
     @field_validator("kl_noise_level")
     @classmethod
     def _kl_noise_level(cls, a: float) -> float:
-
         return check_noise_level(a)
 
 

@@ -211,7 +211,6 @@ class DDPOConfig(FineTuneConfig):
 
     @model_validator(mode="after")
     def _ddpo(self) -> DDPOConfig:
-
         check_policy_kind(self.policy.pipeline, flow=False, method="ddpo")
         require_prompts(bool(self.prompts or self.prompts_file), self.reward)
         per_worker = self.sample.batch_size * self.sample.num_batches_per_epoch
@@ -264,7 +263,6 @@ class DDPO(Method):
     name = "ddpo"
 
     def __init__(self, cfg: DDPOConfig, policy, optim, ctx, data: DDPOData):
-
         super().__init__(cfg, policy, optim, ctx, data)
         use_ddim(policy.pipe)
         policy.pipe.set_progress_bar_config(disable=True)
@@ -326,7 +324,6 @@ class DDPO(Method):
         return to_epsilon(self.policy.pipe.scheduler, out, timesteps, latents)
 
     def train_epoch(self, step: int, chains, advantages: torch.Tensor) -> dict[str, float]:
-
         cfg, tr = self.cfg, self.cfg.train
         policy, unet = self.policy, self.policy.train_unet
         sched = policy.pipe.scheduler
@@ -391,7 +388,6 @@ class DDPO(Method):
 
     # --- one epoch ------------------------------------------------------------------------
     def step(self, step: int) -> dict[str, float]:
-
         t0 = time.perf_counter()
         chains, prompt_ids, rewards, sample_s, wait_s = self.sample_epoch(step)
         adv = shared_advantages(prompt_ids, rewards, self.stat_tracker, self.cfg.train.adv_clip_max)
@@ -446,7 +442,6 @@ def record_samples(cfg: FineTuneConfig, rank: int, prompts: Sequence[str], step:
     """``samples/epoch-<step>-rank-<rank>.parquet``: prompt id, prompt, reward, advantage of every sample."""
     import pandas as pd
     import pyarrow as pa
-
 
     frame = pd.DataFrame(
         {
@@ -515,7 +510,6 @@ def run_method(cfg: FineTuneConfig, method: type[Method], allow_provenance_chang
 def epoch_rewards(out: str) -> Any:
     """Per epoch: mean and std of the sampled images' training reward over all workers (from ``samples/``)."""
     import pandas as pd
-
 
     store = Store(out)
     frame = pd.concat(

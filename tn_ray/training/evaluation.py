@@ -92,7 +92,6 @@ def generate_images(
 
     import torch
 
-
     out: list[bytes] = []
     ctx = policy.reference() if reference else contextlib.nullcontext()
     pairs = [(p, s) for p in prompts for s in seeds]
@@ -140,7 +139,6 @@ def path_kls(policy, prompts: Sequence[str], seeds: Sequence[int], block) -> lis
     flow SDE at ``block.kl_noise_level``), the step KLs summed (:func:`tn_ray.training.losses.path_kl`).
     Costs one sampling pass plus one base-model forward per step per image."""
     import torch
-
 
     pairs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
     out: list[float] = []
@@ -208,7 +206,6 @@ class Evaluator:
             self.store.write_bytes(f"{folder}/{pid:05d}-{seed}.png", data)
 
     def image_rel(self, step: int | None, prompt_id: int, seed: int) -> str:
-
         folder = "eval/base" if step is None else f"eval/{step_name(step)}"
         return f"{folder}/{prompt_id:05d}-{seed}.png"
 

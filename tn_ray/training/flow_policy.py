@@ -24,7 +24,6 @@ def add_flow_lora(pipe, rank: int = 4, lora_alpha: float | None = None, target_m
     trainable (adapter) parameters, in float32. ``lora_alpha`` None = ``rank`` (scale 1)."""
     from peft import LoraConfig
 
-
     if getattr(pipe, "transformer", None) is None:
         raise ValueError(f"{type(pipe).__name__} has no transformer: flow-matching LoRA needs an SD3-style pipeline")
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):

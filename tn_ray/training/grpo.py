@@ -99,12 +99,10 @@ class GRPOSampleBlock(StrictModel):
     @field_validator("noise_level")
     @classmethod
     def _noise(cls, a: float) -> float:
-
         return check_noise_level(a)
 
     @model_validator(mode="after")
     def _sample(self) -> GRPOSampleBlock:
-
         try:
             check_window(self.window, self.num_steps)
         except ValueError as e:
@@ -194,7 +192,6 @@ class GRPOConfig(FineTuneConfig):
 
     @model_validator(mode="after")
     def _grpo(self) -> GRPOConfig:
-
         check_policy_kind(self.policy.pipeline, flow=True, method="grpo")
         require_prompts(bool(self.prompts or self.prompts_file), self.reward)
         per_worker = self.sample.batch_images * self.sample.num_batches_per_epoch
@@ -222,7 +219,6 @@ class GRPO(Method):
     name = "grpo"
 
     def __init__(self, cfg: GRPOConfig, policy, optim, ctx, data):
-
         super().__init__(cfg, policy, optim, ctx, data)
         check_flow_pipeline(policy.pipe)
         policy.pipe.set_progress_bar_config(disable=True)
@@ -281,7 +277,6 @@ class GRPO(Method):
 
     # --- 4: the policy-gradient passes ------------------------------------------------------
     def train_epoch(self, step: int, chains, advantages: torch.Tensor) -> dict[str, float]:
-
         cfg, tr, s = self.cfg, self.cfg.train, self.cfg.sample
         policy, model = self.policy, self.policy.train_model
         sched = policy.pipe.scheduler
@@ -332,7 +327,6 @@ class GRPO(Method):
 
     # --- one epoch ----------------------------------------------------------------------------
     def step(self, step: int) -> dict[str, float]:
-
         t0 = time.perf_counter()
         chains, prompt_ids, rewards, sample_s, wait_s = self.sample_epoch(step)
         adv = self.advantages(prompt_ids, rewards)

@@ -106,7 +106,6 @@ class Trainer:
         self.report = report or (lambda metrics: None)
 
     def _resume(self, policy, optim, method, monitor, checkpoints) -> int:
-
         step = checkpoints.latest()
         if step is None:
             return 0
@@ -120,7 +119,6 @@ class Trainer:
         return step
 
     def run(self) -> dict[str, Any]:
-
         cfg, ctx = self.cfg, self.ctx
         torch.manual_seed(cfg.seed)
         policy = Policy.load(cfg.policy, str(ctx.device), seed=cfg.seed)
@@ -209,7 +207,6 @@ def worker_loop(config: dict) -> None:
 
 def ray_storage(out: str) -> str:
     from pathlib import Path
-
 
     return join_uri(out, "ray") if "://" in out else str(Path(out).resolve() / "ray")
 

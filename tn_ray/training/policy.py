@@ -42,7 +42,6 @@ def is_flow_source(source: str) -> bool:
     class, or a hub id containing ``stable-diffusion-3``."""
     import json
 
-
     if source in (TINY_SD3, WORLD_FLOW):
         return True
     index = Path(source) / "model_index.json"
@@ -183,7 +182,6 @@ class Policy:
         A DDIM scheduler built from the pipeline's config samples; the pipeline's own is left as it was."""
         from diffusers import DDIMScheduler
 
-
         pipe, own = self.pipe, self.pipe.scheduler
         pipe.scheduler = DDIMScheduler.from_config(own.config)
         means, stds = [], []
@@ -252,7 +250,6 @@ class FlowPolicy(Policy):
     model_attr = "transformer"
 
     def _add_adapter(self, lora: LoraBlock, seed: int) -> None:
-
         targets = list(lora.target_modules) if "target_modules" in lora.model_fields_set else None
         add_flow_lora(self.pipe, lora.rank, lora.lora_alpha, targets, lora.init, seed)
 

@@ -232,7 +232,6 @@ def world_pretrain(n: int, seed: int, size: int | None = None) -> pd.DataFrame:
 
     from PIL import Image
 
-
     settings = package.record()["settings"]
     rng = np.random.default_rng(seed_of(seed, "pretrain-world"))
     images, texts = training_pairs(n, float(settings["held_out"]), int(size or settings["size"]), rng)
@@ -269,7 +268,6 @@ class _Examples:
 
 
 def _pil(images: list) -> list:
-
     return [load_image(read_any(p) if isinstance(p, str) else p) for p in images]
 
 

@@ -16,7 +16,6 @@ def build(cfg: WorldGeneratorConfig, work: Path, out: Path, progress=print) -> d
     """Train (resuming from ``work``), evaluate, write ``out`` (a diffusers folder + training.json)."""
     import torch
 
-
     trainer = Trainer(cfg, work, progress)
     trainer.run()
     log = [json.loads(line) for line in (Path(work) / "log.jsonl").read_text().splitlines()]

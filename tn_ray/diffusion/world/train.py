@@ -163,7 +163,6 @@ def load_parts(cfg: WorldGeneratorConfig):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
 
-
     folder = parts_folder(cfg.parts_from)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
     text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch.float32)
@@ -198,7 +197,6 @@ class Trainer:
 
     def __init__(self, cfg: WorldGeneratorConfig, work: Path, progress: Callable[[str], None] = print):
         import torch
-
 
         self.cfg, self.work, self.progress = cfg, Path(work), progress
         self.work.mkdir(parents=True, exist_ok=True)

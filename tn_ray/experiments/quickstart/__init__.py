@@ -68,7 +68,6 @@ def settings(name: str, model, **overrides):
 
 
 def world_step(out: Path) -> dict[str, Path]:
-
     return quickstart_step(out)
 
 
@@ -113,7 +112,6 @@ def prompts_step(out: Path) -> dict[str, Path]:
 def sweep_step(out: Path) -> dict[str, Path]:
     """Tune TextNorm's tau of worldclip on the score matrices of the TIA2 step."""
     import yaml
-
 
     sweep_dir = out / "sweep"
     shutil.rmtree(sweep_dir, ignore_errors=True)  # the demo starts fresh on every run

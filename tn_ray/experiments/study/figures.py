@@ -118,7 +118,6 @@ def bestofn_figures(grid: Any, ran: Sequence[Any], store: Any) -> tuple[list[str
 
 
 def _step_folder(step: int) -> str:
-
     return "eval/base" if step == 0 else f"eval/{step_name(step)}"
 
 

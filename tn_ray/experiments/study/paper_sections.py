@@ -86,7 +86,6 @@ def _human_outcomes(keys: list[CellKey]) -> tuple[Any, list[str]]:
 
     import pandas as pd
 
-
     frames, problems = [], []
     for key in keys:
         if "://" in key.out:
@@ -113,7 +112,6 @@ def paper_sections(grid: StudyConfig, finished: list[CellKey], ran: list[CellKey
     (or how to collect them), and the gains per sample and per estimated device-hour
     (:mod:`tn_ray.analysis.efficiency`). Returns (markdown, {file name: CSV text}, report.json records)."""
     import pandas as pd
-
 
     r = grid.report
     boot = (r.confidence, r.resamples, r.seed)

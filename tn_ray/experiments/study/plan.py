@@ -29,7 +29,6 @@ class Cell:
 
 
 def _read_bases(grid: StudyConfig, source: str) -> dict[str, dict]:
-
     bases = {}
     for name, entry in grid.methods.items():
         try:
@@ -146,7 +145,6 @@ def plan(grid: StudyConfig, source: str = "grid") -> list[Cell]:
     the first bad one is a :class:`ConfigError` of one line naming the grid file, the run and the key (e.g. a
     reward row the method's prompts cannot serve, an n larger than the samples, a bad override)."""
     import copy
-
 
     bases = _read_bases(grid, source)
     cells = [_plan_bestofn(grid, run, bases[run.method], source) for run in bestofn_runs(grid)]

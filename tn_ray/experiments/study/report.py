@@ -29,7 +29,6 @@ def write_report(grid: StudyConfig) -> dict[str, str]:
     (report.md rendered, figures inline)."""
     import pandas as pd
 
-
     store = Store(grid.out)
     keys, runs = grid_cells(grid), bestofn_runs(grid)
     finished = [k for k in keys if read_done(k.out) is not None]

@@ -21,7 +21,6 @@ def cell_tables(key: CellKey) -> tuple[Any, int]:
     paper rule selected); reads ``eval/``, ``eval/path_kl/`` (if any) and ``selection.json``."""
     import pandas as pd
 
-
     store = Store(key.out)
     scores, base = read_scores(key.out)
     if base is None or not store.exists("selection.json"):

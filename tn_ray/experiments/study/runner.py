@@ -94,7 +94,6 @@ def run(
     (``cell 3/48 rwr-textnorm-kl1-s0: ...``) go to ``echo`` (default: printed). Returns the report's paths."""
     import yaml
 
-
     echo = echo or (lambda line: print(line, flush=True))
     cells = plan(grid, source)
     if not resume:

@@ -13,7 +13,6 @@ DONE = "done.json"
 
 
 def read_done(out: str) -> dict | None:
-
     store = Store(out)
     return json.loads(store.read_text(DONE)) if store.exists(DONE) else None
 
