@@ -359,8 +359,13 @@ def test_only_lora_changes_and_reference_is_the_untouched_base(inputs):
     with torch.no_grad():
         base = untouched(x, t, encoder_hidden_states=emb).sample
         trained = policy.noise_pred(x, t, emb)
+    names = policy.trainable_names()
+    with policy.reference():
+        assert policy.trainable_names() == []  # no gradient reaches a disabled adapter
+    assert policy.trainable_names() == names  # and every one is trainable again after it
     torch.testing.assert_close(policy.reference_pred(x, t, emb), base, rtol=0, atol=1e-6)
     assert (trained - base).abs().max() > 1e-3  # the adapter is active outside reference()
+    torch.testing.assert_close(policy.noise_pred(x, t, emb).detach(), trained, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("targets", ["attention", "world"])

@@ -43,11 +43,35 @@ def add_flow_lora(pipe, rank: int = 4, lora_alpha: float | None = None, target_m
     return params
 
 
+def adapter_layers(model: torch.nn.Module) -> list:
+    """The peft layers of ``model`` (found once, then cached on it): what :func:`adapters_disabled` toggles."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = getattr(model, "_tn_ray_adapter_layers", None)
+    if layers is None:
+        layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        model._tn_ray_adapter_layers = layers
+    return layers
+
+
 @contextlib.contextmanager
-def flow_reference(pipe):
-    """Within this block the pipeline's transformer is the base model (adapters disabled)."""
-    pipe.transformer.disable_adapters()
+def adapters_disabled(model: torch.nn.Module):
+    """Within this block ``model`` (a UNet or transformer with LoRA) is the base model: the reference.
+
+    The same per-layer calls as diffusers' ``disable_adapters`` / ``enable_adapters`` (peft's
+    ``enable_adapters(False / True)``, which also clears and restores the adapters' ``requires_grad``), on the
+    layers found once instead of a walk over every module each time: the walk was ~1.6 ms of a ~10 ms
+    reference forward of tiny-sd3 (3 per GRPO step with a KL term)."""
+    layers = adapter_layers(model)
+    for layer in layers:
+        layer.enable_adapters(False)
     try:
         yield
     finally:
-        pipe.transformer.enable_adapters()
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+def flow_reference(pipe):
+    """Within this block the pipeline's transformer is the base model (adapters disabled)."""
+    return adapters_disabled(pipe.transformer)

@@ -24,7 +24,7 @@ from tn_ray.diffusion.flow_sampling import flow_chain_means, sample_flow_chains
 from tn_ray.diffusion.pipelines import TINY_SD3, WORLD_FLOW
 from tn_ray.diffusion.sampling import chain_means, sample_chains
 from tn_ray.training.config import ADAPTER, LoraBlock, PolicyBlock
-from tn_ray.training.flow_policy import add_flow_lora
+from tn_ray.training.flow_policy import adapters_disabled, add_flow_lora
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -138,11 +138,8 @@ class Policy:
     @contextlib.contextmanager
     def reference(self):
         """Within this block the UNet (transformer) is the base model (adapters disabled)."""
-        self.model.disable_adapters()
-        try:
+        with adapters_disabled(self.model):
             yield
-        finally:
-            self.model.enable_adapters()
 
     def wrap_ddp(self) -> None:
         """Data-parallel gradients of the adapter over Ray Train's process group (world size > 1)."""
