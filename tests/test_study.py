@@ -56,6 +56,7 @@ def test_dry_run_prints_runs_and_counted_cost_and_starts_nothing(tmp_path, capsy
     ("name", "runs", "cells", "hours"),
     [
         ("study_world", 21, 45, " h on 2 CPU cores (image_step_s 0.035"),
+        ("study_world_grpo", 3, 3, " s on 2 CPU cores (image_step_s 0.035"),
         ("study_sd21", 93, 135, "on 1 A100 GPU (estimated)"),
     ],
 )
@@ -367,3 +368,37 @@ def test_fine_tuning_cells_share_base_images_only_when_identical(tmp_path):
         other = first.config.model_copy(update={"eval": first.config.eval.model_copy(update=change)})
         assert base_images_tag(other, ["a"]) != base_images_tag(first.config, ["a"]), change
     assert base_images_tag(first.config, ["b"]) != base_images_tag(first.config, ["a"])
+
+
+def test_a_grpo_cell_runs_in_a_study_and_the_report_holds_its_numbers(ray_session, tmp_path, monkeypatch, capsys):
+    """A GRPO cell (tiny-sd3, ``sweeps/grpo_tiny.yaml``, 1 epoch) through the study's own path: a Tune trial, the
+    cell's evaluation with the truth added as its held-out judge, and the report's truth equal to the cell's own
+    evaluation files."""
+    from tn_ray.cli import main
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "s"
+    study = {
+        "out": str(out), "truth": "brightness",
+        "methods": {"grpo": {"config": "sweeps/grpo_tiny.yaml", "kl": [0.04]}},
+        "rewards": {"clip": {"models": ["clip:tiny"], "use": "clip:tiny"}},
+        "seeds": [0],
+        "overrides": {"max_steps": 1, "eval": {"every": 1, "seeds": [0], "judges": []}, "checkpoint": {"every": 1}},
+        "cost": {"device": "2 CPU cores", "image_step_s": 0.01, "train_step_s": 0.03, "score_s": 0.005},
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    assert main(["study", str(path)]) == 0
+    assert "cell 1/1 grpo-clip-kl0.04-s0: done in" in capsys.readouterr().out
+    cell = out / "cells" / "grpo-clip-kl0.04-s0"
+    assert (cell / "done.json").is_file() and (out / "tune" / "attempt-1").is_dir()
+    report = pd.read_csv(out / "report.csv")
+    assert list(report["method"]) == ["grpo"] and float(report["kl"].iloc[0]) == 0.04
+    selected = json.loads((cell / "selection.json").read_text())["paper_rule_step"]
+    at_step = pd.read_parquet(cell / f"eval/scores/step-{selected:06d}.parquet")
+    base = pd.read_parquet(cell / "eval/base.parquet")
+    truth = at_step.loc[at_step["reward"] == "brightness", "value"]
+    assert len(truth) == 2  # 2 prompts x 1 eval seed, scored by the truth the study added
+    assert report["truth_selected"].iloc[0] == pytest.approx(truth.mean())
+    assert report["truth_base"].iloc[0] == pytest.approx(base.loc[base["reward"] == "brightness", "value"].mean())
+    assert "| grpo " in (out / "report.md").read_text()
