@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from cli_output import cli_stderr
 from PIL import Image
 
 from tn_ray.cli import main
@@ -873,7 +874,7 @@ def test_bad_input_is_one_line_naming_it_before_any_work(case, tmp_path, no_work
     before = snapshot(w.root)  # ... then everything as the user left it
     capsys.readouterr()
     code = main(argv)
-    err = capsys.readouterr().err
+    err = cli_stderr(capsys)
     assert code == 2 and err.startswith("tn-ray: error:") and err.count("tn-ray: error:") == 1, err
     assert "Traceback" not in err
     if err.startswith("tn-ray: error: invalid configuration in "):
@@ -975,7 +976,7 @@ def test_cli_prints_user_os_errors_and_ray_wrapped_user_errors_as_one_line(index
 
     monkeypatch.setattr("tn_ray.commands.tia2.stats", command)
     assert main(["tia2", "stats"]) == 2, name
-    out = capsys.readouterr().err
+    out = cli_stderr(capsys)
     assert out == expected + "\n", (name, out)
 
 
@@ -998,7 +999,7 @@ def test_an_error_raised_in_a_ray_actor_reaches_the_user_as_one_line(case, tmp_p
     before = snapshot(w.root)
     capsys.readouterr()
     assert main(argv) == 2
-    err = capsys.readouterr().err
+    err = cli_stderr(capsys)
     lines = [x for x in err.splitlines() if x.startswith("tn-ray: error:")]
     assert len(lines) == 1 and err.rstrip().splitlines()[-1] == lines[0], err  # the last line is the useful one
     for pattern in case.expect:
@@ -1222,3 +1223,26 @@ if __name__ == "__main__":
 
     logging.disable(logging.CRITICAL)
     write_table(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/errors.md"))
+
+
+def test_ray_log_lines_are_dropped_from_a_captured_error_and_nothing_else():
+    """The filter the one-line checks read stderr through (tests/cli_output.py): the raylet warning that once
+    broke a check, a worker's line with and without colour, and a multi-word actor name are Ray's; an error that
+    mentions a pid or starts with a parenthesis is kept."""
+    from cli_output import without_ray_logs
+
+    err = (
+        "\x1b[33m(raylet)\x1b[0m [2026-12-07 20:52:06,953 E 22496 22507] (raylet) file_system_monitor.cc:116: "
+        "/tmp/ray/session_x is over 95% full\n"
+        "tn-ray: error: invalid configuration in /tmp/g.yaml:\n"
+        "\x1b[36m(RayTrainWorker pid=16656)\x1b[0m Loading weights\n"
+        "(RewardWorker pid=18782, ip=10.0.0.1) WARNING:root:No pretrained weights\n"
+        "(pid=77) started\n"
+        "  key 'ema.decay': Input should be less than 1 (got 1.0) (pid=3 is not Ray's)\n"
+        "(see docs/grpo.md)\n"
+    )
+    assert without_ray_logs(err) == (
+        "tn-ray: error: invalid configuration in /tmp/g.yaml:\n"
+        "  key 'ema.decay': Input should be less than 1 (got 1.0) (pid=3 is not Ray's)\n"
+        "(see docs/grpo.md)\n"
+    )

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_output import cli_stderr
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,7 +77,7 @@ def test_bad_input_is_one_line_before_any_model(bench, argv, message, capsys, mo
     with pytest.raises(SystemExit) as exit_info:
         bench.main(argv)
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
+    err = cli_stderr(capsys).strip()
     assert len(err.splitlines()) == 1 and re.search(message, err), err
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from cli_output import cli_stderr
 
 PROMPTS = ["a photo of a lighthouse", "a watercolor of a red circle"]
 
@@ -149,7 +150,7 @@ def test_bad_configs_fail_in_one_line_before_ray(tmp_path, capsys, monkeypatch, 
     path = tmp_path / f"{command}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main([command, str(path)]) == 2
-    err = capsys.readouterr().err.strip()
+    err = cli_stderr(capsys).strip()
     assert message in err
     header, *lines = err.splitlines()  # the CLI's "invalid configuration in FILE:", then one line per error
     assert str(path) in header and len(lines) <= 1, err

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_output import cli_stderr
 
 from tn_ray import provenance
 from tn_ray.cli import main
@@ -151,7 +152,7 @@ def test_cli_resume_with_changed_record_is_one_line_before_ray_and_the_flag_cont
     assert written["config"]["max_steps"] == 2 and written["revisions"]["pipeline:tiny"] == "random-init"
     capsys.readouterr()
     assert main(["rwr", str(path), "--set", "max_steps=3"]) == 2
-    err = capsys.readouterr().err
+    err = cli_stderr(capsys)
     assert err.count("\n") == 1 and "config.max_steps: 2 -> 3" in err and "--allow-provenance-change" in err, err
     with pytest.raises(RayStarted):
         main(["rwr", str(path), "--set", "max_steps=3", "--allow-provenance-change"])
@@ -200,5 +201,5 @@ def test_cli_ddpo_into_an_old_format_folder_is_one_line_before_ray(tmp_path, mon
     out.mkdir()
     (out / FILENAME).write_text(json.dumps({"config": {}, "packages": {}, "tn_ray": {}, "revisions": {}}))  # format 1
     assert main(["ddpo", str(path), "--allow-provenance-change"]) == 2
-    err = capsys.readouterr().err
+    err = cli_stderr(capsys)
     assert err.count("\n") == 1 and str(out) in err and "format version 1" in err and "format version 2" in err, err

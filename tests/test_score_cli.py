@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 import pandas as pd
+from cli_output import cli_stderr
 from PIL import Image
 
 from tn_ray.cli import main
@@ -39,7 +40,7 @@ def test_score_manifest(tmp_path, ray_session, capsys):
         capsys.readouterr()
         assert main(["score", "--manifest", str(tmp_path / "m.csv"), "--contrast", str(tmp_path / "x2.json"),
                      "--models", "clip:tiny", "--out", str(tmp_path / "out2")]) == 2
-        err = capsys.readouterr().err
+        err = cli_stderr(capsys)
         assert re.search(named, err) and err.count("\n") == 1, err
         assert not (tmp_path / "out2").exists()  # nothing started
 

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from cli_output import cli_stderr
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "sweeps" / "study_tiny.yaml"
@@ -108,7 +109,7 @@ def test_bad_input_is_one_line_naming_it_before_ray_starts(change, expected, tmp
     from tn_ray.cli import main
 
     assert main(["study", write(tmp_path, change)]) != 0
-    err = capsys.readouterr().err.strip()
+    err = cli_stderr(capsys).strip()
     assert expected in err and "\n" not in err, err
     assert not (tmp_path / "s").exists()
 
