@@ -113,6 +113,7 @@ def judge_actors(ray_session):
     pool.shutdown()
 
 
+@pytest.mark.timeout(3600)  # 16 epochs and 384 evaluation images: past the suite's 900 s per test
 @pytest.mark.skipif(os.environ.get("TN_RAY_LEARNING") != "1", reason="opt-in (TN_RAY_LEARNING=1): DDPO does not yet "
                     "raise the world judge's accuracy on a CPU budget (see the module docstring)")
 def test_ddpo_on_worldjudge_raises_judge_accuracy_of_fresh_samples(tmp_path, judge_actors):
@@ -149,6 +150,7 @@ def test_ddpo_on_worldjudge_raises_judge_accuracy_of_fresh_samples(tmp_path, jud
 DDPO_EPOCHS = 16
 
 
+@pytest.mark.timeout(3600)  # 40 epochs: past the suite's 900 s per test (it timed out there beside a CI run)
 @pytest.mark.skipif(os.environ.get("TN_RAY_LEARNING") != "1", reason="opt-in (TN_RAY_LEARNING=1): the shipped GRPO "
                     "config needs 40 epochs, about 14 minutes on 2 cores (see the module docstring)")
 def test_grpo_on_worldjudge_raises_judge_accuracy_of_fresh_samples(tmp_path, judge_actors):
