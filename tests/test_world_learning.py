@@ -101,6 +101,30 @@ def test_rwr_on_worldjudge_raises_judge_accuracy_of_fresh_samples(tmp_path):
     assert gain > 3 * se, (before.mean(), after.mean(), gain, se)
 
 
+def train_in_process_and_judge(method_cls, cfg, pools, seeds) -> tuple[np.ndarray, np.ndarray]:
+    """Train ``method_cls`` (DDPO or GRPO) on ``cfg`` for ``cfg.max_steps`` epochs in this process, its reward on
+    ``pools``; then the judge's 1/0 on fresh images of ``cfg.prompts`` x ``seeds``: (base model's, trained's)."""
+    from tn_ray.training.ddpo import DDPOData
+    from tn_ray.training.loop import WorkerContext
+    from tn_ray.training.optim import Optimization
+    from tn_ray.training.policy import Policy
+
+    torch.set_num_threads(2)
+    torch.manual_seed(cfg.seed)
+    policy = Policy.load(cfg.policy, "cpu", seed=cfg.seed)
+    optim = Optimization(policy.trainable_parameters(), cfg.optimizer, cfg.max_steps, torch.device("cpu"),
+                         policy.amp_dtype)
+    data = DDPOData(list(cfg.prompts), [[p] for p in cfg.prompts], pools)
+    method = method_cls(cfg, policy, optim, WorkerContext(0, 1, torch.device("cpu"), cfg.out), data)
+    curve = [method.step(epoch)["reward_mean"] for epoch in range(1, cfg.max_steps + 1)]
+    before = accuracy(policy, seeds, reference=True, prompts=cfg.prompts)
+    after = accuracy(policy, seeds, prompts=cfg.prompts)
+    gain, se = paired(before, after)
+    print(f"{method_cls.__name__} on worldjudge: training reward per epoch {np.round(curve, 3).tolist()}; fresh "
+          f"samples base {before.mean():.3f} -> {after.mean():.3f}, paired gain {gain:+.3f} +- {se:.3f}")
+    return before, after
+
+
 RWR_STEPS = 200
 
 
@@ -120,12 +144,8 @@ def judge_actors(ray_session):
 def test_ddpo_on_worldjudge_raises_judge_accuracy_of_fresh_samples(tmp_path, judge_actors):
     """DDPO with the exact judge as its reward (0/1, per-prompt advantages, KL 0): fresh samples of
     the fine-tuned model match more often than the base model's, paired by (prompt, seed)."""
-    from tn_ray.training.ddpo import DDPO, DDPOConfig, DDPOData
-    from tn_ray.training.loop import WorkerContext
-    from tn_ray.training.optim import Optimization
-    from tn_ray.training.policy import Policy
+    from tn_ray.training.ddpo import DDPO, DDPOConfig
 
-    torch.set_num_threads(2)
     cfg = DDPOConfig.model_validate(dict(
         out=str(tmp_path / "ddpo"), prompts=PROMPTS, seed=0, max_steps=DDPO_EPOCHS,
         policy={"pipeline": "world", "lora": {"rank": 16}}, optimizer={"lr": 1e-3},
@@ -134,17 +154,8 @@ def test_ddpo_on_worldjudge_raises_judge_accuracy_of_fresh_samples(tmp_path, jud
         train={"batch_size": 16, "clip_range": 0.2, "kl_coef": 0.0, "stat_buffer_size": 32, "stat_min_count": 8},
         eval={"enabled": False}, checkpoint={"every": DDPO_EPOCHS},
         logging={"progress_bar": False, "tensorboard": False}))
-    torch.manual_seed(cfg.seed)
-    policy = Policy.load(cfg.policy, "cpu", seed=cfg.seed)
-    optim = Optimization(policy.trainable_parameters(), cfg.optimizer, cfg.max_steps, torch.device("cpu"),
-                         policy.amp_dtype)
-    data = DDPOData(list(PROMPTS), [[p] for p in PROMPTS], judge_actors)
-    method = DDPO(cfg, policy, optim, WorkerContext(0, 1, torch.device("cpu"), cfg.out), data)
-    curve = [method.step(epoch)["reward_mean"] for epoch in range(1, DDPO_EPOCHS + 1)]
-    before, after = accuracy(policy, FRESH, reference=True), accuracy(policy, FRESH)
+    before, after = train_in_process_and_judge(DDPO, cfg, judge_actors, FRESH)
     gain, se = paired(before, after)
-    print(f"DDPO on worldjudge: training reward per epoch {np.round(curve, 3).tolist()}; fresh samples base "
-          f"{before.mean():.3f} -> {after.mean():.3f}, paired gain {gain:+.3f} +- {se:.3f}")
     assert gain > 3 * se, (before.mean(), after.mean(), gain, se)
 
 
@@ -160,26 +171,11 @@ def test_grpo_on_worldjudge_raises_judge_accuracy_of_fresh_samples(tmp_path, jud
     epochs): fresh ODE samples on 48 seeds never trained on (96 pairs) match more often than the base
     model's, paired by (prompt, seed)."""
     from tn_ray.config import load_config
-    from tn_ray.training.ddpo import DDPOData
     from tn_ray.training.grpo import GRPO, GRPOConfig
-    from tn_ray.training.loop import WorkerContext
-    from tn_ray.training.optim import Optimization
-    from tn_ray.training.policy import Policy
 
-    torch.set_num_threads(2)
     cfg = load_config(Path(__file__).resolve().parents[1] / "sweeps" / "world_grpo.yaml", GRPOConfig,
                       {"out": str(tmp_path / "grpo"), "eval.enabled": False, "logging.tensorboard": False})
-    torch.manual_seed(cfg.seed)
-    policy = Policy.load(cfg.policy, "cpu", seed=cfg.seed)
-    optim = Optimization(policy.trainable_parameters(), cfg.optimizer, cfg.max_steps, torch.device("cpu"),
-                         policy.amp_dtype)
-    data = DDPOData(list(cfg.prompts), [[p] for p in cfg.prompts], judge_actors)
-    method = GRPO(cfg, policy, optim, WorkerContext(0, 1, torch.device("cpu"), cfg.out), data)
-    curve = [method.step(epoch)["reward_mean"] for epoch in range(1, cfg.max_steps + 1)]
     fresh = list(range(6000, 6048))  # neither trained on nor the YAML's evaluation seeds
-    before = accuracy(policy, fresh, reference=True, prompts=cfg.prompts)
-    after = accuracy(policy, fresh, prompts=cfg.prompts)
+    before, after = train_in_process_and_judge(GRPO, cfg, judge_actors, fresh)
     gain, se = paired(before, after)
-    print(f"GRPO on worldjudge: training reward per epoch {np.round(curve, 3).tolist()}; fresh samples base "
-          f"{before.mean():.3f} -> {after.mean():.3f}, paired gain {gain:+.3f} +- {se:.3f}")
     assert gain > 3 * se, (before.mean(), after.mean(), gain, se)

@@ -48,8 +48,10 @@ def adapter_layers(model: torch.nn.Module) -> list:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = getattr(model, "_tn_ray_adapter_layers", None)
-    if layers is None:
+    if not layers:  # never cache "none": an adapter added later must be found
         layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        if not layers:
+            raise ValueError(f"{type(model).__name__} has no LoRA adapter to disable (add_adapter first)")
         model._tn_ray_adapter_layers = layers
     return layers
 
