@@ -189,6 +189,65 @@ def test_grpo_collects_a_multi_reward_as_the_hand_combination():
     np.testing.assert_allclose(column, hand, rtol=1e-12)
 
 
+class RecordingPool:
+    """A real RewardPool whose collected rows are kept (what the actors returned), for a hand computation."""
+
+    def __init__(self, pool):
+        self.pool, self.rows = pool, []
+
+    def submit(self, *args, **kwargs):
+        return self.pool.submit(*args, **kwargs)
+
+    def collect(self):
+        out = self.pool.collect()
+        self.rows += [np.asarray(row, dtype=np.float64) for rows in out for row in rows]
+        return out
+
+
+def test_a_weighted_multi_reward_trains_grpo_on_real_reward_actors(tmp_path, ray_session):
+    """End to end with real reward actors (tiny CLIP and brightness, each its own Ray actor): one GRPO epoch on
+    tiny-sd3 trained on 0.7 x TextNorm(clip) + 0.3 x brightness. Every sample's recorded reward equals that
+    combination of the scores the actors returned for its image (TextNorm by eq. 1 over [x0, x1, x2], tau 1,
+    in Python floats), its advantage the group's (r - mean) / (std + eps), and the LoRA moved."""
+    import math
+
+    import pandas as pd
+
+    from tn_ray.config import ScoringConfig
+    from tn_ray.scoring.workers import RewardPool
+    from tn_ray.training.checkpoint import Checkpoints
+    from tn_ray.training.ddpo import DDPOData
+    from tn_ray.training.grpo import GRPO
+    from tn_ray.training.grpo_loss import group_advantages
+    from tn_ray.training.loop import Trainer, WorkerContext
+
+    torch.set_num_threads(1)
+    texts = [[PROMPTS[0], "a photo of a windmill", "a sketch of a lighthouse"],
+             [PROMPTS[1], "a watercolor of a blue square", "a photo of a red circle"]]
+    pools = {m: RecordingPool(RewardPool(m, ScoringConfig(cpus_per_actor=0.25, num_actors=1)))
+             for m in ("brightness", "clip:tiny")}
+    try:
+        cfg = tiny_config(tmp_path / "mix", max_steps=1, reward={
+            "models": ["brightness", "clip:tiny"], "use": "mix",
+            "ensembles": [{"name": "mix", "columns": {"textnorm(clip:tiny)": 0.7, "brightness": 0.3}}]})
+        Trainer(cfg, GRPO, DDPOData(list(PROMPTS), texts, pools), WorkerContext(0, 1, torch.device("cpu"),
+                                                                                 cfg.out)).run()
+    finally:
+        for p in pools.values():
+            p.pool.shutdown()
+    frame = pd.read_parquet(tmp_path / "mix" / "samples" / "epoch-000001-rank-0.parquet")
+    clip, bright = pools["clip:tiny"].rows, pools["brightness"].rows
+    assert len(frame) == len(clip) == len(bright) == 8 and all(len(r) == 3 for r in clip)
+    hand = [0.7 * math.exp(c[0]) / sum(math.exp(x) for x in c) + 0.3 * float(b[0]) for c, b in zip(clip, bright)]
+    np.testing.assert_allclose(frame["reward"], hand, rtol=1e-9)
+    assert np.ptp(hand) > 0  # the actors' scores differ between images: the comparison is not vacuous
+    adv = group_advantages(frame["reward"].to_numpy().copy(), frame["prompt_id"].to_numpy().copy(), global_std=False)
+    np.testing.assert_allclose(frame["advantage"], adv, rtol=1e-9, atol=1e-12)
+    ckpt = Checkpoints(cfg.out)
+    lora = ckpt.load(ckpt.steps()[-1])["lora"]
+    assert any(float(v.abs().max()) > 0 for k, v in lora.items() if "lora_B" in k)
+
+
 @pytest.fixture(scope="module")
 def actors(ray_session):
     from tn_ray.config import ScoringConfig
