@@ -200,6 +200,33 @@ def test_same_images_whatever_batch_size_and_actor_count(ray_session, reference,
     assert dict(zip(zip(kept["prompt_id"], kept["sample"]), kept["sha256"])) == reference
 
 
+def test_record_waits_for_an_actor_that_made_no_image(tmp_path):
+    """An actor that answered the roll but produced no rows (a second actor left idle by one work unit, as
+    under load) is waited for before record() returns, and the roll folder is removed: the 30 s wait on
+    only the actors that made rows let such an actor outlive generate() in a loaded CI run."""
+    from tn_ray.diffusion.generation import _node_id, answer_roll, record, roll_folder
+
+    class NoRows:  # a dataset whose actors made nothing
+        def iter_batches(self, **kwargs):
+            return iter(())
+
+    store = Store(str(tmp_path / "run"))
+    roll = roll_folder(store)
+    os.makedirs(roll, exist_ok=True)
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])
+    try:
+        answer_roll(roll, f"{_node_id()}:{idle.pid}")
+        answer_roll(str(tmp_path / "not-this-node"), "n:1")  # no folder there: nothing written, no error
+        t0 = time.monotonic()
+        record(NoRows(), store, 0, "test")
+        assert idle.poll() is not None, "record() returned while the idle actor still ran"
+        assert time.monotonic() - t0 > 1  # it did wait (the process sleeps 3 s)
+        assert not os.path.exists(roll) and not (tmp_path / "not-this-node").exists()
+    finally:
+        idle.kill()
+        idle.wait()
+
+
 # a kill/resume across processes: minutes on a loaded 2-core machine (its module fixture counts too);
 # the deadlines inside wait on observable state, this only raises the hang guard
 @pytest.mark.timeout(2400)

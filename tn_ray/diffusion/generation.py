@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -160,14 +161,15 @@ class GenerationWorker:
     and one manifest row per image returned.
     """
 
-    def __init__(self, cfg: dict, out: str, device: str | None = None):
+    def __init__(self, cfg: dict, out: str, device: str | None = None, roll: str | None = None):
         from tn_ray.diffusion.pipelines import load_pipeline
 
+        self.process = f"{_node_id()}:{os.getpid()}"
+        answer_roll(roll, self.process)  # first: an actor that never gets a batch is waited for too
         self.cfg = GenerationConfig.model_validate(cfg)
         self.store = Store(out)
         self.pipe = load_pipeline(self.cfg.pipeline, self.cfg.scheduler, self.cfg.dtype, device, self.cfg.revision)
         self.images_made = 0
-        self.process = f"{_node_id()}:{os.getpid()}"
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         """Make one work unit; an error (say a transient CUDA fault) is retried here up to
@@ -362,7 +364,26 @@ def _running(pid: int) -> bool:
         return False
 
 
-def wait_for_exit(workers: set[str], timeout_s: float = 30.0) -> None:
+def roll_folder(store: Store) -> str:
+    """A folder on the driver's node where each generation actor of ``store``'s run writes ``<node>:<pid>`` as it
+    starts (:func:`answer_roll`), so the driver also waits for actors that made no image (one work unit
+    can keep a second actor idle until the dataset ends)."""
+    import tempfile
+
+    digest = hashlib.sha256(store.uri("").encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"tn_ray_generation_actors_{os.getuid()}_{digest}")
+
+
+def answer_roll(roll: str | None, process: str) -> None:
+    """An actor's ``<node>:<pid>`` into the driver's roll folder, when this node has it (the driver's node)."""
+    if roll and os.path.isdir(roll):
+        try:
+            open(os.path.join(roll, process), "w").close()
+        except OSError:
+            pass
+
+
+def wait_for_exit(workers: set[str], timeout_s: float = 120.0) -> None:
     """Wait until this node's generation actors have exited (Ray Data releases them when the
     dataset is done; their processes take a few seconds to free the pipeline's memory). Then the
     reward actors that follow never share a node's memory, or a GPU, with a dying pipeline."""
@@ -430,9 +451,12 @@ def generation_dataset(
     from ray.data import ActorPoolStrategy
 
     units = work_units(todo, cfg.pipeline_batch_size, cfg.batch_size)
+    roll = roll_folder(store)
+    shutil.rmtree(roll, ignore_errors=True)  # a killed run's roll: those processes are gone
+    os.makedirs(roll)
     return ray.data.from_pandas(units).map_batches(
         GenerationWorker,
-        fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "out": store.uri("")},
+        fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "out": store.uri(""), "roll": roll},
         # one work unit per call (Ray Data needs an explicit batch size for GPU actors)
         batch_size=max(len(u) for u in units),
         batch_format="pandas",
@@ -465,7 +489,11 @@ def record(
         if close is not None:  # on an error too: stop the execution and release its actors now
             close()
     del ds, batches
+    roll = roll_folder(store)
+    if os.path.isdir(roll):
+        workers.update(os.listdir(roll))
     wait_for_exit(workers)
+    shutil.rmtree(roll, ignore_errors=True)
 
 
 def finish(store: Store, wanted: pd.DataFrame) -> pd.DataFrame:
