@@ -170,7 +170,7 @@ GRPO_EPOCHS = 20
 
 @pytest.mark.timeout(3600)  # 20 epochs and 384 evaluation images: past the suite's 900 s per test
 @pytest.mark.skipif(os.environ.get("TN_RAY_LEARNING") != "1", reason="opt-in (TN_RAY_LEARNING=1): 20 GRPO epochs "
-                    "and 384 evaluation images take ~12 minutes on 2 cores (see the module docstring)")
+                    "and 384 evaluation images take ~11 minutes on 2 cores (see the module docstring)")
 def test_grpo_on_worldjudge_raises_judge_accuracy_of_fresh_samples(tmp_path, judge_actors):
     """GRPO (Flow-GRPO's SDE chains, group advantages, PPO clip) on ``world-flow`` with the exact judge as its
     reward, as ``sweeps/world_grpo.yaml`` ships it (its prompts, group, learning rate, clip range) but for 20
