@@ -37,6 +37,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -65,7 +66,6 @@ FINGERPRINT_FIELDS = ("pipeline", "scheduler", "num_inference_steps", "guidance_
 _IMAGE_RE = re.compile(r"^images/(\d+)/(\d+)\.png$")
 
 
-WORKER_COLUMN = "_worker"  # node:pid of the actor that made a row (not stored in the manifest)
 
 
 def _node_id() -> str:
@@ -164,8 +164,7 @@ class GenerationWorker:
     def __init__(self, cfg: dict, out: str, device: str | None = None, roll: str | None = None):
         from tn_ray.diffusion.pipelines import load_pipeline
 
-        self.process = f"{_node_id()}:{os.getpid()}"
-        answer_roll(roll, self.process)  # first: an actor that never gets a batch is waited for too
+        answer_roll(roll, f"{_node_id()}:{os.getpid()}")  # first: an actor that never gets a batch is waited for too
         self.cfg = GenerationConfig.model_validate(cfg)
         self.store = Store(out)
         self.pipe = load_pipeline(self.cfg.pipeline, self.cfg.scheduler, self.cfg.dtype, device, self.cfg.revision)
@@ -205,9 +204,7 @@ class GenerationWorker:
                 self.store.write_bytes(rel, data)
                 rows.append((int(pid), prompt, s, seed_of(self.cfg.seed, prompt, s), image_id(int(pid), s), rel,
                              hashlib.sha256(data).hexdigest(), len(data)))
-        out = pd.DataFrame(rows, columns=MANIFEST_SCHEMA.names)
-        out[WORKER_COLUMN] = self.process  # lets the driver wait for this process to exit
-        return out
+        return pd.DataFrame(rows, columns=MANIFEST_SCHEMA.names)
 
 
 # --------------------------------------------------------------------------------------
@@ -366,10 +363,8 @@ def _running(pid: int) -> bool:
 
 def roll_folder(store: Store) -> str:
     """A folder on the driver's node where each generation actor of ``store``'s run writes ``<node>:<pid>`` as it
-    starts (:func:`answer_roll`), so the driver also waits for actors that made no image (one work unit
-    can keep a second actor idle until the dataset ends)."""
-    import tempfile
-
+    starts (:func:`answer_roll`): the driver waits for every one of them, also those that made no image (one
+    work unit can keep a second actor idle until the dataset ends)."""
     digest = hashlib.sha256(store.uri("").encode()).hexdigest()[:16]
     return os.path.join(tempfile.gettempdir(), f"tn_ray_generation_actors_{os.getuid()}_{digest}")
 
@@ -446,7 +441,7 @@ def generation_dataset(
 ):
     """The Ray Data dataset that makes ``todo`` on a pool of ``n_actors`` :class:`GenerationWorker`
     actors (``resources`` each), one work unit of whole pipeline groups per call; its rows are
-    manifest rows (plus :data:`WORKER_COLUMN`)."""
+    manifest rows; each actor answers :func:`roll_folder` as it starts."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -474,12 +469,10 @@ def record(
     generation actors of this node have exited."""
     from tqdm.auto import tqdm
 
-    workers: set[str] = set()
     batches = ds.iter_batches(batch_format="pandas", batch_size=None)
     try:
         with tqdm(total=total, desc=desc, unit="img") as bar:
             for rows in batches:
-                workers.update(rows[WORKER_COLUMN])
                 if before_manifest is not None:
                     before_manifest(rows)
                 manifest_table(store).append(rows)
@@ -490,9 +483,7 @@ def record(
             close()
     del ds, batches
     roll = roll_folder(store)
-    if os.path.isdir(roll):
-        workers.update(os.listdir(roll))
-    wait_for_exit(workers)
+    wait_for_exit(set(os.listdir(roll)) if os.path.isdir(roll) else set())
     shutil.rmtree(roll, ignore_errors=True)
 
 
